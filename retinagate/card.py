@@ -1,0 +1,106 @@
+"""The model card: one object that training, export and serving share.
+
+The card travels inside the ONNX file (``metadata_props["retinagate.card"]``) and beside each
+checkpoint. Everything that must agree between training and serving lives here once: the label names,
+the input size, the normalisation constants, the preprocessing recipe and the decision thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from retinagate.labels import LABELS
+
+__all__ = ["CARD_METADATA_KEY", "ModelCard", "Preprocessing"]
+
+CARD_METADATA_KEY = "retinagate.card"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Preprocessing(BaseModel):
+    """How a photograph becomes the model's input; see :mod:`retinagate.preprocess`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input_size: int = Field(224, ge=32, le=2048, description="Square input side in pixels.")
+    fov_crop: bool = Field(True, description="Crop to the circular field of view before resizing.")
+    fov_threshold: int = Field(20, ge=0, le=255, description="Red-channel level that separates FOV from border.")
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class ModelCard(BaseModel):
+    """Identity, preprocessing, labels, thresholds and provenance of one model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    name: str = "retinagate-efficientnet-b0"
+    version: str = "0.0.0"
+    architecture: str = "efficientnet_b0"
+    labels: tuple[str, ...] = LABELS
+    thresholds: tuple[float, ...] = Field(default_factory=lambda: tuple(0.5 for _ in LABELS))
+    preprocessing: Preprocessing = Preprocessing()
+    cam_layer: str = Field("forward_features", description="Layer whose activations the CAM weighs.")
+    input_format: Literal["uint8_nhwc_rgb"] = "uint8_nhwc_rgb"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    training_data: dict[str, Any] = Field(default_factory=dict, description="What the model was trained on.")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="Validation and test metrics.")
+    weights_sha256: str | None = Field(None, description="sha256 of the training checkpoint's weights.")
+    created_at: str | None = None
+    software: dict[str, str] = Field(default_factory=dict, description="Versions of the tools that made it.")
+    intended_use: str = (
+        "Decision support for trained readers of colour fundus photographs. Unverified AI output: "
+        "every result needs review by a qualified reader."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelCard:
+        if len(self.labels) != len(set(self.labels)):
+            raise ValueError("labels: names must be unique")
+        if len(self.thresholds) != len(self.labels):
+            raise ValueError(
+                f"thresholds: {len(self.thresholds)} values for {len(self.labels)} labels; need one per label"
+            )
+        bad = [f"{n}={t}" for n, t in zip(self.labels, self.thresholds, strict=True) if not 0.0 <= t <= 1.0]
+        if bad:
+            raise ValueError(f"thresholds must lie in [0, 1]: {', '.join(bad)}")
+        return self
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocessing.input_size
+
+    def to_json(self) -> str:
+        """Serialises the card (stable key order, readable)."""
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ModelCard:
+        """Parses and validates a card; raises ``ValueError`` naming the bad field."""
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'card'}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"invalid model card: {fields}") from None
+
+    @classmethod
+    def load(cls, path: Path) -> ModelCard:
+        """Reads a ``model_card.json`` file."""
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+    def save(self, path: Path) -> None:
+        """Writes the card as JSON."""
+        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+    def with_updates(self, **changes: Any) -> ModelCard:
+        """A validated copy with some fields replaced."""
+        return type(self).model_validate({**json.loads(self.model_dump_json()), **changes})

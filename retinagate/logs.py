@@ -1,0 +1,57 @@
+"""Logging setup for entry points.
+
+Library modules only call ``logging.getLogger(__name__)``; entry points call :func:`setup_logging`
+once. Log records carry internal ids (instance row ids, association ids), never patient data: no
+names, patient ids, birth dates or datasets at any level.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Literal
+
+__all__ = ["setup_logging"]
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with any ``extra=`` fields kept."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") -> None:
+    """Configures the root logger once for a process; safe to call again (it replaces the handler)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # pynetdicom logs whole identifiers (patient names among them) at DEBUG; keep it at WARNING
+    # whatever the root level, and turn its dataset logging off where the library offers it.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    try:
+        from pynetdicom import _config
+
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        _config.LOG_RESPONSE_IDENTIFIERS = False
+        _config.LOG_HANDLER_LEVEL = "none"
+    except ImportError:  # pragma: no cover - pynetdicom is a core dependency
+        pass

@@ -1,0 +1,286 @@
+"""Turns a fundus photograph into model input: FOV crop, centred square, resize.
+
+Training and serving both call :func:`prepare`, so the model sees the same pixels in both. The recipe
+comes from the model card (:class:`retinagate.card.Preprocessing`): find the bounding box of the circular
+field of view (FOV), crop to it, centre it on a black square and resize to ``input_size`` with area
+interpolation.
+
+The crop is resized straight into its place on the black square instead of padding first and resizing
+the padded copy: the pixels are the same up to rounding at the border, and a 12-megapixel photograph
+never gets copied into a larger padded buffer. :class:`Geometry` records where the crop went, so a
+heatmap computed on the model input maps back onto the photograph (:meth:`Geometry.to_source`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from retinagate.card import Preprocessing
+
+__all__ = ["Geometry", "fov_box", "prepare", "prepare_batch", "prepare_with_geometry"]
+
+#: Longest side of the thumbnail the FOV search runs on; enough to place the box within a pixel or two
+#: of the full image after scaling back, and cheap (about 0.1 ms for the connected components).
+_FOV_SEARCH_SIDE = 256
+
+#: The FOV must cover at least this share of the image to count; smaller bright blobs (burned-in text,
+#: a noisy border) are ignored and the whole image is used instead.
+_FOV_MIN_AREA = 0.02
+
+Box = tuple[int, int, int, int]
+
+
+def _check_image(image: NDArray[np.uint8], name: str = "image") -> None:
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"{name} has shape {image.shape}; expected (height, width, 3) RGB")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{name} has dtype {image.dtype}; expected uint8")
+
+
+def fov_box(image: NDArray[np.uint8], threshold: int = 20) -> Box:
+    """Finds the bounding box of the circular field of view.
+
+    The search runs on an area-averaged thumbnail (which also averages out sensor and JPEG noise in
+    the black border) and keeps the largest connected region brighter than ``threshold`` in its
+    brightest channel. The brightest channel rather than red alone keeps red-free (green) photographs
+    working; on colour fundus photographs red is the brightest channel anyway.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB photograph.
+        threshold: Level (0-255) that separates the FOV from the dark border.
+
+    Returns:
+        ``(x0, y0, x1, y1)`` with exclusive ``x1``/``y1``; the whole image when no FOV is found.
+
+    Raises:
+        ValueError: If the image is not ``(H, W, 3)`` uint8 or the threshold is outside 0-255.
+    """
+    _check_image(image)
+    if not 0 <= threshold <= 255:
+        raise ValueError(f"threshold is {threshold}; expected 0-255")
+    height, width = image.shape[:2]
+    factor = max(1, math.ceil(max(height, width) / _FOV_SEARCH_SIDE))
+    small_w, small_h = max(1, width // factor), max(1, height // factor)
+    if factor > 1:
+        # Sample every (factor/2)-th pixel, then average 2 x 2: a quarter of the cost of averaging
+        # every pixel, and still enough averaging to keep border noise below the threshold.
+        stride = max(1, factor // 2)
+        sampled = image[: small_h * factor : stride, : small_w * factor : stride]
+        small = cv2.resize(sampled, (small_w, small_h), interpolation=cv2.INTER_AREA)
+    else:
+        small = image
+    brightest = np.maximum(np.maximum(small[..., 0], small[..., 1]), small[..., 2])  # 20x faster than max(axis=2)
+    mask = (brightest > threshold).astype(np.uint8)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count < 2:
+        return 0, 0, width, height
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    best = 1 + int(np.argmax(areas))
+    if stats[best, cv2.CC_STAT_AREA] < _FOV_MIN_AREA * small_w * small_h:
+        return 0, 0, width, height
+    left, top = int(stats[best, cv2.CC_STAT_LEFT]), int(stats[best, cv2.CC_STAT_TOP])
+    right = left + int(stats[best, cv2.CC_STAT_WIDTH])
+    bottom = top + int(stats[best, cv2.CC_STAT_HEIGHT])
+    # Thumbnail cells that touch the image edge also own the remainder rows/columns that were cut off.
+    x1 = width if right >= small_w else min(width, right * factor)
+    y1 = height if bottom >= small_h else min(height, bottom * factor)
+    return left * factor, top * factor, x1, y1
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the cropped photograph sits inside the model input.
+
+    Attributes:
+        source_shape: ``(height, width)`` of the photograph that was prepared.
+        crop: ``(x0, y0, x1, y1)`` crop box in that photograph (exclusive ends).
+        placed: ``(x0, y0, x1, y1)`` box the resized crop occupies in the ``size`` x ``size`` input;
+            everything outside it is black padding.
+        size: Side of the square model input.
+    """
+
+    source_shape: tuple[int, int]
+    crop: Box
+    placed: Box
+    size: int
+
+    def to_source(
+        self, heatmap: NDArray[np.floating], source_shape: tuple[int, int] | None = None
+    ) -> NDArray[np.float32]:
+        """Maps a heatmap on the model input back onto the photograph.
+
+        The inverse of crop + pad + resize: the part of the heatmap that covers the photograph is
+        resized into the crop box of a zero map of the photograph's size; the padding is dropped.
+
+        Args:
+            heatmap: ``(h, w)`` map over the whole model input, any resolution (a CAM at 7 x 7 or
+                an ``size`` x ``size`` map); it is treated as covering the input square edge to edge.
+            source_shape: ``(height, width)`` to map onto; defaults to the prepared photograph's
+                shape. A different shape is treated as the same photograph at another scale (for
+                example the full-size photograph when the model input came from a DCT-scaled
+                decode), and the crop box scales with it.
+
+        Returns:
+            ``float32`` map of ``source_shape``, zero outside the crop box.
+
+        Raises:
+            ValueError: If the heatmap is not 2-D or the target shape is not positive.
+        """
+        heat = np.asarray(heatmap)
+        if heat.ndim != 2 or heat.shape[0] < 1 or heat.shape[1] < 1:
+            raise ValueError(f"heatmap has shape {heat.shape}; expected a non-empty (height, width) map")
+        target_h, target_w = self.source_shape if source_shape is None else source_shape
+        if target_h < 1 or target_w < 1:
+            raise ValueError(f"source_shape is {(target_h, target_w)}; expected positive sizes")
+        src_h, src_w = self.source_shape
+        sx, sy = target_w / src_w, target_h / src_h
+        x0, y0, x1, y1 = self.crop
+        tx0, ty0 = round(x0 * sx), round(y0 * sy)
+        tx1, ty1 = max(tx0 + 1, min(target_w, round(x1 * sx))), max(ty0 + 1, min(target_h, round(y1 * sy)))
+        out = np.zeros((target_h, target_w), dtype=np.float32)
+        # Heatmap pixel u (centre at u + 0.5) -> model input -> crop -> source -> target scale, then
+        # shifted into the crop box: v + 0.5 = a * (u + 0.5) + b along each axis.
+        hh, hw = heat.shape
+        px0, py0, px1, py1 = self.placed
+        scale_x, scale_y = (x1 - x0) / (px1 - px0), (y1 - y0) / (py1 - py0)
+        ax, ay = self.size / hw * scale_x * sx, self.size / hh * scale_y * sy
+        bx, by = (x0 - px0 * scale_x) * sx - tx0, (y0 - py0 * scale_y) * sy - ty0
+        matrix = np.array([[ax, 0.0, 0.5 * ax + bx - 0.5], [0.0, ay, 0.5 * ay + by - 0.5]], dtype=np.float64)
+        region = cv2.warpAffine(
+            np.ascontiguousarray(heat, dtype=np.float32),
+            matrix,
+            (tx1 - tx0, ty1 - ty0),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        out[ty0:ty1, tx0:tx1] = region
+        return out
+
+
+def _layout(crop_w: int, crop_h: int, size: int) -> Box:
+    """Box of the resized crop, centred in the ``size`` square (the pad-to-square step)."""
+    side = max(crop_w, crop_h)
+    new_w = max(1, min(size, round(crop_w * size / side)))
+    new_h = max(1, min(size, round(crop_h * size / side)))
+    left, top = (size - new_w) // 2, (size - new_h) // 2
+    return left, top, left + new_w, top + new_h
+
+
+def _align(start: int, end: int, multiple: int, limit: int) -> tuple[int, int]:
+    """Grows ``[start, end)`` inside ``[0, limit)`` to a length divisible by ``multiple``.
+
+    Grows into the (black) border rather than cutting the FOV; trims only when the span already
+    fills the image edge to edge.
+    """
+    remainder = (end - start) % multiple
+    if remainder == 0:
+        return start, end
+    grow = multiple - remainder
+    right = min(grow, limit - end)
+    left = min(grow - right, start)
+    if left + right == grow:
+        return start - left, end + right
+    return start, end - remainder
+
+
+def _halvings(crop_w: int, crop_h: int, placed_w: int, placed_h: int) -> int:
+    """How many exact 2x area reductions still leave at least the target size."""
+    count = 0
+    while (crop_w >> (count + 1)) >= placed_w and (crop_h >> (count + 1)) >= placed_h:
+        count += 1
+    return count
+
+
+def _prepare_into(
+    image: NDArray[np.uint8], preprocessing: Preprocessing, out: NDArray[np.uint8]
+) -> Geometry:
+    _check_image(image)
+    height, width = image.shape[:2]
+    size = preprocessing.input_size
+    x0, y0, x1, y1 = fov_box(image, preprocessing.fov_threshold) if preprocessing.fov_crop else (0, 0, width, height)
+    placed = _layout(x1 - x0, y1 - y0, size)
+    halvings = _halvings(x1 - x0, y1 - y0, placed[2] - placed[0], placed[3] - placed[1])
+    if halvings:
+        # OpenCV's 2x area reduction is several times faster than a general area resize (0.5 ms vs
+        # 8 ms for a 12 MP crop), so shrink by exact halvings first and finish with one small area
+        # resize. Halvings need even sides, hence the crop grows to a multiple of 2**halvings.
+        x0, x1 = _align(x0, x1, 1 << halvings, width)
+        y0, y1 = _align(y0, y1, 1 << halvings, height)
+        placed = _layout(x1 - x0, y1 - y0, size)
+    px0, py0, px1, py1 = placed
+    region = image[y0:y1, x0:x1]
+    for _ in range(halvings):
+        half_w, half_h = region.shape[1] // 2, region.shape[0] // 2
+        if half_w < px1 - px0 or half_h < py1 - py0:
+            break
+        region = cv2.resize(region, (half_w, half_h), interpolation=cv2.INTER_AREA)
+    shrinking = (px1 - px0) <= region.shape[1] and (py1 - py0) <= region.shape[0]
+    out[...] = 0
+    out[py0:py1, px0:px1] = cv2.resize(
+        region, (px1 - px0, py1 - py0), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    )
+    return Geometry(source_shape=(height, width), crop=(x0, y0, x1, y1), placed=placed, size=size)
+
+
+def prepare_with_geometry(
+    image: NDArray[np.uint8], preprocessing: Preprocessing
+) -> tuple[NDArray[np.uint8], Geometry]:
+    """Prepares one photograph and says where it went, for mapping heatmaps back.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB photograph.
+        preprocessing: The model card's preprocessing recipe.
+
+    Returns:
+        The ``(S, S, 3)`` uint8 model input (``S = preprocessing.input_size``) and its :class:`Geometry`.
+
+    Raises:
+        ValueError: If the image is not ``(H, W, 3)`` uint8.
+    """
+    size = preprocessing.input_size
+    out = np.empty((size, size, 3), dtype=np.uint8)
+    geometry = _prepare_into(image, preprocessing, out)
+    return out, geometry
+
+
+def prepare(image: NDArray[np.uint8], preprocessing: Preprocessing) -> NDArray[np.uint8]:
+    """Crops a photograph to its field of view, centres it on a black square and resizes it.
+
+    Area interpolation when shrinking (it averages instead of skipping pixels, so small lesions
+    survive), bilinear when enlarging.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB photograph.
+        preprocessing: The model card's preprocessing recipe.
+
+    Returns:
+        ``(S, S, 3)`` uint8 RGB with ``S = preprocessing.input_size``.
+
+    Raises:
+        ValueError: If the image is not ``(H, W, 3)`` uint8.
+    """
+    return prepare_with_geometry(image, preprocessing)[0]
+
+
+def prepare_batch(images: Sequence[NDArray[np.uint8]], preprocessing: Preprocessing) -> NDArray[np.uint8]:
+    """Prepares several photographs (of any sizes) into one ``(N, S, S, 3)`` uint8 batch.
+
+    Raises:
+        ValueError: If any image is not ``(H, W, 3)`` uint8; the message names its position.
+    """
+    size = preprocessing.input_size
+    batch = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for index, image in enumerate(images):
+        try:
+            _prepare_into(image, preprocessing, batch[index])
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"images[{index}]: {exc}") from None
+    return batch

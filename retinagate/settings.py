@@ -1,0 +1,356 @@
+"""RetinaGate's one settings object.
+
+Settings come from ``RETINAGATE_*`` environment variables and an optional TOML file (``--config`` on
+the command line, or ``RETINAGATE_CONFIG``); environment variables win over the file. Each entry point
+builds the object once with :func:`load_settings` and passes it down; nothing deeper reads
+``os.environ``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = ["Destination", "Settings", "SettingsError", "load_settings"]
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+OutputKind = Literal["sc", "sr", "pm"]
+
+
+class SettingsError(ValueError):
+    """Raised when the configuration is invalid; the message names every bad setting."""
+
+
+def _check_ae_title(value: str, field: str) -> str:
+    stripped = value.strip()
+    if not _AE_TITLE.match(stripped):
+        raise ValueError(f"{field}: {value!r} is not a DICOM AE title (1 to 16 printable characters)")
+    return stripped
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Destination(BaseModel):
+    """A DICOM node that receives RetinaGate's outputs, written ``AE@host:port``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ae_title: str
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)]
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        """Parses ``AE@host:port``; raises ``ValueError`` naming the expected form."""
+        match = re.fullmatch(r"\s*([^@]+)@([^:@\s]+|\[[0-9a-fA-F:]+\]):(\d+)\s*", text)
+        if match is None:
+            raise ValueError(f"destination {text!r} is not of the form AE@host:port")
+        ae, host, port = match.groups()
+        return cls(ae_title=_check_ae_title(ae, "destination AE title"), host=host.strip("[]"), port=int(port))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class Settings(BaseSettings):
+    """Every setting RetinaGate reads. Field names map to ``RETINAGATE_<NAME>`` variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RETINAGATE_",
+        frozen=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # Where things live.
+    config: Path | None = Field(None, description="TOML file with settings (environment variables win).")
+    data_dir: Path = Field(Path("var"), description="Root for the database, storage and embedded Redis.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty: SQLite file <data_dir>/retinagate.db.")
+    broker_url: str = Field("", description="Celery broker (redis://...); empty: embedded Redis under data_dir.")
+    storage_dir: Path | None = Field(None, description="Received and produced DICOM files; default <data_dir>/storage.")
+    model_path: Path | None = Field(None, description="The ONNX model the worker serves.")
+
+    # Inference.
+    providers: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(
+        "auto", description="ONNX Runtime providers: auto tries TensorRT, then CUDA, then CPU."
+    )
+    intra_op_threads: Annotated[int, Field(ge=0, le=256)] = Field(
+        0, description="CPU threads for ONNX Runtime; 0 lets ONNX Runtime choose."
+    )
+    batch_size: Annotated[int, Field(ge=1, le=1024)] = Field(16, description="Images per inference batch.")
+    max_pixels: Annotated[int, Field(ge=1)] = Field(
+        100_000_000, description="Cap on Rows x Columns x Frames of an instance, checked before decoding."
+    )
+    max_instance_bytes: Annotated[int, Field(ge=1024)] = Field(
+        512 * 1024 * 1024, description="Largest DICOM instance accepted, in bytes."
+    )
+
+    # Outputs.
+    outputs: Annotated[list[OutputKind], NoDecode] = Field(
+        ["sc", "sr"], description="What to send back: sc (heatmap Secondary Capture), sr, pm (Parametric Map)."
+    )
+    display_long_side: Annotated[int, Field(ge=256, le=8192)] = Field(
+        1024, description="Long side of the heatmap Secondary Capture, in pixels."
+    )
+    top_findings: Annotated[int, Field(ge=1, le=29)] = Field(3, description="Heatmaps blended into the SC.")
+    deliver_min_probability: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.0, description="Deliver outputs only when some finding reaches this probability (0: always)."
+    )
+    destinations: Annotated[list[Destination], NoDecode] = Field(
+        [], description="Where outputs go, comma list of AE@host:port."
+    )
+    calling_ae_title: str = Field("RETINAGATE", description="AE title RetinaGate uses when it sends.")
+
+    # Gateway.
+    gateway_ae_title: str = Field("RETINAGATE", description="AE title the gateway answers to.")
+    gateway_host: str = Field("0.0.0.0", description="Address the gateway listens on.")  # noqa: S104
+    gateway_port: Annotated[int, Field(ge=1, le=65535)] = Field(11112, description="Port the gateway listens on.")
+    gateway_allowed_ae_titles: Annotated[list[str], NoDecode] = Field(
+        [], description="Calling AE titles allowed; empty allows any."
+    )
+    gateway_allowed_networks: Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], NoDecode] = Field(
+        [], description="Peer networks allowed (CIDR); empty allows any."
+    )
+    gateway_tls_cert: Path | None = Field(None, description="Server certificate (PEM); set with key for TLS.")
+    gateway_tls_key: Path | None = Field(None, description="Server private key (PEM).")
+    gateway_tls_ca: Path | None = Field(None, description="CA bundle for client certificates.")
+    gateway_tls_require_client_cert: bool = Field(
+        True, description="With a CA bundle: require (true) or only verify offered (false) client certificates."
+    )
+    gateway_max_associations: Annotated[int, Field(ge=1, le=1000)] = Field(32, description="Concurrent associations.")
+    gateway_max_pdu: Annotated[int, Field(ge=0)] = Field(
+        262_144, description="Maximum PDU size received (0: unlimited)."
+    )
+    gateway_acse_timeout: Annotated[float, Field(gt=0)] = Field(30.0, description="ACSE timeout, seconds.")
+    gateway_dimse_timeout: Annotated[float, Field(gt=0)] = Field(60.0, description="DIMSE timeout, seconds.")
+    gateway_network_timeout: Annotated[float, Field(gt=0)] = Field(60.0, description="Network timeout, seconds.")
+    gateway_extra_sop_classes: Annotated[list[str], NoDecode] = Field(
+        [], description="Extra storage SOP Class UIDs to accept."
+    )
+    gateway_duplicate_policy: Literal["keep_first", "replace"] = Field(
+        "keep_first", description="What to do with a known SOP Instance UID whose content differs."
+    )
+    study_quiet_seconds: Annotated[int, Field(ge=0)] = Field(
+        300, description="A study counts as complete after this long without new instances."
+    )
+
+    # Worker.
+    task_time_limit: Annotated[int, Field(ge=10)] = Field(600, description="Hard task time limit, seconds.")
+    visibility_timeout: Annotated[int, Field(ge=60)] = Field(
+        3600, description="Redis visibility timeout, seconds; must exceed the task time limit."
+    )
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = Field(5, description="Tries before an instance fails.")
+    sweep_interval: Annotated[int, Field(ge=5)] = Field(60, description="Seconds between sweeps.")
+    stuck_after: Annotated[int, Field(ge=5)] = Field(
+        900, description="Seconds after which a received or queued instance is re-enqueued."
+    )
+    delivery_max_retries: Annotated[int, Field(ge=0, le=100)] = Field(8, description="Delivery retries.")
+    delivery_backoff: Annotated[float, Field(gt=0)] = Field(
+        2.0, description="First delivery retry delay, seconds; doubles each time."
+    )
+    delivery_backoff_max: Annotated[float, Field(gt=0)] = Field(600.0, description="Longest retry delay.")
+    rescore_cron: str = Field("0 2 * * *", description="When nightly rescoring runs (cron: min hour dom mon dow).")
+    rescore_batch_size: Annotated[int, Field(ge=1, le=1024)] = Field(16, description="Instances per rescore task.")
+
+    # Observability.
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        0, description="Prometheus metrics port for the gateway (0: off)."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+    # Secrets are held as SecretStr so they never print; see masked().
+    database_password: SecretStr | None = Field(
+        None, description="Password added to the database URL when the URL carries none."
+    )
+
+    @field_validator("outputs", mode="before")
+    @classmethod
+    def _parse_outputs(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("outputs")
+    @classmethod
+    def _check_outputs(cls, value: list[str]) -> list[str]:
+        if "sc" not in value and "sr" not in value and "pm" not in value:
+            raise ValueError("choose at least one of sc, sr, pm")
+        return list(dict.fromkeys(value))
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _parse_destinations(cls, value: Any) -> Any:
+        items = _split_list(value)
+        if isinstance(items, list):
+            return [Destination.parse(i) if isinstance(i, str) else i for i in items]
+        return items
+
+    @field_validator("gateway_allowed_ae_titles", "gateway_extra_sop_classes", mode="before")
+    @classmethod
+    def _parse_list(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("gateway_allowed_networks", mode="before")
+    @classmethod
+    def _parse_networks(cls, value: Any) -> Any:
+        items = _split_list(value)
+        if isinstance(items, list):
+            try:
+                return [ipaddress.ip_network(i, strict=False) if isinstance(i, str) else i for i in items]
+            except ValueError as exc:
+                raise ValueError(f"not a CIDR network: {exc}") from None
+        return items
+
+    @field_validator("gateway_ae_title", "calling_ae_title")
+    @classmethod
+    def _check_own_ae(cls, value: str) -> str:
+        return _check_ae_title(value, "AE title")
+
+    @field_validator("gateway_allowed_ae_titles")
+    @classmethod
+    def _check_allowed(cls, value: list[str]) -> list[str]:
+        return [_check_ae_title(v, "allowed AE title") for v in value]
+
+    @field_validator("rescore_cron")
+    @classmethod
+    def _check_cron(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"{value!r} is not a 5-field cron expression (minute hour day month weekday)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if (self.gateway_tls_cert is None) != (self.gateway_tls_key is None):
+            raise ValueError("gateway_tls_cert and gateway_tls_key must be set together")
+        if self.gateway_tls_ca is not None and self.gateway_tls_cert is None:
+            raise ValueError("gateway_tls_ca needs gateway_tls_cert and gateway_tls_key")
+        if self.task_time_limit >= self.visibility_timeout:
+            raise ValueError("task_time_limit must be below visibility_timeout, or Redis redelivers running tasks")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings reads the environment and the TOML file itself, so tests can pass both in.
+        return (init_settings,)
+
+    # Derived locations.
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file in the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'retinagate.db').resolve()}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        """Where DICOM files are stored."""
+        return self.storage_dir if self.storage_dir is not None else self.data_dir / "storage"
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether the gateway serves TLS."""
+        return self.gateway_tls_cert is not None
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain data, with secrets and URL passwords masked."""
+        data = self.model_dump(mode="json")
+        for key in ("database_url", "broker_url"):
+            data[key] = _mask_url(data[key])
+        if data.get("database_password") is not None:
+            data["database_password"] = "*****"  # noqa: S105 - the mask, not a password
+        data["destinations"] = [str(d) for d in self.destinations]
+        data["resolved_database_url"] = _mask_url(self.resolved_database_url)
+        data["resolved_storage_dir"] = str(self.resolved_storage_dir)
+        return data
+
+
+def _mask_url(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1*****@", url)
+
+
+class _TomlSource(TomlConfigSettingsSource):
+    """Reads the TOML file; a ``[retinagate]`` table is used when present, else the top level."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        super().__init__(settings_cls, toml_file=path)
+        if isinstance(self.toml_data.get("retinagate"), dict):
+            self.toml_data = self.toml_data["retinagate"]
+            self.init_kwargs = self.toml_data
+
+
+def load_settings(
+    config: Path | str | None = None, environ: dict[str, str] | None = None, **overrides: Any
+) -> Settings:
+    """Builds the settings from the environment and an optional TOML file.
+
+    Args:
+        config: TOML file; falls back to ``RETINAGATE_CONFIG``.
+        environ: The environment to read (default: the process environment). Entry points pass
+            nothing; tests pass a dictionary.
+        **overrides: Values that win over everything else (used by tests and the CLI).
+
+    Raises:
+        SettingsError: Naming each invalid setting and why.
+    """
+    import os
+
+    env = dict(os.environ if environ is None else environ)
+    path = Path(config) if config else (Path(env["RETINAGATE_CONFIG"]) if env.get("RETINAGATE_CONFIG") else None)
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise SettingsError(f"config: the TOML file {path} does not exist")
+        try:
+            file_values = dict(_TomlSource(Settings, path)())
+        except Exception as exc:
+            raise SettingsError(f"config: cannot read {path}: {exc}") from None
+    env_values = {
+        key[len("RETINAGATE_") :].lower(): value
+        for key, value in env.items()
+        if key.startswith("RETINAGATE_") and key != "RETINAGATE_CONFIG"
+    }
+    unknown = sorted(k for k in {*file_values, *env_values} if k not in Settings.model_fields)
+    if unknown:
+        names = ", ".join(f"RETINAGATE_{k.upper()}" for k in unknown)
+        raise SettingsError(f"unknown setting(s): {names}")
+    values = {**file_values, **env_values, **overrides}
+    if path is not None:
+        values["config"] = path
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            env_name = f"RETINAGATE_{name.split('.')[0].upper()}" if err["loc"] else "settings"
+            problems.append(f"{env_name}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None

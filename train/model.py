@@ -1,0 +1,119 @@
+"""The classifier: timm's EfficientNet-B0 with one output per label.
+
+Checkpoints are plain dictionaries saved with ``torch.save``::
+
+    {"format": "retinagate-checkpoint/1", "model": state_dict, "card": card JSON,
+     "config": resolved training config, "epoch": int, ...training state...}
+
+``best.pt`` and ``last.pt`` share the format; :func:`load_checkpoint` reads either for evaluation and
+export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from retinagate.card import ModelCard
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "PretrainedUnavailableError",
+    "create_model",
+    "load_checkpoint",
+    "state_dict_sha256",
+]
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = "retinagate-checkpoint/1"
+
+
+class PretrainedUnavailableError(RuntimeError):
+    """ImageNet weights could not be fetched (offline, hub unreachable, bad file)."""
+
+
+def create_model(
+    card: ModelCard,
+    *,
+    pretrained: bool = False,
+    weights: Path | None = None,
+    drop_rate: float = 0.2,
+    drop_path_rate: float = 0.1,
+) -> nn.Module:
+    """Builds ``card.architecture`` with ``card.num_labels`` outputs.
+
+    Args:
+        card: Gives the architecture and the number of labels.
+        pretrained: Load ImageNet weights through timm's hub (needs network access or a warm cache).
+        weights: A local timm checkpoint (ImageNet or otherwise) to start from; its classifier is
+            replaced when its size differs. Implies pretrained initialisation from that file.
+        drop_rate: Dropout before the classifier.
+        drop_path_rate: Stochastic depth rate.
+
+    Raises:
+        PretrainedUnavailableError: When pretrained weights cannot be loaded, naming the way out.
+        FileNotFoundError: When ``weights`` does not exist.
+    """
+    kwargs: dict[str, Any] = {
+        "num_classes": card.num_labels,
+        "drop_rate": drop_rate,
+        "drop_path_rate": drop_path_rate,
+    }
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"--weights: no such file: {weights}")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+        pretrained = True
+    try:
+        return timm.create_model(card.architecture, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if not pretrained:
+            raise
+        source = f"the file {weights}" if weights is not None else "timm's model hub"
+        raise PretrainedUnavailableError(
+            f"could not load ImageNet weights for {card.architecture} from {source} ({type(exc).__name__}: "
+            f"{exc}). Offline? Pass a local timm checkpoint with --weights PATH, or train from random "
+            "initialisation with --no-pretrained."
+        ) from exc
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """A content hash of the weights, independent of pickling details."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.float()
+        digest.update(key.encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_checkpoint(
+    path: Path, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, ModelCard, dict[str, Any]]:
+    """Reads a RetinaGate checkpoint and returns the model in eval mode, its card and the raw dict.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: The file is not a RetinaGate checkpoint (names what it found).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    # weights_only keeps a checkpoint from running code on load; our format holds only plain data.
+    raw = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"{path} is not a RetinaGate checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
+    card = ModelCard.from_json(raw["card"])
+    model = create_model(card, drop_rate=0.0, drop_path_rate=0.0)
+    model.load_state_dict(raw["model"])
+    model.eval()
+    return model, card, raw
