@@ -46,6 +46,34 @@ def register(subparsers: Any) -> None:
     synth.add_argument("--json", action="store_true", help="print a JSON summary")
     synth.set_defaults(handler=_synth)
 
+    serve = subparsers.add_parser(
+        "serve",
+        help="run gateway, worker and beat together on this machine (embedded Redis when no broker is set)",
+        description=(
+            "Starts the DICOM gateway, a scoring worker and the scheduler as child processes, with an "
+            "embedded Redis server on a Unix socket under the data directory when RETINAGATE_BROKER_URL "
+            "is empty. Migrates the database first. Ctrl-C stops everything cleanly. In production, run "
+            "`retinagate gateway`, `retinagate worker` and `retinagate beat` as separate services instead."
+        ),
+    )
+    serve.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--no-beat", action="store_true", help="do not run the scheduler (sweeps, rescoring)")
+    serve.set_defaults(handler=_serve)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="see the whole product work: synthetic studies in, heatmaps back in a PACS",
+        description=(
+            "Makes synthetic studies, trains and exports a small model (cached for later runs), starts "
+            "`retinagate serve` and a receiving PACS (Orthanc when installed), sends the studies with "
+            "dcmtk's storescu, waits for the results, prints them and writes PNG previews under "
+            "<data_dir>/demo/previews/."
+        ),
+    )
+    demo.add_argument("--studies", type=int, default=10, help="studies to send, two eyes each (default 10)")
+    demo.add_argument("--epochs", type=int, default=6, help="training epochs for the demo model (default 6)")
+    demo.set_defaults(handler=_demo)
+
 
 def _config_show(args: argparse.Namespace, settings: Settings) -> int:
     data = settings.masked()
@@ -59,17 +87,60 @@ def _config_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
-    from retinagate.db import upgrade
+    from alembic.util import CommandError as AlembicError
+    from sqlalchemy.exc import OperationalError
 
-    upgrade(settings, args.revision)
+    from retinagate.cli import EXIT_MISSING, EXIT_USAGE, CommandError
+    from retinagate.db import current_revision, upgrade
+
+    try:
+        upgrade(settings, args.revision)
+        revision = current_revision(settings)
+    except AlembicError as exc:
+        raise CommandError(f"cannot migrate to {args.revision!r}: {exc}", EXIT_USAGE) from None
+    except OperationalError as exc:
+        raise CommandError(f"cannot reach the database: {exc.orig}", EXIT_MISSING) from None
+    print(f"database schema at revision {revision}")
     return 0
 
 
 def _db_current(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy.exc import OperationalError
+
+    from retinagate.cli import EXIT_MISSING, CommandError
     from retinagate.db import current_revision
 
-    print(current_revision(settings) or "(empty)")
+    try:
+        print(current_revision(settings) or "(empty)")
+    except OperationalError as exc:
+        raise CommandError(f"cannot reach the database: {exc.orig}", EXIT_MISSING) from None
     return 0
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from retinagate.cli import EXIT_MISSING, CommandError
+    from retinagate.serve import serve
+
+    if settings.model_path is None or not settings.model_path.is_file():
+        raise CommandError(
+            f"no model to serve: set RETINAGATE_MODEL_PATH to an ONNX file from `retinagate export` "
+            f"(now {settings.model_path or 'unset'})",
+            EXIT_MISSING,
+        )
+    try:
+        return serve(settings, config=args.config, concurrency=args.concurrency, with_beat=not args.no_beat)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise CommandError(str(exc), EXIT_MISSING) from None
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from retinagate.cli import CommandError
+    from retinagate.demo import DemoError, run_demo
+
+    try:
+        return run_demo(settings, studies=args.studies, epochs=args.epochs)
+    except DemoError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _synth(args: argparse.Namespace, settings: Settings) -> int:

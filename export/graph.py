@@ -1,0 +1,96 @@
+"""The served graph: uint8 photographs in; logits, probabilities and all Grad-CAM maps out.
+
+:class:`CamModel` wraps a trained classifier so that the exported ONNX file needs nothing around it
+but ONNX Runtime:
+
+1. ``image`` arrives as uint8 ``[N, S, S, 3]`` RGB (a quarter of the bytes of float32 across PCIe),
+   is cast to float, scaled to [0, 1], moved to NCHW and normalised with the model card's mean and
+   std (one place for those constants: the card).
+2. ``A = model.forward_features(x)`` is the activated final feature map ``[N, K, h, w]`` that feeds
+   the global average pool (timm EfficientNet: the output of ``bn2``, a BatchNorm with SiLU).
+3. ``logits = model.forward_head(A)``: global average pool and the linear classifier, exactly what
+   ``model(x)`` computes.
+4. ``cam = ReLU(Σ_k W_ck A_k)``: with global average pooling and one linear layer, the gradient of
+   logit c with respect to A is ``W_c / (h·w)`` at every position, so Grad-CAM's channel weights are
+   ``W_c / (h·w)`` and Grad-CAM is this map up to that positive constant, for all classes in one
+   pass. It runs as a 1 x 1 convolution without bias, which every runtime executes fast.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+import torch.nn.functional as F  # noqa: N812 (the conventional alias)
+from torch import nn
+
+from retinagate.card import ModelCard
+
+__all__ = ["OUTPUT_NAMES", "CamModel", "INPUT_NAME", "classifier_weight"]
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logits", "probabilities", "cam")
+
+
+def classifier_weight(model: nn.Module) -> torch.Tensor:
+    """The ``[C, K]`` weight of the model's final linear layer.
+
+    Raises:
+        ValueError: If the model has no single linear classifier after global average pooling (the
+            only head for which the in-graph CAM is Grad-CAM).
+    """
+    get_classifier = getattr(model, "get_classifier", None)
+    classifier = get_classifier() if callable(get_classifier) else getattr(model, "classifier", None)
+    if not isinstance(classifier, nn.Linear):
+        raise ValueError(
+            f"model: the classifier is {type(classifier).__name__}, expected one nn.Linear after global "
+            "average pooling (the in-graph CAM equals Grad-CAM only for that head)"
+        )
+    pool = getattr(model, "global_pool", None)
+    pool_type = getattr(pool, "pool_type", "avg")
+    if pool_type != "avg":
+        raise ValueError(f"model: global pooling is {pool_type!r}, expected 'avg' for an exact Grad-CAM")
+    return classifier.weight
+
+
+class CamModel(nn.Module):
+    """A classifier with in-graph normalisation and class activation maps for every label.
+
+    Args:
+        model: A timm-style classifier with ``forward_features``/``forward_head``, average pooling and
+            one linear classifier; switched to eval mode.
+        card: Supplies the input size, mean and std, and the number of labels (checked against the
+            classifier).
+
+    Raises:
+        ValueError: If the head is not average pooling + linear, or its size disagrees with the card.
+    """
+
+    def __init__(self, model: nn.Module, card: ModelCard) -> None:
+        super().__init__()
+        weight = classifier_weight(model)
+        if weight.shape[0] != card.num_labels:
+            raise ValueError(
+                f"model: the classifier has {weight.shape[0]} outputs but the card names {card.num_labels} labels"
+            )
+        self.model = model.eval()
+        self.card = card
+        mean = torch.tensor(card.preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(card.preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std folded into one multiply and one add.
+        self.register_buffer("scale", 1.0 / (255.0 * std))
+        self.register_buffer("shift", -mean / std)
+
+    def normalise(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[N, S, S, 3]`` RGB to the normalised float ``[N, 3, S, S]`` the classifier takes."""
+        scale = cast(torch.Tensor, self.scale)
+        shift = cast(torch.Tensor, self.shift)
+        return image.permute(0, 3, 1, 2).float() * scale + shift
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns ``(logits [N, C], probabilities [N, C], cam [N, C, h, w])`` for uint8 NHWC input."""
+        features = self.model.forward_features(self.normalise(image))
+        logits = self.model.forward_head(features)
+        weight = classifier_weight(self.model)
+        cam = F.relu(F.conv2d(features, weight[:, :, None, None]))
+        return logits, torch.sigmoid(logits), cam

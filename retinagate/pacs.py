@@ -1,0 +1,228 @@
+"""A local receiving PACS for the demo and the end-to-end tests.
+
+:class:`Orthanc` runs the real Orthanc server (when installed) with a private configuration on free
+ports; :class:`BuiltinReceiver` is a small pynetdicom C-STORE SCP that keeps what it receives in a
+folder, for machines without Orthanc. Both answer the same questions: which instances arrived, and
+in which study.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = ["BuiltinReceiver", "Orthanc", "ReceivedInstance", "Receiver", "free_port", "start_receiver"]
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What a receiver holds: identifiers only, and where to fetch the file."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+
+
+class Receiver(Protocol):
+    """A DICOM node that RetinaGate delivers to."""
+
+    ae_title: str
+    port: int
+
+    def instances(self) -> list[ReceivedInstance]: ...
+
+    def fetch(self, sop_instance_uid: str) -> bytes: ...
+
+    def stop(self) -> None: ...
+
+
+class Orthanc:
+    """A private Orthanc server: DICOM on ``port``, REST on ``http_port``, data in ``workdir``.
+
+    Args:
+        workdir: Folder for the configuration, index and storage (a temporary one when None).
+        ae_title: The AE title Orthanc answers to.
+        executable: The Orthanc binary (found on PATH or in /usr/sbin when None).
+    """
+
+    def __init__(self, workdir: Path | None = None, ae_title: str = "ORTHANC", executable: str | None = None) -> None:
+        found = executable or shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
+        if found is None:
+            raise FileNotFoundError("Orthanc is not installed (Debian package 'orthanc')")
+        self.executable = found
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="orthanc-"))
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.http_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout_s: float = 30.0) -> Orthanc:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "RetinaGate demo PACS",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "DicomAet": self.ae_title,
+            "DicomPort": self.port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "UnknownSopClassAccepted": True,
+            "Plugins": [],
+            "StableAge": 1,
+        }
+        config_path = self.workdir / "orthanc.json"
+        config_path.write_text(json.dumps(config, indent=2))
+        log = (self.workdir / "orthanc.log").open("wb")
+        self.process = subprocess.Popen([self.executable, str(config_path)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._get("/system")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if self.process.poll() is not None:
+                    tail = (self.workdir / "orthanc.log").read_text(errors="replace")[-800:]
+                    raise RuntimeError(f"Orthanc exited at start: {tail}") from None
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"Orthanc did not answer on {self.url} within {timeout_s:.0f} s") from None
+                time.sleep(0.2)
+
+    def _get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=10) as response:  # noqa: S310 - loopback URL we built
+            return json.loads(response.read())
+
+    def instances(self) -> list[ReceivedInstance]:
+        out = []
+        for orthanc_id in self._get("/instances"):
+            tags = self._get(f"/instances/{orthanc_id}/simplified-tags")
+            out.append(
+                ReceivedInstance(
+                    sop_instance_uid=tags.get("SOPInstanceUID", ""),
+                    sop_class_uid=tags.get("SOPClassUID", ""),
+                    study_uid=tags.get("StudyInstanceUID", ""),
+                    series_uid=tags.get("SeriesInstanceUID", ""),
+                    modality=tags.get("Modality", ""),
+                )
+            )
+        return out
+
+    def fetch(self, sop_instance_uid: str) -> bytes:
+        request = urllib.request.Request(  # noqa: S310 - loopback URL we built
+            self.url + "/tools/find",
+            data=json.dumps({"Level": "Instance", "Query": {"SOPInstanceUID": sop_instance_uid}}).encode(),
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            ids = json.loads(response.read())
+        if not ids:
+            raise KeyError(sop_instance_uid)
+        with urllib.request.urlopen(f"{self.url}/instances/{ids[0]}/file", timeout=30) as response:  # noqa: S310
+            data: bytes = response.read()
+            return data
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+class BuiltinReceiver:
+    """A pynetdicom storage SCP that writes every instance it receives into ``folder``."""
+
+    def __init__(self, folder: Path, ae_title: str = "RECEIVER", port: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self._server: Any = None
+        self._lock = threading.Lock()
+        self._received: dict[str, ReceivedInstance] = {}
+        self._files: dict[str, Path] = {}
+
+    def start(self) -> BuiltinReceiver:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ae = AE(ae_title=self.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(Verification)
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+        return self
+
+    def _on_store(self, event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        uid = str(ds.SOPInstanceUID)
+        # Received names are never paths: files are numbered in arrival order.
+        with self._lock:
+            index = len(self._received)
+            ds.save_as(self.folder / f"{index:06d}.dcm", enforce_file_format=True)
+            self._received[uid] = ReceivedInstance(
+                sop_instance_uid=uid,
+                sop_class_uid=str(ds.SOPClassUID),
+                study_uid=str(ds.StudyInstanceUID),
+                series_uid=str(ds.SeriesInstanceUID),
+                modality=str(ds.get("Modality", "")),
+            )
+            self._files[uid] = self.folder / f"{index:06d}.dcm"
+        return 0x0000
+
+    def instances(self) -> list[ReceivedInstance]:
+        with self._lock:
+            return list(self._received.values())
+
+    def fetch(self, sop_instance_uid: str) -> bytes:
+        with self._lock:
+            path: Path = self._files[sop_instance_uid]
+        return path.read_bytes()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+
+def start_receiver(workdir: Path, prefer_orthanc: bool = True) -> Orthanc | BuiltinReceiver:
+    """Orthanc when installed (and preferred), otherwise the built-in receiver."""
+    if prefer_orthanc:
+        try:
+            return Orthanc(workdir / "orthanc").start()
+        except FileNotFoundError:
+            pass
+    return BuiltinReceiver(workdir / "received").start()
