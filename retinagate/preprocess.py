@@ -199,9 +199,7 @@ def _halvings(crop_w: int, crop_h: int, placed_w: int, placed_h: int) -> int:
     return count
 
 
-def _prepare_into(
-    image: NDArray[np.uint8], preprocessing: Preprocessing, out: NDArray[np.uint8]
-) -> Geometry:
+def _prepare_into(image: NDArray[np.uint8], preprocessing: Preprocessing, out: NDArray[np.uint8]) -> Geometry:
     _check_image(image)
     height, width = image.shape[:2]
     size = preprocessing.input_size
@@ -216,12 +214,12 @@ def _prepare_into(
         y0, y1 = _align(y0, y1, 1 << halvings, height)
         placed = _layout(x1 - x0, y1 - y0, size)
     px0, py0, px1, py1 = placed
-    region = image[y0:y1, x0:x1]
+    region: NDArray[np.uint8] = image[y0:y1, x0:x1]
     for _ in range(halvings):
         half_w, half_h = region.shape[1] // 2, region.shape[0] // 2
         if half_w < px1 - px0 or half_h < py1 - py0:
             break
-        region = cv2.resize(region, (half_w, half_h), interpolation=cv2.INTER_AREA)
+        region = np.asarray(cv2.resize(region, (half_w, half_h), interpolation=cv2.INTER_AREA), dtype=np.uint8)
     shrinking = (px1 - px0) <= region.shape[1] and (py1 - py0) <= region.shape[0]
     out[...] = 0
     out[py0:py1, px0:px1] = cv2.resize(
@@ -230,9 +228,7 @@ def _prepare_into(
     return Geometry(source_shape=(height, width), crop=(x0, y0, x1, y1), placed=placed, size=size)
 
 
-def prepare_with_geometry(
-    image: NDArray[np.uint8], preprocessing: Preprocessing
-) -> tuple[NDArray[np.uint8], Geometry]:
+def prepare_with_geometry(image: NDArray[np.uint8], preprocessing: Preprocessing) -> tuple[NDArray[np.uint8], Geometry]:
     """Prepares one photograph and says where it went, for mapping heatmaps back.
 
     Args:

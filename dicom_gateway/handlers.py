@@ -1,0 +1,302 @@
+"""C-ECHO and C-STORE handlers: the durable receive.
+
+A C-STORE is answered 0x0000 only after the instance is safe: checked (see
+:mod:`dicom_gateway.validate`), written to a temporary file with its File Meta Information, fsynced,
+renamed to a server-generated key, the directory fsynced, and its Study/Instance rows committed.
+The score task is sent afterwards by the :class:`~dicom_gateway.enqueuer.Enqueuer`, off this path.
+The bytes written are the bytes received (preamble, our File Meta Information, then the dataset as
+encoded on the wire), so nothing is decoded or re-encoded here.
+
+Handlers never raise: pynetdicom would answer 0xC211 and the sender would learn nothing useful.
+A failure to store answers 0xA700 (out of resources) and leaves no file and no row.
+
+Duplicates (a SOP Instance UID already stored):
+
+- same bytes: acknowledged 0x0000, not stored or scored again;
+- different bytes, ``gateway_duplicate_policy = "keep_first"``: the first version stays, the new one
+  is discarded and answered with the warning 0xB006 (Elements Discarded), so the sender moves on
+  but its log shows that this copy was not kept;
+- different bytes, ``"replace"``: the new file is stored under a new key, the row points at it and
+  goes back to ``received`` (so it is scored again), and the old file is deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, generate_uid
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from dicom_gateway import metrics
+from dicom_gateway.audit import AssociationRecord
+from dicom_gateway.sop_classes import storage_sop_classes
+from dicom_gateway.validate import (
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SOP_CLASS_NOT_SUPPORTED,
+    InstanceFacts,
+    Refusal,
+    inspect_dataset,
+)
+from retinagate.models import Instance, InstanceStatus, Study, utcnow
+from retinagate.storage import Storage, StorageError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from retinagate.settings import Settings
+
+__all__ = [
+    "IMPLEMENTATION_CLASS_UID",
+    "IMPLEMENTATION_VERSION_NAME",
+    "STATUS_DUPLICATE_DISCARDED",
+    "STATUS_SUCCESS",
+    "StoreHandler",
+    "file_header",
+    "handle_echo",
+]
+
+logger = logging.getLogger(__name__)
+
+STATUS_SUCCESS: Final = 0x0000
+STATUS_DUPLICATE_DISCARDED: Final = 0xB006  # Warning: Elements Discarded
+
+#: Identifies RetinaGate in File Meta Information and association negotiation (a fixed 2.25 UID).
+IMPLEMENTATION_CLASS_UID: Final = str(generate_uid(prefix=None, entropy_srcs=["RetinaGate", "dicom_gateway"]))
+IMPLEMENTATION_VERSION_NAME: Final = "RETINAGATE_1"
+
+
+def handle_echo(event: Any) -> int:
+    """C-ECHO: the gateway is up."""
+    return STATUS_SUCCESS
+
+
+def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, ``DICM`` prefix and File Meta Information for a received dataset.
+
+    Built only from the command and the presentation context, so the same dataset received twice
+    gives the same file bytes (and sha256) whoever sent it.
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+    write_file_meta_info(encoded, meta, enforce_standard=True)
+    return b"\x00" * 128 + b"DICM" + encoded.getvalue()
+
+
+@dataclass(frozen=True)
+class _Stored:
+    id: int
+    sha256: str
+    storage_key: str
+
+
+def _answer(status: int, comment: str | None = None) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = status
+    if comment:
+        rsp.ErrorComment = comment[:64]
+    return rsp
+
+
+class StoreHandler:
+    """The EVT_C_STORE handler of one gateway.
+
+    Args:
+        settings: Caps (``max_instance_bytes``, ``max_pixels``), duplicate policy, extra SOP classes.
+        storage: Where files go.
+        sessions: Session factory of the RetinaGate database.
+        submit: Hands a committed instance id to the enqueuer (must not block).
+        record_of: The audit record of an association (None when unknown).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        sessions: sessionmaker[Session],
+        submit: Callable[[int], None],
+        record_of: Callable[[Any], AssociationRecord | None],
+    ) -> None:
+        self._settings = settings
+        self._storage = storage
+        self._sessions = sessions
+        self._submit = submit
+        self._record_of = record_of
+        self._classes = frozenset(storage_sop_classes(settings.gateway_extra_sop_classes))
+
+    def __call__(self, event: Any) -> Dataset:
+        """Handles one C-STORE request; always returns a status, never raises."""
+        started = time.perf_counter()
+        record = self._record_of(event.assoc)
+        label = record.label if record is not None else "association ?"
+        try:
+            answer = self._store(event, record, label)
+        except Refusal as refusal:
+            metrics.REJECTS.labels(reason=refusal.reason).inc()
+            logger.warning("%s: instance refused, status 0x%04X (%s)", label, refusal.status, refusal.reason)
+            answer = _answer(refusal.status, refusal.comment)
+        except Exception as exc:  # a handler must answer; the sender retries an out-of-resources refusal
+            metrics.REJECTS.labels(reason="internal_error").inc()
+            logger.error("%s: instance not stored: %s", label, type(exc).__name__)
+            answer = _answer(STATUS_OUT_OF_RESOURCES, "internal error; nothing was stored")
+        if record is not None:
+            if answer.Status == STATUS_SUCCESS:
+                record.accepted += 1
+            else:
+                record.refused += 1
+        metrics.STORE_SECONDS.observe(time.perf_counter() - started)
+        return answer
+
+    def _store(self, event: Any, record: AssociationRecord | None, label: str) -> Dataset:
+        request = event.request
+        sop_class = str(request.AffectedSOPClassUID)
+        sop_instance = str(request.AffectedSOPInstanceUID)
+        context = event.context
+        if sop_class != str(context.abstract_syntax) or sop_class not in self._classes:
+            raise Refusal(STATUS_SOP_CLASS_NOT_SUPPORTED, "sop_class_not_supported", "SOP class not supported here")
+        transfer_syntax = str(context.transfer_syntax)
+
+        # The dataset exactly as received; a view, so nothing is copied.
+        data = request.DataSet.getbuffer()
+        facts = inspect_dataset(
+            data,
+            transfer_syntax=transfer_syntax,
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_instance,
+            max_bytes=self._settings.max_instance_bytes,
+            max_pixels=self._settings.max_pixels,
+        )
+        header = file_header(sop_class, sop_instance, transfer_syntax)
+        calling_ae = record.calling_ae if record is not None else None
+        association_id = record.row_id if record is not None else None
+
+        # Two tries: a concurrent association may commit the same study or instance first, and the
+        # second try then sees it (and treats the instance as the duplicate it is).
+        for attempt in (1, 2):
+            existing = self._find(sop_instance)
+            if existing is not None:
+                digest = hashlib.sha256(header)
+                digest.update(data)
+                if digest.hexdigest() == existing.sha256:
+                    metrics.DUPLICATES.labels(action="identical").inc()
+                    logger.info("%s: duplicate of instance %d acknowledged, not scored again", label, existing.id)
+                    return _answer(STATUS_SUCCESS)
+                if self._settings.gateway_duplicate_policy == "keep_first":
+                    metrics.DUPLICATES.labels(action="kept_first").inc()
+                    logger.warning(
+                        "%s: instance %d sent again with different content; first version kept (policy keep_first)",
+                        label, existing.id,
+                    )
+                    return _answer(STATUS_DUPLICATE_DISCARDED, "SOP Instance already stored with other content; kept")
+
+            key = self._storage.new_key("in")
+
+            def fill(out: BinaryIO) -> None:
+                out.write(header)
+                out.write(data)
+
+            try:
+                sha256, size = self._storage.write(key, fill)
+            except StorageError as exc:
+                logger.error("%s: durable write failed: %s", label, type(exc.__cause__ or exc).__name__)
+                raise Refusal(STATUS_OUT_OF_RESOURCES, "storage_failed", "could not store the instance") from None
+            try:
+                instance_id = self._commit(
+                    facts, transfer_syntax, key, sha256, size, calling_ae, association_id, existing
+                )
+            except IntegrityError:
+                self._storage.delete(key)
+                if attempt == 2:
+                    raise Refusal(STATUS_OUT_OF_RESOURCES, "database_failed", "could not record the instance") from None
+                continue
+            except Exception as exc:
+                self._storage.delete(key)
+                logger.error("%s: instance row not committed (%s); file removed", label, type(exc).__name__)
+                raise Refusal(STATUS_OUT_OF_RESOURCES, "database_failed", "could not record the instance") from None
+
+            if existing is not None:
+                self._storage.delete(existing.storage_key)
+                metrics.DUPLICATES.labels(action="replaced").inc()
+                logger.warning(
+                    "%s: instance %d replaced by new content (policy replace); it will be scored again",
+                    label, instance_id,
+                )
+            else:
+                logger.debug("%s: stored instance %d (%d bytes)", label, instance_id, size)
+            metrics.INSTANCES_RECEIVED.inc()
+            metrics.BYTES_RECEIVED.inc(size)
+            self._submit(instance_id)
+            return _answer(STATUS_SUCCESS)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _find(self, sop_instance_uid: str) -> _Stored | None:
+        with self._sessions() as session:
+            row = session.execute(
+                select(Instance.id, Instance.sha256, Instance.storage_key).where(
+                    Instance.sop_instance_uid == sop_instance_uid
+                )
+            ).first()
+        return None if row is None else _Stored(row.id, row.sha256, row.storage_key)
+
+    def _commit(
+        self,
+        facts: InstanceFacts,
+        transfer_syntax: str,
+        key: str,
+        sha256: str,
+        size: int,
+        calling_ae: str | None,
+        association_id: int | None,
+        existing: _Stored | None,
+    ) -> int:
+        now = utcnow()
+        with self._sessions() as session, session.begin():
+            study = session.scalars(select(Study).where(Study.study_uid == facts.study_uid)).first()
+            if study is None:
+                study = Study(
+                    study_uid=facts.study_uid, accession=facts.accession, first_received_at=now, last_received_at=now
+                )
+                session.add(study)
+                session.flush()
+            else:
+                study.last_received_at = now
+                if study.accession is None and facts.accession is not None:
+                    study.accession = facts.accession
+            instance = session.get(Instance, existing.id) if existing is not None else None
+            if instance is None:
+                instance = Instance(sop_instance_uid=facts.sop_instance_uid)
+                session.add(instance)
+            instance.study_id = study.id
+            instance.series_uid = facts.series_uid
+            instance.sop_class_uid = facts.sop_class_uid
+            instance.transfer_syntax_uid = transfer_syntax
+            instance.laterality = facts.laterality
+            instance.rows = facts.rows
+            instance.columns = facts.columns
+            instance.frames = facts.frames
+            instance.storage_key = key
+            instance.sha256 = sha256
+            instance.size_bytes = size
+            instance.calling_ae = calling_ae
+            instance.association_id = association_id
+            instance.received_at = now
+            instance.status = InstanceStatus.RECEIVED
+            instance.status_changed_at = now
+            instance.attempts = 0
+            instance.last_error = None
+            session.flush()
+            return instance.id

@@ -1,0 +1,424 @@
+"""ONNX Runtime inference: one exported model, its card, and one batched call.
+
+The engine serves the file that ``retinagate export`` writes: input ``image`` uint8 ``[N, S, S, 3]``
+RGB, outputs ``probabilities [N, C]`` and ``cam [N, C, h, w]`` (plus ``logits``), and the model card
+in the file's metadata. Nothing here imports PyTorch: worker images hold ONNX Runtime only.
+
+The file's sha256 is the model's identity (in SQL and, as a derived UID, in DICOM). The bytes that
+are hashed are the bytes ONNX Runtime loads, so the identity always names the model that ran.
+
+Providers (``settings.providers``): ``auto`` tries TensorRT, then CUDA, then CPU among those this
+ONNX Runtime build offers, falling back when one fails to start (a TensorRT provider whose libraries
+are absent, for example); a named provider that is missing or fails is an error that lists what is
+available. GPU providers get fixed batch shapes (the last batch is padded) so that TensorRT engines
+and cuDNN algorithm choices are built once and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+
+from retinagate.card import CARD_METADATA_KEY, ModelCard
+from retinagate.errors import PermanentError
+
+if TYPE_CHECKING:
+    from retinagate.settings import Settings
+
+__all__ = [
+    "INPUT_NAME",
+    "PROVIDERS",
+    "Engine",
+    "ModelFileError",
+    "ProviderChoice",
+    "ProviderError",
+    "device_uid",
+    "file_sha256",
+]
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+ProviderChoice = Literal["auto", "cpu", "cuda", "tensorrt"]
+CudnnSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
+
+#: ONNX Runtime's name for each provider choice, in the order ``auto`` tries them.
+PROVIDERS: dict[str, str] = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+_GPU_PROVIDERS = frozenset({PROVIDERS["tensorrt"], PROVIDERS["cuda"]})
+
+
+class ModelFileError(PermanentError, ValueError):
+    """The file is not a RetinaGate model: unreadable, no or invalid card, or a graph that disagrees with it."""
+
+
+class ProviderError(RuntimeError):
+    """The requested ONNX Runtime provider is not available or failed to start."""
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def device_uid(sha256: str) -> str:
+    """A DICOM UID (``2.25.<int>``) derived from a model's sha256: same file, same Device UID.
+
+    Raises:
+        ValueError: If ``sha256`` is not 64 hex digits.
+    """
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower()):
+        raise ValueError(f"sha256: expected 64 hex digits, got {sha256!r}")
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(prefix=None, entropy_srcs=[sha256.lower()]))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One attempt at a session: the providers in order, with their options."""
+
+    providers: list[tuple[str, dict[str, Any]]]
+    from_path: bool  # TensorRT keys its engine cache by model path, so it loads from the file
+
+
+class Engine:
+    """An ONNX Runtime session over one exported RetinaGate model.
+
+    Args:
+        path: The ``.onnx`` file written by ``retinagate export``.
+        providers: ``auto`` (TensorRT, then CUDA, then CPU), or one of ``cpu``, ``cuda``, ``tensorrt``.
+        intra_op_threads: CPU threads for ONNX Runtime; 0 lets it choose (one per core).
+        batch_size: Images per session run; :meth:`predict` splits larger inputs.
+        cache_dir: Where TensorRT keeps engines and timing caches (one subfolder per model sha256);
+            without it TensorRT rebuilds its engines in every process (minutes).
+        cudnn_conv_algo_search: cuDNN convolution algorithm search for CUDA: ``EXHAUSTIVE`` benchmarks
+            every algorithm once per input shape (shapes are fixed here, so once per process).
+        optimized_model_path: Also write the graph as optimised for this session (CPU inspection aid).
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ModelFileError: If the file is not an ONNX model with a valid card that matches its graph.
+        ProviderError: If a named provider is missing or fails to start; names the available ones.
+        ValueError: If an argument is out of range.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        providers: ProviderChoice = "auto",
+        intra_op_threads: int = 0,
+        batch_size: int = 16,
+        cache_dir: Path | None = None,
+        cudnn_conv_algo_search: CudnnSearch = "EXHAUSTIVE",
+        optimized_model_path: Path | None = None,
+    ) -> None:
+        if providers not in get_args(ProviderChoice):
+            raise ValueError(f"providers: {providers!r} is not one of {', '.join(get_args(ProviderChoice))}")
+        if not 0 <= intra_op_threads <= 256:
+            raise ValueError(f"intra_op_threads: {intra_op_threads} is outside 0-256")
+        if not 1 <= batch_size <= 1024:
+            raise ValueError(f"batch_size: {batch_size} is outside 1-1024")
+        if cudnn_conv_algo_search not in get_args(CudnnSearch):
+            raise ValueError(
+                f"cudnn_conv_algo_search: {cudnn_conv_algo_search!r} is not one of {', '.join(get_args(CudnnSearch))}"
+            )
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"model file not found: {self.path}")
+        data = self.path.read_bytes()
+        self.sha256: str = hashlib.sha256(data).hexdigest()
+        self.device_uid: str = device_uid(self.sha256)
+        self.batch_size = batch_size
+        self._intra_op_threads = intra_op_threads
+        self._optimized_model_path = optimized_model_path
+
+        # Card and graph are checked on a plain CPU session first: clear errors for a bad file, and
+        # the input size is known before TensorRT needs it for its shape profile.
+        self.card, self.cam_size = _inspect(data, self.path)
+        self._session = self._open(data, providers, cache_dir, cudnn_conv_algo_search)
+        self.providers: list[str] = list(self._session.get_providers())
+        self._on_gpu = self.providers[0] in _GPU_PROVIDERS
+        logger.info(
+            "model %s (%s %s, sha256 %s) on %s",
+            self.path.name,
+            self.card.name,
+            self.card.version,
+            self.sha256[:12],
+            ", ".join(self.providers),
+        )
+
+    @classmethod
+    def load(cls, path: Path | None, settings: Settings) -> Engine:
+        """Opens ``path`` (or ``settings.model_path``) configured from the settings.
+
+        TensorRT caches go to ``<data_dir>/trt-cache``.
+
+        Raises:
+            ValueError: If neither ``path`` nor ``settings.model_path`` is set.
+            FileNotFoundError, ModelFileError, ProviderError: As for the constructor.
+        """
+        model_path = path if path is not None else settings.model_path
+        if model_path is None:
+            raise ValueError("model_path: no model given; set RETINAGATE_MODEL_PATH or pass the .onnx file")
+        return cls(
+            model_path,
+            providers=settings.providers,
+            intra_op_threads=settings.intra_op_threads,
+            batch_size=settings.batch_size,
+            cache_dir=settings.data_dir / "trt-cache",
+        )
+
+    @property
+    def input_size(self) -> int:
+        """Side ``S`` of the square uint8 input the model takes."""
+        return self.card.input_size
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Label names in output order."""
+        return self.card.labels
+
+    # Session set-up.
+
+    def _plans(self, choice: ProviderChoice, cache_dir: Path | None, cudnn_search: CudnnSearch) -> list[_Plan]:
+        available = ort.get_available_providers()
+        if choice != "auto" and PROVIDERS[choice] not in available:
+            raise ProviderError(
+                f"providers: {choice!r} ({PROVIDERS[choice]}) is not available in this ONNX Runtime build; "
+                f"available: {', '.join(available)}"
+                + ("" if choice == "cpu" else " (GPU providers need the onnxruntime-gpu package and CUDA)")
+            )
+        cuda_options: dict[str, Any] = {
+            "device_id": 0,
+            "cudnn_conv_algo_search": cudnn_search,
+            "do_copy_in_default_stream": True,
+        }
+        cpu: tuple[str, dict[str, Any]] = (PROVIDERS["cpu"], {})
+        cuda: tuple[str, dict[str, Any]] = (PROVIDERS["cuda"], cuda_options)
+        plans: list[_Plan] = []
+        if choice in ("auto", "tensorrt") and PROVIDERS["tensorrt"] in available:
+            trt_options = self._tensorrt_options(cache_dir)
+            fallback = [cuda] if PROVIDERS["cuda"] in available else []
+            plans.append(_Plan([(PROVIDERS["tensorrt"], trt_options), *fallback, cpu], from_path=True))
+        if choice in ("auto", "cuda") and PROVIDERS["cuda"] in available:
+            plans.append(_Plan([cuda, cpu], from_path=False))
+        if choice in ("auto", "cpu"):
+            plans.append(_Plan([cpu], from_path=False))
+        return plans
+
+    def _tensorrt_options(self, cache_dir: Path | None) -> dict[str, Any]:
+        # Input height/width are fixed by the export; only the batch varies, between 1 and batch_size.
+        size = self.card.input_size
+        shape = f"{INPUT_NAME}:{{}}x{size}x{size}x3"
+        options: dict[str, Any] = {
+            "device_id": 0,
+            "trt_fp16_enable": True,
+            "trt_profile_min_shapes": shape.format(1),
+            "trt_profile_opt_shapes": shape.format(self.batch_size),
+            "trt_profile_max_shapes": shape.format(self.batch_size),
+        }
+        if cache_dir is not None:
+            # One folder per model: TensorRT names cached engines after the model path, so a file
+            # replaced in place must not pick up the old model's engine.
+            folder = Path(cache_dir) / self.sha256
+            folder.mkdir(parents=True, exist_ok=True)
+            options |= {
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(folder),
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(folder),
+            }
+        return options
+
+    def _session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self._intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3  # errors only: node placement notes are routine
+        if self._optimized_model_path is not None:
+            options.optimized_model_filepath = str(self._optimized_model_path)
+        return options
+
+    def _open(
+        self, data: bytes, choice: ProviderChoice, cache_dir: Path | None, cudnn_search: CudnnSearch
+    ) -> ort.InferenceSession:
+        failures: list[str] = []
+        for plan in self._plans(choice, cache_dir, cudnn_search):
+            names = [name for name, _ in plan.providers]
+            source: str | bytes = str(self.path) if plan.from_path else data
+            try:
+                session = ort.InferenceSession(
+                    source,
+                    sess_options=self._session_options(),
+                    providers=[name for name, _ in plan.providers],
+                    provider_options=[options for _, options in plan.providers],
+                    enable_fallback=0,  # we fall back ourselves, and log instead of printing
+                )
+            except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/... classes
+                failures.append(f"{names[0]}: {_first_line(exc)}")
+                logger.warning("provider %s failed to start: %s", names[0], _first_line(exc))
+                continue
+            active = session.get_providers()
+            if choice != "auto" and active[0] != PROVIDERS[choice]:
+                failures.append(f"{PROVIDERS[choice]}: not active after start (active: {', '.join(active)})")
+                continue
+            return session
+        raise ProviderError(
+            f"providers: could not start {choice!r}: {'; '.join(failures) or 'nothing to try'}; "
+            f"available: {', '.join(ort.get_available_providers())}"
+        )
+
+    # Inference.
+
+    def predict(self, images: NDArray[np.uint8]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """Scores a batch of prepared images.
+
+        Args:
+            images: uint8 ``[N, S, S, 3]`` RGB, ``S`` = the card's input size (see
+                :func:`retinagate.preprocess.prepare`). Split into runs of ``batch_size``.
+
+        Returns:
+            ``probabilities`` float32 ``[N, C]`` and ``cams`` float32 ``[N, C, h, w]``: the raw
+            ReLU(Σ_k W_ck A_k) maps, not normalised.
+
+        Raises:
+            TypeError: If ``images`` is not a numpy array.
+            ValueError: If its dtype or shape is not uint8 ``[N, S, S, 3]``.
+        """
+        size = self.card.input_size
+        if not isinstance(images, np.ndarray):
+            raise TypeError(f"images must be a numpy array, got {type(images).__name__}")
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+            raise ValueError(
+                f"images: got {images.dtype} {list(images.shape)}; expected uint8 [N, {size}, {size}, 3] "
+                "(RGB, prepared to the model card's input size)"
+            )
+        count = images.shape[0]
+        probabilities = np.empty((count, self.card.num_labels), dtype=np.float32)
+        cams = np.empty((count, self.card.num_labels, *self.cam_size), dtype=np.float32)
+        for start in range(0, count, self.batch_size):
+            stop = min(start + self.batch_size, count)
+            probabilities[start:stop], cams[start:stop] = self._run(images[start:stop])
+        return probabilities, cams
+
+    def _run(self, batch: NDArray[np.uint8]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        count = batch.shape[0]
+        if self._on_gpu and count < self.batch_size:
+            # One fixed shape on the GPU: TensorRT and cuDNN tune once, not per leftover size.
+            padded = np.zeros((self.batch_size, *batch.shape[1:]), dtype=np.uint8)
+            padded[:count] = batch
+            batch = padded
+        batch = np.ascontiguousarray(batch)
+        if self._on_gpu:
+            # IO binding: the uint8 batch goes to the device once, outputs stay there until copied back.
+            binding = self._session.io_binding()
+            binding.bind_cpu_input(INPUT_NAME, batch)
+            binding.bind_output("probabilities", "cuda")
+            binding.bind_output("cam", "cuda")
+            self._session.run_with_iobinding(binding)
+            probabilities, cams = binding.copy_outputs_to_cpu()
+        else:
+            probabilities, cams = self._session.run(["probabilities", "cam"], {INPUT_NAME: batch})
+        return (
+            np.asarray(probabilities, dtype=np.float32)[:count],
+            np.asarray(cams, dtype=np.float32)[:count],
+        )
+
+    def warmup(self, runs: int = 1) -> float:
+        """Runs the model on black images so the first real request does not pay for set-up.
+
+        GPU providers build TensorRT engines and choose cuDNN algorithms on the first run.
+
+        Returns:
+            Seconds the last warm-up run took.
+        """
+        size = self.card.input_size
+        batch = np.zeros((self.batch_size if self._on_gpu else 1, size, size, 3), dtype=np.uint8)
+        elapsed = 0.0
+        for _ in range(max(1, runs)):
+            started = time.perf_counter()
+            self._run(batch)
+            elapsed = time.perf_counter() - started
+        return elapsed
+
+    def describe(self) -> dict[str, Any]:
+        """What is loaded, for logs and ``--json`` output (no patient data)."""
+        return {
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "device_uid": self.device_uid,
+            "name": self.card.name,
+            "version": self.card.version,
+            "precision": self.card.precision,
+            "input_size": self.card.input_size,
+            "labels": len(self.card.labels),
+            "cam_size": list(self.cam_size),
+            "providers": list(self.providers),
+            "batch_size": self.batch_size,
+        }
+
+
+def _parse_card(text: str | None, path: Path) -> ModelCard:
+    if not text:
+        raise ModelFileError(
+            f"{path}: no model card in the ONNX metadata (key {CARD_METADATA_KEY!r}); export the model with "
+            "`retinagate export`"
+        )
+    try:
+        return ModelCard.from_json(text)
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: {exc}") from None
+
+
+def _inspect(data: bytes, path: Path) -> tuple[ModelCard, tuple[int, int]]:
+    """Reads the card and checks the graph against it; returns the card and the CAM's ``(h, w)``."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(data, sess_options=options, providers=[PROVIDERS["cpu"]], enable_fallback=0)
+    except Exception as exc:  # InvalidProtobuf, InvalidArgument, InvalidGraph, Fail...
+        raise ModelFileError(f"{path}: not a loadable ONNX model ({_first_line(exc)})") from None
+    card = _parse_card(session.get_modelmeta().custom_metadata_map.get(CARD_METADATA_KEY), path)
+    size, count = card.input_size, card.num_labels
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME or inputs[0].type != "tensor(uint8)":
+        found = ", ".join(f"{i.name} {i.type}" for i in inputs)
+        raise ModelFileError(f"{path}: expected one input '{INPUT_NAME}' tensor(uint8), found {found}")
+    shape = list(inputs[0].shape)
+    if len(shape) != 4 or shape[1:] != [size, size, 3]:
+        raise ModelFileError(f"{path}: input '{INPUT_NAME}' has shape {shape}; the card needs [N, {size}, {size}, 3]")
+    outputs = {o.name: list(o.shape) for o in session.get_outputs()}
+    for name in ("probabilities", "cam"):
+        if name not in outputs:
+            raise ModelFileError(f"{path}: the graph has no output '{name}' (outputs: {', '.join(outputs)})")
+    probabilities, cam = outputs["probabilities"], outputs["cam"]
+    if len(probabilities) != 2 or probabilities[1] != count:
+        raise ModelFileError(f"{path}: output 'probabilities' has shape {probabilities}; the card names {count} labels")
+    if len(cam) != 4 or cam[1] != count or not all(isinstance(d, int) and d > 0 for d in cam[2:]):
+        raise ModelFileError(f"{path}: output 'cam' has shape {cam}; expected [N, {count}, h, w] with fixed h, w")
+    return card, (int(cam[2]), int(cam[3]))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

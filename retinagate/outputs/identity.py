@@ -1,0 +1,184 @@
+"""Who made an output and what it is called: deterministic UIDs and the model's identity.
+
+Every output UID is derived from its inputs, never drawn at random: the same source instance scored
+by the same model file gives the same SOP Instance UID for each kind of output, so a re-run (a worker
+retry, a nightly rescore) rewrites the same objects and a PACS never holds duplicates. The UIDs are
+UUID-derived (``2.25.<uuid>``, PS3.5 B.2) from name-based (SHA-1) UUIDs; ``pydicom``'s
+``generate_uid(prefix=None, entropy_srcs=...)`` cannot be used for this because it ignores its
+entropy sources when there is no prefix and returns a random UUID.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
+
+from retinagate.card import ModelCard
+
+if TYPE_CHECKING:
+    import highdicom as hd
+
+__all__ = [
+    "AI_DISCLAIMER",
+    "MANUFACTURER",
+    "SERIES_NUMBERS",
+    "ModelIdentity",
+    "OutputKind",
+    "derived_uid",
+    "output_uid",
+    "series_uid",
+    "software_version",
+]
+
+OutputKind = Literal["sc", "sr", "pm"]
+
+#: Manufacturer written into every output and its Contributing Equipment.
+MANUFACTURER: Final = "RetinaGate"
+
+#: The line every output carries, burned into the Secondary Capture and written into comments.
+AI_DISCLAIMER: Final = "AI output - not verified - for review by a qualified reader"
+
+#: Series Number of each output kind (one new series per model and kind in the source's study).
+SERIES_NUMBERS: Final[dict[str, int]] = {"sc": 9901, "sr": 9902, "pm": 9903}
+
+# Fixed namespace for RetinaGate's name-based UUIDs; changing it would change every output UID.
+_NAMESPACE: Final = uuid.UUID("6f1d0c3e-5b7a-4d2e-9c41-52e7a0b1c9d4")
+_KINDS: Final = frozenset(SERIES_NUMBERS)
+
+
+def derived_uid(*parts: str) -> str:
+    """A ``2.25.`` UID from a name-based UUID over ``parts``: same parts, same UID.
+
+    Raises:
+        ValueError: If no part is given or a part is empty.
+    """
+    if not parts or any(not p for p in parts):
+        raise ValueError(f"parts: expected one or more non-empty strings, got {parts!r}")
+    return f"2.25.{uuid.uuid5(_NAMESPACE, chr(0x1F).join(parts)).int}"
+
+
+def _check(kind: str, model_sha256: str) -> None:
+    if kind not in _KINDS:
+        raise ValueError(f"kind is {kind!r}; expected one of {', '.join(sorted(_KINDS))}")
+    if len(model_sha256) != 64 or any(c not in "0123456789abcdef" for c in model_sha256):
+        raise ValueError(f"model_sha256 is {model_sha256!r}; expected 64 lowercase hex digits")
+
+
+def output_uid(source_sop_instance_uid: str, model_sha256: str, kind: str) -> str:
+    """SOP Instance UID of the output ``kind`` for one source instance and one model file.
+
+    Raises:
+        ValueError: If ``kind`` is not sc, sr or pm, the sha256 is malformed or the source UID is empty.
+    """
+    _check(kind, model_sha256)
+    return derived_uid("instance", source_sop_instance_uid, model_sha256, kind)
+
+
+def series_uid(study_instance_uid: str, model_sha256: str, kind: str) -> str:
+    """Series Instance UID of the outputs of ``kind`` made by one model in one study.
+
+    Raises:
+        ValueError: As :func:`output_uid`.
+    """
+    _check(kind, model_sha256)
+    return derived_uid("series", study_instance_uid, model_sha256, kind)
+
+
+def software_version() -> str:
+    """RetinaGate's installed version (``0+unknown`` when run from a tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("retinagate")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class _Scorer(Protocol):
+    card: ModelCard
+    sha256: str
+    device_uid: str
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model an output came from: its card, its file's sha256 and the Device UID derived from it.
+
+    Attributes:
+        card: The model card (name, version, labels, thresholds).
+        sha256: sha256 of the model file, 64 lowercase hex digits.
+        device_uid: DICOM Device UID of the model (the engine derives it from ``sha256``).
+    """
+
+    card: ModelCard
+    sha256: str
+    device_uid: str
+
+    def __post_init__(self) -> None:
+        _check("sc", self.sha256)
+        if not self.device_uid or len(self.device_uid) > 64:
+            raise ValueError(f"device_uid is {self.device_uid!r}; expected a DICOM UID of at most 64 characters")
+
+    @classmethod
+    def of(cls, engine: _Scorer) -> ModelIdentity:
+        """The identity of the model an engine serves."""
+        return cls(card=engine.card, sha256=engine.sha256, device_uid=engine.device_uid)
+
+    @property
+    def name(self) -> str:
+        """The model's name (Manufacturer's Model Name, at most 64 characters)."""
+        return self.card.name[:64]
+
+    @property
+    def version(self) -> str:
+        """The model's version."""
+        return self.card.version[:64]
+
+    @property
+    def software_versions(self) -> list[str]:
+        """Software Versions: RetinaGate's version, then the model's."""
+        return [f"retinagate {software_version()}"[:64], f"model {self.card.version}"[:64]]
+
+    @property
+    def serial(self) -> str:
+        """Device Serial Number: the first 16 hex digits of the model's sha256."""
+        return self.sha256[:16]
+
+    def algorithm_parameters(self) -> list[str]:
+        """Algorithm parameters recorded in the SR: file identity, input size, precision, thresholds."""
+        card = self.card
+        thresholds = " ".join(f"{n}={t:.3f}" for n, t in zip(card.labels, card.thresholds, strict=True))
+        return [
+            f"model sha256 {self.sha256}",
+            f"architecture {card.architecture}, input {card.input_size}x{card.input_size}, {card.precision}",
+            f"decision thresholds {thresholds}",
+            "explanation: Grad-CAM of the last feature map",
+        ]
+
+    def contributing_equipment(self) -> hd.ContributingEquipment:
+        """The Contributing Equipment item naming this model as processing equipment (with Device UID)."""
+        import highdicom as hd
+        from pydicom.sr.codedict import codes
+
+        item = hd.ContributingEquipment(
+            manufacturer=MANUFACTURER,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=self.name,
+            software_versions=self.software_versions,
+            device_serial_number=self.serial,
+            contribution_description=f"AI scoring and Grad-CAM heatmaps ({AI_DISCLAIMER})"[:1024],
+        )
+        item.DeviceUID = self.device_uid
+        return item
+
+    def stamp(self, ds: Any) -> None:
+        """Writes the General Equipment attributes of this model into an output dataset.
+
+        The Device UID goes into Contributing Equipment only: the General Equipment module of the
+        output IODs has no place for it.
+        """
+        ds.Manufacturer = MANUFACTURER
+        ds.ManufacturerModelName = self.name
+        ds.SoftwareVersions = self.software_versions
+        ds.DeviceSerialNumber = self.serial

@@ -1,0 +1,201 @@
+"""Draws the heatmap picture: the photograph, Grad-CAM heatmaps of the top findings, and a legend.
+
+The photograph is shown at display size. Each finding's CAM is mapped from the model input back onto
+the photograph (:meth:`retinagate.preprocess.Geometry.to_source`), normalised to its own maximum, and
+the strongest of them is blended in a perceptual colour map (viridis: uniform in lightness, readable
+by colour-blind readers, and blue-green-yellow stands out against the orange of a fundus) only where
+it is high, so the rest of the photograph stays as it was taken. Each finding's peak is marked with its
+name. A black panel below the photograph carries the burned-in legend: the findings with their
+probabilities, the model's name and version, and the line saying the picture is unverified AI output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from retinagate.outputs.identity import AI_DISCLAIMER
+from retinagate.preprocess import Geometry
+
+__all__ = ["COLOUR_MAP", "HeatmapFinding", "Legend", "display_shape", "render_heatmaps"]
+
+#: OpenCV colour map used for the heatmaps.
+COLOUR_MAP: Final = cv2.COLORMAP_VIRIDIS
+
+#: Normalised CAM level below which the photograph is left untouched, and the level of full blending.
+_HEAT_FLOOR: Final = 0.35
+_HEAT_FULL: Final = 0.85
+_MAX_ALPHA: Final = 0.6
+
+_FONT: Final = cv2.FONT_HERSHEY_SIMPLEX
+_WHITE: Final = (255, 255, 255)
+_YELLOW: Final = (255, 214, 0)
+_GREY: Final = (190, 190, 190)
+
+
+@dataclass(frozen=True)
+class HeatmapFinding:
+    """One finding to draw.
+
+    Attributes:
+        label: Label name shown on the picture (for example ``DR``).
+        probability: The model's probability for it.
+        cam: Raw CAM over the model input, any resolution (``(h, w)``); normalised here.
+    """
+
+    label: str
+    probability: float
+    cam: NDArray[np.floating]
+
+
+@dataclass(frozen=True)
+class Legend:
+    """Text of the burned-in legend.
+
+    Attributes:
+        model: Model name and version, as shown.
+        lines: Result lines (findings and probabilities), drawn in order after the disclaimer.
+    """
+
+    model: str
+    lines: tuple[str, ...]
+
+
+def display_shape(source_shape: tuple[int, int], long_side: int) -> tuple[int, int]:
+    """``(height, width)`` of the photograph scaled so that its long side is ``long_side``.
+
+    Raises:
+        ValueError: If a size is not positive.
+    """
+    height, width = source_shape
+    if height < 1 or width < 1 or long_side < 1:
+        raise ValueError(f"source_shape={source_shape}, long_side={long_side}; expected positive sizes")
+    factor = long_side / max(height, width)
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
+def _font_scale(width: int) -> tuple[float, int, int]:
+    """Font scale, stroke thickness and line height for a picture ``width`` pixels wide."""
+    scale = max(0.35, width / 1024 * 0.62)
+    thickness = max(1, round(scale * 1.6))
+    (_, text_h), baseline = cv2.getTextSize("Ag", _FONT, scale, thickness)
+    return scale, thickness, text_h + baseline + max(4, round(6 * scale))
+
+
+def _outlined_text(
+    image: NDArray[np.uint8], text: str, origin: tuple[int, int], scale: float, thickness: int, colour: tuple[int, ...]
+) -> None:
+    cv2.putText(image, text, origin, _FONT, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+    cv2.putText(image, text, origin, _FONT, scale, colour, thickness, cv2.LINE_AA)
+
+
+def _normalised(cam: NDArray[np.floating]) -> NDArray[np.float32] | None:
+    heat = np.asarray(cam, dtype=np.float32)
+    if heat.ndim != 2:
+        raise ValueError(f"cam has shape {heat.shape}; expected a 2-D map")
+    top = float(heat.max(initial=0.0))
+    if not math.isfinite(top) or top <= 0.0:
+        return None  # nothing activated: no heatmap to show
+    return np.clip(heat / top, 0.0, 1.0)
+
+
+def render_heatmaps(
+    frame: NDArray[np.uint8],
+    geometry: Geometry,
+    findings: Sequence[HeatmapFinding],
+    legend: Legend,
+    *,
+    long_side: int = 1024,
+) -> NDArray[np.uint8]:
+    """Renders the Secondary Capture picture.
+
+    Args:
+        frame: ``(H, W, 3)`` uint8 RGB photograph, the one ``geometry`` was computed on (it may be a
+            reduced decode of the stored image).
+        geometry: Where the photograph went in the model input.
+        findings: Findings whose heatmaps to blend, most important first.
+        legend: Legend text.
+        long_side: Long side of the photograph in the picture, in pixels.
+
+    Returns:
+        ``(h + legend height, w, 3)`` uint8 RGB: the photograph with heatmaps, the legend panel below.
+
+    Raises:
+        ValueError: If the frame is not ``(H, W, 3)`` uint8 or a CAM is not 2-D.
+    """
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        raise ValueError(f"frame has shape {frame.shape} and dtype {frame.dtype}; expected (H, W, 3) uint8")
+    height, width = display_shape(frame.shape[:2], long_side)
+    shrinking = height <= frame.shape[0]
+    photo = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+    # Map each CAM onto the display picture; keep the strongest finding per pixel.
+    combined = np.zeros((height, width), dtype=np.float32)
+    peaks: list[tuple[str, tuple[int, int]]] = []
+    for finding in findings:
+        small = _normalised(finding.cam)
+        if small is None:
+            continue
+        heat = geometry.to_source(small, (height, width))
+        np.maximum(combined, heat, out=combined)
+        y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        peaks.append((finding.label, (int(x), int(y))))
+
+    picture = photo
+    if peaks:
+        alpha = np.clip((combined - _HEAT_FLOOR) / (_HEAT_FULL - _HEAT_FLOOR), 0.0, 1.0) * _MAX_ALPHA
+        colours = cv2.cvtColor(cv2.applyColorMap((combined * 255).astype(np.uint8), COLOUR_MAP), cv2.COLOR_BGR2RGB)
+        picture = cv2.blendLinear(photo, colours, (1.0 - alpha).astype(np.float32), alpha.astype(np.float32))
+        scale, thickness, _ = _font_scale(width)
+        radius = max(6, width // 90)
+        for label, (x, y) in peaks:
+            cv2.circle(picture, (x, y), radius, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+            cv2.circle(picture, (x, y), radius, _WHITE, thickness, cv2.LINE_AA)
+            (text_w, _), _ = cv2.getTextSize(label, _FONT, scale, thickness)
+            tx = x + radius + 4 if x + radius + 4 + text_w < width else max(2, x - radius - 4 - text_w)
+            _outlined_text(picture, label, (tx, max(14, y - radius)), scale, thickness, _WHITE)
+
+    return np.vstack([picture, _legend_panel(width, legend, bool(peaks))])
+
+
+def _legend_panel(width: int, legend: Legend, with_scale: bool) -> NDArray[np.uint8]:
+    scale, thickness, line_h = _font_scale(width)
+    lines: list[tuple[str, tuple[int, ...]]] = [(AI_DISCLAIMER, _YELLOW), (f"Model: {legend.model}", _GREY)]
+    lines += [(text, _WHITE) for text in legend.lines]
+    margin = max(6, line_h // 2)
+    bar_h = line_h if with_scale else 0
+    panel = np.zeros((margin * 2 + line_h * len(lines) + bar_h, width, 3), dtype=np.uint8)
+    y = margin + line_h - max(4, round(6 * scale))
+    for text, colour in lines:
+        cv2.putText(panel, _fit(text, width - 2 * margin, scale, thickness), (margin, y), _FONT, scale, colour,
+                    thickness, cv2.LINE_AA)  # fmt: skip
+        y += line_h
+    if with_scale:
+        label = "Grad-CAM: low"
+        (label_w, _), _ = cv2.getTextSize(label, _FONT, scale, thickness)
+        (high_w, _), _ = cv2.getTextSize("high", _FONT, scale, thickness)
+        bar_w = max(16, min(width // 3, width - label_w - high_w - 4 * margin))
+        top = y - line_h + max(4, round(6 * scale)) + 2
+        ramp = np.linspace(_HEAT_FLOOR, 1.0, bar_w, dtype=np.float32)[None, :].repeat(max(4, line_h // 2), 0)
+        bar = cv2.cvtColor(cv2.applyColorMap((ramp * 255).astype(np.uint8), COLOUR_MAP), cv2.COLOR_BGR2RGB)
+        x0 = margin + label_w + margin
+        bottom = min(panel.shape[0], top + bar.shape[0])
+        panel[top:bottom, x0 : x0 + bar_w] = bar[: bottom - top]
+        cv2.putText(panel, label, (margin, y), _FONT, scale, _GREY, thickness, cv2.LINE_AA)
+        cv2.putText(panel, "high", (x0 + bar_w + margin, y), _FONT, scale, _GREY, thickness, cv2.LINE_AA)
+    return panel
+
+
+def _fit(text: str, width: int, scale: float, thickness: int) -> str:
+    """Shortens ``text`` with an ellipsis until it fits ``width`` pixels."""
+    if cv2.getTextSize(text, _FONT, scale, thickness)[0][0] <= width:
+        return text
+    while len(text) > 1 and cv2.getTextSize(text + "...", _FONT, scale, thickness)[0][0] > width:
+        text = text[:-1]
+    return text.rstrip() + "..."

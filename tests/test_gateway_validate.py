@@ -1,0 +1,156 @@
+"""dicom_gateway.validate: which received datasets are refused, and with which status."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom.dsutils import encode
+
+from dicom_gateway.validate import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DOES_NOT_MATCH,
+    STATUS_OUT_OF_RESOURCES,
+    Refusal,
+    inspect_dataset,
+)
+from retinagate.synth import DicomIdentity, build_dicom
+
+JPEG = "1.2.840.10008.1.2.4.50"
+EXPLICIT = "1.2.840.10008.1.2.1"
+IMPLICIT = "1.2.840.10008.1.2"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _photo(transfer_syntax: str = "jpeg_baseline", shape: tuple[int, int] = (96, 128)) -> Dataset:
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    return build_dicom(image, DicomIdentity.synthetic(0, "L"), transfer_syntax=transfer_syntax)
+
+
+def _inspect(ds: Dataset, data: bytes | None = None, syntax: str = JPEG, **caps: Any) -> Any:
+    raw = encode(ds, syntax == IMPLICIT, True) if data is None else data
+    assert raw is not None
+    return inspect_dataset(
+        raw,
+        transfer_syntax=syntax,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        max_bytes=caps.get("max_bytes", 10_000_000),
+        max_pixels=caps.get("max_pixels", 1_000_000),
+    )
+
+
+def _refusal(ds: Dataset, data: bytes | None = None, syntax: str = JPEG, **caps: Any) -> Refusal:
+    with pytest.raises(Refusal) as caught:
+        _inspect(ds, data, syntax, **caps)
+    return caught.value
+
+
+def test_a_camera_photograph_passes_and_its_facts_are_read() -> None:
+    ds = _photo()
+    facts = _inspect(ds)
+    assert (facts.rows, facts.columns, facts.frames) == (96, 128, 1)
+    assert facts.study_uid == ds.StudyInstanceUID and facts.series_uid == ds.SeriesInstanceUID
+    assert facts.laterality == "L"
+    assert facts.accession == ds.AccessionNumber
+
+
+@pytest.mark.parametrize("syntax", [EXPLICIT, IMPLICIT])
+def test_uncompressed_photographs_pass_in_both_vr_encodings(syntax: str) -> None:
+    assert _inspect(_photo("explicit_little"), syntax=syntax).rows == 96
+
+
+@pytest.mark.parametrize("cut", [8, 100, 5000, 0.5])
+def test_a_truncated_dataset_cannot_be_understood(cut: float) -> None:
+    ds = _photo()
+    raw = encode(ds, False, True)
+    assert raw is not None
+    keep = int(len(raw) * cut) if cut < 1 else len(raw) - int(cut)
+    refusal = _refusal(ds, raw[:keep])
+    assert (refusal.status, refusal.reason) == (STATUS_CANNOT_UNDERSTAND, "undecodable")
+
+
+def test_a_dataset_larger_than_the_cap_is_refused_as_out_of_resources() -> None:
+    refusal = _refusal(_photo(), max_bytes=1024)
+    assert (refusal.status, refusal.reason) == (STATUS_OUT_OF_RESOURCES, "too_large")
+
+
+def test_a_rows_columns_bomb_is_refused_before_anything_is_decoded() -> None:
+    ds = _photo("explicit_little")
+    ds.Rows = ds.Columns = 65535
+    refusal = _refusal(ds, syntax=EXPLICIT, max_pixels=100_000_000)
+    assert (refusal.status, refusal.reason) == (STATUS_OUT_OF_RESOURCES, "too_many_pixels")
+
+
+def test_a_frame_count_bomb_is_refused() -> None:
+    ds = _photo()
+    ds.NumberOfFrames = 100_000
+    assert _refusal(ds, max_pixels=100_000_000).reason == "too_many_pixels"
+
+
+def test_short_pixel_data_does_not_match_the_declared_image() -> None:
+    ds = _photo("explicit_little")
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    refusal = _refusal(ds, syntax=EXPLICIT)
+    assert (refusal.status, refusal.reason) == (STATUS_DOES_NOT_MATCH, "pixel_data_inconsistent")
+
+
+def test_encapsulated_pixel_data_with_fewer_frames_than_declared_is_refused() -> None:
+    ds = _photo()
+    ds.NumberOfFrames = 3
+    assert _refusal(ds).reason == "pixel_data_inconsistent"
+
+
+def test_a_dataset_without_pixel_data_is_refused() -> None:
+    ds = _photo()
+    del ds.PixelData
+    refusal = _refusal(ds)
+    assert (refusal.status, refusal.reason) == (STATUS_DOES_NOT_MATCH, "missing_attribute")
+
+
+def test_uids_that_differ_from_the_command_are_refused() -> None:
+    ds = _photo()
+    raw = encode(ds, False, True)
+    assert raw is not None
+    with pytest.raises(Refusal) as caught:
+        inspect_dataset(
+            raw, transfer_syntax=JPEG, sop_class_uid=str(ds.SOPClassUID), sop_instance_uid="1.2.3.4",
+            max_bytes=10**7, max_pixels=10**7,
+        )
+    assert (caught.value.status, caught.value.reason) == (STATUS_DOES_NOT_MATCH, "uid_mismatch")
+
+
+def test_a_missing_study_uid_is_refused() -> None:
+    ds = _photo()
+    del ds.StudyInstanceUID
+    assert _refusal(ds).reason == "missing_attribute"
+
+
+def test_a_deflated_dataset_is_inflated_and_checked() -> None:
+    ds = _photo("explicit_little")
+    raw = encode(ds, False, True)
+    assert raw is not None
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = packer.compress(raw) + packer.flush()
+    assert _inspect(ds, deflated, syntax=DEFLATED).columns == 128
+
+
+def test_a_deflate_bomb_stops_at_the_size_cap() -> None:
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = packer.compress(b"\x00" * 50_000_000) + packer.flush()
+    assert len(bomb) < 100_000
+    refusal = _refusal(_photo(), bomb, syntax=DEFLATED, max_bytes=1_000_000)
+    assert (refusal.status, refusal.reason) == (STATUS_OUT_OF_RESOURCES, "too_large")
+
+
+def test_garbage_bytes_cannot_be_understood() -> None:
+    garbage = np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    assert _refusal(_photo(), garbage).status == STATUS_CANNOT_UNDERSTAND
+
+
+def test_refusal_comments_fit_the_error_comment_element() -> None:
+    refusal = Refusal(STATUS_DOES_NOT_MATCH, "x", "y" * 200)
+    assert len(refusal.comment) == 64

@@ -1,0 +1,154 @@
+"""FOV crop, pad and resize: the one path from photograph to model input, and back for heatmaps."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from retinagate.card import Preprocessing
+from retinagate.preprocess import fov_box, prepare, prepare_batch, prepare_with_geometry
+from retinagate.synth import Fundus, render_fundus
+
+PRE = Preprocessing(input_size=224)
+
+
+def fundus(seed: int = 1, width: int = 512, height: int = 384, columns: tuple[str, ...] = ("DR",)) -> Fundus:
+    return render_fundus(np.random.default_rng(seed), width, height, columns, "R")
+
+
+def true_box(f: Fundus, left: int = 0, top: int = 0) -> tuple[float, float, float, float]:
+    (cx, cy), r = f.fov_centre, f.fov_diameter / 2
+    return cx - r + left, cy - r + top, cx + r + left, cy + r + top
+
+
+def test_fov_box_finds_an_off_centre_field_of_view_in_a_wide_black_border() -> None:
+    f = fundus()
+    left, top = 150, 20  # push the FOV right and down inside a larger black frame
+    framed = np.pad(f.image, ((top, 60), (left, 10), (0, 0)))
+    x0, y0, x1, y1 = fov_box(framed, PRE.fov_threshold)
+    expected = true_box(f, left, top)
+    factor = math.ceil(max(framed.shape[:2]) / 256)
+    for found, want in zip((x0, y0, x1, y1), expected, strict=True):
+        assert abs(found - want) <= factor + 2, ((x0, y0, x1, y1), expected)
+
+
+def test_fov_box_ignores_sensor_noise_and_burned_in_text_in_the_border() -> None:
+    f = fundus(seed=2)
+    image = f.image.copy()
+    noise = np.random.default_rng(0).normal(0, 6, image.shape)
+    image = np.clip(image + noise, 0, 255).astype(np.uint8)  # noisy dark border, JPEG-like
+    cv2.putText(image, "OD 45deg", (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 2)
+    x0, y0, x1, y1 = fov_box(image, PRE.fov_threshold)
+    expected = true_box(f)
+    assert max(abs(a - b) for a, b in zip((x0, y0, x1, y1), expected, strict=True)) <= 4
+
+
+def test_fov_box_of_an_image_without_a_field_of_view_is_the_whole_image() -> None:
+    assert fov_box(np.zeros((300, 400, 3), np.uint8), 20) == (0, 0, 400, 300)
+    speck = np.zeros((300, 400, 3), np.uint8)
+    speck[10:12, 10:12] = 255  # far too small to be a field of view
+    assert fov_box(speck, 20) == (0, 0, 400, 300)
+
+
+def test_prepare_gives_a_square_uint8_input_that_holds_the_whole_field_of_view() -> None:
+    f = fundus(seed=3, width=640, height=480)
+    out = prepare(f.image, PRE)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    # The FOV circle touches all four sides and is not clipped: its area is that of the inscribed disc.
+    box = fov_box(out, PRE.fov_threshold)
+    assert max(abs(a - b) for a, b in zip(box, (0, 0, 224, 224), strict=True)) <= 2, box
+    bright = np.count_nonzero(out.max(axis=2) > PRE.fov_threshold)
+    assert bright == pytest.approx(math.pi / 4 * 224 * 224, rel=0.03)
+
+
+def test_prepare_without_fov_crop_centres_a_wide_image_on_black_padding() -> None:
+    image = np.full((256, 512, 3), 200, np.uint8)
+    out = prepare(image, Preprocessing(input_size=128, fov_crop=False))
+    assert out.shape == (128, 128, 3)
+    assert (out[:32] == 0).all() and (out[96:] == 0).all()
+    assert (out[32:96] == 200).all()
+
+
+def test_large_photograph_is_shrunk_like_a_direct_area_resize() -> None:
+    f = fundus(seed=4, width=2048, height=1536, columns=("DR", "MS"))
+    out, geometry = prepare_with_geometry(f.image, PRE)
+    x0, y0, x1, y1 = geometry.crop
+    px0, py0, px1, py1 = geometry.placed
+    direct = cv2.resize(f.image[y0:y1, x0:x1], (px1 - px0, py1 - py0), interpolation=cv2.INTER_AREA)
+    assert np.abs(out[py0:py1, px0:px1].astype(int) - direct).mean() < 1.0
+    # A DCT-scaled decode (1/8) of the same photograph gives nearly the same model input.
+    small = np.asarray(cv2.resize(f.image, (256, 192), interpolation=cv2.INTER_AREA), dtype=np.uint8)
+    assert np.abs(prepare(small, PRE).astype(int) - out).mean() < 4.0
+
+
+def point_heatmap(size: int, x: float, y: float, sigma: float = 1.5) -> NDArray[np.float32]:
+    ys, xs = np.mgrid[0:size, 0:size]
+    heat = np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * sigma**2))
+    return np.asarray(heat, dtype=np.float32)
+
+
+@pytest.mark.parametrize(("width", "height", "fov_crop"), [(700, 500, True), (480, 640, True), (600, 300, False)])
+def test_a_point_on_the_model_input_maps_back_onto_its_place_in_the_photograph(
+    width: int, height: int, fov_crop: bool
+) -> None:
+    f = render_fundus(np.random.default_rng(5), width, height, (), "L")
+    image = f.image.copy()
+    marker = (round(f.fov_centre[0] + 0.2 * f.fov_diameter), round(f.fov_centre[1] - 0.15 * f.fov_diameter))
+    cv2.circle(image, marker, 3, (0, 0, 255), -1)
+    pre = Preprocessing(input_size=160, fov_crop=fov_crop)
+    out, geometry = prepare_with_geometry(image, pre)
+    blue = out[..., 2].astype(int) - out[..., 0]
+    my, mx = np.unravel_index(int(np.argmax(blue)), blue.shape)
+
+    back = geometry.to_source(point_heatmap(160, float(mx), float(my)))
+    assert back.shape == (height, width) and back.dtype == np.float32
+    by, bx = np.unravel_index(int(np.argmax(back)), back.shape)
+    scale = max(width, height) / 160
+    assert math.dist((bx, by), marker) <= 1.5 * scale + 1
+
+    # The same heatmap onto the photograph at twice the size (e.g. the full-size original of a
+    # scaled decode) lands at twice the coordinates; outside the crop box it is zero.
+    big = geometry.to_source(point_heatmap(160, float(mx), float(my)), (2 * height, 2 * width))
+    by2, bx2 = np.unravel_index(int(np.argmax(big)), big.shape)
+    assert math.dist((bx2, by2), (2 * marker[0], 2 * marker[1])) <= 3 * scale + 2
+    x0, y0, x1, y1 = geometry.crop
+    outside = np.ones(back.shape, bool)
+    outside[y0:y1, x0:x1] = False
+    assert not back[outside].any()
+
+
+def test_a_coarse_cam_cell_maps_back_onto_the_matching_region() -> None:
+    f = fundus(seed=6)
+    _, geometry = prepare_with_geometry(f.image, PRE)
+    cam = np.zeros((7, 7), np.float32)
+    cam[3, 3] = 1.0  # the centre cell of a 7 x 7 CAM covers the centre of the model input
+    back = geometry.to_source(cam)
+    y, x = np.unravel_index(int(np.argmax(back)), back.shape)
+    assert math.dist((x, y), f.fov_centre) <= f.fov_diameter / 14
+
+
+def test_images_that_are_not_height_width_3_uint8_are_refused_naming_the_shape() -> None:
+    for bad in (np.zeros((64, 64), np.uint8), np.zeros((64, 64, 4), np.uint8), np.zeros((0, 64, 3), np.uint8)):
+        with pytest.raises(ValueError, match=re_shape(bad.shape)):
+            prepare(bad, PRE)
+    with pytest.raises(ValueError, match="float32"):
+        prepare(np.zeros((64, 64, 3), np.float32), PRE)
+    with pytest.raises(ValueError, match=r"images\[1\].*\(64, 64\)"):
+        prepare_batch([np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64), np.uint8)], PRE)
+
+
+def re_shape(shape: tuple[int, ...]) -> str:
+    return str(shape).replace("(", r"\(").replace(")", r"\)")
+
+
+def test_prepare_batch_stacks_the_same_pixels_as_prepare_for_mixed_sizes() -> None:
+    images = [fundus(seed=7).image, fundus(seed=8, width=300, height=280).image, fundus(seed=9, width=1024).image]
+    batch = prepare_batch(images, PRE)
+    assert batch.shape == (3, 224, 224, 3) and batch.dtype == np.uint8
+    for row, image in zip(batch, images, strict=True):
+        assert np.array_equal(row, prepare(image, PRE))
+    assert prepare_batch([], PRE).shape == (0, 224, 224, 3)

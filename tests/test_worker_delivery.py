@@ -1,0 +1,251 @@
+"""Delivery: C-STORE of outputs to real pynetdicom receivers on loopback, and what SQL records."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from retinagate.db import make_engine, session_factory, session_scope, upgrade
+from retinagate.models import Delivery, DeliveryStatus, Instance, Model, Output, OutputKind, Prediction
+from retinagate.settings import Destination, Settings
+from retinagate.storage import Storage
+from worker.delivery import Timeouts, classify_status, deliver_outputs, retry_delay, send_to
+
+FAST = Timeouts(connect=2, acse=5, dimse=10, network=10)
+
+
+def _make_outputs(settings: Settings, store: Callable[..., int], count: int) -> list[int]:
+    """Instances with a prediction each and one output per prediction (a copy of the photograph, new UID)."""
+    upgrade(settings)
+    ids = [store(settings, study=i, size=(256, 192)) for i in range(count)]
+    storage = Storage(settings.resolved_storage_dir)
+    engine = make_engine(settings)
+    outputs = []
+    with session_scope(session_factory(engine)) as session:
+        model = Model(name="m", version="1", sha256="a" * 64, card={}, active=True)
+        session.add(model)
+        session.flush()
+        for instance_id in ids:
+            instance = session.get_one(Instance, instance_id)
+            ds = dcmread(storage.path(instance.storage_key))
+            uid = generate_uid()
+            ds.SOPInstanceUID = uid
+            ds.file_meta.MediaStorageSOPInstanceUID = uid
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            key = storage.new_key("out")
+            storage.write_bytes(key, buffer.getvalue())
+            prediction = Prediction(
+                instance_id=instance_id, model_id=model.id, probabilities={}, findings=[], duration_s=0.0
+            )
+            session.add(prediction)
+            session.flush()
+            output = Output(prediction_id=prediction.id, kind=OutputKind.SC, sop_instance_uid=uid, storage_key=key)
+            session.add(output)
+            session.flush()
+            outputs.append(output.id)
+    engine.dispose()
+    return outputs
+
+
+def _deliveries(settings: Settings) -> list[Delivery]:
+    engine = make_engine(settings)
+    with session_scope(session_factory(engine)) as session:
+        rows = list(session.scalars(select(Delivery).order_by(Delivery.output_id, Delivery.destination)))
+    engine.dispose()
+    return rows
+
+
+def _uids(settings: Settings, output_ids: list[int]) -> set[str]:
+    engine = make_engine(settings)
+    with session_scope(session_factory(engine)) as session:
+        uids = set(session.scalars(select(Output.sop_instance_uid).where(Output.id.in_(output_ids))))
+    engine.dispose()
+    return uids
+
+
+def _deliver(settings: Settings, output_ids: list[int]) -> Any:
+    engine = make_engine(settings)
+    try:
+        return deliver_outputs(
+            settings, session_factory(engine), Storage(settings.resolved_storage_dir), output_ids, timeouts=FAST
+        )
+    finally:
+        engine.dispose()
+
+
+def test_outputs_reach_every_destination_over_one_association_each_and_are_not_sent_twice(
+    make_settings: Callable[..., Settings], worker_store_instance: Callable[..., int], worker_receiver: Any
+) -> None:
+    first, second = worker_receiver("PACS"), worker_receiver("VIEWER")
+    settings = make_settings(destinations=f"{first.destination},{second.destination}")
+    outputs = _make_outputs(settings, worker_store_instance, 3)
+
+    outcome = _deliver(settings, outputs)
+
+    expected = _uids(settings, outputs)
+    assert set(first.received) == expected and len(first.received) == 3
+    assert set(second.received) == expected and len(second.received) == 3
+    assert first.associations == 1 and second.associations == 1
+    rows = _deliveries(settings)
+    assert len(rows) == 6 and len(outcome.delivered) == 6
+    assert all(r.status == DeliveryStatus.DELIVERED and r.attempts == 1 and r.dimse_status == 0 for r in rows)
+    assert all(r.delivered_at is not None for r in rows)
+
+    again = _deliver(settings, outputs)
+    assert again.delivered == [] and len(first.received) == 3 and first.associations == 1
+
+
+def test_warning_statuses_count_as_delivered(
+    make_settings: Callable[..., Settings], worker_store_instance: Callable[..., int], worker_receiver: Any
+) -> None:
+    receiver = worker_receiver()
+    receiver.statuses = [0xB000, 0xB007, 0xB006]
+    settings = make_settings(destinations=receiver.destination)
+    outputs = _make_outputs(settings, worker_store_instance, 3)
+
+    outcome = _deliver(settings, outputs)
+
+    rows = _deliveries(settings)
+    assert len(outcome.delivered) == 3 and not outcome.retry_outputs
+    assert sorted(r.dimse_status or 0 for r in rows) == [0xB000, 0xB006, 0xB007]
+    assert all(r.status == DeliveryStatus.DELIVERED for r in rows)
+
+
+def test_a_refused_data_set_is_failed_at_once_and_not_retried(
+    make_settings: Callable[..., Settings], worker_store_instance: Callable[..., int], worker_receiver: Any
+) -> None:
+    receiver = worker_receiver()
+    receiver.statuses = [0xA900, 0x0122]
+    settings = make_settings(destinations=receiver.destination)
+    outputs = _make_outputs(settings, worker_store_instance, 2)
+
+    outcome = _deliver(settings, outputs)
+
+    assert len(outcome.failed) == 2 and outcome.retry_outputs == []
+    rows = _deliveries(settings)
+    assert {r.dimse_status for r in rows} == {0xA900, 0x0122}
+    assert all(r.status == DeliveryStatus.FAILED and "0x" in (r.last_error or "") for r in rows)
+    assert _deliver(settings, outputs).failed == []  # failed rows are not tried again
+    assert len(receiver.received) == 2
+
+
+def test_a_permanently_rejected_association_fails_the_deliveries(
+    make_settings: Callable[..., Settings], worker_store_instance: Callable[..., int], worker_receiver: Any
+) -> None:
+    receiver = worker_receiver()
+    receiver.reject = (0x01, 0x01, 0x07)  # rejected-permanent: called AE title not recognised
+    settings = make_settings(destinations=receiver.destination)
+    outputs = _make_outputs(settings, worker_store_instance, 1)
+
+    outcome = _deliver(settings, outputs)
+
+    assert len(outcome.failed) == 1 and not outcome.retry_outputs
+    (row,) = _deliveries(settings)
+    assert row.status == DeliveryStatus.FAILED and "rejected" in (row.last_error or "")
+
+
+def test_transient_failures_are_retried_with_doubling_backoff_then_failed(
+    make_settings: Callable[..., Settings], worker_store_instance: Callable[..., int], worker_receiver: Any
+) -> None:
+    busy = worker_receiver("BUSY")
+    busy.reject = (0x02, 0x03, 0x02)  # rejected-transient: local limit exceeded
+    down = worker_receiver("DOWN", start=False)  # nothing listens on its port
+    full = worker_receiver("FULL")
+    full.statuses = [0xA700] * 10  # out of resources
+    settings = make_settings(
+        destinations=f"{busy.destination},{down.destination},{full.destination}",
+        delivery_backoff=1.5,
+        delivery_max_retries=2,
+    )
+    outputs = _make_outputs(settings, worker_store_instance, 1)
+
+    first = _deliver(settings, outputs)
+    assert len(first.retrying) == 3 and first.retry_outputs == outputs and first.retry_in == 1.5
+    assert {r.status for r in _deliveries(settings)} == {DeliveryStatus.RETRYING}
+
+    second = _deliver(settings, outputs)
+    assert len(second.retrying) == 3 and second.retry_in == 3.0
+
+    third = _deliver(settings, outputs)
+    assert len(third.failed) == 3 and third.retry_outputs == []
+    rows = _deliveries(settings)
+    assert all(r.status == DeliveryStatus.FAILED and r.attempts == 3 for r in rows)
+    assert all("gave up after 3 attempts" in (r.last_error or "") for r in rows)
+    by_destination = {r.destination: r for r in rows}
+    assert by_destination[full.destination].dimse_status == 0xA700
+    assert "rejected" in (by_destination[busy.destination].last_error or "")
+
+
+def test_a_destination_added_after_scoring_gets_the_outputs_too(
+    make_settings: Callable[..., Settings], worker_store_instance: Callable[..., int], worker_receiver: Any
+) -> None:
+    receiver = worker_receiver()
+    before = make_settings()
+    outputs = _make_outputs(before, worker_store_instance, 2)
+    assert _deliver(before, outputs).delivered == []  # no destinations: nothing to do
+
+    after = make_settings(destinations=receiver.destination)
+    assert len(_deliver(after, outputs).delivered) == 2
+    assert set(receiver.received) == _uids(after, outputs)
+
+
+def test_a_missing_output_file_fails_that_delivery_only(
+    make_settings: Callable[..., Settings], worker_store_instance: Callable[..., int], worker_receiver: Any
+) -> None:
+    receiver = worker_receiver()
+    settings = make_settings(destinations=receiver.destination)
+    outputs = _make_outputs(settings, worker_store_instance, 2)
+    engine = make_engine(settings)
+    with session_scope(session_factory(engine)) as session:
+        key = session.get_one(Output, outputs[0]).storage_key
+    engine.dispose()
+    Storage(settings.resolved_storage_dir).delete(key)
+
+    outcome = _deliver(settings, outputs)
+
+    assert len(outcome.delivered) == 1 and len(outcome.failed) == 1
+    assert len(receiver.received) == 1
+
+
+def test_send_to_reports_every_file_when_nothing_listens(tmp_path: Path, worker_receiver: Any) -> None:
+    down = worker_receiver(start=False)
+    missing = tmp_path / "missing.dcm"
+    results = send_to(
+        Destination.parse(down.destination), [(1, missing)], calling_ae="RETINAGATE", timeouts=FAST
+    )
+    assert results[1].verdict == "failed" and "missing" in (results[1].error or "")
+
+
+@pytest.mark.parametrize(
+    ("status", "verdict"),
+    [
+        (0x0000, "delivered"),
+        (0xB000, "delivered"),
+        (0xB006, "delivered"),
+        (0xB007, "delivered"),
+        (0xA700, "retry"),
+        (0xA7FF, "retry"),
+        (0x0213, "retry"),
+        (0xA900, "failed"),
+        (0xC000, "failed"),
+        (0x0122, "failed"),
+        (0x0124, "failed"),
+    ],
+)
+def test_dimse_statuses_are_classified(status: int, verdict: str) -> None:
+    assert classify_status(status) == verdict
+
+
+def test_retry_delay_doubles_up_to_the_cap(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(delivery_backoff=2.0, delivery_backoff_max=10.0)
+    assert [retry_delay(settings, n) for n in (1, 2, 3, 4, 50)] == [2.0, 4.0, 8.0, 10.0, 10.0]
+    with pytest.raises(ValueError, match="attempts"):
+        retry_delay(settings, 0)

@@ -1,0 +1,175 @@
+"""Class activation maps in PyTorch, and the pointing game against lesion masks.
+
+EfficientNet-B0 ends in global average pooling and one linear layer, so Grad-CAM on the pooled
+feature map equals ``ReLU(sum_k W_ck A_k)`` up to a positive factor (the gradient of logit ``c`` with
+respect to ``A`` is ``W_c / (h * w)`` everywhere). :func:`class_activation_maps` computes that for all
+labels in one pass; the exported ONNX graph computes the same map.
+
+The pointing game checks where those maps point: for each positive (image, label) pair with a ground
+truth lesion mask, the CAM is mapped back onto the photograph (the same
+:meth:`retinagate.preprocess.Geometry.to_source` serving uses) and counts as a hit when its maximum
+lies inside the mask. ``retinagate synth`` writes such masks (``masks/<Split>/<ID>_<COLUMN>.png``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import nn
+
+from retinagate.card import ModelCard
+from retinagate.labels import DISEASE_LABELS, OTHER, OTHER_COLUMNS
+from retinagate.preprocess import prepare_with_geometry
+from train.augment import Normalizer
+from train.datasets import SplitSource, read_image
+
+__all__ = ["PointingGame", "class_activation_maps", "lesion_mask", "pointing_game"]
+
+
+@torch.no_grad()
+def class_activation_maps(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and raw CAMs for a normalised ``(N, 3, S, S)`` batch.
+
+    Returns:
+        ``logits (N, C)`` and ``cams (N, C, h, w)`` = ReLU of the classifier weights applied to the
+        final feature map at each position (not normalised; bias left out).
+
+    Raises:
+        TypeError: If the model lacks timm's ``forward_features``/``forward_head``/``get_classifier``.
+    """
+    if not all(hasattr(model, name) for name in ("forward_features", "forward_head", "get_classifier")):
+        raise TypeError(f"{type(model).__name__} is not a timm classifier with forward_features/forward_head")
+    features = model.forward_features(images)  # type: ignore[operator]
+    logits = model.forward_head(features)  # type: ignore[operator]
+    classifier = model.get_classifier()  # type: ignore[operator]
+    weight = classifier.weight.to(features.dtype)
+    cams = torch.relu(torch.einsum("nkhw,ck->nchw", features, weight))
+    return logits, cams
+
+
+def lesion_mask(masks_dir: Path, image_id: str, label: str) -> NDArray[np.bool_] | None:
+    """The lesion mask of one label in one image, or ``None`` when there is none.
+
+    ``OTHER`` is the union of the masks of the 18 rare RFMiD columns it stands for.
+    """
+    columns = OTHER_COLUMNS if label == OTHER else (label,)
+    mask: NDArray[np.bool_] | None = None
+    for column in columns:
+        path = masks_dir / f"{image_id}_{column}.png"
+        if not path.is_file():
+            continue
+        plane = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if plane is None:
+            continue
+        mask = plane > 0 if mask is None else mask | (plane > 0)
+    return mask
+
+
+@dataclass(frozen=True)
+class PointingGame:
+    """Pointing-game result over positive (image, label) pairs that have a lesion mask.
+
+    Attributes:
+        hits: Pairs whose CAM maximum lies inside the mask.
+        total: Pairs counted.
+        chance: Expected hit rate of a point drawn uniformly in the field-of-view crop (mean mask
+            share of the crop), the baseline to beat.
+        per_label: Label name to (hits, total).
+    """
+
+    hits: int
+    total: int
+    chance: float
+    per_label: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.hits / self.total if self.total else float("nan")
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "hits": self.hits,
+            "total": self.total,
+            "rate": self.rate,
+            "chance": self.chance,
+            "per_label": {k: {"hits": h, "total": t} for k, (h, t) in self.per_label.items()},
+        }
+
+
+def pointing_game(
+    model: nn.Module,
+    card: ModelCard,
+    source: SplitSource,
+    masks_root: Path,
+    *,
+    device: torch.device | str = "cpu",
+    labels: Sequence[str] = DISEASE_LABELS,
+    batch_size: int = 16,
+) -> PointingGame:
+    """Plays the pointing game on one split.
+
+    Args:
+        model: A timm classifier (eval mode is set here).
+        card: Its card (labels and preprocessing).
+        source: The split; image ``<Folder>/<ID>.png`` has its masks in ``masks_root/<Folder>/``.
+        masks_root: Folder holding one mask folder per image folder (``<data>/masks``).
+        device: Where to run the model.
+        labels: Labels to score (default: the 28 disease outputs; ``Disease_Risk`` has no lesion).
+        batch_size: Images per forward pass.
+
+    Raises:
+        ValueError: If a label is not one of the card's labels.
+    """
+    device = torch.device(device)
+    model.eval().to(device)
+    normalizer = Normalizer(card.preprocessing).to(device)
+    columns = []
+    for name in labels:
+        if name not in card.labels:
+            raise ValueError(f"label {name!r} is not among the card's labels")
+        columns.append(card.labels.index(name))
+    hits, total, shares = 0, 0, []
+    per_label: dict[str, list[int]] = {}
+    for start in range(0, len(source), batch_size):
+        chunk = range(start, min(start + batch_size, len(source)))
+        work = []
+        for i in chunk:
+            pairs = []
+            masks_dir = Path(masks_root) / source.paths[i].parent.name
+            for name, column in zip(labels, columns, strict=True):
+                if source.labels[i, column]:
+                    mask = lesion_mask(masks_dir, source.ids[i], name)
+                    if mask is not None and mask.any():
+                        pairs.append((name, column, mask))
+            if pairs:
+                work.append((i, pairs))
+        if not work:
+            continue
+        prepared = [prepare_with_geometry(read_image(source.paths[i]), card.preprocessing) for i, _ in work]
+        batch = torch.from_numpy(np.stack([p[0] for p in prepared])).permute(0, 3, 1, 2).to(device)
+        _, cams = class_activation_maps(model, normalizer(batch))
+        cams_np = cams.float().cpu().numpy()
+        for (_i, pairs), (_, geometry), cam in zip(work, prepared, cams_np, strict=True):
+            x0, y0, x1, y1 = geometry.crop
+            for name, column, mask in pairs:
+                heat = geometry.to_source(cam[column], mask.shape)
+                y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+                hit = bool(mask[y, x])
+                hits += hit
+                total += 1
+                shares.append(float(mask[y0:y1, x0:x1].sum()) / max(1, (x1 - x0) * (y1 - y0)))
+                record = per_label.setdefault(name, [0, 0])
+                record[0] += hit
+                record[1] += 1
+    return PointingGame(
+        hits=hits,
+        total=total,
+        chance=float(np.mean(shares)) if shares else float("nan"),
+        per_label={k: (v[0], v[1]) for k, v in per_label.items()},
+    )

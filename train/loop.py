@@ -1,0 +1,855 @@
+"""The training loop: AdamW, warmup + cosine, AMP, EMA, early stopping, resumable checkpoints.
+
+:func:`train` runs a whole training job from a :class:`TrainConfig` and leaves a run folder::
+
+    config.json        the resolved configuration
+    metrics.csv        one row per epoch (losses, learning rate, validation metrics, per-label AUROC)
+    last.pt            everything needed to resume (model, optimizer, scheduler, grad scaler, EMA,
+                       RNG states, epoch, best metric, early-stopping counter, history)
+    best.pt            the weights with the best validation macro AUROC, with the final model card
+    model_card.json    the card: thresholds calibrated on validation, metrics, data summary, sha256
+    curves.png, roc_curves.png, auroc_bars.png
+
+Reproducibility: every random choice is a function of the run seed. The data order of epoch ``e``
+comes from a generator seeded with (seed, e), each sample's augmentation from (seed, e, index), and
+the global RNG state (dropout, stochastic depth) is saved in ``last.pt``; so a run interrupted after
+any epoch and resumed gives the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
+
+from retinagate.card import ModelCard, Preprocessing
+from retinagate.labels import DISEASE_LABELS, LABELS
+from train.augment import AUG_LEVELS, Augmenter, Normalizer, sample_seed
+from train.calibration import LabelThreshold, calibrate_thresholds
+from train.datasets import AugmentedImages, CachedSplit, Split, SplitSource, cache_split, load_splits
+from train.losses import LOSSES, auto_pos_weight, build_loss
+from train.metrics import Metrics, compute_metrics
+from train.model import CHECKPOINT_FORMAT, create_model, load_checkpoint, state_dict_sha256
+
+__all__ = [
+    "PRECISIONS",
+    "RunResult",
+    "TrainConfig",
+    "TrainingError",
+    "evaluate_checkpoint",
+    "freeze_stages",
+    "predict",
+    "resolve_device",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS: Final = ("auto", "fp32", "fp16", "bf16")
+_AUTOCAST: Final = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingError(RuntimeError):
+    """A training or evaluation job cannot run as configured; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run; written to ``config.json`` and into each checkpoint.
+
+    Attributes:
+        out: Run folder.
+        data: RFMiD-layout folder (or use ``labels_csv`` + ``images``).
+        labels_csv: Generic CSV with a path column and label columns.
+        images: Folder the generic CSV's paths start from.
+        cache_dir: Preprocessing cache folder; default ``<out>/cache``.
+        val_fraction: Validation share for a generic CSV without a ``split`` column.
+        test_fraction: Test share for a generic CSV without a ``split`` column.
+        epochs: Epochs to train (early stopping may end sooner).
+        img_size: Square input side; becomes ``card.preprocessing.input_size``.
+        batch_size: Images per optimisation step.
+        lr: Peak learning rate (AdamW).
+        weight_decay: AdamW weight decay (not applied to biases and norm weights).
+        warmup_epochs: Linear warmup length, in epochs (fractions allowed).
+        min_lr_ratio: Final learning rate as a share of ``lr`` at the end of the cosine.
+        grad_clip: Gradient-norm clipping; 0 turns it off.
+        ema: Keep an exponential moving average of the weights and validate/save it.
+        ema_decay: Largest EMA decay (warmed up from 0).
+        precision: ``auto`` (fp16 on CUDA, fp32 on CPU), ``fp32``, ``fp16`` (CUDA) or ``bf16``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        workers: DataLoader worker processes; -1 picks ``min(8, cores - 1)``.
+        seed: Seed of every random choice.
+        loss: ``bce``, ``asl`` or ``focal``.
+        pos_weight: ``none`` or ``auto`` (negatives/positives per label, capped).
+        balanced_sampler: Draw images with weights that favour rare labels.
+        aug: ``none``, ``light`` or ``strong``.
+        pretrained: Start from ImageNet weights (timm hub).
+        weights: Local timm checkpoint to start from.
+        freeze_stages: Freeze the stem and the first K of EfficientNet's 7 block stages.
+        patience: Stop after this many epochs without a better validation macro AUROC; 0 never.
+        drop_rate: Dropout before the classifier.
+        drop_path_rate: Stochastic depth.
+        channels_last: NHWC memory format (faster convolutions on CUDA and on x86 CPUs).
+        name: Model name for the card.
+        version: Model version for the card.
+    """
+
+    out: Path
+    data: Path | None = None
+    labels_csv: Path | None = None
+    images: Path | None = None
+    cache_dir: Path | None = None
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    epochs: int = 20
+    img_size: int = 224
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0
+    ema: bool = False
+    ema_decay: float = 0.998
+    precision: str = "auto"
+    device: str = "auto"
+    workers: int = -1
+    seed: int = 0
+    loss: str = "bce"
+    pos_weight: str = "none"
+    balanced_sampler: bool = False
+    aug: str = "light"
+    pretrained: bool = True
+    weights: Path | None = None
+    freeze_stages: int = 0
+    patience: int = 5
+    drop_rate: float = 0.2
+    drop_path_rate: float = 0.1
+    channels_last: bool = True
+    name: str = "retinagate-efficientnet-b0"
+    version: str = "0.1.0"
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        need(self.epochs >= 1, f"epochs is {self.epochs}; expected at least 1")
+        need(32 <= self.img_size <= 2048, f"img_size is {self.img_size}; expected 32-2048")
+        need(self.batch_size >= 2, f"batch_size is {self.batch_size}; expected at least 2 (batch norm)")
+        need(self.lr > 0, f"lr is {self.lr}; expected > 0")
+        need(self.weight_decay >= 0, f"weight_decay is {self.weight_decay}; expected >= 0")
+        need(self.warmup_epochs >= 0, f"warmup_epochs is {self.warmup_epochs}; expected >= 0")
+        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio is {self.min_lr_ratio}; expected 0-1")
+        need(self.grad_clip >= 0, f"grad_clip is {self.grad_clip}; expected >= 0 (0 turns clipping off)")
+        need(0 < self.ema_decay < 1, f"ema_decay is {self.ema_decay}; expected between 0 and 1")
+        need(self.precision in PRECISIONS, f"precision is {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+        need(self.workers >= -1, f"workers is {self.workers}; expected -1 (auto) or >= 0")
+        need(self.loss in LOSSES, f"loss is {self.loss!r}; expected one of {', '.join(LOSSES)}")
+        need(self.pos_weight in ("none", "auto"), f"pos_weight is {self.pos_weight!r}; expected none or auto")
+        need(self.aug in AUG_LEVELS, f"aug is {self.aug!r}; expected one of {', '.join(AUG_LEVELS)}")
+        need(0 <= self.freeze_stages <= 7, f"freeze_stages is {self.freeze_stages}; expected 0-7")
+        need(self.patience >= 0, f"patience is {self.patience}; expected >= 0 (0 turns early stopping off)")
+        need(0 <= self.drop_rate < 1, f"drop_rate is {self.drop_rate}; expected 0 <= rate < 1")
+        need(0 <= self.drop_path_rate < 1, f"drop_path_rate is {self.drop_path_rate}; expected 0 <= rate < 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (paths as strings)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored (older or newer runs)."""
+        paths = {"out", "data", "labels_csv", "images", "cache_dir", "weights"}
+        known = {f.name for f in fields(cls)}
+        values = {k: (Path(v) if k in paths and v is not None else v) for k, v in data.items() if k in known}
+        return cls(**values)
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.out / "cache"
+
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(input_size=self.img_size)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished (or paused) training run produced.
+
+    Attributes:
+        out: Run folder.
+        finished: ``False`` when the run paused after ``stop_after_epochs`` and can be resumed.
+        epochs_run: Epochs completed so far (over all sessions).
+        best_epoch: Epoch of ``best.pt`` (1-based), or 0 if none yet.
+        stopped_early: Whether early stopping ended the run.
+        card: The final model card (``None`` while unfinished).
+        validation: Validation metrics of the best weights (``None`` while unfinished).
+        test: Test metrics of the best weights, when a test split exists.
+        seconds: Wall time of this session.
+    """
+
+    out: Path
+    finished: bool
+    epochs_run: int
+    best_epoch: int
+    stopped_early: bool
+    card: ModelCard | None
+    validation: Metrics | None
+    test: Metrics | None
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; names a missing CUDA device clearly."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"device is {name!r}; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device cuda was requested but no CUDA GPU is available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise TrainingError(f"device is {name!r}; expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainingError("precision fp16 needs a CUDA device (grad scaler); on the CPU use bf16 or fp32")
+    return precision
+
+
+def freeze_stages(model: nn.Module, stages: int) -> list[nn.Module]:
+    """Freezes EfficientNet's stem and its first ``stages`` block stages (partial fine-tuning).
+
+    Returns the frozen modules; the loop keeps them in eval mode so their batch-norm statistics stay
+    those of the pretrained weights.
+
+    Raises:
+        TrainingError: If the model has no EfficientNet-like ``conv_stem``/``blocks`` or too few stages.
+    """
+    if stages <= 0:
+        return []
+    blocks = getattr(model, "blocks", None)
+    stem = [getattr(model, name, None) for name in ("conv_stem", "bn1")]
+    if not isinstance(blocks, nn.Sequential) or any(m is None for m in stem):
+        raise TrainingError(f"--freeze-stages needs an EfficientNet-like model (conv_stem, bn1, blocks); got {type(model).__name__}")
+    if stages > len(blocks):
+        raise TrainingError(f"--freeze-stages is {stages}; this model has {len(blocks)} stages")
+    frozen: list[nn.Module] = [m for m in stem if isinstance(m, nn.Module)] + list(blocks[:stages])
+    for module in frozen:
+        module.requires_grad_(False)
+        module.eval()
+    return frozen
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _schedule(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _workers(requested: int) -> int:
+    if requested >= 0:
+        return requested
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seeds NumPy and ``random`` in a loader worker from the seed PyTorch gave it."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _balanced_weights(labels: NDArray[np.uint8]) -> torch.Tensor:
+    """Sampling weight per image: the rarest of its disease labels wins (square-root damped).
+
+    Images without disease labels weigh as the "no disease" group does. Square-root damping
+    (sampling in proportion to 1/sqrt(frequency)) lifts rare labels without repeating their few
+    images so often that the model memorises them.
+    """
+    disease = np.array([LABELS.index(n) for n in DISEASE_LABELS]) if labels.shape[1] == len(LABELS) else None
+    matrix = labels[:, disease] if disease is not None else labels
+    counts = matrix.sum(axis=0).astype(np.float64)
+    inverse = np.where(counts > 0, 1.0 / np.maximum(counts, 1.0), 0.0)
+    healthy = ~matrix.any(axis=1)
+    per_image = (matrix * inverse).max(axis=1)
+    per_image[healthy] = 1.0 / max(1, int(healthy.sum()))
+    return torch.as_tensor(np.sqrt(per_image), dtype=torch.double)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np.asarray(np_state[1]).astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(_tuplify(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(value: Any) -> Any:
+    return tuple(_tuplify(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _save(payload: dict[str, Any], path: Path) -> None:
+    """Writes a checkpoint atomically: a crash leaves the previous file, never half of a new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _batches(images: NDArray[np.uint8], batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, images.shape[0], batch_size):
+        chunk = np.ascontiguousarray(images[start : start + batch_size])
+        yield torch.from_numpy(chunk).permute(0, 3, 1, 2)  # NHWC bytes: already channels_last
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: NDArray[np.uint8],
+    preprocessing: Preprocessing,
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 64,
+    labels: NDArray[np.uint8] | None = None,
+    criterion: nn.Module | None = None,
+    progress: bool = False,
+    desc: str = "predict",
+) -> tuple[NDArray[np.float32], float | None]:
+    """Probabilities for ``(N, S, S, 3)`` uint8 model inputs, and the mean loss when labels are given.
+
+    Returns:
+        ``float32 (N, C)`` probabilities and the mean loss (``None`` without labels/criterion).
+    """
+    from tqdm import tqdm
+
+    model.eval()
+    normalizer = Normalizer(preprocessing).to(device)
+    dtype = _AUTOCAST.get(precision)
+    outputs: list[torch.Tensor] = []
+    loss_sum, seen = 0.0, 0
+    total = math.ceil(images.shape[0] / batch_size)
+    for i, batch in enumerate(tqdm(_batches(images, batch_size), total=total, desc=desc, leave=False, disable=not progress)):
+        x = normalizer(batch.to(device, non_blocking=True))
+        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x).float()
+        if labels is not None and criterion is not None:
+            y = torch.from_numpy(labels[i * batch_size : i * batch_size + batch.shape[0]]).to(device).float()
+            loss_sum += float(criterion(logits, y)) * batch.shape[0]
+            seen += batch.shape[0]
+        outputs.append(torch.sigmoid(logits).cpu())
+    probs = torch.cat(outputs).numpy().astype(np.float32) if outputs else np.zeros((0, 0), np.float32)
+    return probs, (loss_sum / seen if seen else None)
+
+
+def _training_card(config: TrainConfig) -> ModelCard:
+    return ModelCard(name=config.name, version=config.version, preprocessing=config.preprocessing())
+
+
+def _write_metrics_csv(path: Path, history: Sequence[dict[str, Any]], labels: Sequence[str]) -> None:
+    columns = [
+        "epoch", "lr", "train_loss", "val_loss", "val_macro_auroc", "val_map", "val_disease_risk_auroc",
+        "val_riadd_score", "seconds", *[f"auroc_{n}" for n in labels],
+    ]  # fmt: skip
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    os.replace(tmp, path)
+
+
+def _software() -> dict[str, str]:
+    import timm
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+    }
+
+
+class _Run:
+    """State of one training session (internal; :func:`train` is the interface)."""
+
+    def __init__(self, config: TrainConfig, *, progress: bool) -> None:
+        self.config = config
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        self.precision = _resolve_precision(config.precision, self.device)
+        self.card = _training_card(config)
+        self.out = config.out
+
+    def load_data(self) -> dict[Split, CachedSplit]:
+        c = self.config
+        cache_dir = c.resolved_cache_dir
+        sources: dict[Split, SplitSource] = load_splits(
+            data=c.data,
+            labels_csv=c.labels_csv,
+            images=c.images,
+            seed=c.seed,
+            val_fraction=c.val_fraction,
+            test_fraction=c.test_fraction,
+            skip=[cache_dir, c.out],
+        )
+        return {
+            name: cache_split(source, self.card.preprocessing, cache_dir, progress=self.progress)
+            for name, source in sources.items()
+        }
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    stop_after_epochs: int | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Trains a model as ``config`` says and writes the run folder.
+
+    Args:
+        config: The run's configuration. When resuming, the configuration stored in ``last.pt`` is
+            used instead (only ``epochs`` may be raised, to extend a finished schedule is not
+            supported: the cosine schedule depends on it).
+        resume: Continue from ``<out>/last.pt``.
+        stop_after_epochs: Run at most this many epochs in this session, then return with
+            ``finished=False``, leaving ``last.pt`` for a later ``resume`` (time-sliced jobs).
+        progress: Progress bars on stderr.
+
+    Raises:
+        TrainingError: Unusable configuration, an existing run without ``resume``, no run to resume.
+        train.datasets.DataSourceError: Unusable data.
+        train.model.PretrainedUnavailableError: ImageNet weights cannot be loaded.
+    """
+    started = time.perf_counter()
+    out = Path(config.out)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    checkpoint: dict[str, Any] | None = None
+    if resume:
+        if not last_path.is_file():
+            raise TrainingError(f"nothing to resume: {last_path} does not exist")
+        checkpoint = torch.load(last_path, map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise TrainingError(f"{last_path} is not a RetinaGate checkpoint")
+        stored = TrainConfig.from_dict(checkpoint["config"])
+        config = replace(stored, out=out)
+        if checkpoint.get("finished"):
+            raise TrainingError(f"the run in {out} has already finished; start a new run with another --out")
+    elif last_path.exists():
+        raise TrainingError(f"{out} already holds a run (last.pt); pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    random.seed(config.seed)
+    run = _Run(config, progress=progress)
+    device, precision = run.device, run.precision
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    splits = run.load_data()
+    train_split, val_split = splits["train"], splits["val"]
+    if len(train_split) < config.batch_size:
+        raise TrainingError(
+            f"the training split has {len(train_split)} images, fewer than --batch-size {config.batch_size}"
+        )
+    labels_train = train_split.labels
+
+    model = create_model(
+        run.card,
+        pretrained=config.pretrained and config.weights is None,
+        weights=config.weights,
+        drop_rate=config.drop_rate,
+        drop_path_rate=config.drop_path_rate,
+    )
+    frozen = freeze_stages(model, config.freeze_stages)
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    pos_weight = auto_pos_weight(labels_train) if config.pos_weight == "auto" else None
+    criterion = build_loss(config.loss, pos_weight).to(device)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
+    steps_per_epoch = len(train_split) // config.batch_size
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(total_steps, warmup_steps, config.min_lr_ratio)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ema = None
+    if config.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)
+    normalizer = Normalizer(run.card.preprocessing).to(device)
+
+    start_epoch, best_metric, bad_epochs, best_epoch, step = 0, -math.inf, 0, 0, 0
+    history: list[dict[str, Any]] = []
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema"])
+        start_epoch = int(checkpoint["epoch"])
+        best_metric = float(checkpoint["best_metric"])
+        bad_epochs = int(checkpoint["bad_epochs"])
+        best_epoch = int(checkpoint["best_epoch"])
+        step = int(checkpoint["step"])
+        history = list(checkpoint["history"])
+        _set_rng_state(checkpoint["rng"])
+        logger.info("resuming %s after epoch %d", out, start_epoch)
+
+    dataset = AugmentedImages(train_split, Augmenter(config.aug), config.seed)
+    workers = _workers(config.workers)
+    sample_weights = _balanced_weights(labels_train) if config.balanced_sampler else None
+    amp_dtype = _AUTOCAST.get(precision)
+
+    from tqdm import tqdm
+
+    stopped_early = False
+    epochs_this_session = 0
+    for epoch in range(start_epoch, config.epochs):
+        if stop_after_epochs is not None and epochs_this_session >= stop_after_epochs:
+            break
+        epoch_started = time.perf_counter()
+        model.train()
+        for module in frozen:
+            module.eval()
+        dataset.set_epoch(epoch)
+        generator = torch.Generator()
+        generator.manual_seed(sample_seed(config.seed, epoch, -1))
+        sampler: Sampler[int]
+        if sample_weights is not None:
+            sampler = WeightedRandomSampler(sample_weights, len(dataset), replacement=True, generator=generator)
+        else:
+            sampler = RandomSampler(dataset, generator=generator)
+        loader = DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+            worker_init_fn=_seed_worker,
+            generator=generator,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+        loss_sum, seen = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False, disable=not progress)
+        for images, targets in bar:
+            x = images.to(device, non_blocking=True)
+            if config.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = targets.to(device, non_blocking=True).float()
+            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(normalizer(x))
+            loss = criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            if ema is not None:
+                ema.update(model, step=step)
+            loss_value = float(loss.detach())
+            loss_sum += loss_value * x.shape[0]
+            seen += x.shape[0]
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        bar.close()
+
+        eval_model = ema.module if ema is not None else model
+        probs, val_loss = predict(
+            eval_model, val_split.images, run.card.preprocessing, device=device, precision=precision,
+            batch_size=max(config.batch_size, 32), labels=val_split.labels, criterion=criterion,
+            progress=progress, desc="validate",
+        )  # fmt: skip
+        metrics = compute_metrics(val_split.labels, probs, run.card.labels, loss=val_loss)
+        monitor = metrics.macro_auroc if metrics.macro_auroc is not None else -(val_loss or 0.0)
+        improved = monitor > best_metric + 1e-6
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": scheduler.get_last_lr()[0],
+            "train_loss": loss_sum / max(1, seen),
+            "val_loss": val_loss,
+            "val_macro_auroc": metrics.macro_auroc,
+            "val_map": metrics.map,
+            "val_disease_risk_auroc": metrics.disease_risk_auroc,
+            "val_riadd_score": metrics.riadd_score,
+            "seconds": round(time.perf_counter() - epoch_started, 3),
+            **{f"auroc_{n}": a for n, a in zip(metrics.labels, metrics.auroc, strict=True)},
+        }
+        history.append(row)
+        if improved:
+            best_metric, best_epoch, bad_epochs = monitor, epoch + 1, 0
+            _save(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "model": eval_model.state_dict(),
+                    "card": run.card.to_json(),
+                    "config": config.to_dict(),
+                    "epoch": epoch + 1,
+                    "metrics": {"validation": metrics.summary()},
+                },
+                best_path,
+            )
+        else:
+            bad_epochs += 1
+        stopped_early = config.patience > 0 and bad_epochs >= config.patience
+        finished = stopped_early or epoch + 1 == config.epochs
+        _save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "model": model.state_dict(),
+                "card": run.card.to_json(),
+                "config": config.to_dict(),
+                "epoch": epoch + 1,
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "rng": _rng_state(device),
+                "best_metric": best_metric,
+                "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs,
+                "history": history,
+                "finished": False,
+            },
+            last_path,
+        )
+        _write_metrics_csv(out / "metrics.csv", history, run.card.labels)
+        logger.info(
+            "epoch %d/%d: train loss %.4f, val loss %.4f, val macro AUROC %s, RIADD %s (%.1f s)%s",
+            epoch + 1, config.epochs, row["train_loss"], val_loss or float("nan"),
+            _fmt(metrics.macro_auroc), _fmt(metrics.riadd_score), row["seconds"], " *" if improved else "",
+        )  # fmt: skip
+        epochs_this_session += 1
+        if finished:
+            break
+
+    epochs_run = len(history)
+    finished = stopped_early or epochs_run >= config.epochs
+    if not finished:
+        return RunResult(out, False, epochs_run, best_epoch, False, None, None, None,
+                         time.perf_counter() - started, history)  # fmt: skip
+
+    card, val_metrics, test_metrics = _finish(run, splits, criterion, history, best_epoch, stopped_early)
+    state = torch.load(last_path, map_location="cpu", weights_only=True)
+    state["finished"] = True
+    _save(state, last_path)
+    return RunResult(out, True, epochs_run, best_epoch, stopped_early, card, val_metrics, test_metrics,
+                     time.perf_counter() - started, history)  # fmt: skip
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _finish(
+    run: _Run,
+    splits: dict[Split, CachedSplit],
+    criterion: nn.Module,
+    history: list[dict[str, Any]],
+    best_epoch: int,
+    stopped_early: bool,
+) -> tuple[ModelCard, Metrics, Metrics | None]:
+    """Calibrates thresholds on validation, evaluates, writes the card, best.pt and the plots."""
+    from train.plots import plot_auroc_bars, plot_history, plot_roc_curves
+
+    config, out = run.config, run.out
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    model = create_model(run.card, drop_rate=0.0, drop_path_rate=0.0)
+    model.load_state_dict(best["model"])
+    model.to(run.device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    criterion = criterion.to(run.device)
+
+    def evaluate(split: CachedSplit, name: str) -> tuple[Metrics, NDArray[np.float32]]:
+        probs, loss = predict(
+            model, split.images, run.card.preprocessing, device=run.device, precision=run.precision,
+            batch_size=max(config.batch_size, 32), labels=split.labels, criterion=criterion,
+            progress=run.progress, desc=name,
+        )  # fmt: skip
+        return compute_metrics(split.labels, probs, run.card.labels, loss=loss), probs
+
+    val_metrics, val_probs = evaluate(splits["val"], "validate")
+    thresholds = calibrate_thresholds(splits["val"].labels, val_probs, run.card.labels)
+    val_metrics = _with_f1(val_metrics, splits["val"].labels, val_probs, [t.threshold for t in thresholds])
+    test_metrics = None
+    if "test" in splits:
+        test_metrics, test_probs = evaluate(splits["test"], "test")
+        test_metrics = _with_f1(test_metrics, splits["test"].labels, test_probs, [t.threshold for t in thresholds])
+
+    counts = {name: len(split) for name, split in splits.items()}
+    positives = splits["train"].labels.sum(axis=0)
+    card = run.card.with_updates(
+        thresholds=[t.threshold for t in thresholds],
+        metrics={
+            "validation": val_metrics.to_dict(),
+            **({"test": test_metrics.to_dict()} if test_metrics is not None else {}),
+            "thresholds": {t.label: _threshold_dict(t) for t in thresholds},
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            "stopped_early": stopped_early,
+        },
+        training_data={
+            "source": "rfmid" if config.data is not None else "csv",
+            "location": str(config.data or config.labels_csv),
+            "label_files": {name: split.source.origin for name, split in splits.items()},
+            "images": counts,
+            "train_positives": {n: int(p) for n, p in zip(run.card.labels, positives, strict=True)},
+            "config": config.to_dict(),
+        },
+        weights_sha256=state_dict_sha256(best["model"]),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        software=_software(),
+    )
+    best["card"] = card.to_json()
+    best["metrics"] = card.metrics
+    _save(best, out / "best.pt")
+    card.save(out / "model_card.json")
+
+    plot_history(history, out / "curves.png")
+    plot_roc_curves(splits["val"].labels, val_probs, run.card.labels, out / "roc_curves.png")
+    plot_auroc_bars(val_metrics, out / "auroc_bars.png", test=test_metrics)
+    logger.info(
+        "best epoch %d: validation macro AUROC %s, RIADD %s; test macro AUROC %s",
+        best_epoch, _fmt(val_metrics.macro_auroc), _fmt(val_metrics.riadd_score),
+        _fmt(test_metrics.macro_auroc if test_metrics else None),
+    )  # fmt: skip
+    return card, val_metrics, test_metrics
+
+
+def _threshold_dict(t: LabelThreshold) -> dict[str, Any]:
+    return {"threshold": t.threshold, "method": t.method, "positives": t.positives, "f1": t.f1,
+            "precision": t.precision, "recall": t.recall}  # fmt: skip
+
+
+def _with_f1(metrics: Metrics, truth: NDArray[np.uint8], probs: NDArray[np.float32], thresholds: Sequence[float]) -> Metrics:
+    """Adds F1 at the given thresholds (per label and macro over labels with positives)."""
+    predicted = probs >= np.asarray(thresholds, dtype=np.float32)
+    actual = truth.astype(bool)
+    per_label: dict[str, float | None] = {}
+    for c, name in enumerate(metrics.labels):
+        positives = int(actual[:, c].sum())
+        if positives == 0:
+            per_label[name] = None
+            continue
+        tp = int((predicted[:, c] & actual[:, c]).sum())
+        fp = int((predicted[:, c] & ~actual[:, c]).sum())
+        per_label[name] = 2 * tp / (2 * tp + fp + (positives - tp))
+    present = [v for v in per_label.values() if v is not None]
+    extra = {**metrics.extra, "macro_f1": float(np.mean(present)) if present else None, "f1": per_label}
+    return replace(metrics, extra=extra)
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    split: str = "test",
+    *,
+    data: Path | None = None,
+    labels_csv: Path | None = None,
+    images: Path | None = None,
+    cache_dir: Path | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[Metrics, ModelCard]:
+    """Evaluates a checkpoint on one split, with F1 at the card's thresholds.
+
+    The data location defaults to the one recorded in the checkpoint's training config.
+
+    Raises:
+        TrainingError: Unknown split, split missing from the data, unusable checkpoint.
+        train.datasets.DataSourceError: Unusable data.
+        FileNotFoundError: No such checkpoint.
+    """
+    if split not in ("train", "val", "test"):
+        raise TrainingError(f"split is {split!r}; expected train, val or test")
+    try:
+        model, card, raw = load_checkpoint(checkpoint)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    stored = TrainConfig.from_dict(raw.get("config") or {"out": str(Path(checkpoint).parent)})
+    if data is None and labels_csv is None:
+        data, labels_csv, images = stored.data, stored.labels_csv, stored.images
+    if cache_dir is None:
+        cache_dir = stored.resolved_cache_dir
+    sources = load_splits(
+        data=data, labels_csv=labels_csv, images=images, seed=stored.seed,
+        val_fraction=stored.val_fraction, test_fraction=stored.test_fraction, skip=[cache_dir],
+    )  # fmt: skip
+    if split not in sources:
+        raise TrainingError(f"the data has no {split} split (found: {', '.join(sources)})")
+    cached = cache_split(sources[split], card.preprocessing, cache_dir, progress=progress)  # type: ignore[index]
+    target = resolve_device(device)
+    model.to(target)
+    probs, _ = predict(
+        model, cached.images, card.preprocessing, device=target,
+        precision="fp16" if target.type == "cuda" else "fp32", batch_size=batch_size,
+        progress=progress, desc=f"evaluate {split}",
+    )  # fmt: skip
+    metrics = compute_metrics(cached.labels, probs, card.labels)
+    return _with_f1(metrics, cached.labels, probs, card.thresholds), card

@@ -1,0 +1,214 @@
+"""The Celery application of the worker, built from the settings.
+
+:func:`create_app` makes one configured app with the four tasks registered. ``celery -A worker.app
+worker`` finds the module-level ``app``, which is built on first access from the environment
+(``RETINAGATE_*``), so importing this module stays cheap.
+
+Reliability settings, and why:
+
+- ``task_acks_late`` and ``task_reject_on_worker_lost``: a message is acknowledged only after its task
+  ran, so a worker that dies mid-task leaves the message to be delivered again (every task is
+  idempotent, so running one twice is harmless).
+- ``worker_prefetch_multiplier=1``: a worker holds one message per process, so a dead worker strands
+  as little work as possible.
+- ``task_time_limit`` below the Redis ``visibility_timeout`` (the settings enforce it): Redis hands an
+  unacknowledged message to another worker after the visibility timeout, and a running task must
+  never be handed out twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery, current_app, signals
+from celery.schedules import crontab
+from kombu.entity import Queue
+
+from retinagate.queue import (
+    DELIVER_QUEUE,
+    MAINTENANCE_QUEUE,
+    RESCORE_TASK,
+    SCORE_QUEUE,
+    SWEEP_TASK,
+    TASK_QUEUES,
+    broker_url,
+)
+from retinagate.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from retinagate.storage import Storage
+    from worker.scoring import Scorer
+
+__all__ = ["QUEUES", "Runtime", "create_app", "runtime", "soft_time_limit"]
+
+logger = logging.getLogger(__name__)
+
+#: Every queue a worker consumes unless told otherwise.
+QUEUES = (SCORE_QUEUE, DELIVER_QUEUE, MAINTENANCE_QUEUE)
+
+
+class Runtime:
+    """What one worker process builds once and reuses: database sessions, storage and the model.
+
+    Everything is made on first use, after the pool has forked, so no database connection or ONNX
+    Runtime session is ever shared between processes.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._db: Engine | None = None
+        self._sessions: sessionmaker[Session] | None = None
+        self._storage: Storage | None = None
+        self._scorer: Scorer | None = None
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        """Session factory for the configured database, its schema checked on first use."""
+        if self._sessions is None:
+            from retinagate.db import check_schema, make_engine, session_factory
+
+            db = make_engine(self.settings)
+            check_schema(db)
+            self._db, self._sessions = db, session_factory(db)
+        return self._sessions
+
+    @property
+    def storage(self) -> Storage:
+        """The file storage holding received and produced instances."""
+        if self._storage is None:
+            from retinagate.storage import Storage
+
+            self._storage = Storage(self.settings.resolved_storage_dir)
+        return self._storage
+
+    def scorer(self) -> Scorer:
+        """The engine and pipeline for ``settings.model_path``, loaded once per process.
+
+        Raises:
+            PermanentError: When no model is configured.
+            RetryableError: When the model cannot be loaded (missing file, runtime error).
+        """
+        if self._scorer is None:
+            from worker.scoring import Scorer
+
+            self._scorer = Scorer.load(self.settings.model_path, self.settings, self.sessions)
+        return self._scorer
+
+    def after_fork(self) -> None:
+        """Drops what a parent process may have opened; the child makes its own on first use."""
+        if self._db is not None:
+            # close=False: the connections belong to the parent, closing them here would break it.
+            self._db.dispose(close=False)
+        self._db = self._sessions = None
+        self._scorer = None
+
+
+def runtime(app: Any = None) -> Runtime:
+    """The :class:`Runtime` of ``app`` (default: the current Celery app)."""
+    target = app if app is not None else current_app
+    found = getattr(target, "retinagate_runtime", None)
+    if not isinstance(found, Runtime):
+        raise RuntimeError("this Celery app was not made by worker.app.create_app")
+    return found
+
+
+def soft_time_limit(settings: Settings) -> int:
+    """The soft limit: a tenth (at least 5 s) below the hard limit, so a task can record its failure."""
+    return settings.task_time_limit - max(5, settings.task_time_limit // 10)
+
+
+def _rescore_schedule(expression: str) -> crontab:
+    minute, hour, day_of_month, month_of_year, day_of_week = expression.split()
+    try:
+        return crontab(
+            minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year, day_of_week=day_of_week
+        )
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"rescore_cron: {expression!r} is not a valid cron expression ({exc})") from None
+
+
+def create_app(settings: Settings) -> Celery:
+    """Builds the worker's Celery app with its tasks, queues and beat schedule.
+
+    Raises:
+        ValueError: When ``rescore_cron`` is not a valid cron expression.
+    """
+    app = Celery("retinagate", broker=broker_url(settings), set_as_current=True)
+    app.conf.update(
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "socket_connect_timeout": 5,
+            "socket_keepalive": True,
+        },
+        broker_connection_retry_on_startup=True,
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # With late acks a lost broker connection means the message comes back: stop the copy here.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_time_limit=settings.task_time_limit,
+        task_soft_time_limit=soft_time_limit(settings),
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
+        task_default_queue=MAINTENANCE_QUEUE,
+        task_routes={name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        enable_utc=True,
+        timezone="UTC",
+        beat_schedule={
+            "retinagate-sweep": {
+                "task": SWEEP_TASK,
+                "schedule": float(settings.sweep_interval),
+                # A sweep that waited longer than one interval is superseded by the next.
+                "options": {"queue": MAINTENANCE_QUEUE, "expires": float(settings.sweep_interval)},
+            },
+            "retinagate-rescore": {
+                "task": RESCORE_TASK,
+                "schedule": _rescore_schedule(settings.rescore_cron),
+                "options": {"queue": MAINTENANCE_QUEUE},
+            },
+        },
+        beat_schedule_filename=str((settings.data_dir / "celerybeat-schedule").resolve()),
+    )
+    app.retinagate_runtime = Runtime(settings)
+
+    from worker.tasks import register_tasks
+
+    register_tasks(app)
+    return app
+
+
+def _on_setup_logging(**_: Any) -> None:
+    # Connecting this signal stops Celery from configuring logging itself; use RetinaGate's setup.
+    from retinagate.logs import setup_logging
+
+    settings = runtime().settings
+    setup_logging(settings.log_level, settings.log_format)
+
+
+def _on_process_init(**_: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # another app is current: nothing of ours to reset
+        runtime().after_fork()
+
+
+signals.setup_logging.connect(_on_setup_logging, weak=False, dispatch_uid="retinagate.setup_logging")
+signals.worker_process_init.connect(_on_process_init, weak=False, dispatch_uid="retinagate.worker_process_init")
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A worker.app`` reads ``worker.app.app``; build it only then, from the environment.
+    if name == "app":
+        app = create_app(load_settings())
+        globals()["app"] = app
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,308 @@
+"""Delivery of produced outputs to PACS and viewers: C-STORE SCU, one association per destination.
+
+Each destination's outcome is recorded per output in the ``deliveries`` table. A DICOM answer says
+whether trying again can help:
+
+- success (0x0000) and warnings (0xB000 coercion, 0xB006 elements discarded, 0xB007 data set does
+  not match SOP class, and the other warning codes) count as delivered;
+- transient: no connection (refused, timed out), an association rejected as transient, the
+  association aborted or a DIMSE timeout, out of resources (0xA7xx), resource limitation (0x0213),
+  processing failure (0x0110), cancel (0xFE00): retried with bounded exponential backoff;
+- permanent: an association rejected as permanent, a SOP class or transfer syntax the destination
+  does not accept (0x0122, no presentation context), a data set it cannot take (0xA9xx, 0xCxxx)
+  and every other failure: recorded as failed, not retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from sqlalchemy import select
+
+from retinagate.db import session_scope
+from retinagate.models import Delivery, DeliveryStatus, Output, utcnow
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from retinagate.settings import Destination, Settings
+    from retinagate.storage import Storage
+
+__all__ = [
+    "DeliveryOutcome",
+    "SendResult",
+    "Timeouts",
+    "classify_status",
+    "deliver_outputs",
+    "retry_delay",
+    "send_to",
+]
+
+logger = logging.getLogger(__name__)
+
+Verdict = Literal["delivered", "retry", "failed"]
+
+_TRANSIENT_FAILURES = frozenset({0x0110, 0x0213, 0xFE00})
+_MAX_CONTEXTS = 128  # presentation contexts one association may propose
+
+
+def classify_status(status: int) -> Verdict:
+    """What a C-STORE response status means for the delivery: delivered, retry later, or failed."""
+    from pynetdicom.status import code_to_category
+
+    if status < 0:
+        raise ValueError(f"status: {status} is not a DIMSE status (0x0000-0xFFFF)")
+    category = code_to_category(status)
+    if category in ("Success", "Warning"):
+        return "delivered"
+    if 0xA700 <= status <= 0xA7FF or status in _TRANSIENT_FAILURES:
+        return "retry"
+    return "failed"
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The result of one C-STORE: the verdict, the DIMSE status when one came back, and why."""
+
+    verdict: Verdict
+    status: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds to wait for the TCP connection, association set-up, each DIMSE answer and the network."""
+
+    connect: float = 10.0
+    acse: float = 30.0
+    dimse: float = 60.0
+    network: float = 60.0
+
+
+def _transfer_syntaxes(ts: str) -> list[str]:
+    from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    uid = UID(ts)
+    if uid.is_compressed or uid.is_deflated:
+        return [str(uid)]  # pynetdicom cannot re-encode compressed pixel data: offer it as it is
+    return list(dict.fromkeys([str(uid), str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]))
+
+
+def send_to(
+    destination: Destination,
+    files: Sequence[tuple[int, Path]],
+    *,
+    calling_ae: str,
+    ssl_context: ssl.SSLContext | None = None,
+    timeouts: Timeouts = Timeouts(),
+) -> dict[int, SendResult]:
+    """Sends DICOM files to one destination over one association.
+
+    Args:
+        destination: Where to send.
+        files: ``(key, path)`` pairs; the key names each file in the result.
+        calling_ae: Our AE title.
+        ssl_context: A client TLS context; None sends in the clear.
+        timeouts: Network timeouts.
+
+    Returns:
+        A :class:`SendResult` for every key.
+    """
+    from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_file_meta_info
+    from pynetdicom import AE
+
+    results: dict[int, SendResult] = {}
+    contexts: dict[str, list[str]] = defaultdict(list)
+    sendable: list[tuple[int, Path]] = []
+    for key, path in files:
+        try:
+            meta = read_file_meta_info(path)
+            sop_class, ts = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+        except FileNotFoundError:
+            results[key] = SendResult("failed", error="the output file is missing from storage")
+            continue
+        except (InvalidDicomError, AttributeError, OSError) as exc:
+            results[key] = SendResult("failed", error=f"the output file is unreadable: {exc}")
+            continue
+        for uid in _transfer_syntaxes(ts):
+            if uid not in contexts[sop_class]:
+                contexts[sop_class].append(uid)
+        sendable.append((key, path))
+    if not sendable:
+        return results
+
+    ae = AE(ae_title=calling_ae)
+    ae.connection_timeout = timeouts.connect
+    ae.acse_timeout = timeouts.acse
+    ae.dimse_timeout = timeouts.dimse
+    ae.network_timeout = timeouts.network
+    if len(contexts) > _MAX_CONTEXTS:
+        raise ValueError(f"files: {len(contexts)} SOP classes, more than one association takes ({_MAX_CONTEXTS})")
+    for sop_class, syntaxes in contexts.items():
+        ae.add_requested_context(sop_class, syntaxes)
+
+    tls_args = (ssl_context, destination.host) if ssl_context is not None else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    if assoc.is_rejected:
+        primitive = assoc.acceptor.primitive
+        permanent = primitive is not None and primitive.result == 0x01
+        reason = (
+            f"association rejected ({primitive.result_str}; {primitive.source_str}; {primitive.reason_str})"
+            if primitive is not None
+            else "association rejected"
+        )
+        results.update({key: SendResult("failed" if permanent else "retry", error=reason) for key, _ in sendable})
+        return results
+    accepted = assoc.acceptor.primitive
+    if not assoc.is_established and accepted is not None and accepted.result == 0x00:
+        # Accepted, then aborted by pynetdicom because no presentation context was: a configuration
+        # mismatch that retrying cannot fix.
+        unsupported = "the destination accepts none of the SOP classes or transfer syntaxes offered"
+        results.update({key: SendResult("failed", error=unsupported) for key, _ in sendable})
+        return results
+    if not assoc.is_established:
+        refused = f"no association with {destination}: connection refused, timed out or aborted"
+        results.update({key: SendResult("retry", error=refused) for key, _ in sendable})
+        return results
+
+    try:
+        for key, path in sendable:
+            if not assoc.is_established:
+                results[key] = SendResult("retry", error="the association ended before this file was sent")
+                continue
+            try:
+                answer = assoc.send_c_store(path)
+            except ValueError as exc:  # no accepted presentation context for its SOP class or syntax
+                results[key] = SendResult("failed", error=f"not accepted by the destination: {exc}")
+                continue
+            except (OSError, RuntimeError) as exc:
+                results[key] = SendResult("retry", error=f"sending failed: {exc}")
+                continue
+            if "Status" not in answer:
+                results[key] = SendResult("retry", error="no answer: DIMSE timeout or association aborted")
+                continue
+            status = int(answer.Status)
+            verdict = classify_status(status)
+            error = None if verdict == "delivered" else f"C-STORE answered 0x{status:04X}"
+            results[key] = SendResult(verdict, status, error)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results
+
+
+def retry_delay(settings: Settings, attempts: int) -> float:
+    """Seconds before the next try after ``attempts`` tries: doubling from ``delivery_backoff``, capped."""
+    if attempts < 1:
+        raise ValueError(f"attempts: {attempts} is below 1")
+    return float(min(settings.delivery_backoff * 2.0 ** min(attempts - 1, 62), settings.delivery_backoff_max))
+
+
+@dataclass
+class DeliveryOutcome:
+    """What one :func:`deliver_outputs` call did, by delivery row id."""
+
+    delivered: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    retrying: list[int] = field(default_factory=list)
+    #: Outputs with a delivery to try again, and how long to wait first.
+    retry_outputs: list[int] = field(default_factory=list)
+    retry_in: float = 0.0
+
+
+def _plan(
+    session: Session, settings: Settings, storage: Storage, output_ids: Sequence[int]
+) -> dict[str, list[tuple[int, Path]]]:
+    """Delivery rows still to send, by destination; adds rows for destinations configured since scoring."""
+    configured = [str(d) for d in settings.destinations]
+    plan: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+    outputs = session.scalars(select(Output).where(Output.id.in_(output_ids)).order_by(Output.id)).all()
+    for output in outputs:
+        rows = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.output_id == output.id))}
+        for destination in configured:
+            row = rows.get(destination)
+            if row is None:
+                row = Delivery(output_id=output.id, destination=destination, status=DeliveryStatus.PENDING)
+                session.add(row)
+                session.flush()
+            if row.status in (DeliveryStatus.PENDING, DeliveryStatus.RETRYING):
+                plan[destination].append((row.id, storage.path(output.storage_key)))
+    return plan
+
+
+def deliver_outputs(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    storage: Storage,
+    output_ids: Sequence[int],
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    timeouts: Timeouts = Timeouts(),
+) -> DeliveryOutcome:
+    """Sends outputs to every configured destination that has not received them yet and records it.
+
+    Outputs already delivered (or refused for good) to a destination are not sent again. A transient
+    failure leaves the row ``retrying``, until it has been tried ``delivery_max_retries + 1`` times;
+    then it is ``failed`` with its last error.
+    """
+    from retinagate.settings import Destination
+
+    outcome = DeliveryOutcome()
+    ids = list(dict.fromkeys(int(i) for i in output_ids))
+    if not ids or not settings.destinations:
+        return outcome
+    with session_scope(sessions) as session:
+        plan = _plan(session, settings, storage, ids)
+
+    results: dict[int, SendResult] = {}
+    for destination, files in plan.items():
+        sent = send_to(
+            Destination.parse(destination),
+            files,
+            calling_ae=settings.calling_ae_title,
+            ssl_context=ssl_context,
+            timeouts=timeouts,
+        )
+        results.update(sent)
+        counts = {v: sum(1 for r in sent.values() if r.verdict == v) for v in ("delivered", "retry", "failed")}
+        logger.info(
+            "delivery to %s: %d delivered, %d to retry, %d failed",
+            destination, counts["delivered"], counts["retry"], counts["failed"],
+        )
+
+    now = utcnow()
+    retry_attempts: list[int] = []
+    retry_outputs: set[int] = set()
+    with session_scope(sessions) as session:
+        for row in session.scalars(select(Delivery).where(Delivery.id.in_(list(results))).order_by(Delivery.id)):
+            result = results[row.id]
+            row.attempts += 1
+            row.updated_at = now
+            row.dimse_status = result.status
+            row.last_error = result.error
+            if result.verdict == "delivered":
+                row.status = DeliveryStatus.DELIVERED
+                row.delivered_at = now
+                outcome.delivered.append(row.id)
+            elif result.verdict == "retry" and row.attempts <= settings.delivery_max_retries:
+                row.status = DeliveryStatus.RETRYING
+                outcome.retrying.append(row.id)
+                retry_attempts.append(row.attempts)
+                retry_outputs.add(row.output_id)
+            else:
+                if result.verdict == "retry":
+                    row.last_error = f"{result.error} (gave up after {row.attempts} attempts)"
+                row.status = DeliveryStatus.FAILED
+                outcome.failed.append(row.id)
+                logger.warning("delivery id=%s failed: %s", row.id, row.last_error)
+    if retry_outputs:
+        outcome.retry_outputs = sorted(retry_outputs)
+        outcome.retry_in = retry_delay(settings, min(retry_attempts))
+    return outcome

@@ -1,0 +1,230 @@
+"""What was found, per study and image, read back from SQL for ``retinagate results``.
+
+Per image: its status, the findings of the active model (or, without one, of the newest
+prediction) with their probabilities, which model made them, the latency of each stage from the
+SQL timestamps (received, scored, delivered) and the delivery status at every destination.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from retinagate.models import Delivery, DeliveryStatus, Instance, Model, Output, Prediction, Study
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+__all__ = ["DestinationStatus", "ImageResult", "StudyResult", "format_results", "query_results", "to_jsonable"]
+
+#: The worst status among a destination's outputs decides the destination's status.
+_SEVERITY = {
+    DeliveryStatus.DELIVERED: 0,
+    DeliveryStatus.PENDING: 1,
+    DeliveryStatus.RETRYING: 2,
+    DeliveryStatus.FAILED: 3,
+}
+
+
+@dataclass(frozen=True)
+class DestinationStatus:
+    """Delivery of one image's outputs to one destination."""
+
+    destination: str
+    status: str
+    attempts: int
+    last_error: str | None
+    delivered_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One instance: status, findings, model, stage latencies and deliveries."""
+
+    instance_id: int
+    sop_instance_uid: str
+    laterality: str | None
+    status: str
+    attempts: int
+    last_error: str | None
+    model: str | None
+    findings: list[tuple[str, float]]
+    top_probability: tuple[str, float] | None
+    received_at: datetime
+    scored_at: datetime | None
+    delivered_at: datetime | None
+    deliveries: list[DestinationStatus] = field(default_factory=list)
+
+    @property
+    def scored_after_s(self) -> float | None:
+        """Seconds from receipt to the prediction."""
+        return (self.scored_at - self.received_at).total_seconds() if self.scored_at else None
+
+    @property
+    def delivered_after_s(self) -> float | None:
+        """Seconds from receipt to the last output delivered everywhere (None until all are)."""
+        return (self.delivered_at - self.received_at).total_seconds() if self.delivered_at else None
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """A study and its images."""
+
+    study_uid: str
+    accession: str | None
+    images: list[ImageResult]
+
+
+def _pick(predictions: list[Prediction], active_id: int | None) -> Prediction | None:
+    for prediction in predictions:
+        if prediction.model_id == active_id:
+            return prediction
+    return max(predictions, key=lambda p: p.created_at, default=None)
+
+
+def _destinations(prediction: Prediction) -> tuple[list[DestinationStatus], datetime | None]:
+    by_destination: dict[str, list[Delivery]] = defaultdict(list)
+    for output in prediction.outputs:
+        for delivery in output.deliveries:
+            by_destination[delivery.destination].append(delivery)
+    statuses = []
+    all_delivered: list[datetime] = []
+    complete = bool(by_destination)
+    for destination, rows in sorted(by_destination.items()):
+        worst = max(rows, key=lambda d: (_SEVERITY[d.status], d.attempts))
+        stamps = [d.delivered_at for d in rows if d.delivered_at is not None]
+        done = all(d.status == DeliveryStatus.DELIVERED for d in rows)
+        complete = complete and done
+        all_delivered += stamps
+        statuses.append(
+            DestinationStatus(
+                destination=destination,
+                status=worst.status.value,
+                attempts=max(d.attempts for d in rows),
+                last_error=worst.last_error,
+                delivered_at=max(stamps) if done and stamps else None,
+            )
+        )
+    return statuses, (max(all_delivered) if complete and all_delivered else None)
+
+
+def query_results(
+    session: Session, *, study_uid: str | None = None, since: datetime | None = None
+) -> list[StudyResult]:
+    """Studies (one, or those with instances received since a time, or all) with their images.
+
+    Args:
+        study_uid: Only this study.
+        since: Only instances received at or after this time.
+    """
+    active_id = session.scalar(select(Model.id).where(Model.active.is_(True)).limit(1))
+    query = (
+        select(Instance)
+        .join(Study, Study.id == Instance.study_id)
+        .options(
+            selectinload(Instance.study),
+            selectinload(Instance.predictions).selectinload(Prediction.model),
+            selectinload(Instance.predictions).selectinload(Prediction.outputs).selectinload(Output.deliveries),
+        )
+        .order_by(Study.study_uid, Instance.received_at, Instance.id)
+    )
+    if study_uid is not None:
+        query = query.where(Study.study_uid == study_uid)
+    if since is not None:
+        query = query.where(Instance.received_at >= since)
+
+    studies: dict[int, StudyResult] = {}
+    for instance in session.scalars(query):
+        prediction = _pick(list(instance.predictions), active_id)
+        deliveries: list[DestinationStatus] = []
+        delivered_at = None
+        findings: list[tuple[str, float]] = []
+        top = None
+        if prediction is not None:
+            deliveries, delivered_at = _destinations(prediction)
+            probabilities = {k: float(v) for k, v in prediction.probabilities.items()}
+            findings = [(name, probabilities.get(name, float("nan"))) for name in prediction.findings]
+            top_name = max(probabilities, key=lambda k: probabilities[k], default=None)
+            top = (top_name, probabilities[top_name]) if top_name is not None else None
+        image = ImageResult(
+            instance_id=instance.id,
+            sop_instance_uid=instance.sop_instance_uid,
+            laterality=instance.laterality,
+            status=instance.status.value,
+            attempts=instance.attempts,
+            last_error=instance.last_error,
+            model=f"{prediction.model.name} {prediction.model.version}" if prediction is not None else None,
+            findings=findings,
+            top_probability=top,
+            received_at=instance.received_at,
+            scored_at=prediction.created_at if prediction is not None else None,
+            delivered_at=delivered_at,
+            deliveries=deliveries,
+        )
+        study = studies.get(instance.study_id)
+        if study is None:
+            study = studies[instance.study_id] = StudyResult(instance.study.study_uid, instance.study.accession, [])
+        study.images.append(image)
+    return list(studies.values())
+
+
+def to_jsonable(results: list[StudyResult]) -> list[dict[str, Any]]:
+    """The results as JSON-ready data (times in ISO 8601, latencies in seconds)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, datetime):
+            return value.isoformat()
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [convert(v) for v in value]
+        return value
+
+    out = []
+    for study in results:
+        data = convert(asdict(study))
+        for image, raw in zip(data["images"], study.images, strict=True):
+            image["findings"] = [{"label": n, "probability": p} for n, p in raw.findings]
+            image["top_probability"] = (
+                {"label": raw.top_probability[0], "probability": raw.top_probability[1]}
+                if raw.top_probability
+                else None
+            )
+            image["latency_s"] = {"scored": raw.scored_after_s, "delivered": raw.delivered_after_s}
+        out.append(data)
+    return out
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+def format_results(results: list[StudyResult]) -> str:
+    """A plain-text table: one block per study, one line per image."""
+    if not results:
+        return "no results"
+    lines = []
+    for study in results:
+        accession = f" (accession {study.accession})" if study.accession else ""
+        lines.append(f"study {study.study_uid}{accession}: {len(study.images)} image(s)")
+        for image in study.images:
+            if image.findings:
+                found = ", ".join(f"{name} {p:.2f}" for name, p in image.findings)
+            elif image.top_probability is not None:
+                found = f"no findings (top {image.top_probability[0]} {image.top_probability[1]:.2f})"
+            else:
+                found = "-"
+            sent = "; ".join(f"{d.destination} {d.status}" for d in image.deliveries) or "not sent"
+            lines.append(
+                f"  {image.sop_instance_uid} {image.laterality or '-'} {image.status}"
+                f"{'' if image.status != 'failed' else ' (' + (image.last_error or '') + ')'}"
+                f" | {found} | model {image.model or '-'}"
+                f" | scored +{_seconds(image.scored_after_s)} delivered +{_seconds(image.delivered_after_s)}"
+                f" | {sent}"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,448 @@
+"""Scoring of stored instances: the pipeline around SQL rows and durable files.
+
+:func:`score_instances` is the body of the ``score`` task and of ``retinagate rescore``. It is
+idempotent: a prediction is unique per (instance, model) and the pipeline derives output UIDs from
+(source SOP Instance UID, model sha256, kind), so running it again for the same instances updates the
+same prediction, rewrites the same output files under the same storage keys and leaves deliveries
+that already happened alone.
+
+Order of work, and why:
+
+1. Claim the instances (status ``scoring``, one more attempt) in a short transaction, so the sweeper
+   can tell work in progress from lost work.
+2. Score the files in one batch.
+3. Write every output file durably before any row points at it.
+4. In one transaction: upsert predictions, outputs and pending deliveries; mark the instances scored.
+   If that transaction fails, the files it would have added are removed again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from retinagate.db import session_scope
+from retinagate.errors import PermanentError, RetryableError
+from retinagate.models import (
+    Delivery,
+    DeliveryStatus,
+    Instance,
+    InstanceStatus,
+    Model,
+    Output,
+    OutputKind,
+    Prediction,
+    utcnow,
+)
+from retinagate.storage import StorageError
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from retinagate.card import ModelCard
+    from retinagate.engine import Engine
+    from retinagate.pipeline import Pipeline, ScoreResult
+    from retinagate.settings import Settings
+    from retinagate.storage import Storage
+
+__all__ = [
+    "RETRYABLE",
+    "ScoreOutcome",
+    "Scorer",
+    "activate_model",
+    "register_model",
+    "score_instances",
+    "wants_delivery",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Errors after which the same work may succeed later: the task is retried with backoff.
+RETRYABLE: tuple[type[BaseException], ...] = (RetryableError, OperationalError, IntegrityError, StorageError)
+
+_MAX_ERROR = 2000  # characters of an error message kept in SQL
+
+
+def _error_text(exc: BaseException | str) -> str:
+    text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    return text[:_MAX_ERROR]
+
+
+@dataclass
+class ScoreOutcome:
+    """What one call of :func:`score_instances` did, by instance id."""
+
+    scored: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    #: Instances that hit a retryable error and have attempts left; they are back in ``queued``.
+    retry: list[int] = field(default_factory=list)
+    #: Outputs with a delivery still to make.
+    deliver: list[int] = field(default_factory=list)
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+def register_model(session: Session, sha256: str, card: ModelCard, path: Path | None) -> tuple[Model, bool]:
+    """Finds or adds the ``models`` row for a model file.
+
+    Returns:
+        The row and whether it was added now.
+    """
+    found = session.scalar(select(Model).where(Model.sha256 == sha256))
+    if found is not None:
+        return found, False
+    model = Model(
+        name=card.name[:128],
+        version=card.version[:64],
+        sha256=sha256,
+        path=str(path) if path is not None else None,
+        card=json.loads(card.to_json()),
+        active=False,
+    )
+    session.add(model)
+    session.flush()
+    logger.info("registered model id=%s %s %s sha256=%s", model.id, card.name, card.version, sha256[:12])
+    return model, True
+
+
+def activate_model(session: Session, model: Model) -> Model | None:
+    """Makes ``model`` the one active model.
+
+    Returns:
+        The model that was active before, or None (none was, or it was ``model`` itself).
+    """
+    previous = session.scalar(select(Model).where(Model.active.is_(True), Model.id != model.id))
+    session.execute(update(Model).where(Model.id != model.id, Model.active.is_(True)).values(active=False))
+    if not model.active:
+        model.active = True
+        model.activated_at = utcnow()
+        logger.info("model id=%s is now the active model", model.id)
+    session.flush()
+    return previous
+
+
+class Scorer:
+    """A loaded engine with its pipeline and the id of its ``models`` row.
+
+    Args:
+        engine: The ONNX Runtime engine.
+        pipeline: The scoring pipeline over ``engine``.
+        model_id: The engine's row in ``models``.
+    """
+
+    def __init__(self, engine: Engine, pipeline: Pipeline, model_id: int) -> None:
+        self.engine = engine
+        self.pipeline = pipeline
+        self.model_id = model_id
+
+    @classmethod
+    def load(cls, model_path: Path | None, settings: Settings, sessions: sessionmaker[Session]) -> Scorer:
+        """Loads the model and registers it.
+
+        A model new to the database becomes the active one; a known model keeps its flag, unless no
+        model is active at all.
+
+        Raises:
+            PermanentError: When no model path is given or configured.
+            RetryableError: When the file cannot be opened as a model (fixing the deployment fixes it).
+        """
+        from retinagate.engine import Engine
+        from retinagate.pipeline import Pipeline
+
+        path = model_path if model_path is not None else settings.model_path
+        if path is None:
+            raise PermanentError("model_path: no model configured; set RETINAGATE_MODEL_PATH")
+        try:
+            engine = Engine.load(path, settings)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise RetryableError(f"cannot load the model {path}: {_error_text(exc)}") from exc
+        model_id = _register_active(sessions, engine)
+        return cls(engine, Pipeline(engine, settings), model_id)
+
+
+def _register_active(sessions: sessionmaker[Session], engine: Engine) -> int:
+    for _ in range(3):  # another process may register the same model at the same moment
+        try:
+            with session_scope(sessions) as session:
+                model, added = register_model(session, engine.sha256, engine.card, engine.path)
+                no_active = session.scalar(select(Model.id).where(Model.active.is_(True)).limit(1)) is None
+                if added or no_active:
+                    activate_model(session, model)
+                return model.id
+        except IntegrityError:
+            continue
+    raise RetryableError("could not register the model: concurrent registrations kept conflicting")
+
+
+def wants_delivery(settings: Settings, probabilities: dict[str, float]) -> bool:
+    """Whether a prediction's outputs are to be sent: destinations exist and the threshold is met."""
+    if not settings.destinations:
+        return False
+    if settings.deliver_min_probability <= 0.0:
+        return True
+    return max(probabilities.values(), default=0.0) >= settings.deliver_min_probability
+
+
+@dataclass(frozen=True)
+class _Claim:
+    instance_id: int
+    path: Path
+    attempts: int
+
+
+def _claim(sessions: sessionmaker[Session], storage: Storage, ids: Sequence[int]) -> list[_Claim]:
+    """Marks the instances ``scoring``; an instance already done or failed starts a new round of attempts."""
+    now = utcnow()
+    claims = []
+    with session_scope(sessions) as session:
+        rows = session.scalars(select(Instance).where(Instance.id.in_(ids)).order_by(Instance.id)).all()
+        found = {row.id for row in rows}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            logger.warning("score: %d instance id(s) not in the database, skipped: %s", len(missing), missing[:20])
+        for row in rows:
+            new_round = row.status in (InstanceStatus.SCORED, InstanceStatus.FAILED)
+            row.attempts = 1 if new_round else row.attempts + 1
+            row.status = InstanceStatus.SCORING
+            row.status_changed_at = now
+            claims.append(_Claim(row.id, storage.path(row.storage_key), row.attempts))
+    return claims
+
+
+def _set_status(
+    sessions: sessionmaker[Session], errors: dict[int, str], status: InstanceStatus
+) -> None:
+    if not errors:
+        return
+    now = utcnow()
+    with session_scope(sessions) as session:
+        for row in session.scalars(select(Instance).where(Instance.id.in_(list(errors)))):
+            row.status = status
+            row.status_changed_at = now
+            row.last_error = errors[row.id]
+
+
+def _encode(dataset: Dataset) -> bytes:
+    from pydicom import dcmwrite
+
+    buffer = io.BytesIO()
+    dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class _Written:
+    kind: OutputKind
+    sop_instance_uid: str
+    storage_key: str
+    new_key: bool
+
+
+def _write_outputs(
+    session_factory: sessionmaker[Session], storage: Storage, result: ScoreResult
+) -> list[_Written]:
+    """Writes the result's datasets durably, reusing the storage key of an output seen before."""
+    uids = {kind: str(ds.SOPInstanceUID) for kind, ds in result.outputs.items()}
+    with session_scope(session_factory) as session:
+        known = dict(
+            session.execute(
+                select(Output.sop_instance_uid, Output.storage_key).where(Output.sop_instance_uid.in_(uids.values()))
+            ).tuples()
+        )
+    written: list[_Written] = []
+    try:
+        for kind, dataset in result.outputs.items():
+            uid = uids[kind]
+            key = known.get(uid)
+            new_key = key is None
+            if key is None:
+                key = storage.new_key("out")
+            storage.write_bytes(key, _encode(dataset))
+            written.append(_Written(OutputKind(kind), uid, key, new_key))
+    except BaseException:
+        _remove_new(storage, written)
+        raise
+    return written
+
+
+def _remove_new(storage: Storage, written: Iterable[_Written]) -> None:
+    for item in written:
+        if item.new_key:
+            storage.delete(item.storage_key)
+
+
+def _upsert(
+    session: Session,
+    settings: Settings,
+    instance_id: int,
+    model_id: int,
+    result: ScoreResult,
+    written: Sequence[_Written],
+    timings: dict[str, float],
+) -> list[int]:
+    """Writes one instance's prediction, outputs and deliveries; returns outputs with deliveries to make."""
+    now = utcnow()
+    prediction = session.scalar(
+        select(Prediction).where(Prediction.instance_id == instance_id, Prediction.model_id == model_id)
+    )
+    if prediction is None:
+        prediction = Prediction(instance_id=instance_id, model_id=model_id)
+        session.add(prediction)
+    prediction.probabilities = {name: float(p) for name, p in result.probabilities.items()}
+    prediction.findings = list(result.findings)
+    prediction.timings = {name: round(float(s), 6) for name, s in timings.items()}
+    prediction.duration_s = float(timings["total"])
+    prediction.created_at = now
+    session.flush()
+
+    deliver = wants_delivery(settings, prediction.probabilities)
+    to_send = []
+    for item in written:
+        output = session.scalar(select(Output).where(Output.prediction_id == prediction.id, Output.kind == item.kind))
+        if output is None:
+            output = Output(prediction_id=prediction.id, kind=item.kind, sop_instance_uid=item.sop_instance_uid)
+            session.add(output)
+        output.sop_instance_uid = item.sop_instance_uid
+        output.storage_key = item.storage_key
+        session.flush()
+        if not deliver:
+            continue
+        existing = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.output_id == output.id))}
+        pending = False
+        for destination in map(str, settings.destinations):
+            delivery = existing.get(destination)
+            if delivery is None:
+                session.add(Delivery(output_id=output.id, destination=destination, status=DeliveryStatus.PENDING))
+                pending = True
+            elif delivery.status in (DeliveryStatus.PENDING, DeliveryStatus.RETRYING):
+                pending = True
+        if pending:
+            to_send.append(output.id)
+
+    instance = session.get_one(Instance, instance_id)
+    instance.status = InstanceStatus.SCORED
+    instance.status_changed_at = now
+    instance.last_error = None
+    return to_send
+
+
+def score_instances(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    storage: Storage,
+    scorer: Scorer,
+    instance_ids: Sequence[int],
+) -> ScoreOutcome:
+    """Scores stored instances and records everything; see the module docstring for the order.
+
+    Per-instance failures are recorded, not raised: a permanent one (undecodable image) marks the
+    instance ``failed``; a retryable one puts it back to ``queued`` with its error, or marks it
+    ``failed`` when it has used ``settings.max_attempts``.
+
+    Raises:
+        OperationalError: When the database cannot be reached to record anything (retry the task).
+        Exception: Anything unexpected (a bug), after marking the instances ``failed`` with it.
+    """
+    outcome = ScoreOutcome()
+    ids = list(dict.fromkeys(int(i) for i in instance_ids))
+    if not ids:
+        return outcome
+    claims = _claim(sessions, storage, ids)
+    if not claims:
+        return outcome
+    attempts = {c.instance_id: c.attempts for c in claims}
+
+    def give_back(errors: dict[int, str]) -> None:
+        """Queues retryable failures again, or fails them when out of attempts."""
+        exhausted = {i: f"{e} (gave up after {attempts[i]} attempts)" for i, e in errors.items()
+                     if attempts[i] >= settings.max_attempts}
+        again = {i: e for i, e in errors.items() if i not in exhausted}
+        _set_status(sessions, exhausted, InstanceStatus.FAILED)
+        _set_status(sessions, again, InstanceStatus.QUEUED)
+        outcome.failed += list(exhausted)
+        outcome.retry += list(again)
+        outcome.errors.update(exhausted | again)
+
+    started = time.perf_counter()
+    try:
+        results = scorer.pipeline.score_paths([c.path for c in claims])
+    except PermanentError as exc:
+        errors = {c.instance_id: _error_text(exc) for c in claims}
+        _set_status(sessions, errors, InstanceStatus.FAILED)
+        outcome.failed += list(errors)
+        outcome.errors.update(errors)
+        return outcome
+    except RETRYABLE as exc:
+        give_back({c.instance_id: _error_text(exc) for c in claims})
+        return outcome
+    except Exception as exc:
+        _set_status(sessions, {c.instance_id: _error_text(exc) for c in claims}, InstanceStatus.FAILED)
+        raise
+    pipeline_s = time.perf_counter() - started
+    if len(results) != len(claims):
+        raise RuntimeError(f"the pipeline returned {len(results)} results for {len(claims)} inputs")
+
+    from retinagate.pipeline import ScoreFailure
+
+    permanent: dict[int, str] = {}
+    retryable: dict[int, str] = {}
+    done: list[tuple[_Claim, ScoreResult, list[_Written], dict[str, float]]] = []
+    try:
+        for claim, result in zip(claims, results, strict=True):
+            if isinstance(result, ScoreFailure):
+                (permanent if result.permanent else retryable)[claim.instance_id] = _error_text(result.error)
+                continue
+            write_started = time.perf_counter()
+            try:
+                written = _write_outputs(sessions, storage, result)
+            except StorageError as exc:
+                retryable[claim.instance_id] = _error_text(exc)
+                continue
+            timings = {name: float(s) for name, s in result.timings.items() if name != "total"}
+            timings["write"] = time.perf_counter() - write_started
+            # The batch's pipeline time is shared; each instance carries its own stage timings.
+            timings["total"] = sum(timings.values()) if timings else pipeline_s / len(claims)
+            done.append((claim, result, written, timings))
+
+        if done:
+            try:
+                with session_scope(sessions) as session:
+                    for claim, result, written, timings in done:
+                        outcome.deliver += _upsert(
+                            session, settings, claim.instance_id, scorer.model_id, result, written, timings
+                        )
+            except BaseException:
+                for _, _, written, _ in done:
+                    _remove_new(storage, written)
+                raise
+            outcome.scored += [claim.instance_id for claim, *_ in done]
+    except RETRYABLE as exc:
+        # Nothing of this batch was recorded: everything not already sorted out is tried again.
+        outcome.deliver.clear()
+        retryable.update({c.instance_id: _error_text(exc) for c in claims
+                          if c.instance_id not in permanent and c.instance_id not in retryable})
+    except Exception as exc:
+        unrecorded = {c.instance_id: _error_text(exc) for c in claims
+                      if c.instance_id not in permanent and c.instance_id not in retryable}
+        _set_status(sessions, unrecorded, InstanceStatus.FAILED)
+        raise
+
+    _set_status(sessions, permanent, InstanceStatus.FAILED)
+    outcome.failed += list(permanent)
+    outcome.errors.update(permanent)
+    give_back(retryable)
+    logger.info(
+        "scored %d instance(s) with model id=%s in %.3f s (%d failed, %d to retry)",
+        len(outcome.scored), scorer.model_id, time.perf_counter() - started, len(outcome.failed), len(outcome.retry),
+    )
+    return outcome
+

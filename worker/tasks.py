@@ -1,0 +1,177 @@
+"""The worker's four tasks: score, deliver, sweep and rescore.
+
+Each takes ids only (row ids, never datasets), and each is idempotent, so a message delivered twice
+(a worker killed after the work but before the acknowledgement, a sweep that re-sent it) rewrites
+the same rows and files. Retries name what they retry and are bounded:
+
+- ``score``: a retryable error (:class:`~retinagate.errors.RetryableError`, a database that is away or
+  locked, a failed durable write, the soft time limit) queues the instance again with exponential
+  backoff, until it has used ``max_attempts``; a permanent error fails it at once with the reason.
+- ``deliver``: a transient DICOM failure is retried per destination with backoff doubling from
+  ``delivery_backoff`` up to ``delivery_backoff_max``, at most ``delivery_max_retries`` times;
+  a permanent refusal is recorded and not retried.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
+from retinagate.queue import (
+    DELIVER_QUEUE,
+    DELIVER_TASK,
+    MAINTENANCE_QUEUE,
+    RESCORE_TASK,
+    SCORE_QUEUE,
+    SCORE_TASK,
+    SWEEP_TASK,
+)
+
+__all__ = ["SCORE_BACKOFF", "SCORE_BACKOFF_MAX", "parse_ids", "register_tasks", "score_delay"]
+
+logger = logging.getLogger(__name__)
+
+#: First delay before a score task is retried, in seconds; doubles with each retry.
+SCORE_BACKOFF = 5.0
+#: Longest delay between score retries, in seconds (well below ``stuck_after``'s default).
+SCORE_BACKOFF_MAX = 300.0
+
+
+def score_delay(retries: int) -> float:
+    """Seconds before retry number ``retries + 1`` of a score task."""
+    return min(SCORE_BACKOFF * 2.0 ** min(retries, 30), SCORE_BACKOFF_MAX)
+
+
+def parse_ids(ids: Any, name: str) -> list[int]:
+    """Validates a task's id list (JSON from the broker): positive integers, duplicates dropped.
+
+    Raises:
+        TypeError: When ``ids`` is not a list of integers.
+        ValueError: When an id is not positive.
+    """
+    if isinstance(ids, int) and not isinstance(ids, bool):
+        ids = [ids]
+    if not isinstance(ids, list | tuple) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise TypeError(f"{name}: expected a list of integer row ids, got {type(ids).__name__}")
+    bad = [i for i in ids if i < 1]
+    if bad:
+        raise ValueError(f"{name}: row ids are positive integers, got {bad[:5]}")
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+def _when(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{name}: {value!r} is not an ISO 8601 date or time") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def register_tasks(app: Any) -> None:
+    """Registers the tasks on ``app`` (made by :func:`worker.app.create_app`) under their fixed names."""
+    from worker.app import runtime
+
+    settings = runtime(app).settings
+
+    def score(self: Any, instance_ids: Any) -> dict[str, int]:
+        """Scores instances in one batch, records the results and queues their delivery."""
+        from retinagate.errors import PermanentError, RetryableError
+        from worker.scoring import score_instances
+
+        ids = parse_ids(instance_ids, "instance_ids")
+        state = runtime(self.app)
+        try:
+            scorer = state.scorer()
+            outcome = score_instances(state.settings, state.sessions, state.storage, scorer, ids)
+        except PermanentError as exc:
+            # Only configuration problems reach here (per-instance errors are recorded, not raised).
+            logger.error("score task for %d instance(s) cannot run: %s", len(ids), exc)
+            raise
+        except (RetryableError, OperationalError) as exc:
+            logger.warning("score task for %d instance(s) will be retried: %s", len(ids), type(exc).__name__)
+            raise self.retry(
+                exc=exc, countdown=score_delay(self.request.retries), max_retries=settings.max_attempts
+            ) from exc
+        if outcome.deliver:
+            deliver_task.apply_async(args=[outcome.deliver], queue=DELIVER_QUEUE)
+        if outcome.retry:
+            # Bounded by each instance's attempts, which score_instances counts and enforces.
+            raise self.retry(args=[outcome.retry], countdown=score_delay(self.request.retries), max_retries=None)
+        return {"scored": len(outcome.scored), "failed": len(outcome.failed), "deliver": len(outcome.deliver)}
+
+    def deliver(self: Any, output_ids: Any) -> dict[str, int]:
+        """Sends outputs to every configured destination, retrying transient failures with backoff."""
+        from worker.delivery import deliver_outputs, retry_delay
+
+        ids = parse_ids(output_ids, "output_ids")
+        state = runtime(self.app)
+        try:
+            outcome = deliver_outputs(state.settings, state.sessions, state.storage, ids)
+        except OperationalError as exc:
+            raise self.retry(
+                exc=exc,
+                countdown=retry_delay(settings, self.request.retries + 1),
+                max_retries=settings.delivery_max_retries,
+            ) from exc
+        if outcome.retry_outputs:
+            # Bounded by each delivery row's attempts, which deliver_outputs counts and enforces.
+            raise self.retry(args=[outcome.retry_outputs], countdown=outcome.retry_in, max_retries=None)
+        return {"delivered": len(outcome.delivered), "failed": len(outcome.failed)}
+
+    def sweep(self: Any) -> dict[str, int]:
+        """Re-sends work that Redis lost and fails instances out of attempts."""
+        from worker.sweep import sweep as run_sweep
+
+        state = runtime(self.app)
+        outcome = run_sweep(
+            state.settings,
+            state.sessions,
+            lambda ids: score_task.apply_async(args=[ids], queue=SCORE_QUEUE),
+            lambda ids: deliver_task.apply_async(args=[ids], queue=DELIVER_QUEUE),
+        )
+        return {"requeued": len(outcome.requeued), "failed": len(outcome.failed), "redeliver": len(outcome.redeliver)}
+
+    def rescore(
+        self: Any, since: str | None = None, until: str | None = None, model_path: str | None = None
+    ) -> dict[str, int]:
+        """Queues scoring, in batches, of every scored instance in range without a prediction from the model.
+
+        The model is the one this worker serves (``settings.model_path``); it is registered, and made
+        active when new. Another model cannot be named here, because the score tasks run on workers
+        serving this one: run ``retinagate rescore --model`` for that.
+        """
+        from retinagate.db import session_scope
+        from retinagate.errors import PermanentError
+        from worker.rescore import find_unscored
+        from worker.sweep import batches
+
+        state = runtime(self.app)
+        served = state.settings.model_path
+        if model_path is not None and (served is None or Path(model_path).resolve() != served.resolve()):
+            raise PermanentError(
+                f"model_path: the workers serve {served}, not {model_path}; "
+                "set RETINAGATE_MODEL_PATH and restart them, or run `retinagate rescore --model`"
+            )
+        scorer = state.scorer()
+        with session_scope(state.sessions) as session:
+            ids = find_unscored(session, scorer.model_id, _when(since, "since"), _when(until, "until"))
+        chunks = batches(ids, state.settings.rescore_batch_size)
+        for chunk in chunks:
+            score_task.apply_async(args=[chunk], queue=SCORE_QUEUE)
+        logger.info("rescore: %d instance(s) queued in %d task(s) for model id=%s", len(ids), len(chunks),
+                    scorer.model_id)
+        return {"queued": len(ids), "tasks": len(chunks)}
+
+    # max_retries=None on the task: each retry() call passes its own bound (see the module docstring).
+    score_task = app.task(name=SCORE_TASK, bind=True, queue=SCORE_QUEUE, max_retries=None)(score)
+    deliver_task = app.task(name=DELIVER_TASK, bind=True, queue=DELIVER_QUEUE, max_retries=None)(deliver)
+    app.task(name=SWEEP_TASK, bind=True, queue=MAINTENANCE_QUEUE, max_retries=0)(sweep)
+    app.task(name=RESCORE_TASK, bind=True, queue=MAINTENANCE_QUEUE, max_retries=0)(rescore)
