@@ -48,6 +48,7 @@ class AssociationRecord:
     refused: int = 0
     outcome: str = OPEN
     reason: str | None = None
+    dataset_bytes: int = 0  # of the C-STORE dataset being received (counted by the DUL thread)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property

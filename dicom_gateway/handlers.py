@@ -172,6 +172,20 @@ class StoreHandler:
 
         # The dataset exactly as received; a view, so nothing is copied.
         data = request.DataSet.getbuffer()
+        try:
+            return self._receive(data, sop_class, sop_instance, transfer_syntax, record, label)
+        finally:
+            data.release()
+
+    def _receive(
+        self,
+        data: memoryview,
+        sop_class: str,
+        sop_instance: str,
+        transfer_syntax: str,
+        record: AssociationRecord | None,
+        label: str,
+    ) -> Dataset:
         facts = inspect_dataset(
             data,
             transfer_syntax=transfer_syntax,

@@ -101,19 +101,19 @@ class _GatewayServer(ThreadedAssociationServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.connections: set[threading.Thread] = set()
+        self._connections = 0
         self._connections_lock = threading.Lock()
 
     def get_request(self) -> tuple[Any, Any]:
         client, address = cast(socket.socket, self.socket).accept()
         if self.ssl_context is not None:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        # Counted here, in the accept loop, so a stop that follows never misses a fresh connection.
+        with self._connections_lock:
+            self._connections += 1
         return client, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        current = threading.current_thread()
-        with self._connections_lock:
-            self.connections.add(current)
         try:
             if isinstance(request, ssl.SSLSocket):
                 try:
@@ -127,7 +127,7 @@ class _GatewayServer(ThreadedAssociationServer):
             super().process_request_thread(request, client_address)
         finally:
             with self._connections_lock:
-                self.connections.discard(current)
+                self._connections -= 1
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         _RequestHandler(request, client_address, self)
@@ -138,8 +138,9 @@ class _GatewayServer(ThreadedAssociationServer):
         self.server_close()
 
     def live_connections(self) -> int:
+        """Connections accepted and not yet finished (audit row completed)."""
         with self._connections_lock:
-            return sum(1 for thread in self.connections if thread.is_alive())
+            return self._connections
 
 
 class Gateway:
@@ -240,6 +241,7 @@ class Gateway:
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_PDU_RECV, self._on_pdu_received),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, self.store_handler),
         ]
@@ -334,6 +336,31 @@ class Gateway:
         if record is not None:
             self.audit.opened(record)
             logger.info("%s accepted from %s", record.label, record.peer_address)
+
+    def _on_pdu_received(self, event: Any) -> None:
+        # pynetdicom holds a whole dataset in memory before the C-STORE handler sees it, so a sender
+        # could exhaust memory with one huge instance. Datasets up to twice max_instance_bytes are
+        # received and refused with 0xA700 by the handler; beyond that the association is aborted.
+        pdu = event.pdu
+        items = getattr(pdu, "presentation_data_value_items", None)
+        if not items:
+            return
+        record = self.record_of(event.assoc)
+        if record is None:
+            return
+        for item in items:
+            value = item.presentation_data_value
+            if not value or value[0] & 0x01:  # command fragment
+                continue
+            record.dataset_bytes += len(value) - 1
+            if record.dataset_bytes > 2 * self.settings.max_instance_bytes and record.outcome == OPEN:
+                record.outcome, record.reason = ABORTED, "dataset over twice max_instance_bytes"
+                metrics.REJECTS.labels(reason="too_large_aborted").inc()
+                logger.warning("%s: aborting, dataset over twice max_instance_bytes", record.label)
+                event.assoc.abort()
+                return
+            if value[0] & 0x02:  # last fragment of this dataset
+                record.dataset_bytes = 0
 
     def _tls_failed(self, client_address: Any, exc: BaseException) -> None:
         record = AssociationRecord(

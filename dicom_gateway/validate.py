@@ -282,6 +282,7 @@ def inspect_dataset(
         samples = _int(ds.get("SamplesPerPixel", 1))
         bits = _int(ds.get("BitsAllocated"))
         frames = _int(ds.get("NumberOfFrames", 1) or 1)
+        photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
     except Exception:  # pydicom raises many types for values it cannot read
         raise Refusal(STATUS_CANNOT_UNDERSTAND, "undecodable", "dataset attributes cannot be decoded") from None
 
@@ -294,7 +295,10 @@ def inspect_dataset(
         raise Refusal(STATUS_DOES_NOT_MATCH, "missing_attribute", "an Image Pixel attribute is missing")
     if min(rows, columns, samples, frames) < 1 or samples not in (1, 3, 4) or not (bits == 1 or bits in (8, 16, 32)):
         raise Refusal(STATUS_DOES_NOT_MATCH, "pixel_data_inconsistent", "Image Pixel attributes out of range")
-    if rows * columns * frames > max_pixels:
+    # The same budget the worker's decoder enforces (retinagate.decode.check_pixel_budget): pixels,
+    # and decoded bytes at most those of 8-bit RGB, so what passes here can be decoded there.
+    pixels = rows * columns * frames
+    if pixels > max_pixels or pixels * samples * max(bits, 8) // 8 > 3 * max_pixels:
         raise Refusal(
             STATUS_OUT_OF_RESOURCES, "too_many_pixels", f"Rows x Columns x Frames exceeds {max_pixels}"
         )
@@ -304,13 +308,19 @@ def inspect_dataset(
         raise Refusal(STATUS_DOES_NOT_MATCH, "missing_attribute", "no Pixel Data")
     if transfer_syntax in ENCAPSULATED_SYNTAXES:
         fragments = layout.fragments
-        # Each frame needs at least one non-empty fragment after the Basic Offset Table item.
+        # Each frame needs at least one non-empty fragment after the Basic Offset Table item, and a
+        # Basic Offset Table, when there is one, has one 4-byte entry per frame.
         if fragments is None or len(fragments) - 1 < frames or sum(fragments[1:]) == 0:
             raise Refusal(
                 STATUS_DOES_NOT_MATCH, "pixel_data_inconsistent", "encapsulated Pixel Data has too few frames"
             )
+        if fragments[0] not in (0, 4 * frames):
+            raise Refusal(
+                STATUS_DOES_NOT_MATCH, "pixel_data_inconsistent", "Basic Offset Table does not match the frames"
+            )
     else:
-        expected = math.ceil(rows * columns * frames * samples * bits / 8)
+        per_pixel = 2 if photometric == "YBR_FULL_422" and samples == 3 else samples  # chroma shared by 2 pixels
+        expected = math.ceil(rows * columns * frames * per_pixel * bits / 8)
         if layout.defined_length is None or layout.defined_length < expected:
             raise Refusal(
                 STATUS_DOES_NOT_MATCH, "pixel_data_inconsistent", "Pixel Data shorter than the image it declares"

@@ -18,7 +18,7 @@ but ONNX Runtime:
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional alias)
@@ -26,7 +26,7 @@ from torch import nn
 
 from retinagate.card import ModelCard
 
-__all__ = ["OUTPUT_NAMES", "CamModel", "INPUT_NAME", "classifier_weight"]
+__all__ = ["INPUT_NAME", "OUTPUT_NAMES", "CamModel", "classifier_weight"]
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "probabilities", "cam")
@@ -89,8 +89,9 @@ class CamModel(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(logits [N, C], probabilities [N, C], cam [N, C, h, w])`` for uint8 NHWC input."""
-        features = self.model.forward_features(self.normalise(image))
-        logits = self.model.forward_head(features)
+        model: Any = self.model  # timm's forward_features/forward_head are not part of nn.Module's type
+        features: torch.Tensor = model.forward_features(self.normalise(image))
+        logits: torch.Tensor = model.forward_head(features)
         weight = classifier_weight(self.model)
         cam = F.relu(F.conv2d(features, weight[:, :, None, None]))
         return logits, torch.sigmoid(logits), cam

@@ -1,105 +1,124 @@
 """What an export is checked with: labelled validation photographs, AUROC, and CPU speed.
 
-Validation data is an RFMiD-layout folder (what ``retinagate synth`` writes and RFMiD ships):
-``Evaluation/<ID>.png`` with ``RFMiD_Validation_Labels.csv``. Photographs are prepared with the
-model card's recipe, exactly as the worker prepares them.
+Validation data is found the way training finds it (:func:`train.datasets.load_splits`): an
+RFMiD-layout folder, or the generic CSV + image folder recorded in the checkpoint's training config.
+Photographs are prepared with the model card's recipe, exactly as the worker prepares them.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from retinagate.card import ModelCard
 
-__all__ = ["Labelled", "SPLIT_FILES", "macro_auroc", "ort_probabilities", "read_split", "seconds_per_image"]
+__all__ = [
+    "Labelled",
+    "macro_auroc",
+    "ort_outputs",
+    "read_validation",
+    "seconds_per_image",
+    "validation_from_config",
+]
 
 logger = logging.getLogger(__name__)
-
-#: RFMiD split folder and label file.
-SPLIT_FILES = {
-    "Training": "RFMiD_Training_Labels.csv",
-    "Evaluation": "RFMiD_Validation_Labels.csv",
-    "Test": "RFMiD_Testing_Labels.csv",
-}
-_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 @dataclass(frozen=True)
 class Labelled:
-    """Prepared images with their 29-label ground truth."""
+    """Prepared images with their ground truth."""
 
     images: NDArray[np.uint8]  # [N, S, S, 3]
     labels: NDArray[np.uint8]  # [N, C]
-    ids: tuple[str, ...]
+    origin: str  # where the labels came from, for reports
 
 
-def read_split(root: Path, card: ModelCard, split: str = "Evaluation", *, limit: int | None = None) -> Labelled:
-    """Reads one split of an RFMiD-layout folder, prepared to the card's input.
+def read_validation(
+    card: ModelCard,
+    *,
+    data: Path | None = None,
+    labels_csv: Path | None = None,
+    images: Path | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    limit: int | None = None,
+) -> Labelled:
+    """Reads the validation split of an RFMiD folder (``data``) or a generic CSV, prepared for ``card``.
 
     Raises:
-        FileNotFoundError: If the folder, its label file or a listed image is missing.
-        ValueError: If the split is unknown or the labels are malformed.
+        ValueError: If the source is unusable (``train.datasets.DataSourceError``) or empty.
     """
-    import cv2
-
-    from retinagate.labels import LABELS, labels_from_rfmid_row
+    from retinagate.labels import LABELS
     from retinagate.preprocess import prepare
+    from train.datasets import load_splits, read_image
 
-    if split not in SPLIT_FILES:
-        raise ValueError(f"split: {split!r} is not one of {', '.join(SPLIT_FILES)}")
     if card.labels != LABELS:
-        raise ValueError("validation: the card's labels are not the RFMiD 29-label scheme this reader maps to")
-    root = Path(root)
-    table = root / SPLIT_FILES[split]
-    if not table.is_file():
-        raise FileNotFoundError(f"validation: {table} not found (expected an RFMiD-layout folder)")
-    with table.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    if limit is not None:
-        rows = rows[:limit]
-    images, labels, ids = [], [], []
-    for row in rows:
-        image_id = str(row.get("ID", "")).strip()
-        path = next((root / split / f"{image_id}{s}" for s in _SUFFIXES if (root / split / f"{image_id}{s}").is_file()), None)
-        if path is None:
-            raise FileNotFoundError(f"validation: no image for ID {image_id!r} under {root / split}")
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise ValueError(f"validation: cannot decode {path}")
-        images.append(prepare(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), card.preprocessing))
-        labels.append(labels_from_rfmid_row(row))
-        ids.append(image_id)
-    if not images:
-        raise ValueError(f"validation: {table} lists no images")
-    return Labelled(images=np.stack(images), labels=np.stack(labels), ids=tuple(ids))
+        raise ValueError("validation: the card's labels are not the 29-label RFMiD scheme the data readers map to")
+    splits = load_splits(data=data, labels_csv=labels_csv, images=images, seed=seed, val_fraction=val_fraction)
+    source = splits["val"]
+    count = len(source) if limit is None else min(limit, len(source))
+    if count == 0:
+        raise ValueError(f"validation: {source.origin} has no validation images")
+    prepared = np.stack([prepare(read_image(path), card.preprocessing) for path in source.paths[:count]])
+    return Labelled(images=prepared, labels=source.labels[:count], origin=source.origin)
 
 
-def macro_auroc(labels: NDArray[np.uint8], probabilities: NDArray[np.float32]) -> float | None:
+def validation_from_config(card: ModelCard, config: Mapping[str, Any], *, limit: int | None = None) -> Labelled | None:
+    """The validation split named by a checkpoint's training config, or ``None`` if it is not on this machine."""
+    data, labels_csv, images = (config.get(key) for key in ("data", "labels_csv", "images"))
+    if data is None and labels_csv is None:
+        return None
+    paths = [Path(p) for p in (data, labels_csv) if p is not None]
+    if not all(p.exists() for p in paths):
+        logger.info("the training data named in the checkpoint is not here; no validation")
+        return None
+    return read_validation(
+        card,
+        data=Path(data) if data is not None else None,
+        labels_csv=Path(labels_csv) if labels_csv is not None else None,
+        images=Path(images) if images is not None else None,
+        seed=int(config.get("seed", 0)),
+        val_fraction=float(config.get("val_fraction", 0.2)),
+        limit=limit,
+    )
+
+
+def macro_auroc(labels: NDArray[np.uint8], probabilities: NDArray[np.floating]) -> float | None:
     """Mean AUROC over the labels that have both classes in the split (``None`` if none has)."""
     from train.metrics import compute_metrics
 
-    return compute_metrics(labels, probabilities, labels=[str(i) for i in range(labels.shape[1])]).macro_auroc
+    names = [f"label{i}" for i in range(labels.shape[1])]
+    return compute_metrics(labels, probabilities, labels=names).macro_auroc
 
 
-def ort_probabilities(path: Path, images: NDArray[np.uint8], *, batch_size: int = 16) -> NDArray[np.float32]:
-    """Probabilities from an ONNX file on ONNX Runtime's CPU provider."""
+def _cpu_session(path: Path, threads: int = 0) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    out = [
-        session.run(["probabilities"], {"image": np.ascontiguousarray(images[i : i + batch_size])})[0]
-        for i in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(out).astype(np.float32)
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def ort_outputs(
+    path: Path, images: NDArray[np.uint8], *, batch_size: int = 16
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """``probabilities`` and ``cam`` from an ONNX file on ONNX Runtime's CPU provider."""
+    session = _cpu_session(path)
+    probabilities, cams = [], []
+    for start in range(0, len(images), batch_size):
+        batch = np.ascontiguousarray(images[start : start + batch_size])
+        p, c = session.run(["probabilities", "cam"], {"image": batch})
+        probabilities.append(p)
+        cams.append(c)
+    return np.concatenate(probabilities).astype(np.float32), np.concatenate(cams).astype(np.float32)
 
 
 def seconds_per_image(
@@ -107,14 +126,9 @@ def seconds_per_image(
 ) -> float:
     """Best-of-``repeats`` CPU time per image for one batch of ``batch_size`` on ONNX Runtime.
 
-    The best run, not the mean, because other processes on the machine only ever add time.
+    The best run, not the mean: other processes on the machine only ever add time.
     """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    session = _cpu_session(path, threads)
     batch = np.ascontiguousarray(np.resize(images, (batch_size, *images.shape[1:])))
     session.run(["probabilities", "cam"], {"image": batch})  # warm-up
     best = float("inf")

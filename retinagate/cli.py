@@ -27,6 +27,7 @@ EXIT_MISSING = 3
 #: Modules that contribute subcommands, in the order ``--help`` lists them.
 COMMAND_MODULES = (
     "retinagate.commands",
+    "retinagate.scoring_cli",
     "train.cli",
     "export.cli",
     "dicom_gateway.cli",
@@ -96,7 +97,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"retinagate {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -31,6 +31,7 @@ inverted, and single-channel images are repeated into three channels (red-free p
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -108,6 +109,8 @@ class DecodedImage:
         header: The DICOM dataset without its Pixel Data; ``None`` for PNG and JPEG files.
         source: The file the pixels came from (for messages), or ``"<dataset>"``.
         timings: Seconds spent reading and decoding, keyed ``read`` and ``decode``.
+        content_sha256: sha256 of a PNG or JPEG file's bytes (its identity, as it has no UIDs);
+            ``None`` for DICOM.
     """
 
     frames: list[Frame]
@@ -116,6 +119,7 @@ class DecodedImage:
     header: Dataset | None
     source: str
     timings: dict[str, float] = field(default_factory=dict)
+    content_sha256: str | None = None
 
     @property
     def number_of_frames(self) -> int:
@@ -344,12 +348,17 @@ def read_dataset(path: Path | str, *, max_pixels: int, max_bytes: int | None = N
                 ds = _read_deflated(handle, budget + _DEFLATE_HEADROOM)
             else:
                 ds = pydicom.dcmread(handle, defer_size=_DEFER_SIZE, force=True)
+                if meta_uid is None and "SOPClassUID" not in ds and "PixelData" not in ds:
+                    raise InputError("not a DICOM file: no DICM prefix and no recognisable dataset")
                 check_pixel_budget(ds, max_pixels, max_bytes=max_bytes)
-                # Loads the deferred native Pixel Data now that its size is known to be acceptable.
+                # Loads the deferred native Pixel Data now that its declared size is acceptable.
+                declared = _pixel_data_length(ds)
                 data = ds.PixelData
-                expected = _pixel_data_length(ds)
-                if expected is not None and len(data) < expected:
-                    raise InputError("short Pixel Data: the file ends before the Pixel Data does (truncated)")
+                if declared is not None and len(data) < declared:
+                    raise InputError(
+                        f"short Pixel Data: the file ends {declared - len(data):,} bytes before the Pixel Data "
+                        "does (truncated)"
+                    )
                 return ds
     except InputError:
         raise
@@ -699,6 +708,7 @@ def decode_image_file(
         header=None,
         source=str(path),
         timings={"decode": time.perf_counter() - started},
+        content_sha256=hashlib.sha256(data).hexdigest(),
     )
 
 

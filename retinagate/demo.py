@@ -45,7 +45,7 @@ def _run(argv: Sequence[str], env: dict[str, str] | None = None) -> None:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "retinagate.cli", *args]
+    return [sys.executable, "-m", "retinagate", *args]
 
 
 def ensure_model(workdir: Path, *, epochs: int, train_images: int) -> Path:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -40,8 +42,10 @@ __all__ = [
     "ModelFileError",
     "ProviderChoice",
     "ProviderError",
+    "ProviderPlan",
     "device_uid",
     "file_sha256",
+    "provider_plans",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,22 +83,98 @@ def file_sha256(path: Path) -> str:
 def device_uid(sha256: str) -> str:
     """A DICOM UID (``2.25.<int>``) derived from a model's sha256: same file, same Device UID.
 
+    A ``2.25`` UID is a UUID written as an integer (ISO/IEC 9834-8); a name-based (version 5) UUID of
+    the hash makes it deterministic. (pydicom's ``generate_uid(prefix=None, ...)`` ignores its
+    entropy sources and returns a random UUID, so it cannot serve here.)
+
     Raises:
         ValueError: If ``sha256`` is not 64 hex digits.
     """
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower()):
         raise ValueError(f"sha256: expected 64 hex digits, got {sha256!r}")
-    from pydicom.uid import generate_uid
-
-    return str(generate_uid(prefix=None, entropy_srcs=[sha256.lower()]))
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, f'retinagate-model-sha256:{sha256.lower()}').int}"
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """One attempt at a session: the providers in order, with their options."""
+class ProviderPlan:
+    """One attempt at starting a session: providers in order of preference, with their options.
 
-    providers: list[tuple[str, dict[str, Any]]]
-    from_path: bool  # TensorRT keys its engine cache by model path, so it loads from the file
+    Attributes:
+        providers: ``(name, options)`` pairs, most preferred first; ONNX Runtime places each node on
+            the first provider that can run it.
+        from_path: Load the model from its file rather than from memory: TensorRT keys its engine
+            cache by the model's path.
+    """
+
+    providers: tuple[tuple[str, dict[str, Any]], ...]
+    from_path: bool = False
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.providers]
+
+
+def provider_plans(
+    choice: ProviderChoice,
+    available: Sequence[str],
+    *,
+    input_size: int,
+    batch_size: int,
+    cache_dir: Path | None = None,
+    cudnn_conv_algo_search: CudnnSearch = "EXHAUSTIVE",
+) -> list[ProviderPlan]:
+    """The sessions to try, in order, for a provider choice.
+
+    ``auto`` gives TensorRT (falling back to CUDA, then CPU, node by node), then CUDA, then CPU, each
+    only where ``available`` lists it; a named choice gives that provider's plan alone.
+
+    Args:
+        choice: ``auto``, ``cpu``, ``cuda`` or ``tensorrt``.
+        available: What this ONNX Runtime offers (``onnxruntime.get_available_providers()``).
+        input_size: The model's square input side (TensorRT's shape profile).
+        batch_size: The largest batch (TensorRT's profile; GPU runs always use this size).
+        cache_dir: TensorRT engine and timing cache folder (already made per model).
+        cudnn_conv_algo_search: cuDNN's convolution algorithm search for CUDA.
+
+    Raises:
+        ProviderError: If a named provider is not in ``available``; the message lists what is.
+    """
+    if choice != "auto" and PROVIDERS[choice] not in available:
+        raise ProviderError(
+            f"providers: {choice!r} ({PROVIDERS[choice]}) is not available in this ONNX Runtime build; "
+            f"available: {', '.join(available)}"
+            + ("" if choice == "cpu" else " (GPU providers need the onnxruntime-gpu package and CUDA)")
+        )
+    cpu: tuple[str, dict[str, Any]] = (PROVIDERS["cpu"], {})
+    cuda: tuple[str, dict[str, Any]] = (
+        PROVIDERS["cuda"],
+        {"device_id": 0, "cudnn_conv_algo_search": cudnn_conv_algo_search, "do_copy_in_default_stream": True},
+    )
+    plans: list[ProviderPlan] = []
+    if choice in ("auto", "tensorrt") and PROVIDERS["tensorrt"] in available:
+        # Height and width are fixed by the export; only the batch varies, from 1 to batch_size.
+        shape = f"{INPUT_NAME}:{{}}x{input_size}x{input_size}x3"
+        trt: dict[str, Any] = {
+            "device_id": 0,
+            "trt_fp16_enable": True,
+            "trt_profile_min_shapes": shape.format(1),
+            "trt_profile_opt_shapes": shape.format(batch_size),
+            "trt_profile_max_shapes": shape.format(batch_size),
+        }
+        if cache_dir is not None:
+            trt |= {
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache_dir),
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(cache_dir),
+            }
+        fallback = [cuda] if PROVIDERS["cuda"] in available else []
+        plans.append(ProviderPlan(((PROVIDERS["tensorrt"], trt), *fallback, cpu), from_path=True))
+    if choice in ("auto", "cuda") and PROVIDERS["cuda"] in available:
+        plans.append(ProviderPlan((cuda, cpu)))
+    if choice in ("auto", "cpu"):
+        plans.append(ProviderPlan((cpu,)))
+    return plans
 
 
 class Engine:
@@ -197,56 +277,6 @@ class Engine:
 
     # Session set-up.
 
-    def _plans(self, choice: ProviderChoice, cache_dir: Path | None, cudnn_search: CudnnSearch) -> list[_Plan]:
-        available = ort.get_available_providers()
-        if choice != "auto" and PROVIDERS[choice] not in available:
-            raise ProviderError(
-                f"providers: {choice!r} ({PROVIDERS[choice]}) is not available in this ONNX Runtime build; "
-                f"available: {', '.join(available)}"
-                + ("" if choice == "cpu" else " (GPU providers need the onnxruntime-gpu package and CUDA)")
-            )
-        cuda_options: dict[str, Any] = {
-            "device_id": 0,
-            "cudnn_conv_algo_search": cudnn_search,
-            "do_copy_in_default_stream": True,
-        }
-        cpu: tuple[str, dict[str, Any]] = (PROVIDERS["cpu"], {})
-        cuda: tuple[str, dict[str, Any]] = (PROVIDERS["cuda"], cuda_options)
-        plans: list[_Plan] = []
-        if choice in ("auto", "tensorrt") and PROVIDERS["tensorrt"] in available:
-            trt_options = self._tensorrt_options(cache_dir)
-            fallback = [cuda] if PROVIDERS["cuda"] in available else []
-            plans.append(_Plan([(PROVIDERS["tensorrt"], trt_options), *fallback, cpu], from_path=True))
-        if choice in ("auto", "cuda") and PROVIDERS["cuda"] in available:
-            plans.append(_Plan([cuda, cpu], from_path=False))
-        if choice in ("auto", "cpu"):
-            plans.append(_Plan([cpu], from_path=False))
-        return plans
-
-    def _tensorrt_options(self, cache_dir: Path | None) -> dict[str, Any]:
-        # Input height/width are fixed by the export; only the batch varies, between 1 and batch_size.
-        size = self.card.input_size
-        shape = f"{INPUT_NAME}:{{}}x{size}x{size}x3"
-        options: dict[str, Any] = {
-            "device_id": 0,
-            "trt_fp16_enable": True,
-            "trt_profile_min_shapes": shape.format(1),
-            "trt_profile_opt_shapes": shape.format(self.batch_size),
-            "trt_profile_max_shapes": shape.format(self.batch_size),
-        }
-        if cache_dir is not None:
-            # One folder per model: TensorRT names cached engines after the model path, so a file
-            # replaced in place must not pick up the old model's engine.
-            folder = Path(cache_dir) / self.sha256
-            folder.mkdir(parents=True, exist_ok=True)
-            options |= {
-                "trt_engine_cache_enable": True,
-                "trt_engine_cache_path": str(folder),
-                "trt_timing_cache_enable": True,
-                "trt_timing_cache_path": str(folder),
-            }
-        return options
-
     def _session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -261,30 +291,43 @@ class Engine:
     def _open(
         self, data: bytes, choice: ProviderChoice, cache_dir: Path | None, cudnn_search: CudnnSearch
     ) -> ort.InferenceSession:
+        available = ort.get_available_providers()
+        # One cache folder per model: TensorRT names cached engines after the model path, so a file
+        # replaced in place must not pick up the old model's engine.
+        trt_cache = Path(cache_dir) / self.sha256 if cache_dir is not None else None
+        plans = provider_plans(
+            choice,
+            available,
+            input_size=self.card.input_size,
+            batch_size=self.batch_size,
+            cache_dir=trt_cache,
+            cudnn_conv_algo_search=cudnn_search,
+        )
         failures: list[str] = []
-        for plan in self._plans(choice, cache_dir, cudnn_search):
-            names = [name for name, _ in plan.providers]
-            source: str | bytes = str(self.path) if plan.from_path else data
+        for plan in plans:
+            if plan.from_path and trt_cache is not None:
+                trt_cache.mkdir(parents=True, exist_ok=True)
             try:
                 session = ort.InferenceSession(
-                    source,
+                    str(self.path) if plan.from_path else data,
                     sess_options=self._session_options(),
-                    providers=[name for name, _ in plan.providers],
+                    providers=plan.names,
                     provider_options=[options for _, options in plan.providers],
                     enable_fallback=0,  # we fall back ourselves, and log instead of printing
                 )
-            except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/... classes
-                failures.append(f"{names[0]}: {_first_line(exc)}")
-                logger.warning("provider %s failed to start: %s", names[0], _first_line(exc))
+            except Exception as exc:  # onnxruntime raises its own Fail/EPFail/... classes
+                failures.append(f"{plan.names[0]}: {_first_line(exc)}")
+                logger.warning("provider %s failed to start: %s", plan.names[0], _first_line(exc))
                 continue
             active = session.get_providers()
-            if choice != "auto" and active[0] != PROVIDERS[choice]:
-                failures.append(f"{PROVIDERS[choice]}: not active after start (active: {', '.join(active)})")
+            if active[0] != plan.names[0]:
+                failures.append(f"{plan.names[0]}: not active after start (active: {', '.join(active)})")
+                logger.warning("provider %s is not active after start", plan.names[0])
                 continue
             return session
         raise ProviderError(
             f"providers: could not start {choice!r}: {'; '.join(failures) or 'nothing to try'}; "
-            f"available: {', '.join(ort.get_available_providers())}"
+            f"available: {', '.join(available)}"
         )
 
     # Inference.

@@ -162,7 +162,7 @@ def serve(settings: Settings, *, config: Path | None = None, concurrency: int = 
         redis.start()
         logger.info("embedded Redis on %s", redis.socket_path)
 
-    cli = [sys.executable, "-m", "retinagate.cli"]
+    cli = [sys.executable, "-m", "retinagate"]
     supervisor = Supervisor(env)
     supervisor.add("gateway", [*cli, "gateway"])
     supervisor.add("worker", [*cli, "worker", "--concurrency", str(concurrency)])

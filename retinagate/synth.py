@@ -119,8 +119,9 @@ class LesionStyle:
 _DISC_OFFSET: Final = (0.27, -0.01)
 _DISC_RADIUS: Final = 1 / 14
 _SLOT_RADIUS: Final = 0.37  # lesion centres stay inside this, so lesion + jitter stay inside the FOV
-_DISC_CLEARANCE: Final = 0.2  # no lesion covers the optic disc
-_LESION_RADIUS: Final = (0.07, 0.085)
+_DISC_CLEARANCE: Final = 0.21  # no lesion covers the optic disc
+# Lesion radius: about one cell of a 7 x 7 CAM at 224 px, so a CAM peak on the right cell lands inside.
+_LESION_RADIUS: Final = (0.075, 0.092)
 _LESION_JITTER: Final = 0.012
 _MIN_SEPARATION: Final = 2 * (_LESION_RADIUS[1] + _LESION_JITTER) + 0.01  # co-occurring lesions never touch
 

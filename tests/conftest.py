@@ -340,6 +340,83 @@ def worker_store_instance() -> Callable[..., int]:
     return store
 
 
+@pytest.fixture
+def worker_store_outputs(worker_store_instance: Callable[..., int]) -> Callable[..., list[int]]:
+    """Makes ``count`` scored instances with one output each (a copy of the photograph under a new UID,
+    stored under an ``out`` key), as if scored; returns the output row ids. Creates the schema."""
+
+    def make(settings: Settings, count: int) -> list[int]:
+        import io
+
+        from pydicom import dcmread
+        from pydicom.uid import generate_uid
+
+        from retinagate.db import make_engine, session_factory, session_scope, upgrade
+        from retinagate.models import Instance, Model, Output, OutputKind, Prediction
+        from retinagate.storage import Storage
+
+        upgrade(settings)
+        ids = [worker_store_instance(settings, study=i, size=(256, 192), status="scored") for i in range(count)]
+        storage = Storage(settings.resolved_storage_dir)
+        engine = make_engine(settings)
+        outputs = []
+        try:
+            with session_scope(session_factory(engine)) as session:
+                model = Model(name="m", version="1", sha256="a" * 64, card={}, active=True)
+                session.add(model)
+                session.flush()
+                for instance_id in ids:
+                    instance = session.get_one(Instance, instance_id)
+                    ds = dcmread(storage.path(instance.storage_key))
+                    uid = generate_uid()
+                    ds.SOPInstanceUID = uid
+                    ds.file_meta.MediaStorageSOPInstanceUID = uid
+                    buffer = io.BytesIO()
+                    ds.save_as(buffer, enforce_file_format=True)
+                    key = storage.new_key("out")
+                    storage.write_bytes(key, buffer.getvalue())
+                    prediction = Prediction(
+                        instance_id=instance_id, model_id=model.id, probabilities={}, findings=[], duration_s=0.0
+                    )
+                    session.add(prediction)
+                    session.flush()
+                    output = Output(prediction_id=prediction.id, kind=OutputKind.SC, sop_instance_uid=uid,
+                                    storage_key=key)
+                    session.add(output)
+                    session.flush()
+                    outputs.append(output.id)
+        finally:
+            engine.dispose()
+        return outputs
+
+    return make
+
+
+
+@pytest.fixture
+def worker_model_variant(tmp_path: Path) -> Callable[..., Path]:
+    """Writes a copy of an exported model with its card changed (a new file, hence a new model):
+    ``variant(source, version="...", thresholds={"DR": 0.4})``. The same weights re-released with
+    recalibrated thresholds, say."""
+
+    def variant(source: Path, version: str = "variant", thresholds: dict[str, float] | None = None) -> Path:
+        import onnx
+
+        from retinagate.card import CARD_METADATA_KEY, ModelCard
+
+        proto = onnx.load(str(source))
+        entry = next(p for p in proto.metadata_props if p.key == CARD_METADATA_KEY)
+        card = ModelCard.from_json(entry.value)
+        values = list(card.thresholds)
+        for label, threshold in (thresholds or {}).items():
+            values[card.labels.index(label)] = threshold
+        entry.value = card.with_updates(version=f"{card.version}-{version}", thresholds=tuple(values)).to_json()
+        out = tmp_path / f"{source.stem}-{version}.onnx"
+        onnx.save(proto, str(out))
+        return out
+
+    return variant
+
 # Redis: one real redis-server per test session on a free loopback port, no persistence. The
 # gateway enqueues into it and the worker tests consume from it; tests that need an empty queue
 # flush it themselves.
@@ -405,8 +482,9 @@ def start_gateway(make_settings: Callable[..., Settings]) -> Iterator[Callable[.
     """Starts ``dicom_gateway.server.Gateway`` instances; each is stopped after the test.
 
     Call with settings overrides (``broker_url=...``, ``gateway_allowed_ae_titles=[...]``), or with a
-    ready ``settings=`` object; ``send=`` and ``breaker_seconds=`` go to the Gateway. The schema is
-    created with ``retinagate.db.upgrade``; the gateway listens on 127.0.0.1 (see ``.address``).
+    ready ``settings=`` object; ``send=`` and ``breaker_seconds=`` go to the Gateway. Without a
+    ``broker_url`` or ``send``, score tasks go nowhere (an unreachable broker takes seconds to fail).
+    The schema is created with ``retinagate.db.upgrade``; the gateway listens on 127.0.0.1 (``.address``).
     """
     from retinagate.db import upgrade
 
@@ -417,6 +495,8 @@ def start_gateway(make_settings: Callable[..., Settings]) -> Iterator[Callable[.
         from dicom_gateway.server import Gateway
 
         settings = settings if settings is not None else make_settings(**overrides)
+        if send is None and not settings.broker_url:
+            send = list  # takes the ids and drops them
         upgrade(settings)
         gateway = Gateway(settings, bind=("127.0.0.1", 0), send=send, breaker_seconds=breaker_seconds)
         gateway.start()
@@ -455,3 +535,143 @@ def camera_files(tmp_path: Path) -> Callable[..., list[Path]]:
         return paths
 
     return make
+
+
+# dciodvfy (dicom3tools): validates DICOM objects against their IODs. Appended by the scoring pipeline.
+
+
+@pytest.fixture
+def dciodvfy(tmp_path: Path) -> Callable[[Any], list[str]]:
+    """Returns ``check(dataset_or_path) -> error lines`` from dciodvfy; skips when it is not installed.
+
+    Use it in tests marked ``interop`` (under CI a skipped interop test fails the run). Warnings are
+    not returned: only lines starting with ``Error``.
+    """
+    import shutil
+    import subprocess
+
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (dicom3tools) is not installed")
+
+    def check(target: Any) -> list[str]:
+        path = Path(target) if isinstance(target, str | Path) else tmp_path / f"dciodvfy-{id(target)}.dcm"
+        if not isinstance(target, str | Path):
+            target.save_as(path, enforce_file_format=True)
+        done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False)
+        return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+
+    return check
+
+
+# Synthetic dataset and a small trained model, shared by the training, export, engine and worker tests.
+# Appended by the training helper.
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic RFMiD-layout dataset with lesion masks and DICOM files (240 images, 256 x 192).
+
+    Splits: 144 Training, 48 Evaluation, 48 Test; ``masks/<Split>/<ID>_<COLUMN>.png``; ``dicom/`` holds
+    each image as an Ophthalmic Photography DICOM (two eyes per study). Treat it as read-only.
+    """
+    from retinagate.synth import SynthConfig, write_dataset
+
+    out = tmp_path_factory.mktemp("synth") / "rfmid"
+    write_dataset(out, SynthConfig(n=240, width=256, height=192, seed=0, dicom=True))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``best.pt`` of a small model trained on :func:`synth_dataset` (random init, CPU, about a minute).
+
+    Its CAMs point at the planted lesions well above chance (see tests/test_train_cam.py) and its card
+    holds thresholds calibrated on the validation split. The run folder around it (``metrics.csv``,
+    ``model_card.json``, plots) is the parent of the returned path. Treat it as read-only.
+    """
+    import torch
+
+    from train.loop import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    config = TrainConfig(
+        out=out,
+        data=synth_dataset,
+        cache_dir=out.parent / "cache",
+        img_size=128,
+        epochs=6,
+        batch_size=8,
+        lr=2e-3,
+        warmup_epochs=0.5,
+        pos_weight="auto",
+        aug="light",
+        pretrained=False,
+        patience=0,
+        workers=0,
+        seed=0,
+    )
+    # One intra-op thread: on a busy 2-core machine, OpenMP's spinning threads slow training severalfold.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(config, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return out / "best.pt"
+
+
+# ONNX exports shared by the export, engine and worker tests. Appended by the export helper.
+
+
+def _random_checkpoint(path: Path, input_size: int = 128, seed: int = 0) -> Path:
+    """Saves a randomly initialised model in the checkpoint format.
+
+    timm initialises EfficientNet so that the untrained feature map is ~1e-4 everywhere; the batch-norm
+    scales and statistics are drawn at random here as well, so logits and CAMs have ordinary magnitudes
+    and numerical comparisons mean something.
+    """
+    import torch
+
+    from retinagate.card import ModelCard, Preprocessing
+    from train.model import CHECKPOINT_FORMAT, create_model
+
+    torch.manual_seed(seed)
+    card = ModelCard(name="retinagate-random", version="0.0.1", preprocessing=Preprocessing(input_size=input_size))
+    model = create_model(card, drop_rate=0.0, drop_path_rate=0.0).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.weight.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "card": card.to_json(), "config": {}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init checkpoint at 128 px (no training); for tests that need plumbing, not accuracy."""
+    return _random_checkpoint(tmp_path_factory.mktemp("random-checkpoint") / "random.pt")
+
+
+@pytest.fixture(scope="session")
+def random_onnx_model_path(random_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The export of :func:`random_checkpoint`: a valid RetinaGate ONNX file (128 px) in seconds. Read-only."""
+    from export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("random-onnx") / "random.onnx"
+    export_checkpoint(random_checkpoint, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_model_path(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fp32 export of :func:`trained_checkpoint` (128 px, card in the metadata). Read-only."""
+    from export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_checkpoint(trained_checkpoint, out)
+    return out

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_frames
 from pynetdicom.dsutils import encode
 
 from dicom_gateway.validate import (
@@ -154,3 +155,31 @@ def test_garbage_bytes_cannot_be_understood() -> None:
 def test_refusal_comments_fit_the_error_comment_element() -> None:
     refusal = Refusal(STATUS_DOES_NOT_MATCH, "x", "y" * 200)
     assert len(refusal.comment) == 64
+
+
+def test_native_ybr_full_422_needs_two_samples_per_pixel_not_three() -> None:
+    ds = _photo("explicit_little")
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PixelData = ds.PixelData[: 96 * 128 * 2]
+    assert _inspect(ds, syntax=EXPLICIT).rows == 96
+    ds.PixelData = ds.PixelData[:-2]
+    assert _refusal(ds, syntax=EXPLICIT).reason == "pixel_data_inconsistent"
+
+
+def test_a_basic_offset_table_listing_other_frames_is_refused() -> None:
+    ds = _photo()
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame, frame], has_bot=True)
+    ds.NumberOfFrames = 2
+    assert _inspect(ds).frames == 2
+    ds.NumberOfFrames = 1
+    with pytest.raises(Refusal, match="Basic Offset Table"):
+        _inspect(ds)
+
+
+def test_sixteen_bit_colour_counts_against_the_decoded_byte_budget() -> None:
+    ds = _photo("explicit_little", shape=(100, 100))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelData = b"\x00" * (100 * 100 * 3 * 2)
+    assert _inspect(ds, syntax=EXPLICIT, max_pixels=20_000).rows == 100
+    assert _refusal(ds, syntax=EXPLICIT, max_pixels=19_999).reason == "too_many_pixels"

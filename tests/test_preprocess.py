@@ -121,14 +121,23 @@ def test_a_point_on_the_model_input_maps_back_onto_its_place_in_the_photograph(
     assert not back[outside].any()
 
 
-def test_a_coarse_cam_cell_maps_back_onto_the_matching_region() -> None:
-    f = fundus(seed=6)
-    _, geometry = prepare_with_geometry(f.image, PRE)
-    cam = np.zeros((7, 7), np.float32)
-    cam[3, 3] = 1.0  # the centre cell of a 7 x 7 CAM covers the centre of the model input
-    back = geometry.to_source(cam)
-    y, x = np.unravel_index(int(np.argmax(back)), back.shape)
-    assert math.dist((x, y), f.fov_centre) <= f.fov_diameter / 14
+@pytest.mark.parametrize(("width", "height", "fov_crop"), [(512, 384, True), (300, 500, False)])
+def test_each_cell_of_a_coarse_cam_maps_back_onto_the_centre_of_its_patch(
+    width: int, height: int, fov_crop: bool
+) -> None:
+    f = fundus(seed=6, width=width, height=height)
+    _, geometry = prepare_with_geometry(f.image, Preprocessing(input_size=224, fov_crop=fov_crop))
+    (x0, y0, x1, y1), (px0, py0, px1, py1) = geometry.crop, geometry.placed
+    sx, sy = (x1 - x0) / (px1 - px0), (y1 - y0) / (py1 - py0)
+    for row, column in ((1, 5), (3, 3), (5, 2)):
+        cam = np.zeros((7, 7), np.float32)
+        cam[row, column] = 1.0
+        back = geometry.to_source(cam)
+        y, x = np.unravel_index(int(np.argmax(back)), back.shape)
+        # Centre of that cell on the model input, then through the inverse of resize and crop.
+        mx, my = (column + 0.5) * 224 / 7, (row + 0.5) * 224 / 7
+        expected = (x0 + (mx - px0) * sx - 0.5, y0 + (my - py0) * sy - 0.5)
+        assert math.dist((x, y), expected) <= 1.0, (row, column)
 
 
 def test_images_that_are_not_height_width_3_uint8_are_refused_naming_the_shape() -> None:

@@ -2,57 +2,20 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import dcmread
-from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from retinagate.db import make_engine, session_factory, session_scope, upgrade
-from retinagate.models import Delivery, DeliveryStatus, Instance, Model, Output, OutputKind, Prediction
+from retinagate.db import make_engine, session_factory, session_scope
+from retinagate.models import Delivery, DeliveryStatus, Output
 from retinagate.settings import Destination, Settings
 from retinagate.storage import Storage
 from worker.delivery import Timeouts, classify_status, deliver_outputs, retry_delay, send_to
 
 FAST = Timeouts(connect=2, acse=5, dimse=10, network=10)
-
-
-def _make_outputs(settings: Settings, store: Callable[..., int], count: int) -> list[int]:
-    """Instances with a prediction each and one output per prediction (a copy of the photograph, new UID)."""
-    upgrade(settings)
-    ids = [store(settings, study=i, size=(256, 192)) for i in range(count)]
-    storage = Storage(settings.resolved_storage_dir)
-    engine = make_engine(settings)
-    outputs = []
-    with session_scope(session_factory(engine)) as session:
-        model = Model(name="m", version="1", sha256="a" * 64, card={}, active=True)
-        session.add(model)
-        session.flush()
-        for instance_id in ids:
-            instance = session.get_one(Instance, instance_id)
-            ds = dcmread(storage.path(instance.storage_key))
-            uid = generate_uid()
-            ds.SOPInstanceUID = uid
-            ds.file_meta.MediaStorageSOPInstanceUID = uid
-            buffer = io.BytesIO()
-            ds.save_as(buffer, enforce_file_format=True)
-            key = storage.new_key("out")
-            storage.write_bytes(key, buffer.getvalue())
-            prediction = Prediction(
-                instance_id=instance_id, model_id=model.id, probabilities={}, findings=[], duration_s=0.0
-            )
-            session.add(prediction)
-            session.flush()
-            output = Output(prediction_id=prediction.id, kind=OutputKind.SC, sop_instance_uid=uid, storage_key=key)
-            session.add(output)
-            session.flush()
-            outputs.append(output.id)
-    engine.dispose()
-    return outputs
 
 
 def _deliveries(settings: Settings) -> list[Delivery]:
@@ -82,11 +45,11 @@ def _deliver(settings: Settings, output_ids: list[int]) -> Any:
 
 
 def test_outputs_reach_every_destination_over_one_association_each_and_are_not_sent_twice(
-    make_settings: Callable[..., Settings], worker_store_instance: Callable[..., int], worker_receiver: Any
+    make_settings: Callable[..., Settings], worker_store_outputs: Callable[..., list[int]], worker_receiver: Any
 ) -> None:
     first, second = worker_receiver("PACS"), worker_receiver("VIEWER")
     settings = make_settings(destinations=f"{first.destination},{second.destination}")
-    outputs = _make_outputs(settings, worker_store_instance, 3)
+    outputs = worker_store_outputs(settings, 3)
 
     outcome = _deliver(settings, outputs)
 
@@ -104,12 +67,12 @@ def test_outputs_reach_every_destination_over_one_association_each_and_are_not_s
 
 
 def test_warning_statuses_count_as_delivered(
-    make_settings: Callable[..., Settings], worker_store_instance: Callable[..., int], worker_receiver: Any
+    make_settings: Callable[..., Settings], worker_store_outputs: Callable[..., list[int]], worker_receiver: Any
 ) -> None:
     receiver = worker_receiver()
     receiver.statuses = [0xB000, 0xB007, 0xB006]
     settings = make_settings(destinations=receiver.destination)
-    outputs = _make_outputs(settings, worker_store_instance, 3)
+    outputs = worker_store_outputs(settings, 3)
 
     outcome = _deliver(settings, outputs)
 
@@ -120,12 +83,12 @@ def test_warning_statuses_count_as_delivered(
 
 
 def test_a_refused_data_set_is_failed_at_once_and_not_retried(
-    make_settings: Callable[..., Settings], worker_store_instance: Callable[..., int], worker_receiver: Any
+    make_settings: Callable[..., Settings], worker_store_outputs: Callable[..., list[int]], worker_receiver: Any
 ) -> None:
     receiver = worker_receiver()
     receiver.statuses = [0xA900, 0x0122]
     settings = make_settings(destinations=receiver.destination)
-    outputs = _make_outputs(settings, worker_store_instance, 2)
+    outputs = worker_store_outputs(settings, 2)
 
     outcome = _deliver(settings, outputs)
 
@@ -138,12 +101,12 @@ def test_a_refused_data_set_is_failed_at_once_and_not_retried(
 
 
 def test_a_permanently_rejected_association_fails_the_deliveries(
-    make_settings: Callable[..., Settings], worker_store_instance: Callable[..., int], worker_receiver: Any
+    make_settings: Callable[..., Settings], worker_store_outputs: Callable[..., list[int]], worker_receiver: Any
 ) -> None:
     receiver = worker_receiver()
     receiver.reject = (0x01, 0x01, 0x07)  # rejected-permanent: called AE title not recognised
     settings = make_settings(destinations=receiver.destination)
-    outputs = _make_outputs(settings, worker_store_instance, 1)
+    outputs = worker_store_outputs(settings, 1)
 
     outcome = _deliver(settings, outputs)
 
@@ -153,7 +116,7 @@ def test_a_permanently_rejected_association_fails_the_deliveries(
 
 
 def test_transient_failures_are_retried_with_doubling_backoff_then_failed(
-    make_settings: Callable[..., Settings], worker_store_instance: Callable[..., int], worker_receiver: Any
+    make_settings: Callable[..., Settings], worker_store_outputs: Callable[..., list[int]], worker_receiver: Any
 ) -> None:
     busy = worker_receiver("BUSY")
     busy.reject = (0x02, 0x03, 0x02)  # rejected-transient: local limit exceeded
@@ -165,7 +128,7 @@ def test_transient_failures_are_retried_with_doubling_backoff_then_failed(
         delivery_backoff=1.5,
         delivery_max_retries=2,
     )
-    outputs = _make_outputs(settings, worker_store_instance, 1)
+    outputs = worker_store_outputs(settings, 1)
 
     first = _deliver(settings, outputs)
     assert len(first.retrying) == 3 and first.retry_outputs == outputs and first.retry_in == 1.5
@@ -185,11 +148,11 @@ def test_transient_failures_are_retried_with_doubling_backoff_then_failed(
 
 
 def test_a_destination_added_after_scoring_gets_the_outputs_too(
-    make_settings: Callable[..., Settings], worker_store_instance: Callable[..., int], worker_receiver: Any
+    make_settings: Callable[..., Settings], worker_store_outputs: Callable[..., list[int]], worker_receiver: Any
 ) -> None:
     receiver = worker_receiver()
     before = make_settings()
-    outputs = _make_outputs(before, worker_store_instance, 2)
+    outputs = worker_store_outputs(before, 2)
     assert _deliver(before, outputs).delivered == []  # no destinations: nothing to do
 
     after = make_settings(destinations=receiver.destination)
@@ -198,11 +161,11 @@ def test_a_destination_added_after_scoring_gets_the_outputs_too(
 
 
 def test_a_missing_output_file_fails_that_delivery_only(
-    make_settings: Callable[..., Settings], worker_store_instance: Callable[..., int], worker_receiver: Any
+    make_settings: Callable[..., Settings], worker_store_outputs: Callable[..., list[int]], worker_receiver: Any
 ) -> None:
     receiver = worker_receiver()
     settings = make_settings(destinations=receiver.destination)
-    outputs = _make_outputs(settings, worker_store_instance, 2)
+    outputs = worker_store_outputs(settings, 2)
     engine = make_engine(settings)
     with session_scope(session_factory(engine)) as session:
         key = session.get_one(Output, outputs[0]).storage_key

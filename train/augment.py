@@ -44,11 +44,11 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return value & _MASK63
 
 
-def _transform(level: AugLevel) -> nn.Module | None:
+def _transform(level: str) -> nn.Module | None:
     if level == "none":
         return None
     if level == "light":
-        return v2.Compose(
+        light: nn.Module = v2.Compose(
             [
                 v2.RandomHorizontalFlip(),
                 v2.RandomVerticalFlip(),
@@ -56,7 +56,8 @@ def _transform(level: AugLevel) -> nn.Module | None:
                 v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.05),
             ]
         )
-    return v2.Compose(
+        return light
+    strong: nn.Module = v2.Compose(
         [
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
@@ -66,6 +67,7 @@ def _transform(level: AugLevel) -> nn.Module | None:
             v2.RandomAdjustSharpness(sharpness_factor=1.5, p=0.25),
         ]
     )
+    return strong
 
 
 class Augmenter:
@@ -82,7 +84,7 @@ class Augmenter:
         if level not in AUG_LEVELS:
             raise ValueError(f"aug is {level!r}; expected one of {', '.join(AUG_LEVELS)}")
         self.level = level
-        self._transform = _transform(level)  # type: ignore[arg-type]
+        self._transform = _transform(level)
 
     def __call__(self, image: torch.Tensor, seed: int) -> torch.Tensor:
         """Augments ``image`` with randomness drawn from ``seed`` only (global RNG untouched)."""

@@ -54,6 +54,7 @@ __all__ = [
     "AugmentedImages",
     "CachedSplit",
     "DataSourceError",
+    "MissingDataError",
     "SplitSource",
     "cache_split",
     "find_rfmid_splits",
@@ -84,7 +85,11 @@ _SPLIT_ALIASES: Final[Mapping[str, Split]] = {
 
 
 class DataSourceError(ValueError):
-    """The data folder or CSV cannot be used as given; the message says what is missing and where."""
+    """The data folder or CSV cannot be used as given; the message says what is wrong and where."""
+
+
+class MissingDataError(DataSourceError):
+    """A named data folder, CSV or image file does not exist."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,9 @@ def _read_header(path: Path) -> list[str]:
 
 def _read_rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8-sig") as handle:
-        return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in csv.DictReader(handle)]
+        return [
+            {k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in csv.DictReader(handle)
+        ]
 
 
 def _csv_split(name: str) -> Split | None:
@@ -167,9 +174,9 @@ def _image_index(files: Iterable[str]) -> dict[str, str]:
     """Maps image stem to file name for the image files among ``files``."""
     index: dict[str, str] = {}
     for name in sorted(files):
-        stem, ext = os.path.splitext(name)
-        if ext.lower() in IMAGE_EXTENSIONS:
-            index.setdefault(stem, name)
+        path = Path(name)
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            index.setdefault(path.stem, name)
     return index
 
 
@@ -189,7 +196,7 @@ def find_rfmid_splits(root: Path, *, skip: Sequence[Path] = ()) -> dict[Split, S
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataSourceError(f"--data: no such folder: {root}")
+        raise MissingDataError(f"--data: no such folder: {root}")
     folders = list(_walk(root, skip))
     csvs: dict[Split, list[Path]] = {}
     incomplete: list[str] = []
@@ -234,19 +241,19 @@ def find_rfmid_splits(root: Path, *, skip: Sequence[Path] = ()) -> dict[Split, S
             labels = np.stack([labels_from_rfmid_row(row) for row in rows])
         except ValueError as exc:
             raise DataSourceError(f"{csv_path}: {exc}") from None
-        folder, index = _best_folder(split, ids, indexes)
+        best_folder, index = _best_folder(root, split, ids, indexes)
         missing_ids = [i for i in ids if i not in index]
         if missing_ids:
-            best = f"best match {folder} holds {len(ids) - len(missing_ids)} of them" if folder else "none found"
-            raise DataSourceError(
+            best = f"best match {best_folder} holds {len(ids) - len(missing_ids)} of them" if folder else "none found"
+            raise MissingDataError(
                 f"{csv_path} lists {len(ids)} images but no folder under {root} holds them all ({best}; "
                 f"missing e.g. {', '.join(i + '.png' for i in missing_ids[:3])})"
             )
-        assert folder is not None
+        assert best_folder is not None
         out[split] = SplitSource(
             split=split,
             ids=tuple(ids),
-            paths=tuple((folder / index[i]).resolve() for i in ids),
+            paths=tuple((best_folder / index[i]).resolve() for i in ids),
             labels=labels.astype(np.uint8),
             origin=str(csv_path),
         )
@@ -254,10 +261,17 @@ def find_rfmid_splits(root: Path, *, skip: Sequence[Path] = ()) -> dict[Split, S
 
 
 def _best_folder(
-    split: Split, ids: Sequence[str], indexes: Sequence[tuple[Path, dict[str, str]]]
+    root: Path, split: Split, ids: Sequence[str], indexes: Sequence[tuple[Path, dict[str, str]]]
 ) -> tuple[Path | None, dict[str, str]]:
-    """The folder holding the most of ``ids``; ties go to a folder named for the split, then the shallowest."""
-    best: tuple[tuple[int, int, int], Path, dict[str, str]] | None = None
+    """The folder most likely to hold a split's images.
+
+    RFMiD numbers images from 1 in every split, so the training folder also holds files named like
+    the test IDs: a folder named for the split (``Test``, or inside ``Test_Set``) therefore beats an
+    unnamed one even when it lacks some files (that gets reported as missing files, not silently
+    swapped for training images). Among equals, the folder with the most matches wins, then the
+    folder whose own name is the split's, then the shallowest.
+    """
+    best: tuple[tuple[int, int, int, int], Path, dict[str, str]] | None = None
     names = _SPLIT_FOLDERS[split]
     for folder, index in indexes:
         if not index:
@@ -265,8 +279,10 @@ def _best_folder(
         matched = sum(1 for i in ids if i in index)
         if matched == 0:
             continue
-        named = folder.name.lower() in names
-        rank = (matched, int(named), -len(folder.parts))
+        parts = [p.lower() for p in folder.relative_to(root).parts]
+        own = bool(parts) and parts[-1] in names
+        inside = any(p.startswith(names) for p in parts)
+        rank = (int(own or inside), matched, int(own), -len(parts))
         if best is None or rank > best[0]:
             best = (rank, folder, index)
     return (best[1], best[2]) if best else (None, {})
@@ -306,9 +322,9 @@ def read_csv_splits(
     """
     labels_csv, images = Path(labels_csv), Path(images)
     if not labels_csv.is_file():
-        raise DataSourceError(f"--labels-csv: no such file: {labels_csv}")
+        raise MissingDataError(f"--labels-csv: no such file: {labels_csv}")
     if not images.is_dir():
-        raise DataSourceError(f"--images: no such folder: {images}")
+        raise MissingDataError(f"--images: no such folder: {images}")
     if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
         raise DataSourceError(
             f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in [0, 1) with a sum below 1"
@@ -361,9 +377,8 @@ def read_csv_splits(
         paths.append(path)
         labels.append(vector)
     if missing_files:
-        raise DataSourceError(
-            f"{labels_csv}: {len(missing_files)} images not found under {images} "
-            f"(e.g. {', '.join(missing_files[:3])})"
+        raise MissingDataError(
+            f"{labels_csv}: {len(missing_files)} images not found under {images} (e.g. {', '.join(missing_files[:3])})"
         )
     for split in ("train", "val"):
         if split not in grouped:
@@ -436,8 +451,7 @@ def read_image(path: Path) -> NDArray[np.uint8]:
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
         raise DataSourceError(f"cannot decode image {path}")
-    rgb: NDArray[np.uint8] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    return rgb
+    return np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8)
 
 
 def _cache_key(source: SplitSource, preprocessing: Preprocessing) -> str:
@@ -508,8 +522,7 @@ def cache_split(
             for _ in bar:
                 pass
         array.flush()
-        del array
-        os.replace(tmp, final)
+        tmp.replace(final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

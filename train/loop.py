@@ -52,6 +52,7 @@ __all__ = [
     "RunResult",
     "TrainConfig",
     "TrainingError",
+    "epoch_loader",
     "evaluate_checkpoint",
     "freeze_stages",
     "predict",
@@ -178,7 +179,9 @@ class TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys are ignored (older or newer runs)."""
         paths = {"out", "data", "labels_csv", "images", "cache_dir", "weights"}
         known = {f.name for f in fields(cls)}
-        values = {k: (Path(v) if k in paths and v is not None else v) for k, v in data.items() if k in known}
+        values: dict[str, Any] = {
+            k: (Path(v) if k in paths and v is not None else v) for k, v in data.items() if k in known
+        }
         return cls(**values)
 
     @property
@@ -254,7 +257,9 @@ def freeze_stages(model: nn.Module, stages: int) -> list[nn.Module]:
     blocks = getattr(model, "blocks", None)
     stem = [getattr(model, name, None) for name in ("conv_stem", "bn1")]
     if not isinstance(blocks, nn.Sequential) or any(m is None for m in stem):
-        raise TrainingError(f"--freeze-stages needs an EfficientNet-like model (conv_stem, bn1, blocks); got {type(model).__name__}")
+        raise TrainingError(
+            f"--freeze-stages needs an EfficientNet-like model (conv_stem, bn1, blocks); got {type(model).__name__}"
+        )
     if stages > len(blocks):
         raise TrainingError(f"--freeze-stages is {stages}; this model has {len(blocks)} stages")
     frozen: list[nn.Module] = [m for m in stem if isinstance(m, nn.Module)] + list(blocks[:stages])
@@ -265,7 +270,8 @@ def freeze_stages(model: nn.Module, stages: int) -> list[nn.Module]:
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -314,11 +320,50 @@ def _balanced_weights(labels: NDArray[np.uint8]) -> torch.Tensor:
     return torch.as_tensor(np.sqrt(per_image), dtype=torch.double)
 
 
+def epoch_loader(
+    dataset: AugmentedImages,
+    epoch: int,
+    *,
+    seed: int,
+    batch_size: int,
+    workers: int = 0,
+    sample_weights: torch.Tensor | None = None,
+    pin_memory: bool = False,
+) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
+    """The shuffled (or weighted) training loader of one epoch.
+
+    Order and augmentation are functions of (seed, epoch) alone: the sampler draws from a generator
+    seeded with them, and each sample's augmentation seed comes from (seed, epoch, index). Workers are
+    not persistent, so each epoch's workers start from this epoch's state; the batches are the same
+    for any number of workers, and for a resumed run.
+    """
+    dataset.set_epoch(epoch)
+    generator = torch.Generator()
+    generator.manual_seed(sample_seed(seed, epoch, -1))
+    sampler: Sampler[int]
+    if sample_weights is not None:
+        sampler = WeightedRandomSampler(sample_weights.tolist(), len(dataset), replacement=True, generator=generator)
+    else:
+        sampler = RandomSampler(dataset, generator=generator)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
 def _rng_state(device: torch.device) -> dict[str, Any]:
-    np_state = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np.asarray(np_state[1]).astype(np.int64)), *np_state[2:]],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), pos, has_gauss, cached],
         "python": random.getstate(),
     }
     if device.type == "cuda":
@@ -343,12 +388,12 @@ def _save(payload: dict[str, Any], path: Path) -> None:
     """Writes a checkpoint atomically: a crash leaves the previous file, never half of a new one."""
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
 def _batches(images: NDArray[np.uint8], batch_size: int) -> Iterator[torch.Tensor]:
     for start in range(0, images.shape[0], batch_size):
-        chunk = np.ascontiguousarray(images[start : start + batch_size])
+        chunk = np.array(images[start : start + batch_size])  # a writable copy off the memory map
         yield torch.from_numpy(chunk).permute(0, 3, 1, 2)  # NHWC bytes: already channels_last
 
 
@@ -379,7 +424,9 @@ def predict(
     outputs: list[torch.Tensor] = []
     loss_sum, seen = 0.0, 0
     total = math.ceil(images.shape[0] / batch_size)
-    for i, batch in enumerate(tqdm(_batches(images, batch_size), total=total, desc=desc, leave=False, disable=not progress)):
+    for i, batch in enumerate(
+        tqdm(_batches(images, batch_size), total=total, desc=desc, leave=False, disable=not progress)
+    ):
         x = normalizer(batch.to(device, non_blocking=True))
         with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x).float()
@@ -407,7 +454,7 @@ def _write_metrics_csv(path: Path, history: Sequence[dict[str, Any]], labels: Se
         writer.writeheader()
         for row in history:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
 def _software() -> dict[str, str]:
@@ -488,7 +535,9 @@ def train(
         if checkpoint.get("finished"):
             raise TrainingError(f"the run in {out} has already finished; start a new run with another --out")
     elif last_path.exists():
-        raise TrainingError(f"{out} already holds a run (last.pt); pass --resume to continue it or choose another --out")
+        raise TrainingError(
+            f"{out} already holds a run (last.pt); pass --resume to continue it or choose another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
 
@@ -520,20 +569,18 @@ def train(
     frozen = freeze_stages(model, config.freeze_stages)
     model.to(device)
     if config.channels_last:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model.to(memory_format=torch.channels_last)
     pos_weight = auto_pos_weight(labels_train) if config.pos_weight == "auto" else None
     criterion = build_loss(config.loss, pos_weight).to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
     steps_per_epoch = len(train_split) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(total_steps, warmup_steps, config.min_lr_ratio)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, warmup_steps, config.min_lr_ratio))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ema = None
     if config.ema:
-        from timm.utils import ModelEmaV3
+        from timm.utils.model_ema import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)
     normalizer = Normalizer(run.card.preprocessing).to(device)
@@ -564,32 +611,21 @@ def train(
     from tqdm import tqdm
 
     stopped_early = False
-    epochs_this_session = 0
     for epoch in range(start_epoch, config.epochs):
-        if stop_after_epochs is not None and epochs_this_session >= stop_after_epochs:
+        if stop_after_epochs is not None and epoch - start_epoch >= stop_after_epochs:
             break
         epoch_started = time.perf_counter()
         model.train()
         for module in frozen:
             module.eval()
-        dataset.set_epoch(epoch)
-        generator = torch.Generator()
-        generator.manual_seed(sample_seed(config.seed, epoch, -1))
-        sampler: Sampler[int]
-        if sample_weights is not None:
-            sampler = WeightedRandomSampler(sample_weights, len(dataset), replacement=True, generator=generator)
-        else:
-            sampler = RandomSampler(dataset, generator=generator)
-        loader = DataLoader(
+        loader = epoch_loader(
             dataset,
+            epoch,
+            seed=config.seed,
             batch_size=config.batch_size,
-            sampler=sampler,
-            num_workers=workers,
+            workers=workers,
+            sample_weights=sample_weights,
             pin_memory=device.type == "cuda",
-            drop_last=True,
-            worker_init_fn=_seed_worker,
-            generator=generator,
-            prefetch_factor=4 if workers > 0 else None,
         )
         loss_sum, seen = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False, disable=not progress)
@@ -598,7 +634,9 @@ def train(
             if config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = targets.to(device, non_blocking=True).float()
-            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with torch.autocast(
+                device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ):
                 logits = model(normalizer(x))
             loss = criterion(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
@@ -684,7 +722,6 @@ def train(
             epoch + 1, config.epochs, row["train_loss"], val_loss or float("nan"),
             _fmt(metrics.macro_auroc), _fmt(metrics.riadd_score), row["seconds"], " *" if improved else "",
         )  # fmt: skip
-        epochs_this_session += 1
         if finished:
             break
 
@@ -723,7 +760,7 @@ def _finish(
     model.load_state_dict(best["model"])
     model.to(run.device)
     if config.channels_last:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model.to(memory_format=torch.channels_last)
     criterion = criterion.to(run.device)
 
     def evaluate(split: CachedSplit, name: str) -> tuple[Metrics, NDArray[np.float32]]:
@@ -787,7 +824,9 @@ def _threshold_dict(t: LabelThreshold) -> dict[str, Any]:
             "precision": t.precision, "recall": t.recall}  # fmt: skip
 
 
-def _with_f1(metrics: Metrics, truth: NDArray[np.uint8], probs: NDArray[np.float32], thresholds: Sequence[float]) -> Metrics:
+def _with_f1(
+    metrics: Metrics, truth: NDArray[np.uint8], probs: NDArray[np.float32], thresholds: Sequence[float]
+) -> Metrics:
     """Adds F1 at the given thresholds (per label and macro over labels with positives)."""
     predicted = probs >= np.asarray(thresholds, dtype=np.float32)
     actual = truth.astype(bool)
@@ -815,11 +854,16 @@ def evaluate_checkpoint(
     cache_dir: Path | None = None,
     device: str = "auto",
     batch_size: int = 64,
+    pointing_game: bool = False,
+    masks: Path | None = None,
     progress: bool = True,
 ) -> tuple[Metrics, ModelCard]:
     """Evaluates a checkpoint on one split, with F1 at the card's thresholds.
 
-    The data location defaults to the one recorded in the checkpoint's training config.
+    The data location defaults to the one recorded in the checkpoint's training config. With
+    ``pointing_game``, the pointing game of the model's CAMs against lesion masks
+    (``<masks>/<image folder>/<ID>_<COLUMN>.png``; ``masks`` defaults to ``<data>/masks``, where
+    ``retinagate synth`` writes them) is added under ``metrics.extra["pointing_game"]``.
 
     Raises:
         TrainingError: Unknown split, split missing from the data, unusable checkpoint.
@@ -843,7 +887,7 @@ def evaluate_checkpoint(
     )  # fmt: skip
     if split not in sources:
         raise TrainingError(f"the data has no {split} split (found: {', '.join(sources)})")
-    cached = cache_split(sources[split], card.preprocessing, cache_dir, progress=progress)  # type: ignore[index]
+    cached = cache_split(sources[split], card.preprocessing, cache_dir, progress=progress)
     target = resolve_device(device)
     model.to(target)
     probs, _ = predict(
@@ -851,5 +895,14 @@ def evaluate_checkpoint(
         precision="fp16" if target.type == "cuda" else "fp32", batch_size=batch_size,
         progress=progress, desc=f"evaluate {split}",
     )  # fmt: skip
-    metrics = compute_metrics(cached.labels, probs, card.labels)
-    return _with_f1(metrics, cached.labels, probs, card.thresholds), card
+    metrics = _with_f1(compute_metrics(cached.labels, probs, card.labels), cached.labels, probs, card.thresholds)
+    if pointing_game:
+        from train.cam import pointing_game as play
+
+        if masks is None and data is not None:
+            masks = Path(data) / "masks"
+        if masks is None or not Path(masks).is_dir():
+            raise TrainingError(f"pointing game: no lesion mask folder {masks or ''}; give --masks DIR".strip())
+        game = play(model, card, cached.source, Path(masks), device=target, batch_size=batch_size)
+        metrics = replace(metrics, extra={**metrics.extra, "pointing_game": game.to_dict()})
+    return metrics, card

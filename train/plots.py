@@ -14,11 +14,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
-import numpy as np  # noqa: E402
-from numpy.typing import NDArray  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from numpy.typing import NDArray
 
-from train.metrics import Metrics, auroc, roc_curve  # noqa: E402
+from train.metrics import Metrics, auroc, roc_curve
 
 __all__ = ["plot_auroc_bars", "plot_history", "plot_roc_curves"]
 
@@ -83,7 +83,12 @@ def plot_auroc_bars(metrics: Metrics, path: Path, *, test: Metrics | None = None
     height = 0.4 if test is not None else 0.7
     fig, axis = plt.subplots(figsize=(7, 0.28 * len(labels) + 1.2), constrained_layout=True)
     val = [math.nan if a is None else a for a in metrics.auroc]
-    axis.barh(y - (height / 2 if test else 0), val, height=height, label=f"validation (macro {metrics.macro_auroc or math.nan:.3f})")
+    axis.barh(
+        y - (height / 2 if test else 0),
+        val,
+        height=height,
+        label=f"validation (macro {metrics.macro_auroc or math.nan:.3f})",
+    )
     if test is not None:
         tst = [math.nan if a is None else a for a in test.auroc]
         axis.barh(y + height / 2, tst, height=height, label=f"test (macro {test.macro_auroc or math.nan:.3f})")

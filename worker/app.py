@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, current_app, signals
 from celery.schedules import crontab
-from kombu.entity import Queue
+from kombu.entity import Exchange, Queue
 
 from retinagate.queue import (
     DELIVER_QUEUE,
@@ -132,6 +132,16 @@ def _rescore_schedule(expression: str) -> crontab:
         raise ValueError(f"rescore_cron: {expression!r} is not a valid cron expression ({exc})") from None
 
 
+def _queues() -> list[Queue]:
+    # One direct exchange per queue, named like it: the same bindings the producers in
+    # retinagate.queue declare. (Without an exchange Celery binds every queue to the default
+    # exchange with the default routing key, and a message would land in all of them.)
+    return [
+        Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
+        for name in QUEUES
+    ]
+
+
 def create_app(settings: Settings) -> Celery:
     """Builds the worker's Celery app with its tasks, queues and beat schedule.
 
@@ -139,6 +149,7 @@ def create_app(settings: Settings) -> Celery:
         ValueError: When ``rescore_cron`` is not a valid cron expression.
     """
     app = Celery("retinagate", broker=broker_url(settings), set_as_current=True)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule file there
     app.conf.update(
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
@@ -158,7 +169,7 @@ def create_app(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",
-        task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
+        task_queues=_queues(),
         task_default_queue=MAINTENANCE_QUEUE,
         task_routes={name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
         worker_hijack_root_logger=False,
@@ -192,7 +203,11 @@ def _on_setup_logging(**_: Any) -> None:
     # Connecting this signal stops Celery from configuring logging itself; use RetinaGate's setup.
     from retinagate.logs import setup_logging
 
-    settings = runtime().settings
+    try:
+        settings = runtime().settings
+    except RuntimeError:  # another app is current: RetinaGate's defaults
+        setup_logging()
+        return
     setup_logging(settings.log_level, settings.log_format)
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -67,8 +68,16 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Errors after which the same work may succeed later: the task is retried with backoff.
-RETRYABLE: tuple[type[BaseException], ...] = (RetryableError, OperationalError, IntegrityError, StorageError)
+#: Errors after which the same work may succeed later: the task is retried with backoff. An
+#: IntegrityError means another worker wrote the same prediction at the same moment: the retry finds
+#: it and updates it. The soft time limit lets a batch that ran too long give its instances back.
+RETRYABLE: tuple[type[BaseException], ...] = (
+    RetryableError,
+    OperationalError,
+    IntegrityError,
+    StorageError,
+    SoftTimeLimitExceeded,
+)
 
 _MAX_ERROR = 2000  # characters of an error message kept in SQL
 
@@ -144,6 +153,10 @@ class Scorer:
         self.pipeline = pipeline
         self.model_id = model_id
 
+    def close(self) -> None:
+        """Stops the pipeline's threads."""
+        self.pipeline.close()
+
     @classmethod
     def load(cls, model_path: Path | None, settings: Settings, sessions: sessionmaker[Session]) -> Scorer:
         """Loads the model and registers it.
@@ -165,6 +178,7 @@ class Scorer:
             engine = Engine.load(path, settings)
         except (OSError, ValueError, RuntimeError) as exc:
             raise RetryableError(f"cannot load the model {path}: {_error_text(exc)}") from exc
+        engine.warmup()  # the first real batch should not pay for the runtime's set-up
         model_id = _register_active(sessions, engine)
         return cls(engine, Pipeline(engine, settings), model_id)
 
@@ -253,11 +267,8 @@ def _write_outputs(
     """Writes the result's datasets durably, reusing the storage key of an output seen before."""
     uids = {kind: str(ds.SOPInstanceUID) for kind, ds in result.outputs.items()}
     with session_scope(session_factory) as session:
-        known = dict(
-            session.execute(
-                select(Output.sop_instance_uid, Output.storage_key).where(Output.sop_instance_uid.in_(uids.values()))
-            ).tuples()
-        )
+        query = select(Output.sop_instance_uid, Output.storage_key).where(Output.sop_instance_uid.in_(uids.values()))
+        known = {uid: key for uid, key in session.execute(query)}
     written: list[_Written] = []
     try:
         for kind, dataset in result.outputs.items():
@@ -288,8 +299,14 @@ def _upsert(
     result: ScoreResult,
     written: Sequence[_Written],
     timings: dict[str, float],
+    unused: list[str],
 ) -> list[int]:
-    """Writes one instance's prediction, outputs and deliveries; returns outputs with deliveries to make."""
+    """Writes one instance's prediction, outputs and deliveries; returns outputs with deliveries to make.
+
+    An output row that already exists keeps its storage key: a file this call wrote under a new key
+    for it (another worker committed the same output meanwhile) is added to ``unused``, to be removed
+    after the commit. Keys never change under a row, so a delivery reading one never loses its file.
+    """
     now = utcnow()
     prediction = session.scalar(
         select(Prediction).where(Prediction.instance_id == instance_id, Prediction.model_id == model_id)
@@ -300,7 +317,7 @@ def _upsert(
     prediction.probabilities = {name: float(p) for name, p in result.probabilities.items()}
     prediction.findings = list(result.findings)
     prediction.timings = {name: round(float(s), 6) for name, s in timings.items()}
-    prediction.duration_s = float(timings["total"])
+    prediction.duration_s = prediction.timings["total"]
     prediction.created_at = now
     session.flush()
 
@@ -309,11 +326,12 @@ def _upsert(
     for item in written:
         output = session.scalar(select(Output).where(Output.prediction_id == prediction.id, Output.kind == item.kind))
         if output is None:
-            output = Output(prediction_id=prediction.id, kind=item.kind, sop_instance_uid=item.sop_instance_uid)
+            output = Output(prediction_id=prediction.id, kind=item.kind, sop_instance_uid=item.sop_instance_uid,
+                            storage_key=item.storage_key)
             session.add(output)
-        output.sop_instance_uid = item.sop_instance_uid
-        output.storage_key = item.storage_key
-        session.flush()
+            session.flush()
+        elif output.storage_key != item.storage_key and item.new_key:
+            unused.append(item.storage_key)
         if not deliver:
             continue
         existing = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.output_id == output.id))}
@@ -372,6 +390,15 @@ def score_instances(
         outcome.retry += list(again)
         outcome.errors.update(exhausted | again)
 
+    # A stored file that is not there may come back (a storage volume not mounted yet): retry it,
+    # bounded by the attempts, rather than fail it for good as an unreadable input.
+    missing = {c.instance_id: "the stored file is missing from storage" for c in claims if not c.path.is_file()}
+    if missing:
+        give_back(missing)
+        claims = [c for c in claims if c.instance_id not in missing]
+        if not claims:
+            return outcome
+
     started = time.perf_counter()
     try:
         results = scorer.pipeline.score_paths([c.path for c in claims])
@@ -396,6 +423,7 @@ def score_instances(
     permanent: dict[int, str] = {}
     retryable: dict[int, str] = {}
     done: list[tuple[_Claim, ScoreResult, list[_Written], dict[str, float]]] = []
+    committed = False
     try:
         for claim, result in zip(claims, results, strict=True):
             if isinstance(result, ScoreFailure):
@@ -407,24 +435,25 @@ def score_instances(
             except StorageError as exc:
                 retryable[claim.instance_id] = _error_text(exc)
                 continue
-            timings = {name: float(s) for name, s in result.timings.items() if name != "total"}
+            timings = {name: float(s) for name, s in result.timings.items()}
+            stages = sum(s for name, s in timings.items() if name != "total")
             timings["write"] = time.perf_counter() - write_started
-            # The batch's pipeline time is shared; each instance carries its own stage timings.
-            timings["total"] = sum(timings.values()) if timings else pipeline_s / len(claims)
+            # Without the pipeline's own total, the batch's time is shared out evenly.
+            total = timings.get("total", stages or pipeline_s / len(claims))
+            timings["total"] = total + timings["write"]
             done.append((claim, result, written, timings))
 
         if done:
-            try:
-                with session_scope(sessions) as session:
-                    for claim, result, written, timings in done:
-                        outcome.deliver += _upsert(
-                            session, settings, claim.instance_id, scorer.model_id, result, written, timings
-                        )
-            except BaseException:
-                for _, _, written, _ in done:
-                    _remove_new(storage, written)
-                raise
+            unused: list[str] = []
+            with session_scope(sessions) as session:
+                for claim, result, written, timings in done:
+                    outcome.deliver += _upsert(
+                        session, settings, claim.instance_id, scorer.model_id, result, written, timings, unused
+                    )
+            committed = True
             outcome.scored += [claim.instance_id for claim, *_ in done]
+            for key in unused:
+                storage.delete(key)
     except RETRYABLE as exc:
         # Nothing of this batch was recorded: everything not already sorted out is tried again.
         outcome.deliver.clear()
@@ -435,6 +464,10 @@ def score_instances(
                       if c.instance_id not in permanent and c.instance_id not in retryable}
         _set_status(sessions, unrecorded, InstanceStatus.FAILED)
         raise
+    finally:
+        if not committed:  # no row points at the files this call added: take them away again
+            for _, _, written, _ in done:
+                _remove_new(storage, written)
 
     _set_status(sessions, permanent, InstanceStatus.FAILED)
     outcome.failed += list(permanent)

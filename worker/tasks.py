@@ -171,7 +171,8 @@ def register_tasks(app: Any) -> None:
         return {"queued": len(ids), "tasks": len(chunks)}
 
     # max_retries=None on the task: each retry() call passes its own bound (see the module docstring).
-    score_task = app.task(name=SCORE_TASK, bind=True, queue=SCORE_QUEUE, max_retries=None)(score)
-    deliver_task = app.task(name=DELIVER_TASK, bind=True, queue=DELIVER_QUEUE, max_retries=None)(deliver)
-    app.task(name=SWEEP_TASK, bind=True, queue=MAINTENANCE_QUEUE, max_retries=0)(sweep)
-    app.task(name=RESCORE_TASK, bind=True, queue=MAINTENANCE_QUEUE, max_retries=0)(rescore)
+    # shared=False: these tasks belong to this app (its runtime and settings), not to every app made.
+    score_task = app.task(name=SCORE_TASK, bind=True, queue=SCORE_QUEUE, max_retries=None, shared=False)(score)
+    deliver_task = app.task(name=DELIVER_TASK, bind=True, queue=DELIVER_QUEUE, max_retries=None, shared=False)(deliver)
+    app.task(name=SWEEP_TASK, bind=True, queue=MAINTENANCE_QUEUE, max_retries=0, shared=False)(sweep)
+    app.task(name=RESCORE_TASK, bind=True, queue=MAINTENANCE_QUEUE, max_retries=0, shared=False)(rescore)

@@ -102,7 +102,8 @@ def _normalised(cam: NDArray[np.floating]) -> NDArray[np.float32] | None:
     top = float(heat.max(initial=0.0))
     if not math.isfinite(top) or top <= 0.0:
         return None  # nothing activated: no heatmap to show
-    return np.clip(heat / top, 0.0, 1.0)
+    normalised: NDArray[np.float32] = np.clip(heat / top, 0.0, 1.0)
+    return normalised
 
 
 def render_heatmaps(
@@ -133,7 +134,8 @@ def render_heatmaps(
         raise ValueError(f"frame has shape {frame.shape} and dtype {frame.dtype}; expected (H, W, 3) uint8")
     height, width = display_shape(frame.shape[:2], long_side)
     shrinking = height <= frame.shape[0]
-    photo = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    photo = np.asarray(cv2.resize(frame, (width, height), interpolation=interpolation), dtype=np.uint8)
 
     # Map each CAM onto the display picture; keep the strongest finding per pixel.
     combined = np.zeros((height, width), dtype=np.float32)
@@ -144,22 +146,23 @@ def render_heatmaps(
             continue
         heat = geometry.to_source(small, (height, width))
         np.maximum(combined, heat, out=combined)
-        y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
-        peaks.append((finding.label, (int(x), int(y))))
+        row, column = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        peaks.append((finding.label, (int(column), int(row))))
 
-    picture = photo
+    picture: NDArray[np.uint8] = photo
     if peaks:
         alpha = np.clip((combined - _HEAT_FLOOR) / (_HEAT_FULL - _HEAT_FLOOR), 0.0, 1.0) * _MAX_ALPHA
         colours = cv2.cvtColor(cv2.applyColorMap((combined * 255).astype(np.uint8), COLOUR_MAP), cv2.COLOR_BGR2RGB)
-        picture = cv2.blendLinear(photo, colours, (1.0 - alpha).astype(np.float32), alpha.astype(np.float32))
-        scale, thickness, _ = _font_scale(width)
+        weights = (1.0 - alpha).astype(np.float32), alpha.astype(np.float32)
+        picture = np.asarray(cv2.blendLinear(photo, colours, *weights), dtype=np.uint8)
+        scale, thickness, _line = _font_scale(width)
         radius = max(6, width // 90)
-        for label, (x, y) in peaks:
-            cv2.circle(picture, (x, y), radius, (0, 0, 0), thickness + 2, cv2.LINE_AA)
-            cv2.circle(picture, (x, y), radius, _WHITE, thickness, cv2.LINE_AA)
-            (text_w, _), _ = cv2.getTextSize(label, _FONT, scale, thickness)
-            tx = x + radius + 4 if x + radius + 4 + text_w < width else max(2, x - radius - 4 - text_w)
-            _outlined_text(picture, label, (tx, max(14, y - radius)), scale, thickness, _WHITE)
+        for label, (px, py) in peaks:
+            cv2.circle(picture, (px, py), radius, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+            cv2.circle(picture, (px, py), radius, _WHITE, thickness, cv2.LINE_AA)
+            text_w = int(cv2.getTextSize(label, _FONT, scale, thickness)[0][0])
+            tx = px + radius + 4 if px + radius + 4 + text_w < width else max(2, px - radius - 4 - text_w)
+            _outlined_text(picture, label, (tx, max(14, py - radius)), scale, thickness, _WHITE)
 
     return np.vstack([picture, _legend_panel(width, legend, bool(peaks))])
 

@@ -9,7 +9,7 @@ the Source Image Sequence, and the model named in Contributing Equipment with it
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -111,7 +111,10 @@ def build_sc(
         contributing_equipment=[model.contributing_equipment()],
         series_description=f"RetinaGate heatmaps (unverified AI) {model.name} {model.version}"[:64],
     )
-    sc.PatientOrientation = source.get("PatientOrientation", "") or ""
+    orientation: Any = source.get("PatientOrientation") or ""
+    sc.PatientOrientation = orientation
+    if laterality is None:
+        sc.Laterality = ""  # Type 2C for a paired organ: present, empty when the eye is unknown
     model.stamp(sc)
     sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
     sc.BurnedInAnnotation = "YES"

@@ -224,12 +224,10 @@ def build_sr(
             contributing_equipment=[model.contributing_equipment()],
             coding_schemes=[_coding_scheme()],
             series_description=f"RetinaGate report (unverified AI) {model.name} {model.version}"[:64],
-            manufacturer_model_name=model.name,
-            software_versions=tuple(model.software_versions),
-            device_serial_number=model.serial,
         )
     finally:
         root.ContentSequence = content
+    model.stamp(sr)
     sr.ContentSequence = content
     sr._content = report  # keeps highdicom's view of the content consistent with the dataset
     return sr

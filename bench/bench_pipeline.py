@@ -1,0 +1,222 @@
+"""Benchmark: RetinaGate's scoring pipeline against what a user might write, in one run.
+
+Both sides take the same DICOM files (2048 x 1536 colour fundus photographs, Ophthalmic Photography,
+JPEG baseline YBR_FULL_422, made here with ``retinagate.synth``) and the same model (a randomly
+initialised EfficientNet-B0 with 29 outputs, exported here with ``export.onnx_export``):
+
+* **reference**: ``pydicom`` ``pixel_array`` (full decode and colour conversion), the same
+  preprocessing, PyTorch eager inference, ``pytorch-grad-cam`` GradCAM for each of the top 3 labels
+  (one forward and backward pass each) on the activated feature map that feeds the pooling, and a
+  full-size overlay of each heatmap on the photograph, encoded as PNG.
+* **ours**: :class:`retinagate.pipeline.Pipeline` (DCT-scaled JPEG decode, batched ONNX Runtime with the
+  in-graph CAM, heatmap Secondary Capture and Comprehensive SR) and the two datasets serialised.
+
+Reported: per-image wall time of each (goal: ours at least 20x cheaper), and throughput with both
+cores busy: the full pipeline in one process with two threads, in two processes (as Celery's prefork
+pool runs it), and scoring only (decode, preprocess, inference with CAMs; what ``--json`` needs).
+Goal: at least 40 images/s. The machine's load average is printed: other work on it skews numbers.
+
+Run: ``.venv/bin/python bench/bench_pipeline.py [--images 32] [--reference-images 6]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+SIZE = (2048, 1536)
+
+
+def make_inputs(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """Writes ``count`` synthetic 2048 x 1536 JPEG photographs as DICOM files."""
+    from retinagate.synth import DicomIdentity, render_fundus, write_dicom
+
+    rng = np.random.default_rng(seed)
+    columns = (["DR"], ["MH", "ODC"], ["ARMD"], [], ["DR", "TSLN"])
+    paths = []
+    base = [render_fundus(rng, *SIZE, columns[i], "R" if i % 2 else "L").image for i in range(len(columns))]
+    for index in range(count):
+        path = folder / f"eye{index:03d}.dcm"
+        # Unique instances (own UIDs), a handful of distinct pictures: rendering is not what we measure.
+        write_dicom(base[index % len(base)], path, DicomIdentity.synthetic(index, seed=seed), quality=92)
+        paths.append(path)
+    return paths
+
+
+def make_model(folder: Path) -> tuple[Path, object]:
+    """A random-init EfficientNet-B0 exported to ONNX; returns the file and the PyTorch model."""
+    import torch
+
+    from export.onnx_export import export_model
+    from retinagate.card import ModelCard
+    from train.model import create_model
+
+    torch.manual_seed(0)
+    card = ModelCard(name="bench-random", version="0.0.0")
+    model = create_model(card).eval()
+    path = folder / "model.onnx"
+    export_model(model, card, path)
+    return path, model
+
+
+def reference_one(path: Path, model: object, preprocessing: object, cam: object) -> bytes:
+    """What a user might write: full decode, eager PyTorch, GradCAM per top label, full-size overlays."""
+    import cv2
+    import pydicom
+    import torch
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from retinagate.preprocess import prepare_with_geometry
+
+    ds = pydicom.dcmread(path)
+    image = ds.pixel_array  # YBR_FULL_422 -> RGB, full size
+    prepared, geometry = prepare_with_geometry(image, preprocessing)  # type: ignore[arg-type]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    tensor = (torch.from_numpy(prepared).permute(2, 0, 1)[None].float() / 255 - mean) / std
+    with torch.no_grad():
+        probabilities = torch.sigmoid(model(tensor))[0].numpy()  # type: ignore[operator]
+    overlays = []
+    for label in np.argsort(-probabilities)[:3]:
+        heat = cam(input_tensor=tensor, targets=[ClassifierOutputTarget(int(label))])[0]  # type: ignore[operator]
+        full = geometry.to_source(heat, image.shape[:2])
+        colours = cv2.applyColorMap((np.clip(full, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+        overlays.append(cv2.addWeighted(image, 0.6, colours[:, :, ::-1], 0.4, 0))
+    ok, png = cv2.imencode(".png", np.hstack(overlays)[:, :, ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    assert ok
+    return bytes(png)
+
+
+def run_reference(paths: Sequence[Path], model: object) -> float:
+    """Seconds per image of the reference (PyTorch uses its default threads: both cores)."""
+    from pytorch_grad_cam import GradCAM
+
+    from retinagate.card import Preprocessing
+
+    cam = GradCAM(model=model, target_layers=[model.bn2])  # type: ignore[attr-defined]
+    reference_one(paths[0], model, Preprocessing(), cam)  # warm-up
+    started = time.perf_counter()
+    for path in paths:
+        reference_one(path, model, Preprocessing(), cam)
+    return (time.perf_counter() - started) / len(paths)
+
+
+def _serialise(result: object) -> int:
+    size = 0
+    for ds in result.outputs.values():  # type: ignore[attr-defined]
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        size += buffer.tell()
+    return size
+
+
+def run_ours(paths: Sequence[Path], model_path: Path, data_dir: Path, *, threads: int, intra_op: int) -> float:
+    """Seconds per image of the pipeline, DICOM file to serialised SC + SR, in this process."""
+    from retinagate.engine import Engine
+    from retinagate.pipeline import Pipeline, ScoreResult
+    from retinagate.settings import load_settings
+
+    settings = load_settings(environ={}, data_dir=data_dir, batch_size=16, intra_op_threads=intra_op)
+    engine = Engine(model_path, providers="cpu", intra_op_threads=intra_op, batch_size=16)
+    with Pipeline(engine, settings, threads=threads) as pipeline, ThreadPoolExecutor(threads) as writers:
+        for result in pipeline.score_paths(paths[:2]):  # warm-up
+            assert isinstance(result, ScoreResult), result
+            _serialise(result)
+        started = time.perf_counter()
+        results = list(pipeline.iter_score(paths))
+        list(writers.map(_serialise, results))
+        elapsed = time.perf_counter() - started
+    assert all(isinstance(r, ScoreResult) for r in results)
+    return elapsed / len(paths)
+
+
+def _ours_in_child(args: tuple[list[Path], Path, Path]) -> tuple[float, int]:
+    paths, model_path, data_dir = args
+    return run_ours(paths, model_path, data_dir, threads=1, intra_op=1), len(paths)
+
+
+def run_two_processes(paths: Sequence[Path], model_path: Path, data_dir: Path) -> float:
+    """Images per second with two single-threaded pipeline processes (a prefork worker pool)."""
+    halves = [list(paths[0::2]), list(paths[1::2])]
+    with ProcessPoolExecutor(2) as pool:
+        done = list(pool.map(_ours_in_child, [(h, model_path, data_dir) for h in halves]))
+    # Each child times its own steady state (model loading and warm-up excluded); they ran together.
+    return sum(1.0 / seconds_per_image for seconds_per_image, _ in done)
+
+
+def run_scoring_only(paths: Sequence[Path], model_path: Path) -> float:
+    """Images per second for decode + preprocess (two threads) + batched inference with CAMs."""
+    from retinagate.decode import decode_path
+    from retinagate.engine import Engine
+    from retinagate.preprocess import prepare_with_geometry
+
+    engine = Engine(model_path, providers="cpu", batch_size=16)
+    size = engine.card.input_size
+
+    def load(path: Path) -> np.ndarray:
+        decoded = decode_path(path, min_side=size, max_pixels=10**8)
+        return prepare_with_geometry(decoded.frames[0], engine.card.preprocessing)[0]
+
+    with ThreadPoolExecutor(2) as pool:
+        engine.predict(np.stack(list(pool.map(load, paths[:4]))))  # warm-up
+        started = time.perf_counter()
+        for start in range(0, len(paths), 16):
+            batch = np.stack(list(pool.map(load, paths[start : start + 16])))
+            engine.predict(batch)
+        return len(paths) / (time.perf_counter() - started)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=32, help="inputs for our pipeline (default 32)")
+    parser.add_argument("--reference-images", type=int, default=6, help="inputs for the reference (default 6)")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as scratch:
+        folder = Path(scratch)
+        print("making inputs and the model ...", file=sys.stderr)
+        paths = make_inputs(folder, max(args.images, args.reference_images))
+        model_path, model = make_model(folder)
+        data_dir = folder / "var"
+
+        print("reference ...", file=sys.stderr)
+        reference_s = run_reference(paths[: args.reference_images], model)
+        print("ours, one process ...", file=sys.stderr)
+        ours_s = run_ours(paths[: args.images], model_path, data_dir, threads=2, intra_op=0)
+        print("ours, two processes ...", file=sys.stderr)
+        two_processes = run_two_processes(paths[: args.images], model_path, data_dir)
+        print("scoring only ...", file=sys.stderr)
+        scoring = run_scoring_only(paths[: args.images], model_path)
+
+    load = os.getloadavg()[0]
+    rows = [
+        ("reference: pixel_array + eager + GradCAM x3 + full-size overlays", f"{reference_s * 1000:8.1f} ms/img",
+         f"{1 / reference_s:7.1f} img/s"),
+        ("ours: pipeline to SC + SR, 1 process x 2 threads", f"{ours_s * 1000:8.1f} ms/img",
+         f"{1 / ours_s:7.1f} img/s"),
+        ("ours: pipeline to SC + SR, 2 processes x 1 thread", f"{1000 / two_processes:8.1f} ms/img",
+         f"{two_processes:7.1f} img/s"),
+        ("ours: scoring only (probabilities + CAMs)", f"{1000 / scoring:8.1f} ms/img", f"{scoring:7.1f} img/s"),
+    ]  # fmt: skip
+    print()
+    print(f"2048x1536 JPEG OP photographs, {os.cpu_count()} cores, load average {load:.2f}")
+    for name, cost, rate in rows:
+        print(f"{name:<68} {cost}  {rate}")
+    speedup = reference_s / min(ours_s, 1 / two_processes)
+    print(f"{'speed-up over the reference (goal >= 20x)':<68} {speedup:8.1f} x")
+    best = max(two_processes, 1 / ours_s)
+    print(f"{'best throughput with both cores busy (goal >= 40 img/s)':<68} {best:8.1f} img/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""The Parametric Map: the top finding's Grad-CAM as float values on the photograph's pixel grid.
+
+Viewers that overlay parametric maps (OHIF, 3D Slicer) can show the heatmap over the photograph with
+their own colour maps and windowing, unlike the burned-in Secondary Capture. The quantity is coded
+DCM 130403 "Gradient-weighted class activation" (CID 217 "Visual Explanation"), the unit UCUM ``1``.
+Values are the CAM normalised to its maximum (0 to 1), at the stored photograph's rows and columns.
+
+Why not highdicom's :class:`highdicom.pm.ParametricMap`: it derives the map's geometry from the source
+image and, for an Ophthalmic Photography source (an IOD that allows Number of Frames but carries no
+functional groups and no frame of reference), fails looking for the source's Shared Functional Groups.
+The Parametric Map IOD itself requires a Frame of Reference, Pixel Measures and Plane Position and
+Orientation, which a fundus photograph does not have. So the map is built here with pydicom: it gets
+its own Frame of Reference (derived from the source SOP Instance UID, shared by every map of that
+photograph), an identity orientation at the origin, and a nominal pixel spacing of 1 mm that the
+content description states is nominal; everything else follows the IOD and is checked with dciodvfy.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Final
+
+import numpy as np
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
+
+from retinagate.labels import LABEL_DESCRIPTIONS
+from retinagate.outputs.identity import (
+    AI_DISCLAIMER,
+    SERIES_NUMBERS,
+    ModelIdentity,
+    derived_uid,
+    output_uid,
+    series_uid,
+)
+
+__all__ = ["PARAMETRIC_MAP_STORAGE", "build_pm"]
+
+#: Parametric Map Storage SOP Class.
+PARAMETRIC_MAP_STORAGE: Final = "1.2.840.10008.5.1.4.1.1.30"
+
+_GRADCAM: Final = ("130403", "DCM", "Gradient-weighted class activation")  # CID 217
+_QUANTITY: Final = ("246205007", "SCT", "Quantity")
+_NO_UNITS: Final = ("1", "UCUM", "no units")
+_RETINA: Final = ("5665001", "SCT", "Retina")
+_SOURCE_PURPOSE: Final = ("121322", "DCM", "Source image for image processing operation")
+_FRAME_TYPE: Final = ["DERIVED", "PRIMARY", "VOLUME", "NONE"]
+_PATIENT_MODULES: Final = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+    "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)  # fmt: skip
+_OPTIONAL_COPIED: Final = ("IssuerOfPatientID", "PatientAge", "StudyDescription", "PatientWeight", "PatientSize")
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def _laterality(source: Dataset) -> str:
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(source.get(keyword) or "").strip().upper()
+        if value in ("R", "L", "B"):
+            return value
+    return "U"
+
+
+def build_pm(
+    heatmap: NDArray[np.floating],
+    source: Dataset,
+    model: ModelIdentity,
+    *,
+    label: str,
+    probability: float,
+    frame_number: int | None = None,
+) -> Dataset:
+    """Builds the Parametric Map of one finding's heatmap.
+
+    Args:
+        heatmap: ``(rows, columns)`` map on the source photograph's pixel grid (any scale; it is
+            normalised to its maximum here).
+        source: Header of the scored DICOM instance.
+        model: The model that scored it.
+        label: The finding the heatmap explains.
+        probability: Its probability, recorded in the content description.
+        frame_number: The source frame the map belongs to (1-based), for multi-frame sources.
+
+    Returns:
+        The Parametric Map dataset (Explicit VR Little Endian, 32-bit float pixels).
+
+    Raises:
+        ValueError: If the heatmap is not 2-D, does not match the source's rows and columns, or the
+            source lacks its UIDs.
+    """
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if heat.ndim != 2:
+        raise ValueError(f"heatmap has shape {heat.shape}; expected (rows, columns)")
+    rows, columns = int(source.get("Rows") or 0), int(source.get("Columns") or 0)
+    if heat.shape != (rows, columns):
+        raise ValueError(f"heatmap is {heat.shape}; the source image is {(rows, columns)} (rows, columns)")
+    for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not source.get(keyword):
+            raise ValueError(f"source has no {keyword}; a Parametric Map must reference a DICOM image")
+    top = float(heat.max(initial=0.0))
+    values = np.clip(heat / top, 0.0, 1.0) if np.isfinite(top) and top > 0 else np.zeros_like(heat)
+
+    source_uid = str(source.SOPInstanceUID)
+    sop_uid = output_uid(source_uid, model.sha256, "pm")
+    now = dt.datetime.now()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(PARAMETRIC_MAP_STORAGE)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SpecificCharacterSet = source.get("SpecificCharacterSet", "ISO_IR 192")
+    ds.SOPClassUID = PARAMETRIC_MAP_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceCreationDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = ds.ContentTime = now.strftime("%H%M%S")
+
+    # Patient and study: the source's.
+    for keyword in _PATIENT_MODULES:
+        setattr(ds, keyword, source.get(keyword, ""))
+    for keyword in _OPTIONAL_COPIED:
+        if keyword in source:
+            setattr(ds, keyword, source.get(keyword))
+
+    # Series and equipment: a new series per model in the source's study.
+    ds.Modality = "OT"
+    ds.SeriesInstanceUID = series_uid(str(source.StudyInstanceUID), model.sha256, "pm")
+    ds.SeriesNumber = SERIES_NUMBERS["pm"]
+    ds.SeriesDescription = f"RetinaGate Grad-CAM map (unverified AI) {model.name} {model.version}"[:64]
+    ds.InstanceNumber = int(frame_number or 1)
+    model.stamp(ds)
+    ds.ContributingEquipmentSequence = [model.contributing_equipment()]
+
+    # The photograph's own pixel grid as the frame of reference (see the module docstring).
+    ds.FrameOfReferenceUID = derived_uid("frame-of-reference", source_uid)
+    ds.PositionReferenceIndicator = ""
+
+    # Image.
+    description = LABEL_DESCRIPTIONS.get(label, label)
+    ds.ImageType = list(_FRAME_TYPE)
+    ds.ContentQualification = "RESEARCH"
+    ds.ContentLabel = "GRADCAM"
+    ds.ContentDescription = (
+        f"Grad-CAM of {label} ({description}), probability {probability:.3f}, normalised 0-1; "
+        f"pixel spacing nominal. {AI_DISCLAIMER}"
+    )[:64]
+    ds.ContentCreatorName = ""
+    ds.ImageComments = (
+        f"Grad-CAM of {label} ({description}), model probability {probability:.3f}, by {model.name} "
+        f"{model.version}; values normalised to 0-1; pixel spacing is nominal (1 mm per photograph pixel), "
+        f"not a physical measurement. {AI_DISCLAIMER}."
+    )
+    ds.BurnedInAnnotation = "NO"
+    ds.RecognizableVisualFeatures = "NO"
+    ds.LossyImageCompression = "00"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated = 32
+    ds.NumberOfFrames = 1
+    ds.AcquisitionContextSequence = []
+
+    # Dimensions: one frame, indexed by its (only) position.
+    organization = derived_uid("dimension-organization", sop_uid)
+    ds.DimensionOrganizationSequence = [Dataset()]
+    ds.DimensionOrganizationSequence[0].DimensionOrganizationUID = organization
+    index = Dataset()
+    index.DimensionOrganizationUID = organization
+    index.DimensionIndexPointer = 0x00200032  # Image Position (Patient)
+    index.FunctionalGroupPointer = 0x00209113  # Plane Position Sequence
+    index.DimensionDescriptionLabel = "Image Position"
+    ds.DimensionIndexSequence = [index]
+    ds.DimensionOrganizationType = "3D"
+
+    # Functional groups shared by the single frame.
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = [1.0, 1.0]
+    measures.SliceThickness = 1.0
+    shared.PixelMeasuresSequence = [measures]
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    shared.PlaneOrientationSequence = [orientation]
+    anatomy = Dataset()
+    anatomy.FrameLaterality = _laterality(source)
+    anatomy.AnatomicRegionSequence = [_code(*_RETINA)]
+    shared.FrameAnatomySequence = [anatomy]
+    transform = Dataset()
+    transform.RescaleIntercept = 0
+    transform.RescaleSlope = 1
+    transform.RescaleType = "US"
+    shared.PixelValueTransformationSequence = [transform]
+    frame_type = Dataset()
+    frame_type.FrameType = list(_FRAME_TYPE)
+    shared.ParametricMapFrameTypeSequence = [frame_type]
+    voi = Dataset()
+    voi.WindowCenter = 0.5
+    voi.WindowWidth = 1.0
+    voi.VOILUTFunction = "LINEAR"
+    shared.FrameVOILUTSequence = [voi]
+    mapping = Dataset()
+    mapping.LUTExplanation = f"Grad-CAM {label} (normalised)"[:64]
+    mapping.LUTLabel = "GRADCAM"
+    mapping.DoubleFloatRealWorldValueFirstValueMapped = 0.0
+    mapping.DoubleFloatRealWorldValueLastValueMapped = 1.0
+    mapping.RealWorldValueIntercept = 0.0
+    mapping.RealWorldValueSlope = 1.0
+    mapping.MeasurementUnitsCodeSequence = [_code(*_NO_UNITS)]
+    quantity = Dataset()
+    quantity.ValueType = "CODE"
+    quantity.ConceptNameCodeSequence = [_code(*_QUANTITY)]
+    quantity.ConceptCodeSequence = [_code(*_GRADCAM)]
+    mapping.QuantityDefinitionSequence = [quantity]
+    shared.RealWorldValueMappingSequence = [mapping]
+    ds.SharedFunctionalGroupsSequence = [shared]
+
+    per_frame = Dataset()
+    content = Dataset()
+    content.DimensionIndexValues = [1]
+    per_frame.FrameContentSequence = [content]
+    position = Dataset()
+    position.ImagePositionPatient = [0.0, 0.0, 0.0]
+    per_frame.PlanePositionSequence = [position]
+    derivation = Dataset()
+    derivation.DerivationDescription = f"Grad-CAM of the model's {label} output, mapped onto the photograph"[:1024]
+    source_item = Dataset()
+    source_item.ReferencedSOPClassUID = source.SOPClassUID
+    source_item.ReferencedSOPInstanceUID = source_uid
+    if frame_number is not None and int(source.get("NumberOfFrames") or 1) > 1:
+        source_item.ReferencedFrameNumber = frame_number
+    source_item.PurposeOfReferenceCodeSequence = [_code(*_SOURCE_PURPOSE)]
+    source_item.SpatialLocationsPreserved = "YES"
+    derivation.SourceImageSequence = [source_item]
+    derivation.DerivationCodeSequence = [_code(*_GRADCAM)]  # CID 7203 is extensible
+    per_frame.DerivationImageSequence = [derivation]
+    ds.PerFrameFunctionalGroupsSequence = [per_frame]
+
+    # Common Instance Reference: the source's series and instance.
+    referenced = Dataset()
+    referenced.SeriesInstanceUID = source.SeriesInstanceUID
+    instance = Dataset()
+    instance.ReferencedSOPClassUID = source.SOPClassUID
+    instance.ReferencedSOPInstanceUID = source_uid
+    referenced.ReferencedInstanceSequence = [instance]
+    ds.ReferencedSeriesSequence = [referenced]
+
+    ds.FloatPixelData = np.ascontiguousarray(values, dtype="<f4").tobytes()
+    return ds
+

@@ -1,0 +1,442 @@
+"""The scoring pipeline: files in, probabilities, findings and DICOM outputs out.
+
+Each input goes through the same stages, timed separately: **decode** (:mod:`retinagate.decode`,
+DCT-scaled for JPEG), **preprocess** (:func:`retinagate.preprocess.prepare_with_geometry`, the
+function training uses), **infer** (one batched :meth:`Engine.predict` call per chunk of inputs),
+**render** (the heatmap picture) and **encode** (the Secondary Capture, SR and Parametric Map
+datasets). Decoding and rendering run on a small thread pool: libjpeg-turbo, OpenCV and NumPy release
+the GIL, so two threads keep both cores of a small machine busy; ONNX Runtime has its own threads.
+
+Results come back in input order, one per input: a :class:`ScoreResult`, or a :class:`ScoreFailure`
+naming the input and the reason (an unreadable file never stops the batch). The caller writes the
+output datasets (the worker durably into storage, the CLI into ``--out``).
+
+Decisions worth knowing:
+
+* **Findings** are the labels whose probability reaches the card's threshold, most probable first.
+  ``Disease_Risk`` counts as a finding like any other label (it is one of the model's decisions and
+  readers triage on it), but the heatmaps of the Secondary Capture and the Parametric Map show disease
+  labels only: "any abnormality" has no single place to point at.
+* **Multi-frame** instances are scored frame by frame; the instance's probability for a label is its
+  highest over the frames, the SR records every frame, and the Secondary Capture shows the frame with
+  the most probable disease finding.
+* **Plain PNG/JPEG files** have no patient or study. They get a synthetic, anonymous identity derived
+  from the file's content (patient ID ``RG-<sha256 prefix>``, study and source UIDs from the sha256),
+  so a re-run gives the same UIDs. The Secondary Capture then holds the only DICOM copy of the
+  photograph, so the SR's measurements refer to it; no Parametric Map is made (it must share the
+  geometry of a DICOM source image).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+
+from retinagate.decode import DecodedImage, decode_path
+from retinagate.errors import InputError, PermanentError
+from retinagate.labels import DISEASE_RISK
+from retinagate.outputs import (
+    FrameScores,
+    HeatmapFinding,
+    Legend,
+    ModelIdentity,
+    build_pm,
+    build_sc,
+    build_sr,
+    derived_uid,
+    render_heatmaps,
+)
+from retinagate.preprocess import Geometry, prepare_with_geometry
+
+if TYPE_CHECKING:
+    from retinagate.card import ModelCard
+    from retinagate.settings import Settings
+
+__all__ = ["Pipeline", "ScoreFailure", "ScoreResult", "Scorer", "findings_of"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: Stages timed for every input, in order.
+STAGES = ("decode", "preprocess", "infer", "render", "encode")
+
+
+class Scorer(Protocol):
+    """What the pipeline needs from an engine (:class:`retinagate.engine.Engine` provides it)."""
+
+    card: ModelCard
+    sha256: str
+    device_uid: str
+
+    def predict(self, images: NDArray[np.uint8]) -> tuple[NDArray[np.float32], NDArray[np.float32]]: ...
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """One scored input.
+
+    Attributes:
+        source: The input, as given.
+        sop_instance_uid: The source's SOP Instance UID; ``None`` for a PNG or JPEG file.
+        probabilities: Label to probability (for multi-frame input, the highest over the frames).
+        findings: Labels at or over their threshold, most probable first.
+        timings: Seconds per stage (``decode``, ``preprocess``, ``infer``, ``render``, ``encode``)
+            and ``total``.
+        outputs: Output datasets keyed ``sc``, ``sr``, ``pm`` (those the settings ask for). Their
+            SOP Instance UIDs derive from (source SOP Instance UID, model sha256, kind).
+        frame_probabilities: Per frame, label to probability (one entry for single-frame input).
+        model_sha256: sha256 of the model file that scored it.
+    """
+
+    source: str
+    sop_instance_uid: str | None
+    probabilities: dict[str, float]
+    findings: list[str]
+    timings: dict[str, float]
+    outputs: dict[str, Dataset]
+    frame_probabilities: list[dict[str, float]] = field(default_factory=list)
+    model_sha256: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        """Plain data for JSON output: no datasets, no patient data."""
+        return {
+            "source": self.source,
+            "status": "scored",
+            "sop_instance_uid": self.sop_instance_uid,
+            "model_sha256": self.model_sha256,
+            "findings": list(self.findings),
+            "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()},
+            "frames": len(self.frame_probabilities),
+            "outputs": {kind: str(ds.SOPInstanceUID) for kind, ds in self.outputs.items()},
+            "timings": {k: round(v, 6) for k, v in self.timings.items()},
+        }
+
+
+@dataclass(frozen=True)
+class ScoreFailure:
+    """An input that could not be scored.
+
+    Attributes:
+        source: The input, as given.
+        error: What went wrong, for a person to read (no patient data).
+        permanent: True when retrying cannot help (bad or unsupported input).
+    """
+
+    source: str
+    error: str
+    permanent: bool
+
+    def summary(self) -> dict[str, Any]:
+        """Plain data for JSON output."""
+        return {"source": self.source, "status": "failed", "error": self.error, "permanent": self.permanent}
+
+
+def findings_of(probabilities: dict[str, float], labels: Sequence[str], thresholds: Sequence[float]) -> list[str]:
+    """Labels whose probability reaches the threshold, most probable first (ties in label order)."""
+    over = [(probabilities[name], index, name) for index, (name, t) in enumerate(zip(labels, thresholds, strict=True))
+            if probabilities[name] >= t]  # fmt: skip
+    return [name for _, _, name in sorted(over, key=lambda item: (-item[0], item[1]))]
+
+
+@dataclass
+class _Prepared:
+    """An input after decode and preprocess, waiting for the model."""
+
+    source: str
+    decoded: DecodedImage
+    inputs: NDArray[np.uint8]
+    geometries: list[Geometry]
+    header: Dataset
+    references_source: bool
+    timings: dict[str, float]
+
+
+def _synthetic_header(content_sha256: str) -> Dataset:
+    """An anonymous patient and study for a PNG or JPEG file, derived from its content."""
+    header = Dataset()
+    header.PatientName = "ANONYMOUS^RETINAGATE"
+    header.PatientID = f"RG-{content_sha256[:16]}"
+    header.PatientBirthDate = ""
+    header.PatientSex = "O"
+    header.StudyInstanceUID = derived_uid("plain-study", content_sha256)
+    header.SOPInstanceUID = derived_uid("plain-image", content_sha256)
+    header.StudyID = "RG"
+    header.AccessionNumber = ""
+    header.StudyDate = ""
+    header.StudyTime = ""
+    header.ReferringPhysicianName = ""
+    return header
+
+
+class Pipeline:
+    """Scores files with one engine and writes nothing itself.
+
+    Args:
+        engine: The model (an :class:`retinagate.engine.Engine` or anything with the same surface).
+        settings: Gives ``outputs``, ``display_long_side``, ``top_findings``, ``max_pixels`` and
+            ``batch_size`` (inputs per inference call).
+        threads: Threads for decoding and rendering (default 2: both cores of a small machine).
+
+    Raises:
+        ValueError: If ``threads`` is not 1 to 64.
+    """
+
+    def __init__(self, engine: Scorer, settings: Settings, *, threads: int = 2) -> None:
+        if not 1 <= threads <= 64:
+            raise ValueError(f"threads is {threads}; expected 1 to 64")
+        self.engine = engine
+        self.settings = settings
+        self.model = ModelIdentity.of(engine)
+        self._outputs = tuple(settings.outputs)
+        # Two pools, so that rendering and encoding one chunk (mostly Python, holding the GIL) runs
+        # while the next chunk is decoded (libjpeg-turbo, OpenCV: no GIL) and inferred.
+        self._loaders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="retinagate-decode")
+        self._finishers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="retinagate-encode")
+
+    def close(self) -> None:
+        """Stops the thread pools."""
+        self._loaders.shutdown(wait=True)
+        self._finishers.shutdown(wait=True)
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Public entry points.
+
+    def score_paths(self, paths: Sequence[Path | str]) -> list[ScoreResult | ScoreFailure]:
+        """Scores DICOM, PNG and JPEG files; one result per path, in order."""
+        return list(self.iter_score(paths))
+
+    def iter_score(self, paths: Iterable[Path | str]) -> Iterator[ScoreResult | ScoreFailure]:
+        """Like :meth:`score_paths`, yielding results in order as their chunk of inputs is done.
+
+        Chunks of ``batch_size`` inputs are pipelined: while one chunk's outputs are rendered and
+        encoded, the next chunk is decoded and scored.
+        """
+        pending: list[Future[ScoreResult | ScoreFailure]] = []
+        chunk: list[str] = []
+        for path in paths:
+            chunk.append(str(path))
+            if len(chunk) >= self.settings.batch_size:
+                started = self._start_chunk(chunk, self._load_path)
+                yield from (future.result() for future in pending)
+                pending, chunk = started, []
+        if chunk:
+            started = self._start_chunk(chunk, self._load_path)
+            yield from (future.result() for future in pending)
+            pending = started
+        yield from (future.result() for future in pending)
+
+    def score_arrays(self, images: Sequence[tuple[str, NDArray[np.uint8]]]) -> list[ScoreResult | ScoreFailure]:
+        """Scores in-memory RGB photographs ``(name, (H, W, 3) uint8)`` like plain image files."""
+        names = [name for name, _ in images]
+        arrays = dict(images)
+        futures = self._start_chunk(names, lambda name: self._load_array(name, arrays[name]))
+        return [future.result() for future in futures]
+
+    # Stages.
+
+    def _load_path(self, source: str) -> _Prepared:
+        size = self.engine.card.input_size
+        long_side = self.settings.display_long_side if "sc" in self._outputs else 0
+        decoded = decode_path(source, min_side=size, max_pixels=self.settings.max_pixels, min_long_side=long_side)
+        return self._prepare(source, decoded)
+
+    def _load_array(self, name: str, image: NDArray[np.uint8]) -> _Prepared:
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InputError(f"{name}: expected an (H, W, 3) uint8 RGB array")
+        decoded = DecodedImage(
+            frames=[np.ascontiguousarray(image)],
+            source_shape=(image.shape[0], image.shape[1]),
+            scale=1,
+            header=None,
+            source=name,
+            timings={"decode": 0.0},
+            content_sha256=hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest(),
+        )
+        return self._prepare(name, decoded)
+
+    def _prepare(self, source: str, decoded: DecodedImage) -> _Prepared:
+        started = time.perf_counter()
+        preprocessing = self.engine.card.preprocessing
+        pairs = [prepare_with_geometry(frame, preprocessing) for frame in decoded.frames]
+        inputs = np.stack([array for array, _ in pairs])
+        timings = {
+            "decode": decoded.timings.get("decode", 0.0) + decoded.timings.get("read", 0.0),
+            "preprocess": time.perf_counter() - started,
+        }
+        if decoded.header is not None:
+            header, references = decoded.header, True
+        else:
+            content = decoded.content_sha256 or hashlib.sha256(source.encode()).hexdigest()
+            header, references = _synthetic_header(content), False
+        return _Prepared(source, decoded, inputs, [g for _, g in pairs], header, references, timings)
+
+    def _start_chunk(
+        self, sources: list[str], load: Callable[[str], _Prepared]
+    ) -> list[Future[ScoreResult | ScoreFailure]]:
+        """Decodes and scores one chunk now; returns futures of its results, in order, still encoding."""
+        loaded = list(self._loaders.map(lambda source: _guard(source, partial(load, source)), sources))
+        ready = [item for item in loaded if isinstance(item, _Prepared)]
+        probabilities: NDArray[np.float32] = np.empty((0, self.engine.card.num_labels), dtype=np.float32)
+        cams: NDArray[np.float32] = np.empty((0,), dtype=np.float32)
+        infer_s = 0.0
+        if ready:
+            started = time.perf_counter()
+            probabilities, cams = self.engine.predict(np.concatenate([item.inputs for item in ready]))
+            infer_s = time.perf_counter() - started
+        total_frames = max(1, sum(len(item.inputs) for item in ready))
+        futures: list[Future[ScoreResult | ScoreFailure]] = []
+        offset = 0
+        for item in loaded:
+            if not isinstance(item, _Prepared):
+                done: Future[ScoreResult | ScoreFailure] = Future()
+                done.set_result(item)
+                futures.append(done)
+                continue
+            count = len(item.inputs)
+            work = partial(self._finish, item, probabilities[offset : offset + count], cams[offset : offset + count],
+                           infer_s * count / total_frames)  # fmt: skip
+            futures.append(self._finishers.submit(_guard, item.source, work))
+            offset += count
+        return futures
+
+    def _finish(
+        self, item: _Prepared, probabilities: NDArray[np.float32], cams: NDArray[np.float32], infer_s: float
+    ) -> ScoreResult:
+        card = self.engine.card
+        labels, thresholds = card.labels, card.thresholds
+        frame_probs = [{name: float(p) for name, p in zip(labels, row, strict=True)} for row in probabilities]
+        instance = {name: max(frame[name] for frame in frame_probs) for name in labels}
+        findings = findings_of(instance, labels, thresholds)
+        disease = [i for i, name in enumerate(labels) if name != DISEASE_RISK]
+        # The frame shown: the one with the most probable disease label.
+        key = int(np.argmax(probabilities[:, disease].max(axis=1))) if disease else 0
+        frame_number = key + 1 if item.decoded.number_of_frames > 1 else None
+        key_probs = frame_probs[key]
+        ranked = sorted(disease, key=lambda i: (-float(probabilities[key, i]), i))
+        shown = [i for i in ranked if key_probs[labels[i]] >= thresholds[i]][: self.settings.top_findings]
+        timings = dict(item.timings)
+        timings["infer"] = infer_s
+
+        started = time.perf_counter()
+        outputs: dict[str, Dataset] = {}
+        picture = None
+        # A plain image's SR refers to its SC (the only DICOM copy of the photograph), so it needs one.
+        needs_sc = "sc" in self._outputs or ("sr" in self._outputs and not item.references_source)
+        if needs_sc:
+            heatmaps = [HeatmapFinding(labels[i], key_probs[labels[i]], cams[key, i]) for i in shown]
+            picture = render_heatmaps(
+                item.decoded.frames[key],
+                item.geometries[key],
+                heatmaps,
+                self._legend(key_probs, shown, frame_number, item.decoded.number_of_frames),
+                long_side=self.settings.display_long_side,
+            )
+        timings["render"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        sc = None
+        if picture is not None:
+            described = ", ".join(f"{labels[i]} {key_probs[labels[i]]:.2f}" for i in shown) or "none"
+            sc = build_sc(
+                picture,
+                item.header,
+                self.model,
+                frame_number=frame_number,
+                references_source=item.references_source,
+                description=f"Grad-CAM heatmaps of the top findings ({described}); "
+                f"{self.model.name} {self.model.version}",
+            )
+            outputs["sc"] = sc
+        if "sr" in self._outputs:
+            frames = [
+                FrameScores(row.tolist(), (index + 1) if item.decoded.number_of_frames > 1 else None)
+                for index, row in enumerate(probabilities)
+            ]
+            outputs["sr"] = build_sr(
+                item.header, self.model, frames, sc=sc, references_source=item.references_source
+            )
+        if "pm" in self._outputs and item.references_source:
+            top = ranked[0] if ranked else 0
+            heat = item.geometries[key].to_source(cams[key, top], item.decoded.source_shape)
+            outputs["pm"] = build_pm(
+                heat,
+                item.header,
+                self.model,
+                label=labels[top],
+                probability=key_probs[labels[top]],
+                frame_number=frame_number,
+            )
+        timings["encode"] = time.perf_counter() - started
+        timings["total"] = sum(timings[stage] for stage in STAGES)
+        return ScoreResult(
+            source=item.source,
+            sop_instance_uid=str(item.header.SOPInstanceUID) if item.references_source else None,
+            probabilities=instance,
+            findings=findings,
+            timings=timings,
+            outputs=outputs,
+            frame_probabilities=frame_probs,
+            model_sha256=self.model.sha256,
+        )
+
+    def _legend(self, probs: dict[str, float], shown: list[int], frame_number: int | None, frames: int) -> Legend:
+        card = self.engine.card
+        labels = card.labels
+        lines = []
+        if shown:
+            lines.append("Findings: " + "   ".join(f"{labels[i]} {probs[labels[i]]:.2f}" for i in shown))
+            others = [n for n in findings_of(probs, labels, card.thresholds) if n != DISEASE_RISK
+                      and labels.index(n) not in shown]  # fmt: skip
+            if others:
+                lines.append("Also over threshold: " + "   ".join(f"{n} {probs[n]:.2f}" for n in others))
+        else:
+            best = max((n for n in labels if n != DISEASE_RISK), key=lambda n: probs[n], default=None)
+            highest = f" (highest: {best} {probs[best]:.2f})" if best else ""
+            lines.append(f"No disease finding over threshold{highest}")
+        if DISEASE_RISK in probs:
+            risk = probs[DISEASE_RISK]
+            over = risk >= card.thresholds[labels.index(DISEASE_RISK)]
+            lines.append(f"Disease risk {risk:.2f} ({'over' if over else 'under'} threshold)")
+        if frame_number is not None:
+            lines.append(f"Frame {frame_number} of {frames}")
+        return Legend(model=f"{card.name} {card.version} (sha256 {self.model.sha256[:12]})", lines=tuple(lines))
+
+
+def _guard(source: str, work: Callable[[], _T]) -> _T | ScoreFailure:
+    """Runs one input's stage, turning its errors into a :class:`ScoreFailure` for that input."""
+    try:
+        return work()
+    except PermanentError as exc:
+        logger.info("input %s refused: %s", _tag(source), exc)
+        return ScoreFailure(source, str(exc), permanent=True)
+    except (ValueError, TypeError) as exc:
+        logger.info("input %s refused: %s", _tag(source), exc)
+        return ScoreFailure(source, f"{type(exc).__name__}: {exc}", permanent=True)
+    except MemoryError:
+        logger.warning("input %s: out of memory", _tag(source))
+        return ScoreFailure(source, "out of memory while scoring", permanent=False)
+    except OSError as exc:
+        logger.warning("input %s: %s", _tag(source), type(exc).__name__)
+        return ScoreFailure(source, f"{type(exc).__name__}: {exc}", permanent=False)
+
+
+def _tag(source: str) -> str:
+    """A short internal id for an input in logs: paths and file names may carry patient data."""
+    return hashlib.sha256(source.encode("utf-8", "replace")).hexdigest()[:12]

@@ -1,0 +1,187 @@
+"""The ``score`` subcommand: the scoring pipeline on files, with no queue and no database.
+
+Only the standard library is imported at module level; the pipeline, ONNX Runtime and highdicom load
+when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from retinagate.settings import Settings
+
+__all__ = ["collect_inputs", "register"]
+
+#: Suffixes picked up when walking a folder (plus any file that starts like DICOM).
+IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".png", ".jpg", ".jpeg"})
+
+
+def register(subparsers: Any) -> None:
+    """Adds ``retinagate score``."""
+    score = subparsers.add_parser(
+        "score",
+        help="score DICOM, PNG or JPEG files and write heatmap SC, SR (and PM) files",
+        description=(
+            "Scores fundus photographs with an exported RetinaGate model: DICOM files (any transfer "
+            "syntax the gateway accepts) and plain PNG/JPEG files, or folders of them (searched "
+            "recursively). For each input it writes a heatmap Secondary Capture and a Structured "
+            "Report (and a Parametric Map with --outputs sc,sr,pm) into --out, named after the input. "
+            "Unreadable inputs are reported by name and the batch goes on.\n\n"
+            "Exit status: 0 all scored, 1 some inputs failed, 2 bad usage, 3 model file missing."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    score.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders to score")
+    score.add_argument(
+        "--model", type=Path, default=None, help="exported .onnx model (default: RETINAGATE_MODEL_PATH)"
+    )
+    score.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the DICOM outputs")
+    score.add_argument(
+        "--outputs",
+        default=None,
+        metavar="KINDS",
+        help="comma list of sc, sr, pm (default: the outputs setting, sc,sr)",
+    )
+    score.add_argument("--json", action="store_true", help="print one JSON line per input instead of a table")
+    score.set_defaults(handler=_score)
+
+
+def collect_inputs(paths: Sequence[Path]) -> list[Path]:
+    """Expands folders (recursively, sorted) into image files; files given by name are kept as given.
+
+    In folders, files with a DICOM, PNG or JPEG suffix are taken, and files without one when their
+    first bytes are DICOM's; hidden files and folders are skipped.
+    """
+    found: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            found.append(path)
+            continue
+        for root, folders, files in os.walk(path):
+            folders[:] = sorted(f for f in folders if not f.startswith("."))
+            for name in sorted(files):
+                candidate = Path(root) / name
+                if name.startswith("."):
+                    continue
+                if candidate.suffix.lower() in IMAGE_SUFFIXES or _looks_like_dicom(candidate):
+                    found.append(candidate)
+    return found
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+class _Names:
+    """A unique file stem per input: its own stem, with a counter when two inputs share one."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, int] = {}
+
+    def __call__(self, source: str) -> str:
+        stem = Path(source).stem or "input"
+        count = self._seen.get(stem, 0) + 1
+        self._seen[stem] = count
+        return stem if count == 1 else f"{stem}-{count}"
+
+
+def _write(ds: Dataset, path: Path) -> None:
+    """Writes a dataset through a temporary file, so a crash never leaves half a file under the name."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    ds.save_as(temporary, enforce_file_format=True)
+    temporary.replace(path)
+
+
+def _score(args: argparse.Namespace, settings: Settings) -> int:
+    from retinagate.cli import EXIT_FAILED, EXIT_MISSING, EXIT_OK, EXIT_USAGE, CommandError
+
+    model_path = args.model if args.model is not None else settings.model_path
+    if model_path is None:
+        raise CommandError("no model: pass --model FILE.onnx or set RETINAGATE_MODEL_PATH", EXIT_MISSING)
+    if not Path(model_path).is_file():
+        raise CommandError(f"model file not found: {model_path}", EXIT_MISSING)
+    if args.outputs is not None:
+        kinds = list(dict.fromkeys(k.strip() for k in args.outputs.split(",") if k.strip()))
+        if not kinds or any(k not in ("sc", "sr", "pm") for k in kinds):
+            raise CommandError(f"--outputs: {args.outputs!r} is not a comma list of sc, sr, pm", EXIT_USAGE)
+        settings = settings.model_copy(update={"outputs": kinds})
+    inputs = collect_inputs(args.paths)
+    if not inputs:
+        raise CommandError("no DICOM, PNG or JPEG files found in the given paths", EXIT_USAGE)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"--out: cannot create {args.out}: {exc.strerror or exc}", EXIT_USAGE) from None
+
+    import logging
+
+    from tqdm import tqdm
+
+    from retinagate.engine import Engine, ModelFileError, ProviderError
+    from retinagate.pipeline import Pipeline, ScoreResult
+
+    try:
+        engine = Engine.load(Path(model_path), settings)
+    except FileNotFoundError as exc:
+        raise CommandError(str(exc), EXIT_MISSING) from None
+    except (ModelFileError, ProviderError, ValueError) as exc:
+        raise CommandError(f"cannot load the model: {exc}", EXIT_FAILED) from None
+
+    # highdicom narrates every object it builds at INFO; a batch run wants its own lines only.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    show_progress = any(p.is_dir() for p in args.paths)
+    names = _Names()
+    rows: list[tuple[str, str, str]] = []
+    scored = failed = 0
+    with Pipeline(engine, settings) as pipeline, tqdm(
+        total=len(inputs), unit="image", disable=not show_progress or None, file=sys.stderr, leave=False
+    ) as progress:
+        for result in pipeline.iter_score(inputs):
+            progress.update(1)
+            if not isinstance(result, ScoreResult):
+                failed += 1
+                progress.write(f"retinagate score: {result.source}: {result.error}", file=sys.stderr)
+                if args.json:
+                    print(json.dumps(result.summary()), flush=True)
+                continue
+            stem = names(result.source)
+            written: dict[str, str] = {}
+            for kind, ds in result.outputs.items():
+                target = args.out / f"{stem}.{kind}.dcm"
+                try:
+                    _write(ds, target)
+                except OSError as exc:
+                    raise CommandError(f"cannot write {target}: {exc.strerror or exc}", EXIT_FAILED) from None
+                written[kind] = str(target)
+            scored += 1
+            if args.json:
+                print(json.dumps({**result.summary(), "files": written}), flush=True)
+            else:
+                shown = ", ".join(f"{n} {result.probabilities[n]:.2f}" for n in result.findings) or "none"
+                rows.append((result.source, shown, ", ".join(Path(p).name for p in written.values())))
+    if not args.json:
+        if rows:
+            _print_table(rows)
+        print(f"{scored} scored, {failed} failed; outputs in {args.out}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _print_table(rows: Sequence[tuple[str, str, str]]) -> None:
+    headers = ("input", "findings (probability)", "outputs")
+    widths = [min(60, max(len(headers[i]), *(len(r[i]) for r in rows))) for i in range(2)]
+    print(f"{headers[0]:<{widths[0]}}  {headers[1]:<{widths[1]}}  {headers[2]}")
+    for source, findings, outputs in rows:
+        print(f"{source:<{widths[0]}}  {findings:<{widths[1]}}  {outputs}")

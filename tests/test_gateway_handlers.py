@@ -1,0 +1,424 @@
+"""The gateway's C-STORE handler over real associations on loopback: durable receive, refusals that
+leave nothing behind, duplicates, enqueueing into a real Redis, and logs without patient data."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import socket
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+from pynetdicom import AE, _config
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from sqlalchemy import select
+
+from dicom_gateway import metrics
+from retinagate.db import make_engine, session_factory
+from retinagate.models import Association, Instance, InstanceStatus, Study
+
+OP = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+JPEG = "1.2.840.10008.1.2.4.50"
+EXPLICIT = "1.2.840.10008.1.2.1"
+
+
+def _associate(gateway: Any, calling: str = "CAMERA", contexts: Iterable[tuple[str, str]] = ()) -> Any:
+    ae = AE(ae_title=calling)
+    for uid, syntax in [(OP, JPEG), (OP, EXPLICIT), *contexts]:
+        ae.add_requested_context(uid, [syntax])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    host, port = gateway.address
+    assoc = ae.associate(host, port, ae_title=gateway.settings.gateway_ae_title)
+    assert assoc.is_established
+    return assoc
+
+
+def _send(gateway: Any, items: Iterable[Path | Dataset], calling: str = "CAMERA") -> list[int]:
+    assoc = _associate(gateway, calling)
+    try:
+        return [int(assoc.send_c_store(item).Status) for item in items]
+    finally:
+        assoc.release()
+
+
+def _instances(settings: Any) -> list[Instance]:
+    engine = make_engine(settings)
+    try:
+        with session_factory(engine)() as session:
+            return list(session.scalars(select(Instance).order_by(Instance.id)))
+    finally:
+        engine.dispose()
+
+
+def _associations(settings: Any) -> list[Association]:
+    engine = make_engine(settings)
+    try:
+        with session_factory(engine)() as session:
+            return list(session.scalars(select(Association).order_by(Association.id)))
+    finally:
+        engine.dispose()
+
+
+def _stored_files(settings: Any) -> list[Path]:
+    root = settings.resolved_storage_dir
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def _queued_ids(redis_url: str) -> list[int]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    ids: list[int] = []
+    for raw in client.lrange("score", 0, -1):
+        message = json.loads(raw)
+        assert message["headers"]["task"] == "retinagate.score"
+        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        ids.extend(args[0])
+    return ids
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _refused_cleanly(gateway: Any) -> None:
+    assert _instances(gateway.settings) == []
+    assert _stored_files(gateway.settings) == []
+
+
+@pytest.fixture
+def empty_redis(redis_url: str) -> str:
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    return redis_url
+
+
+def test_a_camera_study_is_stored_durably_and_queued_for_scoring(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]], empty_redis: str
+) -> None:
+    gateway = start_gateway(broker_url=empty_redis)
+    files = camera_files(4)
+
+    assert _send(gateway, files) == [0, 0, 0, 0]
+
+    _wait_for(lambda: all(i.status == InstanceStatus.QUEUED for i in _instances(gateway.settings)))
+    rows = _instances(gateway.settings)
+    assert len(rows) == 4
+    for row, source in zip(rows, files, strict=True):
+        stored = gateway.storage.path(row.storage_key)
+        data = stored.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row.sha256
+        assert len(data) == row.size_bytes
+        original, received = dcmread(source), dcmread(stored)
+        assert received.SOPInstanceUID == original.SOPInstanceUID == row.sop_instance_uid
+        assert received.file_meta.TransferSyntaxUID == JPEG == row.transfer_syntax_uid
+        assert received.PixelData == original.PixelData
+        assert (row.rows, row.columns, row.frames) == (192, 256, 1)
+        assert row.calling_ae == "CAMERA"
+        assert not row.storage_key.count(row.sop_instance_uid)  # keys are the server's, not the sender's
+    assert sorted(_queued_ids(empty_redis)) == [row.id for row in rows]
+    assert {row.laterality for row in rows} == {"R", "L"}
+
+    engine = make_engine(gateway.settings)
+    with session_factory(engine)() as session:
+        study = session.scalars(select(Study)).one()
+        assert study.study_uid == dcmread(files[0]).StudyInstanceUID
+        assert study.last_received_at >= max(row.received_at for row in rows)
+    engine.dispose()
+    _wait_for(lambda: _associations(gateway.settings)[0].outcome == "released")
+    audit = _associations(gateway.settings)[0]
+    assert (audit.calling_ae, audit.called_ae, audit.instances_accepted, audit.instances_refused) == (
+        "CAMERA", "RETINAGATE", 4, 0,
+    )
+    assert {row.association_id for row in rows} == {audit.id}
+
+
+@pytest.mark.slow  # the producer takes about 6 s to give up on an unreachable broker
+def test_with_the_broker_down_the_instance_is_acknowledged_and_stays_received(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dicom_gateway")
+    failures = metrics.ENQUEUE_FAILURES._value.get()
+    gateway = start_gateway(broker_url=f"redis://127.0.0.1:{_closed_port()}/0")
+
+    assert _send(gateway, camera_files(2)) == [0, 0]
+
+    _wait_for(lambda: metrics.ENQUEUE_FAILURES._value.get() >= failures + 1)
+    assert [row.status for row in _instances(gateway.settings)] == [InstanceStatus.RECEIVED] * 2
+    assert all(gateway.storage.path(row.storage_key).is_file() for row in _instances(gateway.settings))
+    assert "broker unavailable" in caplog.text
+
+
+def test_instances_are_queued_once_the_broker_comes_back(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
+) -> None:
+    broker_up = False
+    sent: list[list[int]] = []
+
+    def send(ids: Any) -> None:
+        if not broker_up:
+            raise ConnectionError("broker down")
+        sent.append(list(ids))
+
+    gateway = start_gateway(send=send, breaker_seconds=0.3)
+    assert _send(gateway, camera_files(2)) == [0, 0]
+    _wait_for(lambda: gateway.enqueuer.breaker_open)
+    broker_up = True
+
+    _wait_for(lambda: all(i.status == InstanceStatus.QUEUED for i in _instances(gateway.settings)))
+    assert sorted(i for batch in sent for i in batch) == [row.id for row in _instances(gateway.settings)]
+
+
+def test_a_truncated_file_cannot_be_understood_and_leaves_nothing(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = start_gateway()
+    source = camera_files(1)[0]
+    truncated = source.with_name("truncated.dcm")
+    truncated.write_bytes(source.read_bytes()[:-500])
+    # Sends the file's bytes as they are, without pydicom re-encoding (and repairing) them.
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+    assert _send(gateway, [truncated]) == [0xC210]
+    _refused_cleanly(gateway)
+
+
+def test_a_rows_columns_bomb_is_refused_as_out_of_resources_and_leaves_nothing(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
+) -> None:
+    gateway = start_gateway()
+    ds = dcmread(camera_files(1, transfer_syntax="explicit_little")[0])
+    ds.Rows = ds.Columns = 65535
+
+    assert _send(gateway, [ds]) == [0xA700]
+    _refused_cleanly(gateway)
+
+
+def test_short_pixel_data_is_refused_and_leaves_nothing(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
+) -> None:
+    gateway = start_gateway()
+    ds = dcmread(camera_files(1, transfer_syntax="explicit_little")[0])
+    ds.PixelData = ds.PixelData[:1000]
+
+    assert _send(gateway, [ds]) == [0xA900]
+    _refused_cleanly(gateway)
+
+
+def test_uids_that_differ_from_the_command_are_refused_and_leave_nothing(
+    start_gateway: Callable[..., Any],
+    camera_files: Callable[..., list[Path]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    gateway = start_gateway()
+    ds = dcmread(camera_files(1)[0])
+    # The command's UIDs come from the File Meta Information when the file is sent as it is.
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    ds.file_meta.MediaStorageSOPInstanceUID = UID("1.2.826.0.1.3680043.8.498.1")
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    encoded = encode(ds, False, True)
+    assert encoded is not None
+    mismatched = tmp_path / "mismatched.dcm"
+    mismatched.write_bytes(b"\x00" * 128 + b"DICM" + meta.getvalue() + encoded)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+    assert _send(gateway, [mismatched]) == [0xA900]
+    _refused_cleanly(gateway)
+
+
+def test_an_unsupported_sop_class_is_refused_at_negotiation(start_gateway: Callable[..., Any]) -> None:
+    gateway = start_gateway()
+    assoc = _associate(gateway, contexts=[(CT, EXPLICIT)])
+    try:
+        refused = [cx for cx in assoc.rejected_contexts if cx.abstract_syntax == CT]
+        assert refused and refused[0].result == 0x03  # abstract syntax not supported
+        ct = Dataset()
+        ct.SOPClassUID, ct.SOPInstanceUID = CT, "1.2.826.0.1.3680043.8.498.2"
+        ct.file_meta = FileMetaDataset()
+        ct.file_meta.TransferSyntaxUID = UID(EXPLICIT)
+        with pytest.raises(ValueError, match="presentation context"):
+            assoc.send_c_store(ct)
+    finally:
+        assoc.release()
+    _refused_cleanly(gateway)
+
+
+def test_a_store_for_another_sop_class_on_an_accepted_context_gets_0122(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
+) -> None:
+    gateway = start_gateway()
+    ds = dcmread(camera_files(1)[0])
+    ds.SOPClassUID = CT
+    assoc = _associate(gateway)
+    try:
+        context = next(cx for cx in assoc.accepted_contexts if cx.transfer_syntax[0] == JPEG)
+        request = C_STORE()
+        request.MessageID, request.Priority = 7, 2
+        request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = CT, ds.SOPInstanceUID
+        encoded = encode(ds, False, True)
+        assert encoded is not None
+        request.DataSet = io.BytesIO(encoded)
+        # A conforming client cannot send this, so the test speaks DIMSE itself, pausing the
+        # association's reactor first as pynetdicom's own send_* methods do.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.001)
+        try:
+            assoc.dimse.send_msg(request, context.context_id)
+            _, response = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+        assert response.Status == 0x0122
+    finally:
+        assoc.release()
+    _refused_cleanly(gateway)
+
+
+def test_a_duplicate_is_acknowledged_and_not_queued_again(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]], empty_redis: str
+) -> None:
+    gateway = start_gateway(broker_url=empty_redis)
+    source = camera_files(1)[0]
+    assert _send(gateway, [source]) == [0]
+    _wait_for(lambda: _queued_ids(empty_redis) != [])
+
+    assert _send(gateway, [source]) == [0]
+
+    rows = _instances(gateway.settings)
+    assert len(rows) == 1 and len(_stored_files(gateway.settings)) == 1
+    time.sleep(0.3)  # a second task would be sent within milliseconds
+    assert _queued_ids(empty_redis) == [rows[0].id]
+
+
+def test_different_content_under_a_known_uid_keeps_the_first_with_a_warning(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
+) -> None:
+    gateway = start_gateway(gateway_duplicate_policy="keep_first")
+    source = camera_files(1)[0]
+    assert _send(gateway, [source]) == [0]
+    first = _instances(gateway.settings)[0]
+    changed = dcmread(source)
+    changed.SeriesDescription = "re-exported"
+
+    assert _send(gateway, [changed]) == [0xB006]
+
+    rows = _instances(gateway.settings)
+    assert [(r.id, r.sha256, r.storage_key) for r in rows] == [(first.id, first.sha256, first.storage_key)]
+    assert _stored_files(gateway.settings) == [gateway.storage.path(first.storage_key)]
+
+
+def test_different_content_under_a_known_uid_replaces_and_rescores_with_the_replace_policy(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
+) -> None:
+    sent: list[int] = []
+    gateway = start_gateway(gateway_duplicate_policy="replace", send=sent.extend)
+    source = camera_files(1)[0]
+    assert _send(gateway, [source]) == [0]
+    _wait_for(lambda: _instances(gateway.settings)[0].status == InstanceStatus.QUEUED)
+    first = _instances(gateway.settings)[0]
+    changed = dcmread(source)
+    changed.SeriesDescription = "re-exported"
+
+    assert _send(gateway, [changed]) == [0]
+
+    _wait_for(lambda: len(sent) == 2)
+    row = _instances(gateway.settings)[0]
+    assert row.id == first.id and row.sha256 != first.sha256
+    assert _stored_files(gateway.settings) == [gateway.storage.path(row.storage_key)]
+    assert dcmread(gateway.storage.path(row.storage_key)).SeriesDescription == "re-exported"
+    assert sent == [row.id, row.id]
+
+
+def test_a_failed_write_answers_out_of_resources_and_leaves_nothing(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
+) -> None:
+    gateway = start_gateway()
+    (gateway.settings.resolved_storage_dir / "in").write_bytes(b"")  # the folder cannot be made: a file is there
+
+    assert _send(gateway, camera_files(1)) == [0xA700]
+
+    assert _instances(gateway.settings) == []
+    assert _stored_files(gateway.settings) == [gateway.settings.resolved_storage_dir / "in"]
+
+
+def test_a_failed_row_commit_removes_the_file_and_answers_out_of_resources(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
+) -> None:
+    gateway = start_gateway()
+    database = gateway.settings.resolved_database_url.removeprefix("sqlite:///")
+    with sqlite3.connect(database) as connection:
+        connection.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON instances BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+        )
+
+    assert _send(gateway, camera_files(1)) == [0xA700]
+
+    _refused_cleanly(gateway)
+
+
+def test_refused_instances_are_counted_in_the_audit_row(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
+) -> None:
+    gateway = start_gateway()
+    good, bad = camera_files(2, transfer_syntax="explicit_little")
+    short = dcmread(bad)
+    short.PixelData = short.PixelData[:10]
+
+    assert _send(gateway, [good, short]) == [0, 0xA900]
+
+    _wait_for(lambda: _associations(gateway.settings)[0].outcome == "released")
+    audit = _associations(gateway.settings)[0]
+    assert (audit.instances_accepted, audit.instances_refused) == (1, 1)
+
+
+def test_no_patient_data_reaches_the_logs_even_at_debug(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    for name in ("pynetdicom", "pydicom", "dicom_gateway", "retinagate"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    def broker_down(ids: Any) -> None:
+        raise ConnectionError("broker down")
+
+    gateway = start_gateway(send=broker_down)
+    files = camera_files(2)
+    source = dcmread(files[0])
+    changed = dcmread(files[0])
+    changed.SeriesDescription = "re-exported"
+    short = dcmread(camera_files(1, study=1, transfer_syntax="explicit_little")[0])
+    short.PixelData = short.PixelData[:10]
+
+    assert _send(gateway, [*files, files[0], changed, short]) == [0, 0, 0, 0xB006, 0xA900]
+    gateway.stop(grace=5)
+
+    text = caplog.text
+    assert "association" in text  # the gateway did log
+    for value in (source.PatientName, source.PatientID, source.PatientBirthDate, short.PatientName, short.PatientID):
+        assert str(value) not in text

@@ -1,0 +1,82 @@
+"""Tests for retinagate.outputs.sc: the heatmap Secondary Capture."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from retinagate.card import ModelCard
+from retinagate.decode import decode_instance
+from retinagate.outputs.identity import AI_DISCLAIMER, ModelIdentity, output_uid, series_uid
+from retinagate.outputs.sc import build_sc
+from retinagate.synth import DicomIdentity, render_fundus, write_dicom
+
+MODEL = ModelIdentity(card=ModelCard(name="fundus-net", version="1.0.0"), sha256="c" * 64, device_uid="2.25.77")
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Dataset:
+    image = render_fundus(np.random.default_rng(5), 256, 192, ["DR"], "L").image
+    path = write_dicom(image, tmp_path / "source.dcm", DicomIdentity.synthetic(3, "L"))
+    header = decode_instance(tmp_path / "source.dcm", min_side=64, max_pixels=10**8).header
+    assert header is not None and path is not None
+    return header
+
+
+def _picture() -> np.ndarray:
+    picture = np.zeros((300, 400, 3), dtype=np.uint8)
+    picture[:150, :, 0] = 200
+    return picture
+
+
+def test_the_sc_rereads_in_the_source_study_and_references_the_source(source: Dataset, tmp_path: Path) -> None:
+    path = tmp_path / "sc.dcm"
+    build_sc(_picture(), source, MODEL).save_as(path, enforce_file_format=True)
+
+    ds = pydicom.dcmread(path)
+    sc = hd.imread(path)
+    assert np.array_equal(ds.pixel_array, _picture())
+    for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber"):
+        assert ds.get(keyword) == source.get(keyword)
+    assert ds.SeriesInstanceUID == series_uid(source.StudyInstanceUID, MODEL.sha256, "sc")
+    assert ds.SOPInstanceUID == output_uid(source.SOPInstanceUID, MODEL.sha256, "sc") == sc.SOPInstanceUID
+    reference = ds.SourceImageSequence[0]
+    assert (reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID) == (
+        source.SOPClassUID,
+        source.SOPInstanceUID,
+    )
+    assert ds.Laterality == "L"
+
+
+def test_the_sc_is_marked_as_derived_unverified_ai_output_with_the_models_identity(source: Dataset) -> None:
+    sc = build_sc(_picture(), source, MODEL)
+
+    assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert sc.BurnedInAnnotation == "YES"
+    assert AI_DISCLAIMER in sc.ImageComments
+    assert sc.LossyImageCompression == "01"  # the source was JPEG: once lossy, always flagged
+    ours = [e for e in sc.ContributingEquipmentSequence if e.Manufacturer == "RetinaGate"]
+    assert len(ours) == 1 and ours[0].DeviceUID == "2.25.77" and ours[0].ManufacturerModelName == "fundus-net"
+    assert sc.Manufacturer == "RetinaGate"
+
+
+def test_building_twice_gives_the_same_uids(source: Dataset) -> None:
+    first, second = build_sc(_picture(), source, MODEL), build_sc(_picture(), source, MODEL)
+
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (second.SOPInstanceUID, second.SeriesInstanceUID)
+
+
+def test_a_picture_that_is_not_rgb_is_refused(source: Dataset) -> None:
+    with pytest.raises(ValueError, match="picture"):
+        build_sc(np.zeros((10, 10), dtype=np.uint8), source, MODEL)
+
+
+@pytest.mark.interop
+def test_the_sc_passes_dciodvfy(source: Dataset, dciodvfy: Callable[[object], list[str]]) -> None:
+    assert dciodvfy(build_sc(_picture(), source, MODEL)) == []

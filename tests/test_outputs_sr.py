@@ -1,0 +1,150 @@
+"""Tests for retinagate.outputs.sr: the TID 1500 Comprehensive SR."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from retinagate.card import ModelCard
+from retinagate.decode import decode_instance
+from retinagate.labels import LABELS
+from retinagate.outputs.identity import ModelIdentity, output_uid
+from retinagate.outputs.sc import build_sc
+from retinagate.outputs.sr import FrameScores, build_report, build_sr, probability_concept
+from retinagate.synth import DicomIdentity, render_fundus, write_dicom
+
+THRESHOLDS = tuple(0.3 if i % 2 else 0.6 for i in range(len(LABELS)))
+MODEL = ModelIdentity(
+    card=ModelCard(name="fundus-net", version="1.0.0", thresholds=THRESHOLDS), sha256="d" * 64, device_uid="2.25.78"
+)
+PROBABILITIES = [round(0.03 * i, 2) for i in range(len(LABELS))]
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Dataset:
+    image = render_fundus(np.random.default_rng(6), 256, 192, ["DR"]).image
+    write_dicom(image, tmp_path / "source.dcm", DicomIdentity.synthetic(4))
+    header = decode_instance(tmp_path / "source.dcm", min_side=64, max_pixels=10**8).header
+    assert header is not None
+    return header
+
+
+@pytest.fixture
+def sc(source: Dataset) -> Dataset:
+    return build_sc(np.zeros((64, 64, 3), dtype=np.uint8), source, MODEL)
+
+
+def _written(ds: Dataset, tmp_path: Path) -> Path:
+    path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_every_label_has_its_probability_and_decision(source: Dataset, sc: Dataset, tmp_path: Path) -> None:
+    path = _written(build_sr(source, MODEL, [FrameScores(PROBABILITIES)], sc=sc), tmp_path)
+
+    report = hd.sr.srread(path)
+    (group,) = report.content.get_image_measurement_groups()
+    measured = {m.name.value: m.value for m in group.get_measurements()}
+    assert measured == {probability_concept(n).value: p for n, p in zip(LABELS, PROBABILITIES, strict=True)}
+    decisions = {e.name.value: e.value for e in group.get_qualitative_evaluations()}
+    for name, probability, threshold in zip(LABELS, PROBABILITIES, THRESHOLDS, strict=True):
+        expected = codes.SCT.Present if probability >= threshold else codes.SCT.Absent
+        assert decisions[name] == expected, name
+    text = hd.sr.ValueTypeValues.TEXT
+    texts = {item.name.meaning: item.value for item in group[0].ContentSequence if item.value_type == text}
+    assert (texts["Algorithm Name"], texts["Algorithm Version"]) == ("fundus-net", "1.0.0")
+
+
+def test_the_sr_references_the_source_and_the_sc(source: Dataset, sc: Dataset, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(_written(build_sr(source, MODEL, [FrameScores(PROBABILITIES)], sc=sc), tmp_path))
+
+    report = hd.sr.srread(_written(ds, tmp_path))
+    (group,) = report.content.get_image_measurement_groups()
+    assert group.source_images[0].referenced_sop_instance_uid == source.SOPInstanceUID
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in ds.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert evidence == {source.SOPInstanceUID, sc.SOPInstanceUID}
+    assert (ds.PatientID, ds.StudyInstanceUID) == (source.PatientID, source.StudyInstanceUID)
+    assert ds.SOPInstanceUID == output_uid(source.SOPInstanceUID, MODEL.sha256, "sr")
+    assert (ds.VerificationFlag, ds.PreliminaryFlag) == ("UNVERIFIED", "PRELIMINARY")
+
+
+def test_the_shortcut_construction_equals_highdicoms_own(source: Dataset, sc: Dataset) -> None:
+    ours = build_sr(source, MODEL, [FrameScores(PROBABILITIES)], sc=sc)
+    report = build_report(source, MODEL, [FrameScores(PROBABILITIES)], sc=sc)
+    theirs = hd.sr.ComprehensiveSR(
+        evidence=[source, sc],
+        content=report[0],
+        series_instance_uid=ours.SeriesInstanceUID,
+        series_number=ours.SeriesNumber,
+        sop_instance_uid=ours.SOPInstanceUID,
+        instance_number=1,
+        manufacturer="RetinaGate",
+        is_complete=True,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[MODEL.contributing_equipment()],
+        coding_schemes=list(ours.CodingSchemeIdentificationSequence),
+        series_description=ours.SeriesDescription,
+    )
+    MODEL.stamp(theirs)
+    volatile = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime", "SeriesDate",
+                "SeriesTime", "ContributionDateTime"}  # fmt: skip
+
+    def strip(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if len(k) != 8 or keyword_for_tag(k) not in volatile}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    def plain(ds: Dataset) -> object:
+        return strip(ds.to_json_dict())
+
+    assert plain(ours) == plain(theirs)
+
+
+def test_multi_frame_sources_get_a_measurement_group_per_frame(source: Dataset, sc: Dataset, tmp_path: Path) -> None:
+    frames = [FrameScores(PROBABILITIES, 1), FrameScores(list(reversed(PROBABILITIES)), 2)]
+    source = Dataset(source)  # a copy that claims two frames
+    source.NumberOfFrames = 2
+
+    report = hd.sr.srread(_written(build_sr(source, MODEL, frames, sc=sc), tmp_path))
+
+    groups = report.content.get_image_measurement_groups()
+    assert [g.source_images[0].referenced_frame_numbers for g in groups] == [[1], [2]]
+
+
+def test_for_a_plain_image_the_measurements_refer_to_the_sc(source: Dataset, sc: Dataset, tmp_path: Path) -> None:
+    report = hd.sr.srread(
+        _written(build_sr(source, MODEL, [FrameScores(PROBABILITIES)], sc=sc, references_source=False), tmp_path)
+    )
+
+    (group,) = report.content.get_image_measurement_groups()
+    assert group.source_images[0].referenced_sop_instance_uid == sc.SOPInstanceUID
+
+
+@pytest.mark.parametrize(
+    ("probabilities", "message"), [([0.5] * 3, "29 labels"), ([1.5] * len(LABELS), "expected 0 to 1")]
+)
+def test_bad_scores_are_refused(source: Dataset, sc: Dataset, probabilities: list[float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_sr(source, MODEL, [FrameScores(probabilities)], sc=sc)
+
+
+@pytest.mark.interop
+def test_the_sr_passes_dciodvfy(source: Dataset, sc: Dataset, dciodvfy: Callable[[object], list[str]]) -> None:
+    assert dciodvfy(build_sr(source, MODEL, [FrameScores(PROBABILITIES)], sc=sc)) == []

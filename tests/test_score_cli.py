@@ -1,0 +1,106 @@
+"""Tests for ``retinagate score`` (retinagate.scoring_cli)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+
+from retinagate.cli import EXIT_FAILED, EXIT_MISSING, EXIT_OK, EXIT_USAGE, main
+from retinagate.scoring_cli import collect_inputs
+from retinagate.synth import DicomIdentity, render_fundus, write_dicom
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Settings come from the environment in ``main``: keep the caller's RETINAGATE_* out."""
+    import os
+
+    for key in [k for k in os.environ if k.startswith("RETINAGATE_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("RETINAGATE_DATA_DIR", str(tmp_path / "var"))
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> Path:
+    """A folder with two DICOM photographs (one in a subfolder), a PNG, an unreadable file and a note."""
+    folder = tmp_path / "in"
+    rng = np.random.default_rng(31)
+    write_dicom(render_fundus(rng, 320, 240, ["DR"]).image, folder / "eye1.dcm", DicomIdentity.synthetic(0))
+    write_dicom(render_fundus(rng, 320, 240, []).image, folder / "sub" / "eye2.dcm", DicomIdentity.synthetic(1))
+    cv2.imwrite(str(folder / "photo.png"), render_fundus(rng, 320, 240, ["MH"]).image)
+    (folder / "broken.dcm").write_bytes(b"DICM" * 100)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore:Expected implicit VR:UserWarning")  # broken.dcm is not a dataset
+def test_json_lines_report_every_input_and_the_outputs_are_written(
+    inputs: Path, random_onnx_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+
+    code = main(["score", str(inputs), "--model", str(random_onnx_model_path), "--out", str(out), "--json"])
+
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert code == EXIT_FAILED  # broken.dcm
+    assert sorted(Path(line["source"]).name for line in lines) == ["broken.dcm", "eye1.dcm", "eye2.dcm", "photo.png"]
+    scored = [line for line in lines if line["status"] == "scored"]
+    assert len(scored) == 3
+    for line in scored:
+        assert len(line["probabilities"]) == 29 and isinstance(line["findings"], list)
+        for path in line["files"].values():
+            assert pydicom.dcmread(path).SOPInstanceUID in line["outputs"].values()
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{stem}.{kind}.dcm" for stem in ("eye1", "eye2", "photo") for kind in ("sc", "sr")
+    )
+    (failure,) = [line for line in lines if line["status"] == "failed"]
+    assert failure["permanent"] is True
+    assert "broken.dcm" in captured.err
+
+
+@pytest.mark.filterwarnings("ignore:Expected implicit VR:UserWarning")
+def test_an_unreadable_file_is_reported_by_name_and_the_batch_goes_on(
+    inputs: Path, random_onnx_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken, good = inputs / "broken.dcm", inputs / "eye1.dcm"
+
+    code = main(["score", str(broken), str(good), "--model", str(random_onnx_model_path), "--out", str(tmp_path / "o")])
+
+    captured = capsys.readouterr()
+    assert code == EXIT_FAILED
+    assert f"retinagate score: {broken}:" in captured.err
+    assert "1 scored, 1 failed" in captured.out and "eye1.dcm" in captured.out
+    assert (tmp_path / "o" / "eye1.sc.dcm").is_file()
+
+
+def test_all_scored_exits_zero_and_pm_is_written_on_request(
+    inputs: Path, random_onnx_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["score", str(inputs / "eye1.dcm"), "--model", str(random_onnx_model_path), "--out", str(out)]
+
+    assert main([*argv, "--outputs", "sc,sr,pm"]) == EXIT_OK
+    assert sorted(p.name for p in out.iterdir()) == ["eye1.pm.dcm", "eye1.sc.dcm", "eye1.sr.dcm"]
+    assert main([*argv, "--outputs", "xray"]) == EXIT_USAGE
+    capsys.readouterr()
+
+
+def test_a_missing_model_exits_three(inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["score", str(inputs), "--model", str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "out")])
+
+    assert code == EXIT_MISSING
+    assert "model file not found" in capsys.readouterr().err
+    assert main(["score", str(inputs), "--out", str(tmp_path / "out")]) == EXIT_MISSING  # none configured
+    assert "--model" in capsys.readouterr().err
+
+
+def test_folders_are_searched_recursively_for_images(inputs: Path) -> None:
+    found = collect_inputs([inputs])
+
+    assert [p.relative_to(inputs).as_posix() for p in found] == ["broken.dcm", "eye1.dcm", "photo.png", "sub/eye2.dcm"]

@@ -1,0 +1,53 @@
+"""Augmentation on cached uint8 images, and normalisation from the model card."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retinagate.card import ModelCard, Preprocessing
+from train.augment import Augmenter, Normalizer, sample_seed
+
+
+@pytest.fixture
+def image() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=generator)
+
+
+@pytest.mark.parametrize("level", ["light", "strong"])
+def test_augmentation_keeps_shape_and_dtype_and_repeats_for_the_same_seed(level: str, image: torch.Tensor) -> None:
+    augment = Augmenter(level)
+    first = augment(image, 11)
+    assert first.shape == image.shape and first.dtype == torch.uint8
+    assert torch.equal(first, augment(image, 11))
+    assert not torch.equal(first, augment(image, 12))
+    assert not torch.equal(first, image)
+
+
+def test_augmentation_leaves_the_global_random_state_alone(image: torch.Tensor) -> None:
+    state = torch.get_rng_state()
+    Augmenter("strong")(image, 5)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_no_augmentation_returns_the_cached_pixels(image: torch.Tensor) -> None:
+    assert Augmenter("none")(image, 3) is image
+
+
+def test_unknown_level_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="none, light, strong"):
+        Augmenter("extreme")
+
+
+def test_sample_seeds_differ_across_epochs_and_indices() -> None:
+    seeds = {sample_seed(0, epoch, index) for epoch in range(5) for index in range(200)}
+    assert len(seeds) == 1000
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_normalizer_uses_the_cards_mean_and_std() -> None:
+    card = ModelCard(preprocessing=Preprocessing(mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0)))
+    pixels = torch.tensor([255, 0, 51], dtype=torch.uint8).view(1, 3, 1, 1)
+    out = Normalizer(card.preprocessing)(pixels).flatten().tolist()
+    assert out == pytest.approx([(1.0 - 0.5) / 0.5, (0.0 - 0.25) / 0.25, (0.2 - 0.0) / 1.0], rel=1e-5)

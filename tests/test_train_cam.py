@@ -1,0 +1,58 @@
+"""Class activation maps, and where the trained model's maps point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from retinagate.card import ModelCard, Preprocessing
+from retinagate.labels import OTHER
+from train.cam import class_activation_maps, lesion_mask, pointing_game
+from train.datasets import find_rfmid_splits
+from train.model import create_model, load_checkpoint
+
+
+def test_cam_equals_autograd_grad_cam_on_the_pooled_feature_map() -> None:
+    torch.manual_seed(0)
+    card = ModelCard(preprocessing=Preprocessing(input_size=96))
+    model = create_model(card, drop_rate=0.0, drop_path_rate=0.0).eval()
+    images = torch.randn(2, 3, 96, 96)
+    logits, cams = class_activation_maps(model, images)
+
+    features = model.forward_features(images).detach().requires_grad_(True)
+    head_logits = model.forward_head(features)
+    torch.testing.assert_close(head_logits, logits)
+    for c in (0, 7, 28):
+        (grads,) = torch.autograd.grad(head_logits[:, c].sum(), features, retain_graph=True)
+        alpha = grads.mean(dim=(2, 3), keepdim=True)  # Grad-CAM channel weights
+        grad_cam = torch.relu((alpha * features).sum(dim=1))
+        h, w = features.shape[2:]
+        torch.testing.assert_close(cams[:, c] / (h * w), grad_cam.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_other_mask_is_the_union_of_the_rare_column_masks(tmp_path: Path) -> None:
+    first = np.zeros((10, 10), np.uint8)
+    first[1, 1] = 255
+    second = np.zeros((10, 10), np.uint8)
+    second[8, 8] = 255
+    cv2.imwrite(str(tmp_path / "4_CWS.png"), first)
+    cv2.imwrite(str(tmp_path / "4_HR.png"), second)
+    mask = lesion_mask(tmp_path, "4", OTHER)
+    assert mask is not None and mask.sum() == 2 and mask[1, 1] and mask[8, 8]
+    assert lesion_mask(tmp_path, "4", "DR") is None
+
+
+@pytest.mark.slow
+def test_trained_model_cams_point_at_the_planted_lesions_well_above_chance(
+    trained_checkpoint: Path, synth_dataset: Path
+) -> None:
+    model, card, _ = load_checkpoint(trained_checkpoint)
+    test_split = find_rfmid_splits(synth_dataset)["test"]
+    game = pointing_game(model, card, test_split, synth_dataset / "masks")
+    assert game.total >= 40
+    assert game.rate >= 0.15, game.to_dict()
+    assert game.rate >= 5 * game.chance, game.to_dict()

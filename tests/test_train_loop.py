@@ -1,0 +1,120 @@
+"""The training loop: reproducible data order, resume equivalence, partial fine-tuning, schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from retinagate.card import ModelCard, Preprocessing
+from retinagate.labels import LABELS
+from train.augment import Augmenter
+from train.datasets import AugmentedImages, cache_split, find_rfmid_splits
+from train.loop import TrainConfig, _balanced_weights, _schedule, epoch_loader, freeze_stages, train
+from train.model import create_model
+
+
+@pytest.fixture(scope="module")
+def small_cache(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("loop-cache")
+
+
+def test_batches_are_the_same_for_any_number_of_workers(synth_dataset: Path, small_cache: Path) -> None:
+    cached = cache_split(find_rfmid_splits(synth_dataset)["val"], Preprocessing(input_size=48), small_cache, progress=False)
+    dataset = AugmentedImages(cached, Augmenter("strong"), seed=4)
+
+    def batches(workers: int, epoch: int) -> list[torch.Tensor]:
+        return [images for images, _ in epoch_loader(dataset, epoch, seed=4, batch_size=8, workers=workers)]
+
+    inline, parallel = batches(0, 1), batches(2, 1)
+    assert len(inline) == 48 // 8
+    assert all(torch.equal(a, b) for a, b in zip(inline, parallel, strict=True))
+    assert not torch.equal(batches(0, 2)[0], inline[0])
+
+
+def test_config_refuses_bad_values_naming_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="epochs is 0"):
+        TrainConfig(out=tmp_path, epochs=0)
+    with pytest.raises(ValueError, match="loss is 'hinge'; expected one of bce, asl, focal"):
+        TrainConfig(out=tmp_path, loss="hinge")
+    with pytest.raises(ValueError, match="freeze_stages is 9; expected 0-7"):
+        TrainConfig(out=tmp_path, freeze_stages=9)
+    config = TrainConfig(out=tmp_path, data=tmp_path / "d", lr=3e-4)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_frozen_stages_keep_their_weights_and_batch_norm_statistics() -> None:
+    torch.manual_seed(0)
+    model = create_model(ModelCard(), drop_rate=0.0, drop_path_rate=0.0)
+    frozen = freeze_stages(model, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for module in frozen:
+        module.eval()
+    loss = model(torch.randn(4, 3, 64, 64)).square().mean()
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    for key in before:
+        changed = not torch.equal(before[key], after[key])
+        if key.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1.", "blocks.2.")):
+            assert not changed, key
+    assert not torch.equal(before["blocks.3.0.conv_pw.weight"], after["blocks.3.0.conv_pw.weight"])
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+
+
+def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor() -> None:
+    factor = _schedule(total_steps=100, warmup_steps=10, min_ratio=0.05)
+    assert factor(0) == pytest.approx(0.1)
+    assert factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert factor(100) == pytest.approx(0.05)
+
+
+def test_balanced_sampler_favours_images_with_rare_labels() -> None:
+    labels = np.zeros((20, len(LABELS)), dtype=np.uint8)
+    labels[:10, LABELS.index("DR")] = 1  # common
+    labels[10, LABELS.index("RP")] = 1  # rare
+    weights = _balanced_weights(labels).numpy()
+    assert weights[10] > weights[0] > 0
+    assert weights[11] > 0  # healthy images are still drawn
+
+
+def _run(out: Path, data: Path, cache: Path, **kwargs: Any) -> TrainConfig:
+    return TrainConfig(
+        out=out, data=data, cache_dir=cache, img_size=48, epochs=2, batch_size=16, lr=2e-3,
+        warmup_epochs=0.5, ema=True, ema_decay=0.9, aug="strong", pretrained=False, patience=0,
+        workers=0, seed=7, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cache: Path, tmp_path: Path) -> None:
+    straight = train(_run(tmp_path / "straight", synth_dataset, small_cache), progress=False)
+    assert straight.finished and straight.epochs_run == 2
+
+    paused = train(_run(tmp_path / "paused", synth_dataset, small_cache), stop_after_epochs=1, progress=False)
+    assert not paused.finished and paused.epochs_run == 1 and paused.card is None
+    torch.manual_seed(12345)  # a resumed process starts from an unrelated global RNG state
+    resumed = train(TrainConfig(out=tmp_path / "paused"), resume=True, progress=False)
+    assert resumed.finished and resumed.epochs_run == 2
+
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "paused" / "last.pt", weights_only=True)
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for key, value in a["ema"].items():
+        torch.testing.assert_close(b["ema"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for row_a, row_b in zip(straight.history, resumed.history, strict=True):
+        for key in ("train_loss", "val_loss", "val_macro_auroc", "lr"):
+            assert row_b[key] == pytest.approx(row_a[key], rel=1e-5), key
+    assert resumed.card is not None and straight.card is not None
+    assert resumed.card.thresholds == pytest.approx(straight.card.thresholds, abs=1e-5)
+
+    with pytest.raises(RuntimeError, match="already finished"):
+        train(TrainConfig(out=tmp_path / "paused"), resume=True, progress=False)

@@ -1,0 +1,70 @@
+"""BCE, focal and asymmetric losses and the automatic positive weight."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from train.losses import AsymmetricLoss, FocalLoss, auto_pos_weight, build_loss
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 29, generator=generator) * 3
+    targets = (torch.rand(16, 29, generator=generator) < 0.2).float()
+    return logits, targets
+
+
+def test_focal_loss_with_gamma_zero_is_binary_cross_entropy(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    logits, targets = batch
+    weight = torch.linspace(1, 5, 29)
+    expected = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight)
+    assert FocalLoss(gamma=0.0, pos_weight=weight)(logits, targets) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_focal_loss_down_weights_confident_correct_predictions() -> None:
+    targets = torch.ones(1, 1)
+    easy, hard = torch.tensor([[4.0]]), torch.tensor([[0.0]])
+    focal, bce = FocalLoss(gamma=2.0), torch.nn.BCEWithLogitsLoss()
+    assert focal(easy, targets) / bce(easy, targets) < focal(hard, targets) / bce(hard, targets)
+
+
+def test_asymmetric_loss_without_focusing_or_clipping_is_binary_cross_entropy(
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    logits, targets = batch
+    expected = F.binary_cross_entropy_with_logits(logits, targets)
+    loss = AsymmetricLoss(gamma_neg=0.0, gamma_pos=0.0, clip=0.0)(logits, targets)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_asymmetric_loss_ignores_negatives_already_below_the_clip() -> None:
+    targets = torch.zeros(1, 1)
+    very_negative = torch.tensor([[-6.0]])  # p = 0.0025 < clip 0.05: shifted to zero loss
+    assert float(AsymmetricLoss(clip=0.05)(very_negative, targets)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["bce", "asl", "focal"])
+def test_every_loss_gives_finite_gradients_for_extreme_logits(name: str) -> None:
+    logits = torch.tensor([[-60.0, 60.0, 0.0], [60.0, -60.0, 0.5]], requires_grad=True)
+    targets = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    loss = build_loss(name, torch.tensor([2.0, 3.0, 4.0]))(logits, targets)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_auto_pos_weight_is_negatives_over_positives_capped_and_one_without_positives() -> None:
+    labels = np.zeros((100, 3), dtype=np.uint8)
+    labels[:20, 0] = 1  # 80/20 = 4
+    labels[:1, 1] = 1  # 99/1, capped at 30
+    weight = auto_pos_weight(labels, cap=30.0)
+    assert weight.tolist() == pytest.approx([4.0, 30.0, 1.0])
+
+
+def test_unknown_loss_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="bce, asl, focal"):
+        build_loss("hinge")

@@ -1,0 +1,181 @@
+"""`retinagate results`: findings, model, stage latencies and delivery status per study and image."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from retinagate.cli import EXIT_MISSING, main
+from retinagate.db import make_engine, session_factory, session_scope, upgrade
+from retinagate.models import (
+    Delivery,
+    DeliveryStatus,
+    Instance,
+    InstanceStatus,
+    Model,
+    Output,
+    OutputKind,
+    Prediction,
+    Study,
+    utcnow,
+)
+from retinagate.settings import Settings
+from worker.results import format_results, query_results, to_jsonable
+
+T0 = utcnow().replace(microsecond=0) - timedelta(days=1)
+
+
+def _populate(settings: Settings) -> dict[str, Any]:
+    upgrade(settings)
+    engine = make_engine(settings)
+    with session_scope(session_factory(engine)) as s:
+        old = Model(name="retina", version="1.0", sha256="1" * 64, card={}, active=False, activated_at=T0)
+        new = Model(name="retina", version="2.0", sha256="2" * 64, card={}, active=True,
+                    activated_at=T0 + timedelta(hours=1))
+        study = Study(study_uid="1.2.3", accession="ACC1")
+        other = Study(study_uid="1.2.4")
+        s.add_all([old, new, study, other])
+        s.flush()
+
+        def instance(uid: str, study_id: int, status: InstanceStatus, received: Any, **extra: Any) -> Instance:
+            row = Instance(sop_instance_uid=uid, study_id=study_id, series_uid=uid + ".0", sop_class_uid="1.2",
+                           transfer_syntax_uid="1.2.840.10008.1.2.4.50", storage_key=f"in/{uid}.dcm",
+                           sha256="0" * 64, size_bytes=1, received_at=received, status=status, laterality="R",
+                           **extra)
+            s.add(row)
+            s.flush()
+            return row
+
+        right = instance("1.2.3.1", study.id, InstanceStatus.SCORED, T0)
+        left = instance("1.2.3.2", study.id, InstanceStatus.FAILED, T0 + timedelta(seconds=5), attempts=5,
+                        last_error="InputError: Pixel Data is shorter than Rows x Columns")
+        later = instance("1.2.4.1", other.id, InstanceStatus.SCORED, T0 + timedelta(hours=5))
+
+        def prediction(instance_id: int, model_id: int, findings: list[str], probabilities: dict[str, float],
+                       created: Any) -> Prediction:
+            row = Prediction(instance_id=instance_id, model_id=model_id, findings=findings,
+                             probabilities=probabilities, duration_s=0.1, created_at=created)
+            s.add(row)
+            s.flush()
+            return row
+
+        prediction(right.id, old.id, ["ARMD"], {"DR": 0.2, "ARMD": 0.7}, T0 + timedelta(seconds=1))
+        current = prediction(right.id, new.id, ["DR", "Disease_Risk"], {"DR": 0.91, "Disease_Risk": 0.8, "ARMD": 0.1},
+                             T0 + timedelta(seconds=2))
+        prediction(later.id, new.id, [], {"DR": 0.05, "ARMD": 0.3}, T0 + timedelta(hours=5, seconds=1))
+        for n, kind in enumerate((OutputKind.SC, OutputKind.SR)):
+            output = Output(prediction_id=current.id, kind=kind, sop_instance_uid=f"9.{n}", storage_key=f"out/{n}")
+            s.add(output)
+            s.flush()
+            s.add(Delivery(output_id=output.id, destination="PACS@10.0.0.1:104", status=DeliveryStatus.DELIVERED,
+                           attempts=1, delivered_at=T0 + timedelta(seconds=3 + n)))
+            s.add(Delivery(output_id=output.id, destination="VIEW@10.0.0.2:104",
+                           status=DeliveryStatus.DELIVERED if n == 0 else DeliveryStatus.RETRYING,
+                           attempts=1 + 2 * n, last_error=None if n == 0 else "C-STORE answered 0xA700",
+                           delivered_at=T0 + timedelta(seconds=3) if n == 0 else None))
+    engine.dispose()
+    return {"right": right.id, "left": left.id, "later": later.id}
+
+
+def _query(settings: Settings, **kwargs: Any) -> list[Any]:
+    engine = make_engine(settings)
+    with session_scope(session_factory(engine)) as s:
+        found = query_results(s, **kwargs)
+    engine.dispose()
+    return found
+
+
+def test_a_study_shows_each_image_with_the_active_models_findings_latency_and_deliveries(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    ids = _populate(settings)
+
+    (study,) = _query(settings, study_uid="1.2.3")
+
+    assert study.study_uid == "1.2.3" and study.accession == "ACC1"
+    right, left = study.images
+    assert right.instance_id == ids["right"] and right.status == "scored"
+    assert right.model == "retina 2.0"
+    assert right.findings == [("DR", 0.91), ("Disease_Risk", 0.8)]
+    assert right.scored_after_s == 2.0
+    assert right.delivered_after_s is None  # the viewer has not got the SR yet
+    by_destination = {d.destination: d for d in right.deliveries}
+    assert by_destination["PACS@10.0.0.1:104"].status == "delivered"
+    assert by_destination["PACS@10.0.0.1:104"].delivered_at == T0 + timedelta(seconds=4)
+    assert by_destination["VIEW@10.0.0.2:104"].status == "retrying"
+    assert by_destination["VIEW@10.0.0.2:104"].attempts == 3
+    assert by_destination["VIEW@10.0.0.2:104"].last_error == "C-STORE answered 0xA700"
+    assert left.status == "failed" and left.findings == [] and left.model is None
+    assert left.last_error is not None and "Pixel Data" in left.last_error
+
+
+def test_latency_to_delivery_counts_once_every_destination_has_every_output(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    _populate(settings)
+    engine = make_engine(settings)
+    with session_scope(session_factory(engine)) as s:
+        for row in s.query(Delivery).filter(Delivery.status == DeliveryStatus.RETRYING):
+            row.status, row.delivered_at = DeliveryStatus.DELIVERED, T0 + timedelta(seconds=9)
+    engine.dispose()
+
+    (study,) = _query(settings, study_uid="1.2.3")
+
+    assert study.images[0].delivered_after_s == 9.0
+
+
+def test_since_keeps_only_images_received_from_then_on(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()
+    ids = _populate(settings)
+
+    found = _query(settings, since=T0 + timedelta(hours=1))
+
+    assert [s.study_uid for s in found] == ["1.2.4"]
+    (image,) = found[0].images
+    assert image.instance_id == ids["later"] and image.findings == [] and image.top_probability == ("ARMD", 0.3)
+    assert [s.study_uid for s in _query(settings)] == ["1.2.3", "1.2.4"]
+
+
+def test_the_text_and_json_forms_carry_the_same_facts(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()
+    _populate(settings)
+    found = _query(settings)
+
+    text = format_results(found)
+    data = to_jsonable(found)
+
+    assert "study 1.2.3 (accession ACC1): 2 image(s)" in text
+    assert "DR 0.91, Disease_Risk 0.80" in text and "model retina 2.0" in text
+    assert "scored +2.0s" in text and "VIEW@10.0.0.2:104 retrying" in text
+    assert "no findings (top ARMD 0.30)" in text
+    image = data[0]["images"][0]
+    assert image["findings"] == [{"label": "DR", "probability": 0.91}, {"label": "Disease_Risk", "probability": 0.8}]
+    assert image["latency_s"] == {"scored": 2.0, "delivered": None}
+    assert image["received_at"] == T0.isoformat()
+    json.dumps(data)  # serialisable as is
+
+
+def test_the_results_command_prints_json_and_says_when_a_study_is_unknown(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    settings = make_settings()
+    _populate(settings)
+    monkeypatch.setenv("RETINAGATE_DATA_DIR", str(settings.data_dir))
+
+    assert main(["results", "--study", "1.2.3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [i["sop_instance_uid"] for i in data[0]["images"]] == ["1.2.3.1", "1.2.3.2"]
+
+    assert main(["results", "--since", (T0 + timedelta(hours=1)).date().isoformat()]) == 0
+    assert "study 1.2.4" in capsys.readouterr().out
+
+    assert main(["results", "--study", "9.9.9"]) == EXIT_MISSING
+    assert "no study with UID 9.9.9" in capsys.readouterr().err

@@ -1,0 +1,240 @@
+"""Scoring stored instances: one prediction per (instance, model), durable outputs, idempotent re-runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from retinagate.db import make_engine, session_factory, session_scope, upgrade
+from retinagate.models import Delivery, DeliveryStatus, Instance, Model, Output, Prediction
+from retinagate.settings import Settings
+from retinagate.storage import Storage
+from worker.scoring import ScoreOutcome, Scorer, score_instances, wants_delivery
+
+
+class Bench:
+    """A migrated database, its storage and a loaded scorer for one test."""
+
+    def __init__(self, settings: Settings) -> None:
+        upgrade(settings)
+        self.settings = settings
+        self.engine = make_engine(settings)
+        self.sessions = session_factory(self.engine)
+        self.storage = Storage(settings.resolved_storage_dir)
+        self.scorer: Scorer | None = None
+
+    def load(self, model: Path | None = None) -> Scorer:
+        self.scorer = Scorer.load(model, self.settings, self.sessions)
+        return self.scorer
+
+    def score(self, ids: list[int]) -> ScoreOutcome:
+        scorer = self.scorer or self.load()
+        return score_instances(self.settings, self.sessions, self.storage, scorer, ids)
+
+    def rows(self) -> dict[str, Any]:
+        with session_scope(self.sessions) as s:
+            return {
+                "instances": {i.id: (i.status.value, i.attempts, i.last_error) for i in s.scalars(select(Instance))},
+                "predictions": sorted((p.id, p.instance_id, p.model_id) for p in s.scalars(select(Prediction))),
+                "outputs": sorted((o.id, o.prediction_id, o.kind.value, o.sop_instance_uid, o.storage_key)
+                                  for o in s.scalars(select(Output))),
+                "deliveries": sorted((d.id, d.output_id, d.destination, d.status.value)
+                                     for d in s.scalars(select(Delivery))),
+            }
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+        self.engine.dispose()
+
+
+@pytest.fixture
+def bench(make_settings: Callable[..., Settings], random_onnx_model_path: Path) -> Iterator[Callable[..., Bench]]:
+    made: list[Bench] = []
+
+    def make(**overrides: Any) -> Bench:
+        overrides.setdefault("model_path", random_onnx_model_path)
+        made.append(Bench(make_settings(**overrides)))
+        return made[-1]
+
+    yield make
+    for item in made:
+        item.close()
+
+
+@pytest.mark.slow
+def test_scoring_records_a_prediction_durable_outputs_and_pending_deliveries(
+    bench: Callable[..., Bench], worker_store_instance: Callable[..., int]
+) -> None:
+    b = bench(destinations="PACS@127.0.0.1:104,VIEW@127.0.0.1:105")
+    ids = [worker_store_instance(b.settings, study=0, laterality=eye) for eye in ("R", "L")]
+
+    outcome = b.score(ids)
+
+    assert outcome.scored == ids and outcome.failed == [] and outcome.retry == []
+    rows = b.rows()
+    assert rows["instances"] == {i: ("scored", 1, None) for i in ids}
+    assert len(rows["predictions"]) == 2 and len(rows["outputs"]) == 4 and len(rows["deliveries"]) == 8
+    assert {d[3] for d in rows["deliveries"]} == {"pending"}
+    assert sorted(outcome.deliver) == sorted(o[0] for o in rows["outputs"])
+    with session_scope(b.sessions) as s:
+        model = s.scalars(select(Model)).one()
+        assert b.scorer is not None
+        assert model.active and model.sha256 == b.scorer.engine.sha256
+        for prediction in s.scalars(select(Prediction)):
+            assert len(prediction.probabilities) == 29
+            assert set(prediction.findings) <= set(prediction.probabilities)
+            assert {"decode", "infer", "write", "total"} <= set(prediction.timings)
+            assert prediction.duration_s == prediction.timings["total"] > 0
+            source = s.get_one(Instance, prediction.instance_id)
+            for output in prediction.outputs:
+                assert output.storage_key.startswith("out/")
+                ds = dcmread(b.storage.path(output.storage_key))
+                assert ds.SOPInstanceUID == output.sop_instance_uid
+                assert ds.StudyInstanceUID == source.study.study_uid
+
+
+def test_scoring_again_updates_the_same_rows_and_rewrites_the_same_files(
+    bench: Callable[..., Bench], worker_store_instance: Callable[..., int]
+) -> None:
+    b = bench(destinations="PACS@127.0.0.1:104")
+    ids = [worker_store_instance(b.settings, study=s) for s in range(2)]
+    b.score(ids)
+    before = b.rows()
+    with session_scope(b.sessions) as s:
+        delivered = s.scalars(select(Delivery).order_by(Delivery.id)).first()
+        assert delivered is not None
+        delivered.status = DeliveryStatus.DELIVERED
+        delivered_output = delivered.output_id
+        first_times = sorted(s.scalars(select(Prediction.created_at)))
+    files = {o[4]: b.storage.path(o[4]).stat().st_mtime_ns for o in before["outputs"]}
+
+    outcome = b.score(ids)
+
+    after = b.rows()
+    assert after["predictions"] == before["predictions"] and after["outputs"] == before["outputs"]
+    assert [d[:3] for d in after["deliveries"]] == [d[:3] for d in before["deliveries"]]
+    assert delivered_output not in outcome.deliver  # already delivered: not sent again
+    assert len(outcome.deliver) == len(before["outputs"]) - 1
+    assert all(b.storage.path(key).stat().st_mtime_ns >= mtime for key, mtime in files.items())
+    assert sorted(b.storage.iter_keys("out")) == sorted(files)  # no extra files
+    with session_scope(b.sessions) as s:
+        assert sorted(s.scalars(select(Prediction.created_at))) > first_times
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
+def test_an_undecodable_instance_fails_at_once_and_the_rest_of_the_batch_is_scored(
+    bench: Callable[..., Bench], worker_store_instance: Callable[..., int]
+) -> None:
+    b = bench()
+    good, bad = (worker_store_instance(b.settings, study=s) for s in range(2))
+    with session_scope(b.sessions) as s:
+        path = b.storage.path(s.get_one(Instance, bad).storage_key)
+    path.write_bytes(path.read_bytes()[:2000])  # truncated inside the pixel data
+
+    outcome = b.score([good, bad])
+
+    assert outcome.scored == [good] and outcome.failed == [bad] and outcome.retry == []
+    status, attempts, error = b.rows()["instances"][bad]
+    assert status == "failed" and attempts == 1 and error
+    assert outcome.deliver == []  # no destinations configured
+
+
+def test_a_missing_file_is_retried_until_the_attempts_run_out_then_failed(
+    bench: Callable[..., Bench], worker_store_instance: Callable[..., int]
+) -> None:
+    b = bench(max_attempts=2)
+    instance = worker_store_instance(b.settings)
+    with session_scope(b.sessions) as s:
+        b.storage.delete(s.get_one(Instance, instance).storage_key)
+
+    first = b.score([instance])
+    assert first.retry == [instance] and first.failed == []
+    assert b.rows()["instances"][instance][:2] == ("queued", 1)
+
+    second = b.score([instance])
+    assert second.failed == [instance] and second.retry == []
+    status, attempts, error = b.rows()["instances"][instance]
+    assert status == "failed" and attempts == 2 and error is not None and "gave up after 2 attempts" in error
+
+
+def test_outputs_below_the_minimum_probability_are_not_queued_for_delivery(
+    bench: Callable[..., Bench], worker_store_instance: Callable[..., int]
+) -> None:
+    b = bench(destinations="PACS@127.0.0.1:104", deliver_min_probability=1.0)
+    instance = worker_store_instance(b.settings)
+
+    outcome = b.score([instance])
+
+    assert outcome.scored == [instance] and outcome.deliver == []
+    assert b.rows()["deliveries"] == [] and len(b.rows()["outputs"]) == 2
+
+
+def test_unknown_instance_ids_are_skipped(bench: Callable[..., Bench]) -> None:
+    b = bench()
+    outcome = b.score([12345])
+    assert outcome.scored == outcome.failed == outcome.retry == []
+
+
+def test_a_new_model_becomes_the_only_active_one_and_a_known_model_keeps_its_flag(
+    bench: Callable[..., Bench], random_onnx_model_path: Path, worker_model_variant: Callable[..., Path]
+) -> None:
+    b = bench()
+    first = b.load(random_onnx_model_path)
+    first.close()
+    second = b.load(worker_model_variant(random_onnx_model_path, "v2"))
+    second.close()
+    again = b.load(random_onnx_model_path)
+    assert again.model_id == first.model_id
+
+    with session_scope(b.sessions) as s:
+        active = {m.id: m.active for m in s.scalars(select(Model))}
+    assert active == {first.model_id: False, second.model_id: True}
+
+
+def test_delivery_is_wanted_only_with_destinations_and_a_probability_at_the_minimum(
+    make_settings: Callable[..., Settings],
+) -> None:
+    assert not wants_delivery(make_settings(), {"DR": 0.9})
+    some = make_settings(destinations="PACS@h:104", deliver_min_probability=0.5)
+    assert wants_delivery(some, {"DR": 0.2, "ARMD": 0.5})
+    assert not wants_delivery(some, {"DR": 0.2, "ARMD": 0.49})
+    assert wants_delivery(make_settings(destinations="PACS@h:104"), {})
+
+
+def test_two_workers_scoring_the_same_instance_at_once_leave_one_set_of_rows_and_files(
+    bench: Callable[..., Bench], worker_store_instance: Callable[..., int]
+) -> None:
+    """A duplicate message: another worker commits the same instance's outputs while this one is
+    writing its files. This one keeps the rows (and storage keys) already there and removes its own
+    copies, so no file is left without a row and no row's file ever changes its key."""
+    b = bench()
+    instance = worker_store_instance(b.settings)
+    first = b.load()
+    rival = Scorer.load(None, b.settings, b.sessions)
+
+    class RacingStorage(Storage):
+        raced = False
+
+        def write_bytes(self, key: str, data: bytes) -> tuple[str, int]:
+            if not self.raced:
+                self.raced = True  # the rival finishes between this worker's key lookup and its commit
+                assert score_instances(b.settings, b.sessions, b.storage, rival, [instance]).scored == [instance]
+            return super().write_bytes(key, data)
+
+    racing = RacingStorage(b.settings.resolved_storage_dir)
+
+    outcome = score_instances(b.settings, b.sessions, racing, first, [instance])
+
+    rival.close()
+    assert racing.raced and outcome.scored == [instance]
+    rows = b.rows()
+    assert len(rows["predictions"]) == 1 and len(rows["outputs"]) == 2
+    assert sorted(b.storage.iter_keys("out")) == sorted(o[4] for o in rows["outputs"])  # no stray files
+    for output in rows["outputs"]:
+        assert dcmread(b.storage.path(output[4])).SOPInstanceUID == output[3]
