@@ -15,7 +15,7 @@ The model is ``--model`` or, by default, an untrained EfficientNet-B0 exported o
 ``.cache/bench/`` (the weights do not change the cost). The table (printed last) gives the throughput
 and the mean seconds per image of each pipeline stage, read back from ``predictions.timings``.
 
-Usage: ``python bench/bench_worker.py [--images 48] [--batches 1 16] [--concurrency 2] [--model PATH]``
+Usage: ``python bench/bench_worker.py [--images 64] [--batches 1 16] [--concurrency 2] [--model PATH]``
 """
 
 from __future__ import annotations
@@ -232,7 +232,8 @@ def run(batch: int, args: argparse.Namespace, redis: Redis, database: int, photo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=48, help="instances timed per batch size (default 48)")
+    parser.add_argument("--images", type=int, default=64,
+                        help="instances timed per batch size (default 64: whole batches for every process)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="instances per score task")
     parser.add_argument("--concurrency", type=int, default=2, help="worker pool processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per process (default 1)")
@@ -255,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         redis.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 
-    print(f"\nworker throughput, {args.size[0]}x{args.size[1]} JPEG OP instances, {os.cpu_count()} CPU(s), "
-          f"{args.concurrency} pool process(es), {args.threads} ONNX thread(s) each, model {model.name}")
+    load = os.getloadavg()[0]
+    print(f"\nworker throughput, {args.size[0]}x{args.size[1]} JPEG OP instances, {os.cpu_count()} CPU(s) "
+          f"(load average {load:.1f} at the end), {args.concurrency} pool process(es), {args.threads} ONNX "
+          f"thread(s) each, model {model.name}")
     header = f"{'batch/task':>10} {'tasks':>6} {'images':>7} {'seconds':>8} {'images/s':>9}  " + " ".join(
         f"{s:>10}" for s in STAGES
     )

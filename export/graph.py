@@ -4,8 +4,8 @@
 but ONNX Runtime:
 
 1. ``image`` arrives as uint8 ``[N, S, S, 3]`` RGB (a quarter of the bytes of float32 across PCIe),
-   is cast to float, scaled to [0, 1], moved to NCHW and normalised with the model card's mean and
-   std (one place for those constants: the card).
+   is moved to NCHW, cast to float and normalised with the model card's mean and std, by training's
+   own :class:`train.augment.Normalizer` (one place for those constants: the card; one formula).
 2. ``A = model.forward_features(x)`` is the activated final feature map ``[N, K, h, w]`` that feeds
    the global average pool (timm EfficientNet: the output of ``bn2``, a BatchNorm with SiLU).
 3. ``logits = model.forward_head(A)``: global average pool and the linear classifier, exactly what
@@ -18,13 +18,14 @@ but ONNX Runtime:
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 from torch import nn
 
 from retinagate.card import ModelCard
+from train.augment import Normalizer
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAMES", "CamModel", "classifier_weight"]
 
@@ -75,17 +76,13 @@ class CamModel(nn.Module):
             )
         self.model = model.eval()
         self.card = card
-        mean = torch.tensor(card.preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(card.preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1)
-        # (x / 255 - mean) / std folded into one multiply and one add.
-        self.register_buffer("scale", 1.0 / (255.0 * std))
-        self.register_buffer("shift", -mean / std)
+        # Training's own normaliser, so served and trained inputs agree to the last bit.
+        self.normaliser = Normalizer(card.preprocessing)
 
     def normalise(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 ``[N, S, S, 3]`` RGB to the normalised float ``[N, 3, S, S]`` the classifier takes."""
-        scale = cast(torch.Tensor, self.scale)
-        shift = cast(torch.Tensor, self.shift)
-        return image.permute(0, 3, 1, 2).float() * scale + shift
+        normalised: torch.Tensor = self.normaliser(image.permute(0, 3, 1, 2))
+        return normalised
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(logits [N, C], probabilities [N, C], cam [N, C, h, w])`` for uint8 NHWC input."""

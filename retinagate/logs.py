@@ -47,6 +47,8 @@ def setup_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") ->
     # pynetdicom logs whole identifiers (patient names among them) at DEBUG; keep it at WARNING
     # whatever the root level, and turn its dataset logging off where the library offers it.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    # highdicom reports every object it builds at INFO; keep the service logs to our own events.
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))
     try:
         from pynetdicom import _config
 

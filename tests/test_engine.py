@@ -116,7 +116,7 @@ def test_a_named_provider_that_this_build_lacks_is_an_error_naming_what_is_avail
     if PROVIDERS[choice] in ort.get_available_providers():
         pytest.skip(f"{PROVIDERS[choice]} is installed here")
 
-    with pytest.raises(ProviderError, match="available: .*CPUExecutionProvider") as error:
+    with pytest.raises(ProviderError, match=r"available: .*CPUExecutionProvider") as error:
         Engine(random_onnx_model_path, providers=choice)  # type: ignore[arg-type]
 
     assert PROVIDERS[choice] in str(error.value)
@@ -157,7 +157,7 @@ def test_auto_tries_tensorrt_then_cuda_then_cpu_with_caches_and_fixed_shapes(tmp
 def test_a_file_without_a_card_is_refused_with_a_hint(random_onnx_model_path: Path, tmp_path: Path) -> None:
     bare = _with_metadata(random_onnx_model_path, tmp_path / "bare.onnx", None)
 
-    with pytest.raises(ModelFileError, match="no model card .*retinagate export"):
+    with pytest.raises(ModelFileError, match=r"no model card .*retinagate export"):
         Engine(bare)
 
 

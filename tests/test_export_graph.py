@@ -14,6 +14,7 @@ from torch import nn
 from export.graph import CamModel, classifier_weight
 from retinagate.card import ModelCard, Preprocessing
 from retinagate.preprocess import prepare
+from train.augment import Normalizer
 from train.datasets import find_rfmid_splits, read_image
 from train.model import create_model, load_checkpoint
 
@@ -51,17 +52,12 @@ def _autograd_gradcam(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, np
 def test_logits_are_exactly_the_classifiers_on_the_same_normalised_input(trained_checkpoint: Path) -> None:
     model, card, _ = load_checkpoint(trained_checkpoint)
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 128, 128, 3), dtype=np.uint8))
-    mean = torch.tensor(card.preprocessing.mean).view(1, 3, 1, 1)
-    std = torch.tensor(card.preprocessing.std).view(1, 3, 1, 1)
 
     with torch.no_grad():
         logits, probabilities, cam = CamModel(model, card)(images)
-        cam_model_input = CamModel(model, card).normalise(images)
-        reference = model(cam_model_input)
-        textbook = model((images.permute(0, 3, 1, 2).float() / 255 - mean) / std)
+        as_in_training = model(Normalizer(card.preprocessing)(images.permute(0, 3, 1, 2)))
 
-    assert torch.equal(logits, reference)
-    torch.testing.assert_close(logits, textbook, rtol=0, atol=1e-4)
+    assert torch.equal(logits, as_in_training)
     torch.testing.assert_close(probabilities, torch.sigmoid(logits))
     assert cam.shape == (3, card.num_labels, 4, 4)
 
@@ -101,6 +97,7 @@ def test_onnx_cam_equals_autograd_gradcam_on_the_pooled_feature_map(
     np.testing.assert_allclose(cam / (4 * 4), gradcam, rtol=1e-3, atol=1e-4 * float(gradcam.max()))
 
 
+@pytest.mark.slow
 def test_onnx_cam_equals_pytorch_grad_cam_for_every_label(
     trained_checkpoint: Path, onnx_model_path: Path, fundus_images: np.ndarray
 ) -> None:
@@ -108,7 +105,7 @@ def test_onnx_cam_equals_pytorch_grad_cam_for_every_label(
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     model, card, _ = load_checkpoint(trained_checkpoint)
-    images = fundus_images[:2]
+    images = fundus_images[:1]
     session = ort.InferenceSession(str(onnx_model_path), providers=["CPUExecutionProvider"])
     (cam,) = session.run(["cam"], {"image": images})
     x = CamModel(model, card).normalise(torch.from_numpy(images))
@@ -117,17 +114,23 @@ def test_onnx_cam_equals_pytorch_grad_cam_for_every_label(
         assert torch.equal(model.bn2(model.conv_head(model.blocks(model.bn1(model.conv_stem(x))))),
                            model.forward_features(x))
 
+    labels = list(range(card.num_labels))
     with GradCAM(model=model, target_layers=[model.bn2]) as library:
-        for label in range(card.num_labels):
-            theirs = library(input_tensor=x, targets=[ClassifierOutputTarget(label)] * len(images))
-            # The library min-max normalises each map, then resizes it to the input with cv2.
-            for n in range(len(images)):
+        for n in range(len(images)):
+            # One backward pass for all labels: the image repeated, one target per copy.
+            theirs = library(
+                input_tensor=x[n : n + 1].repeat(len(labels), 1, 1, 1),
+                targets=[ClassifierOutputTarget(label) for label in labels],
+            )
+            for label in labels:
                 single = cam[n, label]
-                ours = cv2.resize(_minmax(single.astype(np.float32)).astype(np.float32), (128, 128))
                 if single.max() == 0:
-                    assert theirs[n].max() < 1e-3, f"label {label}: library map not empty where ours is"
+                    assert theirs[label].max() < 1e-3, f"image {n}, label {label}: library map not empty"
                     continue
-                assert np.abs(ours - theirs[n]).max() < 1e-3, f"image {n}, label {label}"
+                # The library min-max normalises each map, resizes it to the input with cv2, and
+                # min-max normalises again (bilinear upsampling never lands exactly on a peak).
+                ours = _minmax(cv2.resize(_minmax(single).astype(np.float32), (128, 128)))
+                assert np.abs(ours - theirs[label]).max() < 1e-3, f"image {n}, label {label}"
 
 
 def test_only_an_average_pooled_linear_head_is_accepted() -> None:
@@ -140,7 +143,7 @@ def test_only_an_average_pooled_linear_head_is_accepted() -> None:
         CamModel(mismatched, card)
 
     model.classifier = nn.Sequential(nn.Linear(1280, 64), nn.ReLU(), nn.Linear(64, 29))
-    with pytest.raises(ValueError, match="expected one nn.Linear"):
+    with pytest.raises(ValueError, match=r"expected one nn\.Linear"):
         CamModel(model, card)
 
     pooled_max = create_model(card)

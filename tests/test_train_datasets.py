@@ -17,7 +17,6 @@ from retinagate.card import Preprocessing
 from retinagate.labels import LABELS, RFMID_COLUMNS, labels_from_rfmid_row
 from retinagate.preprocess import prepare
 from train.datasets import (
-    AugmentedImages,
     DataSourceError,
     MissingDataError,
     cache_split,
@@ -193,20 +192,3 @@ def test_cache_is_rebuilt_when_a_photo_or_the_preprocessing_changes(synth_datase
     assert edited.built and edited.cache_file != base.cache_file
     assert not np.array_equal(edited.images[0], base.images[0])
     np.testing.assert_array_equal(edited.images[1:], base.images[1:])
-
-
-def test_augmented_images_depend_only_on_seed_epoch_and_index(synth_dataset: Path, tmp_path: Path) -> None:
-    from train.augment import Augmenter
-
-    cached = cache_split(find_rfmid_splits(synth_dataset)["val"], Preprocessing(input_size=64), tmp_path, progress=False)
-    dataset = AugmentedImages(cached, Augmenter("strong"), seed=1)
-    dataset.set_epoch(2)
-    image, labels = dataset[5]
-    assert image.shape == (3, 64, 64) and str(image.dtype) == "torch.uint8"
-    np.testing.assert_array_equal(labels.numpy(), cached.labels[5])
-    _ = dataset[4]  # other samples in between change nothing
-    again, _ = dataset[5]
-    assert bool((again == image).all())
-    dataset.set_epoch(3)
-    other, _ = dataset[5]
-    assert not bool((other == image).all())

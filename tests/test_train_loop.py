@@ -9,30 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from retinagate.card import ModelCard, Preprocessing
+from retinagate.card import ModelCard
 from retinagate.labels import LABELS
-from train.augment import Augmenter
-from train.datasets import AugmentedImages, cache_split, find_rfmid_splits
-from train.loop import TrainConfig, _balanced_weights, _schedule, epoch_loader, freeze_stages, train
+from train.loop import TrainConfig, _balanced_weights, _schedule, freeze_stages, train
 from train.model import create_model
 
 
 @pytest.fixture(scope="module")
 def small_cache(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("loop-cache")
-
-
-def test_batches_are_the_same_for_any_number_of_workers(synth_dataset: Path, small_cache: Path) -> None:
-    cached = cache_split(find_rfmid_splits(synth_dataset)["val"], Preprocessing(input_size=48), small_cache, progress=False)
-    dataset = AugmentedImages(cached, Augmenter("strong"), seed=4)
-
-    def batches(workers: int, epoch: int) -> list[torch.Tensor]:
-        return [images for images, _ in epoch_loader(dataset, epoch, seed=4, batch_size=8, workers=workers)]
-
-    inline, parallel = batches(0, 1), batches(2, 1)
-    assert len(inline) == 48 // 8
-    assert all(torch.equal(a, b) for a, b in zip(inline, parallel, strict=True))
-    assert not torch.equal(batches(0, 2)[0], inline[0])
 
 
 def test_config_refuses_bad_values_naming_the_field(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from retinagate.db import make_engine, session_factory, session_scope, upgrade
 from retinagate.models import Delivery, DeliveryStatus, Instance, Model, Output, Prediction
 from retinagate.settings import Settings
-from retinagate.storage import Storage
+from retinagate.storage import Storage, StorageError
 from worker.scoring import ScoreOutcome, Scorer, score_instances, wants_delivery
 
 
@@ -238,3 +238,26 @@ def test_two_workers_scoring_the_same_instance_at_once_leave_one_set_of_rows_and
     assert sorted(b.storage.iter_keys("out")) == sorted(o[4] for o in rows["outputs"])  # no stray files
     for output in rows["outputs"]:
         assert dcmread(b.storage.path(output[4])).SOPInstanceUID == output[3]
+
+
+def test_a_failed_durable_write_queues_the_instance_again_and_leaves_no_file(
+    bench: Callable[..., Bench], worker_store_instance: Callable[..., int]
+) -> None:
+    b = bench()
+    instance = worker_store_instance(b.settings)
+    b.load()
+
+    class FullDisk(Storage):
+        def write_bytes(self, key: str, data: bytes) -> tuple[str, int]:
+            if b"1.2.840.10008.5.1.4.1.1.88" in data[:400]:  # the SR (a Structured Report SOP class)
+                raise StorageError(f"durable write of {key} failed: No space left on device")
+            return super().write_bytes(key, data)
+
+    assert b.scorer is not None
+    outcome = score_instances(b.settings, b.sessions, FullDisk(b.settings.resolved_storage_dir), b.scorer, [instance])
+
+    assert outcome.retry == [instance] and outcome.scored == []
+    status, attempts, error = b.rows()["instances"][instance]
+    assert (status, attempts) == ("queued", 1) and "No space left" in (error or "")
+    assert list(b.storage.iter_keys("out")) == []  # the SC that did land was removed again
+    assert b.rows()["predictions"] == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import signal
 import sqlite3
@@ -105,7 +106,7 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
             argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--concurrency", "1",
                     "--without-mingle", "--without-gossip", "--loglevel", "INFO", *extra]
         else:
-            argv = [sys.executable, "-m", "retinagate.cli", "worker", "--concurrency", "1", *extra]
+            argv = [sys.executable, "-m", "retinagate", "worker", "--concurrency", "1", *extra]
         worker = Worker(argv, env, tmp_path / f"worker-{len(started)}.log")
         started.append(worker)
         worker.wait_ready()
@@ -341,3 +342,18 @@ def test_the_nightly_rescore_task_queues_every_scored_instance_without_a_predict
     _wait(lambda: worker.text().count("Task retinagate.score[") >= 4, "the score tasks' log lines", 10, [worker])
     received = [line for line in worker.text().splitlines() if "Task retinagate.score[" in line and "received" in line]
     assert len(received) == 2  # three instances in batches of two
+
+
+def test_retinagate_beat_sends_the_sweep_on_its_interval(
+    worker_env: Callable[..., tuple[Settings, dict[str, str]]], tmp_path: Path
+) -> None:
+    settings, env = worker_env(sweep_interval=5)
+    broker = redis.Redis.from_url(settings.broker_url)
+    beat = Worker([sys.executable, "-m", "retinagate", "beat"], env, tmp_path / "beat.log")
+    try:
+        _wait(lambda: broker.llen("maintenance") >= 1, "a sweep message", 30, [beat])
+    finally:
+        beat.stop()
+    message = json.loads(broker.lindex("maintenance", 0) or b"{}")
+    assert message["headers"]["task"] == "retinagate.sweep"
+    assert list(settings.data_dir.glob("celerybeat-schedule*"))  # its schedule lives in the data folder

@@ -17,13 +17,14 @@ Levels (``--aug``):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from retinagate.card import Preprocessing
+if TYPE_CHECKING:
+    from retinagate.card import Preprocessing
 
 __all__ = ["AUG_LEVELS", "Augmenter", "Normalizer", "sample_seed"]
 

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,21 +37,17 @@ from typing import Any, Final, Literal
 
 import cv2
 import numpy as np
-import torch
 from numpy.typing import NDArray
-from torch.utils.data import Dataset
 
 from retinagate.card import Preprocessing
 from retinagate.labels import LABELS, NUM_LABELS, RFMID_COLUMNS, labels_from_rfmid_row
 from retinagate.preprocess import prepare
-from train.augment import sample_seed
 
 __all__ = [
     "CACHE_FORMAT",
     "IMAGE_EXTENSIONS",
     "PATH_COLUMNS",
     "SPLITS",
-    "AugmentedImages",
     "CachedSplit",
     "DataSourceError",
     "MissingDataError",
@@ -537,50 +533,3 @@ def cache_split(
     final.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     logger.info("cached %d %s images in %.1f s", len(source), source.split, meta["seconds"])
     return CachedSplit(source, np.load(final, mmap_mode="r"), final, built=True)
-
-
-class AugmentedImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """A cached split as a PyTorch dataset: uint8 ``(3, S, S)`` images, augmented, and uint8 labels.
-
-    The cache file is memory-mapped lazily in each process (loader workers map it themselves instead
-    of receiving a pickled copy). Call :meth:`set_epoch` before each epoch: with the run seed and the
-    sample index it decides every random choice, so results do not depend on the number of workers.
-
-    Args:
-        split: The cached split.
-        augment: Called as ``augment(image, seed)``; ``None`` for no augmentation.
-        seed: The run seed.
-    """
-
-    def __init__(
-        self,
-        split: CachedSplit,
-        augment: Callable[[torch.Tensor, int], torch.Tensor] | None,
-        seed: int,
-    ) -> None:
-        self.cache_file = split.cache_file
-        self.labels = np.ascontiguousarray(split.labels)
-        self.augment = augment
-        self.seed = seed
-        self.epoch = 0
-        self._images: NDArray[np.uint8] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the epoch whose augmentation draws the next iteration uses."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_images"] = None
-        return state
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._images is None:
-            self._images = np.load(self.cache_file, mmap_mode="r")
-        image = torch.from_numpy(np.array(self._images[index])).permute(2, 0, 1)
-        if self.augment is not None:
-            image = self.augment(image, sample_seed(self.seed, self.epoch, index))
-        return image, torch.from_numpy(self.labels[index])

@@ -36,23 +36,23 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 
 from retinagate.card import ModelCard, Preprocessing
 from retinagate.labels import DISEASE_LABELS, LABELS
-from train.augment import AUG_LEVELS, Augmenter, Normalizer, sample_seed
+from train.augment import AUG_LEVELS, Augmenter, Normalizer
 from train.calibration import LabelThreshold, calibrate_thresholds
-from train.datasets import AugmentedImages, CachedSplit, Split, SplitSource, cache_split, load_splits
+from train.datasets import CachedSplit, Split, SplitSource, cache_split, load_splits
+from train.loader import AugmentedImages, epoch_loader
 from train.losses import LOSSES, auto_pos_weight, build_loss
 from train.metrics import Metrics, compute_metrics
 from train.model import CHECKPOINT_FORMAT, create_model, load_checkpoint, state_dict_sha256
+from train.step import AUTOCAST_DTYPES, TrainStep
 
 __all__ = [
     "PRECISIONS",
     "RunResult",
     "TrainConfig",
     "TrainingError",
-    "epoch_loader",
     "evaluate_checkpoint",
     "freeze_stages",
     "predict",
@@ -63,7 +63,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PRECISIONS: Final = ("auto", "fp32", "fp16", "bf16")
-_AUTOCAST: Final = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TrainingError(RuntimeError):
@@ -296,13 +295,6 @@ def _workers(requested: int) -> int:
     return min(8, max(0, (os.cpu_count() or 1) - 1))
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Seeds NumPy and ``random`` in a loader worker from the seed PyTorch gave it."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def _balanced_weights(labels: NDArray[np.uint8]) -> torch.Tensor:
     """Sampling weight per image: the rarest of its disease labels wins (square-root damped).
 
@@ -320,43 +312,21 @@ def _balanced_weights(labels: NDArray[np.uint8]) -> torch.Tensor:
     return torch.as_tensor(np.sqrt(per_image), dtype=torch.double)
 
 
-def epoch_loader(
-    dataset: AugmentedImages,
-    epoch: int,
-    *,
-    seed: int,
-    batch_size: int,
-    workers: int = 0,
-    sample_weights: torch.Tensor | None = None,
-    pin_memory: bool = False,
-) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
-    """The shuffled (or weighted) training loader of one epoch.
+def _init_classifier_bias(model: nn.Module, labels: NDArray[np.uint8]) -> None:
+    """Starts each output at its training prevalence: bias = logit(positives / images).
 
-    Order and augmentation are functions of (seed, epoch) alone: the sampler draws from a generator
-    seeded with them, and each sample's augmentation seed comes from (seed, epoch, index). Workers are
-    not persistent, so each epoch's workers start from this epoch's state; the batches are the same
-    for any number of workers, and for a resumed run.
+    With 29 mostly negative labels, a zero bias starts every output at p = 0.5, and the first
+    hundreds of steps go into learning "mostly absent" instead of the lesions; the prior start
+    removes that phase (Lin et al. 2017, section 3.3).
     """
-    dataset.set_epoch(epoch)
-    generator = torch.Generator()
-    generator.manual_seed(sample_seed(seed, epoch, -1))
-    sampler: Sampler[int]
-    if sample_weights is not None:
-        sampler = WeightedRandomSampler(sample_weights.tolist(), len(dataset), replacement=True, generator=generator)
-    else:
-        sampler = RandomSampler(dataset, generator=generator)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        drop_last=True,
-        worker_init_fn=_seed_worker,
-        generator=generator,
-        prefetch_factor=4 if workers > 0 else None,
-        persistent_workers=False,
-    )
+    get_classifier = getattr(model, "get_classifier", None)
+    classifier = get_classifier() if callable(get_classifier) else None
+    bias = getattr(classifier, "bias", None)
+    if not isinstance(bias, torch.Tensor) or bias.shape != (labels.shape[1],):
+        return
+    prevalence = np.clip(labels.mean(axis=0), 0.01, 0.99)
+    with torch.no_grad():
+        bias.copy_(torch.as_tensor(np.log(prevalence / (1 - prevalence)), dtype=bias.dtype))
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -420,7 +390,7 @@ def predict(
 
     model.eval()
     normalizer = Normalizer(preprocessing).to(device)
-    dtype = _AUTOCAST.get(precision)
+    dtype = AUTOCAST_DTYPES.get(precision)
     outputs: list[torch.Tensor] = []
     loss_sum, seen = 0.0, 0
     total = math.ceil(images.shape[0] / batch_size)
@@ -479,18 +449,22 @@ class _Run:
         self.card = _training_card(config)
         self.out = config.out
 
-    def load_data(self) -> dict[Split, CachedSplit]:
+    def find_data(self) -> dict[Split, SplitSource]:
+        """Reads the label files and lists the images (cheap; nothing is decoded yet)."""
         c = self.config
-        cache_dir = c.resolved_cache_dir
-        sources: dict[Split, SplitSource] = load_splits(
+        return load_splits(
             data=c.data,
             labels_csv=c.labels_csv,
             images=c.images,
             seed=c.seed,
             val_fraction=c.val_fraction,
             test_fraction=c.test_fraction,
-            skip=[cache_dir, c.out],
+            skip=[c.resolved_cache_dir, c.out],
         )
+
+    def cache(self, sources: dict[Split, SplitSource]) -> dict[Split, CachedSplit]:
+        """Decodes and preprocesses each split into the cache, or reuses the cached arrays."""
+        cache_dir = self.config.resolved_cache_dir
         return {
             name: cache_split(source, self.card.preprocessing, cache_dir, progress=self.progress)
             for name, source in sources.items()
@@ -507,9 +481,9 @@ def train(
     """Trains a model as ``config`` says and writes the run folder.
 
     Args:
-        config: The run's configuration. When resuming, the configuration stored in ``last.pt`` is
-            used instead (only ``epochs`` may be raised, to extend a finished schedule is not
-            supported: the cosine schedule depends on it).
+        config: The run's configuration. When resuming, only ``config.out`` is used: the run
+            continues with the configuration stored in ``last.pt``, since the schedule, the data
+            order and the augmentation all depend on it.
         resume: Continue from ``<out>/last.pt``.
         stop_after_epochs: Run at most this many epochs in this session, then return with
             ``finished=False``, leaving ``last.pt`` for a later ``resume`` (time-sliced jobs).
@@ -551,14 +525,12 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    splits = run.load_data()
-    train_split, val_split = splits["train"], splits["val"]
-    if len(train_split) < config.batch_size:
+    sources = run.find_data()
+    if len(sources["train"]) < config.batch_size:
         raise TrainingError(
-            f"the training split has {len(train_split)} images, fewer than --batch-size {config.batch_size}"
+            f"the training split has {len(sources['train'])} images, fewer than --batch-size {config.batch_size}"
         )
-    labels_train = train_split.labels
-
+    # The model before the cache: a missing pretrained download fails in seconds, not after decoding.
     model = create_model(
         run.card,
         pretrained=config.pretrained and config.weights is None,
@@ -566,7 +538,12 @@ def train(
         drop_rate=config.drop_rate,
         drop_path_rate=config.drop_path_rate,
     )
+    splits = run.cache(sources)
+    train_split, val_split = splits["train"], splits["val"]
+    labels_train = train_split.labels
     frozen = freeze_stages(model, config.freeze_stages)
+    if checkpoint is None:
+        _init_classifier_bias(model, labels_train)
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -583,9 +560,21 @@ def train(
         from timm.utils.model_ema import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)
-    normalizer = Normalizer(run.card.preprocessing).to(device)
+    step = TrainStep(
+        model,
+        optimizer,
+        criterion,
+        Normalizer(run.card.preprocessing).to(device),
+        device=device,
+        precision=precision,
+        scheduler=scheduler,
+        scaler=scaler,
+        grad_clip=config.grad_clip,
+        channels_last=config.channels_last,
+        ema=ema,
+    )
 
-    start_epoch, best_metric, bad_epochs, best_epoch, step = 0, -math.inf, 0, 0, 0
+    start_epoch, best_metric, bad_epochs, best_epoch = 0, -math.inf, 0, 0
     history: list[dict[str, Any]] = []
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -598,15 +587,14 @@ def train(
         best_metric = float(checkpoint["best_metric"])
         bad_epochs = int(checkpoint["bad_epochs"])
         best_epoch = int(checkpoint["best_epoch"])
-        step = int(checkpoint["step"])
+        step.steps = int(checkpoint["step"])
         history = list(checkpoint["history"])
         _set_rng_state(checkpoint["rng"])
         logger.info("resuming %s after epoch %d", out, start_epoch)
 
-    dataset = AugmentedImages(train_split, Augmenter(config.aug), config.seed)
+    dataset = AugmentedImages(train_split.cache_file, labels_train, Augmenter(config.aug), config.seed)
     workers = _workers(config.workers)
     sample_weights = _balanced_weights(labels_train) if config.balanced_sampler else None
-    amp_dtype = _AUTOCAST.get(precision)
 
     from tqdm import tqdm
 
@@ -627,34 +615,16 @@ def train(
             sample_weights=sample_weights,
             pin_memory=device.type == "cuda",
         )
-        loss_sum, seen = 0.0, 0
+        loss_sum = torch.zeros((), device=device)
+        batches = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False, disable=not progress)
         for images, targets in bar:
-            x = images.to(device, non_blocking=True)
-            if config.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = targets.to(device, non_blocking=True).float()
-            with torch.autocast(
-                device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-            ):
-                logits = model(normalizer(x))
-            loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            if ema is not None:
-                ema.update(model, step=step)
-            loss_value = float(loss.detach())
-            loss_sum += loss_value * x.shape[0]
-            seen += x.shape[0]
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            loss_sum += step(images, targets)
+            batches += 1
+            if progress and batches % 10 == 0:  # reading the loss waits for the device; not every step
+                bar.set_postfix(loss=f"{float(loss_sum) / batches:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         bar.close()
+        train_loss = float(loss_sum) / max(1, batches)
 
         eval_model = ema.module if ema is not None else model
         probs, val_loss = predict(
@@ -668,7 +638,7 @@ def train(
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "lr": scheduler.get_last_lr()[0],
-            "train_loss": loss_sum / max(1, seen),
+            "train_loss": train_loss,
             "val_loss": val_loss,
             "val_macro_auroc": metrics.macro_auroc,
             "val_map": metrics.map,
@@ -702,7 +672,7 @@ def train(
                 "card": run.card.to_json(),
                 "config": config.to_dict(),
                 "epoch": epoch + 1,
-                "step": step,
+                "step": step.steps,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from retinagate.card import ModelCard
@@ -85,6 +86,7 @@ def series_uid(study_instance_uid: str, model_sha256: str, kind: str) -> str:
     return derived_uid("series", study_instance_uid, model_sha256, kind)
 
 
+@lru_cache(maxsize=1)
 def software_version() -> str:
     """RetinaGate's installed version (``0+unknown`` when run from a tree that is not installed)."""
     from importlib.metadata import PackageNotFoundError, version

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Final
 
 from pydicom.dataset import Dataset
@@ -65,6 +66,32 @@ class FrameScores:
     frame_number: int | None = None
 
 
+@dataclass(frozen=True)
+class _Vocabulary:
+    """The coded concepts of one label set, made once: highdicom validates each concept it builds."""
+
+    probabilities: tuple[hd.sr.CodedConcept, ...]
+    labels: tuple[hd.sr.CodedConcept, ...]
+    unit: hd.sr.CodedConcept
+    present: hd.sr.CodedConcept
+    absent: hd.sr.CodedConcept
+
+
+@lru_cache(maxsize=8)
+def _vocabulary(labels: tuple[str, ...]) -> _Vocabulary:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    concept = hd.sr.CodedConcept.from_code
+    return _Vocabulary(
+        probabilities=tuple(concept(probability_concept(n)) for n in labels),
+        labels=tuple(concept(label_concept(n)) for n in labels),
+        unit=concept(codes.UCUM.NoUnits),
+        present=concept(codes.SCT.Present),
+        absent=concept(codes.SCT.Absent),
+    )
+
+
 def label_concept(label: str) -> Code:
     """The concept of a label (``99RETINAGATE``), used as the name of its qualitative evaluation."""
     meaning = LABEL_DESCRIPTIONS.get(label, label)
@@ -91,7 +118,6 @@ def _group(
     scores: FrameScores, model: ModelIdentity, source: Dataset, measured_on: Dataset
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     import highdicom as hd
-    from pydicom.sr.codedict import codes
 
     card = model.card
     if len(scores.probabilities) != card.num_labels:
@@ -100,20 +126,18 @@ def _group(
         )
     frame = scores.frame_number
     frame_key = str(frame or 1)
+    words = _vocabulary(tuple(card.labels))
     measurements = []
     evaluations = []
-    unit = codes.UCUM.NoUnits
-    for label, probability, threshold in zip(card.labels, scores.probabilities, card.thresholds, strict=True):
+    for index, (label, probability, threshold) in enumerate(
+        zip(card.labels, scores.probabilities, card.thresholds, strict=True)
+    ):
         value = float(probability)
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"probabilities[{label}] is {value}; expected 0 to 1")
-        measurements.append(hd.sr.Measurement(name=probability_concept(label), value=round(value, 6), unit=unit))
-        present = value >= threshold
-        evaluations.append(
-            hd.sr.QualitativeEvaluation(
-                name=label_concept(label), value=codes.SCT.Present if present else codes.SCT.Absent
-            )
-        )
+        measurements.append(hd.sr.Measurement(name=words.probabilities[index], value=round(value, 6), unit=words.unit))
+        decision = words.present if value >= threshold else words.absent
+        evaluations.append(hd.sr.QualitativeEvaluation(name=words.labels[index], value=decision))
     frames = [frame] if frame is not None and measured_on is source else None
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(

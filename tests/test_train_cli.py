@@ -1,0 +1,152 @@
+"""``retinagate train`` and ``retinagate evaluate`` as a user runs them."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from retinagate.card import ModelCard
+from retinagate.cli import EXIT_MISSING, EXIT_USAGE, main
+from retinagate.labels import LABELS
+from train.model import state_dict_sha256
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _train_args(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--data", str(data), "--out", str(out), "--cache-dir", str(cache), "--epochs", "2",
+        "--img-size", "48", "--batch-size", "16", "--no-pretrained", "--workers", "0", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cli_run(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A two-epoch run made through the CLI; returns the run folder and the printed JSON."""
+    root = tmp_path_factory.mktemp("cli-run")
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
+        patch.setenv("RETINAGATE_DATA_DIR", str(root / "var"))
+        code = main(_train_args(synth_dataset, root / "run", root / "cache", "--json"))
+    assert code == 0
+    return root / "run", json.loads(stdout.getvalue())
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RETINAGATE_DATA_DIR", str(tmp_path / "var"))
+
+
+@pytest.mark.slow
+def test_train_writes_a_complete_run_folder(cli_run: tuple[Path, dict[str, Any]]) -> None:
+    run, summary = cli_run
+    assert summary["finished"] and summary["epochs_run"] == 2
+    assert 0.0 <= summary["validation"]["macro_auroc"] <= 1.0
+    for name in ("curves.png", "roc_curves.png", "auroc_bars.png"):
+        assert (run / name).read_bytes()[:8] == PNG, name
+    config = json.loads((run / "config.json").read_text())
+    assert config["img_size"] == 48 and config["pretrained"] is False
+    with (run / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"val_macro_auroc", "val_riadd_score", "auroc_Disease_Risk", "auroc_OTHER"} <= set(rows[0])
+
+    card = ModelCard.load(run / "model_card.json")
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert ModelCard.from_json(best["card"]) == card
+    assert card.weights_sha256 == state_dict_sha256(best["model"])
+    assert len(card.thresholds) == len(LABELS) and card.preprocessing.input_size == 48
+    assert set(card.metrics) >= {"validation", "test", "thresholds"}
+    assert card.training_data["images"] == {"train": 144, "val": 48, "test": 48}
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["finished"] and {"optimizer", "scheduler", "scaler", "rng"} <= set(last)
+
+
+@pytest.mark.slow
+def test_evaluate_json_reproduces_the_test_metrics_recorded_in_the_card(
+    cli_run: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = cli_run
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--split", "test", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    recorded = ModelCard.load(run / "model_card.json").metrics["test"]
+    assert result["count"] == 48
+    assert result["macro_auroc"] == pytest.approx(recorded["macro_auroc"], abs=1e-6)
+    assert result["riadd_score"] == pytest.approx(recorded["riadd_score"], abs=1e-6)
+    assert set(result["per_label"]) == set(LABELS)
+
+
+@pytest.mark.slow
+def test_evaluate_prints_a_table_with_every_label_and_the_pointing_game(
+    cli_run: tuple[Path, dict[str, Any]], synth_dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = cli_run
+    args = ["evaluate", "--checkpoint", str(run / "best.pt"), "--split", "val", "--data", str(synth_dataset)]
+    assert main([*args, "--pointing-game"]) == 0
+    out = capsys.readouterr().out
+    assert "RIADD score" in out and "pointing game:" in out
+    for label in LABELS:
+        assert f"\n{label} " in out
+
+
+@pytest.mark.slow
+def test_a_second_train_into_the_same_folder_asks_for_resume(
+    cli_run: tuple[Path, dict[str, Any]], synth_dataset: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    run, _ = cli_run
+    assert main(_train_args(synth_dataset, run, tmp_path / "cache")) == EXIT_USAGE
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_missing_data_folder_exits_3_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(_train_args(tmp_path / "nowhere", tmp_path / "run", tmp_path / "cache"))
+    assert code == EXIT_MISSING
+    assert f"no such folder: {tmp_path / 'nowhere'}" in capsys.readouterr().err
+
+
+def test_labels_csv_without_label_columns_exits_2_naming_them(
+    synth_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text("path,Disease_Risk,DR\nTraining/1.png,1,0\n")
+    code = main([
+        "train", "--labels-csv", str(labels_csv), "--images", str(synth_dataset), "--out", str(tmp_path / "run"),
+        "--no-pretrained",
+    ])  # fmt: skip
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "missing label columns ARMD, MH" in err and "OTHER" in err
+
+
+def test_no_data_at_all_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--out", str(tmp_path / "run")]) == EXIT_USAGE
+    assert "--data DIR" in capsys.readouterr().err
+
+
+def test_unreachable_pretrained_weights_exit_3_and_name_the_way_out(
+    synth_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import timm.models._builder as builder
+
+    def offline(*args: Any, **kwargs: Any) -> None:
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(builder, "load_pretrained", offline)
+    code = main(["train", "--data", str(synth_dataset), "--out", str(tmp_path / "run"), "--pretrained",
+                 "--cache-dir", str(tmp_path / "cache")])  # fmt: skip
+    assert code == EXIT_MISSING
+    err = capsys.readouterr().err
+    assert "--weights PATH" in err and "--no-pretrained" in err
+    assert not (tmp_path / "cache").exists()  # failed before decoding anything
+
+
+def test_evaluate_missing_checkpoint_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "best.pt")]) == EXIT_MISSING
+    assert "checkpoint not found" in capsys.readouterr().err

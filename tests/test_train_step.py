@@ -1,0 +1,42 @@
+"""One optimisation step, in fp32 and under bf16 autocast on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retinagate.card import ModelCard, Preprocessing
+from train.augment import Normalizer
+from train.model import create_model
+from train.step import TrainStep
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_steps_on_one_batch_lower_its_loss_and_advance_schedule_and_ema(precision: str) -> None:
+    from timm.utils.model_ema import ModelEmaV3
+
+    torch.manual_seed(0)
+    card = ModelCard(preprocessing=Preprocessing(input_size=32))
+    model = create_model(card, drop_rate=0.0, drop_path_rate=0.0).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    ema = ModelEmaV3(model, decay=0.9)
+    step = TrainStep(
+        model, optimizer, torch.nn.BCEWithLogitsLoss(), Normalizer(card.preprocessing),
+        device=torch.device("cpu"), precision=precision, scheduler=scheduler, grad_clip=1.0, ema=ema,
+    )  # fmt: skip
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    targets = (torch.rand(8, 29) < 0.2).to(torch.uint8)
+    model.train()
+    losses = [float(step(images, targets)) for _ in range(8)]
+    assert losses[-1] < losses[0]
+    assert step.steps == 8
+    assert scheduler.get_last_lr()[0] == pytest.approx(3e-3 / 9)
+    assert not torch.equal(ema.module.classifier.weight, model.classifier.weight)
+
+
+def test_unknown_precision_is_refused() -> None:
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
+        TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.MSELoss(), torch.nn.Identity(),
+                  device=torch.device("cpu"), precision="fp8")  # fmt: skip

@@ -1,0 +1,94 @@
+"""One optimisation step: uint8 batch in, updated weights out.
+
+The uint8 batch crosses to the device as is (a quarter of the bytes of float32) and is normalised
+there; the forward pass runs under autocast (fp16 with a gradient scaler, or bf16); gradients are
+unscaled before clipping; the learning-rate schedule and the weight EMA advance once per step. The
+loss stays on the device, so the host never waits for the GPU between steps; callers read it when
+they need a number.
+
+Like :mod:`train.loader`, this module needs only PyTorch, so the GPU benchmark times this exact step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import torch
+from torch import nn
+
+__all__ = ["AUTOCAST_DTYPES", "TrainStep"]
+
+AUTOCAST_DTYPES: Final = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainStep:
+    """Callable that runs one training step and returns the (detached, on-device) loss.
+
+    Args:
+        model: The network, in train mode.
+        optimizer: Its optimizer.
+        criterion: Loss on ``(logits, float targets)``.
+        normalizer: uint8 batch to normalised float (:class:`train.augment.Normalizer`).
+        device: Where the model lives.
+        precision: ``fp32``, ``fp16`` (needs a scaler to be useful) or ``bf16``.
+        scheduler: Stepped after every optimizer step, if given.
+        scaler: Gradient scaler for fp16; a disabled scaler (or none) for other precisions.
+        grad_clip: Clip the gradient norm to this; 0 turns clipping off.
+        channels_last: Convert the batch to NHWC memory format (match a channels_last model).
+        ema: Weight EMA with ``update(model, step=...)`` (timm's ``ModelEmaV3``), if any.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion: nn.Module,
+        normalizer: nn.Module,
+        *,
+        device: torch.device,
+        precision: str = "fp32",
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        grad_clip: float = 0.0,
+        channels_last: bool = True,
+        ema: Any = None,
+    ) -> None:
+        if precision not in ("fp32", *AUTOCAST_DTYPES):
+            raise ValueError(f"precision is {precision!r}; expected fp32, fp16 or bf16")
+        self.model = model
+        self.optimizer = optimizer
+        self.criterion = criterion
+        self.normalizer = normalizer
+        self.device = device
+        self.dtype = AUTOCAST_DTYPES.get(precision)
+        self.scheduler = scheduler
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
+        self.grad_clip = grad_clip
+        self.channels_last = channels_last
+        self.ema = ema
+        self.steps = 0
+        self._params = [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Trains on one batch: uint8 ``(N, 3, S, S)`` images and 0/1 ``(N, C)`` targets."""
+        x = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = targets.to(self.device, non_blocking=True).float()
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            logits = self.model(self.normalizer(x))
+        loss: torch.Tensor = self.criterion(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        scaled: torch.Tensor = self.scaler.scale(loss)
+        torch.autograd.backward(scaled)
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.steps += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.steps)
+        return loss.detach()
