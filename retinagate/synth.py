@@ -834,7 +834,7 @@ def build_dicom(
 
     if syntax == JPEGBaseline8Bit:
         buffer = io.BytesIO()
-        picture = Image.fromarray(image, mode="RGB" if colour else "L")
+        picture = Image.fromarray(np.ascontiguousarray(image))  # RGB or L, from the shape
         # subsampling=1 is 4:2:2, which is what YBR_FULL_422 declares.
         picture.save(buffer, format="JPEG", quality=quality, subsampling=1 if colour else 0)
         frame = buffer.getvalue()

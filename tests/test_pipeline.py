@@ -184,7 +184,10 @@ def _heat_location(sc_png: Path, plain: NDArray[np.uint8]) -> tuple[int, int]:
     """Where the SC differs most from the same photograph without heatmaps: ``(x, y)`` on the display."""
     rendered = cv2.cvtColor(cv2.imread(str(sc_png)), cv2.COLOR_BGR2RGB)[: plain.shape[0]]
     change = np.abs(rendered.astype(np.int32) - plain.astype(np.int32)).sum(axis=2).astype(np.float32)
-    change = cv2.GaussianBlur(change, (0, 0), 9)  # the peak of the blended area, not of the marker ring
+    # Leave out the white-on-black peak marker and its label; keep the colour-blended heatmap.
+    drawn = (rendered.min(axis=2) > 235) | (rendered.max(axis=2) < 20)
+    change[cv2.dilate(drawn.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0] = 0
+    change = cv2.GaussianBlur(change, (0, 0), 9)
     y, x = np.unravel_index(int(np.argmax(change)), change.shape)
     return int(x), int(y)
 
@@ -216,10 +219,15 @@ def test_the_sc_heatmap_sits_over_the_planted_lesion(
         png = tmp_path / f"{path.stem}.png"
         cv2.imwrite(str(png), cv2.cvtColor(result.outputs["sc"].pixel_array, cv2.COLOR_RGB2BGR))
         decoded = decode_instance(path, min_side=engine.card.input_size, min_long_side=1024, max_pixels=10**8)
-        _, geometry = prepare_with_geometry(decoded.frames[0], engine.card.preprocessing)
+        model_input, geometry = prepare_with_geometry(decoded.frames[0], engine.card.preprocessing)
         plain = render_heatmaps(decoded.frames[0], geometry, [], Legend("", ()))
         plain = plain[: round(mask.shape[0] * 1024 / mask.shape[1])]
         x, y = _heat_location(png, plain)
+        # The picture shows the model's own map: its peak, mapped onto the photograph, is where the heat is.
+        _, cams = engine.predict(model_input[None])
+        peak = geometry.to_source(cams[0, engine.card.labels.index(shown[0])], plain.shape[:2])
+        peak_y, peak_x = np.unravel_index(int(np.argmax(peak)), peak.shape)
+        assert np.hypot(x - peak_x, y - peak_y) <= plain.shape[1] / 16, (path.name, (x, y), (peak_x, peak_y))
         crop_side = max(geometry.crop[2] - geometry.crop[0], geometry.crop[3] - geometry.crop[1])
         radius = max(1, round(cell / 2 * crop_side / engine.card.input_size))
         near = cv2.dilate(mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2))
