@@ -59,7 +59,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--int8-target-db",
         type=float,
-        default=25.0,
+        default=25.0,  # export.quantize.DEFAULT_TARGET_SNR_DB; not imported here (stdlib only at module level)
         metavar="DB",
         help="accuracy target for int8: logit signal-to-noise on the calibration photographs; stages that "
         "miss it stay in float (default 25; 0 quantises everything)",
@@ -139,7 +139,7 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
     try:
         exported = export_checkpoint(args.checkpoint, args.out, opset=args.opset, exporter=args.exporter)
     except ValueError as exc:
-        raise CommandError(str(exc), EXIT_USAGE) from None
+        raise CommandError(f"--checkpoint: {exc}", EXIT_USAGE) from None
     card = exported.card
 
     validation: Labelled | None = None

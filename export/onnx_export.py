@@ -40,6 +40,7 @@ __all__ = [
     "export_checkpoint",
     "export_model",
     "read_card",
+    "read_checkpoint",
     "save_model",
     "software_versions",
 ]
@@ -203,6 +204,23 @@ def export_model(
     return card
 
 
+def read_checkpoint(path: Path) -> tuple[nn.Module, ModelCard, dict[str, Any]]:
+    """:func:`train.model.load_checkpoint`, with every way a damaged file fails turned into ``ValueError``.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it is not a readable RetinaGate checkpoint (names the cause).
+    """
+    from train.model import load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as exc:  # torch.load's unpickler fails with IndexError, UnpicklingError, RuntimeError...
+        raise ValueError(f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from None
+
+
 @dataclass(frozen=True)
 class Exported:
     """An export of a checkpoint.
@@ -227,9 +245,9 @@ def export_checkpoint(
         FileNotFoundError: If the checkpoint does not exist.
         ValueError: If it is not a RetinaGate checkpoint or cannot be exported.
     """
-    from train.model import load_checkpoint, state_dict_sha256
+    from train.model import state_dict_sha256
 
-    model, card, raw = load_checkpoint(checkpoint)
+    model, card, raw = read_checkpoint(checkpoint)
     weights = state_dict_sha256(model.state_dict())
     written = export_model(model, card, out, opset=opset, exporter=exporter, weights_sha256=weights)
     config = raw.get("config")

@@ -29,6 +29,7 @@ from export.onnx_export import embed_card, save_model
 from retinagate.card import CARD_METADATA_KEY, ModelCard, Preprocessing
 
 __all__ = [
+    "DEFAULT_TARGET_SNR_DB",
     "IMAGE_SUFFIXES",
     "CalibrationMethod",
     "Quantized",
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 CalibrationMethod = Literal["minmax", "percentile", "entropy"]
+#: Default accuracy target of the int8 variant, see :func:`signal_to_noise_db`.
+DEFAULT_TARGET_SNR_DB = 25.0
 #: Element-wise activations (SiLU, swish, ReLU, hard-swish pieces) between the last convolution and
 #: the feature map.
 _ACTIVATION_OPS = frozenset({"Mul", "Sigmoid", "Relu", "Clip", "HardSigmoid", "HardSwish"})
@@ -300,7 +303,7 @@ def quantize_int8(
     *,
     method: CalibrationMethod = "minmax",
     batch_size: int = 8,
-    target_snr_db: float | None = 20.0,
+    target_snr_db: float | None = DEFAULT_TARGET_SNR_DB,
     keep_float: Sequence[str] = (),
 ) -> Quantized:
     """Writes a statically quantised int8 (QDQ, per-channel weights) copy of an fp32 export.
@@ -372,7 +375,8 @@ def quantize_int8(
     result = qdq
     snr = signal_to_noise_db(_logits(qdq, calibration), exact)
     if target_snr_db is not None and snr < target_snr_db:
-        float_nodes, result, snr = _keep_sensitive_in_float(qdq, prepared, set(head), calibration, exact, target_snr_db)
+        float_nodes, result, _ = _keep_sensitive_in_float(qdq, prepared, set(head), calibration, exact, target_snr_db)
+        snr = signal_to_noise_db(_logits(result, calibration), exact)
     convs = [n.name for n in prepared.graph.node if n.op_type == "Conv" and n.name not in head]
     floated = set(float_nodes) | set(keep_float)
     card = card.with_updates(precision="int8")

@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 
 from export.onnx_export import read_card
 from export.quantize import (
+    DEFAULT_TARGET_SNR_DB,
     Quantized,
     calibration_images,
     convert_fp16,
@@ -55,7 +56,9 @@ def fp16_path(onnx_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="module")
-def int8(onnx_model_path: Path, synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Quantized]:
+def int8(
+    onnx_model_path: Path, synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Quantized]:
     # Calibrated on the Test split, judged on the Evaluation split: no photograph is in both.
     calibration, _ = calibration_images(synth_dataset / "Test", read_card(onnx_model_path).preprocessing, limit=32)
     out = tmp_path_factory.mktemp("int8") / "model.int8.onnx"
@@ -106,7 +109,7 @@ def test_int8_variant_stays_close_to_fp32_probabilities_and_auroc(
     p8, _ = ort_outputs(path, validation.images)
 
     assert quantized.card.precision == "int8" and read_card(path) == quantized.card
-    assert quantized.snr_db >= 25.0
+    assert quantized.snr_db >= DEFAULT_TARGET_SNR_DB - 1.0  # met on 16 of the images, reported on all
     assert 0 < quantized.quantized_convs <= quantized.total_convs
     assert np.abs(p8 - p32).mean() < INT8_MEAN_PROBABILITY_TOLERANCE
     assert np.abs(p8 - p32).max() < INT8_MAX_PROBABILITY_TOLERANCE

@@ -1,0 +1,208 @@
+"""Inference on this CPU: ONNX Runtime against PyTorch eager, in-graph Grad-CAM against pytorch-grad-cam, int8.
+
+One run measures, on the same machine and thread count:
+
+* the served ONNX graph (uint8 in; probabilities and all 29 CAMs out) on ONNX Runtime through
+  :class:`retinagate.engine.Engine`, against the bare classifier in PyTorch eager (float input,
+  logits only: the baseline does less work) at batch 1 and 16; goal: ONNX Runtime at least 2x faster;
+* all 29 heatmaps of one image from the graph, against pytorch-grad-cam's ``GradCAM`` looping over
+  the 29 labels (one forward and backward pass each); goal: at least 100x faster;
+* the int8 variant (every stage quantised; :func:`export.quantize.quantize_int8` without the
+  accuracy guard) against fp32 on ONNX Runtime.
+
+Makes its own model (EfficientNet-B0, 29 outputs, random weights with random batch-norm statistics,
+or ``--checkpoint``) and inputs (synthetic fundus photographs). Times are the best of ``--repeats``
+runs after a warm-up: other processes on a shared machine only ever add time. Prints a table last::
+
+    .venv/bin/python bench/bench_inference.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from export.graph import CamModel
+from export.onnx_export import export_model, read_checkpoint
+from export.quantize import quantize_int8
+from retinagate.card import ModelCard, Preprocessing
+from retinagate.engine import Engine
+from retinagate.preprocess import prepare
+from retinagate.synth import render_fundus
+from train.model import create_model
+
+
+def random_model(card: ModelCard, seed: int = 0) -> torch.nn.Module:
+    """EfficientNet-B0 with random weights and random batch-norm statistics (timm's init alone gives ~0 features)."""
+    torch.manual_seed(seed)
+    model = create_model(card, drop_rate=0.0, drop_path_rate=0.0).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.weight.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+    return model
+
+
+def fundus_batch(count: int, card: ModelCard, seed: int = 0) -> NDArray[np.uint8]:
+    """Synthetic fundus photographs (a few lesions each), prepared to the model input."""
+    rng = np.random.default_rng(seed)
+    columns = ["DR", "ARMD", "MH", "ODC", "TSLN"]
+    images = [
+        prepare(render_fundus(rng, 640, 480, columns[i % 5 : i % 5 + 1]).image, card.preprocessing)
+        for i in range(count)
+    ]
+    return np.stack(images)
+
+
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Best wall time of ``repeats`` calls after one warm-up call."""
+    return paired_best_seconds(run, None, repeats)[0]
+
+
+def paired_best_seconds(
+    first: Callable[[], object], second: Callable[[], object] | None, repeats: int
+) -> tuple[float, float]:
+    """Best wall times of two calls timed alternately, so that load from other processes hits both alike."""
+    runs = [first] if second is None else [first, second]
+    for run in runs:
+        run()
+    best = [float("inf")] * len(runs)
+    for _ in range(repeats):
+        for index, run in enumerate(runs):
+            started = time.perf_counter()
+            run()
+            best[index] = min(best[index], time.perf_counter() - started)
+    return best[0], best[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=224, help="input side in pixels (default 224)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for both runtimes (default 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default 5)")
+    parser.add_argument("--checkpoint", type=Path, help="a RetinaGate checkpoint instead of random weights")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 measurement")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    if args.checkpoint is not None:
+        model, card, _ = read_checkpoint(args.checkpoint)
+    else:
+        card = ModelCard(name="bench-random", preprocessing=Preprocessing(input_size=args.size))
+        model = random_model(card)
+    size = card.input_size
+    images = fundus_batch(16, card)
+    rows: list[tuple[str, str, str, str]] = []
+
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as scratch:
+        fp32_path = Path(scratch) / "model.onnx"
+        export_model(model, card, fp32_path)
+        engine = Engine(fp32_path, providers="cpu", intra_op_threads=args.threads, batch_size=16)
+        print(f"model: {card.architecture}, {card.num_labels} labels, {size} px; threads {args.threads}")
+
+        # 1. ONNX Runtime (whole served graph) vs PyTorch eager (bare classifier).
+        normalise = CamModel(model, card).normalise
+        for batch in (1, 16):
+            x_uint8 = images[:batch]
+            x_float = normalise(torch.from_numpy(x_uint8)).contiguous()
+
+            def eager(x: torch.Tensor = x_float) -> torch.Tensor:
+                with torch.inference_mode():
+                    result: torch.Tensor = model(x)
+                    return result
+
+            torch_s, ort_s = (
+                t / batch for t in paired_best_seconds(eager, lambda x=x_uint8: engine.predict(x), args.repeats)
+            )
+            print(f"batch {batch:>2}: PyTorch eager {torch_s * 1e3:.2f} ms/img, ONNX Runtime {ort_s * 1e3:.2f} ms/img")
+            rows.append(
+                (
+                    f"ORT vs PyTorch eager, batch {batch}",
+                    f"{torch_s * 1e3:.2f} -> {ort_s * 1e3:.2f} ms/img",
+                    f"{torch_s / ort_s:.2f}x",
+                    ">= 2x",
+                )
+            )
+
+        # 2. All 29 heatmaps: in the graph vs pytorch-grad-cam, one image.
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        one = normalise(torch.from_numpy(images[:1])).contiguous()
+        with GradCAM(model=model, target_layers=[model.bn2]) as gradcam:
+
+            def library() -> None:
+                for label in range(card.num_labels):
+                    gradcam(input_tensor=one, targets=[ClassifierOutputTarget(label)])
+
+            library_s = best_seconds(library, max(1, args.repeats // 2))
+        graph_s = best_seconds(lambda: engine.predict(images[:1]), args.repeats)
+        session = engine._session  # the bare session, to time the graph without its CAM output
+        probabilities_only_s = best_seconds(lambda: session.run(["probabilities"], {"image": images[:1]}), args.repeats)
+        print(
+            f"29 heatmaps, one image: pytorch-grad-cam {library_s * 1e3:.0f} ms "
+            f"({library_s / card.num_labels * 1e3:.0f} ms per label); in-graph {graph_s * 1e3:.2f} ms "
+            f"(probabilities alone {probabilities_only_s * 1e3:.2f} ms)"
+        )
+        rows.append(
+            (
+                "29 CAMs: in-graph vs pytorch-grad-cam",
+                f"{library_s * 1e3:.0f} -> {graph_s * 1e3:.2f} ms",
+                f"{library_s / graph_s:.0f}x",
+                ">= 100x",
+            )
+        )
+        rows.append(
+            (
+                "in-graph CAM cost (batch 1)",
+                f"{probabilities_only_s * 1e3:.2f} -> {graph_s * 1e3:.2f} ms",
+                f"+{(graph_s - probabilities_only_s) * 1e3:.2f} ms",
+                "< 1 ms",
+            )
+        )
+
+        # 3. int8 vs fp32 on ONNX Runtime.
+        if not args.no_int8:
+            int8_path = Path(scratch) / "model.int8.onnx"
+            quantized = quantize_int8(fp32_path, int8_path, fundus_batch(16, card, seed=1), target_snr_db=None)
+            int8_engine = Engine(int8_path, providers="cpu", intra_op_threads=args.threads, batch_size=16)
+            for batch in (1, 16):
+                fp32_s, int8_s = (
+                    t / batch
+                    for t in paired_best_seconds(
+                        lambda b=batch: engine.predict(images[:b]),
+                        lambda b=batch: int8_engine.predict(images[:b]),
+                        args.repeats,
+                    )
+                )
+                print(f"batch {batch:>2}: fp32 {fp32_s * 1e3:.2f} ms/img, int8 {int8_s * 1e3:.2f} ms/img")
+                rows.append(
+                    (
+                        f"int8 vs fp32 (ORT), batch {batch}",
+                        f"{fp32_s * 1e3:.2f} -> {int8_s * 1e3:.2f} ms/img",
+                        f"{fp32_s / int8_s:.2f}x",
+                        f"{quantized.quantized_convs}/{quantized.total_convs} convs int8",
+                    )
+                )
+
+    widths = [max(len(row[i]) for row in [("what", "time", "ratio", "goal / note"), *rows]) for i in range(4)]
+    print()
+    for row in [("what", "time", "ratio", "goal / note"), *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
