@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         export_model(model, card, fp32_path)
         convert_fp16(fp32_path, fp16_path)
 
-        # PyTorch eager.
+        # PyTorch eager, with cuDNN's autotuner (ONNX Runtime gets its exhaustive algorithm search too).
+        torch.backends.cudnn.benchmark = True
         half = torch.float16 if cuda else torch.float32
         eager = CamModel(model, card).to(device=device).eval()
         eager.model.to(dtype=half, memory_format=torch.channels_last)

@@ -3,13 +3,14 @@
 Each input goes through the same stages, timed separately: **decode** (:mod:`retinagate.decode`,
 DCT-scaled for JPEG), **preprocess** (:func:`retinagate.preprocess.prepare_with_geometry`, the
 function training uses), **infer** (one batched :meth:`Engine.predict` call per chunk of inputs),
-**render** (the heatmap picture) and **encode** (the Secondary Capture, SR and Parametric Map
-datasets). Decoding and rendering run on a small thread pool: libjpeg-turbo, OpenCV and NumPy release
-the GIL, so two threads keep both cores of a small machine busy; ONNX Runtime has its own threads.
+**render** (the heatmap picture) and **encode** (the Secondary Capture, SR and Parametric Map,
+encoded once as Part 10 bytes that the caller writes as they are). Decoding and rendering run on a
+small thread pool: libjpeg-turbo, OpenCV and NumPy release the GIL, so two threads keep both cores
+of a small machine busy; ONNX Runtime has its own threads.
 
 Results come back in input order, one per input: a :class:`ScoreResult`, or a :class:`ScoreFailure`
 naming the input and the reason (an unreadable file never stops the batch). The caller writes the
-output datasets (the worker durably into storage, the CLI into ``--out``).
+encoded outputs (the worker durably into storage, the CLI into ``--out``).
 
 Decisions worth knowing:
 
@@ -30,9 +31,10 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
+from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 
 from retinagate.decode import DecodedImage, decode_path
@@ -51,9 +54,9 @@ from retinagate.outputs import (
     HeatmapFinding,
     Legend,
     ModelIdentity,
+    ScEncoder,
+    SrEncoder,
     build_pm,
-    build_sc,
-    build_sr,
     derived_uid,
     render_heatmaps,
 )
@@ -95,9 +98,13 @@ class ScoreResult:
         timings: Seconds per stage (``decode``, ``preprocess``, ``infer``, ``render``, ``encode``)
             and ``total``.
         outputs: Output datasets keyed ``sc``, ``sr``, ``pm`` (those the settings ask for). Their
-            SOP Instance UIDs derive from (source SOP Instance UID, model sha256, kind).
+            SOP Instance UIDs derive from (source SOP Instance UID, model sha256, kind). An output
+            made only as bytes (the SR) is read back from ``encoded`` when first looked up here.
         frame_probabilities: Per frame, label to probability (one entry for single-frame input).
         model_sha256: sha256 of the model file that scored it.
+        encoded: The same outputs as Part 10 files (preamble and file meta information included),
+            to be written as they are.
+        output_uids: SOP Instance UID of each output.
     """
 
     source: str
@@ -105,9 +112,11 @@ class ScoreResult:
     probabilities: dict[str, float]
     findings: list[str]
     timings: dict[str, float]
-    outputs: dict[str, Dataset]
+    outputs: Mapping[str, Dataset]
     frame_probabilities: list[dict[str, float]] = field(default_factory=list)
     model_sha256: str = ""
+    encoded: dict[str, bytes] = field(default_factory=dict)
+    output_uids: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """Plain data for JSON output: no datasets, no patient data."""
@@ -119,7 +128,7 @@ class ScoreResult:
             "findings": list(self.findings),
             "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()},
             "frames": len(self.frame_probabilities),
-            "outputs": {kind: str(ds.SOPInstanceUID) for kind, ds in self.outputs.items()},
+            "outputs": dict(self.output_uids) or {kind: str(ds.SOPInstanceUID) for kind, ds in self.outputs.items()},
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
         }
 
@@ -200,6 +209,8 @@ class Pipeline:
         self.settings = settings
         self.model = ModelIdentity.of(engine)
         self._outputs = tuple(settings.outputs)
+        self._sc = ScEncoder(self.model)
+        self._sr = SrEncoder(self.model)
         # Two pools, so that rendering and encoding one chunk (mostly Python, holding the GIL) runs
         # while the next chunk is decoded (libjpeg-turbo, OpenCV: no GIL) and inferred.
         self._loaders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="retinagate-decode")
@@ -335,7 +346,9 @@ class Pipeline:
         timings["infer"] = infer_s
 
         started = time.perf_counter()
-        outputs: dict[str, Dataset] = {}
+        datasets: dict[str, Dataset] = {}
+        encoded: dict[str, bytes] = {}
+        uids: dict[str, str] = {}
         picture = None
         # A plain image's SR refers to its SC (the only DICOM copy of the photograph), so it needs one.
         needs_sc = "sc" in self._outputs or ("sr" in self._outputs and not item.references_source)
@@ -354,28 +367,27 @@ class Pipeline:
         sc = None
         if picture is not None:
             described = ", ".join(f"{labels[i]} {key_probs[labels[i]]:.2f}" for i in shown) or "none"
-            sc = build_sc(
+            sc, encoded["sc"] = self._sc.encode(
                 picture,
                 item.header,
-                self.model,
                 frame_number=frame_number,
                 references_source=item.references_source,
                 description=f"Grad-CAM heatmaps of the top findings ({described}); "
                 f"{self.model.name} {self.model.version}",
             )
-            outputs["sc"] = sc
+            datasets["sc"], uids["sc"] = sc, str(sc.SOPInstanceUID)
         if "sr" in self._outputs:
             frames = [
                 FrameScores(row.tolist(), (index + 1) if item.decoded.number_of_frames > 1 else None)
                 for index, row in enumerate(probabilities)
             ]
-            outputs["sr"] = build_sr(
-                item.header, self.model, frames, sc=sc, references_source=item.references_source
+            uids["sr"], encoded["sr"] = self._sr.encode(
+                item.header, frames, sc=sc, references_source=item.references_source
             )
         if "pm" in self._outputs and item.references_source:
             top = ranked[0] if ranked else 0
             heat = item.geometries[key].to_source(cams[key, top], item.decoded.source_shape)
-            outputs["pm"] = build_pm(
+            pm = build_pm(
                 heat,
                 item.header,
                 self.model,
@@ -383,6 +395,7 @@ class Pipeline:
                 probability=key_probs[labels[top]],
                 frame_number=frame_number,
             )
+            datasets["pm"], encoded["pm"], uids["pm"] = pm, _part10(pm), str(pm.SOPInstanceUID)
         timings["encode"] = time.perf_counter() - started
         timings["total"] = sum(timings[stage] for stage in STAGES)
         return ScoreResult(
@@ -391,9 +404,11 @@ class Pipeline:
             probabilities=instance,
             findings=findings,
             timings=timings,
-            outputs=outputs,
+            outputs=_Outputs(datasets, encoded),
             frame_probabilities=frame_probs,
             model_sha256=self.model.sha256,
+            encoded=encoded,
+            output_uids=uids,
         )
 
     def _legend(self, probs: dict[str, float], shown: list[int], frame_number: int | None, frames: int) -> Legend:
@@ -417,6 +432,31 @@ class Pipeline:
         if frame_number is not None:
             lines.append(f"Frame {frame_number} of {frames}")
         return Legend(model=f"{card.name} {card.version} (sha256 {self.model.sha256[:12]})", lines=tuple(lines))
+
+
+def _part10(dataset: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class _Outputs(Mapping[str, Dataset]):
+    """Output datasets by kind, in the order they were made; one held only as bytes is read on first use."""
+
+    def __init__(self, datasets: dict[str, Dataset], encoded: dict[str, bytes]) -> None:
+        self._datasets = dict(datasets)
+        self._encoded = encoded
+
+    def __getitem__(self, kind: str) -> Dataset:
+        if kind not in self._datasets:
+            self._datasets[kind] = dcmread(io.BytesIO(self._encoded[kind]))
+        return self._datasets[kind]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._encoded)
+
+    def __len__(self) -> int:
+        return len(self._encoded)
 
 
 def _guard(source: str, work: Callable[[], _T]) -> _T | ScoreFailure:

@@ -111,8 +111,9 @@ def test_onnx_cam_equals_pytorch_grad_cam_for_every_label(
     x = CamModel(model, card).normalise(torch.from_numpy(images))
     # timm's bn2 is BatchNorm + SiLU: its output is forward_features(x), the tensor that feeds the pool.
     with torch.no_grad():
-        assert torch.equal(model.bn2(model.conv_head(model.blocks(model.bn1(model.conv_stem(x))))),
-                           model.forward_features(x))
+        assert torch.equal(
+            model.bn2(model.conv_head(model.blocks(model.bn1(model.conv_stem(x))))), model.forward_features(x)
+        )
 
     labels = list(range(card.num_labels))
     with GradCAM(model=model, target_layers=[model.bn2]) as library:

@@ -202,4 +202,3 @@ def test_calibration_images_are_read_prepared_and_thinned_evenly(synth_dataset: 
         calibration_images(tmp_path / "empty", card.preprocessing)
     with pytest.raises(FileNotFoundError):
         calibration_images(tmp_path / "absent", card.preprocessing)
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,12 +10,13 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 
 from retinagate.card import ModelCard
 from retinagate.decode import decode_instance
 from retinagate.outputs.identity import AI_DISCLAIMER, ModelIdentity, output_uid, series_uid
-from retinagate.outputs.sc import build_sc
+from retinagate.outputs.sc import ScEncoder, build_sc
 from retinagate.synth import DicomIdentity, render_fundus, write_dicom
 
 MODEL = ModelIdentity(card=ModelCard(name="fundus-net", version="1.0.0"), sha256="c" * 64, device_uid="2.25.77")
@@ -80,3 +82,58 @@ def test_a_picture_that_is_not_rgb_is_refused(source: Dataset) -> None:
 @pytest.mark.interop
 def test_the_sc_passes_dciodvfy(source: Dataset, dciodvfy: Callable[[object], list[str]]) -> None:
     assert dciodvfy(build_sc(_picture(), source, MODEL)) == []
+
+
+def _plain(ds: Dataset) -> object:
+    """A dataset as encoded (written and read back), as JSON, without the values taken from the clock."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    read = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    volatile = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime", "ContributionDateTime",
+                "DateOfSecondaryCapture", "TimeOfSecondaryCapture"}  # fmt: skip
+
+    def strip(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if len(k) != 8 or keyword_for_tag(k) not in volatile}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip(read.to_json_dict())
+
+
+def test_the_encoder_writes_the_same_sc_as_highdicom_for_every_image(source: Dataset, tmp_path: Path) -> None:
+    encoder = ScEncoder(MODEL)
+    others = []
+    for index in range(3):
+        image = render_fundus(np.random.default_rng(index), 256, 192, ["DR"]).image
+        path = tmp_path / f"other{index}.dcm"
+        write_dicom(image, path, DicomIdentity.synthetic(index + 5, "R", seed=index))
+        header = decode_instance(path, min_side=64, max_pixels=10**8).header
+        assert header is not None
+        others.append(header)
+    sparse = Dataset(others[2])  # no laterality, no referring physician, not lossy
+    for keyword in ("ImageLaterality", "ReferringPhysicianName", "LossyImageCompression"):
+        delattr(sparse, keyword)
+    cases = [(source, None, True), (others[0], 2, True), (others[1], None, False), (sparse, None, True)]
+    for index, (header, frame, references) in enumerate(cases):
+        picture = np.random.default_rng(index).integers(0, 255, (100 + index, 80, 3), dtype=np.uint8)
+
+        dataset, data = encoder.encode(picture, header, frame_number=frame, references_source=references,
+                                       description=f"image {index}")  # fmt: skip
+
+        expected = build_sc(picture, header, MODEL, frame_number=frame, references_source=references,
+                            description=f"image {index}")  # fmt: skip
+        assert _plain(pydicom.dcmread(io.BytesIO(data))) == _plain(expected), f"case {index}"
+        assert _plain(dataset) == _plain(expected), f"case {index}"
+        assert np.array_equal(pydicom.dcmread(io.BytesIO(data)).pixel_array, picture)
+
+
+@pytest.mark.interop
+def test_the_encoded_sc_passes_dciodvfy(
+    source: Dataset, tmp_path: Path, dciodvfy: Callable[[object], list[str]]
+) -> None:
+    path = tmp_path / "sc.dcm"
+    path.write_bytes(ScEncoder(MODEL).encode(_picture(), source)[1])
+
+    assert dciodvfy(path) == []

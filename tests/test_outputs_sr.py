@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from retinagate.decode import decode_instance
 from retinagate.labels import LABELS
 from retinagate.outputs.identity import ModelIdentity, output_uid
 from retinagate.outputs.sc import build_sc
-from retinagate.outputs.sr import FrameScores, build_report, build_sr, probability_concept
+from retinagate.outputs.sr import FrameScores, SrEncoder, build_report, build_sr, probability_concept
 from retinagate.synth import DicomIdentity, render_fundus, write_dicom
 
 THRESHOLDS = tuple(0.3 if i % 2 else 0.6 for i in range(len(LABELS)))
@@ -148,3 +149,134 @@ def test_bad_scores_are_refused(source: Dataset, sc: Dataset, probabilities: lis
 @pytest.mark.interop
 def test_the_sr_passes_dciodvfy(source: Dataset, sc: Dataset, dciodvfy: Callable[[object], list[str]]) -> None:
     assert dciodvfy(build_sr(source, MODEL, [FrameScores(PROBABILITIES)], sc=sc)) == []
+
+
+# The template encoder: the same document as highdicom's construction, for every image.
+
+
+def _plain(ds: Dataset) -> object:
+    """A dataset as encoded (written and read back), as JSON, without the values taken from the clock."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    ds = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    volatile = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime", "ContributionDateTime"}
+
+    def strip(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if len(k) != 8 or keyword_for_tag(k) not in volatile}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip(ds.to_json_dict())
+
+
+def _sources(tmp_path: Path, count: int) -> list[Dataset]:
+    """Sources of different patients, eyes and studies (the template is made from the first)."""
+    headers = []
+    for index in range(count):
+        image = render_fundus(np.random.default_rng(index), 256, 192, ["DR"]).image
+        path = tmp_path / f"source{index}.dcm"
+        write_dicom(image, path, DicomIdentity.synthetic(index, "L" if index % 2 else "R", seed=index))
+        header = decode_instance(path, min_side=64, max_pixels=10**8).header
+        assert header is not None
+        headers.append(header)
+    return headers
+
+
+def test_the_encoder_writes_highdicoms_document_for_every_image(tmp_path: Path) -> None:
+    encoder = SrEncoder(MODEL)
+    rng = np.random.default_rng(1)
+    for index, source in enumerate(_sources(tmp_path, 3)):
+        sc = build_sc(np.zeros((64 + index, 64, 3), dtype=np.uint8), source, MODEL)
+        scores = [FrameScores([float(p) for p in rng.random(len(LABELS))])]
+
+        uid, data = encoder.encode(source, scores, sc=sc)
+
+        ours = pydicom.dcmread(io.BytesIO(data))
+        assert uid == ours.SOPInstanceUID == ours.file_meta.MediaStorageSOPInstanceUID
+        assert _plain(ours) == _plain(build_sr(source, MODEL, scores, sc=sc)), f"image {index}"
+
+
+def test_the_encoded_document_equals_highdicoms_direct_construction(tmp_path: Path) -> None:
+    first, source = _sources(tmp_path, 2)
+    sc = build_sc(np.zeros((64, 64, 3), dtype=np.uint8), source, MODEL)
+    encoder = SrEncoder(MODEL)
+    encoder.encode(first, [FrameScores(list(reversed(PROBABILITIES)))],
+                   sc=build_sc(np.zeros((64, 64, 3), dtype=np.uint8), first, MODEL))  # fmt: skip
+
+    _, data = encoder.encode(source, [FrameScores(PROBABILITIES)], sc=sc)
+
+    ours = pydicom.dcmread(io.BytesIO(data))
+    report = build_report(source, MODEL, [FrameScores(PROBABILITIES)], sc=sc)
+    schemes = build_sr(source, MODEL, [FrameScores(PROBABILITIES)], sc=sc).CodingSchemeIdentificationSequence
+    theirs = hd.sr.ComprehensiveSR(
+        evidence=[source, sc],
+        content=report[0],
+        series_instance_uid=ours.SeriesInstanceUID,
+        series_number=ours.SeriesNumber,
+        sop_instance_uid=ours.SOPInstanceUID,
+        instance_number=1,
+        manufacturer="RetinaGate",
+        is_complete=True,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[MODEL.contributing_equipment()],
+        coding_schemes=list(schemes),
+        series_description=ours.SeriesDescription,
+    )
+    MODEL.stamp(theirs)
+    assert _plain(ours) == _plain(theirs)
+
+
+def test_the_encoder_handles_plain_images_multi_frame_sources_and_sparse_headers(tmp_path: Path) -> None:
+    encoder = SrEncoder(MODEL)
+    first, second = _sources(tmp_path, 2)
+    frames = [FrameScores(PROBABILITIES, 1), FrameScores(list(reversed(PROBABILITIES)), 2)]
+    sparse = Dataset(second)  # no referring physician, no character set, no acquisition equipment
+    for keyword in ("ReferringPhysicianName", "SpecificCharacterSet", "Manufacturer"):
+        delattr(sparse, keyword)
+    multi = Dataset(second)
+    multi.NumberOfFrames = 2
+    cases = [
+        (first, [FrameScores(PROBABILITIES)], False),
+        (second, [FrameScores(PROBABILITIES)], False),
+        (first, frames, True),
+        (multi, frames, True),
+        (sparse, [FrameScores(PROBABILITIES)], True),
+    ]
+    for index, (source, scores, references_source) in enumerate(cases):
+        sc = build_sc(np.zeros((64, 64, 3), dtype=np.uint8), source, MODEL, references_source=references_source)
+
+        _, data = encoder.encode(source, scores, sc=sc, references_source=references_source)
+
+        expected = build_sr(source, MODEL, scores, sc=sc, references_source=references_source)
+        assert _plain(pydicom.dcmread(io.BytesIO(data))) == _plain(expected), f"case {index}"
+
+
+def test_the_encoded_document_rereads_with_highdicom(source: Dataset, sc: Dataset, tmp_path: Path) -> None:
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(SrEncoder(MODEL).encode(source, [FrameScores(PROBABILITIES)], sc=sc)[1])
+
+    report = hd.sr.srread(path)
+
+    (group,) = report.content.get_image_measurement_groups()
+    measured = {m.name.value: m.value for m in group.get_measurements()}
+    assert measured == {probability_concept(n).value: p for n, p in zip(LABELS, PROBABILITIES, strict=True)}
+    assert group.source_images[0].referenced_sop_instance_uid == source.SOPInstanceUID
+
+
+def test_the_encoder_refuses_bad_scores_like_the_builder(source: Dataset, sc: Dataset) -> None:
+    with pytest.raises(ValueError, match="29 labels"):
+        SrEncoder(MODEL).encode(source, [FrameScores([0.5] * 3)], sc=sc)
+    with pytest.raises(ValueError, match="sc: a plain image"):
+        SrEncoder(MODEL).encode(source, [FrameScores(PROBABILITIES)], references_source=False)
+
+
+@pytest.mark.interop
+def test_the_encoded_sr_passes_dciodvfy(
+    source: Dataset, sc: Dataset, tmp_path: Path, dciodvfy: Callable[[object], list[str]]
+) -> None:
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(SrEncoder(MODEL).encode(source, [FrameScores(PROBABILITIES)], sc=sc)[1])
+
+    assert dciodvfy(path) == []

@@ -97,6 +97,7 @@ def test_outputs_have_deterministic_uids_and_reference_the_source(
         assert reread.StudyInstanceUID == DicomIdentity.synthetic(0).study_uid
     sc = pydicom.dcmread(tmp_path / "sc.dcm")
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source_uid
+    assert first.summary()["outputs"] == {kind: output_uid(source_uid, engine.sha256, kind) for kind in first.outputs}
     assert sc.Rows > 768 and sc.Columns == 1024  # display size, legend below
     pm = pydicom.dcmread(tmp_path / "pm.dcm")
     assert (pm.Rows, pm.Columns) == (336, 448)  # the source's grid
@@ -240,3 +241,27 @@ def test_the_sc_heatmap_sits_over_the_planted_lesion(
     assert judged >= 5, f"only {judged} SCs show a planted finding; the model finds too few to judge"
     baseline = float(np.mean(chance))
     assert hits / judged >= 2 * baseline, f"{hits} of {judged} heatmaps over the lesion; chance {baseline:.2f}"
+
+
+def test_outputs_are_handed_over_as_part10_files_ready_to_write(
+    engine: Engine, photos: list[NDArray[np.uint8]], tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    write_dicom(photos[0], tmp_path / "a.dcm", DicomIdentity.synthetic(0))
+
+    (result,) = _score(engine, make_settings(outputs=["sc", "sr", "pm"]), [tmp_path / "a.dcm"])
+
+    assert isinstance(result, ScoreResult)
+    assert list(result.encoded) == list(result.outputs) == list(result.output_uids) == ["sc", "sr", "pm"]
+    for kind, data in result.encoded.items():
+        path = tmp_path / f"{kind}.dcm"
+        path.write_bytes(data)  # as the worker and the CLI write them: no second serialisation
+        reread = pydicom.dcmread(path)
+        assert data[128:132] == b"DICM" and reread.file_meta.MediaStorageSOPInstanceUID == reread.SOPInstanceUID
+        assert reread.SOPInstanceUID == result.output_uids[kind] == result.outputs[kind].SOPInstanceUID
+        assert reread.PatientID == DicomIdentity.synthetic(0).patient_id
+    assert np.array_equal(pydicom.dcmread(tmp_path / "sc.dcm").pixel_array, result.outputs["sc"].pixel_array)
+    report = hd.sr.srread(tmp_path / "sr.dcm")
+    (group,) = report.content.get_image_measurement_groups()
+    measured = {m.name.meaning: m.value for m in group.get_measurements()}
+    assert len(measured) == len(LABELS)
+    assert sorted(measured.values()) == sorted(round(p, 6) for p in result.probabilities.values())

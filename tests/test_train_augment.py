@@ -51,3 +51,35 @@ def test_normalizer_uses_the_cards_mean_and_std() -> None:
     pixels = torch.tensor([255, 0, 51], dtype=torch.uint8).view(1, 3, 1, 1)
     out = Normalizer(card.preprocessing)(pixels).flatten().tolist()
     assert out == pytest.approx([(1.0 - 0.5) / 0.5, (0.0 - 0.25) / 0.25, (0.2 - 0.0) / 1.0], rel=1e-5)
+
+
+def test_batch_augmenter_gives_each_image_its_own_draw_and_repeats_for_a_seed(image: torch.Tensor) -> None:
+    from train.augment import BatchAugmenter
+
+    batch = image.expand(6, -1, -1, -1).contiguous()
+    augment = BatchAugmenter("strong")
+    out = augment(batch, 9)
+    assert out.shape == batch.shape and out.dtype == torch.float32
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 255.0
+    assert torch.equal(out, augment(batch, 9))
+    assert not torch.equal(out, augment(batch, 10))
+    assert all(not torch.equal(out[0], out[i]) for i in range(1, 6))
+
+
+def test_batch_augmenter_without_augmentation_only_converts_to_float(image: torch.Tensor) -> None:
+    from train.augment import BatchAugmenter
+
+    batch = image[None]
+    assert torch.equal(BatchAugmenter("none")(batch, 1), batch.float())
+
+
+def test_batch_augmenter_light_keeps_a_centred_disc_in_place() -> None:
+    """Light augmentation rotates at most 15 degrees about the centre: a centred disc stays put."""
+    from train.augment import BatchAugmenter
+
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    disc = (((yy - 31.5) ** 2 + (xx - 31.5) ** 2) < 100).to(torch.uint8) * 200
+    batch = disc.expand(8, 3, 64, 64).contiguous()
+    out = BatchAugmenter("light")(batch, 3)
+    centre, corner = out[:, :, 28:36, 28:36].mean(), out[:, :, :8, :8].mean()
+    assert centre > 150 and corner < 5

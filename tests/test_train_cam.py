@@ -23,8 +23,8 @@ def test_cam_equals_autograd_grad_cam_on_the_pooled_feature_map() -> None:
     images = torch.randn(2, 3, 96, 96)
     logits, cams = class_activation_maps(model, images)
 
-    features = model.forward_features(images).detach().requires_grad_(True)
-    head_logits = model.forward_head(features)
+    features = model.forward_features(images).detach().requires_grad_(True)  # type: ignore[operator]
+    head_logits = model.forward_head(features)  # type: ignore[operator]
     torch.testing.assert_close(head_logits, logits)
     for c in (0, 7, 28):
         (grads,) = torch.autograd.grad(head_logits[:, c].sum(), features, retain_graph=True)

@@ -34,7 +34,9 @@ def cli_run(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
         patch.setenv("RETINAGATE_DATA_DIR", str(root / "var"))
-        code = main(_train_args(synth_dataset, root / "run", root / "cache", "--json"))
+        code = main(
+            _train_args(synth_dataset, root / "run", root / "cache", "--json", "--aug-on", "device", "--aug", "strong")
+        )
     assert code == 0
     return root / "run", json.loads(stdout.getvalue())
 

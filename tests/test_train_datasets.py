@@ -186,6 +186,7 @@ def test_cache_is_rebuilt_when_a_photo_or_the_preprocessing_changes(synth_datase
     assert other_size.built and other_size.cache_file != base.cache_file
     photo = source.paths[0]
     image = cv2.imread(str(photo))
+    assert image is not None
     cv2.imwrite(str(photo), 255 - image)
     os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))
     edited = cache_split(source, Preprocessing(input_size=64), tmp_path / "cache", progress=False)

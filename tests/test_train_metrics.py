@@ -42,7 +42,9 @@ def test_single_class_label_has_no_auroc_and_is_left_out_of_the_macro_mean() -> 
     expected = np.mean([roc_auc_score(truth[:, c], scores[:, c]) for c in usable])
     assert result.macro_auroc == pytest.approx(expected)
     with_positives = [c for c in range(len(LABELS)) if c != 5]
-    assert result.map == pytest.approx(np.mean([average_precision_score(truth[:, c], scores[:, c]) for c in with_positives]))
+    assert result.map == pytest.approx(
+        np.mean([average_precision_score(truth[:, c], scores[:, c]) for c in with_positives])
+    )
 
 
 def test_riadd_score_averages_disease_risk_auroc_with_the_mean_of_disease_auroc_and_map() -> None:

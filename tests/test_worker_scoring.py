@@ -261,3 +261,26 @@ def test_a_failed_durable_write_queues_the_instance_again_and_leaves_no_file(
     assert (status, attempts) == ("queued", 1) and "No space left" in (error or "")
     assert list(b.storage.iter_keys("out")) == []  # the SC that did land was removed again
     assert b.rows()["predictions"] == []
+
+
+def test_the_stored_sr_is_a_valid_report_of_the_recorded_probabilities(
+    bench: Callable[..., Bench], worker_store_instance: Callable[..., int]
+) -> None:
+    import highdicom as hd
+
+    b = bench()
+    (instance_id,) = [worker_store_instance(b.settings, study=3)]
+
+    assert b.score([instance_id]).scored == [instance_id]
+
+    with session_scope(b.sessions) as s:
+        prediction = s.scalars(select(Prediction)).one()
+        stored = {o.kind.value: b.storage.path(o.storage_key) for o in prediction.outputs}
+        probabilities = dict(prediction.probabilities)
+        source_uid = s.get_one(Instance, instance_id).sop_instance_uid
+    report = hd.sr.srread(stored["sr"])  # the pipeline's encoded file, written as it was handed over
+    (group,) = report.content.get_image_measurement_groups()
+    assert sorted(m.value for m in group.get_measurements()) == sorted(round(p, 6) for p in probabilities.values())
+    assert group.source_images[0].referenced_sop_instance_uid == source_uid
+    sc = dcmread(stored["sc"])
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source_uid and sc.BurnedInAnnotation == "YES"

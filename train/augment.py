@@ -11,22 +11,27 @@ Levels (``--aug``):
 * ``none``: the cached pixels as they are.
 * ``light``: flips, small rotation and scale, mild brightness/contrast/saturation jitter.
 * ``strong``: flips, any rotation (a fundus photograph has no preferred orientation within its
-  circular field of view), scale and shift, stronger colour jitter, occasional Gaussian blur
-  (defocus) and sharpness change (camera differences).
+  circular field of view), scale and shift, stronger brightness/contrast/saturation jitter,
+  occasional Gaussian blur (defocus) and sharpness change (camera differences). No hue shift: fundus
+  colour varies with exposure and pigmentation, not hue, and torchvision's hue jitter alone costs
+  more than the rest of the recipe (about 4 ms per 224 px image).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
+import torch.nn.functional as F  # noqa: N812 (the conventional name)
 from torch import nn
 from torchvision.transforms import v2
 
 if TYPE_CHECKING:
     from retinagate.card import Preprocessing
 
-__all__ = ["AUG_LEVELS", "Augmenter", "Normalizer", "sample_seed"]
+__all__ = ["AUG_LEVELS", "Augmenter", "BatchAugmenter", "Normalizer", "sample_seed"]
 
 AugLevel = Literal["none", "light", "strong"]
 AUG_LEVELS: tuple[AugLevel, ...] = ("none", "light", "strong")
@@ -45,30 +50,48 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return value & _MASK63
 
 
+@dataclass(frozen=True)
+class _Recipe:
+    """Ranges of one augmentation level, shared by the per-sample and the batched augmenter."""
+
+    degrees: float
+    scale: tuple[float, float]
+    translate: float
+    brightness: float
+    contrast: float
+    saturation: float
+    blur_p: float
+    blur_sigma: tuple[float, float]
+    sharpen_p: float
+    sharpness: float
+
+
+_RECIPES: dict[str, _Recipe] = {
+    "light": _Recipe(15.0, (0.95, 1.05), 0.0, 0.1, 0.1, 0.05, 0.0, (0.1, 1.5), 0.0, 1.5),
+    "strong": _Recipe(180.0, (0.9, 1.1), 0.04, 0.25, 0.25, 0.15, 0.25, (0.1, 1.5), 0.25, 1.5),
+}
+
+
 def _transform(level: str) -> nn.Module | None:
-    if level == "none":
+    recipe = _RECIPES.get(level)
+    if recipe is None:
         return None
-    if level == "light":
-        light: nn.Module = v2.Compose(
-            [
-                v2.RandomHorizontalFlip(),
-                v2.RandomVerticalFlip(),
-                v2.RandomAffine(degrees=15, scale=(0.95, 1.05)),
-                v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.05),
-            ]
-        )
-        return light
-    strong: nn.Module = v2.Compose(
-        [
-            v2.RandomHorizontalFlip(),
-            v2.RandomVerticalFlip(),
-            v2.RandomAffine(degrees=180, translate=(0.04, 0.04), scale=(0.9, 1.1)),
-            v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.15, hue=0.02),
-            v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.25),
-            v2.RandomAdjustSharpness(sharpness_factor=1.5, p=0.25),
-        ]
-    )
-    return strong
+    steps: list[nn.Module] = [
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+        v2.RandomAffine(
+            degrees=recipe.degrees,
+            translate=(recipe.translate, recipe.translate) if recipe.translate else None,
+            scale=recipe.scale,
+        ),
+        v2.ColorJitter(brightness=recipe.brightness, contrast=recipe.contrast, saturation=recipe.saturation),
+    ]
+    if recipe.blur_p:
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=recipe.blur_sigma)], p=recipe.blur_p))
+    if recipe.sharpen_p:
+        steps.append(v2.RandomAdjustSharpness(sharpness_factor=recipe.sharpness, p=recipe.sharpen_p))
+    composed: nn.Module = v2.Compose(steps)
+    return composed
 
 
 class Augmenter:
@@ -96,6 +119,88 @@ class Augmenter:
             torch.manual_seed(seed)
             out: torch.Tensor = self._transform(image)
         return out
+
+
+class BatchAugmenter(nn.Module):
+    """The same augmentation recipe applied to a whole batch on its device, per-sample parameters.
+
+    For GPU training: per-sample ``transforms.v2`` in loader workers costs about 3 ms of CPU per
+    224 px image (strong), more than 16 cores supply at the 4,500 img/s an H100 trains at. Here the
+    loader only copies cached bytes; flips, rotation, scale and shift become one ``grid_sample``, the
+    colour jitter a few broadcast operations, blur and sharpening grouped convolutions, all on the
+    GPU. Parameters come from a generator seeded per batch, so results are reproducible for a seed.
+
+    Input: uint8 or float ``(N, 3, S, S)`` in [0, 255]. Output: float32 in [0, 255] (feed it to
+    :class:`Normalizer`).
+
+    Raises:
+        ValueError: For an unknown level.
+    """
+
+    def __init__(self, level: str) -> None:
+        super().__init__()
+        if level not in AUG_LEVELS:
+            raise ValueError(f"aug is {level!r}; expected one of {', '.join(AUG_LEVELS)}")
+        self.level = level
+        self.recipe = _RECIPES.get(level)
+
+    def forward(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        x = images.float()
+        recipe = self.recipe
+        if recipe is None:
+            return x
+        n, device = x.shape[0], x.device
+        gen = torch.Generator().manual_seed(seed)
+
+        def uniform(low: float, high: float, size: int = n) -> torch.Tensor:
+            return (torch.rand(size, generator=gen) * (high - low) + low).to(device)
+
+        def chance(p: float) -> torch.Tensor:
+            return (torch.rand(n, generator=gen) < p).to(device)
+
+        # Geometry: output pixel -> input pixel, in normalised coordinates (what affine_grid wants).
+        angle = uniform(-recipe.degrees, recipe.degrees) * (math.pi / 180.0)
+        scale = uniform(*recipe.scale)
+        flip_x = torch.where(chance(0.5), -1.0, 1.0)
+        flip_y = torch.where(chance(0.5), -1.0, 1.0)
+        shift = uniform(-recipe.translate, recipe.translate, 2 * n).view(n, 2) * 2.0
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack(
+            [
+                torch.stack([cos * flip_x, sin * flip_x, -shift[:, 0]], dim=1),
+                torch.stack([-sin * flip_y, cos * flip_y, -shift[:, 1]], dim=1),
+            ],
+            dim=1,
+        )
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+        # Colour, as torchvision's ColorJitter defines each factor (in a fixed order).
+        view = (n, 1, 1, 1)
+        x = x * uniform(1 - recipe.brightness, 1 + recipe.brightness).view(view)
+        gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+        contrast = uniform(1 - recipe.contrast, 1 + recipe.contrast).view(view)
+        x = contrast * x + (1 - contrast) * gray.mean(dim=(2, 3), keepdim=True)
+        gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+        saturation = uniform(1 - recipe.saturation, 1 + recipe.saturation).view(view)
+        x = (saturation * x + (1 - saturation) * gray).clamp(0, 255)
+
+        if recipe.blur_p > 0:
+            sigma = uniform(*recipe.blur_sigma)
+            taps = torch.arange(-2, 3, device=device, dtype=x.dtype)
+            kernel_1d = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None] ** 2))
+            kernel_1d = kernel_1d / kernel_1d.sum(dim=1, keepdim=True)
+            kernel = (kernel_1d[:, :, None] * kernel_1d[:, None, :]).repeat_interleave(3, dim=0)[:, None]
+            padded = F.pad(x, (2, 2, 2, 2), mode="reflect").reshape(1, 3 * n, x.shape[2] + 4, x.shape[3] + 4)
+            blurred = F.conv2d(padded, kernel, groups=3 * n).view_as(x)
+            x = torch.where(chance(recipe.blur_p).view(view), blurred, x)
+        if recipe.sharpen_p > 0:
+            a, b = 1.0 / 13.0, 5.0 / 13.0
+            smooth = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=device, dtype=x.dtype).expand(3, 1, 3, 3)
+            soft = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), smooth, groups=3)
+            sharp = (soft + recipe.sharpness * (x - soft)).clamp(0, 255)
+            x = torch.where(chance(recipe.sharpen_p).view(view), sharp, x)
+        return x
 
 
 class Normalizer(nn.Module):

@@ -201,6 +201,12 @@ def register(subparsers: Any) -> None:
     optim.add_argument(
         "--aug", choices=("none", "light", "strong"), default=_SUPPRESS, help="augmentation level (default light)"
     )
+    optim.add_argument(
+        "--aug-on",
+        choices=("auto", "workers", "device"),
+        default=_SUPPRESS,
+        help="where augmentation runs: loader workers, batched on the GPU, or auto (GPU on CUDA)",
+    )
     train.set_defaults(handler=_train)
 
     evaluate = subparsers.add_parser(
@@ -271,10 +277,13 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandError(f"--stop-after-epochs is {args.stop_after_epochs}; expected at least 1", EXIT_USAGE)
     try:
         config = TrainConfig(out=args.out, **given)
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    try:
         result = train(
             config, resume=args.resume, stop_after_epochs=args.stop_after_epochs, progress=sys.stderr.isatty()
         )
-    except (DataSourceError, TrainingError, PretrainedUnavailableError, FileNotFoundError, ValueError) as exc:
+    except (DataSourceError, TrainingError, PretrainedUnavailableError, FileNotFoundError) as exc:
         raise _command_error(exc) from None
 
     summary: dict[str, Any] = {
@@ -292,15 +301,14 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     elif not result.finished:
         print(f"paused after epoch {result.epochs_run}; continue with: retinagate train --out {result.out} --resume")
     else:
-        val, test = result.validation, result.test
-        assert val is not None
         print(
             f"trained {result.epochs_run} epochs in {result.seconds:.0f} s"
             f"{' (stopped early)' if result.stopped_early else ''}; best epoch {result.best_epoch}"
         )
-        print(f"validation: {_headline(val)}")
-        if test is not None:
-            print(f"test:       {_headline(test)}")
+        if result.validation is not None:
+            print(f"validation: {_headline(result.validation)}")
+        if result.test is not None:
+            print(f"test:       {_headline(result.test)}")
         print(f"run folder: {result.out} (best.pt, model_card.json, metrics.csv, plots)")
     return 0
 
@@ -320,6 +328,8 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from train.datasets import DataSourceError
     from train.loop import TrainingError, evaluate_checkpoint
 
+    if args.batch_size < 1:
+        raise _command_error(TrainingError(f"--batch-size is {args.batch_size}; expected at least 1"))
     try:
         metrics, card = evaluate_checkpoint(
             args.checkpoint,
@@ -334,7 +344,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
             masks=args.masks,
             progress=sys.stderr.isatty(),
         )
-    except (DataSourceError, TrainingError, FileNotFoundError, ValueError) as exc:
+    except (DataSourceError, TrainingError, FileNotFoundError) as exc:
         raise _command_error(exc) from None
 
     if args.json:

@@ -11,9 +11,11 @@
     curves.png, roc_curves.png, auroc_bars.png
 
 Reproducibility: every random choice is a function of the run seed. The data order of epoch ``e``
-comes from a generator seeded with (seed, e), each sample's augmentation from (seed, e, index), and
-the global RNG state (dropout, stochastic depth) is saved in ``last.pt``; so a run interrupted after
-any epoch and resumed gives the same weights as an uninterrupted run.
+comes from a generator seeded with (seed, e), each sample's augmentation from (seed, e, index) (or,
+with augmentation on the GPU, each batch's from (seed, e, batch)), the classifier starts from the
+label priors, and the global RNG state (dropout, stochastic depth) is saved in ``last.pt``; so a run
+interrupted after any epoch and resumed gives the same weights as an uninterrupted run (bit for bit
+on the CPU; GPU kernels chosen by cuDNN autotuning may differ in the last bits).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from torch import nn
 
 from retinagate.card import ModelCard, Preprocessing
 from retinagate.labels import DISEASE_LABELS, LABELS
-from train.augment import AUG_LEVELS, Augmenter, Normalizer
+from train.augment import AUG_LEVELS, Augmenter, BatchAugmenter, Normalizer, sample_seed
 from train.calibration import LabelThreshold, calibrate_thresholds
 from train.datasets import CachedSplit, Split, SplitSource, cache_split, load_splits
 from train.loader import AugmentedImages, epoch_loader
@@ -99,6 +101,9 @@ class TrainConfig:
         pos_weight: ``none`` or ``auto`` (negatives/positives per label, capped).
         balanced_sampler: Draw images with weights that favour rare labels.
         aug: ``none``, ``light`` or ``strong``.
+        aug_on: ``workers`` (per-sample ``transforms.v2`` in loader processes), ``device`` (the same
+            recipe batched on the training device, :class:`train.augment.BatchAugmenter`) or ``auto``
+            (device on CUDA, where CPU workers cannot keep up; workers on the CPU).
         pretrained: Start from ImageNet weights (timm hub).
         weights: Local timm checkpoint to start from.
         freeze_stages: Freeze the stem and the first K of EfficientNet's 7 block stages.
@@ -135,6 +140,7 @@ class TrainConfig:
     pos_weight: str = "none"
     balanced_sampler: bool = False
     aug: str = "light"
+    aug_on: str = "auto"
     pretrained: bool = True
     weights: Path | None = None
     freeze_stages: int = 0
@@ -164,6 +170,9 @@ class TrainConfig:
         need(self.loss in LOSSES, f"loss is {self.loss!r}; expected one of {', '.join(LOSSES)}")
         need(self.pos_weight in ("none", "auto"), f"pos_weight is {self.pos_weight!r}; expected none or auto")
         need(self.aug in AUG_LEVELS, f"aug is {self.aug!r}; expected one of {', '.join(AUG_LEVELS)}")
+        need(
+            self.aug_on in ("auto", "workers", "device"), f"aug_on is {self.aug_on!r}; expected auto, workers or device"
+        )
         need(0 <= self.freeze_stages <= 7, f"freeze_stages is {self.freeze_stages}; expected 0-7")
         need(self.patience >= 0, f"patience is {self.patience}; expected >= 0 (0 turns early stopping off)")
         need(0 <= self.drop_rate < 1, f"drop_rate is {self.drop_rate}; expected 0 <= rate < 1")
@@ -592,7 +601,11 @@ def train(
         _set_rng_state(checkpoint["rng"])
         logger.info("resuming %s after epoch %d", out, start_epoch)
 
-    dataset = AugmentedImages(train_split.cache_file, labels_train, Augmenter(config.aug), config.seed)
+    on_device = config.aug_on == "device" or (config.aug_on == "auto" and device.type == "cuda")
+    batch_augment = BatchAugmenter(config.aug) if on_device and config.aug != "none" else None
+    dataset = AugmentedImages(
+        train_split.cache_file, labels_train, None if on_device else Augmenter(config.aug), config.seed
+    )
     workers = _workers(config.workers)
     sample_weights = _balanced_weights(labels_train) if config.balanced_sampler else None
 
@@ -619,6 +632,9 @@ def train(
         batches = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False, disable=not progress)
         for images, targets in bar:
+            if batch_augment is not None:
+                seed = sample_seed(config.seed, epoch, -2 - batches)  # negative: never a sample index
+                images = batch_augment(images.to(device, non_blocking=True), seed)
             loss_sum += step(images, targets)
             batches += 1
             if progress and batches % 10 == 0:  # reading the loss waits for the device; not every step

@@ -48,7 +48,6 @@ from retinagate.models import (
 from retinagate.storage import StorageError
 
 if TYPE_CHECKING:
-    from pydicom import Dataset
     from sqlalchemy.orm import Session, sessionmaker
 
     from retinagate.card import ModelCard
@@ -246,12 +245,22 @@ def _set_status(
             row.last_error = errors[row.id]
 
 
-def _encode(dataset: Dataset) -> bytes:
+def _encoded_outputs(result: ScoreResult) -> list[tuple[str, str, bytes]]:
+    """``(kind, SOP Instance UID, Part 10 bytes)`` of each output of a result.
+
+    The pipeline hands its outputs over encoded; a result without them (made by other code) is
+    serialised here.
+    """
+    if result.encoded and set(result.encoded) == set(result.output_uids):
+        return [(kind, result.output_uids[kind], data) for kind, data in result.encoded.items()]
     from pydicom import dcmwrite
 
-    buffer = io.BytesIO()
-    dcmwrite(buffer, dataset, enforce_file_format=True)
-    return buffer.getvalue()
+    outputs = []
+    for kind, dataset in result.outputs.items():
+        buffer = io.BytesIO()
+        dcmwrite(buffer, dataset, enforce_file_format=True)
+        outputs.append((kind, str(dataset.SOPInstanceUID), buffer.getvalue()))
+    return outputs
 
 
 @dataclass(frozen=True)
@@ -271,16 +280,17 @@ def _timed_write(storage: Storage, key: str, data: bytes) -> float:
 def _write_batch(
     sessions: sessionmaker[Session], storage: Storage, results: Sequence[tuple[int, ScoreResult]]
 ) -> tuple[dict[int, list[_Written]], dict[int, str], dict[int, float]]:
-    """Writes every result's datasets durably, reusing the storage key of an output seen before.
+    """Writes every result's encoded outputs durably, reusing the storage key of an output seen before.
 
-    Serialising holds the GIL; the durable writes (fsync) do not, so they run on two threads while
-    the next dataset is serialised.
+    The bytes are written as the pipeline encoded them (no second serialisation); the durable
+    writes (fsync) release the GIL and run on two threads.
 
     Returns:
         The files written per instance id, the instances whose writes failed (their new files are
         removed again) with the error, and the seconds each instance's outputs took.
     """
-    uids = [str(ds.SOPInstanceUID) for _, result in results for ds in result.outputs.values()]
+    encoded = {instance_id: _encoded_outputs(result) for instance_id, result in results}
+    uids = [uid for outputs in encoded.values() for _, uid, _ in outputs]
     known: dict[str, str] = {}
     if uids:
         with session_scope(sessions) as session:
@@ -290,14 +300,12 @@ def _write_batch(
     pending: list[tuple[int, _Written, Future[float]]] = []
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="retinagate-write") as pool:
         try:
-            for instance_id, result in results:
+            for instance_id, _ in results:
                 started = time.perf_counter()
-                for kind, dataset in result.outputs.items():
-                    uid = str(dataset.SOPInstanceUID)
+                for kind, uid, data in encoded[instance_id]:
                     key = known.get(uid)
                     item = _Written(OutputKind(kind), uid, key or storage.new_key("out"), key is None)
-                    pending.append((instance_id, item, pool.submit(_timed_write, storage, item.storage_key,
-                                                                   _encode(dataset))))
+                    pending.append((instance_id, item, pool.submit(_timed_write, storage, item.storage_key, data)))
                 seconds[instance_id] = time.perf_counter() - started
         except BaseException:
             wait([future for *_, future in pending])

@@ -17,8 +17,8 @@ from retinagate.outputs.identity import (
 )
 from retinagate.outputs.pm import build_pm
 from retinagate.outputs.render import HeatmapFinding, Legend, display_shape, render_heatmaps
-from retinagate.outputs.sc import build_sc
-from retinagate.outputs.sr import CODING_SCHEME, FrameScores, build_report, build_sr
+from retinagate.outputs.sc import ScEncoder, build_sc
+from retinagate.outputs.sr import CODING_SCHEME, FrameScores, SrEncoder, build_report, build_sr
 
 __all__ = [
     "AI_DISCLAIMER",
@@ -29,6 +29,8 @@ __all__ = [
     "HeatmapFinding",
     "Legend",
     "ModelIdentity",
+    "ScEncoder",
+    "SrEncoder",
     "build_pm",
     "build_report",
     "build_sc",

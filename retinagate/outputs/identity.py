@@ -10,6 +10,8 @@ entropy sources when there is no prefix and returns a random UUID.
 
 from __future__ import annotations
 
+import datetime as dt
+import threading
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,6 +21,7 @@ from retinagate.card import ModelCard
 
 if TYPE_CHECKING:
     import highdicom as hd
+    from pydicom.dataset import Dataset
 
 __all__ = [
     "AI_DISCLAIMER",
@@ -26,6 +29,7 @@ __all__ = [
     "SERIES_NUMBERS",
     "ModelIdentity",
     "OutputKind",
+    "acquisition_equipment",
     "derived_uid",
     "output_uid",
     "series_uid",
@@ -184,3 +188,50 @@ class ModelIdentity:
         ds.ManufacturerModelName = self.name
         ds.SoftwareVersions = self.software_versions
         ds.DeviceSerialNumber = self.serial
+
+
+#: What :meth:`highdicom.ContributingEquipment.for_image_acquisition` reads, but the date and time.
+_ACQUISITION_KEYS: Final = ("SOPClassUID", "Manufacturer", "ManufacturerModelName", "SoftwareVersions",
+                            "DeviceSerialNumber", "InstitutionName", "InstitutionalDepartmentName",
+                            "InstitutionAddress", "StationName")  # fmt: skip
+_ACQUISITION: dict[tuple[str, ...], Any] = {}
+_ACQUISITION_LOCK = threading.Lock()
+
+
+def acquisition_equipment(source: Dataset) -> Dataset | None:
+    """highdicom's Contributing Equipment item for the equipment that acquired ``source``.
+
+    The same item as :meth:`highdicom.ContributingEquipment.for_image_acquisition` (``None`` where
+    that raises, as highdicom's constructors then add none), made once per camera: highdicom looks
+    the SOP class up in its IOD tables on every call (about 1 ms), and a site has few cameras. The
+    contribution date and time are the source's and are set per call.
+    """
+    import highdicom as hd
+    from pydicom.dataset import Dataset
+    from pydicom.valuerep import DT
+
+    key = tuple(repr(source.get(k)) for k in _ACQUISITION_KEYS)
+    if key not in _ACQUISITION:
+        try:
+            made: Dataset | None = hd.ContributingEquipment.for_image_acquisition(source)
+        except Exception:  # highdicom's own rule: no acquisition item when it cannot make one
+            made = None
+        with _ACQUISITION_LOCK:
+            if len(_ACQUISITION) >= 256:
+                _ACQUISITION.clear()
+            _ACQUISITION[key] = made
+    cached = _ACQUISITION[key]
+    if cached is None:
+        return None
+    item = Dataset(cached)
+    # The contribution date and time, derived as for_image_acquisition derives them.
+    when = source.get("AcquisitionDateTime")
+    if when is None:
+        date, time_ = source.get("AcquisitionDate"), source.get("AcquisitionTime")
+        if isinstance(date, dt.date) and isinstance(time_, dt.time):
+            when = dt.datetime.combine(date, time_)
+    if when is not None:
+        item.ContributionDateTime = DT(when)
+    elif "ContributionDateTime" in item:
+        del item.ContributionDateTime
+    return item

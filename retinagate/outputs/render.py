@@ -28,6 +28,14 @@ __all__ = ["COLOUR_MAP", "HeatmapFinding", "Legend", "display_shape", "render_he
 #: OpenCV colour map used for the heatmaps.
 COLOUR_MAP: Final = cv2.COLORMAP_VIRIDIS
 
+#: The colour map as an RGB lookup table (OpenCV's maps are BGR), for ``cv2.applyColorMap``.
+_RGB_LUT: Final = np.ascontiguousarray(
+    cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(256, 1), COLOUR_MAP)[:, :, ::-1]
+)
+
+#: Heatmaps are mapped onto a grid this many times coarser than the display, then interpolated.
+_HEAT_STEP: Final = 2
+
 #: Normalised CAM level below which the photograph is left untouched, and the level of full blending.
 _HEAT_FLOOR: Final = 0.35
 _HEAT_FULL: Final = 0.85
@@ -135,26 +143,29 @@ def render_heatmaps(
     height, width = display_shape(frame.shape[:2], long_side)
     shrinking = height <= frame.shape[0]
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    photo = np.asarray(cv2.resize(frame, (width, height), interpolation=interpolation), dtype=np.uint8)
+    if (height, width) == frame.shape[:2]:
+        photo = frame.copy()
+    else:
+        photo = np.asarray(cv2.resize(frame, (width, height), interpolation=interpolation), dtype=np.uint8)
 
-    # Map each CAM onto the display picture; keep the strongest finding per pixel.
-    combined = np.zeros((height, width), dtype=np.float32)
+    # Map each CAM onto a grid at 1/_HEAT_STEP of the display (a 7 x 7 CAM has no finer detail);
+    # keep the strongest finding per cell.
+    low_h, low_w = -(-height // _HEAT_STEP), -(-width // _HEAT_STEP)
+    combined = np.zeros((low_h, low_w), dtype=np.float32)
     peaks: list[tuple[str, tuple[int, int]]] = []
     for finding in findings:
         small = _normalised(finding.cam)
         if small is None:
             continue
-        heat = geometry.to_source(small, (height, width))
+        heat = geometry.to_source(small, (low_h, low_w))
         np.maximum(combined, heat, out=combined)
         row, column = np.unravel_index(int(np.argmax(heat)), heat.shape)
-        peaks.append((finding.label, (int(column), int(row))))
+        peaks.append((finding.label, (min(width - 1, int((column + 0.5) * width / low_w)),
+                                      min(height - 1, int((row + 0.5) * height / low_h)))))  # fmt: skip
 
     picture: NDArray[np.uint8] = photo
     if peaks:
-        alpha = np.clip((combined - _HEAT_FLOOR) / (_HEAT_FULL - _HEAT_FLOOR), 0.0, 1.0) * _MAX_ALPHA
-        colours = cv2.cvtColor(cv2.applyColorMap((combined * 255).astype(np.uint8), COLOUR_MAP), cv2.COLOR_BGR2RGB)
-        weights = (1.0 - alpha).astype(np.float32), alpha.astype(np.float32)
-        picture = np.asarray(cv2.blendLinear(photo, colours, *weights), dtype=np.uint8)
+        _blend(picture, combined)
         scale, thickness, _line = _font_scale(width)
         radius = max(6, width // 90)
         for label, (px, py) in peaks:
@@ -165,6 +176,29 @@ def render_heatmaps(
             _outlined_text(picture, label, (tx, max(14, py - radius)), scale, thickness, _WHITE)
 
     return np.vstack([picture, _legend_panel(width, legend, bool(peaks))])
+
+
+def _blend(picture: NDArray[np.uint8], heat: NDArray[np.float32]) -> None:
+    """Blends the colour-mapped heat (a coarse grid over ``picture``) into ``picture`` in place.
+
+    Only the box where the heat rises over the floor is touched: the rest of the photograph stays
+    as it was, and the per-pixel work shrinks to the region of the findings.
+    """
+    height, width = picture.shape[:2]
+    low_h, low_w = heat.shape
+    rows, columns = np.nonzero(heat > _HEAT_FLOOR)
+    if rows.size == 0:
+        return
+    # The box on the display, one coarse cell wider each side (interpolation reaches that far).
+    y0 = max(0, (int(rows.min()) - 1) * height // low_h)
+    y1 = min(height, -(-(int(rows.max()) + 2) * height // low_h))
+    x0 = max(0, (int(columns.min()) - 1) * width // low_w)
+    x1 = min(width, -(-(int(columns.max()) + 2) * width // low_w))
+    full = cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR)[y0:y1, x0:x1]
+    alpha = np.clip((full - _HEAT_FLOOR) * (_MAX_ALPHA / (_HEAT_FULL - _HEAT_FLOOR)), 0.0, _MAX_ALPHA)
+    colours = cv2.applyColorMap(np.clip(full * 255, 0, 255).astype(np.uint8), _RGB_LUT)
+    region = picture[y0:y1, x0:x1]
+    region[...] = cv2.blendLinear(region, colours, 1.0 - alpha, alpha)
 
 
 def _legend_panel(width: int, legend: Legend, with_scale: bool) -> NDArray[np.uint8]:
@@ -186,7 +220,7 @@ def _legend_panel(width: int, legend: Legend, with_scale: bool) -> NDArray[np.ui
         bar_w = max(16, min(width // 3, width - label_w - high_w - 4 * margin))
         top = y - line_h + max(4, round(6 * scale)) + 2
         ramp = np.linspace(_HEAT_FLOOR, 1.0, bar_w, dtype=np.float32)[None, :].repeat(max(4, line_h // 2), 0)
-        bar = cv2.cvtColor(cv2.applyColorMap((ramp * 255).astype(np.uint8), COLOUR_MAP), cv2.COLOR_BGR2RGB)
+        bar = cv2.applyColorMap((ramp * 255).astype(np.uint8), _RGB_LUT)
         x0 = margin + label_w + margin
         bottom = min(panel.shape[0], top + bar.shape[0])
         panel[top:bottom, x0 : x0 + bar_w] = bar[: bottom - top]

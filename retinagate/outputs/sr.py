@@ -18,24 +18,53 @@ content tree is built with highdicom's templates as usual; the document is const
 root that holds only the Image Library (which references every instance the tree references, so the
 evidence is collected the same way), and the full content sequence is attached afterwards.
 ``tests/test_outputs_sr.py`` checks that the result equals highdicom's own construction.
+
+Even so, building (about 35 ms) and serialising (about 20 ms) the document per image costs more than
+the rest of the pipeline. :class:`SrEncoder` therefore builds the document with highdicom once per
+kind of input (model, number of frames, source SOP class and character set, plain or DICOM source)
+and compiles it into a byte template (:mod:`retinagate.outputs.encoding`); per image it fills in only
+what changes: UIDs and references, dates, the probabilities and present/absent codes, the patient
+and study attributes (copied from the source as highdicom copies them: the root attributes of the
+Patient and Study modules of the source's IOD) and the acquisition equipment of the source. The
+Image Library, whose entries describe the referenced images, is compiled once per kind of referenced
+image. The tests compare the encoded document with highdicom's direct construction, element for
+element, for images other than the one the template was made from.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import threading
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from pydicom.dataset import Dataset
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.tag import Tag
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.valuerep import DA, TM, DSfloat
 
 from retinagate.labels import LABEL_DESCRIPTIONS
+from retinagate.outputs.encoding import (
+    ByteTemplate,
+    compile_element,
+    compile_item,
+    ds_element,
+    encode_element,
+    encode_part10,
+    encodings_of,
+    fd_element,
+    uid_element,
+)
 from retinagate.outputs.identity import (
     MANUFACTURER,
     SERIES_NUMBERS,
     ModelIdentity,
+    acquisition_equipment,
     derived_uid,
     output_uid,
     series_uid,
@@ -44,7 +73,17 @@ from retinagate.outputs.identity import (
 if TYPE_CHECKING:
     import highdicom as hd
 
-__all__ = ["CODING_SCHEME", "FrameScores", "build_report", "build_sr", "label_concept", "probability_concept"]
+    from retinagate.card import ModelCard
+
+__all__ = [
+    "CODING_SCHEME",
+    "FrameScores",
+    "SrEncoder",
+    "build_report",
+    "build_sr",
+    "label_concept",
+    "probability_concept",
+]
 
 #: Local coding scheme of RetinaGate's label concepts.
 CODING_SCHEME: Final = "99RETINAGATE"
@@ -114,27 +153,31 @@ def _coding_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
     )
 
 
+def _checked(scores: FrameScores, card: ModelCard) -> list[float]:
+    """The probabilities of one frame as floats, checked: one per label, each 0 to 1."""
+    if len(scores.probabilities) != card.num_labels:
+        raise ValueError(
+            f"probabilities: {len(scores.probabilities)} values for {card.num_labels} labels; need one per label"
+        )
+    values = [float(p) for p in scores.probabilities]
+    for label, value in zip(card.labels, values, strict=True):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"probabilities[{label}] is {value}; expected 0 to 1")
+    return values
+
+
 def _group(
     scores: FrameScores, model: ModelIdentity, source: Dataset, measured_on: Dataset
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     import highdicom as hd
 
     card = model.card
-    if len(scores.probabilities) != card.num_labels:
-        raise ValueError(
-            f"probabilities: {len(scores.probabilities)} values for {card.num_labels} labels; need one per label"
-        )
     frame = scores.frame_number
     frame_key = str(frame or 1)
     words = _vocabulary(tuple(card.labels))
     measurements = []
     evaluations = []
-    for index, (label, probability, threshold) in enumerate(
-        zip(card.labels, scores.probabilities, card.thresholds, strict=True)
-    ):
-        value = float(probability)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"probabilities[{label}] is {value}; expected 0 to 1")
+    for index, (value, threshold) in enumerate(zip(_checked(scores, card), card.thresholds, strict=True)):
         measurements.append(hd.sr.Measurement(name=words.probabilities[index], value=round(value, 6), unit=words.unit))
         decision = words.present if value >= threshold else words.absent
         evaluations.append(hd.sr.QualitativeEvaluation(name=words.labels[index], value=decision))
@@ -261,3 +304,337 @@ def _is_library(item: Dataset) -> bool:
     names = item.get("ConceptNameCodeSequence") or []
     return bool(names) and names[0].get("CodeValue") == "111028"  # DCM 111028 Image Library
 
+
+
+# The fast path (see the module docstring).
+
+_CONTENT_SEQUENCE: Final = 0x0040A730
+_UID: Final = 0x0040A124
+_NUMERIC_VALUE: Final = 0x0040A30A
+_FLOATING_POINT_VALUE: Final = 0x0040A161
+_TRACKING_UID: Final = "112040"  # DCM Tracking Unique Identifier
+_MEASUREMENTS: Final = "126010"  # DCM Imaging Measurements
+
+#: What highdicom's SOPClass takes from the first evidence item, as ``evidence[0].<keyword>``: a
+#: source without one of these goes the slow way (and gets highdicom's error).
+_FROM_SOURCE: Final = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+                       "AccessionNumber", "StudyID", "StudyDate", "StudyTime")  # fmt: skip
+#: Top-level attributes that differ per document and are therefore not template constants.
+_PER_DOCUMENT: Final = frozenset(
+    Tag(k)
+    for k in (
+        *_FROM_SOURCE, "ReferringPhysicianName", "SpecificCharacterSet", "InstanceCreationDate",
+        "InstanceCreationTime", "ContentDate", "ContentTime", "SOPInstanceUID", "SeriesInstanceUID",
+        "InstanceNumber", "ContributingEquipmentSequence", "CurrentRequestedProcedureEvidenceSequence",
+        "PertinentOtherEvidenceSequence", "ContentSequence",
+    )
+)  # fmt: skip
+#: What :class:`highdicom.sr.ImageLibraryEntryDescriptors` reads of a referenced image, but its UID.
+_LIBRARY_KEYS: Final = ("SOPClassUID", "FrameOfReferenceUID", "Rows", "Columns", "PatientOrientation",
+                        "ImagerPixelSpacing", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
+                        "SliceThickness")  # fmt: skip
+
+
+@lru_cache(maxsize=32)
+def _copied_tags(sop_class_uid: str) -> frozenset[int]:
+    """Tags highdicom copies from a source of this SOP class: root attributes of its Patient and Study modules.
+
+    The same walk as ``SOPClass.copy_patient_and_study_information``, done once per SOP class.
+
+    Raises:
+        KeyError: If highdicom does not know the SOP class.
+    """
+    from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
+    from pydicom.datadict import tag_for_keyword
+
+    attributes = get_module_attribute_map()
+    tags: set[int] = set()
+    for module in get_iod_module_map()[get_sop_class_iod_map()[sop_class_uid]]:
+        if module["ie"] not in ("Patient", "Study"):
+            continue
+        for item in attributes[module["key"]]:
+            tag = tag_for_keyword(str(item["keyword"])) if not item["path"] else None
+            if tag is not None:
+                tags.add(tag)
+    return frozenset(tags)
+
+
+def _signature(ds: Dataset, keywords: Sequence[str]) -> tuple[str, ...]:
+    return tuple(repr(ds.get(k)) for k in keywords)
+
+
+def _sop_reference(ds: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    return item
+
+
+@dataclass(frozen=True)
+class _Template:
+    """One kind of SR document, compiled: what is the same for every image, and where the rest goes."""
+
+    file_meta: FileMetaDataset
+    constants: tuple[tuple[int, bytes], ...]
+    content: ByteTemplate
+    character_set: Any
+    encodings: list[str]
+
+
+class SrEncoder:
+    """Encodes the SR of one model from byte templates; same document as :func:`build_sr`, Part 10 bytes.
+
+    Templates are made on first use for each kind of input and kept (a handful per model); one
+    encoder may be used from several threads.
+
+    Args:
+        model: The model whose SR documents it writes.
+    """
+
+    def __init__(self, model: ModelIdentity) -> None:
+        self.model = model
+        self._templates: dict[tuple[object, ...], _Template] = {}
+        self._libraries: dict[tuple[object, ...], ByteTemplate] = {}
+        self._lock = threading.Lock()
+        self._processing: Dataset | None = None
+        self._decisions: tuple[bytes, bytes] | None = None
+
+    def encode(
+        self,
+        source: Dataset,
+        frames: Sequence[FrameScores],
+        *,
+        sc: Dataset | None = None,
+        references_source: bool = True,
+    ) -> tuple[str, bytes]:
+        """The SR's SOP Instance UID and its Part 10 bytes; arguments and errors as :func:`build_sr`."""
+        card = self.model.card
+        if not frames:
+            raise ValueError("frames: expected the scores of at least one frame")
+        values = [_checked(f, card) for f in frames]
+        measured_on = source if references_source else sc
+        if measured_on is None:
+            raise ValueError(
+                "sc: a plain image file has no DICOM source, so the SR must reference the Secondary Capture"
+            )
+        uid = output_uid(str(source.SOPInstanceUID), self.model.sha256, "sr")
+        evidence = [d for d in ((source if references_source else None), sc) if d is not None]
+        # highdicom takes the patient, study and acquisition equipment from the first evidence item.
+        first = evidence[0]
+        if not self._fast_path_applies(first):
+            from pydicom import dcmwrite
+            from pydicom.filebase import DicomBytesIO
+
+            buffer = DicomBytesIO()
+            dcmwrite(buffer, build_sr(source, self.model, frames, sc=sc, references_source=references_source),
+                     enforce_file_format=True)  # fmt: skip
+            return uid, buffer.getvalue()
+
+        import highdicom as hd
+        from highdicom.valuerep import _check_specific_character_set
+
+        raw_set = first.get("SpecificCharacterSet")
+        character_set = None if raw_set is None else _check_specific_character_set(raw_set)
+        frame_numbers = tuple(f.frame_number for f in frames)
+        key = (frame_numbers, references_source, str(first.SOPClassUID), repr(character_set),
+               None if sc is None else str(sc.SOPClassUID))  # fmt: skip
+        template = self._templates.get(key)
+        if template is None:
+            with self._lock:
+                template = self._templates.get(key) or self._compile(
+                    key, source, frames, sc=sc, references_source=references_source, character_set=character_set
+                )
+
+        # Top level: as highdicom's SOPClass and _SR constructors set it.
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset(template.file_meta)
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(uid)
+        now = dt.datetime.now()
+        ds.InstanceCreationDate = DA(now.date())
+        ds.InstanceCreationTime = TM(now.time())
+        ds.ContentDate = DA(now.date())
+        ds.ContentTime = TM(now.time())
+        if character_set is not None:
+            ds.SpecificCharacterSet = character_set
+        ds.SOPInstanceUID = uid
+        ds.SeriesInstanceUID = series_uid(str(source.StudyInstanceUID), self.model.sha256, "sr")
+        ds.InstanceNumber = int(frames[0].frame_number or 1)
+        for keyword in _FROM_SOURCE:
+            setattr(ds, keyword, first.get(keyword))
+        ds.ReferringPhysicianName = first.get("ReferringPhysicianName")
+        for tag in _copied_tags(str(first.SOPClassUID)):
+            if tag in first:
+                ds.add(first[tag])
+        equipment = [self._processing_equipment(), hd.ContributingEquipment.for_highdicom()]
+        acquisition = acquisition_equipment(first)
+        ds.ContributingEquipmentSequence = equipment if acquisition is None else [acquisition, *equipment]
+        same, other = _evidence(evidence, str(first.StudyInstanceUID))
+        if same:
+            ds.CurrentRequestedProcedureEvidenceSequence = same
+        if other:
+            ds.PertinentOtherEvidenceSequence = other
+
+        # Content: the template with this image's references and values.
+        slots = {"library": self._library(evidence, template.encodings)}
+        present, absent = self._decision_bytes(template.encodings)
+        sha = self.model.sha256
+        for g, (scores, row) in enumerate(zip(frames, values, strict=True)):
+            frame_key = str(scores.frame_number or 1)
+            slots[f"track:{g}"] = uid_element(_UID, derived_uid("tracking", str(source.SOPInstanceUID), sha, frame_key))
+            frame = scores.frame_number
+            image = hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=str(measured_on.SOPClassUID),
+                referenced_sop_instance_uid=str(measured_on.SOPInstanceUID),
+                referenced_frame_numbers=[frame] if frame is not None and measured_on is source else None,
+            )
+            slots[f"src:{g}"] = encode_element(image["ReferencedSOPSequence"], template.encodings)
+            for i, (value, threshold) in enumerate(zip(row, card.thresholds, strict=True)):
+                rounded = round(value, 6)
+                slots[f"num:{g}:{i}"] = ds_element(_NUMERIC_VALUE, DSfloat(rounded, auto_format=True))
+                slots[f"fp:{g}:{i}"] = fd_element(_FLOATING_POINT_VALUE, rounded)
+                slots[f"code:{g}:{i}"] = present if value >= threshold else absent
+        return uid, encode_part10(ds, [*template.constants, (_CONTENT_SEQUENCE, template.content.render(slots))])
+
+    @staticmethod
+    def _fast_path_applies(source: Dataset) -> bool:
+        """Whether the source has everything the template path copies, valid as highdicom checks it."""
+        if any(k not in source for k in (*_FROM_SOURCE, "SOPClassUID", "SOPInstanceUID")):
+            return False
+        try:
+            _copied_tags(str(source.SOPClassUID))
+            DA(source.PatientBirthDate)
+            DA(source.StudyDate)
+            TM(source.StudyTime)
+        except (KeyError, ValueError, TypeError):
+            return False
+        return str(source.PatientSex or "") in ("M", "F", "O", "")
+
+    def _compile(
+        self,
+        key: tuple[object, ...],
+        source: Dataset,
+        frames: Sequence[FrameScores],
+        *,
+        sc: Dataset | None,
+        references_source: bool,
+        character_set: Any,
+    ) -> _Template:
+        """Builds this kind of document with highdicom and compiles it into a template."""
+        reference = build_sr(source, self.model, frames, sc=sc, references_source=references_source)
+        first = source if references_source or sc is None else sc
+        variable = _PER_DOCUMENT | _copied_tags(str(first.SOPClassUID))
+        encodings = encodings_of(character_set)
+        constants = tuple((int(tag), encode_element(reference[tag], encodings)) for tag in sorted(reference.keys())
+                          if tag not in variable)  # fmt: skip
+        slots: dict[int, str] = {}
+        codes_of = {probability_concept(n).value: i for i, n in enumerate(self.model.card.labels)}
+        labels_of = {label_concept(n).value: i for i, n in enumerate(self.model.card.labels)}
+        groups = 0
+        for item in reference.ContentSequence:
+            if _is_library(item):
+                slots[id(item)] = "library"
+                continue
+            if _concept(item) != (_MEASUREMENTS, "DCM"):
+                continue
+            for g, group in enumerate(item.ContentSequence):
+                groups += 1
+                for entry in group.ContentSequence:
+                    value, scheme = _concept(entry)
+                    kind = entry.ValueType
+                    if kind == "UIDREF" and (value, scheme) == (_TRACKING_UID, "DCM"):
+                        slots[id(entry[_UID])] = f"track:{g}"
+                    elif kind == "IMAGE":
+                        slots[id(entry["ReferencedSOPSequence"])] = f"src:{g}"
+                    elif kind == "NUM" and scheme == CODING_SCHEME:
+                        measured = entry.MeasuredValueSequence[0]
+                        slots[id(measured[_NUMERIC_VALUE])] = f"num:{g}:{codes_of[value]}"
+                        slots[id(measured[_FLOATING_POINT_VALUE])] = f"fp:{g}:{codes_of[value]}"
+                    elif kind == "CODE" and scheme == CODING_SCHEME:
+                        slots[id(entry["ConceptCodeSequence"])] = f"code:{g}:{labels_of[value]}"
+        content = compile_element(reference["ContentSequence"], slots, encodings)
+        expected = 1 + groups * (2 + 3 * self.model.card.num_labels)
+        if groups != len(frames) or len(content.slots) != expected:
+            raise RuntimeError(f"SR template: found {len(content.slots)} slots, expected {expected}")
+        template = _Template(reference.file_meta, constants, content, character_set, encodings)
+        self._templates[key] = template
+        return template
+
+    def _library(self, evidence: Sequence[Dataset], encodings: list[str]) -> bytes:
+        """The Image Library item for these referenced images (compiled once per kind of image)."""
+        import highdicom as hd
+
+        key = (tuple(_signature(d, _LIBRARY_KEYS) for d in evidence), tuple(encodings))
+        template = self._libraries.get(key)
+        if template is None:
+            (item,) = hd.sr.ImageLibrary(list(evidence))
+            index = {str(d.SOPInstanceUID): j for j, d in enumerate(evidence)}
+            slots: dict[int, str] = {}
+            for group in item.ContentSequence:
+                for entry in group.ContentSequence:
+                    if entry.ValueType == "IMAGE":
+                        reference = entry["ReferencedSOPSequence"]
+                        slots[id(reference)] = f"ref:{index[str(reference.value[0].ReferencedSOPInstanceUID)]}"
+            template = compile_item(item, slots, encodings)
+            if len(template.slots) != len(evidence):
+                raise RuntimeError(f"Image Library template: {len(template.slots)} references for {len(evidence)}")
+            self._libraries[key] = template
+        values = {
+            f"ref:{j}": encode_element(DataElement(0x00081199, "SQ", [_sop_reference(d)]), encodings)
+            for j, d in enumerate(evidence)
+        }
+        return template.render(values)
+
+    def _processing_equipment(self) -> Dataset:
+        if self._processing is None:
+            self._processing = self.model.contributing_equipment()
+        return self._processing
+
+    def _decision_bytes(self, encodings: list[str]) -> tuple[bytes, bytes]:
+        """The encoded Concept Code Sequence of Present and of Absent."""
+        if self._decisions is None:
+            import highdicom as hd
+
+            words = _vocabulary(tuple(self.model.card.labels))
+            self._decisions = tuple(  # type: ignore[assignment]
+                encode_element(hd.sr.QualitativeEvaluation(name=words.labels[0], value=v)[0]["ConceptCodeSequence"],
+                               encodings)
+                for v in (words.present, words.absent)
+            )  # fmt: skip
+        assert self._decisions is not None
+        return self._decisions
+
+
+def _concept(item: Dataset) -> tuple[str, str]:
+    names = item.get("ConceptNameCodeSequence") or []
+    if not names:
+        return "", ""
+    return str(names[0].get("CodeValue", "")), str(names[0].get("CodingSchemeDesignator", ""))
+
+
+def _evidence(evidence: Sequence[Dataset], study_uid: str) -> tuple[list[Dataset], list[Dataset]]:
+    """Current Requested Procedure and Pertinent Other Evidence items, grouped as highdicom groups them."""
+    seen: set[str] = set()
+    groups: tuple[dict[tuple[str, str], list[Dataset]], ...] = (defaultdict(list), defaultdict(list))
+    for ds in evidence:
+        if ds.SOPInstanceUID in seen:
+            continue
+        seen.add(ds.SOPInstanceUID)
+        target = groups[0] if ds.StudyInstanceUID == study_uid else groups[1]
+        target[(ds.StudyInstanceUID, ds.SeriesInstanceUID)].append(_sop_reference(ds))
+
+    def references(group: dict[tuple[str, str], list[Dataset]]) -> list[Dataset]:
+        studies: dict[str, list[Dataset]] = defaultdict(list)
+        for (study, series), items in group.items():
+            series_item = Dataset()
+            series_item.SeriesInstanceUID = series
+            series_item.ReferencedSOPSequence = items
+            studies[study].append(series_item)
+        out = []
+        for study, series_items in studies.items():
+            study_item = Dataset()
+            study_item.StudyInstanceUID = study
+            study_item.ReferencedSeriesSequence = series_items
+            out.append(study_item)
+        return out
+
+    return references(groups[0]), references(groups[1])

@@ -1,0 +1,191 @@
+"""End-to-end throughput and latency of the whole system, next to the worker's compute-only speed.
+
+One run:
+
+1. makes ``--images`` synthetic camera photographs (2048 x 1536 Ophthalmic Photography, JPEG baseline,
+   new UIDs over a few distinct fundus images) and an untrained EfficientNet-B0 model (cost does not
+   depend on the weights);
+2. **compute only**: the scoring pipeline in this process (``Pipeline.score_paths``, batch 16, two
+   threads) over the same files: decode, preprocess, inference, SC and SR encoding; no I/O, no queue;
+3. **whole system**: a real redis-server, ``retinagate gateway`` and ``retinagate worker`` (two pool
+   processes) as separate processes, a receiving PACS (the built-in pynetdicom receiver), and dcmtk's
+   ``storescu`` sending every file as a camera would. The clock runs from the first C-STORE to the last
+   output delivered to the PACS; per-image latency is receipt to delivery, from the SQL timestamps.
+
+The table printed last gives images/s for both and the ratio (goal: the whole system at least half of
+the compute-only throughput), and p50/p95 latency per image.
+
+Usage: ``python bench/bench_e2e.py [--images 48] [--concurrency 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_worker import Redis, default_model, free_port, templates
+
+
+def write_camera_files(folder: Path, count: int) -> list[Path]:
+    import io
+
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photographs = templates(4, 2048, 1536)
+    paths = []
+    for index in range(count):
+        ds = dcmread(io.BytesIO(photographs[index % len(photographs)]))
+        uid = str(generate_uid())
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        path = folder / f"{index:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def compute_only(files: list[Path], model: Path) -> float:
+    from retinagate.engine import Engine
+    from retinagate.pipeline import Pipeline
+    from retinagate.settings import load_settings
+
+    settings = load_settings(environ={}, data_dir=Path(tempfile.mkdtemp()), providers="cpu", outputs=["sc", "sr"])
+    engine = Engine.load(model, settings)
+    with Pipeline(engine, settings) as pipeline:
+        pipeline.score_paths(files[:4])  # warm up
+        started = time.perf_counter()
+        results = pipeline.score_paths(files)
+        elapsed = time.perf_counter() - started
+    failed = [r for r in results if not hasattr(r, "probabilities")]
+    if failed:
+        raise RuntimeError(f"{len(failed)} images failed in the compute-only run")
+    return len(files) / elapsed
+
+
+def whole_system(files: list[Path], model: Path, workdir: Path, concurrency: int) -> tuple[float, list[float]]:
+    from pydicom import dcmread
+    from sqlalchemy import select
+
+    from retinagate.db import make_engine, session_factory
+    from retinagate.models import Delivery, DeliveryStatus, Instance
+    from retinagate.pacs import BuiltinReceiver
+
+    redis = Redis(workdir)
+    receiver = BuiltinReceiver(workdir / "pacs", ae_title="PACS").start()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAGATE_")}
+    env.update(
+        RETINAGATE_DATA_DIR=str(workdir / "var"),
+        RETINAGATE_BROKER_URL=redis.url(0),
+        RETINAGATE_MODEL_PATH=str(model),
+        RETINAGATE_PROVIDERS="cpu",
+        RETINAGATE_GATEWAY_HOST="127.0.0.1",
+        RETINAGATE_GATEWAY_PORT=str(port),
+        RETINAGATE_DESTINATIONS=f"PACS@127.0.0.1:{receiver.port}",
+        RETINAGATE_OUTPUTS="sc,sr",
+        RETINAGATE_LOG_LEVEL="WARNING",
+    )
+    cli = [sys.executable, "-m", "retinagate"]
+    subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True)
+    log = (workdir / "system.log").open("wb")
+    processes = [
+        subprocess.Popen([*cli, "gateway"], env=env, stdout=log, stderr=subprocess.STDOUT),
+        subprocess.Popen(
+            [*cli, "worker", "--concurrency", str(concurrency)], env=env, stdout=log, stderr=subprocess.STDOUT
+        ),
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(["echoscu", "-aec", "RETINAGATE", "127.0.0.1", str(port)], capture_output=True).returncode:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start; see " + str(workdir / "system.log"))
+            time.sleep(0.3)
+        # Warm the worker's pool processes (model load) on two images before the clock starts.
+        subprocess.run(["storescu", "-aec", "RETINAGATE", "127.0.0.1", str(port), *map(str, files[:2])], check=True)
+        engine = make_engine(f"sqlite:///{workdir / 'var' / 'retinagate.db'}")
+        sessions = session_factory(engine)
+
+        def delivered() -> int:
+            with sessions() as session:
+                return len(session.scalars(select(Delivery).where(Delivery.status == DeliveryStatus.DELIVERED)).all())
+
+        deadline = time.monotonic() + 120
+        while delivered() < 4:
+            if time.monotonic() > deadline:
+                raise RuntimeError("warm-up images were not delivered; see " + str(workdir / "system.log"))
+            time.sleep(0.2)
+        measured = files[2:]
+        started = time.perf_counter()
+        subprocess.run(["storescu", "-aec", "RETINAGATE", "127.0.0.1", str(port), *map(str, measured)], check=True)
+        target = 4 + 2 * len(measured)
+        deadline = time.monotonic() + 900
+        while delivered() < target:
+            if time.monotonic() > deadline:
+                raise RuntimeError("not everything was delivered; see " + str(workdir / "system.log"))
+            time.sleep(0.2)
+        elapsed = time.perf_counter() - started
+        warm_up = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files[:2]}
+        latencies = []
+        with sessions() as session:
+            for instance in session.scalars(select(Instance)).all():
+                if instance.sop_instance_uid in warm_up:
+                    continue
+                times = [d.delivered_at for p in instance.predictions for o in p.outputs for d in o.deliveries]
+                delivered_at = [t for t in times if t is not None]
+                latencies.append((max(delivered_at) - instance.received_at).total_seconds())
+        engine.dispose()
+        return len(measured) / elapsed, sorted(latencies)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        receiver.stop()
+        redis.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--concurrency", type=int, default=2)
+    args = parser.parse_args(argv)
+    for tool in ("storescu", "echoscu", "redis-server"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is not installed (Debian packages dcmtk, redis-server)")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    try:
+        model = default_model()
+        files = write_camera_files(workdir / "camera", args.images + 2)
+        compute = compute_only(files[2:], model)
+        system, latencies = whole_system(files, model, workdir / "system", args.concurrency)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    p50 = statistics.median(latencies)
+    p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
+    print()
+    print(f"{'what':<52} {'value':>10}")
+    print(f"{'compute only (pipeline in one process), images/s':<52} {compute:>10.2f}")
+    print(f"{'whole system (first C-STORE to last delivery), img/s':<52} {system:>10.2f}")
+    print(f"{'ratio whole / compute (goal >= 0.5)':<52} {system / compute:>10.2f}")
+    print(f"{'latency per image, receipt to delivery, p50 s':<52} {p50:>10.2f}")
+    print(f"{'latency per image, receipt to delivery, p95 s':<52} {p95:>10.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
