@@ -82,6 +82,7 @@ def whole_system(files: list[Path], model: Path, workdir: Path, concurrency: int
     from retinagate.models import Delivery, DeliveryStatus, Instance
     from retinagate.pacs import BuiltinReceiver
 
+    workdir.mkdir(parents=True, exist_ok=True)
     redis = Redis(workdir)
     receiver = BuiltinReceiver(workdir / "pacs", ae_title="PACS").start()
     port = free_port()
