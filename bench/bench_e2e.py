@@ -114,7 +114,9 @@ def whole_system(files: list[Path], model: Path, workdir: Path, concurrency: int
                 raise RuntimeError("the gateway did not start; see " + str(workdir / "system.log"))
             time.sleep(0.3)
         # Warm the worker's pool processes (model load) on two images before the clock starts.
-        subprocess.run(["storescu", "-aec", "RETINAGATE", "127.0.0.1", str(port), *map(str, files[:2])], check=True)
+        subprocess.run(
+            ["storescu", "-xy", "-aec", "RETINAGATE", "127.0.0.1", str(port), *map(str, files[:2])], check=True
+        )
         engine = make_engine(f"sqlite:///{workdir / 'var' / 'retinagate.db'}")
         sessions = session_factory(engine)
 
@@ -129,7 +131,9 @@ def whole_system(files: list[Path], model: Path, workdir: Path, concurrency: int
             time.sleep(0.2)
         measured = files[2:]
         started = time.perf_counter()
-        subprocess.run(["storescu", "-aec", "RETINAGATE", "127.0.0.1", str(port), *map(str, measured)], check=True)
+        subprocess.run(
+            ["storescu", "-xy", "-aec", "RETINAGATE", "127.0.0.1", str(port), *map(str, measured)], check=True
+        )
         target = 4 + 2 * len(measured)
         deadline = time.monotonic() + 900
         while delivered() < target:

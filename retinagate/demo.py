@@ -92,7 +92,7 @@ def _wait_for_echo(port: int, ae_title: str, timeout_s: float) -> None:
 def _send(files: list[Path], port: int, ae_title: str) -> str:
     storescu = shutil.which("storescu")
     if storescu is not None:
-        argv = [storescu, "-aet", "DEMOCAM", "-aec", ae_title, "127.0.0.1", str(port), *map(str, files)]
+        argv = [storescu, "-xy", "-aet", "DEMOCAM", "-aec", ae_title, "127.0.0.1", str(port), *map(str, files)]
         if subprocess.run(argv, check=False).returncode != 0:
             raise DemoError("dcmtk's storescu could not send the studies")
         return "dcmtk storescu"

@@ -138,7 +138,7 @@ def test_every_photograph_sent_with_storescu_comes_back_to_orthanc_as_sc_and_sr_
     try:
         _wait_for_echo(port)
         sent = subprocess.run(
-            [storescu, "-aet", "FUNDUSCAM", "-aec", "RETINAGATE", "127.0.0.1", str(port), *map(str, sources)],
+            [storescu, "-xy", "-aet", "FUNDUSCAM", "-aec", "RETINAGATE", "127.0.0.1", str(port), *map(str, sources)],
             capture_output=True,
             text=True,
             timeout=120,
