@@ -100,6 +100,7 @@ class ScoreResult:
         outputs: Output datasets keyed ``sc``, ``sr``, ``pm`` (those the settings ask for). Their
             SOP Instance UIDs derive from (source SOP Instance UID, model sha256, kind). An output
             made only as bytes (the SR) is read back from ``encoded`` when first looked up here.
+            The datasets share elements with the encoders' templates: read them, do not change them.
         frame_probabilities: Per frame, label to probability (one entry for single-frame input).
         model_sha256: sha256 of the model file that scored it.
         encoded: The same outputs as Part 10 files (preamble and file meta information included),

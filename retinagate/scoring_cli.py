@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
 
     from retinagate.settings import Settings
 
@@ -98,10 +97,10 @@ class _Names:
         return stem if count == 1 else f"{stem}-{count}"
 
 
-def _write(ds: Dataset, path: Path) -> None:
-    """Writes a dataset through a temporary file, so a crash never leaves half a file under the name."""
+def _write(data: bytes, path: Path) -> None:
+    """Writes an encoded file through a temporary name, so a crash never leaves half a file under the name."""
     temporary = path.with_name(f".{path.name}.tmp")
-    ds.save_as(temporary, enforce_file_format=True)
+    temporary.write_bytes(data)
     temporary.replace(path)
 
 
@@ -159,10 +158,11 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
                 continue
             stem = names(result.source)
             written: dict[str, str] = {}
-            for kind, ds in result.outputs.items():
+            # The pipeline hands over each output already encoded (Part 10); write those bytes as they are.
+            for kind, data in result.encoded.items():
                 target = args.out / f"{stem}.{kind}.dcm"
                 try:
-                    _write(ds, target)
+                    _write(data, target)
                 except OSError as exc:
                     raise CommandError(f"cannot write {target}: {exc.strerror or exc}", EXIT_FAILED) from None
                 written[kind] = str(target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -112,7 +113,7 @@ def test_the_encoder_writes_the_same_sc_as_highdicom_for_every_image(source: Dat
         header = decode_instance(path, min_side=64, max_pixels=10**8).header
         assert header is not None
         others.append(header)
-    sparse = Dataset(others[2])  # no laterality, no referring physician, not lossy
+    sparse = copy.deepcopy(others[2])  # no laterality, no referring physician, not lossy
     for keyword in ("ImageLaterality", "ReferringPhysicianName", "LossyImageCompression"):
         delattr(sparse, keyword)
     cases = [(source, None, True), (others[0], 2, True), (others[1], None, False), (sparse, None, True)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -232,10 +233,10 @@ def test_the_encoder_handles_plain_images_multi_frame_sources_and_sparse_headers
     encoder = SrEncoder(MODEL)
     first, second = _sources(tmp_path, 2)
     frames = [FrameScores(PROBABILITIES, 1), FrameScores(list(reversed(PROBABILITIES)), 2)]
-    sparse = Dataset(second)  # no referring physician, no character set, no acquisition equipment
+    sparse = copy.deepcopy(second)  # no referring physician, no character set, no acquisition equipment
     for keyword in ("ReferringPhysicianName", "SpecificCharacterSet", "Manufacturer"):
         delattr(sparse, keyword)
-    multi = Dataset(second)
+    multi = copy.deepcopy(second)
     multi.NumberOfFrames = 2
     cases = [
         (first, [FrameScores(PROBABILITIES)], False),
@@ -280,3 +281,26 @@ def test_the_encoded_sr_passes_dciodvfy(
     path.write_bytes(SrEncoder(MODEL).encode(source, [FrameScores(PROBABILITIES)], sc=sc)[1])
 
     assert dciodvfy(path) == []
+
+
+def test_encoding_from_several_threads_keeps_every_document_its_own_identity(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    sources = _sources(tmp_path, 4)
+    encoder = SrEncoder(MODEL)
+    pictures = {id(s): build_sc(np.zeros((64, 64, 3), dtype=np.uint8), s, MODEL) for s in sources}
+
+    def encode(index: int) -> tuple[Dataset, bytes]:
+        source = sources[index % len(sources)]
+        return source, encoder.encode(source, [FrameScores(PROBABILITIES)], sc=pictures[id(source)])[1]
+
+    with ThreadPoolExecutor(4) as pool:
+        done = list(pool.map(encode, range(40)))
+
+    for source, data in done:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        expected = output_uid(source.SOPInstanceUID, MODEL.sha256, "sr")
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID == expected
+        assert ds.PatientID == source.PatientID
+        equipment = ds.ContributingEquipmentSequence[0]
+        assert equipment.ContributionDateTime == source.AcquisitionDateTime  # the source's, not another's

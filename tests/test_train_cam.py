@@ -50,9 +50,18 @@ def test_other_mask_is_the_union_of_the_rare_column_masks(tmp_path: Path) -> Non
 def test_trained_model_cams_point_at_the_planted_lesions_well_above_chance(
     trained_checkpoint: Path, synth_dataset: Path
 ) -> None:
+    """Pointing game on photographs the model never saw (synth_dataset has another seed)."""
     model, card, _ = load_checkpoint(trained_checkpoint)
-    test_split = find_rfmid_splits(synth_dataset)["test"]
-    game = pointing_game(model, card, test_split, synth_dataset / "masks")
-    assert game.total >= 40
-    assert game.rate >= 0.15, game.to_dict()
-    assert game.rate >= 5 * game.chance, game.to_dict()
+    splits = find_rfmid_splits(synth_dataset)
+    half_cell = 16.0  # model-input pixels: EfficientNet-B0's CAM has one cell per 32
+    games = {
+        tolerance: [
+            pointing_game(model, card, s, synth_dataset / "masks", tolerance=tolerance) for s in splits.values()
+        ]
+        for tolerance in (0.0, half_cell)
+    }
+    for tolerance, per_split in games.items():
+        hits, total = sum(g.hits for g in per_split), sum(g.total for g in per_split)
+        chance = sum(g.chance * g.total for g in per_split) / total
+        assert total >= 200
+        assert hits / total >= 2.0 * chance, (tolerance, hits, total, chance)

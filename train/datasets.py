@@ -239,13 +239,12 @@ def find_rfmid_splits(root: Path, *, skip: Sequence[Path] = ()) -> dict[Split, S
             raise DataSourceError(f"{csv_path}: {exc}") from None
         best_folder, index = _best_folder(root, split, ids, indexes)
         missing_ids = [i for i in ids if i not in index]
-        if missing_ids:
-            best = f"best match {best_folder} holds {len(ids) - len(missing_ids)} of them" if folder else "none found"
+        if missing_ids or best_folder is None:
+            best = f"best match {best_folder} holds {len(ids) - len(missing_ids)} of them" if best_folder else "none"
             raise MissingDataError(
                 f"{csv_path} lists {len(ids)} images but no folder under {root} holds them all ({best}; "
                 f"missing e.g. {', '.join(i + '.png' for i in missing_ids[:3])})"
             )
-        assert best_folder is not None
         out[split] = SplitSource(
             split=split,
             ids=tuple(ids),

@@ -23,11 +23,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, overload
 
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian
@@ -37,6 +37,7 @@ __all__ = [
     "ByteTemplate",
     "compile_element",
     "compile_item",
+    "copy_with",
     "ds_element",
     "encode_element",
     "encode_part10",
@@ -78,6 +79,27 @@ def ds_element(tag: int, value: DSfloat | DSdecimal) -> bytes:
 def fd_element(tag: int, value: float) -> bytes:
     """A single-valued FD element."""
     return _header(tag, "FD", 8) + struct.pack("<d", value)
+
+
+@overload
+def copy_with(dataset: FileMetaDataset, **values: Any) -> FileMetaDataset: ...
+@overload
+def copy_with(dataset: Dataset, **values: Any) -> Dataset: ...
+def copy_with(dataset: Dataset, **values: Any) -> Dataset:
+    """A new plain dataset (or file meta) with the same elements, but ``values`` set (``None``: left out).
+
+    ``Dataset(other)`` would share ``other``'s element dictionary, and setting an attribute that is
+    already there changes the element object in place: either would change a cached template. Here
+    the elements not named are shared (treat them as read-only) and the named ones are new.
+    """
+    copy = FileMetaDataset() if isinstance(dataset, FileMetaDataset) else Dataset()
+    for element in dataset:
+        if element.keyword not in values:
+            copy.add(element)
+    for keyword, value in values.items():
+        if value is not None:
+            setattr(copy, keyword, value)
+    return copy
 
 
 def encodings_of(character_set: object) -> list[str]:
@@ -201,9 +223,16 @@ def encode_part10(dataset: Dataset, tail: Iterable[tuple[int, bytes]] = ()) -> b
     if clash:
         raise ValueError(f"tail: tags {[hex(t) for t in clash]} are also in the dataset")
     encodings = encodings_of(dataset.get("SpecificCharacterSet"))
-    pieces += [(int(tag), encode_element(dataset[tag], encodings)) for tag in dataset.keys()]  # noqa: SIM118
-    pieces.sort(key=lambda piece: piece[0])
+    for tag in dataset.keys():  # noqa: SIM118 - iterating a Dataset yields elements
+        element = dataset[tag]
+        value = element.value
+        if element.VR in ("OB", "OW") and isinstance(value, bytes) and len(value) % 2 == 0:
+            # Pixel data: header and value as they are, copied once (by the final join).
+            pieces += [(int(tag), _header(int(tag), element.VR, len(value))), (int(tag), value)]
+        else:
+            pieces.append((int(tag), encode_element(element, encodings)))
+    pieces.sort(key=lambda piece: piece[0])  # stable: a header stays before its value
     fp = DicomBytesIO()
     fp.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(fp, dataset.file_meta, enforce_standard=True)
-    return fp.getvalue() + b"".join(data for _, data in pieces)
+    return b"".join([fp.getvalue(), *(data for _, data in pieces)])

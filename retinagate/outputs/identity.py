@@ -31,6 +31,7 @@ __all__ = [
     "OutputKind",
     "acquisition_equipment",
     "derived_uid",
+    "library_equipment",
     "output_uid",
     "series_uid",
     "software_version",
@@ -194,7 +195,7 @@ class ModelIdentity:
 _ACQUISITION_KEYS: Final = ("SOPClassUID", "Manufacturer", "ManufacturerModelName", "SoftwareVersions",
                             "DeviceSerialNumber", "InstitutionName", "InstitutionalDepartmentName",
                             "InstitutionAddress", "StationName")  # fmt: skip
-_ACQUISITION: dict[tuple[str, ...], Any] = {}
+_ACQUISITION: dict[tuple[str, ...], Dataset | None] = {}
 _ACQUISITION_LOCK = threading.Lock()
 
 
@@ -207,31 +208,48 @@ def acquisition_equipment(source: Dataset) -> Dataset | None:
     contribution date and time are the source's and are set per call.
     """
     import highdicom as hd
-    from pydicom.dataset import Dataset
     from pydicom.valuerep import DT
 
+    from retinagate.outputs.encoding import copy_with
+
     key = tuple(repr(source.get(k)) for k in _ACQUISITION_KEYS)
-    if key not in _ACQUISITION:
+    if key in _ACQUISITION:
+        cached = _ACQUISITION[key]
+    else:
         try:
-            made: Dataset | None = hd.ContributingEquipment.for_image_acquisition(source)
+            cached = hd.ContributingEquipment.for_image_acquisition(source)
         except Exception:  # highdicom's own rule: no acquisition item when it cannot make one
-            made = None
+            cached = None
         with _ACQUISITION_LOCK:
-            if len(_ACQUISITION) >= 256:
+            if len(_ACQUISITION) >= 256:  # a bound, should a site have very many cameras
                 _ACQUISITION.clear()
-            _ACQUISITION[key] = made
-    cached = _ACQUISITION[key]
+            _ACQUISITION[key] = cached
     if cached is None:
         return None
-    item = Dataset(cached)
     # The contribution date and time, derived as for_image_acquisition derives them.
     when = source.get("AcquisitionDateTime")
     if when is None:
         date, time_ = source.get("AcquisitionDate"), source.get("AcquisitionTime")
         if isinstance(date, dt.date) and isinstance(time_, dt.time):
             when = dt.datetime.combine(date, time_)
-    if when is not None:
-        item.ContributionDateTime = DT(when)
-    elif "ContributionDateTime" in item:
-        del item.ContributionDateTime
+    item = copy_with(cached, ContributionDateTime=None if when is None else DT(when))
     return item
+
+
+_LIBRARY: list[Dataset] = []
+
+
+def library_equipment() -> Dataset:
+    """highdicom's Contributing Equipment item naming itself, as its SOP constructors add it.
+
+    The same item as :meth:`highdicom.ContributingEquipment.for_highdicom`, with this moment as the
+    contribution date and time; made once, since highdicom validates every attribute it builds.
+    """
+    import highdicom as hd
+    from pydicom.valuerep import DT
+
+    from retinagate.outputs.encoding import copy_with
+
+    if not _LIBRARY:
+        _LIBRARY.append(hd.ContributingEquipment.for_highdicom())
+    return copy_with(_LIBRARY[0], ContributionDateTime=DT(dt.datetime.now()))

@@ -22,17 +22,18 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 
-from retinagate.outputs.encoding import encode_element, encode_part10, encodings_of
+from retinagate.outputs.encoding import copy_with, encode_element, encode_part10, encodings_of
 from retinagate.outputs.identity import (
     AI_DISCLAIMER,
     SERIES_NUMBERS,
     ModelIdentity,
     acquisition_equipment,
+    library_equipment,
     output_uid,
     series_uid,
 )
@@ -203,7 +204,6 @@ class ScEncoder:
         description: str = "",
     ) -> tuple[Dataset, bytes]:
         """The Secondary Capture and its Part 10 bytes; arguments and errors as :func:`build_sc`."""
-        import highdicom as hd
         from highdicom.enum import PatientSexValues
         from highdicom.valuerep import _check_specific_character_set
 
@@ -220,8 +220,7 @@ class ScEncoder:
         # As SOPClass.__init__ and SCImage.__init__ set them, from SCImage.from_ref_dataset's arguments.
         sc = Dataset()
         uid = output_uid(str(source.SOPInstanceUID), self.model.sha256, "sc")
-        sc.file_meta = FileMetaDataset(reference.file_meta)
-        sc.file_meta.MediaStorageSOPInstanceUID = UID(uid)
+        sc.file_meta = copy_with(reference.file_meta, MediaStorageSOPInstanceUID=UID(uid))
         sex = source.get("PatientSex")
         if sex is not None and sex != "":
             sex = PatientSexValues(sex).value
@@ -247,7 +246,7 @@ class ScEncoder:
         for keyword in ("ContentDate", "ContentTime"):
             if keyword in reference:
                 setattr(sc, keyword, DA(now.date()) if keyword == "ContentDate" else TM(now.time()))
-        equipment = [self._processing_equipment(), hd.ContributingEquipment.for_highdicom()]
+        equipment = [self._processing_equipment(), library_equipment()]
         acquisition = acquisition_equipment(source)
         sc.ContributingEquipmentSequence = equipment if acquisition is None else [acquisition, *equipment]
         sc.DateOfSecondaryCapture = DA(now.date())
@@ -265,7 +264,7 @@ class ScEncoder:
         data = encode_part10(sc, constants)
         for tag in reference.keys():  # noqa: SIM118 - iterating a Dataset yields elements
             if tag not in _PER_IMAGE:
-                sc.add(reference[tag])
+                sc.add(reference[tag])  # shared with the template: the dataset is for reading
         return sc, data
 
     def _compile(

@@ -53,6 +53,7 @@ from retinagate.outputs.encoding import (
     ByteTemplate,
     compile_element,
     compile_item,
+    copy_with,
     ds_element,
     encode_element,
     encode_part10,
@@ -66,6 +67,7 @@ from retinagate.outputs.identity import (
     ModelIdentity,
     acquisition_equipment,
     derived_uid,
+    library_equipment,
     output_uid,
     series_uid,
 )
@@ -447,8 +449,7 @@ class SrEncoder:
 
         # Top level: as highdicom's SOPClass and _SR constructors set it.
         ds = Dataset()
-        ds.file_meta = FileMetaDataset(template.file_meta)
-        ds.file_meta.MediaStorageSOPInstanceUID = UID(uid)
+        ds.file_meta = copy_with(template.file_meta, MediaStorageSOPInstanceUID=UID(uid))
         now = dt.datetime.now()
         ds.InstanceCreationDate = DA(now.date())
         ds.InstanceCreationTime = TM(now.time())
@@ -465,7 +466,7 @@ class SrEncoder:
         for tag in _copied_tags(str(first.SOPClassUID)):
             if tag in first:
                 ds.add(first[tag])
-        equipment = [self._processing_equipment(), hd.ContributingEquipment.for_highdicom()]
+        equipment = [self._processing_equipment(), library_equipment()]
         acquisition = acquisition_equipment(first)
         ds.ContributingEquipmentSequence = equipment if acquisition is None else [acquisition, *equipment]
         same, other = _evidence(evidence, str(first.StudyInstanceUID))
