@@ -137,7 +137,10 @@ class Enqueuer:
                 logger.warning(
                     "broker unavailable (%s): %d instance(s) stay 'received' (ids %d..%d); "
                     "retrying in %.0f s, the sweeper re-sends them if the gateway stops first",
-                    type(exc).__name__, len(self._pending), min(self._pending), max(self._pending),
+                    type(exc).__name__,
+                    len(self._pending),
+                    min(self._pending),
+                    max(self._pending),
                     self._breaker_seconds,
                 )
                 return

@@ -213,7 +213,8 @@ class StoreHandler:
                     metrics.DUPLICATES.labels(action="kept_first").inc()
                     logger.warning(
                         "%s: instance %d sent again with different content; first version kept (policy keep_first)",
-                        label, existing.id,
+                        label,
+                        existing.id,
                     )
                     return _answer(STATUS_DUPLICATE_DISCARDED, "SOP Instance already stored with other content; kept")
 
@@ -247,7 +248,8 @@ class StoreHandler:
                 metrics.DUPLICATES.labels(action="replaced").inc()
                 logger.warning(
                     "%s: instance %d replaced by new content (policy replace); it will be scored again",
-                    label, instance_id,
+                    label,
+                    instance_id,
                 )
             else:
                 logger.debug("%s: stored instance %d (%d bytes)", label, instance_id, size)

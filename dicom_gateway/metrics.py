@@ -28,9 +28,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-INSTANCES_RECEIVED = Counter(
-    "retinagate_gateway_instances_received", "Instances stored durably and acknowledged."
-)
+INSTANCES_RECEIVED = Counter("retinagate_gateway_instances_received", "Instances stored durably and acknowledged.")
 BYTES_RECEIVED = Counter("retinagate_gateway_received_bytes", "Bytes of instances stored durably.")
 REJECTS = Counter(
     "retinagate_gateway_rejects",

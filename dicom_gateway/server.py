@@ -268,7 +268,10 @@ class Gateway:
         host, port = self.address
         logger.info(
             "gateway %s listening on %s:%d (%s, %d storage classes)",
-            self.settings.gateway_ae_title, host, port, "TLS" if self.ssl_context else "no TLS",
+            self.settings.gateway_ae_title,
+            host,
+            port,
+            "TLS" if self.ssl_context else "no TLS",
             len(ae.supported_contexts) - 1,
         )
         return host, port
@@ -364,8 +367,11 @@ class Gateway:
 
     def _tls_failed(self, client_address: Any, exc: BaseException) -> None:
         record = AssociationRecord(
-            peer_address=str(client_address[0]), peer_port=int(client_address[1]), tls=True,
-            outcome=REJECTED, reason=f"TLS handshake failed ({type(exc).__name__})",
+            peer_address=str(client_address[0]),
+            peer_port=int(client_address[1]),
+            tls=True,
+            outcome=REJECTED,
+            reason=f"TLS handshake failed ({type(exc).__name__})",
         )
         metrics.REJECTS.labels(reason="tls_handshake_failed").inc()
         metrics.ASSOCIATIONS.labels(outcome=REJECTED).inc()
@@ -399,7 +405,11 @@ class Gateway:
         self.audit.closed(record)
         metrics.ASSOCIATIONS.labels(outcome=record.outcome).inc()
         logger.info(
-            "%s ended: %s (%d accepted, %d refused)%s", record.label, record.outcome, record.accepted, record.refused,
+            "%s ended: %s (%d accepted, %d refused)%s",
+            record.label,
+            record.outcome,
+            record.accepted,
+            record.refused,
             f", {record.reason}" if record.reason else "",
         )
 

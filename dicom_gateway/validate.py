@@ -299,9 +299,7 @@ def inspect_dataset(
     # and decoded bytes at most those of 8-bit RGB, so what passes here can be decoded there.
     pixels = rows * columns * frames
     if pixels > max_pixels or pixels * samples * max(bits, 8) // 8 > 3 * max_pixels:
-        raise Refusal(
-            STATUS_OUT_OF_RESOURCES, "too_many_pixels", f"Rows x Columns x Frames exceeds {max_pixels}"
-        )
+        raise Refusal(STATUS_OUT_OF_RESOURCES, "too_many_pixels", f"Rows x Columns x Frames exceeds {max_pixels}")
 
     layout = walker.pixels
     if layout is None:

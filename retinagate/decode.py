@@ -267,9 +267,7 @@ def _check_fragments(data: bytes, frames: int) -> None:
     if fragments == 0:
         raise InputError("the encapsulated Pixel Data holds no fragments; the file is truncated or empty")
     if offsets and len(offsets) != frames:
-        raise InputError(
-            f"the Basic Offset Table lists {len(offsets)} frame(s) but NumberOfFrames is {frames}"
-        )
+        raise InputError(f"the Basic Offset Table lists {len(offsets)} frame(s) but NumberOfFrames is {frames}")
     if fragments < frames:
         raise InputError(
             f"the encapsulated Pixel Data holds {fragments} fragment(s) for {frames} frame(s); "

@@ -108,8 +108,14 @@ class Base(DeclarativeBase):
 
 
 def _enum(cls: type[enum.StrEnum]) -> Enum:
-    return Enum(cls, values_callable=lambda e: [m.value for m in e], native_enum=False, length=16,
-                validate_strings=True, name=cls.__name__.lower())
+    return Enum(
+        cls,
+        values_callable=lambda e: [m.value for m in e],
+        native_enum=False,
+        length=16,
+        validate_strings=True,
+        name=cls.__name__.lower(),
+    )
 
 
 class Study(Base):

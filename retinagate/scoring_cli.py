@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-
     from retinagate.settings import Settings
 
 __all__ = ["collect_inputs", "register"]
@@ -40,9 +39,7 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     score.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders to score")
-    score.add_argument(
-        "--model", type=Path, default=None, help="exported .onnx model (default: RETINAGATE_MODEL_PATH)"
-    )
+    score.add_argument("--model", type=Path, default=None, help="exported .onnx model (default: RETINAGATE_MODEL_PATH)")
     score.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the DICOM outputs")
     score.add_argument(
         "--outputs",
@@ -145,9 +142,12 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
     names = _Names()
     rows: list[tuple[str, str, str]] = []
     scored = failed = 0
-    with Pipeline(engine, settings) as pipeline, tqdm(
-        total=len(inputs), unit="image", disable=not show_progress or None, file=sys.stderr, leave=False
-    ) as progress:
+    with (
+        Pipeline(engine, settings) as pipeline,
+        tqdm(
+            total=len(inputs), unit="image", disable=not show_progress or None, file=sys.stderr, leave=False
+        ) as progress,
+    ):
         for result in pipeline.iter_score(inputs):
             progress.update(1)
             if not isinstance(result, ScoreResult):

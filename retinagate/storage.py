@@ -87,6 +87,7 @@ class Storage:
 
     def write_bytes(self, key: str, data: bytes) -> tuple[str, int]:
         """Writes ``data`` durably under ``key``; see :meth:`write`."""
+
         def fill(f: BinaryIO) -> None:
             f.write(data)
 

@@ -83,11 +83,17 @@ def register(subparsers: Any) -> None:
         ),
     )
     worker.add_argument(
-        "--queues", type=_queues, default=list(_QUEUES), metavar="LIST",
+        "--queues",
+        type=_queues,
+        default=list(_QUEUES),
+        metavar="LIST",
         help="queues to consume, comma list of score, deliver, maintenance (default: all)",
     )
     worker.add_argument(
-        "--concurrency", type=_positive, default=None, metavar="N",
+        "--concurrency",
+        type=_positive,
+        default=None,
+        metavar="N",
         help="worker processes (default: one per CPU core)",
     )
     worker.add_argument("--beat", action="store_true", help="also run the scheduler in this process (one per site)")
@@ -153,8 +159,15 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
-    argv = ["worker", "--queues", ",".join(args.queues), "--loglevel", settings.log_level,
-            "--without-mingle", "--without-gossip"]
+    argv = [
+        "worker",
+        "--queues",
+        ",".join(args.queues),
+        "--loglevel",
+        settings.log_level,
+        "--without-mingle",
+        "--without-gossip",
+    ]
     if args.concurrency is not None:
         argv += ["--concurrency", str(args.concurrency)]
     if args.beat:
@@ -243,12 +256,16 @@ def _rescore(args: argparse.Namespace, settings: Settings) -> int:
         engine.dispose()
 
     summary = {
-        "model": {"id": model_ref.id, "name": model_ref.name, "version": model_ref.version,
-                  "sha256": model_ref.sha256},
+        "model": {"id": model_ref.id, "name": model_ref.name, "version": model_ref.version, "sha256": model_ref.sha256},
         "previous_model": (
-            {"id": report.old_model.id, "name": report.old_model.name, "version": report.old_model.version,
-             "sha256": report.old_model.sha256}
-            if report.old_model else None
+            {
+                "id": report.old_model.id,
+                "name": report.old_model.name,
+                "version": report.old_model.version,
+                "sha256": report.old_model.sha256,
+            }
+            if report.old_model
+            else None
         ),
         "candidates": len(ids),
         "scored": len(outcome.scored),
@@ -264,9 +281,7 @@ def _rescore(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        against = (
-            f"{report.old_model.name} {report.old_model.version}" if report.old_model else "no previous model"
-        )
+        against = f"{report.old_model.name} {report.old_model.version}" if report.old_model else "no previous model"
         print(
             f"rescored {len(outcome.scored)} of {len(ids)} instance(s) with {model_ref.name} {model_ref.version} "
             f"({len(outcome.failed)} failed, {len(outcome.retry)} left for the worker); findings changed for "
@@ -288,8 +303,12 @@ def _rescore_dry_run(args: argparse.Namespace, sessions: sessionmaker[Session], 
         model_id = session.scalar(select(Model.id).where(Model.sha256 == sha256))
         ids = find_unscored(session, model_id, args.since, args.until)
     if args.json:
-        print(json.dumps({"dry_run": True, "model_sha256": sha256, "registered": model_id is not None,
-                          "candidates": len(ids)}, indent=2))
+        print(
+            json.dumps(
+                {"dry_run": True, "model_sha256": sha256, "registered": model_id is not None, "candidates": len(ids)},
+                indent=2,
+            )
+        )
     else:
         state = "registered" if model_id is not None else "not registered yet"
         print(f"would rescore {len(ids)} instance(s) with {path} (sha256 {sha256[:12]}, {state})")
@@ -311,7 +330,8 @@ def _queue_deliveries(settings: Settings, output_ids: list[int]) -> int:
     except Exception as exc:  # kombu raises several unrelated types for "broker unreachable"
         logging.getLogger(__name__).warning(
             "could not queue %d delivery(ies) (%s); they stay pending and the sweeper sends them later",
-            len(output_ids), type(exc).__name__,
+            len(output_ids),
+            type(exc).__name__,
         )
         return 0
     return len(output_ids)

@@ -274,7 +274,10 @@ def deliver_outputs(
         counts = {v: sum(1 for r in sent.values() if r.verdict == v) for v in ("delivered", "retry", "failed")}
         logger.info(
             "delivery to %s: %d delivered, %d to retry, %d failed",
-            destination, counts["delivered"], counts["retry"], counts["failed"],
+            destination,
+            counts["delivered"],
+            counts["retry"],
+            counts["failed"],
         )
 
     now = utcnow()

@@ -154,16 +154,18 @@ class ChangeReport:
             writer.writerow(_CSV_COLUMNS)
             for change in self.changed:
                 for label in change.labels:
-                    writer.writerow([
-                        change.instance_id,
-                        change.study_uid,
-                        change.sop_instance_uid,
-                        label.label,
-                        "" if label.old_probability is None else f"{label.old_probability:.6f}",
-                        "" if label.new_probability is None else f"{label.new_probability:.6f}",
-                        int(label.old_present),
-                        int(label.new_present),
-                    ])
+                    writer.writerow(
+                        [
+                            change.instance_id,
+                            change.study_uid,
+                            change.sop_instance_uid,
+                            label.label,
+                            "" if label.old_probability is None else f"{label.old_probability:.6f}",
+                            "" if label.new_probability is None else f"{label.new_probability:.6f}",
+                            int(label.old_present),
+                            int(label.new_present),
+                        ]
+                    )
         json_path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         return csv_path, json_path
 
@@ -211,7 +213,6 @@ def change_report(
         ]
         report.changed.append(InstanceChange(instance_id, study_uid, sop_uid, old_findings, new_findings, labels))
     return report
-
 
 
 def report_stem(new: ModelRef, when: datetime) -> str:

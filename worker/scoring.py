@@ -232,9 +232,7 @@ def _claim(sessions: sessionmaker[Session], storage: Storage, ids: Sequence[int]
     return claims
 
 
-def _set_status(
-    sessions: sessionmaker[Session], errors: dict[int, str], status: InstanceStatus
-) -> None:
+def _set_status(sessions: sessionmaker[Session], errors: dict[int, str], status: InstanceStatus) -> None:
     if not errors:
         return
     now = utcnow()
@@ -365,8 +363,12 @@ def _upsert(
     for item in written:
         output = session.scalar(select(Output).where(Output.prediction_id == prediction.id, Output.kind == item.kind))
         if output is None:
-            output = Output(prediction_id=prediction.id, kind=item.kind, sop_instance_uid=item.sop_instance_uid,
-                            storage_key=item.storage_key)
+            output = Output(
+                prediction_id=prediction.id,
+                kind=item.kind,
+                sop_instance_uid=item.sop_instance_uid,
+                storage_key=item.storage_key,
+            )
             session.add(output)
             session.flush()
         elif output.storage_key != item.storage_key and item.new_key:
@@ -420,8 +422,11 @@ def score_instances(
 
     def give_back(errors: dict[int, str]) -> None:
         """Queues retryable failures again, or fails them when out of attempts."""
-        exhausted = {i: f"{e} (gave up after {attempts[i]} attempts)" for i, e in errors.items()
-                     if attempts[i] >= settings.max_attempts}
+        exhausted = {
+            i: f"{e} (gave up after {attempts[i]} attempts)"
+            for i, e in errors.items()
+            if attempts[i] >= settings.max_attempts
+        }
         again = {i: e for i, e in errors.items() if i not in exhausted}
         _set_status(sessions, exhausted, InstanceStatus.FAILED)
         _set_status(sessions, again, InstanceStatus.QUEUED)
@@ -499,11 +504,19 @@ def score_instances(
     except RETRYABLE as exc:
         # Nothing of this batch was recorded: everything not already sorted out is tried again.
         outcome.deliver.clear()
-        retryable.update({c.instance_id: _error_text(exc) for c in claims
-                          if c.instance_id not in permanent and c.instance_id not in retryable})
+        retryable.update(
+            {
+                c.instance_id: _error_text(exc)
+                for c in claims
+                if c.instance_id not in permanent and c.instance_id not in retryable
+            }
+        )
     except Exception as exc:
-        unrecorded = {c.instance_id: _error_text(exc) for c in claims
-                      if c.instance_id not in permanent and c.instance_id not in retryable}
+        unrecorded = {
+            c.instance_id: _error_text(exc)
+            for c in claims
+            if c.instance_id not in permanent and c.instance_id not in retryable
+        }
         _set_status(sessions, unrecorded, InstanceStatus.FAILED)
         raise
     finally:
@@ -517,7 +530,10 @@ def score_instances(
     give_back(retryable)
     logger.info(
         "scored %d instance(s) with model id=%s in %.3f s (%d failed, %d to retry)",
-        len(outcome.scored), scorer.model_id, time.perf_counter() - started, len(outcome.failed), len(outcome.retry),
+        len(outcome.scored),
+        scorer.model_id,
+        time.perf_counter() - started,
+        len(outcome.failed),
+        len(outcome.retry),
     )
     return outcome
-

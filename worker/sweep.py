@@ -145,6 +145,9 @@ def sweep(
     if outcome.requeued or outcome.failed or outcome.redeliver:
         logger.warning(
             "sweep: %d instance(s) sent to score again, %d failed after %d attempts, %d output(s) to deliver again",
-            len(outcome.requeued), len(outcome.failed), settings.max_attempts, len(outcome.redeliver),
+            len(outcome.requeued),
+            len(outcome.failed),
+            settings.max_attempts,
+            len(outcome.redeliver),
         )
     return outcome

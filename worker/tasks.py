@@ -166,8 +166,9 @@ def register_tasks(app: Any) -> None:
         chunks = batches(ids, state.settings.rescore_batch_size)
         for chunk in chunks:
             score_task.apply_async(args=[chunk], queue=SCORE_QUEUE)
-        logger.info("rescore: %d instance(s) queued in %d task(s) for model id=%s", len(ids), len(chunks),
-                    scorer.model_id)
+        logger.info(
+            "rescore: %d instance(s) queued in %d task(s) for model id=%s", len(ids), len(chunks), scorer.model_id
+        )
         return {"queued": len(ids), "tasks": len(chunks)}
 
     # max_retries=None on the task: each retry() call passes its own bound (see the module docstring).

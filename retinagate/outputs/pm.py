@@ -255,4 +255,3 @@ def build_pm(
 
     ds.FloatPixelData = np.ascontiguousarray(values, dtype="<f4").tobytes()
     return ds
-

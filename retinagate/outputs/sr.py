@@ -307,7 +307,6 @@ def _is_library(item: Dataset) -> bool:
     return bool(names) and names[0].get("CodeValue") == "111028"  # DCM 111028 Image Library
 
 
-
 # The fast path (see the module docstring).
 
 _CONTENT_SEQUENCE: Final = 0x0040A730
