@@ -18,7 +18,6 @@ last. Example::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from retinagate.synth import SynthConfig, write_dataset
 from train.augment import Augmenter, Normalizer, sample_seed
 from train.datasets import SplitSource, cache_split, find_rfmid_splits, read_image
 from train.loader import AugmentedImages, epoch_loader
+from train.loop import auto_workers
 from train.model import create_model
 from train.step import TrainStep
 
@@ -89,12 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12, help="timed steps per pipeline")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (includes worker start)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is shown")
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1), help="loader processes")
+    parser.add_argument(
+        "--workers", type=int, default=-1, help="loader processes (default: what retinagate train picks on the CPU)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     parser.add_argument("--aug", default="light", choices=("none", "light", "strong"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.workers < 0:
+        args.workers = auto_workers(torch.device("cpu"))
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)

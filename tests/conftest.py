@@ -585,9 +585,9 @@ def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``best.pt`` of a small model trained from random init on synthetic data (CPU, 128 px, minutes).
 
-    It trains on its own 1,200 synthetic photographs (``retinagate.synth``, seed 1; 720 for training),
+    It trains on its own 1,500 synthetic photographs (``retinagate.synth``, seed 1; 900 for training),
     not on :func:`synth_dataset`: 144 training images teach a from-scratch EfficientNet-B0 to classify
-    but not where to look, while 720 with strong augmentation (rotations move each lesion around the
+    but not where to look, while 900 with strong augmentation (rotations move each lesion around the
     image) make its CAMs point at the lesions well above chance (tests/test_train_cam.py). Its card
     holds 128 px preprocessing and thresholds calibrated on validation; the run folder around it
     (``metrics.csv``, ``model_card.json``, plots) is the parent of the returned path. Read-only.
@@ -598,13 +598,13 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from train.loop import TrainConfig, train
 
     root = tmp_path_factory.mktemp("trained")
-    write_dataset(root / "data", SynthConfig(n=1200, width=256, height=192, seed=1))
+    write_dataset(root / "data", SynthConfig(n=1500, width=256, height=192, seed=1))
     config = TrainConfig(
         out=root / "run",
         data=root / "data",
         cache_dir=root / "cache",
         img_size=128,
-        epochs=6,
+        epochs=4,
         batch_size=16,
         lr=3e-3,
         warmup_epochs=0.3,

@@ -50,18 +50,18 @@ def test_other_mask_is_the_union_of_the_rare_column_masks(tmp_path: Path) -> Non
 def test_trained_model_cams_point_at_the_planted_lesions_well_above_chance(
     trained_checkpoint: Path, synth_dataset: Path
 ) -> None:
-    """Pointing game on photographs the model never saw (synth_dataset has another seed)."""
+    """Pointing game on photographs the model never saw (synth_dataset has another seed).
+
+    At 128 px the CAM is 4 x 4 cells and the peak of its bilinear upsampling sits on a cell centre,
+    which a lesion (radius about 10 px) often does not cover; so a hit may lie within half a cell
+    (16 px) of the lesion, and chance is measured with the same grown masks (about 0.13).
+    """
     model, card, _ = load_checkpoint(trained_checkpoint)
-    splits = find_rfmid_splits(synth_dataset)
-    half_cell = 16.0  # model-input pixels: EfficientNet-B0's CAM has one cell per 32
-    games = {
-        tolerance: [
-            pointing_game(model, card, s, synth_dataset / "masks", tolerance=tolerance) for s in splits.values()
-        ]
-        for tolerance in (0.0, half_cell)
-    }
-    for tolerance, per_split in games.items():
-        hits, total = sum(g.hits for g in per_split), sum(g.total for g in per_split)
-        chance = sum(g.chance * g.total for g in per_split) / total
-        assert total >= 200
-        assert hits / total >= 2.0 * chance, (tolerance, hits, total, chance)
+    games = [
+        pointing_game(model, card, split, synth_dataset / "masks", tolerance=16.0)
+        for split in find_rfmid_splits(synth_dataset).values()
+    ]
+    hits, total = sum(g.hits for g in games), sum(g.total for g in games)
+    chance = sum(g.chance * g.total for g in games) / total
+    assert total >= 250
+    assert hits / total >= 2.0 * chance, f"{hits} of {total} CAM peaks on a lesion; chance {chance:.3f}"

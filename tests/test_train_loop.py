@@ -103,3 +103,11 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
 
     with pytest.raises(RuntimeError, match="already finished"):
         train(TrainConfig(out=tmp_path / "paused"), resume=True, progress=False)
+
+
+def test_automatic_workers_load_inline_on_small_cpus_and_feed_gpus_generously() -> None:
+    from train.loop import auto_workers
+
+    assert auto_workers(torch.device("cpu"), cores=2) == 0
+    assert auto_workers(torch.device("cpu"), cores=16) == 4
+    assert auto_workers(torch.device("cuda"), cores=16) == 8

@@ -125,7 +125,7 @@ def register(subparsers: Any) -> None:
         type=int,
         default=_SUPPRESS,
         metavar="N",
-        help="data loader processes (default: cores - 1, at most 8)",
+        help="data loader processes (default: up to 8 on CUDA; on the CPU none up to 4 cores, then cores/4)",
     )
     run.add_argument("--seed", type=int, default=_SUPPRESS, help="seed of every random choice (default 0)")
     run.add_argument(
@@ -238,6 +238,13 @@ def register(subparsers: Any) -> None:
         metavar="DIR",
         help="lesion mask folder for --pointing-game (default <data>/masks)",
     )
+    evaluate.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        metavar="PX",
+        help="pointing game: count a hit within PX model-input pixels of a lesion (default 0: inside it)",
+    )
     evaluate.add_argument("--json", action="store_true", help="print JSON on stdout")
     evaluate.set_defaults(handler=_evaluate)
 
@@ -330,6 +337,8 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.batch_size < 1:
         raise _command_error(TrainingError(f"--batch-size is {args.batch_size}; expected at least 1"))
+    if args.tolerance < 0:
+        raise _command_error(TrainingError(f"--tolerance is {args.tolerance}; expected >= 0 pixels"))
     try:
         metrics, card = evaluate_checkpoint(
             args.checkpoint,
@@ -342,6 +351,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
             batch_size=args.batch_size,
             pointing_game=args.pointing_game,
             masks=args.masks,
+            tolerance=args.tolerance,
             progress=sys.stderr.isatty(),
         )
     except (DataSourceError, TrainingError, FileNotFoundError) as exc:

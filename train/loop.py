@@ -55,6 +55,7 @@ __all__ = [
     "RunResult",
     "TrainConfig",
     "TrainingError",
+    "auto_workers",
     "evaluate_checkpoint",
     "freeze_stages",
     "predict",
@@ -95,7 +96,7 @@ class TrainConfig:
         ema_decay: Largest EMA decay (warmed up from 0).
         precision: ``auto`` (fp16 on CUDA, fp32 on CPU), ``fp32``, ``fp16`` (CUDA) or ``bf16``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        workers: DataLoader worker processes; -1 picks ``min(8, cores - 1)``.
+        workers: DataLoader worker processes; -1 picks them (:func:`auto_workers`).
         seed: Seed of every random choice.
         loss: ``bce``, ``asl`` or ``focal``.
         pos_weight: ``none`` or ``auto`` (negatives/positives per label, capped).
@@ -298,10 +299,18 @@ def _schedule(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable
     return factor
 
 
-def _workers(requested: int) -> int:
-    if requested >= 0:
-        return requested
-    return min(8, max(0, (os.cpu_count() or 1) - 1))
+def auto_workers(device: torch.device, cores: int | None = None) -> int:
+    """Loader processes for ``--workers -1``.
+
+    On a GPU the host cores only feed it: up to 8 workers. On the CPU every worker takes cores from
+    the training step; on 2 cores one worker halved throughput (27.8 against 43.6 img/s inline,
+    bench/bench_train.py), so small machines load inline and larger ones spare a quarter of their
+    cores, at most 4.
+    """
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        return min(8, max(0, cores - 1))
+    return 0 if cores <= 4 else min(4, cores // 4)
 
 
 def _balanced_weights(labels: NDArray[np.uint8]) -> torch.Tensor:
@@ -540,10 +549,12 @@ def train(
             f"the training split has {len(sources['train'])} images, fewer than --batch-size {config.batch_size}"
         )
     # The model before the cache: a missing pretrained download fails in seconds, not after decoding.
+    # A resumed run takes its weights from last.pt and needs no download.
+    fresh = checkpoint is None
     model = create_model(
         run.card,
-        pretrained=config.pretrained and config.weights is None,
-        weights=config.weights,
+        pretrained=fresh and config.pretrained and config.weights is None,
+        weights=config.weights if fresh else None,
         drop_rate=config.drop_rate,
         drop_path_rate=config.drop_path_rate,
     )
@@ -551,7 +562,7 @@ def train(
     train_split, val_split = splits["train"], splits["val"]
     labels_train = train_split.labels
     frozen = freeze_stages(model, config.freeze_stages)
-    if checkpoint is None:
+    if fresh:
         _init_classifier_bias(model, labels_train)
     model.to(device)
     if config.channels_last:
@@ -606,7 +617,7 @@ def train(
     dataset = AugmentedImages(
         train_split.cache_file, labels_train, None if on_device else Augmenter(config.aug), config.seed
     )
-    workers = _workers(config.workers)
+    workers = config.workers if config.workers >= 0 else auto_workers(device)
     sample_weights = _balanced_weights(labels_train) if config.balanced_sampler else None
 
     from tqdm import tqdm
@@ -842,6 +853,7 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     pointing_game: bool = False,
     masks: Path | None = None,
+    tolerance: float = 0.0,
     progress: bool = True,
 ) -> tuple[Metrics, ModelCard]:
     """Evaluates a checkpoint on one split, with F1 at the card's thresholds.
@@ -849,7 +861,8 @@ def evaluate_checkpoint(
     The data location defaults to the one recorded in the checkpoint's training config. With
     ``pointing_game``, the pointing game of the model's CAMs against lesion masks
     (``<masks>/<image folder>/<ID>_<COLUMN>.png``; ``masks`` defaults to ``<data>/masks``, where
-    ``retinagate synth`` writes them) is added under ``metrics.extra["pointing_game"]``.
+    ``retinagate synth`` writes them) is added under ``metrics.extra["pointing_game"]``; ``tolerance``
+    grows the masks by that many model-input pixels (see :func:`train.cam.pointing_game`).
 
     Raises:
         TrainingError: Unknown split, split missing from the data, unusable checkpoint.
@@ -889,6 +902,6 @@ def evaluate_checkpoint(
             masks = Path(data) / "masks"
         if masks is None or not Path(masks).is_dir():
             raise TrainingError(f"pointing game: no lesion mask folder {masks or ''}; give --masks DIR".strip())
-        game = play(model, card, cached.source, Path(masks), device=target, batch_size=batch_size)
+        game = play(model, card, cached.source, Path(masks), device=target, batch_size=batch_size, tolerance=tolerance)
         metrics = replace(metrics, extra={**metrics.extra, "pointing_game": game.to_dict()})
     return metrics, card

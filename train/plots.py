@@ -41,7 +41,7 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path) -> None:
     right.plot(epochs, _values(history, "val_riadd_score"), marker="o", label="RIADD score")
     right.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
     right.set(title="Validation", xlabel="epoch", ylim=(0.0, 1.02))
-    right.legend(loc="lower right")
+    right.legend(loc="best", fontsize=8)
     for axis in (left, right):
         axis.grid(alpha=0.3)
         if epochs:
@@ -65,10 +65,10 @@ def plot_roc_curves(y_true: NDArray[np.uint8], y_prob: NDArray[np.floating], lab
         axis.set_visible(True)
         axis.plot(fpr, tpr, linewidth=1.5)
         axis.plot([0, 1], [0, 1], color="grey", linewidth=0.7, linestyle=":")
-        axis.set_title(f"{labels[c]}  {area:.3f}  (n+={int(y_true[:, c].sum())})", fontsize=8)
+        axis.set_title(f"{labels[c]}: {area:.3f} ({int(y_true[:, c].sum())} pos.)", fontsize=8)
         axis.set(xlim=(0, 1), ylim=(0, 1.01))
         axis.tick_params(labelsize=6)
-    title = "Validation ROC curves (AUROC, positives)"
+    title = "Validation ROC curves (label: AUROC, positives)"
     if skipped:
         title += f"\nsingle-class, not shown: {', '.join(skipped)}"
     fig.suptitle(title, fontsize=10)
