@@ -32,7 +32,8 @@ from export.validation import Labelled, macro_auroc, ort_outputs, read_validatio
 from retinagate.card import ModelCard, Preprocessing
 
 FP16_PROBABILITY_TOLERANCE = 0.01
-FP16_CAM_TOLERANCE = 0.01  # of the image's largest CAM value
+# Of the image's largest CAM value: each CAM sums 1280 fp16 products, so about 1% rounding is expected.
+FP16_CAM_TOLERANCE = 0.02
 INT8_MEAN_PROBABILITY_TOLERANCE = 0.03
 INT8_MAX_PROBABILITY_TOLERANCE = 0.35
 AUROC_TOLERANCE = 0.01
