@@ -72,6 +72,9 @@ def register(subparsers: Any) -> None:
     )
     demo.add_argument("--studies", type=int, default=10, help="studies to send, two eyes each (default 10)")
     demo.add_argument("--epochs", type=int, default=6, help="training epochs for the demo model (default 6)")
+    demo.add_argument(
+        "--train-images", type=int, default=300, help="synthetic images to train the demo model on (default 300)"
+    )
     demo.set_defaults(handler=_demo)
 
 
@@ -138,7 +141,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from retinagate.demo import DemoError, run_demo
 
     try:
-        return run_demo(settings, studies=args.studies, epochs=args.epochs)
+        return run_demo(settings, studies=args.studies, epochs=args.epochs, train_images=args.train_images)
     except DemoError as exc:
         raise CommandError(str(exc)) from None
 

@@ -1,0 +1,38 @@
+"""`make demo` (``retinagate demo``): synthetic studies in, heatmaps back in the PACS, previews on disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.interop]
+
+
+def test_demo_sends_studies_through_the_running_system_and_writes_heatmap_previews(tmp_path: Path) -> None:
+    for tool in ("storescu", "Orthanc"):
+        if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin") is None:
+            if os.environ.get("CI"):
+                pytest.fail(f"{tool} is not installed; CI installs it")
+            pytest.skip(f"{tool} is not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAGATE_")}
+    env["RETINAGATE_DATA_DIR"] = str(tmp_path / "var")
+    # A small run of the same recipe: two studies (four photographs), one epoch on 120 images.
+    argv = [sys.executable, "-m", "retinagate", "demo", "--studies", "2", "--epochs", "1", "--train-images", "120"]
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "all 4 photographs scored and returned" in result.stdout
+    assert "Orthanc listening" in result.stdout
+    previews = sorted((tmp_path / "var" / "demo" / "previews").glob("*.png"))
+    assert len(previews) == 4
+    assert all(p.stat().st_size > 10_000 for p in previews)
+    assert (tmp_path / "var" / "demo" / "model" / "model.onnx").is_file()
+
+    # A second run reuses the cached model instead of training again.
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "reusing the model trained by an earlier run" in again.stdout
