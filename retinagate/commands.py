@@ -140,6 +140,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from retinagate.cli import CommandError
     from retinagate.demo import DemoError, run_demo
 
+    if args.studies < 3 or args.epochs < 1 or args.train_images < 60:
+        raise CommandError("--studies must be at least 3, --epochs at least 1, --train-images at least 60", 2)
     try:
         return run_demo(settings, studies=args.studies, epochs=args.epochs, train_images=args.train_images)
     except DemoError as exc:

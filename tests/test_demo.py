@@ -21,14 +21,14 @@ def test_demo_sends_studies_through_the_running_system_and_writes_heatmap_previe
             pytest.skip(f"{tool} is not installed")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAGATE_")}
     env["RETINAGATE_DATA_DIR"] = str(tmp_path / "var")
-    # A small run of the same recipe: two studies (four photographs), one epoch on 120 images.
-    argv = [sys.executable, "-m", "retinagate", "demo", "--studies", "2", "--epochs", "1", "--train-images", "120"]
+    # A small run of the same recipe: three studies (six photographs), one epoch on 120 images.
+    argv = [sys.executable, "-m", "retinagate", "demo", "--studies", "3", "--epochs", "1", "--train-images", "120"]
     result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "all 4 photographs scored and returned" in result.stdout
+    assert "all 6 photographs scored and returned" in result.stdout
     assert "Orthanc listening" in result.stdout
     previews = sorted((tmp_path / "var" / "demo" / "previews").glob("*.png"))
-    assert len(previews) == 4
+    assert len(previews) == 6
     assert all(p.stat().st_size > 10_000 for p in previews)
     assert (tmp_path / "var" / "demo" / "model" / "model.onnx").is_file()
 
