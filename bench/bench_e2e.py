@@ -33,7 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_worker import Redis, default_model, free_port, templates
+from bench_worker import Redis, default_model, templates
+
+from retinagate.pacs import free_port
 
 
 def write_camera_files(folder: Path, count: int) -> list[Path]:

@@ -43,14 +43,10 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from retinagate.pacs import free_port
+
 RETINAGATE = [sys.executable, "-c", "import sys; from retinagate.cli import main; sys.exit(main())"]
 MAX_PDU = 262_144
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:

@@ -36,14 +36,10 @@ from typing import Any
 
 import numpy as np
 
+from retinagate.pacs import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("decode", "preprocess", "infer", "render", "encode", "write")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def default_model() -> Path:

@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import pytest
 import yaml
 
 from retinagate.cli import build_parser
+from retinagate.pacs import free_port
 from retinagate.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -662,13 +662,6 @@ def load_probe() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,12 @@ from sqlalchemy import select as sql_select
 
 from retinagate.db import make_engine, session_factory, upgrade
 from retinagate.models import Association, Instance, InstanceStatus
+from retinagate.pacs import free_port
 from retinagate.settings import Settings
 
 # The console script's entry point, run by this interpreter (``-m retinagate.cli`` would import the
 # CLI module twice, as __main__ and as retinagate.cli).
 RETINAGATE = [sys.executable, "-c", "import sys; from retinagate.cli import main; sys.exit(main())"]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _gateway_process(data_dir: Path, port: int, **env: str) -> subprocess.Popen[str]:
@@ -66,7 +60,7 @@ def _rows(settings: Settings, model: Any) -> list[Any]:
 
 
 def test_the_gateway_refuses_to_start_on_a_database_that_was_never_migrated(tmp_path: Path) -> None:
-    process = _gateway_process(tmp_path / "var", _free_port())
+    process = _gateway_process(tmp_path / "var", free_port())
     _out, err = process.communicate(timeout=60)
     assert process.returncode == 3
     assert "retinagate db upgrade" in err
@@ -78,7 +72,7 @@ def test_sigterm_lets_the_open_association_finish_and_exits_0(
 ) -> None:
     settings = make_settings(broker_url=redis_url)
     upgrade(settings)
-    port = _free_port()
+    port = free_port()
     process = _gateway_process(settings.data_dir, port, RETINAGATE_BROKER_URL=redis_url)
     try:
         line = _wait_for_line(process, "listening on")

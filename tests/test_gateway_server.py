@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from retinagate.db import make_engine, session_factory
 from retinagate.models import Association, Instance
+from retinagate.pacs import free_port
 
 OP = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
 JPEG = "1.2.840.10008.1.2.4.50"
@@ -41,12 +42,6 @@ def _rows(settings: Any, model: Any) -> list[Any]:
             return list(session.scalars(select(model).order_by(model.id)))
     finally:
         engine.dispose()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _dcmtk(tool: str) -> str:
@@ -136,7 +131,7 @@ def test_stop_aborts_associations_still_open_after_the_grace_period(start_gatewa
 def test_metrics_are_served_when_a_port_is_set(
     start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
 ) -> None:
-    port = _free_port()
+    port = free_port()
     gateway = start_gateway(metrics_port=port)
     assoc = _associate(gateway)
     assert [assoc.send_c_store(p).Status for p in camera_files(2)] == [0, 0]
