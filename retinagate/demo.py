@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from retinagate.pacs import BuiltinReceiver, Orthanc, free_port, start_receiver
+from retinagate.serve import stop_process
 from retinagate.settings import Settings
 
 __all__ = ["DemoError", "run_demo"]
@@ -195,12 +196,8 @@ def run_demo(settings: Settings, *, studies: int = 10, epochs: int = 6, train_im
         previews = _write_previews(receiver, [r for r in results if r.sop_class_uid == SC_CLASS], workdir / "previews")
         print(f"\nheatmap previews: {previews[0].parent}/ ({len(previews)} PNG files), e.g. {previews[0]}")
     finally:
-        if serve is not None and serve.poll() is None:
-            serve.send_signal(signal.SIGINT)
-            try:
-                serve.wait(60)
-            except subprocess.TimeoutExpired:
-                serve.kill()
+        if serve is not None:
+            stop_process(serve, 60, signal.SIGINT)
         receiver.stop()
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
     return 0

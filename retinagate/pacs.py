@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from retinagate.serve import stop_process
+
 __all__ = ["BuiltinReceiver", "Orthanc", "ReceivedInstance", "Receiver", "free_port", "start_receiver"]
 
 
@@ -150,13 +152,8 @@ class Orthanc:
             return data
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, 15)
         self.process = None
 
 

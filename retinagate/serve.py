@@ -22,14 +22,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from retinagate.queue import embedded_socket_path
 from retinagate.settings import Settings
 
-__all__ = ["EmbeddedRedis", "Supervisor", "redis_server_binary", "serve"]
+__all__ = ["EmbeddedRedis", "Supervisor", "redis_server_binary", "serve", "stop_process"]
 
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 30.0
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float, signum: int = signal.SIGTERM) -> bool:
+    """Asks a child process to stop with ``signum``, killing it after ``timeout_s``.
+
+    Returns:
+        True when it stopped on its own (or had already exited), False when it had to be killed.
+    """
+    if process.poll() is not None:
+        return True
+    process.send_signal(signum)
+    try:
+        process.wait(timeout_s)
+        return True
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return False
 
 
 def redis_server_binary() -> str:
@@ -87,13 +104,8 @@ class EmbeddedRedis:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, STOP_TIMEOUT_S)
         self.process = None
 
 
@@ -127,13 +139,8 @@ class Supervisor:
     def stop(self) -> None:
         for child in self.children:  # gateway first: stop taking new work
             if child.process is not None and child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
-                try:
-                    child.process.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    logger.warning("%s did not stop within %.0f s; killing it", child.name, STOP_TIMEOUT_S)
-                    child.process.kill()
-                    child.process.wait()
+                if not stop_process(child.process, STOP_TIMEOUT_S):
+                    logger.warning("%s did not stop within %.0f s; it was killed", child.name, STOP_TIMEOUT_S)
                 logger.info("stopped %s", child.name)
 
 
@@ -147,6 +154,7 @@ def serve(settings: Settings, *, config: Path | None = None, concurrency: int = 
         with_beat: Also run the scheduler (sweeps, nightly rescoring).
     """
     from retinagate.db import upgrade
+    from retinagate.queue import embedded_socket_path
 
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
