@@ -66,17 +66,6 @@ def broker_url(settings: Settings) -> str:
     return f"redis+socket://{embedded_socket_path(settings)}"
 
 
-def transport_options(settings: Settings) -> dict[str, object]:
-    """Broker transport options shared by producers and the worker."""
-    return {
-        "visibility_timeout": settings.visibility_timeout,
-        # Fail fast when the broker is down: the gateway must answer the camera, not hang.
-        "max_retries": 0,
-        "socket_connect_timeout": 2,
-        "socket_timeout": 5,
-    }
-
-
 @cache
 def _producer(url: str, visibility_timeout: int) -> Celery:
     app = Celery("retinagate-producer", broker=url, set_as_current=False)
