@@ -133,7 +133,6 @@ class Enqueuer:
                 self._send(batch)
             except Exception as exc:
                 self._open_until = self._clock() + self._breaker_seconds
-                metrics.ENQUEUE_FAILURES.inc(len(batch))
                 logger.warning(
                     "broker unavailable (%s): %d instance(s) stay 'received' (ids %d..%d); "
                     "retrying in %.0f s, the sweeper re-sends them if the gateway stops first",
@@ -143,6 +142,7 @@ class Enqueuer:
                     max(self._pending),
                     self._breaker_seconds,
                 )
+                metrics.ENQUEUE_FAILURES.inc(len(batch))  # after the log line, so a watcher sees both
                 return
             del self._pending[: len(batch)]
             metrics.ENQUEUED.inc(len(batch))

@@ -18,6 +18,21 @@ __all__ = ["setup_logging"]
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of each record (it may be replaced)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, with any ``extra=`` fields kept."""
 
@@ -35,14 +50,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") -> None:
-    """Configures the root logger once for a process; safe to call again (it replaces the handler)."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Configures the root logger for a process; safe to call again (it replaces its own handler only,
+    leaving handlers others installed, a test harness's say, in place)."""
+    handler = _StderrHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _StderrHandler)] + [handler]
     root.setLevel(level)
     # pynetdicom logs whole identifiers (patient names among them) at DEBUG; keep it at WARNING
     # whatever the root level, and turn its dataset logging off where the library offers it.
