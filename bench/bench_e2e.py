@@ -76,7 +76,22 @@ def compute_only(files: list[Path], model: Path) -> float:
     return len(files) / elapsed
 
 
-def whole_system(files: list[Path], model: Path, workdir: Path, concurrency: int) -> tuple[float, list[float]]:
+def print_timeline(stages: list[tuple[float, float, float]]) -> None:
+    """Images received, scored and delivered by each half second after the first receipt."""
+    start = min(received for received, _, _ in stages)
+    end = max(delivered for _, _, delivered in stages)
+    print(f"{'seconds':>8} {'received':>9} {'scored':>7} {'delivered':>10}")
+    step = 0.5
+    moment = start
+    while moment < end + step:
+        moment += step
+        counts = [sum(1 for row in stages if row[k] <= moment) for k in range(3)]
+        print(f"{moment - start:8.1f} {counts[0]:9d} {counts[1]:7d} {counts[2]:10d}")
+
+
+def whole_system(
+    files: list[Path], model: Path, workdir: Path, concurrency: int, timeline: bool = False
+) -> tuple[float, list[float]]:
     from pydicom import dcmread
     from sqlalchemy import select
 
@@ -145,14 +160,19 @@ def whole_system(files: list[Path], model: Path, workdir: Path, concurrency: int
         elapsed = time.perf_counter() - started
         warm_up = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files[:2]}
         latencies = []
+        stages: list[tuple[float, float, float]] = []
         with sessions() as session:
             for instance in session.scalars(select(Instance)).all():
                 if instance.sop_instance_uid in warm_up:
                     continue
                 times = [d.delivered_at for p in instance.predictions for o in p.outputs for d in o.deliveries]
-                delivered_at = [t for t in times if t is not None]
-                latencies.append((max(delivered_at) - instance.received_at).total_seconds())
+                delivered_at = max(t for t in times if t is not None)
+                scored_at = max(p.created_at for p in instance.predictions)
+                latencies.append((delivered_at - instance.received_at).total_seconds())
+                stages.append((instance.received_at.timestamp(), scored_at.timestamp(), delivered_at.timestamp()))
         engine.dispose()
+        if timeline:
+            print_timeline(stages)
         return len(measured) / elapsed, sorted(latencies)
     finally:
         for process in processes:
@@ -170,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--timeline", action="store_true", help="print received/scored/delivered per half second")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder (database, logs) and say where")
     args = parser.parse_args(argv)
     for tool in ("storescu", "echoscu", "redis-server"):
         if shutil.which(tool) is None:
@@ -179,9 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         model = default_model()
         files = write_camera_files(workdir / "camera", args.images + 2)
         compute = compute_only(files[2:], model)
-        system, latencies = whole_system(files, model, workdir / "system", args.concurrency)
+        system, latencies = whole_system(files, model, workdir / "system", args.concurrency, args.timeline)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            print(f"kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     p50 = statistics.median(latencies)
     p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
     print()

@@ -604,9 +604,10 @@ def _finish(
     import time
 
     header = Dataset()
-    for element in ds:
-        if element.tag != 0x7FE00010:
-            header.add(element)
+    for tag in ds.keys():  # noqa: SIM118 - keys() does not convert raw elements, iteration does
+        if tag != 0x7FE00010:
+            # Raw elements stay raw: most are never read, and converting them all cost milliseconds.
+            header[tag] = ds.get_item(tag)
     header.file_meta = getattr(ds, "file_meta", FileMetaDataset())
     return DecodedImage(
         frames=frames,

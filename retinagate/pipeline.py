@@ -210,7 +210,7 @@ class Pipeline:
         self.settings = settings
         self.model = ModelIdentity.of(engine)
         self._outputs = tuple(settings.outputs)
-        self._sc = ScEncoder(self.model)
+        self._sc = ScEncoder(self.model, compression=settings.sc_compression, quality=settings.sc_jpeg_quality)
         self._sr = SrEncoder(self.model)
         # Two pools, so that rendering and encoding one chunk (mostly Python, holding the GIL) runs
         # while the next chunk is decoded (libjpeg-turbo, OpenCV: no GIL) and inferred.

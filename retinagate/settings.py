@@ -116,6 +116,14 @@ class Settings(BaseSettings):
         1024, description="Long side of the heatmap Secondary Capture, in pixels."
     )
     top_findings: Annotated[int, Field(ge=1, le=29)] = Field(3, description="Heatmaps blended into the SC.")
+    sc_compression: Literal["jpeg", "none"] = Field(
+        "jpeg",
+        description="Pixels of the heatmap SC: jpeg (JPEG Baseline, about 30x smaller) or none (uncompressed, "
+        "for a destination that takes no JPEG).",
+    )
+    sc_jpeg_quality: Annotated[int, Field(ge=50, le=100)] = Field(
+        90, description="JPEG quality (50-100) of the heatmap SC when sc_compression is jpeg."
+    )
     deliver_min_probability: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         0.0, description="Deliver outputs only when some finding reaches this probability (0: always)."
     )

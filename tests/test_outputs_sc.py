@@ -40,7 +40,7 @@ def _picture() -> np.ndarray:
 
 def test_the_sc_rereads_in_the_source_study_and_references_the_source(source: Dataset, tmp_path: Path) -> None:
     path = tmp_path / "sc.dcm"
-    build_sc(_picture(), source, MODEL).save_as(path, enforce_file_format=True)
+    build_sc(_picture(), source, MODEL, compression="none").save_as(path, enforce_file_format=True)
 
     ds = pydicom.dcmread(path)
     sc = hd.imread(path)
@@ -69,6 +69,46 @@ def test_the_sc_is_marked_as_derived_unverified_ai_output_with_the_models_identi
     assert sc.Manufacturer == "RetinaGate"
 
 
+def test_the_sc_is_jpeg_by_default_flagged_lossy_with_each_step_and_close_to_the_picture(
+    source: Dataset, tmp_path: Path
+) -> None:
+    path = tmp_path / "sc.dcm"
+    build_sc(_picture(), source, MODEL).save_as(path, enforce_file_format=True)
+
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGBaseline8Bit
+    assert ds.PhotometricInterpretation == "YBR_FULL_422"
+    assert path.stat().st_size < _picture().size / 10
+    assert np.abs(ds.pixel_array.astype(int) - _picture()).mean() < 2.0
+    # The source was JPEG (one step); this is the second lossy step.
+    assert ds.LossyImageCompression == "01"
+    assert list(ds.LossyImageCompressionMethod) == ["ISO_10918_1", "ISO_10918_1"]
+    ratios = [float(r) for r in ds.LossyImageCompressionRatio]
+    assert ratios[0] == float(source.LossyImageCompressionRatio)
+    (frame,) = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)
+    assert ratios[1] == pytest.approx(_picture().size / len(frame), abs=0.01)
+
+
+def test_an_uncompressed_source_gives_one_lossy_step_and_none_gives_no_lossy_flag(source: Dataset) -> None:
+    exact = copy.deepcopy(source)
+    for keyword in ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+        if keyword in exact:
+            delattr(exact, keyword)
+
+    jpeg = build_sc(_picture(), exact, MODEL)
+    plain = build_sc(_picture(), exact, MODEL, compression="none")
+
+    assert jpeg.LossyImageCompression == "01" and jpeg.LossyImageCompressionMethod == "ISO_10918_1"
+    assert "LossyImageCompression" not in plain and plain.PhotometricInterpretation == "RGB"
+
+
+def test_a_bad_compression_or_quality_is_refused(source: Dataset) -> None:
+    with pytest.raises(ValueError, match="compression"):
+        build_sc(_picture(), source, MODEL, compression="png")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="quality"):
+        ScEncoder(MODEL, quality=20)
+
+
 def test_building_twice_gives_the_same_uids(source: Dataset) -> None:
     first, second = build_sc(_picture(), source, MODEL), build_sc(_picture(), source, MODEL)
 
@@ -81,8 +121,9 @@ def test_a_picture_that_is_not_rgb_is_refused(source: Dataset) -> None:
 
 
 @pytest.mark.interop
-def test_the_sc_passes_dciodvfy(source: Dataset, dciodvfy: Callable[[object], list[str]]) -> None:
-    assert dciodvfy(build_sc(_picture(), source, MODEL)) == []
+@pytest.mark.parametrize("compression", ["jpeg", "none"])
+def test_the_sc_passes_dciodvfy(source: Dataset, dciodvfy: Callable[[object], list[str]], compression: str) -> None:
+    assert dciodvfy(build_sc(_picture(), source, MODEL, compression=compression)) == []  # type: ignore[arg-type]
 
 
 def _plain(ds: Dataset) -> object:
@@ -103,8 +144,11 @@ def _plain(ds: Dataset) -> object:
     return strip(read.to_json_dict())
 
 
-def test_the_encoder_writes_the_same_sc_as_highdicom_for_every_image(source: Dataset, tmp_path: Path) -> None:
-    encoder = ScEncoder(MODEL)
+@pytest.mark.parametrize("compression", ["jpeg", "none"])
+def test_the_encoder_writes_the_same_sc_as_highdicom_for_every_image(
+    source: Dataset, tmp_path: Path, compression: str
+) -> None:
+    encoder = ScEncoder(MODEL, compression=compression)  # type: ignore[arg-type]
     others = []
     for index in range(3):
         image = render_fundus(np.random.default_rng(index), 256, 192, ["DR"]).image
@@ -124,17 +168,19 @@ def test_the_encoder_writes_the_same_sc_as_highdicom_for_every_image(source: Dat
                                        description=f"image {index}")  # fmt: skip
 
         expected = build_sc(picture, header, MODEL, frame_number=frame, references_source=references,
-                            description=f"image {index}")  # fmt: skip
+                            description=f"image {index}", compression=compression)  # type: ignore[arg-type]  # fmt: skip
         assert _plain(pydicom.dcmread(io.BytesIO(data))) == _plain(expected), f"case {index}"
         assert _plain(dataset) == _plain(expected), f"case {index}"
-        assert np.array_equal(pydicom.dcmread(io.BytesIO(data)).pixel_array, picture)
+        if compression == "none":
+            assert np.array_equal(pydicom.dcmread(io.BytesIO(data)).pixel_array, picture)
 
 
 @pytest.mark.interop
 def test_the_encoded_sc_passes_dciodvfy(
     source: Dataset, tmp_path: Path, dciodvfy: Callable[[object], list[str]]
 ) -> None:
-    path = tmp_path / "sc.dcm"
-    path.write_bytes(ScEncoder(MODEL).encode(_picture(), source)[1])
+    for compression in ("jpeg", "none"):
+        path = tmp_path / f"sc-{compression}.dcm"
+        path.write_bytes(ScEncoder(MODEL, compression=compression).encode(_picture(), source)[1])  # type: ignore[arg-type]
 
-    assert dciodvfy(path) == []
+        assert dciodvfy(path) == [], compression

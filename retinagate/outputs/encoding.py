@@ -30,7 +30,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DSdecimal, DSfloat
 
 __all__ = [
@@ -213,11 +213,12 @@ def encode_part10(dataset: Dataset, tail: Iterable[tuple[int, bytes]] = ()) -> b
         tail: ``(tag, bytes)`` of top-level elements already encoded, none of whose tags is in ``dataset``.
 
     Raises:
-        ValueError: If a tail element's tag is also in ``dataset``, or the file meta information is
-            not Explicit VR Little Endian.
+        ValueError: If a tail element's tag is also in ``dataset``, or the transfer syntax is not
+            Explicit VR Little Endian or an encapsulated one (whose data set is encoded that way).
     """
-    if dataset.file_meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian:
-        raise ValueError("file_meta: TransferSyntaxUID must be Explicit VR Little Endian")
+    syntax = UID(dataset.file_meta.get("TransferSyntaxUID", ""))
+    if syntax != ExplicitVRLittleEndian and not (syntax.is_encapsulated and not syntax.is_deflated):
+        raise ValueError("file_meta: TransferSyntaxUID must be Explicit VR Little Endian or an encapsulated one")
     pieces = list(tail)
     clash = [tag for tag, _ in pieces if tag in dataset]
     if clash:
@@ -227,8 +228,12 @@ def encode_part10(dataset: Dataset, tail: Iterable[tuple[int, bytes]] = ()) -> b
         element = dataset[tag]
         value = element.value
         if element.VR in ("OB", "OW") and isinstance(value, bytes) and len(value) % 2 == 0:
-            # Pixel data: header and value as they are, copied once (by the final join).
-            pieces += [(int(tag), _header(int(tag), element.VR, len(value))), (int(tag), value)]
+            # Pixel data: header and value as they are, copied once (by the final join); encapsulated
+            # pixel data (items already encoded) has an undefined length and ends with a delimiter.
+            if element.is_undefined_length:
+                pieces += [(int(tag), _header(int(tag), element.VR, UNDEFINED)), (int(tag), value + _SEQUENCE_END)]
+            else:
+                pieces += [(int(tag), _header(int(tag), element.VR, len(value))), (int(tag), value)]
         else:
             pieces.append((int(tag), encode_element(element, encodings)))
     pieces.sort(key=lambda piece: piece[0])  # stable: a header stays before its value
