@@ -7,10 +7,12 @@ One run:
    depend on the weights);
 2. **compute only**: the scoring pipeline in this process (``Pipeline.score_paths``, batch 16, two
    threads) over the same files: decode, preprocess, inference, SC and SR encoding; no I/O, no queue;
-3. **whole system**: a real redis-server, ``retinagate gateway`` and ``retinagate worker`` (two pool
-   processes) as separate processes, a receiving PACS (the built-in pynetdicom receiver), and dcmtk's
-   ``storescu`` sending every file as a camera would. The clock runs from the first C-STORE to the last
-   output delivered to the PACS; per-image latency is receipt to delivery, from the SQL timestamps.
+3. **whole system**: a real redis-server, ``retinagate gateway``, ``retinagate worker`` (two scoring
+   processes) and a delivery worker (``--pool threads``) as separate processes, as ``retinagate serve``
+   runs them, a receiving PACS (Orthanc when installed, else the built-in pynetdicom receiver), and
+   dcmtk's ``storescu`` sending every file as a camera would. The clock runs from the first C-STORE to
+   the last output delivered to the PACS; per-image latency is receipt to delivery, from the SQL
+   timestamps.
 
 The table printed last gives images/s for both and the ratio (goal: the whole system at least half of
 the compute-only throughput), and p50/p95 latency per image.
@@ -97,11 +99,12 @@ def whole_system(
 
     from retinagate.db import make_engine, session_factory
     from retinagate.models import Delivery, DeliveryStatus, Instance
-    from retinagate.pacs import BuiltinReceiver
+    from retinagate.pacs import start_receiver
 
     workdir.mkdir(parents=True, exist_ok=True)
     redis = Redis(workdir)
-    receiver = BuiltinReceiver(workdir / "pacs", ae_title="PACS").start()
+    receiver = start_receiver(workdir / "pacs")  # Orthanc when installed: a real PACS in its own process
+    print(f"receiving PACS: {type(receiver).__name__}", file=sys.stderr)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAGATE_")}
     env.update(
@@ -111,7 +114,7 @@ def whole_system(
         RETINAGATE_PROVIDERS="cpu",
         RETINAGATE_GATEWAY_HOST="127.0.0.1",
         RETINAGATE_GATEWAY_PORT=str(port),
-        RETINAGATE_DESTINATIONS=f"PACS@127.0.0.1:{receiver.port}",
+        RETINAGATE_DESTINATIONS=f"{receiver.ae_title}@127.0.0.1:{receiver.port}",
         RETINAGATE_OUTPUTS="sc,sr",
         RETINAGATE_LOG_LEVEL="WARNING",
     )
@@ -120,8 +123,18 @@ def whole_system(
     log = (workdir / "system.log").open("wb")
     processes = [
         subprocess.Popen([*cli, "gateway"], env=env, stdout=log, stderr=subprocess.STDOUT),
+        # As `retinagate serve` runs them: scoring processes, and a thread pool for delivery.
         subprocess.Popen(
-            [*cli, "worker", "--concurrency", str(concurrency)], env=env, stdout=log, stderr=subprocess.STDOUT
+            [*cli, "worker", "--queues", "score", "--concurrency", str(concurrency)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [*cli, "worker", "--queues", "deliver,maintenance", "--pool", "threads", "--concurrency", "4"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         ),
     ]
     try:

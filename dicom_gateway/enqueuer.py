@@ -2,7 +2,9 @@
 
 The C-STORE handler answers as soon as the file and its row are durable; sending the task to the
 broker happens here, in one background thread. Ids are batched (one task per batch of at most
-``batch_size``), and a circuit breaker stops trying for ``breaker_seconds`` after the broker fails,
+``batch_size``, gathered for up to ``linger`` seconds after the first one arrives, so that the images
+of one study, or of a busy hour, share a task, its database commits and its delivery association),
+and a circuit breaker stops trying for ``breaker_seconds`` after the broker fails,
 because a failed send costs seconds. Ids that could not be sent stay in memory (bounded) and go out
 when the breaker closes; their rows stay ``received`` meanwhile, so if the gateway stops first the
 worker's sweeper re-sends them from SQL. Only a successful send moves a row to ``queued``, and only
@@ -35,6 +37,7 @@ class Enqueuer:
             (``retinagate.queue.enqueue_score`` bound to the settings).
         mark_queued: Moves rows from ``received`` to ``queued`` after a successful send.
         batch_size: Most ids per task, 1 to 1024.
+        linger: Seconds to wait for more ids before sending a batch that is not full, 0 to 10.
         breaker_seconds: How long to stop sending after a failure, 0 to 3600.
         max_pending: Most unsent ids kept in memory; older ones are left to the sweeper.
         clock: Monotonic clock (tests pass a fake one).
@@ -46,12 +49,15 @@ class Enqueuer:
         mark_queued: Callable[[Sequence[int]], None],
         *,
         batch_size: int = 16,
+        linger: float = 0.0,
         breaker_seconds: float = 15.0,
         max_pending: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 1 <= batch_size <= 1024:
             raise ValueError(f"batch_size is {batch_size}; expected 1 to 1024")
+        if not 0 <= linger <= 10:
+            raise ValueError(f"linger is {linger}; expected 0 to 10 seconds")
         if not 0 <= breaker_seconds <= 3600:
             raise ValueError(f"breaker_seconds is {breaker_seconds}; expected 0 to 3600")
         if max_pending < 1:
@@ -59,6 +65,8 @@ class Enqueuer:
         self._send = send
         self._mark_queued = mark_queued
         self._batch_size = batch_size
+        self._linger = linger
+        self._first_pending_at = 0.0
         self._breaker_seconds = breaker_seconds
         self._max_pending = max_pending
         self._clock = clock
@@ -98,7 +106,8 @@ class Enqueuer:
         while not stopping:
             wait = None
             if self._pending:
-                wait = max(0.0, self._open_until - self._clock()) if self.breaker_open else 0.0
+                ready_at = self._open_until if self.breaker_open else self._send_at()
+                wait = max(0.0, ready_at - self._clock())
             try:
                 item = self._inbox.get(timeout=wait) if wait != 0.0 else self._inbox.get_nowait()
             except queue.Empty:
@@ -107,6 +116,8 @@ class Enqueuer:
                 if item == _STOP:
                     stopping = True
                 else:
+                    if not self._pending:
+                        self._first_pending_at = self._clock()
                     self._pending.append(item)
                 try:
                     item = self._inbox.get_nowait()
@@ -114,11 +125,17 @@ class Enqueuer:
                     item = None
             self._trim()
             if not self.breaker_open:
-                self._flush()
+                self._flush(partial=stopping or self._clock() >= self._first_pending_at + self._linger)
         if self._pending:
             logger.warning(
                 "stopping with %d unsent instance(s); they stay 'received' for the sweeper", len(self._pending)
             )
+
+    def _send_at(self) -> float:
+        """When the pending ids go out: now when a batch is full, else ``linger`` after the first came."""
+        if len(self._pending) >= self._batch_size:
+            return 0.0
+        return self._first_pending_at + self._linger
 
     def _trim(self) -> None:
         overflow = len(self._pending) - self._max_pending
@@ -126,8 +143,11 @@ class Enqueuer:
             del self._pending[:overflow]
             logger.warning("enqueuer holds too many unsent instances; %d left to the sweeper", overflow)
 
-    def _flush(self) -> None:
+    def _flush(self, *, partial: bool) -> None:
+        """Sends full batches, and the last one that is not full when ``partial``."""
         while self._pending and not self.breaker_open:
+            if len(self._pending) < self._batch_size and not partial:
+                return
             batch = self._pending[: self._batch_size]
             try:
                 self._send(batch)

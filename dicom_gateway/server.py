@@ -186,7 +186,8 @@ class Gateway:
         self.enqueuer = Enqueuer(
             send or send_to_broker,
             self._mark_queued,
-            batch_size=settings.batch_size,
+            batch_size=settings.gateway_batch_size,
+            linger=settings.gateway_batch_linger,
             breaker_seconds=breaker_seconds,
         )
         self._records: dict[Any, AssociationRecord] = {}

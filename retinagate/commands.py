@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +57,9 @@ def register(subparsers: Any) -> None:
             "`retinagate gateway`, `retinagate worker` and `retinagate beat` as separate services instead."
         ),
     )
-    serve.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--concurrency", type=int, default=os.cpu_count() or 1, help="scoring processes (default: one per CPU core)"
+    )
     serve.add_argument("--no-beat", action="store_true", help="do not run the scheduler (sweeps, rescoring)")
     serve.set_defaults(handler=_serve)
 

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 import numpy as np
 import onnxruntime as ort
@@ -177,6 +177,12 @@ def provider_plans(
     return plans
 
 
+#: Images per session run on one CPU thread. Small runs keep a run's activations in the caches:
+#: measured on EfficientNet-B0 at 224 px, 13.0 ms per image in runs of 2 against 16.5 ms in runs
+#: of 16 (with several threads larger runs win, as they split better).
+_CPU_RUN: Final = 2
+
+
 class Engine:
     """An ONNX Runtime session over one exported RetinaGate model.
 
@@ -184,7 +190,8 @@ class Engine:
         path: The ``.onnx`` file written by ``retinagate export``.
         providers: ``auto`` (TensorRT, then CUDA, then CPU), or one of ``cpu``, ``cuda``, ``tensorrt``.
         intra_op_threads: CPU threads for ONNX Runtime; 0 lets it choose (one per core).
-        batch_size: Images per session run; :meth:`predict` splits larger inputs.
+        batch_size: Images per session run; :meth:`predict` splits larger inputs (into runs of 2 on
+            a single CPU thread, see ``_CPU_RUN``).
         cache_dir: Where TensorRT keeps engines and timing caches (one subfolder per model sha256);
             without it TensorRT rebuilds its engines in every process (minutes).
         cudnn_conv_algo_search: cuDNN convolution algorithm search for CUDA: ``EXHAUSTIVE`` benchmarks
@@ -364,8 +371,9 @@ class Engine:
         count = images.shape[0]
         probabilities = np.empty((count, self.card.num_labels), dtype=np.float32)
         cams = np.empty((count, self.card.num_labels, *self.cam_size), dtype=np.float32)
-        for start in range(0, count, self.batch_size):
-            stop = min(start + self.batch_size, count)
+        step = self.batch_size if self._on_gpu or self._intra_op_threads != 1 else min(self.batch_size, _CPU_RUN)
+        for start in range(0, count, step):
+            stop = min(start + step, count)
             probabilities[start:stop], cams[start:stop] = self._run(images[start:stop])
         return probabilities, cams
 

@@ -170,12 +170,13 @@ class BuiltinReceiver:
         self._files: dict[str, Path] = {}
 
     def start(self) -> BuiltinReceiver:
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
         self.folder.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=self.ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
+        for context in AllStoragePresentationContexts:  # every transfer syntax: a PACS stores what it gets
+            ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         self._server = ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
@@ -183,13 +184,13 @@ class BuiltinReceiver:
         return self
 
     def _on_store(self, event: Any) -> int:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
+        ds = event.dataset  # parsed lazily: only the few attributes read below are decoded
         uid = str(ds.SOPInstanceUID)
-        # Received names are never paths: files are numbered in arrival order.
+        # Received names are never paths: files are numbered in arrival order. The bytes are
+        # written as they came (a Part 10 file), not re-encoded.
         with self._lock:
             index = len(self._received)
-            ds.save_as(self.folder / f"{index:06d}.dcm", enforce_file_format=True)
+            (self.folder / f"{index:06d}.dcm").write_bytes(event.encoded_dataset(include_meta=True))
             self._received[uid] = ReceivedInstance(
                 sop_instance_uid=uid,
                 sop_class_uid=str(ds.SOPClassUID),

@@ -173,7 +173,12 @@ def serve(settings: Settings, *, config: Path | None = None, concurrency: int = 
     cli = [sys.executable, "-m", "retinagate"]
     supervisor = Supervisor(env)
     supervisor.add("gateway", [*cli, "gateway"])
-    supervisor.add("worker", [*cli, "worker", "--concurrency", str(concurrency)])
+    # Scoring in processes, one per core; delivery and maintenance, which mostly wait on the network
+    # and the PACS, in a thread pool of their own, so they never hold a scoring process.
+    supervisor.add("worker", [*cli, "worker", "--queues", "score", "--concurrency", str(concurrency)])
+    supervisor.add(
+        "sender", [*cli, "worker", "--queues", "deliver,maintenance", "--pool", "threads", "--concurrency", "4"]
+    )
     if with_beat:
         supervisor.add("beat", [*cli, "beat"])
 

@@ -148,6 +148,12 @@ class Settings(BaseSettings):
     gateway_tls_require_client_cert: bool = Field(
         True, description="With a CA bundle: require (true) or only verify offered (false) client certificates."
     )
+    gateway_batch_size: Annotated[int, Field(ge=1, le=1024)] = Field(
+        4, description="Most instances per score task the gateway sends (one task shares commits and a delivery)."
+    )
+    gateway_batch_linger: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
+        0.2, description="Seconds the gateway waits for more instances before sending a score task that is not full."
+    )
     gateway_max_associations: Annotated[int, Field(ge=1, le=1000)] = Field(32, description="Concurrent associations.")
     gateway_max_pdu: Annotated[int, Field(ge=0)] = Field(
         262_144, description="Maximum PDU size received (0: unlimited)."

@@ -140,3 +140,38 @@ def test_too_many_unsent_ids_keep_the_newest_and_leave_the_rest_to_the_sweeper()
 def test_settings_out_of_range_are_refused_with_the_field_named(keyword: str, value: float) -> None:
     with pytest.raises(ValueError, match=keyword):
         Enqueuer(list, list, **{keyword: value})  # type: ignore[arg-type]
+
+
+def test_with_a_linger_ids_arriving_together_share_a_task_and_a_lone_id_waits_at_most_the_linger() -> None:
+    broker = _Broker()
+    enqueuer = Enqueuer(broker.send, broker.mark, batch_size=4, linger=0.5)
+    enqueuer.start()
+    try:
+        started = time.monotonic()
+        enqueuer.submit(1)
+        time.sleep(0.1)
+        enqueuer.submit(2)  # within the linger: same task
+        _wait_for(lambda: broker.sent == [[1, 2]])
+        assert 0.45 <= time.monotonic() - started < 2.0  # sent when the linger ran out, not before
+        for instance_id in range(3, 8):
+            enqueuer.submit(instance_id)  # a full batch goes at once; the fifth waits for the linger
+        _wait_for(lambda: sum(map(len, broker.sent)) == 7)
+        assert broker.sent == [[1, 2], [3, 4, 5, 6], [7]]
+    finally:
+        enqueuer.stop()
+
+
+def test_stopping_sends_what_is_lingering() -> None:
+    broker = _Broker()
+    enqueuer = Enqueuer(broker.send, broker.mark, batch_size=4, linger=10.0)
+    enqueuer.start()
+    enqueuer.submit(1)
+    time.sleep(0.1)
+    enqueuer.stop()
+    assert broker.sent == [[1]]
+
+
+def test_a_linger_outside_0_to_10_seconds_is_refused() -> None:
+    broker = _Broker()
+    with pytest.raises(ValueError, match="linger"):
+        Enqueuer(broker.send, broker.mark, linger=11)

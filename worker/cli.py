@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -94,7 +95,14 @@ def register(subparsers: Any) -> None:
         type=_positive,
         default=None,
         metavar="N",
-        help="worker processes (default: one per CPU core)",
+        help="worker processes, or threads with --pool threads (default: one per CPU core)",
+    )
+    worker.add_argument(
+        "--pool",
+        choices=("prefork", "threads"),
+        default="prefork",
+        help="prefork (default): processes, for scoring; threads: for the deliver and maintenance queues, "
+        "whose tasks mostly wait on the network and the PACS",
     )
     worker.add_argument("--beat", action="store_true", help="also run the scheduler in this process (one per site)")
     worker.set_defaults(handler=_worker)
@@ -158,15 +166,19 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from worker.app import create_app
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = create_app(settings)
+    app = create_app(_threads_per_process(settings, args.concurrency if args.pool == "prefork" else 1))
     argv = [
         "worker",
+        "--pool",
+        args.pool,
         "--queues",
         ",".join(args.queues),
         "--loglevel",
         settings.log_level,
         "--without-mingle",
         "--without-gossip",
+        "--hostname",  # one node name per queue set, so a scoring and a sending worker can share a host
+        f"{'-'.join(args.queues)}@%h",
     ]
     if args.concurrency is not None:
         argv += ["--concurrency", str(args.concurrency)]
@@ -174,6 +186,18 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         argv += ["--beat"]
     code: int | None = app.start(argv)
     return int(code or 0)
+
+
+def _threads_per_process(settings: Settings, concurrency: int | None) -> Settings:
+    """Shares the cores among the pool processes when ONNX Runtime's thread count is left to choose.
+
+    Each pool process would otherwise run one inference thread per core (and as many decode and
+    encode threads): two processes on two cores ran four busy threads and scored a third slower.
+    """
+    if settings.intra_op_threads:
+        return settings
+    cores = os.cpu_count() or 1
+    return settings.model_copy(update={"intra_op_threads": max(1, cores // (concurrency or cores))})
 
 
 def _beat(args: argparse.Namespace, settings: Settings) -> int:

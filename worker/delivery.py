@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import select
 
@@ -50,6 +50,7 @@ Verdict = Literal["delivered", "retry", "failed"]
 
 _TRANSIENT_FAILURES = frozenset({0x0110, 0x0213, 0xFE00})
 _MAX_CONTEXTS = 128  # presentation contexts one association may propose
+_JPEG_HINT = "; for a destination that takes no JPEG, set RETINAGATE_SC_COMPRESSION=none"
 
 
 def classify_status(status: int) -> Verdict:
@@ -85,13 +86,30 @@ class Timeouts:
     network: float = 60.0
 
 
-def _transfer_syntaxes(ts: str) -> list[str]:
+def _contexts(sop_class: str, ts: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Presentation contexts to propose for a file: its own transfer syntax alone, so that the file's
+    bytes go out as they are, and for uncompressed files a fallback the file can be converted to."""
     from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     uid = UID(ts)
+    exact: list[tuple[str, tuple[str, ...]]] = [(sop_class, (str(uid),))]
     if uid.is_compressed or uid.is_deflated:
-        return [str(uid)]  # pynetdicom cannot re-encode compressed pixel data: offer it as it is
-    return list(dict.fromkeys([str(uid), str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]))
+        return exact  # pynetdicom cannot re-encode compressed pixel data: offer it as it is
+    return [*exact, (sop_class, (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)))]
+
+
+def _send_one(assoc: Any, path: Path, sop_class: str, ts: str) -> Any:
+    """C-STORE of one file: its bytes as they are when its own transfer syntax was accepted (no
+    decoding and re-encoding, which costs tens of milliseconds for an SR), else the decoded dataset,
+    which pynetdicom converts to an accepted uncompressed syntax."""
+    from pydicom import dcmread
+    from pynetdicom import _config
+
+    exact = any(cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == ts for cx in assoc.accepted_contexts)
+    if exact:
+        _config.STORE_SEND_CHUNKED_DATASET = True  # only this process's SCU sends; read per call
+        return assoc.send_c_store(path)
+    return assoc.send_c_store(dcmread(path))
 
 
 def send_to(
@@ -119,8 +137,8 @@ def send_to(
     from pynetdicom import AE
 
     results: dict[int, SendResult] = {}
-    contexts: dict[str, list[str]] = defaultdict(list)
-    sendable: list[tuple[int, Path]] = []
+    contexts: dict[tuple[str, tuple[str, ...]], None] = {}
+    sendable: list[tuple[int, Path, str, str]] = []
     for key, path in files:
         try:
             meta = read_file_meta_info(path)
@@ -131,10 +149,8 @@ def send_to(
         except (InvalidDicomError, AttributeError, OSError) as exc:
             results[key] = SendResult("failed", error=f"the output file is unreadable: {exc}")
             continue
-        for uid in _transfer_syntaxes(ts):
-            if uid not in contexts[sop_class]:
-                contexts[sop_class].append(uid)
-        sendable.append((key, path))
+        contexts.update(dict.fromkeys(_contexts(sop_class, ts)))
+        sendable.append((key, path, sop_class, ts))
     if not sendable:
         return results
 
@@ -144,9 +160,11 @@ def send_to(
     ae.dimse_timeout = timeouts.dimse
     ae.network_timeout = timeouts.network
     if len(contexts) > _MAX_CONTEXTS:
-        raise ValueError(f"files: {len(contexts)} SOP classes, more than one association takes ({_MAX_CONTEXTS})")
-    for sop_class, syntaxes in contexts.items():
-        ae.add_requested_context(sop_class, syntaxes)
+        raise ValueError(
+            f"files: {len(contexts)} presentation contexts, more than one association takes ({_MAX_CONTEXTS})"
+        )
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, list(syntaxes))
 
     tls_args = (ssl_context, destination.host) if ssl_context is not None else None
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
@@ -158,29 +176,30 @@ def send_to(
             if primitive is not None
             else "association rejected"
         )
-        results.update({key: SendResult("failed" if permanent else "retry", error=reason) for key, _ in sendable})
+        results.update({key: SendResult("failed" if permanent else "retry", error=reason) for key, *_ in sendable})
         return results
     accepted = assoc.acceptor.primitive
     if not assoc.is_established and accepted is not None and accepted.result == 0x00:
         # Accepted, then aborted by pynetdicom because no presentation context was: a configuration
         # mismatch that retrying cannot fix.
         unsupported = "the destination accepts none of the SOP classes or transfer syntaxes offered"
-        results.update({key: SendResult("failed", error=unsupported) for key, _ in sendable})
+        results.update({key: SendResult("failed", error=unsupported) for key, *_ in sendable})
         return results
     if not assoc.is_established:
         refused = f"no association with {destination}: connection refused, timed out or aborted"
-        results.update({key: SendResult("retry", error=refused) for key, _ in sendable})
+        results.update({key: SendResult("retry", error=refused) for key, *_ in sendable})
         return results
 
     try:
-        for key, path in sendable:
+        for key, path, sop_class, ts in sendable:
             if not assoc.is_established:
                 results[key] = SendResult("retry", error="the association ended before this file was sent")
                 continue
             try:
-                answer = assoc.send_c_store(path)
+                answer = _send_one(assoc, path, sop_class, ts)
             except ValueError as exc:  # no accepted presentation context for its SOP class or syntax
-                results[key] = SendResult("failed", error=f"not accepted by the destination: {exc}")
+                hint = _JPEG_HINT if "JPEG" in str(exc) else ""
+                results[key] = SendResult("failed", error=f"not accepted by the destination: {exc}{hint}")
                 continue
             except (OSError, RuntimeError) as exc:
                 results[key] = SendResult("retry", error=f"sending failed: {exc}")

@@ -180,7 +180,9 @@ class Scorer:
             raise RetryableError(f"cannot load the model {path}: {_error_text(exc)}") from exc
         engine.warmup()  # the first real batch should not pay for the runtime's set-up
         model_id = _register_active(sessions, engine)
-        return cls(engine, Pipeline(engine, settings), model_id)
+        # Decode and encode threads: as many as the inference threads this process was given.
+        threads = min(64, settings.intra_op_threads) if settings.intra_op_threads else 2
+        return cls(engine, Pipeline(engine, settings, threads=threads), model_id)
 
 
 def _register_active(sessions: sessionmaker[Session], engine: Engine) -> int:
