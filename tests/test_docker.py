@@ -33,13 +33,14 @@ import yaml
 from retinagate.cli import build_parser
 from retinagate.pacs import free_port
 from retinagate.settings import load_settings
+from worker.app import QUEUES
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE_FILE = DOCKER / "compose.yaml"
 ENV_EXAMPLE = DOCKER / ".env.example"
 DOCKERFILES = ("Dockerfile.gateway", "Dockerfile.worker-cpu", "Dockerfile.worker-gpu")
-RETINAGATE_SERVICES = ("migrate", "gateway", "worker", "worker-gpu", "beat")
+RETINAGATE_SERVICES = ("migrate", "gateway", "worker", "worker-gpu", "sender", "beat")
 ENV_ANCHOR = "x-retinagate-env"
 
 
@@ -229,7 +230,8 @@ def is_one_shot(service: dict[str, Any]) -> bool:
 def test_every_long_running_service_has_a_healthcheck_and_one_shots_never_restart(
     services: dict[str, dict[str, Any]], dockerfiles: dict[str, list[Stage]]
 ) -> None:
-    expected = {"redis", "postgres", "migrate", "gateway", "worker", "worker-gpu", "beat", "orthanc", "flower"}
+    expected = {"redis", "postgres", "migrate", "gateway", "worker", "worker-gpu", "sender", "beat", "orthanc"}
+    expected |= {"flower"}
     assert expected <= set(services), f"missing services: {sorted(expected - set(services))}"
     for name, service in services.items():
         if is_one_shot(service):
@@ -260,7 +262,7 @@ def test_services_start_only_after_what_they_need_is_healthy_or_done(
         return None if rule is None else str(rule["condition"])
 
     assert condition("migrate", "postgres") == "service_healthy"
-    for name in ("gateway", "worker", "worker-gpu", "beat"):
+    for name in ("gateway", "worker", "worker-gpu", "sender", "beat"):
         assert condition(name, "migrate") == "service_completed_successfully", f"{name} may start before migration"
         assert condition(name, "redis") == "service_healthy", f"{name} may start before the broker"
     assert condition("flower", "redis") == "service_healthy"
@@ -281,9 +283,9 @@ def test_named_volumes_are_declared_and_storage_is_shared_by_gateway_and_workers
     used = {source for by_service in mounts.values() for source in by_service}
     assert declared == used, f"declared but unused volumes: {sorted(declared - used)}"
 
-    for name in ("gateway", "worker", "worker-gpu"):
+    for name in ("gateway", "worker", "worker-gpu", "sender"):
         assert mounts[name].get("storage") == "/data/storage", f"{name} does not share the storage volume"
-    for name in ("worker", "worker-gpu"):
+    for name in ("worker", "worker-gpu", "sender"):
         assert mounts[name].get("models") == "/models:ro", f"{name}: the model volume should be read-only"
     assert "/var/lib/postgresql/data" in mounts["postgres"].values()
     assert "/data" in mounts["redis"].values()
@@ -319,7 +321,7 @@ def test_each_retinagate_service_environment_is_valid_settings(
         settings = load_settings(environ=retinagate_env)  # raises SettingsError naming any bad or unknown one
         assert settings.broker_url.startswith("redis://")
         assert settings.resolved_storage_dir == Path("/data/storage")
-        if name.startswith("worker"):
+        if name.startswith("worker") or name == "sender":
             assert settings.model_path == Path("/models/model.onnx")
             assert settings.destinations, f"{name}: outputs have nowhere to go"
 
@@ -763,3 +765,20 @@ def test_broker_probe_follows_the_broker_up_and_down(
     assert probe.main(["broker", "--timeout", "2"]) == 0
     probe_env.setenv("RETINAGATE_BROKER_URL", f"redis+socket://{tmp_path / 'absent.sock'}")
     assert probe.main(["broker", "--timeout", "2"]) == 1
+
+
+def test_every_queue_has_a_consumer_and_delivery_never_holds_a_scoring_process(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    consumed: dict[str, list[str]] = {}
+    for service in services.values():
+        command = [str(part) for part in service.get("command") or []]
+        if not command or command[0] != "worker" or service.get("profiles"):
+            continue
+        queues = command[command.index("--queues") + 1].split(",") if "--queues" in command else list(QUEUES)
+        pool = command[command.index("--pool") + 1] if "--pool" in command else "prefork"
+        for queue in queues:
+            consumed.setdefault(queue, []).append(pool)
+    assert set(consumed) == set(QUEUES), f"queues without a consumer: {sorted(set(QUEUES) - set(consumed))}"
+    assert consumed["deliver"] == ["threads"], "delivery waits on the network: it belongs in a thread pool"
+    assert consumed["score"] == ["prefork"]
