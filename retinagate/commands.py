@@ -49,12 +49,14 @@ def register(subparsers: Any) -> None:
 
     serve = subparsers.add_parser(
         "serve",
-        help="run gateway, worker and beat together on this machine (embedded Redis when no broker is set)",
+        help="run the gateway, the workers and beat on this machine (embedded Redis when no broker is set)",
         description=(
-            "Starts the DICOM gateway, a scoring worker and the scheduler as child processes, with an "
-            "embedded Redis server on a Unix socket under the data directory when RETINAGATE_BROKER_URL "
-            "is empty. Migrates the database first. Ctrl-C stops everything cleanly. In production, run "
-            "`retinagate gateway`, `retinagate worker` and `retinagate beat` as separate services instead."
+            "Starts the DICOM gateway, a scoring worker, a sending worker (delivery and maintenance in "
+            "threads) and the scheduler as child processes, with an embedded Redis server on a Unix "
+            "socket under the data directory when RETINAGATE_BROKER_URL is empty. Migrates the database "
+            "first. Ctrl-C stops everything cleanly. In production, run `retinagate gateway`, "
+            "`retinagate worker --queues score`, `retinagate worker --queues deliver,maintenance --pool "
+            "threads` and `retinagate beat` as separate services instead."
         ),
     )
     serve.add_argument(

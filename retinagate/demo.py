@@ -179,7 +179,7 @@ def run_demo(settings: Settings, *, studies: int = 10, epochs: int = 6, train_im
     )
     serve: subprocess.Popen[bytes] | None = None
     try:
-        _step("4/6 retinagate serve (gateway, worker, beat, embedded Redis)")
+        _step("4/6 retinagate serve (gateway, workers, beat, embedded Redis)")
         serve = subprocess.Popen(_cli("serve"), env=env)
         _wait_for_echo(port, settings.gateway_ae_title, timeout_s=90)
 

@@ -164,6 +164,43 @@ class Geometry:
         out[ty0:ty1, tx0:tx1] = region
         return out
 
+    def visible_cells(self, heat_shape: tuple[int, int]) -> NDArray[np.bool_]:
+        """Which cells of a heatmap over the model input have their centre on the photograph (not padding)."""
+        h, w = heat_shape
+        px0, py0, px1, py1 = self.placed
+        xs = (np.arange(w) + 0.5) * self.size / w
+        ys = (np.arange(h) + 0.5) * self.size / h
+        return ((ys >= py0) & (ys < py1))[:, None] & ((xs >= px0) & (xs < px1))[None, :]
+
+    def cell_to_source(
+        self, cell: tuple[int, int], heat_shape: tuple[int, int], source_shape: tuple[int, int] | None = None
+    ) -> tuple[int, int]:
+        """Where the centre of one heatmap cell lands on the photograph, as :meth:`to_source` maps it.
+
+        A bilinear map peaks at a grid node, so the peak of :meth:`to_source`'s output is the
+        image of the heatmap's strongest cell: this finds it without mapping the whole map.
+
+        Args:
+            cell: ``(row, column)`` of the cell in a heatmap of ``heat_shape``.
+            heat_shape: ``(h, w)`` of that heatmap (it covers the model input edge to edge).
+            source_shape: As for :meth:`to_source`.
+
+        Returns:
+            ``(x, y)`` pixel in ``source_shape``, clamped to the crop box.
+        """
+        target_h, target_w = self.source_shape if source_shape is None else source_shape
+        sx, sy = target_w / self.source_shape[1], target_h / self.source_shape[0]
+        x0, y0, x1, y1 = self.crop
+        px0, py0, px1, py1 = self.placed
+        scale_x, scale_y = (x1 - x0) / (px1 - px0), (y1 - y0) / (py1 - py0)
+        row, column = cell
+        # Cell centre -> model input -> crop -> photograph -> target scale (pixel centres at +0.5).
+        x = ((column + 0.5) * self.size / heat_shape[1] - px0) * scale_x * sx + x0 * sx - 0.5
+        y = ((row + 0.5) * self.size / heat_shape[0] - py0) * scale_y * sy + y0 * sy - 0.5
+        clamp_x = (round(x0 * sx), max(round(x0 * sx), min(target_w, round(x1 * sx)) - 1))
+        clamp_y = (round(y0 * sy), max(round(y0 * sy), min(target_h, round(y1 * sy)) - 1))
+        return min(max(round(x), clamp_x[0]), clamp_x[1]), min(max(round(y), clamp_y[0]), clamp_y[1])
+
 
 def _layout(crop_w: int, crop_h: int, size: int) -> Box:
     """Box of the resized crop, centred in the ``size`` square (the pad-to-square step)."""

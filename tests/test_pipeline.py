@@ -224,11 +224,12 @@ def test_the_sc_heatmap_sits_over_the_planted_lesion(
         plain = render_heatmaps(decoded.frames[0], geometry, [], Legend("", ()))
         plain = plain[: round(mask.shape[0] * 1024 / mask.shape[1])]
         x, y = _marker_centre(png, plain)
-        # The picture shows the model's own map: its peak, mapped onto the photograph, is where the heat is.
+        # The picture shows the model's own map: the marker sits where that map, mapped onto the
+        # photograph, is at its highest (a plateau where the strongest cell is on the border).
         _, cams = engine.predict(model_input[None])
         peak = geometry.to_source(cams[0, engine.card.labels.index(shown[0])], plain.shape[:2])
-        peak_y, peak_x = np.unravel_index(int(np.argmax(peak)), peak.shape)
-        assert np.hypot(x - peak_x, y - peak_y) <= 4, (path.name, (x, y), (peak_x, peak_y))
+        around = peak[max(0, y - 2) : y + 3, max(0, x - 2) : x + 3]
+        assert around.max() >= 0.99 * peak.max(), (path.name, (x, y), np.unravel_index(np.argmax(peak), peak.shape))
         crop_side = max(geometry.crop[2] - geometry.crop[0], geometry.crop[3] - geometry.crop[1])
         radius = max(1, round(cell / 2 * crop_side / engine.card.input_size))
         near = cv2.dilate(mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2))

@@ -161,3 +161,33 @@ def test_prepare_batch_stacks_the_same_pixels_as_prepare_for_mixed_sizes() -> No
     for row, image in zip(batch, images, strict=True):
         assert np.array_equal(row, prepare(image, PRE))
     assert prepare_batch([], PRE).shape == (0, 224, 224, 3)
+
+
+def test_cell_to_source_finds_the_peak_of_the_mapped_heatmap_without_mapping_it() -> None:
+    from retinagate.preprocess import Geometry
+
+    rng = np.random.default_rng(3)
+    geometries = [
+        Geometry(source_shape=(768, 1024), crop=(130, 0, 898, 768), placed=(0, 0, 224, 224), size=224),
+        Geometry(source_shape=(384, 512), crop=(64, 2, 450, 380), placed=(1, 0, 223, 224), size=224),
+    ]
+    for geometry in geometries:
+        for _ in range(50):
+            cam = rng.random((7, 7)).astype(np.float32)
+            mapped = geometry.to_source(cam, (600, 800))
+            row, column = np.unravel_index(int(np.argmax(cam)), cam.shape)
+
+            x, y = geometry.cell_to_source((int(row), int(column)), cam.shape, (600, 800))
+
+            # Within OpenCV's fixed-point interpolation (1/32 pixel) of the true peak, or on its plateau.
+            assert mapped[y, x] == pytest.approx(mapped.max(), rel=5e-3)
+
+
+def test_visible_cells_leave_out_the_padding() -> None:
+    from retinagate.preprocess import Geometry
+
+    wide = Geometry(source_shape=(768, 1024), crop=(0, 0, 1024, 768), placed=(0, 28, 224, 196), size=224)
+
+    visible = wide.visible_cells((7, 7))
+
+    assert visible[1:6].all() and not visible[0].any() and not visible[6].any()

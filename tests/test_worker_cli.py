@@ -81,3 +81,41 @@ def test_a_dry_run_counts_the_scored_instances_a_new_model_would_score_and_chang
     assert main(["rescore", "--model", str(model), "--dry-run", "--until", "2000-01-01"]) == 0
     assert "would rescore 0 instance(s)" in capsys.readouterr().out
     assert not (settings.data_dir / "reports").exists()
+
+
+def test_scoring_processes_share_the_cores_unless_the_thread_count_is_set(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.cli import _threads_per_process
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert _threads_per_process(make_settings(), 2).intra_op_threads == 4
+    assert _threads_per_process(make_settings(), None).intra_op_threads == 1  # one process per core
+    assert _threads_per_process(make_settings(), 16).intra_op_threads == 1
+    assert _threads_per_process(make_settings(intra_op_threads=3), 2).intra_op_threads == 3
+
+
+def test_the_worker_passes_its_pool_queues_and_a_node_name_per_queue_set_to_celery(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import celery
+
+    from worker import cli
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not read here")
+    settings = make_settings(model_path=model)
+    upgrade(settings)
+    started: list[list[str]] = []
+    monkeypatch.setattr(celery.Celery, "start", lambda self, argv: started.append(argv) or 0)
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+
+    args = parser.parse_args(["worker", "--queues", "deliver,maintenance", "--pool", "threads", "--concurrency", "8"])
+    assert args.handler(args, settings) == 0
+
+    (argv,) = started
+    assert argv[argv.index("--pool") + 1] == "threads"
+    assert argv[argv.index("--queues") + 1] == "deliver,maintenance"
+    assert argv[argv.index("--hostname") + 1] == "deliver-maintenance@%h"
+    assert argv[argv.index("--concurrency") + 1] == "8"

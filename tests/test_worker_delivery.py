@@ -178,6 +178,41 @@ def test_a_missing_output_file_fails_that_delivery_only(
     assert len(receiver.received) == 1
 
 
+def _uncompressed_copy(source: Path, target: Path) -> str:
+    """The photograph re-encoded Explicit VR Little Endian under a new UID; returns the UID."""
+    from pydicom import dcmread
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = dcmread(source)
+    ds.decompress()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(target, enforce_file_format=True)
+    return str(ds.SOPInstanceUID)
+
+
+def test_a_file_goes_as_encoded_when_its_syntax_is_taken_else_converted_or_failed_with_a_hint(
+    tmp_path: Path, worker_receiver: Any, camera_files: Callable[..., list[Path]]
+) -> None:
+    from pydicom import dcmread
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    (jpeg,) = camera_files(1)
+    plain = tmp_path / "plain.dcm"
+    plain_uid = _uncompressed_copy(jpeg, plain)
+    everything = worker_receiver("ALL")
+    implicit_only = worker_receiver("OLD", syntaxes=[ImplicitVRLittleEndian])
+
+    sent = send_to(Destination.parse(everything.destination), [(1, jpeg), (2, plain)], calling_ae="RG", timeouts=FAST)
+    old = send_to(Destination.parse(implicit_only.destination), [(1, jpeg), (2, plain)], calling_ae="RG", timeouts=FAST)
+
+    assert {r.verdict for r in sent.values()} == {"delivered"}
+    assert everything.datasets[plain_uid].PixelData == dcmread(plain).PixelData
+    assert old[2].verdict == "delivered" and implicit_only.received == [plain_uid]  # converted on the way
+    assert implicit_only.datasets[plain_uid].file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert old[1].verdict == "failed" and "RETINAGATE_SC_COMPRESSION=none" in (old[1].error or "")
+
+
 def test_send_to_reports_every_file_when_nothing_listens(tmp_path: Path, worker_receiver: Any) -> None:
     down = worker_receiver(start=False)
     missing = tmp_path / "missing.dcm"

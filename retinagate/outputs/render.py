@@ -167,9 +167,11 @@ def render_heatmaps(
             continue
         heat = geometry.to_source(small, (low_h, low_w))
         np.maximum(combined, heat, out=combined)
-        row, column = np.unravel_index(int(np.argmax(heat)), heat.shape)
-        peaks.append((finding.label, (min(width - 1, int((column + 0.5) * width / low_w)),
-                                      min(height - 1, int((row + 0.5) * height / low_h)))))  # fmt: skip
+        # The marker: the strongest cell on the photograph, mapped exactly (a bilinear map peaks at a
+        # node); the coarse grid would place it only to within a grid step.
+        visible = np.where(geometry.visible_cells(small.shape), small, -1.0)
+        row, column = np.unravel_index(int(np.argmax(visible)), visible.shape)
+        peaks.append((finding.label, geometry.cell_to_source((int(row), int(column)), small.shape, (height, width))))
 
     picture: NDArray[np.uint8] = photo
     if peaks:
