@@ -144,7 +144,13 @@ def print_cpu(before: dict[str, float], after: dict[str, float], camera: float, 
 
 
 def whole_system(
-    files: list[Path], model: Path, workdir: Path, concurrency: int, timeline: bool = False, cpu: bool = False
+    files: list[Path],
+    model: Path,
+    workdir: Path,
+    concurrency: int,
+    timeline: bool = False,
+    cpu: bool = False,
+    database_url: str = "",
 ) -> tuple[float, list[float]]:
     from pydicom import dcmread
     from sqlalchemy import select
@@ -169,6 +175,7 @@ def whole_system(
         RETINAGATE_DESTINATIONS=f"{receiver.ae_title}@127.0.0.1:{receiver.port}",
         RETINAGATE_OUTPUTS="sc,sr",
         RETINAGATE_LOG_LEVEL="WARNING",
+        RETINAGATE_DATABASE_URL=database_url or f"sqlite:///{workdir / 'var' / 'retinagate.db'}",
     )
     cli = [sys.executable, "-m", "retinagate"]
     subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True)
@@ -200,7 +207,7 @@ def whole_system(
         subprocess.run(
             ["storescu", "-xy", "-aec", "RETINAGATE", "127.0.0.1", str(port), *map(str, files[:WARM_UP])], check=True
         )
-        engine = make_engine(f"sqlite:///{workdir / 'var' / 'retinagate.db'}")
+        engine = make_engine(env["RETINAGATE_DATABASE_URL"])
         sessions = session_factory(engine)
 
         def delivered() -> int:
@@ -268,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--timeline", action="store_true", help="print received/scored/delivered per half second")
     parser.add_argument("--cpu", action="store_true", help="print CPU ms per image of each process")
+    parser.add_argument(
+        "--database-url", default="", help="an empty database for the system (default: SQLite in the scratch folder)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (database, logs) and say where")
     args = parser.parse_args(argv)
     for tool in ("storescu", "echoscu", "redis-server"):
@@ -280,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         one = compute_only(files[WARM_UP:], model, 1)
         many = compute_only(files[WARM_UP:], model, args.concurrency)
         compute = max(one, many)
-        system, latencies = whole_system(files, model, workdir / "system", args.concurrency, args.timeline, args.cpu)
+        system, latencies = whole_system(
+            files, model, workdir / "system", args.concurrency, args.timeline, args.cpu, args.database_url
+        )
     finally:
         if args.keep:
             print(f"kept {workdir}", file=sys.stderr)
