@@ -131,6 +131,16 @@ class Settings(BaseSettings):
         [], description="Where outputs go, comma list of AE@host:port."
     )
     calling_ae_title: str = Field("RETINAGATE", description="AE title RetinaGate uses when it sends.")
+    delivery_tls: bool = Field(
+        False, description="Send to the destinations over TLS 1.2 or newer, verifying their certificates."
+    )
+    delivery_tls_ca: Path | None = Field(
+        None, description="CA bundle (PEM) that destination certificates are verified against (default: the system's)."
+    )
+    delivery_tls_cert: Path | None = Field(
+        None, description="Client certificate (PEM) for destinations that require one; set with the key."
+    )
+    delivery_tls_key: Path | None = Field(None, description="Private key (PEM) of the client certificate.")
 
     # Gateway.
     gateway_ae_title: str = Field("RETINAGATE", description="AE title the gateway answers to.")
@@ -260,6 +270,12 @@ class Settings(BaseSettings):
             raise ValueError("gateway_tls_cert and gateway_tls_key must be set together")
         if self.gateway_tls_ca is not None and self.gateway_tls_cert is None:
             raise ValueError("gateway_tls_ca needs gateway_tls_cert and gateway_tls_key")
+        if (self.delivery_tls_cert is None) != (self.delivery_tls_key is None):
+            raise ValueError("delivery_tls_cert and delivery_tls_key must be set together")
+        if not self.delivery_tls and any(
+            p is not None for p in (self.delivery_tls_ca, self.delivery_tls_cert, self.delivery_tls_key)
+        ):
+            raise ValueError("delivery_tls_ca, _cert and _key take effect only with delivery_tls=true; set it")
         if self.task_time_limit >= self.visibility_timeout:
             raise ValueError("task_time_limit must be below visibility_timeout, or Redis redelivers running tasks")
         return self

@@ -193,12 +193,15 @@ class WorkerReceiver:
     ``reject`` (result, source, diagnostic) rejects every association.
     """
 
-    def __init__(self, ae_title: str = "PACS", port: int | None = None, syntaxes: list[str] | None = None) -> None:
+    def __init__(
+        self, ae_title: str = "PACS", port: int | None = None, syntaxes: list[str] | None = None, tls: Any = None
+    ) -> None:
         import threading
 
         from retinagate.pacs import free_port
 
         self.syntaxes = syntaxes  # transfer syntaxes it accepts; None: all
+        self.tls = tls  # a server ssl.SSLContext, or None for plain TCP
         self.ae_title = ae_title
         self.port = port or free_port()
         self.received: list[str] = []
@@ -224,7 +227,9 @@ class WorkerReceiver:
             ae.add_supported_context(context.abstract_syntax, self.syntaxes or ALL_TRANSFER_SYNTAXES)
         ae.dimse_timeout = ae.network_timeout = 60
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REQUESTED, self._on_requested)]
-        self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=handlers, ssl_context=self.tls
+        )
         return self
 
     def _on_requested(self, event: Any) -> None:
@@ -258,9 +263,13 @@ def worker_receiver() -> Iterator[Callable[..., WorkerReceiver]]:
     made: list[WorkerReceiver] = []
 
     def make(
-        ae_title: str = "PACS", port: int | None = None, start: bool = True, syntaxes: list[str] | None = None
+        ae_title: str = "PACS",
+        port: int | None = None,
+        start: bool = True,
+        syntaxes: list[str] | None = None,
+        tls: Any = None,
     ) -> WorkerReceiver:
-        receiver = WorkerReceiver(ae_title, port, syntaxes)
+        receiver = WorkerReceiver(ae_title, port, syntaxes, tls)
         made.append(receiver)
         return receiver.start() if start else receiver
 
@@ -684,3 +693,87 @@ def onnx_model_path(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathF
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     export_checkpoint(trained_checkpoint, out)
     return out
+
+
+import datetime as dt  # noqa: E402
+import ipaddress  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+
+# TLS: a CA, a server certificate for 127.0.0.1, and client certificates from that CA and another one.
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    stranger_cert: Path
+    stranger_key: Path
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _certificate(
+    name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+    *, ca: bool = False, server: bool = False,
+) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_name, issuer_key = issuer if issuer is not None else (subject, key)
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(folder: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    folder = tmp_path_factory.mktemp("pki")
+    ca_key, other_ca_key = _key(), _key()
+    ca = _certificate("RetinaGate test CA", ca_key, None, ca=True)
+    other_ca = _certificate("Stranger CA", other_ca_key, None, ca=True)
+    ca_path, _ = _write(folder, "ca", ca, ca_key)
+    server_key, client_key, stranger_key = _key(), _key(), _key()
+    issuer = (ca.subject, ca_key)
+    server = _write(folder, "server", _certificate("gateway", server_key, issuer, server=True), server_key)
+    client = _write(folder, "client", _certificate("FUNDUSCAM", client_key, (ca.subject, ca_key)), client_key)
+    stranger = _write(
+        folder, "stranger", _certificate("STRANGER", stranger_key, (other_ca.subject, other_ca_key)), stranger_key
+    )
+    return Pki(ca_path, *server, *client, *stranger)

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from pynetdicom import AE
 from sqlalchemy import select
 
@@ -156,89 +150,17 @@ def test_associations_over_the_limit_are_rejected_as_transient(start_gateway: Ca
     ]
 
 
-# TLS: a CA, a server certificate for 127.0.0.1, and client certificates from that CA and another one.
+# TLS: the session's PKI (conftest ``pki``): a CA, a server certificate for 127.0.0.1, client certificates.
 
 
-@dataclass(frozen=True)
-class _Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    stranger_cert: Path
-    stranger_key: Path
-
-
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _certificate(
-    name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-    *, ca: bool = False, server: bool = False,
-) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_name, issuer_key = issuer if issuer is not None else (subject, key)
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write(folder: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
-    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> _Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    ca_key, other_ca_key = _key(), _key()
-    ca = _certificate("RetinaGate test CA", ca_key, None, ca=True)
-    other_ca = _certificate("Stranger CA", other_ca_key, None, ca=True)
-    ca_path, _ = _write(folder, "ca", ca, ca_key)
-    server_key, client_key, stranger_key = _key(), _key(), _key()
-    issuer = (ca.subject, ca_key)
-    server = _write(folder, "server", _certificate("gateway", server_key, issuer, server=True), server_key)
-    client = _write(folder, "client", _certificate("FUNDUSCAM", client_key, (ca.subject, ca_key)), client_key)
-    stranger = _write(
-        folder, "stranger", _certificate("STRANGER", stranger_key, (other_ca.subject, other_ca_key)), stranger_key
-    )
-    return _Pki(ca_path, *server, *client, *stranger)
-
-
-def _client_tls(pki: _Pki, cert: Path | None, key: Path | None) -> tuple[ssl.SSLContext, str]:
+def _client_tls(pki: Any, cert: Path | None, key: Path | None) -> tuple[ssl.SSLContext, str]:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
     if cert is not None and key is not None:
         context.load_cert_chain(cert, key)
     return context, "127.0.0.1"
 
 
-def _tls_gateway(start_gateway: Callable[..., Any], pki: _Pki, require: bool = True) -> Any:
+def _tls_gateway(start_gateway: Callable[..., Any], pki: Any, require: bool = True) -> Any:
     return start_gateway(
         gateway_tls_cert=pki.server_cert, gateway_tls_key=pki.server_key, gateway_tls_ca=pki.ca,
         gateway_tls_require_client_cert=require,
@@ -246,7 +168,7 @@ def _tls_gateway(start_gateway: Callable[..., Any], pki: _Pki, require: bool = T
 
 
 def test_a_tls_gateway_accepts_a_client_with_a_trusted_certificate(
-    start_gateway: Callable[..., Any], pki: _Pki
+    start_gateway: Callable[..., Any], pki: Any
 ) -> None:
     gateway = _tls_gateway(start_gateway, pki)
 
@@ -259,7 +181,7 @@ def test_a_tls_gateway_accepts_a_client_with_a_trusted_certificate(
     assert (row.tls, row.outcome) == (True, "released")
 
 
-def test_a_tls_gateway_refuses_a_plain_connection(start_gateway: Callable[..., Any], pki: _Pki) -> None:
+def test_a_tls_gateway_refuses_a_plain_connection(start_gateway: Callable[..., Any], pki: Any) -> None:
     gateway = _tls_gateway(start_gateway, pki)
 
     assoc = _associate(gateway)
@@ -276,7 +198,7 @@ def test_a_tls_gateway_refuses_a_plain_connection(start_gateway: Callable[..., A
 
 @pytest.mark.parametrize("who", ["stranger", "nobody"])
 def test_a_tls_gateway_refuses_clients_without_a_trusted_certificate(
-    start_gateway: Callable[..., Any], pki: _Pki, who: str
+    start_gateway: Callable[..., Any], pki: Any, who: str
 ) -> None:
     gateway = _tls_gateway(start_gateway, pki)
     cert, key = (pki.stranger_cert, pki.stranger_key) if who == "stranger" else (None, None)
@@ -285,7 +207,7 @@ def test_a_tls_gateway_refuses_clients_without_a_trusted_certificate(
 
 
 def test_optional_client_certificates_let_a_client_without_one_in(
-    start_gateway: Callable[..., Any], pki: _Pki
+    start_gateway: Callable[..., Any], pki: Any
 ) -> None:
     gateway = _tls_gateway(start_gateway, pki, require=False)
     assoc = _associate(gateway, tls=_client_tls(pki, None, None))
@@ -295,7 +217,7 @@ def test_optional_client_certificates_let_a_client_without_one_in(
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
-def test_tls_below_1_2_is_refused(start_gateway: Callable[..., Any], pki: _Pki) -> None:
+def test_tls_below_1_2_is_refused(start_gateway: Callable[..., Any], pki: Any) -> None:
     gateway = _tls_gateway(start_gateway, pki)
     context, host = _client_tls(pki, pki.client_cert, pki.client_key)
     context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_1

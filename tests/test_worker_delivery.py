@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,64 @@ def test_a_file_goes_as_encoded_when_its_syntax_is_taken_else_converted_or_faile
     assert old[2].verdict == "delivered" and implicit_only.received == [plain_uid]  # converted on the way
     assert implicit_only.datasets[plain_uid].file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
     assert old[1].verdict == "failed" and "RETINAGATE_SC_COMPRESSION=none" in (old[1].error or "")
+
+
+def _server_tls(pki: Any, require_client_cert: bool) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    if require_client_cert:
+        context.load_verify_locations(cafile=pki.ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def test_with_delivery_tls_outputs_reach_a_tls_destination_that_checks_our_client_certificate(
+    make_settings: Callable[..., Settings],
+    worker_store_outputs: Callable[..., list[int]],
+    worker_receiver: Any,
+    pki: Any,
+) -> None:
+    secure = worker_receiver("SECURE", tls=_server_tls(pki, require_client_cert=True))
+    settings = make_settings(
+        destinations=secure.destination,
+        delivery_tls=True,
+        delivery_tls_ca=pki.ca,
+        delivery_tls_cert=pki.client_cert,
+        delivery_tls_key=pki.client_key,
+    )
+    outputs = worker_store_outputs(settings, 2)
+
+    outcome = _deliver(settings, outputs)
+
+    assert len(outcome.delivered) == 2 and set(secure.received) == _uids(settings, outputs)
+
+
+def test_without_the_client_certificate_or_without_tls_nothing_is_delivered_and_it_is_retried(
+    make_settings: Callable[..., Settings],
+    worker_store_outputs: Callable[..., list[int]],
+    worker_receiver: Any,
+    pki: Any,
+) -> None:
+    secure = worker_receiver("SECURE", tls=_server_tls(pki, require_client_cert=True))
+    no_client_cert = make_settings(destinations=secure.destination, delivery_tls=True, delivery_tls_ca=pki.ca)
+    outputs = worker_store_outputs(no_client_cert, 1)
+
+    assert _deliver(no_client_cert, outputs).retrying and secure.received == []
+    plain = make_settings(destinations=secure.destination, data_dir=no_client_cert.data_dir)
+    assert _deliver(plain, outputs).retrying and secure.received == []
+
+
+def test_delivery_tls_files_are_checked_and_named() -> None:
+    from retinagate.settings import SettingsError, load_settings
+    from worker.delivery import client_tls_context
+
+    with pytest.raises(SettingsError, match="delivery_tls_cert and delivery_tls_key"):
+        load_settings(environ={}, delivery_tls=True, delivery_tls_cert="/x.crt")
+    with pytest.raises(SettingsError, match="delivery_tls=true"):
+        load_settings(environ={}, delivery_tls_ca="/ca.pem")
+    with pytest.raises(ValueError, match=r"delivery_tls_ca: cannot load /nowhere/ca\.pem"):
+        client_tls_context(load_settings(environ={}, delivery_tls=True, delivery_tls_ca="/nowhere/ca.pem"))
+    assert client_tls_context(load_settings(environ={})) is None
 
 
 def test_send_to_reports_every_file_when_nothing_listens(tmp_path: Path, worker_receiver: Any) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, current_app, signals
@@ -65,17 +66,19 @@ class Runtime:
         self._sessions: sessionmaker[Session] | None = None
         self._storage: Storage | None = None
         self._scorer: Scorer | None = None
+        self._lock = threading.RLock()  # a thread pool (``--pool threads``) shares one runtime
 
     @property
     def sessions(self) -> sessionmaker[Session]:
         """Session factory for the configured database, its schema checked on first use."""
-        if self._sessions is None:
-            from retinagate.db import check_schema, make_engine, session_factory
+        with self._lock:
+            if self._sessions is None:
+                from retinagate.db import check_schema, make_engine, session_factory
 
-            db = make_engine(self.settings)
-            check_schema(db)
-            self._db, self._sessions = db, session_factory(db)
-        return self._sessions
+                db = make_engine(self.settings)
+                check_schema(db)
+                self._db, self._sessions = db, session_factory(db)
+            return self._sessions
 
     @property
     def storage(self) -> Storage:
@@ -93,14 +96,16 @@ class Runtime:
             PermanentError: When no model is configured.
             RetryableError: When the model cannot be loaded (missing file, runtime error).
         """
-        if self._scorer is None:
-            from worker.scoring import Scorer
+        with self._lock:
+            if self._scorer is None:
+                from worker.scoring import Scorer
 
-            self._scorer = Scorer.load(self.settings.model_path, self.settings, self.sessions)
-        return self._scorer
+                self._scorer = Scorer.load(self.settings.model_path, self.settings, self.sessions)
+            return self._scorer
 
     def after_fork(self) -> None:
         """Drops what a parent process may have opened; the child makes its own on first use."""
+        self._lock = threading.RLock()  # a lock held in the parent at the fork would never be released here
         if self._db is not None:
             # close=False: the connections belong to the parent, closing them here would break it.
             self._db.dispose(close=False)

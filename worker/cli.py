@@ -163,6 +163,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     if "score" in args.queues or "maintenance" in args.queues:
         _check_model(settings.model_path)
     _database(settings).dispose()  # fail now, with a clear message, on a database never migrated
+    if "deliver" in args.queues:
+        _check_delivery_tls(settings)
     from worker.app import create_app
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +188,16 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         argv += ["--beat"]
     code: int | None = app.start(argv)
     return int(code or 0)
+
+
+def _check_delivery_tls(settings: Settings) -> None:
+    from retinagate.cli import EXIT_MISSING, CommandError
+    from worker.delivery import client_tls_context
+
+    try:
+        client_tls_context(settings)
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_MISSING) from None
 
 
 def _threads_per_process(settings: Settings, concurrency: int | None) -> Settings:

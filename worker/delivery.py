@@ -217,6 +217,43 @@ def send_to(
     return results
 
 
+_TLS_CONTEXTS: dict[tuple[str, str, str], ssl.SSLContext] = {}
+
+
+def client_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The client TLS context for delivery the settings describe (made once per process), or None.
+
+    TLS 1.2 is the minimum; destination certificates are verified (host name included) against
+    ``delivery_tls_ca``, or the system's trust store when it is not set; ``delivery_tls_cert`` and
+    ``_key`` are offered to destinations that ask for a client certificate.
+
+    Raises:
+        ValueError: Naming the setting whose file is missing or unreadable.
+    """
+    if not settings.delivery_tls:
+        return None
+    key = (str(settings.delivery_tls_ca), str(settings.delivery_tls_cert), str(settings.delivery_tls_key))
+    if key in _TLS_CONTEXTS:
+        return _TLS_CONTEXTS[key]
+    try:
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=None if settings.delivery_tls_ca is None else str(settings.delivery_tls_ca)
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"delivery_tls_ca: cannot load {settings.delivery_tls_ca}: {exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.delivery_tls_cert is not None and settings.delivery_tls_key is not None:
+        try:
+            context.load_cert_chain(settings.delivery_tls_cert, settings.delivery_tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"delivery_tls_cert/delivery_tls_key: cannot load {settings.delivery_tls_cert} with its key "
+                f"{settings.delivery_tls_key}: {exc}"
+            ) from None
+    _TLS_CONTEXTS[key] = context
+    return context
+
+
 def retry_delay(settings: Settings, attempts: int) -> float:
     """Seconds before the next try after ``attempts`` tries: doubling from ``delivery_backoff``, capped."""
     if attempts < 1:
@@ -269,10 +306,16 @@ def deliver_outputs(
 
     Outputs already delivered (or refused for good) to a destination are not sent again. A transient
     failure leaves the row ``retrying``, until it has been tried ``delivery_max_retries + 1`` times;
-    then it is ``failed`` with its last error.
+    then it is ``failed`` with its last error. ``ssl_context`` defaults to the settings' (see
+    :func:`client_tls_context`).
+
+    Raises:
+        ValueError: When the settings' TLS files cannot be loaded (see :func:`client_tls_context`).
     """
     from retinagate.settings import Destination
 
+    if ssl_context is None:
+        ssl_context = client_tls_context(settings)
     outcome = DeliveryOutcome()
     ids = list(dict.fromkeys(int(i) for i in output_ids))
     if not ids or not settings.destinations:
