@@ -24,6 +24,8 @@ import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from retinagate.tls import load_identity
+
 if TYPE_CHECKING:
     from retinagate.settings import Settings
 
@@ -109,13 +111,7 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(settings.gateway_tls_cert, settings.gateway_tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ValueError(
-            f"gateway_tls_cert/gateway_tls_key: cannot load {settings.gateway_tls_cert} with its key "
-            f"{settings.gateway_tls_key}: {exc}"
-        ) from None
+    load_identity(context, settings.gateway_tls_cert, settings.gateway_tls_key, "gateway_tls")
     if settings.gateway_tls_ca is not None:
         try:
             context.load_verify_locations(cafile=settings.gateway_tls_ca)

@@ -243,13 +243,9 @@ def client_tls_context(settings: Settings) -> ssl.SSLContext | None:
         raise ValueError(f"delivery_tls_ca: cannot load {settings.delivery_tls_ca}: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if settings.delivery_tls_cert is not None and settings.delivery_tls_key is not None:
-        try:
-            context.load_cert_chain(settings.delivery_tls_cert, settings.delivery_tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(
-                f"delivery_tls_cert/delivery_tls_key: cannot load {settings.delivery_tls_cert} with its key "
-                f"{settings.delivery_tls_key}: {exc}"
-            ) from None
+        from retinagate.tls import load_identity
+
+        load_identity(context, settings.delivery_tls_cert, settings.delivery_tls_key, "delivery_tls")
     _TLS_CONTEXTS[key] = context
     return context
 
