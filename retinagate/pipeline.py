@@ -217,6 +217,31 @@ class Pipeline:
         self._loaders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="retinagate-decode")
         self._finishers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="retinagate-encode")
 
+    def warmup(self) -> float:
+        """Scores one small synthetic photograph, so that the first real one does not pay for set-up.
+
+        The first image of a process otherwise waits for the runtime's first run and for the SC and
+        SR templates (built with highdicom once per kind of source, about a second). Nothing is kept
+        or written. Returns the seconds it took.
+
+        Raises:
+            RuntimeError: If the synthetic photograph could not be scored (a broken model or setup).
+        """
+        import tempfile
+
+        from retinagate.synth import DicomIdentity, render_fundus, write_dicom
+
+        started = time.perf_counter()
+        size = max(256, self.engine.card.input_size)
+        image = render_fundus(np.random.default_rng(0), size * 4 // 3, size).image
+        with tempfile.TemporaryDirectory(prefix="retinagate-warmup-") as folder:
+            path = Path(folder) / "warmup.dcm"
+            write_dicom(image, path, DicomIdentity.synthetic(0))
+            (result,) = self.score_paths([path])
+        if isinstance(result, ScoreFailure):
+            raise RuntimeError(f"the warm-up photograph could not be scored: {result.error}")
+        return time.perf_counter() - started
+
     def close(self) -> None:
         """Stops the thread pools."""
         self._loaders.shutdown(wait=True)

@@ -266,3 +266,12 @@ def test_outputs_are_handed_over_as_part10_files_ready_to_write(
     measured = {m.name.meaning: m.value for m in group.get_measurements()}
     assert len(measured) == len(LABELS)
     assert sorted(measured.values()) == sorted(round(p, 6) for p in result.probabilities.values())
+
+
+def test_warmup_scores_a_synthetic_photograph_and_writes_nothing(
+    random_onnx_model_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings()
+    with Pipeline(Engine(random_onnx_model_path, providers="cpu"), settings) as pipeline:
+        assert pipeline.warmup() > 0.0
+    assert not settings.data_dir.exists() or not any(settings.data_dir.rglob("*.dcm"))

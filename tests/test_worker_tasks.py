@@ -357,3 +357,21 @@ def test_retinagate_beat_sends_the_sweep_on_its_interval(
     message = json.loads(broker.lindex("maintenance", 0) or b"{}")
     assert message["headers"]["task"] == "retinagate.sweep"
     assert list(settings.data_dir.glob("celerybeat-schedule*"))  # its schedule lives in the data folder
+
+
+def test_a_scoring_worker_loads_the_model_as_its_process_starts_and_a_sender_does_not(
+    worker_env: Callable[..., tuple[Settings, dict[str, str]]],
+    start_worker: Callable[..., Worker],
+    random_onnx_model_path: Path,
+) -> None:
+    settings, env = worker_env(model_path=random_onnx_model_path)
+    upgrade(settings)
+
+    scoring = start_worker(env, "--queues", "score", cli="retinagate")
+    sender = start_worker(env, "--queues", "deliver,maintenance", "--pool", "threads", cli="retinagate")
+
+    _wait(lambda: "model loaded and pipeline warmed" in scoring.text(), "the preload", 60, [scoring])
+    time.sleep(1.0)
+    assert "model loaded" not in sender.text() and "registered model" not in sender.text()
+    with Db(settings).sessions() as session:  # the preload registered the model as the active one
+        assert session.scalar(select(Model.active).where(Model.sha256 != "")) is True

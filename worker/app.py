@@ -18,9 +18,9 @@ Reliability settings, and why:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, current_app, signals
@@ -60,8 +60,10 @@ class Runtime:
     Runtime session is ever shared between processes.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, preload: bool = False) -> None:
         self.settings = settings
+        #: Load the model in each new pool process, before its first task (see :meth:`preload_scorer`).
+        self.preload = preload
         self._db: Engine | None = None
         self._sessions: sessionmaker[Session] | None = None
         self._storage: Storage | None = None
@@ -102,6 +104,21 @@ class Runtime:
 
                 self._scorer = Scorer.load(self.settings.model_path, self.settings, self.sessions)
             return self._scorer
+
+    def preload_scorer(self) -> None:
+        """Loads the model and warms the pipeline (output templates included) ahead of the first task.
+
+        Runs on a thread of a new pool process; a task that arrives meanwhile waits for it (the
+        scorer is made under the runtime's lock). A failure is only logged: the first task loads the
+        model again and reports the error as tasks do.
+        """
+        started = time.perf_counter()
+        try:
+            self.scorer().pipeline.warmup()
+        except Exception as exc:
+            logger.warning("model preload failed (%s); the first task will load it", type(exc).__name__)
+            return
+        logger.info("model loaded and pipeline warmed in %.1f s", time.perf_counter() - started)
 
     def after_fork(self) -> None:
         """Drops what a parent process may have opened; the child makes its own on first use."""
@@ -147,8 +164,11 @@ def _queues() -> list[Queue]:
     ]
 
 
-def create_app(settings: Settings) -> Celery:
+def create_app(settings: Settings, *, preload: bool = False) -> Celery:
     """Builds the worker's Celery app with its tasks, queues and beat schedule.
+
+    ``preload``: each prefork pool process loads the model as it starts (for scoring workers), so
+    that the first image does not wait a second or two for the model and the output templates.
 
     Raises:
         ValueError: When ``rescore_cron`` is not a valid cron expression.
@@ -196,7 +216,7 @@ def create_app(settings: Settings) -> Celery:
         },
         beat_schedule_filename=str((settings.data_dir / "celerybeat-schedule").resolve()),
     )
-    app.retinagate_runtime = Runtime(settings)
+    app.retinagate_runtime = Runtime(settings, preload=preload)
 
     from worker.tasks import register_tasks
 
@@ -217,8 +237,14 @@ def _on_setup_logging(**_: Any) -> None:
 
 
 def _on_process_init(**_: Any) -> None:
-    with contextlib.suppress(RuntimeError):  # another app is current: nothing of ours to reset
-        runtime().after_fork()
+    try:
+        state = runtime()
+    except RuntimeError:  # another app is current: nothing of ours to reset
+        return
+    state.after_fork()
+    if state.preload:
+        # On a thread: this signal must return quickly, or Celery thinks the process failed to start.
+        threading.Thread(target=state.preload_scorer, name="retinagate-preload", daemon=True).start()
 
 
 signals.setup_logging.connect(_on_setup_logging, weak=False, dispatch_uid="retinagate.setup_logging")

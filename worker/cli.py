@@ -168,7 +168,10 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from worker.app import create_app
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = create_app(_threads_per_process(settings, args.concurrency if args.pool == "prefork" else 1))
+    prefork = args.pool == "prefork"
+    app = create_app(
+        _threads_per_process(settings, args.concurrency if prefork else 1), preload=prefork and "score" in args.queues
+    )
     argv = [
         "worker",
         "--pool",
