@@ -422,3 +422,16 @@ def test_no_patient_data_reaches_the_logs_even_at_debug(
     assert "association" in text  # the gateway did log
     for value in (source.PatientName, source.PatientID, source.PatientBirthDate, short.PatientName, short.PatientID):
         assert str(value) not in text
+
+
+def test_instances_of_one_association_go_out_as_one_score_task_of_at_most_the_batch_size(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
+) -> None:
+    tasks: list[list[int]] = []
+    gateway = start_gateway(send=lambda ids: tasks.append(list(ids)), gateway_batch_size=3, gateway_batch_linger=5.0)
+
+    assert _send(gateway, camera_files(4)) == [0, 0, 0, 0]
+
+    _wait_for(lambda: sum(map(len, tasks)) == 4)
+    assert [len(task) for task in tasks] == [3, 1]  # a full batch at once, the rest after the linger
+    assert sorted(i for task in tasks for i in task) == [row.id for row in _instances(gateway.settings)]
