@@ -39,23 +39,7 @@ from retinagate.card import ModelCard, Preprocessing
 from retinagate.engine import Engine
 from retinagate.preprocess import prepare
 from retinagate.synth import render_fundus
-from train.model import create_model
-
-
-def random_model(card: ModelCard, seed: int = 0) -> torch.nn.Module:
-    """EfficientNet-B0 with random weights and random batch-norm statistics (timm's init alone gives ~0 features)."""
-    torch.manual_seed(seed)
-    model = create_model(card, drop_rate=0.0, drop_path_rate=0.0).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.weight.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-    return model
+from train.model import random_model
 
 
 def _cpu_session(path: Path, threads: int) -> ort.InferenceSession:

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from export.quantize import convert_fp16
     from retinagate.card import ModelCard, Preprocessing
     from retinagate.engine import Engine, ProviderError
-    from train.model import create_model
+    from train.model import random_model
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -100,17 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
 
     card = ModelCard(name="bench-random", preprocessing=Preprocessing(input_size=size))
-    torch.manual_seed(0)
-    model = create_model(card, drop_rate=0.0, drop_path_rate=0.0).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random batch-norm statistics: timm's init alone gives ~0 features
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.weight.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+    model = random_model(card)  # random batch-norm statistics: timm's init alone gives ~0 features
 
     rows: list[dict[str, Any]] = []
 

@@ -642,29 +642,14 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _random_checkpoint(path: Path, input_size: int = 128, seed: int = 0) -> Path:
-    """Saves a randomly initialised model in the checkpoint format.
-
-    timm initialises EfficientNet so that the untrained feature map is ~1e-4 everywhere; the batch-norm
-    scales and statistics are drawn at random here as well, so logits and CAMs have ordinary magnitudes
-    and numerical comparisons mean something.
-    """
+    """Saves a randomly initialised model (:func:`train.model.random_model`) in the checkpoint format."""
     import torch
 
     from retinagate.card import ModelCard, Preprocessing
-    from train.model import CHECKPOINT_FORMAT, create_model
+    from train.model import CHECKPOINT_FORMAT, random_model
 
-    torch.manual_seed(seed)
     card = ModelCard(name="retinagate-random", version="0.0.1", preprocessing=Preprocessing(input_size=input_size))
-    model = create_model(card, drop_rate=0.0, drop_path_rate=0.0).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.weight.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+    model = random_model(card, seed)
     torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "card": card.to_json(), "config": {}}, path)
     return path
 

@@ -27,6 +27,7 @@ __all__ = [
     "PretrainedUnavailableError",
     "create_model",
     "load_checkpoint",
+    "random_model",
     "state_dict_sha256",
 ]
 
@@ -81,6 +82,29 @@ def create_model(
             f"{exc}). Offline? Pass a local timm checkpoint with --weights PATH, or train from random "
             "initialisation with --no-pretrained."
         ) from exc
+
+
+def random_model(card: ModelCard, seed: int = 0) -> nn.Module:
+    """The card's model with random weights and random batch-norm statistics, in eval mode.
+
+    For tests and benchmarks: timm initialises EfficientNet so that the untrained feature map is ~1e-4
+    everywhere; with the batch-norm scales and statistics drawn at random as well, logits and CAMs have
+    ordinary magnitudes and numerical comparisons mean something. The same seed gives the same model.
+    """
+    torch.manual_seed(seed)
+    model = create_model(card, drop_rate=0.0, drop_path_rate=0.0).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                n = module.num_features
+                module.weight.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+                mean, var = module.running_mean, module.running_var
+                if mean is not None and var is not None:  # always so in EfficientNet (it tracks statistics)
+                    mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                    var.copy_(torch.rand(n, generator=generator) + 0.5)
+    return model
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
