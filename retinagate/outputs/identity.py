@@ -30,6 +30,7 @@ __all__ = [
     "ModelIdentity",
     "OutputKind",
     "acquisition_equipment",
+    "code_item",
     "derived_uid",
     "library_equipment",
     "output_uid",
@@ -38,6 +39,18 @@ __all__ = [
 ]
 
 OutputKind = Literal["sc", "sr", "pm"]
+
+
+def code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    """A code sequence item: Code Value, Coding Scheme Designator and Code Meaning."""
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
 
 #: Manufacturer written into every output and its Contributing Equipment.
 MANUFACTURER: Final = "RetinaGate"

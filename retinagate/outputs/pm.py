@@ -30,10 +30,12 @@ from retinagate.outputs.identity import (
     AI_DISCLAIMER,
     SERIES_NUMBERS,
     ModelIdentity,
+    code_item,
     derived_uid,
     output_uid,
     series_uid,
 )
+from retinagate.outputs.sc import source_reference
 
 __all__ = ["PARAMETRIC_MAP_STORAGE", "build_pm"]
 
@@ -44,21 +46,12 @@ _GRADCAM: Final = ("130403", "DCM", "Gradient-weighted class activation")  # CID
 _QUANTITY: Final = ("246205007", "SCT", "Quantity")
 _NO_UNITS: Final = ("1", "UCUM", "no units")
 _RETINA: Final = ("5665001", "SCT", "Retina")
-_SOURCE_PURPOSE: Final = ("121322", "DCM", "Source image for image processing operation")
 _FRAME_TYPE: Final = ["DERIVED", "PRIMARY", "VOLUME", "NONE"]
 _PATIENT_MODULES: Final = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
     "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
 )  # fmt: skip
 _OPTIONAL_COPIED: Final = ("IssuerOfPatientID", "PatientAge", "StudyDescription", "PatientWeight", "PatientSize")
-
-
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
-    return item
 
 
 def _laterality(source: Dataset) -> str:
@@ -192,7 +185,7 @@ def build_pm(
     shared.PlaneOrientationSequence = [orientation]
     anatomy = Dataset()
     anatomy.FrameLaterality = _laterality(source)
-    anatomy.AnatomicRegionSequence = [_code(*_RETINA)]
+    anatomy.AnatomicRegionSequence = [code_item(*_RETINA)]
     shared.FrameAnatomySequence = [anatomy]
     transform = Dataset()
     transform.RescaleIntercept = 0
@@ -214,11 +207,11 @@ def build_pm(
     mapping.DoubleFloatRealWorldValueLastValueMapped = 1.0
     mapping.RealWorldValueIntercept = 0.0
     mapping.RealWorldValueSlope = 1.0
-    mapping.MeasurementUnitsCodeSequence = [_code(*_NO_UNITS)]
+    mapping.MeasurementUnitsCodeSequence = [code_item(*_NO_UNITS)]
     quantity = Dataset()
     quantity.ValueType = "CODE"
-    quantity.ConceptNameCodeSequence = [_code(*_QUANTITY)]
-    quantity.ConceptCodeSequence = [_code(*_GRADCAM)]
+    quantity.ConceptNameCodeSequence = [code_item(*_QUANTITY)]
+    quantity.ConceptCodeSequence = [code_item(*_GRADCAM)]
     mapping.QuantityDefinitionSequence = [quantity]
     shared.RealWorldValueMappingSequence = [mapping]
     ds.SharedFunctionalGroupsSequence = [shared]
@@ -232,15 +225,10 @@ def build_pm(
     per_frame.PlanePositionSequence = [position]
     derivation = Dataset()
     derivation.DerivationDescription = f"Grad-CAM of the model's {label} output, mapped onto the photograph"[:1024]
-    source_item = Dataset()
-    source_item.ReferencedSOPClassUID = source.SOPClassUID
-    source_item.ReferencedSOPInstanceUID = source_uid
-    if frame_number is not None and int(source.get("NumberOfFrames") or 1) > 1:
-        source_item.ReferencedFrameNumber = frame_number
-    source_item.PurposeOfReferenceCodeSequence = [_code(*_SOURCE_PURPOSE)]
+    source_item = source_reference(source, frame_number)
     source_item.SpatialLocationsPreserved = "YES"
     derivation.SourceImageSequence = [source_item]
-    derivation.DerivationCodeSequence = [_code(*_GRADCAM)]  # CID 7203 is extensible
+    derivation.DerivationCodeSequence = [code_item(*_GRADCAM)]  # CID 7203 is extensible
     per_frame.DerivationImageSequence = [derivation]
     ds.PerFrameFunctionalGroupsSequence = [per_frame]
 

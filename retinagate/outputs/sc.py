@@ -44,6 +44,7 @@ from retinagate.outputs.identity import (
     SERIES_NUMBERS,
     ModelIdentity,
     acquisition_equipment,
+    code_item,
     library_equipment,
     output_uid,
     series_uid,
@@ -61,14 +62,6 @@ Compression = Literal["jpeg", "none"]
 _SOURCE_PURPOSE: Final = ("121322", "DCM", "Source image for image processing operation")
 
 
-def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
-    return item
-
-
 def source_reference(source: Dataset, frame_number: int | None = None) -> Dataset:
     """A Source Image Sequence item pointing at ``source`` (and one of its frames when multi-frame)."""
     item = Dataset()
@@ -76,7 +69,7 @@ def source_reference(source: Dataset, frame_number: int | None = None) -> Datase
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
     if frame_number is not None and int(source.get("NumberOfFrames") or 1) > 1:
         item.ReferencedFrameNumber = frame_number
-    item.PurposeOfReferenceCodeSequence = [_code_item(*_SOURCE_PURPOSE)]
+    item.PurposeOfReferenceCodeSequence = [code_item(*_SOURCE_PURPOSE)]
     return item
 
 
