@@ -67,15 +67,8 @@ class AuditLog:
         """Inserts the row of an accepted association (outcome ``open``) and sets ``record.row_id``."""
         try:
             with self._sessions() as session, session.begin():
-                row = Association(
-                    calling_ae=record.calling_ae,
-                    called_ae=record.called_ae,
-                    peer_address=record.peer_address[:64],
-                    peer_port=record.peer_port,
-                    tls=record.tls,
-                    started_at=record.started_at,
-                    outcome=OPEN,
-                )
+                row = _new_row(record)
+                row.outcome = OPEN
                 session.add(row)
                 session.flush()
                 record.row_id = row.id
@@ -88,14 +81,7 @@ class AuditLog:
             with self._sessions() as session, session.begin():
                 row = session.get(Association, record.row_id) if record.row_id is not None else None
                 if row is None:
-                    row = Association(
-                        calling_ae=record.calling_ae,
-                        called_ae=record.called_ae,
-                        peer_address=record.peer_address[:64],
-                        peer_port=record.peer_port,
-                        tls=record.tls,
-                        started_at=record.started_at,
-                    )
+                    row = _new_row(record)
                     session.add(row)
                 row.ended_at = utcnow()
                 row.instances_accepted = record.accepted
@@ -106,3 +92,15 @@ class AuditLog:
                 record.row_id = row.id
         except Exception as exc:
             logger.error("could not complete the audit row of %s: %s", record.label, type(exc).__name__)
+
+
+def _new_row(record: AssociationRecord) -> Association:
+    """The audit row of an association, from what is known when it opens."""
+    return Association(
+        calling_ae=record.calling_ae,
+        called_ae=record.called_ae,
+        peer_address=record.peer_address[:64],
+        peer_port=record.peer_port,
+        tls=record.tls,
+        started_at=record.started_at,
+    )
