@@ -45,14 +45,6 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     server.stop()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'var' / 'retinagate.db'}"
-    url: str = request.getfixturevalue("fresh_postgres_url")
-    return url
-
-
 class System:
     """The gateway and a worker as separate processes, as an operator runs them."""
 
@@ -104,7 +96,7 @@ def _wait_for_echo(port: int, timeout_s: float = 60) -> None:
 
 def test_every_photograph_sent_with_storescu_comes_back_to_orthanc_as_sc_and_sr_in_its_study(
     tmp_path: Path,
-    database_url: str,
+    empty_database_url: str,
     redis_url: str,
     onnx_model_path: Path,
     synth_dataset: Path,
@@ -116,11 +108,11 @@ def test_every_photograph_sent_with_storescu_comes_back_to_orthanc_as_sc_and_sr_
 
     port = free_port()
     # A Redis database of its own, so leftovers of other tests never reach this worker.
-    broker = redis_url.rsplit("/", 1)[0] + ("/1" if database_url.startswith("sqlite") else "/2")
+    broker = redis_url.rsplit("/", 1)[0] + ("/1" if empty_database_url.startswith("sqlite") else "/2")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAGATE_")}
     env.update(
         RETINAGATE_DATA_DIR=str(tmp_path / "var"),
-        RETINAGATE_DATABASE_URL=database_url,
+        RETINAGATE_DATABASE_URL=empty_database_url,
         RETINAGATE_BROKER_URL=broker,
         RETINAGATE_MODEL_PATH=str(onnx_model_path),
         RETINAGATE_GATEWAY_HOST="127.0.0.1",
@@ -163,7 +155,7 @@ def test_every_photograph_sent_with_storescu_comes_back_to_orthanc_as_sc_and_sr_
 
     # SQL matches what the PACS holds: one prediction and one SC + SR per image, all delivered, each
     # output in the study of the photograph it explains.
-    engine = make_engine(database_url)
+    engine = make_engine(empty_database_url)
     with session_factory(engine)() as session:
         instances = session.scalars(select(Instance)).all()
         assert len(instances) == IMAGES
