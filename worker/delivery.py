@@ -134,6 +134,7 @@ def send_to(
     """
     from pydicom.errors import InvalidDicomError
     from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import JPEGBaseline8Bit
     from pynetdicom import AE
 
     results: dict[int, SendResult] = {}
@@ -198,7 +199,7 @@ def send_to(
             try:
                 answer = _send_one(assoc, path, sop_class, ts)
             except ValueError as exc:  # no accepted presentation context for its SOP class or syntax
-                hint = _JPEG_HINT if "JPEG" in str(exc) else ""
+                hint = _JPEG_HINT if ts == JPEGBaseline8Bit else ""  # the heatmap SC's syntax by default
                 results[key] = SendResult("failed", error=f"not accepted by the destination: {exc}{hint}")
                 continue
             except (OSError, RuntimeError) as exc:
