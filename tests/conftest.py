@@ -762,3 +762,39 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         folder, "stranger", _certificate("STRANGER", stranger_key, (other_ca.subject, other_ca_key)), stranger_key
     )
     return Pki(ca_path, *server, *client, *stranger)
+
+
+# Comparing DICOM objects made two ways (template encoders against highdicom), minus the clock.
+
+#: Values taken from the clock: they differ between two objects made a moment apart.
+CLOCK_KEYWORDS = frozenset(
+    {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime", "ContributionDateTime"}
+)
+
+
+@pytest.fixture
+def plain_json() -> Callable[..., object]:
+    """``plain(ds, *more_clock_keywords, reread=True)``: the dataset as JSON without the clock's values;
+    with ``reread`` as encoded (written and read back), so that what a reader sees is compared."""
+    import io
+
+    import pydicom
+    from pydicom.datadict import keyword_for_tag
+
+    def plain(ds: Any, *more: str, reread: bool = True) -> object:
+        volatile = CLOCK_KEYWORDS | set(more)
+        if reread:
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            ds = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+
+        def strip(value: object) -> object:
+            if isinstance(value, dict):
+                return {k: strip(v) for k, v in value.items() if len(k) != 8 or keyword_for_tag(k) not in volatile}
+            if isinstance(value, list):
+                return [strip(v) for v in value]
+            return value
+
+        return strip(ds.to_json_dict())
+
+    return plain
