@@ -36,6 +36,7 @@ from dicom_gateway.handlers import (
 )
 from dicom_gateway.policy import AssociationPolicy, tls_context
 from dicom_gateway.sop_classes import supported_contexts
+from retinagate.dicomnet import disable_nagle
 from retinagate.models import Instance, InstanceStatus, utcnow
 from retinagate.storage import Storage
 
@@ -107,6 +108,7 @@ class _GatewayServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[Any, Any]:
         client, address = cast(socket.socket, self.socket).accept()
+        disable_nagle(client)  # C-STORE responses go out at once (see retinagate.dicomnet)
         if self.ssl_context is not None:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         # Counted here, in the accept loop, so a stop that follows never misses a fresh connection.

@@ -9,6 +9,7 @@ in which study.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -103,7 +104,12 @@ class Orthanc:
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config, indent=2))
         log = (self.workdir / "orthanc.log").open("wb")
-        self.process = subprocess.Popen([self.executable, str(config_path)], stdout=log, stderr=subprocess.STDOUT)
+        # DCMTK as Debian builds it keeps Nagle's algorithm on unless TCP_NODELAY=1: each C-STORE response
+        # would then wait on a delayed acknowledgement (see retinagate.dicomnet).
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        self.process = subprocess.Popen(
+            [self.executable, str(config_path)], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -173,13 +179,17 @@ class BuiltinReceiver:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+        from retinagate.dicomnet import on_connection_open
+
         self.folder.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=self.ae_title)
         for context in AllStoragePresentationContexts:  # every transfer syntax: a PACS stores what it gets
             ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         self._server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open), (evt.EVT_C_STORE, self._on_store)],
         )
         return self
 

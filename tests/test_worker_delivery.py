@@ -306,3 +306,28 @@ def test_retry_delay_doubles_up_to_the_cap(make_settings: Callable[..., Settings
     assert [retry_delay(settings, n) for n in (1, 2, 3, 4, 50)] == [2.0, 4.0, 8.0, 10.0, 10.0]
     with pytest.raises(ValueError, match="attempts"):
         retry_delay(settings, 0)
+
+
+def test_delivery_associations_have_nagles_algorithm_off(
+    monkeypatch: pytest.MonkeyPatch,
+    make_settings: Callable[..., Settings],
+    worker_store_outputs: Callable[..., list[int]],
+    worker_receiver: Any,
+) -> None:
+    import socket
+
+    import retinagate.dicomnet
+
+    real = retinagate.dicomnet.disable_nagle
+    seen: list[tuple[int, int]] = []
+
+    def spy(sock: socket.socket) -> None:
+        real(sock)
+        seen.append((sock.getpeername()[1], sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+
+    monkeypatch.setattr(retinagate.dicomnet, "disable_nagle", spy)
+    receiver = worker_receiver("PACS")
+    settings = make_settings(destinations=receiver.destination)
+
+    assert len(_deliver(settings, worker_store_outputs(settings, 1)).delivered) == 1
+    assert seen == [(Destination.parse(receiver.destination).port, 1)]

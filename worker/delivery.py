@@ -135,7 +135,9 @@ def send_to(
     from pydicom.errors import InvalidDicomError
     from pydicom.filereader import read_file_meta_info
     from pydicom.uid import JPEGBaseline8Bit
-    from pynetdicom import AE
+    from pynetdicom import AE, evt
+
+    from retinagate.dicomnet import on_connection_open
 
     results: dict[int, SendResult] = {}
     contexts: dict[tuple[str, tuple[str, ...]], None] = {}
@@ -168,7 +170,13 @@ def send_to(
         ae.add_requested_context(sop_class, list(syntaxes))
 
     tls_args = (ssl_context, destination.host) if ssl_context is not None else None
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        tls_args=tls_args,
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
+    )
     if assoc.is_rejected:
         primitive = assoc.acceptor.primitive
         permanent = primitive is not None and primitive.result == 0x01
