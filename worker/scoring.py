@@ -12,7 +12,8 @@ Order of work, and why:
    can tell work in progress from lost work.
 2. Score the files in one batch.
 3. Write every output file durably before any row points at it.
-4. In one transaction: upsert predictions, outputs and pending deliveries; mark the instances scored.
+4. In one transaction, a few statements for the whole batch: upsert predictions, outputs and pending
+   deliveries; mark the instances scored.
    If that transaction fails, the files it would have added are removed again.
 """
 
@@ -22,6 +23,7 @@ import io
 import json
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -330,69 +332,91 @@ def _remove_new(storage: Storage, written: Iterable[_Written]) -> None:
             storage.delete(item.storage_key)
 
 
-def _upsert(
+def _record(
     session: Session,
     settings: Settings,
-    instance_id: int,
     model_id: int,
-    result: ScoreResult,
-    written: Sequence[_Written],
-    timings: dict[str, float],
+    done: Sequence[tuple[int, ScoreResult, Sequence[_Written], dict[str, float]]],
     unused: list[str],
 ) -> list[int]:
-    """Writes one instance's prediction, outputs and deliveries; returns outputs with deliveries to make.
+    """Writes the predictions, outputs and deliveries of a batch of ``(instance id, result, files
+    written, timings)``; returns the outputs with deliveries to make.
+
+    A few statements for the whole batch, not a round trip per row: each kind of row is read once
+    for every instance, and the new ones are flushed together.
 
     An output row that already exists keeps its storage key: a file this call wrote under a new key
     for it (another worker committed the same output meanwhile) is added to ``unused``, to be removed
     after the commit. Keys never change under a row, so a delivery reading one never loses its file.
     """
     now = utcnow()
-    prediction = session.scalar(
-        select(Prediction).where(Prediction.instance_id == instance_id, Prediction.model_id == model_id)
+    ids = [instance_id for instance_id, *_ in done]
+    predictions = {
+        p.instance_id: p
+        for p in session.scalars(
+            select(Prediction).where(Prediction.instance_id.in_(ids), Prediction.model_id == model_id)
+        )
+    }
+    for instance_id, result, _, timings in done:
+        prediction = predictions.get(instance_id)
+        if prediction is None:
+            prediction = predictions[instance_id] = Prediction(instance_id=instance_id, model_id=model_id)
+            session.add(prediction)
+        prediction.probabilities = {name: float(p) for name, p in result.probabilities.items()}
+        prediction.findings = list(result.findings)
+        prediction.timings = {name: round(float(s), 6) for name, s in timings.items()}
+        prediction.duration_s = prediction.timings["total"]
+        prediction.created_at = now
+    session.flush()  # ids of the new predictions
+
+    prediction_ids = [p.id for p in predictions.values()]
+    outputs = {
+        (o.prediction_id, o.kind): o
+        for o in session.scalars(select(Output).where(Output.prediction_id.in_(prediction_ids)))
+    }
+    to_deliver: list[Output] = []
+    for instance_id, _, written, _ in done:
+        prediction = predictions[instance_id]
+        deliver = wants_delivery(settings, prediction.probabilities)
+        for item in written:
+            output = outputs.get((prediction.id, item.kind))
+            if output is None:
+                output = outputs[prediction.id, item.kind] = Output(
+                    prediction_id=prediction.id,
+                    kind=item.kind,
+                    sop_instance_uid=item.sop_instance_uid,
+                    storage_key=item.storage_key,
+                )
+                session.add(output)
+            elif output.storage_key != item.storage_key and item.new_key:
+                unused.append(item.storage_key)
+            if deliver:
+                to_deliver.append(output)
+    session.flush()  # ids of the new outputs
+
+    to_send: list[int] = []
+    if to_deliver:
+        existing: dict[int, dict[str, Delivery]] = defaultdict(dict)
+        query = select(Delivery).where(Delivery.output_id.in_([o.id for o in to_deliver]))
+        for row in session.scalars(query):
+            existing[row.output_id][row.destination] = row
+        for output in to_deliver:
+            pending = False
+            for destination in map(str, settings.destinations):
+                delivery = existing[output.id].get(destination)
+                if delivery is None:
+                    session.add(Delivery(output_id=output.id, destination=destination, status=DeliveryStatus.PENDING))
+                    pending = True
+                elif delivery.status in (DeliveryStatus.PENDING, DeliveryStatus.RETRYING):
+                    pending = True
+            if pending:
+                to_send.append(output.id)
+
+    session.execute(
+        update(Instance)
+        .where(Instance.id.in_(ids))
+        .values(status=InstanceStatus.SCORED, status_changed_at=now, last_error=None)
     )
-    if prediction is None:
-        prediction = Prediction(instance_id=instance_id, model_id=model_id)
-        session.add(prediction)
-    prediction.probabilities = {name: float(p) for name, p in result.probabilities.items()}
-    prediction.findings = list(result.findings)
-    prediction.timings = {name: round(float(s), 6) for name, s in timings.items()}
-    prediction.duration_s = prediction.timings["total"]
-    prediction.created_at = now
-    session.flush()
-
-    deliver = wants_delivery(settings, prediction.probabilities)
-    to_send = []
-    for item in written:
-        output = session.scalar(select(Output).where(Output.prediction_id == prediction.id, Output.kind == item.kind))
-        if output is None:
-            output = Output(
-                prediction_id=prediction.id,
-                kind=item.kind,
-                sop_instance_uid=item.sop_instance_uid,
-                storage_key=item.storage_key,
-            )
-            session.add(output)
-            session.flush()
-        elif output.storage_key != item.storage_key and item.new_key:
-            unused.append(item.storage_key)
-        if not deliver:
-            continue
-        existing = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.output_id == output.id))}
-        pending = False
-        for destination in map(str, settings.destinations):
-            delivery = existing.get(destination)
-            if delivery is None:
-                session.add(Delivery(output_id=output.id, destination=destination, status=DeliveryStatus.PENDING))
-                pending = True
-            elif delivery.status in (DeliveryStatus.PENDING, DeliveryStatus.RETRYING):
-                pending = True
-        if pending:
-            to_send.append(output.id)
-
-    instance = session.get_one(Instance, instance_id)
-    instance.status = InstanceStatus.SCORED
-    instance.status_changed_at = now
-    instance.last_error = None
     return to_send
 
 
@@ -495,10 +519,8 @@ def score_instances(
         if done:
             unused: list[str] = []
             with session_scope(sessions) as session:
-                for claim, result, written, timings in done:
-                    outcome.deliver += _upsert(
-                        session, settings, claim.instance_id, scorer.model_id, result, written, timings, unused
-                    )
+                batch = [(claim.instance_id, result, written, timings) for claim, result, written, timings in done]
+                outcome.deliver += _record(session, settings, scorer.model_id, batch, unused)
             committed = True
             outcome.scored += [claim.instance_id for claim, *_ in done]
             for key in unused:
