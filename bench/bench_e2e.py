@@ -253,7 +253,13 @@ def whole_system(
                 scored_at = max(p.created_at for p in instance.predictions)
                 latencies.append((delivered_at - instance.received_at).total_seconds())
                 stages.append((instance.received_at.timestamp(), scored_at.timestamp(), delivered_at.timestamp()))
+            # A slow run is often a retried task or delivery (and its back-off): say so, with the errors.
+            again = [i.last_error or "" for i in session.scalars(select(Instance).where(Instance.attempts > 1))]
+            resent = [d.last_error or "" for d in session.scalars(select(Delivery).where(Delivery.attempts > 1))]
         engine.dispose()
+        for what, errors in (("instances scored more than once", again), ("deliveries tried more than once", resent)):
+            if errors:
+                print(f"{what}: {len(errors)} ({'; '.join(sorted(set(errors)))[:400]})")
         if timeline:
             print_timeline(stages)
         return len(measured) / elapsed, sorted(latencies)
@@ -308,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'ratio whole / best compute only (goal >= 0.5)':<52} {system / compute:>10.2f}")
     print(f"{'latency per image, receipt to delivery, p50 s':<52} {p50:>10.2f}")
     print(f"{'latency per image, receipt to delivery, p95 s':<52} {p95:>10.2f}")
+    print(f"{'latency per image, receipt to delivery, max s':<52} {latencies[-1]:>10.2f}")
     return 0
 
 
