@@ -18,7 +18,7 @@ One run:
 The table printed last gives images/s for both and the ratio (goal: the whole system at least half of
 the compute-only throughput), and p50/p95 latency per image.
 
-Usage: ``python bench/bench_e2e.py [--images 48] [--concurrency 2]``
+Usage: ``python bench/bench_e2e.py [--images 48] [--concurrency 2] [--set gateway_batch_size=8]``
 """
 
 from __future__ import annotations
@@ -151,6 +151,7 @@ def whole_system(
     timeline: bool = False,
     cpu: bool = False,
     database_url: str = "",
+    overrides: dict[str, str] | None = None,
 ) -> tuple[float, list[float]]:
     from pydicom import dcmread
     from sqlalchemy import select
@@ -177,6 +178,7 @@ def whole_system(
         RETINAGATE_LOG_LEVEL="WARNING",
         RETINAGATE_DATABASE_URL=database_url or f"sqlite:///{workdir / 'var' / 'retinagate.db'}",
     )
+    env.update({f"RETINAGATE_{name.upper()}": value for name, value in (overrides or {}).items()})
     cli = [sys.executable, "-m", "retinagate"]
     subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True)
     log = (workdir / "system.log").open("wb")
@@ -285,7 +287,17 @@ def main(argv: list[str] | None = None) -> int:
         "--database-url", default="", help="an empty database for the system (default: SQLite in the scratch folder)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (database, logs) and say where")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the system, without the RETINAGATE_ prefix (gateway_batch_size=8); repeatable",
+    )
     args = parser.parse_args(argv)
+    overrides = dict(item.split("=", 1) for item in args.set if "=" in item)
+    if len(overrides) != len(args.set):
+        parser.error("--set takes NAME=VALUE")
     for tool in ("storescu", "echoscu", "redis-server"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed (Debian packages dcmtk, redis-server)")
@@ -297,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         many = compute_only(files[WARM_UP:], model, args.concurrency)
         compute = max(one, many)
         system, latencies = whole_system(
-            files, model, workdir / "system", args.concurrency, args.timeline, args.cpu, args.database_url
+            files, model, workdir / "system", args.concurrency, args.timeline, args.cpu, args.database_url, overrides
         )
     finally:
         if args.keep:
