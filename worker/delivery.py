@@ -281,20 +281,28 @@ class DeliveryOutcome:
 def _plan(
     session: Session, settings: Settings, storage: Storage, output_ids: Sequence[int]
 ) -> dict[str, list[tuple[int, Path]]]:
-    """Delivery rows still to send, by destination; adds rows for destinations configured since scoring."""
+    """Delivery rows still to send, by destination; adds rows for destinations configured since scoring.
+
+    Two queries for the whole task (its outputs, their delivery rows), not one per output.
+    """
     configured = [str(d) for d in settings.destinations]
-    plan: dict[str, list[tuple[int, Path]]] = defaultdict(list)
     outputs = session.scalars(select(Output).where(Output.id.in_(output_ids)).order_by(Output.id)).all()
+    rows: dict[int, dict[str, Delivery]] = defaultdict(dict)
+    for row in session.scalars(select(Delivery).where(Delivery.output_id.in_(output_ids))):
+        rows[row.output_id][row.destination] = row
+    to_send: list[tuple[str, Delivery, Path]] = []
     for output in outputs:
-        rows = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.output_id == output.id))}
         for destination in configured:
-            row = rows.get(destination)
-            if row is None:
-                row = Delivery(output_id=output.id, destination=destination, status=DeliveryStatus.PENDING)
+            known = rows[output.id].get(destination)
+            row = known or Delivery(output_id=output.id, destination=destination, status=DeliveryStatus.PENDING)
+            if known is None:
                 session.add(row)
-                session.flush()
             if row.status in (DeliveryStatus.PENDING, DeliveryStatus.RETRYING):
-                plan[destination].append((row.id, storage.path(output.storage_key)))
+                to_send.append((destination, row, storage.path(output.storage_key)))
+    session.flush()  # ids of the rows added
+    plan: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+    for destination, row, path in to_send:
+        plan[destination].append((row.id, path))
     return plan
 
 
