@@ -7,7 +7,9 @@ One run:
    depend on the weights);
 2. **compute only**: the scoring pipeline over the same files (decode, preprocess, inference, SC and SR
    encoding; no I/O, no queue), once in one process with two threads and once in ``--concurrency``
-   single-threaded processes side by side, as ``retinagate worker`` runs it; the better is the reference;
+   single-threaded processes side by side, as ``retinagate worker`` runs it; both are measured before
+   and again after step 3, and the better of the two means is the reference (a shared machine's speed
+   drifts over a run);
 3. **whole system**: a real redis-server, ``retinagate gateway``, ``retinagate worker`` (two scoring
    processes) and a delivery worker (``--pool threads``) as separate processes, as ``retinagate serve``
    runs them, a receiving PACS (Orthanc when installed, else the built-in pynetdicom receiver), and
@@ -305,12 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = default_model()
         files = write_camera_files(workdir / "camera", args.images + WARM_UP)
-        one = compute_only(files[WARM_UP:], model, 1)
-        many = compute_only(files[WARM_UP:], model, args.concurrency)
-        compute = max(one, many)
+        # Compute only before and after the whole system, so that a machine whose speed drifts (a
+        # shared host) is compared at the mean of both: the system runs between the two.
+        layouts = (1, args.concurrency)
+        before = [compute_only(files[WARM_UP:], model, processes) for processes in layouts]
         system, latencies = whole_system(
             files, model, workdir / "system", args.concurrency, args.timeline, args.cpu, args.database_url, overrides
         )
+        after = [compute_only(files[WARM_UP:], model, processes) for processes in layouts]
     finally:
         if args.keep:
             print(f"kept {workdir}", file=sys.stderr)
@@ -319,9 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     p50 = statistics.median(latencies)
     p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
     print()
-    print(f"{'what':<52} {'value':>10}")
-    print(f"{'compute only, 1 process x 2 threads, images/s':<52} {one:>10.2f}")
-    print(f"{f'compute only, {args.concurrency} processes x 1 thread, images/s':<52} {many:>10.2f}")
+    one, many = ((b + a) / 2 for b, a in zip(before, after, strict=True))
+    compute = max(one, many)
+    print(f"{'what':<52} {'value':>10}   before / after the system")
+    print(f"{'compute only, 1 process x 2 threads, images/s':<52} {one:>10.2f}   {before[0]:.2f} / {after[0]:.2f}")
+    print(
+        f"{f'compute only, {args.concurrency} processes x 1 thread, images/s':<52} {many:>10.2f}"
+        f"   {before[1]:.2f} / {after[1]:.2f}"
+    )
     print(f"{'whole system (first C-STORE to last delivery), img/s':<52} {system:>10.2f}")
     print(f"{'ratio whole / best compute only (goal >= 0.5)':<52} {system / compute:>10.2f}")
     print(f"{'latency per image, receipt to delivery, p50 s':<52} {p50:>10.2f}")
