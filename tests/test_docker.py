@@ -241,6 +241,10 @@ def test_every_long_running_service_has_a_healthcheck_and_one_shots_never_restar
         assert healthcheck_of(service, dockerfiles), f"{name}: runs for good but has no health check"
 
 
+def test_the_demo_orthanc_answers_without_nagles_delay(services: dict[str, dict[str, Any]]) -> None:
+    assert services["orthanc"]["environment"]["TCP_NODELAY"] == "1"
+
+
 def test_services_start_only_after_what_they_need_is_healthy_or_done(
     services: dict[str, dict[str, Any]], dockerfiles: dict[str, list[Stage]]
 ) -> None:

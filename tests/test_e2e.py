@@ -45,6 +45,14 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     server.stop()
 
 
+def test_the_demo_orthanc_runs_with_nagles_algorithm_off(orthanc: Orthanc) -> None:
+    # DCMTK reads TCP_NODELAY from the environment; without it each C-STORE response waits on a
+    # delayed acknowledgement (see retinagate.dicomnet).
+    assert orthanc.process is not None
+    environ = Path(f"/proc/{orthanc.process.pid}/environ").read_bytes().split(b"\0")
+    assert b"TCP_NODELAY=1" in environ
+
+
 class System:
     """The gateway and a worker as separate processes, as an operator runs them."""
 
