@@ -294,9 +294,11 @@ def _plan(
     for output in outputs:
         for destination in configured:
             known = rows[output.id].get(destination)
-            row = known or Delivery(output_id=output.id, destination=destination, status=DeliveryStatus.PENDING)
             if known is None:
+                row = Delivery(output_id=output.id, destination=destination, status=DeliveryStatus.PENDING)
                 session.add(row)
+            else:
+                row = known
             if row.status in (DeliveryStatus.PENDING, DeliveryStatus.RETRYING):
                 to_send.append((destination, row, storage.path(output.storage_key)))
     session.flush()  # ids of the rows added
