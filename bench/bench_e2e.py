@@ -41,9 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_worker import Redis, default_model, templates
 
 from retinagate.pacs import free_port
+from retinagate.settings import Settings
 
-#: Images sent before the clock starts (two score tasks' worth of the gateway's default batch).
-WARM_UP = 8
+#: Images sent before the clock starts: two score tasks' worth at the gateway's default batch size.
+WARM_UP = 2 * int(Settings.model_fields["gateway_batch_size"].default)
 
 
 def write_camera_files(folder: Path, count: int) -> list[Path]:

@@ -159,7 +159,7 @@ class Settings(BaseSettings):
         True, description="With a CA bundle: require (true) or only verify offered (false) client certificates."
     )
     gateway_batch_size: Annotated[int, Field(ge=1, le=1024)] = Field(
-        4, description="Most instances per score task the gateway sends (one task shares commits and a delivery)."
+        8, description="Most instances per score task the gateway sends (one task shares commits and a delivery)."
     )
     gateway_batch_linger: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
         0.2, description="Seconds the gateway waits for more instances before sending a score task that is not full."
