@@ -20,7 +20,7 @@ One run:
 The table printed last gives images/s for both and the ratio (goal: the whole system at least half of
 the compute-only throughput), and p50/p95 latency per image.
 
-Usage: ``python bench/bench_e2e.py [--images 48] [--concurrency 2] [--set gateway_batch_size=8]``
+Usage: ``python bench/bench_e2e.py [--images 384] [--concurrency 2] [--set gateway_batch_size=8]``
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ def whole_system(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--images", type=int, default=384, help="photographs sent (default 384, as in the README)")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--timeline", action="store_true", help="print received/scored/delivered per half second")
     parser.add_argument("--cpu", action="store_true", help="print CPU ms per image of each process")
