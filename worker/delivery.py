@@ -40,6 +40,7 @@ __all__ = [
     "Timeouts",
     "classify_status",
     "deliver_outputs",
+    "pending_deliveries",
     "retry_delay",
     "send_to",
 ]
@@ -278,21 +279,21 @@ class DeliveryOutcome:
     retry_in: float = 0.0
 
 
-def _plan(
-    session: Session, settings: Settings, storage: Storage, output_ids: Sequence[int]
-) -> dict[str, list[tuple[int, Path]]]:
-    """Delivery rows still to send, by destination; adds rows for destinations configured since scoring.
+def pending_deliveries(
+    session: Session, outputs: Sequence[Output], destinations: Sequence[str]
+) -> list[tuple[Output, Delivery]]:
+    """The delivery rows still to send (``pending`` or ``retrying``) of ``outputs`` to ``destinations``,
+    in that order; adds a ``pending`` row where a destination has none (flush for its id).
 
-    Two queries for the whole task (its outputs, their delivery rows), not one per output.
+    One query for the rows of every output, not one per output.
     """
-    configured = [str(d) for d in settings.destinations]
-    outputs = session.scalars(select(Output).where(Output.id.in_(output_ids)).order_by(Output.id)).all()
     rows: dict[int, dict[str, Delivery]] = defaultdict(dict)
-    for row in session.scalars(select(Delivery).where(Delivery.output_id.in_(output_ids))):
+    query = select(Delivery).where(Delivery.output_id.in_([output.id for output in outputs]))
+    for row in session.scalars(query):
         rows[row.output_id][row.destination] = row
-    to_send: list[tuple[str, Delivery, Path]] = []
+    pending: list[tuple[Output, Delivery]] = []
     for output in outputs:
-        for destination in configured:
+        for destination in destinations:
             known = rows[output.id].get(destination)
             if known is None:
                 row = Delivery(output_id=output.id, destination=destination, status=DeliveryStatus.PENDING)
@@ -300,11 +301,20 @@ def _plan(
             else:
                 row = known
             if row.status in (DeliveryStatus.PENDING, DeliveryStatus.RETRYING):
-                to_send.append((destination, row, storage.path(output.storage_key)))
+                pending.append((output, row))
+    return pending
+
+
+def _plan(
+    session: Session, settings: Settings, storage: Storage, output_ids: Sequence[int]
+) -> dict[str, list[tuple[int, Path]]]:
+    """Delivery rows still to send, by destination; adds rows for destinations configured since scoring."""
+    outputs = session.scalars(select(Output).where(Output.id.in_(output_ids)).order_by(Output.id)).all()
+    pending = pending_deliveries(session, outputs, [str(d) for d in settings.destinations])
     session.flush()  # ids of the rows added
     plan: dict[str, list[tuple[int, Path]]] = defaultdict(list)
-    for destination, row, path in to_send:
-        plan[destination].append((row.id, path))
+    for output, row in pending:
+        plan[row.destination].append((row.id, storage.path(output.storage_key)))
     return plan
 
 

@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -37,8 +36,6 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from retinagate.db import session_scope
 from retinagate.errors import PermanentError, RetryableError
 from retinagate.models import (
-    Delivery,
-    DeliveryStatus,
     Instance,
     InstanceStatus,
     Model,
@@ -48,6 +45,7 @@ from retinagate.models import (
     utcnow,
 )
 from retinagate.storage import StorageError
+from worker.delivery import pending_deliveries
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -394,23 +392,8 @@ def _record(
                 to_deliver.append(output)
     session.flush()  # ids of the new outputs
 
-    to_send: list[int] = []
-    if to_deliver:
-        existing: dict[int, dict[str, Delivery]] = defaultdict(dict)
-        query = select(Delivery).where(Delivery.output_id.in_([o.id for o in to_deliver]))
-        for row in session.scalars(query):
-            existing[row.output_id][row.destination] = row
-        for output in to_deliver:
-            pending = False
-            for destination in map(str, settings.destinations):
-                delivery = existing[output.id].get(destination)
-                if delivery is None:
-                    session.add(Delivery(output_id=output.id, destination=destination, status=DeliveryStatus.PENDING))
-                    pending = True
-                elif delivery.status in (DeliveryStatus.PENDING, DeliveryStatus.RETRYING):
-                    pending = True
-            if pending:
-                to_send.append(output.id)
+    pending = pending_deliveries(session, to_deliver, [str(d) for d in settings.destinations]) if to_deliver else []
+    to_send = list(dict.fromkeys(output.id for output, _ in pending))  # an output once, whatever its destinations
 
     session.execute(
         update(Instance)
