@@ -798,3 +798,23 @@ def plain_json() -> Callable[..., object]:
         return strip(ds.to_json_dict())
 
     return plain
+
+
+@pytest.fixture
+def nagle_spy(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], list[tuple[int, int]]]:
+    """Wraps ``disable_nagle`` where ``module`` calls it; the list it returns gets, per call, the
+    socket's peer port and its ``TCP_NODELAY`` value after the real function ran."""
+    import socket
+
+    def spy_on(module: Any) -> list[tuple[int, int]]:
+        real = module.disable_nagle
+        seen: list[tuple[int, int]] = []
+
+        def spy(sock: socket.socket) -> None:
+            real(sock)
+            seen.append((sock.getpeername()[1], sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+
+        monkeypatch.setattr(module, "disable_nagle", spy)
+        return seen
+
+    return spy_on

@@ -233,18 +233,11 @@ def test_a_dataset_far_over_the_size_cap_aborts_the_association_before_it_is_all
 
 
 def test_accepted_connections_have_nagles_algorithm_off(
-    monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+    nagle_spy: Callable[[Any], list[tuple[int, int]]], start_gateway: Callable[..., Any]
 ) -> None:
     import dicom_gateway.server
 
-    real = dicom_gateway.server.disable_nagle
-    seen: list[tuple[int, int]] = []
-
-    def spy(sock: socket.socket) -> None:
-        real(sock)
-        seen.append((sock.getpeername()[1], sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
-
-    monkeypatch.setattr(dicom_gateway.server, "disable_nagle", spy)
+    seen = nagle_spy(dicom_gateway.server)
     gateway = start_gateway()
     assoc = _associate(gateway)
     client_port = assoc.dul.socket.socket.getsockname()[1]

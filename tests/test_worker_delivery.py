@@ -309,23 +309,14 @@ def test_retry_delay_doubles_up_to_the_cap(make_settings: Callable[..., Settings
 
 
 def test_delivery_associations_have_nagles_algorithm_off(
-    monkeypatch: pytest.MonkeyPatch,
+    nagle_spy: Callable[[Any], list[tuple[int, int]]],
     make_settings: Callable[..., Settings],
     worker_store_outputs: Callable[..., list[int]],
     worker_receiver: Any,
 ) -> None:
-    import socket
-
     import retinagate.dicomnet
 
-    real = retinagate.dicomnet.disable_nagle
-    seen: list[tuple[int, int]] = []
-
-    def spy(sock: socket.socket) -> None:
-        real(sock)
-        seen.append((sock.getpeername()[1], sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
-
-    monkeypatch.setattr(retinagate.dicomnet, "disable_nagle", spy)
+    seen = nagle_spy(retinagate.dicomnet)
     receiver = worker_receiver("PACS")
     settings = make_settings(destinations=receiver.destination)
 
