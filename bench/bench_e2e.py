@@ -298,9 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         help="a setting for the system, without the RETINAGATE_ prefix (gateway_batch_size=8); repeatable",
     )
     args = parser.parse_args(argv)
-    overrides = dict(item.split("=", 1) for item in args.set if "=" in item)
-    if len(overrides) != len(args.set):
+    if not all("=" in item for item in args.set):
         parser.error("--set takes NAME=VALUE")
+    overrides = dict(item.split("=", 1) for item in args.set)
     for tool in ("storescu", "echoscu", "redis-server"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed (Debian packages dcmtk, redis-server)")
