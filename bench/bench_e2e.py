@@ -26,9 +26,9 @@ Usage: ``python bench/bench_e2e.py [--images 384] [--concurrency 2] [--set gatew
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_worker import Redis, default_model, templates
 
 from retinagate.pacs import free_port
+from retinagate.serve import stop_process
 from retinagate.settings import Settings
 
 #: Images sent before the clock starts: two score tasks' worth at the gateway's default batch size.
@@ -164,44 +165,49 @@ def whole_system(
     from retinagate.pacs import start_receiver
 
     workdir.mkdir(parents=True, exist_ok=True)
-    redis = Redis(workdir)
-    receiver = start_receiver(workdir / "pacs")  # Orthanc when installed: a real PACS in its own process
-    print(f"receiving PACS: {type(receiver).__name__}", file=sys.stderr)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAGATE_")}
-    env.update(
-        RETINAGATE_DATA_DIR=str(workdir / "var"),
-        RETINAGATE_BROKER_URL=redis.url(0),
-        RETINAGATE_MODEL_PATH=str(model),
-        RETINAGATE_PROVIDERS="cpu",
-        RETINAGATE_GATEWAY_HOST="127.0.0.1",
-        RETINAGATE_GATEWAY_PORT=str(port),
-        RETINAGATE_DESTINATIONS=f"{receiver.ae_title}@127.0.0.1:{receiver.port}",
-        RETINAGATE_OUTPUTS="sc,sr",
-        RETINAGATE_LOG_LEVEL="WARNING",
-        RETINAGATE_DATABASE_URL=database_url or f"sqlite:///{workdir / 'var' / 'retinagate.db'}",
-    )
-    env.update({f"RETINAGATE_{name.upper()}": value for name, value in (overrides or {}).items()})
-    cli = [sys.executable, "-m", "retinagate"]
-    subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True)
-    log = (workdir / "system.log").open("wb")
-    processes = [
-        subprocess.Popen([*cli, "gateway"], env=env, stdout=log, stderr=subprocess.STDOUT),
-        # As `retinagate serve` runs them: scoring processes, and a thread pool for delivery.
-        subprocess.Popen(
-            [*cli, "worker", "--queues", "score", "--concurrency", str(concurrency)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        ),
-        subprocess.Popen(
-            [*cli, "worker", "--queues", "deliver,maintenance", "--pool", "threads", "--concurrency", "4"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        ),
-    ]
-    try:
+    # Whatever fails part-way, what was started is stopped (last started, first stopped).
+    with contextlib.ExitStack() as cleanup:
+        redis = Redis(workdir)
+        cleanup.callback(redis.stop)
+        receiver = start_receiver(workdir / "pacs")  # Orthanc when installed: a real PACS in its own process
+        cleanup.callback(receiver.stop)
+        print(f"receiving PACS: {type(receiver).__name__}", file=sys.stderr)
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAGATE_")}
+        env.update(
+            RETINAGATE_DATA_DIR=str(workdir / "var"),
+            RETINAGATE_BROKER_URL=redis.url(0),
+            RETINAGATE_MODEL_PATH=str(model),
+            RETINAGATE_PROVIDERS="cpu",
+            RETINAGATE_GATEWAY_HOST="127.0.0.1",
+            RETINAGATE_GATEWAY_PORT=str(port),
+            RETINAGATE_DESTINATIONS=f"{receiver.ae_title}@127.0.0.1:{receiver.port}",
+            RETINAGATE_OUTPUTS="sc,sr",
+            RETINAGATE_LOG_LEVEL="WARNING",
+            RETINAGATE_DATABASE_URL=database_url or f"sqlite:///{workdir / 'var' / 'retinagate.db'}",
+        )
+        env.update({f"RETINAGATE_{name.upper()}": value for name, value in (overrides or {}).items()})
+        cli = [sys.executable, "-m", "retinagate"]
+        subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True)
+        log = cleanup.enter_context((workdir / "system.log").open("wb"))
+        processes = [
+            subprocess.Popen([*cli, "gateway"], env=env, stdout=log, stderr=subprocess.STDOUT),
+            # As `retinagate serve` runs them: scoring processes, and a thread pool for delivery.
+            subprocess.Popen(
+                [*cli, "worker", "--queues", "score", "--concurrency", str(concurrency)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            ),
+            subprocess.Popen(
+                [*cli, "worker", "--queues", "deliver,maintenance", "--pool", "threads", "--concurrency", "4"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            ),
+        ]
+        for process in processes:
+            cleanup.callback(stop_process, process, 60)
         deadline = time.monotonic() + 60
         while subprocess.run(["echoscu", "-aec", "RETINAGATE", "127.0.0.1", str(port)], capture_output=True).returncode:
             if time.monotonic() > deadline:
@@ -268,16 +274,6 @@ def whole_system(
         if timeline:
             print_timeline(stages)
         return len(measured) / elapsed, sorted(latencies)
-    finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        receiver.stop()
-        redis.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
