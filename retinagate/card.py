@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from retinagate.labels import LABELS
 
-__all__ = ["CARD_METADATA_KEY", "ModelCard", "Preprocessing"]
+__all__ = ["CARD_METADATA_KEY", "ModelCard", "OodStatistics", "Preprocessing"]
 
 CARD_METADATA_KEY = "retinagate.card"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,6 +34,38 @@ class Preprocessing(BaseModel):
     std: tuple[float, float, float] = IMAGENET_STD
 
 
+class OodStatistics(BaseModel):
+    """Where the training photographs' pooled features lie, for the graph's ``ood_score`` output.
+
+    ``ood_score`` is the Mahalanobis distance of an image's globally pooled features from the training
+    mean, measured in the low-rank space of the top principal components (whitened), plus the
+    residual outside that space scaled by its mean variance. An image whose score exceeds
+    ``threshold`` (chosen on validation photographs) is not like anything the model was trained on.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["pca-mahalanobis"] = "pca-mahalanobis"
+    features: int = Field(ge=1, description="Width K of the pooled feature vector.")
+    rank: int = Field(ge=1, description="Principal components kept.")
+    mean: tuple[float, ...] = Field(description="Training mean of the pooled features, K values.")
+    components: tuple[tuple[float, ...], ...] = Field(description="rank x K orthonormal principal directions.")
+    variances: tuple[float, ...] = Field(description="Training variance along each component (rank values).")
+    residual_variance: float = Field(gt=0, description="Mean variance per dimension outside the components.")
+    threshold: float = Field(gt=0, description="Scores above this are out of distribution.")
+    fitted_on: dict[str, Any] = Field(default_factory=dict, description="Images and split the statistics came from.")
+
+    @model_validator(mode="after")
+    def _check(self) -> OodStatistics:
+        if len(self.mean) != self.features:
+            raise ValueError(f"ood.mean: {len(self.mean)} values for {self.features} features")
+        if len(self.components) != self.rank or any(len(c) != self.features for c in self.components):
+            raise ValueError(f"ood.components: expected {self.rank} rows of {self.features} values")
+        if len(self.variances) != self.rank or min(self.variances) <= 0:
+            raise ValueError(f"ood.variances: expected {self.rank} positive values")
+        return self
+
+
 class ModelCard(BaseModel):
     """Identity, preprocessing, labels, thresholds and provenance of one model."""
 
@@ -46,6 +78,10 @@ class ModelCard(BaseModel):
     thresholds: tuple[float, ...] = Field(default_factory=lambda: tuple(0.5 for _ in LABELS))
     preprocessing: Preprocessing = Preprocessing()
     cam_layer: str = Field("forward_features", description="Layer whose activations the CAM weighs.")
+    output_stride: Literal[16, 32] = Field(
+        32, description="Input pixels per CAM cell; 16 dilates the last stages (timm output_stride) for a finer CAM."
+    )
+    ood: OodStatistics | None = Field(None, description="Feature statistics behind the graph's ood_score output.")
     input_format: Literal["uint8_nhwc_rgb"] = "uint8_nhwc_rgb"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     training_data: dict[str, Any] = Field(default_factory=dict, description="What the model was trained on.")
