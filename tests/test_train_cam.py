@@ -52,13 +52,12 @@ def test_trained_model_cams_point_at_the_planted_lesions_well_above_chance(
 ) -> None:
     """Pointing game on photographs the model never saw (synth_dataset has another seed).
 
-    At 128 px the CAM is 4 x 4 cells and the peak of its bilinear upsampling sits on a cell centre,
-    which a lesion (radius about 10 px) often does not cover; so a hit may lie within half a cell
-    (16 px) of the lesion, and chance is measured with the same grown masks (about 0.13).
+    At 128 px the CAM is 4 x 4 cells; a hit is a strongest cell whose centre lies within half a cell
+    (16 px) of the lesion, and chance is measured with the same reach (about 0.13).
     """
     model, card, _ = load_checkpoint(trained_checkpoint)
     games = [
-        pointing_game(model, card, split, synth_dataset / "masks", tolerance=16.0)
+        pointing_game(model, card, split, synth_dataset / "masks")
         for split in find_rfmid_splits(synth_dataset).values()
     ]
     hits, total = sum(g.hits for g in games), sum(g.total for g in games)

@@ -9,6 +9,7 @@ would have seen.
 Levels (``--aug``):
 
 * ``none``: the cached pixels as they are.
+* ``flip``: horizontal and vertical flips only (the plain baseline every recipe is compared with).
 * ``light``: flips, small rotation and scale, mild brightness/contrast/saturation jitter.
 * ``strong``: flips, any rotation (a fundus photograph has no preferred orientation within its
   circular field of view), scale and shift, stronger brightness/contrast/saturation jitter,
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AUG_LEVELS", "Augmenter", "BatchAugmenter", "Normalizer", "sample_seed"]
 
-AugLevel = Literal["none", "light", "strong"]
-AUG_LEVELS: tuple[AugLevel, ...] = ("none", "light", "strong")
+AugLevel = Literal["none", "flip", "light", "strong"]
+AUG_LEVELS: tuple[AugLevel, ...] = ("none", "flip", "light", "strong")
 
 _MASK63 = (1 << 63) - 1
 
@@ -67,6 +68,7 @@ class _Recipe:
 
 
 _RECIPES: dict[str, _Recipe] = {
+    "flip": _Recipe(0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, 0.0, (0.1, 1.5), 0.0, 1.5),
     "light": _Recipe(15.0, (0.95, 1.05), 0.0, 0.1, 0.1, 0.05, 0.0, (0.1, 1.5), 0.0, 1.5),
     "strong": _Recipe(180.0, (0.9, 1.1), 0.04, 0.25, 0.25, 0.15, 0.25, (0.1, 1.5), 0.25, 1.5),
 }
@@ -76,16 +78,19 @@ def _transform(level: str) -> nn.Module | None:
     recipe = _RECIPES.get(level)
     if recipe is None:
         return None
-    steps: list[nn.Module] = [
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        v2.RandomAffine(
-            degrees=recipe.degrees,
-            translate=(recipe.translate, recipe.translate) if recipe.translate else None,
-            scale=recipe.scale,
-        ),
-        v2.ColorJitter(brightness=recipe.brightness, contrast=recipe.contrast, saturation=recipe.saturation),
-    ]
+    steps: list[nn.Module] = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+    if recipe.degrees or recipe.translate or recipe.scale != (1.0, 1.0):
+        steps.append(
+            v2.RandomAffine(
+                degrees=recipe.degrees,
+                translate=(recipe.translate, recipe.translate) if recipe.translate else None,
+                scale=recipe.scale,
+            )
+        )
+    if recipe.brightness or recipe.contrast or recipe.saturation:
+        steps.append(
+            v2.ColorJitter(brightness=recipe.brightness, contrast=recipe.contrast, saturation=recipe.saturation)
+        )
     if recipe.blur_p:
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=recipe.blur_sigma)], p=recipe.blur_p))
     if recipe.sharpen_p:

@@ -6,9 +6,9 @@ respect to ``A`` is ``W_c / (h * w)`` everywhere). :func:`class_activation_maps`
 labels in one pass; the exported ONNX graph computes the same map.
 
 The pointing game checks where those maps point: for each positive (image, label) pair with a ground
-truth lesion mask, the CAM is mapped back onto the photograph (the same
-:meth:`retinagate.preprocess.Geometry.to_source` serving uses) and counts as a hit when its maximum
-lies inside the mask. ``retinagate synth`` writes such masks (``masks/<Split>/<ID>_<COLUMN>.png``).
+truth lesion mask, the centre of the CAM's strongest cell is mapped back onto the photograph (the
+inverse of the crop and resize serving uses) and counts as a hit when it lies within half a cell of the
+lesion. ``retinagate synth`` writes such masks (``masks/<Split>/<ID>_<COLUMN>.png``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 
 from retinagate.card import ModelCard
 from retinagate.labels import DISEASE_LABELS, OTHER, OTHER_COLUMNS
-from retinagate.preprocess import prepare_with_geometry
+from retinagate.preprocess import Geometry, prepare_with_geometry
 from train.augment import Normalizer
 from train.datasets import SplitSource, read_image
 
@@ -76,10 +76,10 @@ class PointingGame:
     """Pointing-game result over positive (image, label) pairs that have a lesion mask.
 
     Attributes:
-        hits: Pairs whose CAM maximum lies inside the mask.
+        hits: Pairs whose strongest CAM cell lies within the tolerance (half a cell) of the lesion.
         total: Pairs counted.
-        chance: Expected hit rate of a point drawn uniformly in the field-of-view crop (mean mask
-            share of the crop), the baseline to beat.
+        chance: Expected hit rate of a point drawn uniformly in the field-of-view crop (mean share of
+            the crop within the tolerance of a lesion), the baseline to beat.
         per_label: Label name to (hits, total).
     """
 
@@ -102,6 +102,17 @@ class PointingGame:
         }
 
 
+def _cell_centre_in_source(geometry: Geometry, row: int, col: int, cells: tuple[int, int]) -> tuple[float, float]:
+    """Centre of CAM cell ``(row, col)`` in photograph pixels (the inverse of crop, pad and resize)."""
+    h, w = cells
+    x_in, y_in = (col + 0.5) * geometry.size / w, (row + 0.5) * geometry.size / h
+    x0, y0, x1, y1 = geometry.crop
+    px0, py0, px1, py1 = geometry.placed
+    x = x0 + (x_in - px0) * (x1 - x0) / (px1 - px0)
+    y = y0 + (y_in - py0) * (y1 - y0) / (py1 - py0)
+    return x, y
+
+
 def pointing_game(
     model: nn.Module,
     card: ModelCard,
@@ -111,15 +122,18 @@ def pointing_game(
     device: torch.device | str = "cpu",
     labels: Sequence[str] = DISEASE_LABELS,
     batch_size: int = 16,
-    tolerance: float = 0.0,
+    tolerance: float | None = None,
 ) -> PointingGame:
     """Plays the pointing game on one split.
 
-    With ``tolerance`` 0 a hit needs the CAM maximum inside the mask. A CAM has one cell per 32 input
-    pixels, and the maximum of its bilinear upsampling always sits on a cell centre; at 128 px a
-    lesion often covers no cell centre at all. ``tolerance`` (in model-input pixels, e.g. half a
-    cell: 16) grows each mask by that much, as the pointing game of Zhang et al. (2016) allows 15
-    pixels; the chance rate is computed with the grown masks too.
+    For each positive (image, label) pair with a lesion mask, the CAM's strongest cell is found on the
+    raw ``h x w`` map (what the served graph outputs), its centre is mapped back onto the photograph,
+    and the pair is a hit when that centre lies within ``tolerance`` of a lesion pixel. The default
+    tolerance is half a CAM cell (``input_size / w / 2`` model-input pixels): the strongest cell lies
+    within half a cell of the lesion, so a lesion anywhere in the cell counts, and a finer CAM must
+    point more precisely. This is the pointing game of Zhang et al. (2016), whose 15-pixel tolerance
+    plays the same role. The chance rate is the share of the field-of-view crop within the same
+    distance of a lesion (where a uniformly drawn point would hit).
 
     Args:
         model: A timm classifier (eval mode is set here).
@@ -129,12 +143,12 @@ def pointing_game(
         device: Where to run the model.
         labels: Labels to score (default: the 28 disease outputs; ``Disease_Risk`` has no lesion).
         batch_size: Images per forward pass.
-        tolerance: Grow masks by this many model-input pixels (0: strict).
+        tolerance: Hit distance in model-input pixels; ``None``: half a CAM cell.
 
     Raises:
-        ValueError: If a label is not one of the card's labels.
+        ValueError: If a label is not one of the card's labels, or the tolerance is negative.
     """
-    if tolerance < 0:
+    if tolerance is not None and tolerance < 0:
         raise ValueError(f"tolerance is {tolerance}; expected >= 0 (model-input pixels)")
     device = torch.device(device)
     model.eval().to(device)
@@ -165,18 +179,23 @@ def pointing_game(
         batch = torch.from_numpy(np.stack([p[0] for p in prepared])).permute(0, 3, 1, 2).to(device)
         _, cams = class_activation_maps(model, normalizer(batch))
         cams_np = cams.float().cpu().numpy()
+        cells = (int(cams_np.shape[2]), int(cams_np.shape[3]))
+        reach_input = card.input_size / cells[1] / 2 if tolerance is None else tolerance
         for (_i, pairs), (_, geometry), cam in zip(work, prepared, cams_np, strict=True):
             x0, y0, x1, y1 = geometry.crop
-            radius = round(tolerance * max(x1 - x0, y1 - y0) / card.input_size)
-            disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-            for name, column, plain in pairs:
-                mask = cv2.dilate(plain.astype(np.uint8), disc).astype(bool) if radius > 0 else plain
-                heat = geometry.to_source(cam[column], mask.shape)
-                y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
-                hit = bool(mask[y, x])
+            reach = reach_input * (x1 - x0) / (geometry.placed[2] - geometry.placed[0])  # photograph pixels
+            for name, column, mask in pairs:
+                # Distance of every pixel to the nearest lesion pixel (0 on the lesion).
+                distance = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+                row, col = np.unravel_index(int(np.argmax(cam[column])), cells)
+                x, y = _cell_centre_in_source(geometry, int(row), int(col), cells)
+                xi = min(max(int(x), 0), mask.shape[1] - 1)
+                yi = min(max(int(y), 0), mask.shape[0] - 1)
+                hit = bool(distance[yi, xi] <= reach)
                 hits += hit
                 total += 1
-                shares.append(float(mask[y0:y1, x0:x1].sum()) / max(1, (x1 - x0) * (y1 - y0)))
+                near = distance[y0:y1, x0:x1] <= reach
+                shares.append(float(near.mean()) if near.size else 0.0)
                 record = per_label.setdefault(name, [0, 0])
                 record[0] += hit
                 record[1] += 1

@@ -51,6 +51,7 @@ _CONFIG_FIELDS = (
     "patience",
     "drop_rate",
     "drop_path_rate",
+    "output_stride",
     "channels_last",
     "name",
     "version",
@@ -162,6 +163,13 @@ def register(subparsers: Any) -> None:
     )
     model.add_argument("--drop-rate", type=float, default=_SUPPRESS, help="dropout before the head (default 0.2)")
     model.add_argument("--drop-path-rate", type=float, default=_SUPPRESS, help="stochastic depth (default 0.1)")
+    model.add_argument(
+        "--output-stride",
+        type=int,
+        choices=(16, 32),
+        default=_SUPPRESS,
+        help="input pixels per CAM cell: 32, or 16 for a CAM twice as fine (dilated last stages) (default 32)",
+    )
     model.add_argument("--name", default=_SUPPRESS, help="model name for the card")
     model.add_argument("--version", default=_SUPPRESS, help="model version for the card (default 0.1.0)")
 
@@ -199,7 +207,10 @@ def register(subparsers: Any) -> None:
         help="sample images favouring rare labels (default off)",
     )
     optim.add_argument(
-        "--aug", choices=("none", "light", "strong"), default=_SUPPRESS, help="augmentation level (default light)"
+        "--aug",
+        choices=("none", "flip", "light", "strong"),
+        default=_SUPPRESS,
+        help="augmentation level; flip: flips only, the plain baseline (default light)",
     )
     optim.add_argument(
         "--aug-on",
@@ -228,22 +239,23 @@ def register(subparsers: Any) -> None:
     evaluate.add_argument("--batch-size", type=int, default=64, metavar="B", help="batch size (default 64)")
     evaluate.add_argument(
         "--pointing-game",
-        action="store_true",
-        help="also score where the CAMs point against lesion masks (synthetic data)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="score where the CAMs point against lesion masks (default: whenever the mask folder exists)",
     )
     evaluate.add_argument(
         "--masks",
         type=Path,
         default=None,
         metavar="DIR",
-        help="lesion mask folder for --pointing-game (default <data>/masks)",
+        help="lesion mask folder for the pointing game (default <data>/masks, where retinagate synth writes them)",
     )
     evaluate.add_argument(
         "--tolerance",
         type=float,
-        default=0.0,
+        default=None,
         metavar="PX",
-        help="pointing game: count a hit within PX model-input pixels of a lesion (default 0: inside it)",
+        help="pointing game: a hit lies within PX model-input pixels of a lesion (default: half a CAM cell)",
     )
     evaluate.add_argument("--json", action="store_true", help="print JSON on stdout")
     evaluate.set_defaults(handler=_evaluate)
@@ -300,8 +312,8 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
         "seconds": round(result.seconds, 1),
-        "validation": result.validation.summary() if result.validation else None,
-        "test": result.test.summary() if result.test else None,
+        "validation": _summary(result.validation),
+        "test": _summary(result.test),
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -325,10 +337,21 @@ def _fmt(value: float | None) -> str:
 
 
 def _headline(metrics: Metrics) -> str:
-    return (
+    line = (
         f"macro AUROC {_fmt(metrics.macro_auroc)}, mAP {_fmt(metrics.map)}, "
         f"Disease_Risk AUROC {_fmt(metrics.disease_risk_auroc)}, RIADD score {_fmt(metrics.riadd_score)}"
     )
+    game = metrics.extra.get("pointing_game")
+    if game:
+        line += f", pointing game {_fmt(game['rate'])} ({game['hits']}/{game['total']}, chance {_fmt(game['chance'])})"
+    return line
+
+
+def _summary(metrics: Metrics | None) -> dict[str, Any] | None:
+    if metrics is None:
+        return None
+    game = metrics.extra.get("pointing_game")
+    return {**metrics.summary(), "pointing_game": game["rate"] if game else None}
 
 
 def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
@@ -337,7 +360,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.batch_size < 1:
         raise _command_error(TrainingError(f"--batch-size is {args.batch_size}; expected at least 1"))
-    if args.tolerance < 0:
+    if args.tolerance is not None and args.tolerance < 0:
         raise _command_error(TrainingError(f"--tolerance is {args.tolerance}; expected >= 0 pixels"))
     try:
         metrics, card = evaluate_checkpoint(
@@ -364,14 +387,16 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     print(_headline(metrics))
     macro_f1 = metrics.extra.get("macro_f1")
     print(f"macro F1 at the card's thresholds {_fmt(macro_f1)}")
-    game = metrics.extra.get("pointing_game")
-    if game:
-        print(f"pointing game: {game['hits']}/{game['total']} = {_fmt(game['rate'])} (chance {_fmt(game['chance'])})")
-    print(f"\n{'label':<14}{'pos':>5}{'AUROC':>9}{'AP':>9}{'F1':>9}{'thresh':>9}")
+    game = metrics.extra.get("pointing_game") or {}
+    pointing = game.get("per_label", {})
+    print(f"\n{'label':<14}{'pos':>5}{'AUROC':>9}{'AP':>9}{'F1':>9}{'thresh':>9}{'pointing':>10}")
     f1 = metrics.extra.get("f1", {})
     for i, name in enumerate(metrics.labels):
+        played = pointing.get(name)
+        point = f"{played['hits']}/{played['total']}" if played else ""
         print(
             f"{name:<14}{metrics.positives[i]:>5}{_fmt(metrics.auroc[i]):>9}{_fmt(metrics.average_precision[i]):>9}"
             f"{_fmt(f1.get(name)):>9}{card.thresholds[i]:>9.3f}"
+            f"{point:>10}"
         )
     return 0

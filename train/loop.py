@@ -111,6 +111,8 @@ class TrainConfig:
         patience: Stop after this many epochs without a better validation macro AUROC; 0 never.
         drop_rate: Dropout before the classifier.
         drop_path_rate: Stochastic depth.
+        output_stride: Input pixels per CAM cell: 32 (EfficientNet as designed) or 16 (the last stages
+            dilated, a CAM twice as fine, about 1.6x the compute).
         channels_last: NHWC memory format (faster convolutions on CUDA and on x86 CPUs).
         name: Model name for the card.
         version: Model version for the card.
@@ -148,6 +150,7 @@ class TrainConfig:
     patience: int = 5
     drop_rate: float = 0.2
     drop_path_rate: float = 0.1
+    output_stride: int = 32
     channels_last: bool = True
     name: str = "retinagate-efficientnet-b0"
     version: str = "0.1.0"
@@ -177,6 +180,7 @@ class TrainConfig:
         need(0 <= self.freeze_stages <= 7, f"freeze_stages is {self.freeze_stages}; expected 0-7")
         need(self.patience >= 0, f"patience is {self.patience}; expected >= 0 (0 turns early stopping off)")
         need(0 <= self.drop_rate < 1, f"drop_rate is {self.drop_rate}; expected 0 <= rate < 1")
+        need(self.output_stride in (16, 32), f"output_stride is {self.output_stride}; expected 16 or 32")
         need(0 <= self.drop_path_rate < 1, f"drop_path_rate is {self.drop_path_rate}; expected 0 <= rate < 1")
 
     def to_dict(self) -> dict[str, Any]:
@@ -428,7 +432,12 @@ def predict(
 
 
 def _training_card(config: TrainConfig) -> ModelCard:
-    return ModelCard(name=config.name, version=config.version, preprocessing=config.preprocessing())
+    return ModelCard(
+        name=config.name,
+        version=config.version,
+        preprocessing=config.preprocessing(),
+        output_stride=config.output_stride,
+    )
 
 
 def _write_metrics_csv(path: Path, history: Sequence[dict[str, Any]], labels: Sequence[str]) -> None:
@@ -776,6 +785,18 @@ def _finish(
         test_metrics, test_probs = evaluate(splits["test"], "test")
         test_metrics = _with_f1(test_metrics, splits["test"].labels, test_probs, [t.threshold for t in thresholds])
 
+    masks = config.data / "masks" if config.data is not None else None
+    if masks is not None and masks.is_dir():
+        from train.cam import pointing_game
+
+        # Where the maps point, on photographs the model did not train on: the report names it
+        # beside AUROC, since a reader sees the heatmap as much as the score.
+        val_game = pointing_game(model, run.card, splits["val"].source, masks, device=run.device)
+        val_metrics = replace(val_metrics, extra={**val_metrics.extra, "pointing_game": val_game.to_dict()})
+        if test_metrics is not None:
+            test_game = pointing_game(model, run.card, splits["test"].source, masks, device=run.device)
+            test_metrics = replace(test_metrics, extra={**test_metrics.extra, "pointing_game": test_game.to_dict()})
+
     counts = {name: len(split) for name, split in splits.items()}
     positives = splits["train"].labels.sum(axis=0)
     card = run.card.with_updates(
@@ -851,18 +872,19 @@ def evaluate_checkpoint(
     cache_dir: Path | None = None,
     device: str = "auto",
     batch_size: int = 64,
-    pointing_game: bool = False,
+    pointing_game: bool | None = None,
     masks: Path | None = None,
-    tolerance: float = 0.0,
+    tolerance: float | None = None,
     progress: bool = True,
 ) -> tuple[Metrics, ModelCard]:
     """Evaluates a checkpoint on one split, with F1 at the card's thresholds.
 
-    The data location defaults to the one recorded in the checkpoint's training config. With
-    ``pointing_game``, the pointing game of the model's CAMs against lesion masks
-    (``<masks>/<image folder>/<ID>_<COLUMN>.png``; ``masks`` defaults to ``<data>/masks``, where
-    ``retinagate synth`` writes them) is added under ``metrics.extra["pointing_game"]``; ``tolerance``
-    grows the masks by that many model-input pixels (see :func:`train.cam.pointing_game`).
+    The data location defaults to the one recorded in the checkpoint's training config. The pointing
+    game of the model's CAMs against lesion masks (``<masks>/<image folder>/<ID>_<COLUMN>.png``;
+    ``masks`` defaults to ``<data>/masks``, where ``retinagate synth`` writes them) is added under
+    ``metrics.extra["pointing_game"]`` whenever the masks exist (``pointing_game=None``), always
+    (``True``: missing masks are an error) or never (``False``); ``tolerance`` is the hit distance in
+    model-input pixels, half a CAM cell by default (see :func:`train.cam.pointing_game`).
 
     Raises:
         TrainingError: Unknown split, split missing from the data, unusable checkpoint.
@@ -895,13 +917,13 @@ def evaluate_checkpoint(
         progress=progress, desc=f"evaluate {split}",
     )  # fmt: skip
     metrics = _with_f1(compute_metrics(cached.labels, probs, card.labels), cached.labels, probs, card.thresholds)
-    if pointing_game:
+    mask_dir = Path(masks) if masks is not None else Path(data) / "masks" if data is not None else None
+    if mask_dir is None or not mask_dir.is_dir():
+        if pointing_game:
+            raise TrainingError(f"pointing game: no lesion mask folder {mask_dir or ''}; give --masks DIR".strip())
+    elif pointing_game is not False:
         from train.cam import pointing_game as play
 
-        if masks is None and data is not None:
-            masks = Path(data) / "masks"
-        if masks is None or not Path(masks).is_dir():
-            raise TrainingError(f"pointing game: no lesion mask folder {masks or ''}; give --masks DIR".strip())
-        game = play(model, card, cached.source, Path(masks), device=target, batch_size=batch_size, tolerance=tolerance)
+        game = play(model, card, cached.source, mask_dir, device=target, batch_size=batch_size, tolerance=tolerance)
         metrics = replace(metrics, extra={**metrics.extra, "pointing_game": game.to_dict()})
     return metrics, card

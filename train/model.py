@@ -47,10 +47,15 @@ def create_model(
     drop_rate: float = 0.2,
     drop_path_rate: float = 0.1,
 ) -> nn.Module:
-    """Builds ``card.architecture`` with ``card.num_labels`` outputs.
+    """Builds ``card.architecture`` with ``card.num_labels`` outputs and the card's output stride.
+
+    With ``card.output_stride == 16`` the last stages are dilated instead of strided (timm's
+    ``output_stride``): the same weights, a feature map and CAM twice as fine (14 x 14 at 224 px),
+    still ending in average pooling and one linear layer, so the in-graph CAM stays exactly Grad-CAM.
+    Stride 32 is timm's default and is not passed, so those models are built exactly as before.
 
     Args:
-        card: Gives the architecture and the number of labels.
+        card: Gives the architecture, the number of labels and the output stride.
         pretrained: Load ImageNet weights through timm's hub (needs network access or a warm cache).
         weights: A local timm checkpoint (ImageNet or otherwise) to start from; its classifier is
             replaced when its size differs. Implies pretrained initialisation from that file.
@@ -66,6 +71,8 @@ def create_model(
         "drop_rate": drop_rate,
         "drop_path_rate": drop_path_rate,
     }
+    if card.output_stride != 32:
+        kwargs["output_stride"] = card.output_stride
     if weights is not None:
         if not Path(weights).is_file():
             raise FileNotFoundError(f"--weights: no such file: {weights}")
@@ -123,6 +130,9 @@ def load_checkpoint(
     path: Path, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, ModelCard, dict[str, Any]]:
     """Reads a RetinaGate checkpoint and returns the model in eval mode, its card and the raw dict.
+
+    The model is rebuilt from the card (:func:`create_model`), so its output stride is the one it was
+    trained with; cards written before ``output_stride`` existed read as stride 32.
 
     Raises:
         FileNotFoundError: No such file.
