@@ -34,13 +34,28 @@ def register(subparsers: Any) -> None:
         description=(
             "Writes synthetic fundus photographs with planted lesions in the RFMiD folder layout: "
             "Training/, Evaluation/ and Test/ with <ID>.png, lesion masks and RFMiD_*_Labels.csv. "
-            "With --dicom, also Ophthalmic Photography DICOM files (JPEG baseline), two eyes per study."
+            "With --dicom, also Ophthalmic Photography DICOM files (JPEG baseline), two eyes per study. "
+            "--mode hard (the default) draws realistic photographs: varied anatomy and cameras, lesions "
+            "sized to the optic disc, colours shared between conditions, healthy eyes with normal spots; "
+            "--mode easy plants one sticker per condition at a fixed place and colour (a quick sanity set)."
         ),
     )
     synth.add_argument("out", type=Path, help="output folder")
     synth.add_argument("--n", type=int, default=120, help="images in total over the three splits (default 120)")
     synth.add_argument(
-        "--size", type=int, nargs=2, default=(512, 384), metavar=("W", "H"), help="image size (default 512 384)"
+        "--size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("W", "H"),
+        help="image size (default: hard mode mixes camera sizes from 640 480 to 2048 1536 and square ones; "
+        "easy mode 512 384)",
+    )
+    synth.add_argument(
+        "--mode",
+        choices=("hard", "easy"),
+        default="hard",
+        help="hard: realistic photographs (default); easy: one fixed sticker per condition",
     )
     synth.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
     synth.add_argument("--dicom", action="store_true", help="also write DICOM files under OUT/dicom/")
@@ -157,8 +172,9 @@ def _synth(args: argparse.Namespace, settings: Settings) -> int:
     from retinagate.cli import EXIT_USAGE, CommandError
     from retinagate.synth import SynthConfig, write_dataset
 
+    width, height = args.size if args.size is not None else (None, None)
     try:
-        config = SynthConfig(n=args.n, width=args.size[0], height=args.size[1], seed=args.seed, dicom=args.dicom)
+        config = SynthConfig(n=args.n, width=width, height=height, seed=args.seed, dicom=args.dicom, mode=args.mode)
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
     summary = write_dataset(args.out, config)
@@ -166,7 +182,7 @@ def _synth(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(
-            f"wrote {summary['images']} images to {args.out} "
+            f"wrote {summary['images']} {config.mode} images ({config.size_policy}) to {args.out} "
             f"({', '.join(f'{k}: {v}' for k, v in summary['splits'].items())})"
         )
         if args.dicom:

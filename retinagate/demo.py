@@ -60,7 +60,8 @@ def ensure_model(workdir: Path, *, epochs: int, train_images: int) -> Path:
         return onnx_path
     shutil.rmtree(model_dir, ignore_errors=True)
     data = workdir / "training-data"
-    _run(_cli("synth", str(data), "--n", str(train_images), "--size", "256", "192", "--seed", "1"))
+    # Easy mode: a model trained for a few CPU minutes finds its stickers, which is what a demo needs.
+    _run(_cli("synth", str(data), "--n", str(train_images), "--size", "256", "192", "--seed", "1", "--mode", "easy"))
     run_dir = model_dir / "run"
     _run(
         _cli(
@@ -154,7 +155,9 @@ def run_demo(settings: Settings, *, studies: int = 10, epochs: int = 6, train_im
     _step("1/6 synthetic camera studies")
     camera = workdir / "camera"
     shutil.rmtree(camera, ignore_errors=True)
-    _run(_cli("synth", str(camera), "--n", str(studies * 2), "--size", "1024", "768", "--seed", "7", "--dicom"))
+    # Easy mode, like the demo model's training data, so that the results show what it finds.
+    shape = ("--size", "1024", "768", "--mode", "easy")
+    _run(_cli("synth", str(camera), "--n", str(studies * 2), *shape, "--seed", "7", "--dicom"))
     files = sorted((camera / "dicom").rglob("*.dcm"))
 
     _step("2/6 a model trained on synthetic data")

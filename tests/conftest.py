@@ -581,7 +581,7 @@ def dciodvfy(tmp_path: Path) -> Callable[[Any], list[str]]:
 
 @pytest.fixture(scope="session")
 def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small synthetic RFMiD-layout dataset with lesion masks and DICOM files (240 images, 256 x 192).
+    """A small easy-mode synthetic RFMiD-layout dataset with masks and DICOM files (240 images, 256 x 192).
 
     Splits: 144 Training, 48 Evaluation, 48 Test; ``masks/<Split>/<ID>_<COLUMN>.png``; ``dicom/`` holds
     each image as an Ophthalmic Photography DICOM (two eyes per study). Treat it as read-only.
@@ -589,7 +589,7 @@ def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from retinagate.synth import SynthConfig, write_dataset
 
     out = tmp_path_factory.mktemp("synth") / "rfmid"
-    write_dataset(out, SynthConfig(n=240, width=256, height=192, seed=0, dicom=True))
+    write_dataset(out, SynthConfig(n=240, width=256, height=192, seed=0, dicom=True, mode="easy"))
     return out
 
 
@@ -597,7 +597,7 @@ def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``best.pt`` of a small model trained from random init on synthetic data (CPU, 128 px, minutes).
 
-    It trains on its own 1,500 synthetic photographs (``retinagate.synth``, seed 1; 900 for training),
+    It trains on its own 1,500 easy-mode synthetic photographs (``retinagate.synth``, seed 1; 900 to train),
     not on :func:`synth_dataset`: 144 training images teach a from-scratch EfficientNet-B0 to classify
     but not where to look, while 900 with strong augmentation (rotations move each lesion around the
     image) make its CAMs point at the lesions well above chance (tests/test_train_cam.py). Its card
@@ -610,7 +610,7 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from train.loop import TrainConfig, train
 
     root = tmp_path_factory.mktemp("trained")
-    write_dataset(root / "data", SynthConfig(n=1500, width=256, height=192, seed=1))
+    write_dataset(root / "data", SynthConfig(n=1500, width=256, height=192, seed=1, mode="easy"))
     config = TrainConfig(
         out=root / "run",
         data=root / "data",

@@ -41,7 +41,7 @@ INPUT = Preprocessing(input_size=224)  # 480 / 2 >= 224: the fast path decodes a
 @pytest.fixture(scope="module")
 def photo() -> NDArray[np.uint8]:
     """A synthetic fundus photograph with lesions (RGB)."""
-    return render_fundus(np.random.default_rng(7), WIDTH, HEIGHT, ["DR", "MH"]).image
+    return render_fundus(np.random.default_rng(7), WIDTH, HEIGHT, ["DR", "MH"], mode="easy").image
 
 
 def _save(ds: Dataset, path: Path) -> Path:

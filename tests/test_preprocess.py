@@ -17,7 +17,7 @@ PRE = Preprocessing(input_size=224)
 
 
 def fundus(seed: int = 1, width: int = 512, height: int = 384, columns: tuple[str, ...] = ("DR",)) -> Fundus:
-    return render_fundus(np.random.default_rng(seed), width, height, columns, "R")
+    return render_fundus(np.random.default_rng(seed), width, height, columns, "R", mode="easy")
 
 
 def true_box(f: Fundus, left: int = 0, top: int = 0) -> tuple[float, float, float, float]:
@@ -95,7 +95,7 @@ def point_heatmap(size: int, x: float, y: float, sigma: float = 1.5) -> NDArray[
 def test_a_point_on_the_model_input_maps_back_onto_its_place_in_the_photograph(
     width: int, height: int, fov_crop: bool
 ) -> None:
-    f = render_fundus(np.random.default_rng(5), width, height, (), "L")
+    f = render_fundus(np.random.default_rng(5), width, height, (), "L", mode="easy")
     image = f.image.copy()
     marker = (round(f.fov_centre[0] + 0.2 * f.fov_diameter), round(f.fov_centre[1] - 0.15 * f.fov_diameter))
     cv2.circle(image, marker, 3, (0, 0, 255), -1)
