@@ -1,17 +1,22 @@
 """PyTorch checkpoint to the served ONNX file, with the model card inside and a check against PyTorch.
 
 The exported graph is :class:`export.graph.CamModel`: uint8 NHWC input, in-graph normalisation,
-``logits``, ``probabilities`` and ``cam`` outputs, dynamic batch, fixed height and width (the card's
-input size; fixed shapes let runtimes plan memory and TensorRT build one engine).
+``logits``, ``probabilities`` and ``cam`` outputs (and ``ood_score`` when the card holds OOD
+statistics), dynamic batch, fixed height and width (the card's input size; fixed shapes let runtimes
+plan memory and TensorRT build one engine).
 
 Like timm's ``onnx_export``, every export runs the ONNX checker (full check, with shape inference)
-and compares ONNX Runtime with PyTorch on the same inputs before the file counts as written.
+and compares ONNX Runtime with PyTorch on the same inputs before the file counts as written
+(:func:`compare_with_torch`: against PyTorch in float64, within a bound derived from float32
+rounding, :func:`parity_tolerance`).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import logging
+import math
 import os
 import re
 import tempfile
@@ -24,21 +29,27 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 from numpy.typing import NDArray
 from torch import nn
 
-from export.graph import INPUT_NAME, OUTPUT_NAMES, CamModel
+from export.graph import INPUT_NAME, CamModel, classifier_weight
 from retinagate.card import CARD_METADATA_KEY, ModelCard
 
 __all__ = [
     "DEFAULT_OPSET",
+    "FP32_UNIT_ROUNDOFF",
+    "PARITY_FACTOR",
+    "REFERENCE_FACTOR",
     "Agreement",
     "Exported",
     "Exporter",
+    "OodMode",
     "compare_with_torch",
     "embed_card",
     "export_checkpoint",
     "export_model",
+    "parity_tolerance",
     "read_card",
     "read_checkpoint",
     "save_model",
@@ -49,6 +60,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
 Exporter = Literal["torchscript", "dynamo"]
+#: What :func:`export_checkpoint` does about ``ood_score``: ``keep`` the card's statistics (if any),
+#: ``fit`` them from the checkpoint's training data when the card has none, or leave them ``off``.
+OodMode = Literal["keep", "fit", "off"]
 PRODUCER = "retinagate-export"
 
 
@@ -121,6 +135,7 @@ def save_model(model: onnx.ModelProto, out: Path) -> None:
 
 
 def _trace(cam_model: CamModel, sample: torch.Tensor, opset: int, exporter: Exporter, out: Path) -> None:
+    names = list(cam_model.output_names)
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of the dynamo one; it is kept because it
         # exports EfficientNet in a third of the time and has for years, and tests cover both.
@@ -134,8 +149,8 @@ def _trace(cam_model: CamModel, sample: torch.Tensor, opset: int, exporter: Expo
                 dynamo=False,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
-                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+                output_names=names,
+                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *names)},
                 do_constant_folding=True,
             )
         else:
@@ -145,7 +160,7 @@ def _trace(cam_model: CamModel, sample: torch.Tensor, opset: int, exporter: Expo
                 dynamo=True,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
+                output_names=names,
                 dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}},
                 optimize=True,
                 verbose=False,
@@ -166,8 +181,11 @@ def export_model(
 ) -> ModelCard:
     """Exports a classifier with the CAM head to ``out`` and returns the card written into it.
 
+    The graph has the ``ood_score`` output exactly when ``card.ood`` is set.
+
     Args:
-        model: The trained classifier (timm EfficientNet-style head); put in eval mode.
+        model: The trained classifier (timm EfficientNet-style head) built with the card's output
+            stride; put in eval mode.
         card: The training card; precision, software versions and weights hash are updated.
         out: Destination ``.onnx`` file, replaced atomically.
         opset: ONNX opset, 17 or newer.
@@ -229,17 +247,84 @@ class Exported:
         cam_model: The PyTorch model that was exported (for checks against the file).
         card: The card written into the file.
         config: The training config stored in the checkpoint (empty if none).
+        ood: How ``ood_score`` came about, one line for the user: fitted (on what), kept from the
+            checkpoint's card, turned off, or why the graph has none.
     """
 
     cam_model: CamModel
     card: ModelCard
     config: dict[str, Any]
+    ood: str
+
+
+def _with_ood(
+    model: nn.Module, card: ModelCard, config: dict[str, Any], mode: OodMode, *, progress: bool
+) -> tuple[ModelCard, str]:
+    """The card to export under ``mode``, and one line saying what became of ``ood_score``."""
+    if mode == "off":
+        return card.with_updates(ood=None), "off: no ood_score output"
+    if card.ood is not None:
+        return card, f"kept from the checkpoint's card (threshold {card.ood.threshold:.3f})"
+    if mode == "keep":
+        return card, "none: the checkpoint's card holds no OOD statistics"
+    from train.ood import fit_ood_statistics, ood_images_from_config
+
+    try:
+        images = ood_images_from_config(card, config)
+    except ValueError as exc:
+        note = f"none: the training data named by the checkpoint is unusable ({exc})"
+        logger.warning("exporting without ood_score: %s", note)
+        return card, note
+    if images is None:
+        named = config.get("data") or config.get("labels_csv")
+        if named:
+            note = f"none: the training data named by the checkpoint ({named}) is not on this machine"
+        else:
+            note = "none: the checkpoint's training config names no training data"
+        logger.warning("exporting without ood_score: %s", note)
+        return card, note
+    logger.info(
+        "fitting ood statistics on %d training and %d validation photographs", len(images.train), len(images.val)
+    )
+    try:
+        statistics = fit_ood_statistics(
+            model, card, images.train, images.val, fitted_on={"origin": images.origin}, progress=progress
+        )
+    except ValueError as exc:
+        note = f"none: OOD statistics could not be fitted ({exc})"
+        logger.warning("exporting without ood_score: %s", note)
+        return card, note
+    fitted = statistics.fitted_on
+    note = (
+        f"fitted on {fitted['train_images']} training photographs (rank {statistics.rank}); threshold "
+        f"{statistics.threshold:.3f} from {fitted['val_images']} validation photographs "
+        f"({100 * fitted['val_above_threshold']:.1f}% above)"
+    )
+    return card.with_updates(ood=statistics.model_dump(mode="json")), note
 
 
 def export_checkpoint(
-    checkpoint: Path, out: Path, *, opset: int = DEFAULT_OPSET, exporter: Exporter = "torchscript"
+    checkpoint: Path,
+    out: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    exporter: Exporter = "torchscript",
+    ood: OodMode = "keep",
+    progress: bool = False,
 ) -> Exported:
     """Exports a RetinaGate training checkpoint to ``out``.
+
+    Args:
+        checkpoint: ``best.pt`` or ``last.pt`` of a training run.
+        out: Destination ``.onnx`` file, replaced atomically.
+        opset: ONNX opset, 17 or newer.
+        exporter: ``torchscript`` or ``dynamo``.
+        ood: ``keep`` (default): the graph has ``ood_score`` if the checkpoint's card holds OOD
+            statistics. ``fit``: as ``keep``, and when the card holds none they are fitted
+            (:func:`train.ood.fit_ood_statistics`) on the training and validation photographs the
+            training config names, if they are on this machine; otherwise the export goes on
+            without ``ood_score`` and a warning says why. ``off``: never an ``ood_score`` output.
+        progress: Show a progress bar on stderr while the OOD statistics are fitted.
 
     Raises:
         FileNotFoundError: If the checkpoint does not exist.
@@ -247,74 +332,205 @@ def export_checkpoint(
     """
     from train.model import state_dict_sha256
 
+    if ood not in ("keep", "fit", "off"):
+        raise ValueError(f"ood: {ood!r} is not one of keep, fit, off")
     model, card, raw = read_checkpoint(checkpoint)
+    raw_config = raw.get("config")
+    config = dict(raw_config) if isinstance(raw_config, dict) else {}
+    card, note = _with_ood(model, card, config, ood, progress=progress)
     weights = state_dict_sha256(model.state_dict())
     written = export_model(model, card, out, opset=opset, exporter=exporter, weights_sha256=weights)
-    config = raw.get("config")
-    return Exported(CamModel(model, written).eval(), written, dict(config) if isinstance(config, dict) else {})
+    return Exported(CamModel(model, written).eval(), written, config, note)
+
+
+#: float32's unit roundoff ``u = 2**-24``: the relative error of one correctly rounded operation.
+FP32_UNIT_ROUNDOFF = 2.0**-24
+#: Safety factor of :func:`parity_tolerance` over the random-walk estimate of float32 rounding.
+PARITY_FACTOR = 8.0
+#: How many times PyTorch's own float32 error an export may show (see :func:`compare_with_torch`).
+REFERENCE_FACTOR = 8.0
+
+
+def parity_tolerance(model: nn.Module) -> float:
+    """The relative error any float32 evaluation of ``model`` may show against exact arithmetic.
+
+    ``tolerance = PARITY_FACTOR * sqrt(K * D) * u``: a dot product of length ``n`` in float32 errs
+    by about ``sqrt(n) * u`` relative to the magnitude of its terms when rounding errors behave like
+    a random walk (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., sec. 2.8 and
+    3.1), and the errors of ``D`` layers in sequence add up like ``D`` such walks. ``K`` (the
+    classifier's input width, 1280 for EfficientNet-B0) bounds the accumulation length of every
+    convolution and of the head, and ``D`` counts the convolutions and linear layers (82 for B0):
+    ``8 * sqrt(1280 * 82) * 2**-24 = 1.5e-4``. The global average pools (squeeze-excitation and the
+    head) sum ``h * w`` values each; up to 448 px their lengths add up to less than ``K * D`` (about
+    22,000 at 224 px, 87,000 at 448 px, against 105,000), so the same bound covers them.
+
+    This is the bound for a well-conditioned network. A trained network can amplify rounding errors
+    inside (cancellation in layers whose batch-norm statistics shift large activations), which no
+    formula over the shape sees; :func:`compare_with_torch` therefore also measures PyTorch's own
+    float32 error on the same images and allows :data:`REFERENCE_FACTOR` times that.
+    """
+    layers = sum(1 for module in model.modules() if isinstance(module, nn.Conv2d | nn.Linear))
+    width = classifier_weight(model).shape[1]
+    return PARITY_FACTOR * math.sqrt(width * max(1, layers)) * FP32_UNIT_ROUNDOFF
 
 
 @dataclass(frozen=True)
 class Agreement:
-    """How far ONNX Runtime (CPU) strays from PyTorch over some images.
+    """How far ONNX Runtime (CPU, float32) strays from the exact outputs, and the bound it must keep.
 
-    fp32 arithmetic carries about 7 significant digits, so the differences are also given relative
-    to the magnitude they occur at: where an image drives logits to 1000 (noise far outside the
-    training data), two correct fp32 implementations differ by ~1e-3 in every logit of that image;
-    where the largest logit is 5, by ~1e-6.
+    The reference is the same PyTorch model run in float64, so the errors are the export's own
+    rounding, not the difference between two float32 programs. Each error is also given relative to
+    the magnitude of the terms its value is a sum of, which is what float32 rounding scales with (an
+    output that cancels to nearly zero errs as much as one that does not):
+
+    * a logit ``sum_k W_ck f_k + b_c``: ``sum_k |W_ck| mean|A_k| + |b_c|`` (``A`` the final feature
+      map, ``f`` its average);
+    * a CAM map ``ReLU(sum_k W_ck A_k)``: the largest ``sum_k |W_ck| |A_k|`` over the map, so that
+      each map's error is relative to its own scale, as a viewer normalises each map;
+    * ``ood_score``: the score's sensitivity to an error of ``mean|A_k|`` in each pooled feature,
+      ``sqrt(sum_k P_kk mean|A_k|**2 / K)`` with ``P`` the precision matrix of the statistics.
+
+    The bound, :attr:`tolerance`, is the larger of :func:`parity_tolerance` (rounding in a
+    well-conditioned network of this shape) and :data:`REFERENCE_FACTOR` times PyTorch's own float32
+    error on the same images (:attr:`pytorch_relative`: the model's conditioning at this input size).
 
     Attributes:
         images: How many images were compared.
-        logits: Largest absolute logit difference.
-        logits_scaled: Largest ``|diff| / max(1, largest |logit| of the same image)``.
-        probabilities: Largest absolute probability difference.
-        cam: Largest absolute CAM difference.
-        cam_scaled: Largest CAM difference over ``max(1, largest |cam| of the same image)``.
+        logits: Largest absolute logit error.
+        logits_relative: Largest logit error over its term magnitude.
+        probabilities: Largest absolute probability error.
+        cam: Largest absolute CAM error.
+        cam_relative: Largest CAM error over its map's term magnitude.
+        ood_score: Largest absolute ``ood_score`` error (``None``: no such output).
+        ood_relative: Largest ``ood_score`` error over its sensitivity scale (``None``: no such output).
+        pytorch_relative: PyTorch float32's largest relative error on the same images, any output.
+        tolerance: The bound on the relative errors.
     """
 
     images: int
     logits: float
-    logits_scaled: float
+    logits_relative: float
     probabilities: float
     cam: float
-    cam_scaled: float
+    cam_relative: float
+    ood_score: float | None
+    ood_relative: float | None
+    pytorch_relative: float
+    tolerance: float
 
-    def within(self, tolerance: float) -> bool:
-        """Whether logits and CAMs agree within ``tolerance`` (absolute below 1, relative above)."""
-        return self.logits_scaled <= tolerance and self.cam_scaled <= tolerance
+    @property
+    def worst_relative(self) -> float:
+        """The largest relative error of any output."""
+        return max(self.logits_relative, self.cam_relative, self.ood_relative or 0.0)
+
+    def within(self, tolerance: float | None = None) -> bool:
+        """Whether every relative error is within ``tolerance`` (default: :attr:`tolerance`)."""
+        return self.worst_relative <= (self.tolerance if tolerance is None else tolerance)
+
+
+def _ood_precision_diagonal(cam_model: CamModel) -> NDArray[np.float64] | None:
+    """Diagonal of the precision matrix of the card's OOD statistics (``None`` without them)."""
+    statistics = cam_model.card.ood
+    if statistics is None:
+        return None
+    components = np.asarray(statistics.components, dtype=np.float64)
+    in_subspace = (components**2 / np.asarray(statistics.variances)[:, None]).sum(axis=0)
+    outside = (1.0 - (components**2).sum(axis=0)) / statistics.residual_variance
+    diagonal: NDArray[np.float64] = in_subspace + outside
+    return diagonal
+
+
+_ERRORS = ("logits", "logits_relative", "probabilities", "cam", "cam_relative", "ood_score", "ood_relative")
+
+
+def _errors(
+    outputs: Sequence[NDArray[np.floating]], exact: Sequence[NDArray[np.float64]], scales: Sequence[NDArray[np.float64]]
+) -> dict[str, float]:
+    """Absolute and relative errors of one batch of outputs against the exact ones (see :class:`Agreement`)."""
+    logit_error = np.abs(outputs[0] - exact[0])
+    cam_error = np.abs(outputs[2] - exact[2]).max(axis=(2, 3))
+    errors = {
+        "logits": float(logit_error.max()),
+        "logits_relative": float((logit_error / scales[0]).max()),
+        "probabilities": float(np.abs(outputs[1] - exact[1]).max()),
+        "cam": float(cam_error.max()),
+        "cam_relative": float((cam_error / scales[1]).max()),
+        "ood_score": 0.0,
+        "ood_relative": 0.0,
+    }
+    if len(exact) > 3:
+        ood_error = np.abs(outputs[3] - exact[3])
+        errors["ood_score"] = float(ood_error.max())
+        errors["ood_relative"] = float((ood_error / scales[2]).max())
+    return errors
 
 
 def compare_with_torch(
-    onnx_path: Path, cam_model: CamModel, images: NDArray[np.uint8], batch_size: int = 8
+    onnx_path: Path,
+    cam_model: CamModel,
+    images: NDArray[np.uint8],
+    batch_size: int = 8,
 ) -> Agreement:
-    """Runs the ONNX file on ONNX Runtime's CPU provider and ``cam_model`` in PyTorch on the same images.
+    """Runs the ONNX file on ONNX Runtime's CPU provider and ``cam_model`` in float64 on the same images.
+
+    ``cam_model`` also runs in float32, to measure PyTorch's own rounding error on these images, which
+    sets the bound together with :func:`parity_tolerance` (see :class:`Agreement`).
 
     Args:
         onnx_path: The exported file.
-        cam_model: The PyTorch model it was exported from.
+        cam_model: The PyTorch model it was exported from (left unchanged; a float64 copy runs).
         images: uint8 ``[N, S, S, 3]`` inputs.
         batch_size: Images per run (bounds memory).
+
+    Raises:
+        ValueError: If the file's outputs are not those of ``cam_model`` (with or without ``ood_score``).
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
-    worst = dict.fromkeys(("logits", "logits_scaled", "probabilities", "cam", "cam_scaled"), 0.0)
+    names = list(cam_model.output_names)
+    found = [output.name for output in session.get_outputs()]
+    if found != names:
+        raise ValueError(f"{onnx_path}: outputs {found}, but the PyTorch model has {names}")
     cam_model = cam_model.eval()
+    reference = copy.deepcopy(cam_model).double()
+    weight = classifier_weight(reference.model).abs()
+    bias = getattr(reference.model.get_classifier(), "bias", None)  # type: ignore[operator]
+    bias_magnitude = bias.abs() if isinstance(bias, torch.Tensor) else torch.zeros(weight.shape[0], dtype=weight.dtype)
+    precision = _ood_precision_diagonal(cam_model)
+    worst = dict.fromkeys(_ERRORS, 0.0)
+    pytorch = dict.fromkeys(_ERRORS, 0.0)
     for start in range(0, len(images), batch_size):
         batch = np.ascontiguousarray(images[start : start + batch_size])
-        ours: Sequence[NDArray[np.float32]] = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        ours: Sequence[NDArray[np.float32]] = session.run(names, {INPUT_NAME: batch})
         with torch.no_grad():
-            logits, probabilities, cam = (t.numpy().astype(np.float64) for t in cam_model(torch.from_numpy(batch)))
-        # Per image: the largest logit / CAM value sets the scale of the sums that produced them.
-        logit_diff = np.abs(ours[0] - logits).max(axis=1)
-        logit_scale = np.maximum(1.0, np.abs(logits).max(axis=1))
-        cam_diff = np.abs(ours[2] - cam).max(axis=(1, 2, 3))
-        cam_scale = np.maximum(1.0, np.abs(cam).max(axis=(1, 2, 3)))
-        worst["logits"] = max(worst["logits"], float(logit_diff.max()))
-        worst["logits_scaled"] = max(worst["logits_scaled"], float((logit_diff / logit_scale).max()))
-        worst["probabilities"] = max(worst["probabilities"], float(np.abs(ours[1] - probabilities).max()))
-        worst["cam"] = max(worst["cam"], float(cam_diff.max()))
-        worst["cam_scaled"] = max(worst["cam_scaled"], float((cam_diff / cam_scale).max()))
-    return Agreement(images=len(images), **worst)
+            single = [t.numpy() for t in cam_model(torch.from_numpy(batch))]
+            features = reference.features(torch.from_numpy(batch))
+            exact = [t.numpy() for t in reference.head(features)]
+            magnitude = features.abs()
+            mean_magnitude = magnitude.mean(dim=(2, 3))
+            scales = [
+                (mean_magnitude @ weight.T + bias_magnitude).numpy(),
+                F.conv2d(magnitude, weight[:, :, None, None]).amax(dim=(2, 3)).clamp_min(1e-300).numpy(),
+            ]
+        if precision is not None:
+            scales.append(np.sqrt((mean_magnitude.numpy() ** 2 * precision).sum(axis=1) / len(precision)))
+        for totals, errors in ((worst, _errors(ours, exact, scales)), (pytorch, _errors(single, exact, scales))):
+            for key, value in errors.items():
+                totals[key] = max(totals[key], value)
+    pytorch_relative = max(pytorch["logits_relative"], pytorch["cam_relative"], pytorch["ood_relative"])
+    has_ood = precision is not None
+    return Agreement(
+        images=len(images),
+        logits=worst["logits"],
+        logits_relative=worst["logits_relative"],
+        probabilities=worst["probabilities"],
+        cam=worst["cam"],
+        cam_relative=worst["cam_relative"],
+        ood_score=worst["ood_score"] if has_ood else None,
+        ood_relative=worst["ood_relative"] if has_ood else None,
+        pytorch_relative=pytorch_relative,
+        tolerance=max(parity_tolerance(cam_model.model), REFERENCE_FACTOR * pytorch_relative),
+    )

@@ -48,6 +48,7 @@ def read_validation(
     images: Path | None = None,
     seed: int = 0,
     val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
     limit: int | None = None,
 ) -> Labelled:
     """Reads the validation split of an RFMiD folder (``data``) or a generic CSV, prepared for ``card``.
@@ -61,7 +62,15 @@ def read_validation(
 
     if card.labels != LABELS:
         raise ValueError("validation: the card's labels are not the 29-label RFMiD scheme the data readers map to")
-    splits = load_splits(data=data, labels_csv=labels_csv, images=images, seed=seed, val_fraction=val_fraction)
+    # test_fraction too: a generic CSV's rows are split by one hash, so it moves the validation share.
+    splits = load_splits(
+        data=data,
+        labels_csv=labels_csv,
+        images=images,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+    )
     source = splits["val"]
     count = len(source) if limit is None else min(limit, len(source))
     if count == 0:
@@ -86,6 +95,7 @@ def validation_from_config(card: ModelCard, config: Mapping[str, Any], *, limit:
         images=Path(images) if images is not None else None,
         seed=int(config.get("seed", 0)),
         val_fraction=float(config.get("val_fraction", 0.2)),
+        test_fraction=float(config.get("test_fraction", 0.0)),
         limit=limit,
     )
 

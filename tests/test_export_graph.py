@@ -11,12 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from export.graph import CamModel, classifier_weight
+from export.graph import CamModel, classifier_weight, output_names
+from export.onnx_export import export_model
 from retinagate.card import ModelCard, Preprocessing
 from retinagate.preprocess import prepare
+from retinagate.synth import render_fundus
 from train.augment import Normalizer
 from train.datasets import find_rfmid_splits, read_image
-from train.model import create_model, load_checkpoint
+from train.model import create_model, load_checkpoint, random_model
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +153,33 @@ def test_only_an_average_pooled_linear_head_is_accepted() -> None:
     pooled_max.global_pool.pool_type = "max"
     with pytest.raises(ValueError, match="'max'"):
         CamModel(pooled_max, card)
+
+
+def test_output_stride_16_gives_a_14x14_cam_at_224_px_that_is_still_exactly_grad_cam(tmp_path: Path) -> None:
+    card = ModelCard(preprocessing=Preprocessing(input_size=224), output_stride=16)
+    model = random_model(card)
+    stride_32 = create_model(card.with_updates(output_stride=32), drop_rate=0.0, drop_path_rate=0.0)
+    assert model.state_dict().keys() == stride_32.state_dict().keys()  # the same weights, dilated
+    export_model(model, card, tmp_path / "s16.onnx")
+    rng = np.random.default_rng(2)
+    photographs = [prepare(render_fundus(rng, 320, 240, ["DR"]).image, card.preprocessing) for _ in range(2)]
+    images = np.concatenate([np.stack(photographs), rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)])
+
+    session = ort.InferenceSession(str(tmp_path / "s16.onnx"), providers=["CPUExecutionProvider"])
+    (cam,) = session.run(["cam"], {"image": images})
+    gradcam, _ = _autograd_gradcam(model, CamModel(model, card).normalise(torch.from_numpy(images)))
+
+    assert cam.shape == gradcam.shape == (3, 29, 14, 14)
+    assert (cam.max(axis=(2, 3)) > 0).mean() > 0.5, "most maps empty: the comparison would prove little"
+    np.testing.assert_allclose(cam / (14 * 14), gradcam, rtol=1e-3, atol=1e-4 * float(gradcam.max()))
+
+
+def test_outputs_are_the_three_maps_and_scores_then_ood_score_when_the_card_has_statistics() -> None:
+    card = ModelCard()
+
+    assert output_names(card) == ("logits", "probabilities", "cam")
+    statistics = {
+        "features": 2, "rank": 1, "mean": [0, 0], "components": [[1, 0]], "variances": [1], "residual_variance": 1,
+        "threshold": 3,
+    }  # fmt: skip
+    assert output_names(card.with_updates(ood=statistics)) == ("logits", "probabilities", "cam", "ood_score")
