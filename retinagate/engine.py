@@ -1,8 +1,11 @@
 """ONNX Runtime inference: one exported model, its card, and one batched call.
 
 The engine serves the file that ``retinagate export`` writes: input ``image`` uint8 ``[N, S, S, 3]``
-RGB, outputs ``probabilities [N, C]`` and ``cam [N, C, h, w]`` (plus ``logits``), and the model card
-in the file's metadata. Nothing here imports PyTorch: worker images hold ONNX Runtime only.
+RGB, outputs ``probabilities [N, C]`` and ``cam [N, C, h, w]`` (plus ``logits``), optionally
+``ood_score [N]`` (how far each image's features lie from the training photographs'; present when the
+card carries ``ood`` statistics, absent in older models), and the model card in the file's metadata.
+:meth:`Engine.infer` returns all three, the score as ``None`` for a graph without it. Nothing here
+imports PyTorch: worker images hold ONNX Runtime only.
 
 The file's sha256 is the model's identity (in SQL and, as a derived UID, in DICOM). The bytes that
 are hashed are the bytes ONNX Runtime loads, so the identity always names the model that ran.
@@ -37,8 +40,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INPUT_NAME",
+    "OOD_OUTPUT",
     "PROVIDERS",
     "Engine",
+    "Inference",
     "ModelFileError",
     "ProviderChoice",
     "ProviderError",
@@ -51,6 +56,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
+#: The optional output: one out-of-distribution score per image (larger: further from training).
+OOD_OUTPUT = "ood_score"
 ProviderChoice = Literal["auto", "cpu", "cuda", "tensorrt"]
 CudnnSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
 
@@ -93,6 +100,22 @@ def device_uid(sha256: str) -> str:
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower()):
         raise ValueError(f"sha256: expected 64 hex digits, got {sha256!r}")
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, f'retinagate-model-sha256:{sha256.lower()}').int}"
+
+
+@dataclass(frozen=True)
+class Inference:
+    """The model's outputs for a batch.
+
+    Attributes:
+        probabilities: float32 ``[N, C]``.
+        cams: float32 ``[N, C, h, w]``: the raw ReLU(Σ_k W_ck A_k) maps, not normalised.
+        ood_scores: float32 ``[N]`` from the graph's ``ood_score`` output, compared with the card's
+            ``ood.threshold``; ``None`` when the graph has no such output.
+    """
+
+    probabilities: NDArray[np.float32]
+    cams: NDArray[np.float32]
+    ood_scores: NDArray[np.float32] | None = None
 
 
 @dataclass(frozen=True)
@@ -243,7 +266,7 @@ class Engine:
 
         # Card and graph are checked on a plain CPU session first: clear errors for a bad file, and
         # the input size is known before TensorRT needs it for its shape profile.
-        self.card, self.cam_size = _inspect(data, self.path)
+        self.card, self.cam_size, self.has_ood_score = _inspect(data, self.path)
         self._session = self._open(data, providers, cache_dir, cudnn_conv_algo_search)
         self.providers: list[str] = list(self._session.get_providers())
         self._on_gpu = self.providers[0] in _GPU_PROVIDERS
@@ -286,6 +309,11 @@ class Engine:
     def labels(self) -> tuple[str, ...]:
         """Label names in output order."""
         return self.card.labels
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """The card's threshold for ``ood_score``; ``None`` when the graph has no such output."""
+        return self.card.ood.threshold if self.has_ood_score and self.card.ood is not None else None
 
     # Session set-up.
 
@@ -346,15 +374,27 @@ class Engine:
     # Inference.
 
     def predict(self, images: NDArray[np.uint8]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        """Scores a batch of prepared images.
+        """Scores a batch of prepared images: :meth:`infer`'s probabilities and CAMs.
+
+        Returns:
+            ``probabilities`` float32 ``[N, C]`` and ``cams`` float32 ``[N, C, h, w]``.
+
+        Raises:
+            TypeError, ValueError: As for :meth:`infer`.
+        """
+        result = self.infer(images)
+        return result.probabilities, result.cams
+
+    def infer(self, images: NDArray[np.uint8]) -> Inference:
+        """Scores a batch of prepared images, with the out-of-distribution score when the graph has one.
 
         Args:
             images: uint8 ``[N, S, S, 3]`` RGB, ``S`` = the card's input size (see
                 :func:`retinagate.preprocess.prepare`). Split into runs of ``batch_size``.
 
         Returns:
-            ``probabilities`` float32 ``[N, C]`` and ``cams`` float32 ``[N, C, h, w]``: the raw
-            ReLU(Σ_k W_ck A_k) maps, not normalised.
+            The :class:`Inference`: probabilities, raw CAMs and ``ood_scores`` (``None`` for a graph
+            without an ``ood_score`` output).
 
         Raises:
             TypeError: If ``images`` is not a numpy array.
@@ -371,13 +411,18 @@ class Engine:
         count = images.shape[0]
         probabilities = np.empty((count, self.card.num_labels), dtype=np.float32)
         cams = np.empty((count, self.card.num_labels, *self.cam_size), dtype=np.float32)
+        ood = np.empty((count,), dtype=np.float32) if self.has_ood_score else None
         step = self.batch_size if self._on_gpu or self._intra_op_threads != 1 else min(self.batch_size, _CPU_RUN)
         for start in range(0, count, step):
             stop = min(start + step, count)
-            probabilities[start:stop], cams[start:stop] = self._run(images[start:stop])
-        return probabilities, cams
+            outputs = self._run(images[start:stop])
+            probabilities[start:stop], cams[start:stop] = outputs[0], outputs[1]
+            if ood is not None:
+                ood[start:stop] = outputs[2]
+        return Inference(probabilities, cams, ood)
 
-    def _run(self, batch: NDArray[np.uint8]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    def _run(self, batch: NDArray[np.uint8]) -> list[NDArray[np.float32]]:
+        """One session run: probabilities, CAMs and (when the graph has it) the ood score, unpadded."""
         count = batch.shape[0]
         if self._on_gpu and count < self.batch_size:
             # One fixed shape on the GPU: TensorRT and cuDNN tune once, not per leftover size.
@@ -385,20 +430,18 @@ class Engine:
             padded[:count] = batch
             batch = padded
         batch = np.ascontiguousarray(batch)
+        names = ["probabilities", "cam", OOD_OUTPUT] if self.has_ood_score else ["probabilities", "cam"]
         if self._on_gpu:
             # IO binding: the uint8 batch goes to the device once, outputs stay there until copied back.
             binding = self._session.io_binding()
             binding.bind_cpu_input(INPUT_NAME, batch)
-            binding.bind_output("probabilities", "cuda")
-            binding.bind_output("cam", "cuda")
+            for name in names:
+                binding.bind_output(name, "cuda")
             self._session.run_with_iobinding(binding)
-            probabilities, cams = binding.copy_outputs_to_cpu()
+            outputs = binding.copy_outputs_to_cpu()
         else:
-            probabilities, cams = self._session.run(["probabilities", "cam"], {INPUT_NAME: batch})
-        return (
-            np.asarray(probabilities, dtype=np.float32)[:count],
-            np.asarray(cams, dtype=np.float32)[:count],
-        )
+            outputs = self._session.run(names, {INPUT_NAME: batch})
+        return [np.asarray(output, dtype=np.float32)[:count] for output in outputs]
 
     def warmup(self, runs: int = 1) -> float:
         """Runs the model on black images so the first real request does not pay for set-up.
@@ -429,6 +472,7 @@ class Engine:
             "input_size": self.card.input_size,
             "labels": len(self.card.labels),
             "cam_size": list(self.cam_size),
+            "ood_score": self.has_ood_score,
             "providers": list(self.providers),
             "batch_size": self.batch_size,
         }
@@ -446,8 +490,12 @@ def _parse_card(text: str | None, path: Path) -> ModelCard:
         raise ModelFileError(f"{path}: {exc}") from None
 
 
-def _inspect(data: bytes, path: Path) -> tuple[ModelCard, tuple[int, int]]:
-    """Reads the card and checks the graph against it; returns the card and the CAM's ``(h, w)``."""
+def _inspect(data: bytes, path: Path) -> tuple[ModelCard, tuple[int, int], bool]:
+    """Reads the card and checks the graph against it.
+
+    Returns:
+        The card, the CAM's ``(h, w)`` and whether the graph has the ``ood_score`` output.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
@@ -473,7 +521,15 @@ def _inspect(data: bytes, path: Path) -> tuple[ModelCard, tuple[int, int]]:
         raise ModelFileError(f"{path}: output 'probabilities' has shape {probabilities}; the card names {count} labels")
     if len(cam) != 4 or cam[1] != count or not all(isinstance(d, int) and d > 0 for d in cam[2:]):
         raise ModelFileError(f"{path}: output 'cam' has shape {cam}; expected [N, {count}, h, w] with fixed h, w")
-    return card, (int(cam[2]), int(cam[3]))
+    has_ood = OOD_OUTPUT in outputs
+    if has_ood and len(outputs[OOD_OUTPUT]) != 1:
+        raise ModelFileError(f"{path}: output '{OOD_OUTPUT}' has shape {outputs[OOD_OUTPUT]}; expected [N]")
+    # The score means nothing without the card's threshold, and a card with statistics promises it.
+    if has_ood and card.ood is None:
+        raise ModelFileError(f"{path}: the graph has an '{OOD_OUTPUT}' output but the card has no 'ood' statistics")
+    if card.ood is not None and not has_ood:
+        raise ModelFileError(f"{path}: the card has 'ood' statistics but the graph has no '{OOD_OUTPUT}' output")
+    return card, (int(cam[2]), int(cam[3])), has_ood
 
 
 def _first_line(exc: BaseException) -> str:

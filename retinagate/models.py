@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -40,6 +41,7 @@ __all__ = [
     "Output",
     "OutputKind",
     "Prediction",
+    "PredictionStatus",
     "Study",
     "utcnow",
 ]
@@ -77,7 +79,13 @@ class InstanceStatus(enum.StrEnum):
     QUEUED = "queued"  # a score task was sent
     SCORING = "scoring"  # a worker is on it
     SCORED = "scored"  # prediction and outputs written
+    UNGRADABLE = "ungradable"  # the gradability gate refused it: outputs say why, no findings (see predictions)
     FAILED = "failed"  # gave up: permanent error or too many attempts (see last_error)
+
+
+class PredictionStatus(enum.StrEnum):
+    SCORED = "scored"  # probabilities and findings
+    UNGRADABLE = "ungradable"  # the gate's reasons instead (retinagate.gate)
 
 
 class OutputKind(enum.StrEnum):
@@ -187,6 +195,14 @@ class Prediction(Base):
     #: Seconds per stage (decode, preprocess, infer, render, write) and in total.
     timings: Mapped[dict[str, Any]] = mapped_column(default=dict)
     duration_s: Mapped[float] = mapped_column(Float)
+    #: ``ungradable`` when the gradability gate refused the image (then no probabilities or findings).
+    status: Mapped[PredictionStatus] = mapped_column(
+        _enum(PredictionStatus), default=PredictionStatus.SCORED, server_default=PredictionStatus.SCORED.value
+    )
+    #: The gate's reasons (ungradable), or the frames it left out of a scored multi-frame image.
+    reasons: Mapped[list[Any]] = mapped_column(default=list, server_default=text("'[]'"))
+    #: The gate's measures (field of view, colour, sharpness, exposure, ood_score); no patient data.
+    quality: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=text("'{}'"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     instance: Mapped[Instance] = relationship(back_populates="predictions")

@@ -1,8 +1,9 @@
 """The scoring pipeline: files in, probabilities, findings and DICOM outputs out.
 
 Each input goes through the same stages, timed separately: **decode** (:mod:`retinagate.decode`,
-DCT-scaled for JPEG), **preprocess** (:func:`retinagate.preprocess.prepare_with_geometry`, the
-function training uses), **infer** (one batched :meth:`Engine.predict` call per chunk of inputs),
+DCT-scaled for JPEG), **preprocess** (the field of view found once per frame, the gradability gate's
+checks on it, :func:`retinagate.gate.assess`, and :func:`retinagate.preprocess.prepare_with_geometry`,
+the function training uses), **infer** (one batched :meth:`Engine.infer` call per chunk of inputs),
 **render** (the heatmap picture) and **encode** (the Secondary Capture, SR and Parametric Map,
 encoded once as Part 10 bytes that the caller writes as they are). Decoding and rendering run on a
 small thread pool: libjpeg-turbo, OpenCV and NumPy release the GIL, so two threads keep both cores
@@ -14,13 +15,24 @@ encoded outputs (the worker durably into storage, the CLI into ``--out``).
 
 Decisions worth knowing:
 
-* **Findings** are the labels whose probability reaches the card's threshold, most probable first.
-  ``Disease_Risk`` counts as a finding like any other label (it is one of the model's decisions and
-  readers triage on it), but the heatmaps of the Secondary Capture and the Parametric Map show disease
-  labels only: "any abnormality" has no single place to point at.
+* **Gradability.** With ``settings.gate`` on (the default), a frame that fails the gate
+  (:mod:`retinagate.gate`: no circular field of view, not colour, out of focus, badly exposed, or an
+  ``ood_score`` over the card's threshold) is not graded. An input none of whose frames can be graded
+  gets the status ``ungradable`` with the reasons: no probabilities, no findings, an SC that shows the
+  photograph with "Not graded: <reason>" and no heat, an SR that says "not graded" and why, no
+  Parametric Map. Frames that fail the decode checks are not even run through the model.
+* **Findings** are the labels whose probability reaches the card's threshold (compared unrounded),
+  most probable first. ``Disease_Risk`` counts as a finding like any other label (it is one of the
+  model's decisions and readers triage on it), but the markers of the Secondary Capture and the map of
+  the Parametric Map go to disease findings: "any abnormality" has no single place to point at. When no
+  disease label is a finding, both show the Disease_Risk map instead (on the SC unmarked, under "No
+  finding above threshold"). Probabilities are printed so that they never read on the other side of
+  the threshold (:func:`retinagate.outputs.findings.probability_text`). Heat is drawn on the retina
+  only (:func:`retinagate.outputs.render.retina_heat`).
 * **Multi-frame** instances are scored frame by frame; the instance's probability for a label is its
-  highest over the frames, the SR records every frame, and the Secondary Capture shows the frame with
-  the most probable disease finding.
+  highest over the gradable frames, the SR records every gradable frame, and the Secondary Capture
+  shows the gradable frame with the most probable disease label. Frames left out are named in
+  ``reasons`` (``frame 2: out of focus``) while the instance is still ``scored``.
 * **Plain PNG/JPEG files** have no patient or study. They get a synthetic, anonymous identity derived
   from the file's content (patient ID ``RG-<sha256 prefix>``, study and source UIDs from the sha256),
   so a re-run gives the same UIDs. The Secondary Capture then holds the only DICOM copy of the
@@ -46,6 +58,7 @@ from numpy.typing import NDArray
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 
+from retinagate import gate
 from retinagate.decode import DecodedImage, decode_path
 from retinagate.errors import InputError, PermanentError
 from retinagate.labels import DISEASE_RISK
@@ -59,11 +72,20 @@ from retinagate.outputs import (
     build_pm,
     derived_uid,
     render_heatmaps,
+    retina_heat,
 )
-from retinagate.preprocess import Geometry, prepare_with_geometry
+from retinagate.outputs.findings import (
+    NO_FINDING,
+    describe_findings,
+    findings_of,
+    probability_text,
+    threshold_text,
+)
+from retinagate.preprocess import FieldOfView, Geometry, find_fov, prepare_with_geometry
 
 if TYPE_CHECKING:
     from retinagate.card import ModelCard
+    from retinagate.engine import Inference
     from retinagate.settings import Settings
 
 __all__ = ["Pipeline", "ScoreFailure", "ScoreResult", "Scorer", "findings_of"]
@@ -83,7 +105,10 @@ class Scorer(Protocol):
     sha256: str
     device_uid: str
 
-    def predict(self, images: NDArray[np.uint8]) -> tuple[NDArray[np.float32], NDArray[np.float32]]: ...
+    @property
+    def ood_threshold(self) -> float | None: ...
+
+    def infer(self, images: NDArray[np.uint8]) -> Inference: ...
 
 
 @dataclass(frozen=True)
@@ -93,8 +118,9 @@ class ScoreResult:
     Attributes:
         source: The input, as given.
         sop_instance_uid: The source's SOP Instance UID; ``None`` for a PNG or JPEG file.
-        probabilities: Label to probability (for multi-frame input, the highest over the frames).
-        findings: Labels at or over their threshold, most probable first.
+        probabilities: Label to probability (for multi-frame input, the highest over the gradable
+            frames); empty when ``ungradable``.
+        findings: Labels at or over their threshold, most probable first; empty when ``ungradable``.
         timings: Seconds per stage (``decode``, ``preprocess``, ``infer``, ``render``, ``encode``)
             and ``total``.
         outputs: Output datasets keyed ``sc``, ``sr``, ``pm`` (those the settings ask for). Their
@@ -106,6 +132,11 @@ class ScoreResult:
         encoded: The same outputs as Part 10 files (preamble and file meta information included),
             to be written as they are.
         output_uids: SOP Instance UID of each output.
+        status: ``scored``, or ``ungradable`` when the gradability gate refused every frame.
+        reasons: Why it was not graded (:mod:`retinagate.gate`'s reasons, in check order); for a
+            scored multi-frame input, the frames left out (``frame 2: out of focus``). Empty otherwise.
+        quality: The gate's measures of the frame shown (or, ungradable, of the first frame):
+            field of view, colour, sharpness, exposure and ``ood_score``; empty with the gate off.
     """
 
     source: str
@@ -118,12 +149,22 @@ class ScoreResult:
     model_sha256: str = ""
     encoded: dict[str, bytes] = field(default_factory=dict)
     output_uids: dict[str, str] = field(default_factory=dict)
+    status: gate.Status = "scored"
+    reasons: list[str] = field(default_factory=list)
+    quality: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gradable(self) -> bool:
+        """Whether it was graded (``status == "scored"``)."""
+        return self.status == "scored"
 
     def summary(self) -> dict[str, Any]:
         """Plain data for JSON output: no datasets, no patient data."""
         return {
             "source": self.source,
-            "status": "scored",
+            "status": self.status,
+            "reasons": list(self.reasons),
+            "quality": dict(self.quality),
             "sop_instance_uid": self.sop_instance_uid,
             "model_sha256": self.model_sha256,
             "findings": list(self.findings),
@@ -153,24 +194,23 @@ class ScoreFailure:
         return {"source": self.source, "status": "failed", "error": self.error, "permanent": self.permanent}
 
 
-def findings_of(probabilities: dict[str, float], labels: Sequence[str], thresholds: Sequence[float]) -> list[str]:
-    """Labels whose probability reaches the threshold, most probable first (ties in label order)."""
-    over = [(probabilities[name], index, name) for index, (name, t) in enumerate(zip(labels, thresholds, strict=True))
-            if probabilities[name] >= t]  # fmt: skip
-    return [name for _, _, name in sorted(over, key=lambda item: (-item[0], item[1]))]
-
-
 @dataclass
 class _Prepared:
     """An input after decode and preprocess, waiting for the model."""
 
     source: str
     decoded: DecodedImage
+    #: Model inputs of the frames to run through the model (``frames``), in that order.
     inputs: NDArray[np.uint8]
     geometries: list[Geometry]
     header: Dataset
     references_source: bool
     timings: dict[str, float]
+    #: Per frame: its field of view and the gate's verdict on the decode checks (``None``: gate off).
+    fovs: list[FieldOfView]
+    verdicts: list[gate.Verdict | None]
+    #: Indices of the frames in ``inputs``: all of them, less those the decode checks refused.
+    frames: list[int]
 
 
 def _synthetic_header(content_sha256: str) -> Dataset:
@@ -195,8 +235,8 @@ class Pipeline:
 
     Args:
         engine: The model (an :class:`retinagate.engine.Engine` or anything with the same surface).
-        settings: Gives ``outputs``, ``display_long_side``, ``top_findings``, ``max_pixels`` and
-            ``batch_size`` (inputs per inference call).
+        settings: Gives ``outputs``, ``display_long_side``, ``top_findings``, ``max_pixels``,
+            ``batch_size`` (inputs per inference call) and ``gate`` (the gradability gate, on or off).
         threads: Threads for decoding and rendering (default 2: both cores of a small machine).
 
     Raises:
@@ -210,6 +250,7 @@ class Pipeline:
         self.settings = settings
         self.model = ModelIdentity.of(engine)
         self._outputs = tuple(settings.outputs)
+        self._gate = settings.gate == "on"
         self._sc = ScEncoder(self.model, compression=settings.sc_compression, quality=settings.sc_jpeg_quality)
         self._sr = SrEncoder(self.model)
         # Two pools, so that rendering and encoding one chunk (mostly Python, holding the GIL) runs
@@ -290,6 +331,8 @@ class Pipeline:
 
     def _load_path(self, source: str) -> _Prepared:
         size = self.engine.card.input_size
+        if self._gate:
+            size = max(size, gate.MIN_DECODE_SIDE)  # the gate measures focus at a fixed resolution
         long_side = self.settings.display_long_side if "sc" in self._outputs else 0
         decoded = decode_path(source, min_side=size, max_pixels=self.settings.max_pixels, min_long_side=long_side)
         return self._prepare(source, decoded)
@@ -311,8 +354,19 @@ class Pipeline:
     def _prepare(self, source: str, decoded: DecodedImage) -> _Prepared:
         started = time.perf_counter()
         preprocessing = self.engine.card.preprocessing
-        pairs = [prepare_with_geometry(frame, preprocessing) for frame in decoded.frames]
-        inputs = np.stack([array for array, _ in pairs])
+        fovs = [find_fov(frame, preprocessing.fov_threshold) for frame in decoded.frames]
+        verdicts: list[gate.Verdict | None] = [
+            gate.assess(frame, threshold=preprocessing.fov_threshold, fov=fov) if self._gate else None
+            for frame, fov in zip(decoded.frames, fovs, strict=True)
+        ]
+        frames = [i for i, verdict in enumerate(verdicts) if verdict is None or verdict.gradable]
+        geometries, inputs = [], []
+        for frame, fov in zip(decoded.frames, fovs, strict=True):
+            array, geometry = prepare_with_geometry(frame, preprocessing, fov=fov)
+            geometries.append(geometry)
+            inputs.append(array)
+        size = preprocessing.input_size
+        batch = np.stack([inputs[i] for i in frames]) if frames else np.empty((0, size, size, 3), dtype=np.uint8)
         timings = {
             "decode": decoded.timings.get("decode", 0.0) + decoded.timings.get("read", 0.0),
             "preprocess": time.perf_counter() - started,
@@ -322,7 +376,7 @@ class Pipeline:
         else:
             content = decoded.content_sha256 or hashlib.sha256(source.encode()).hexdigest()
             header, references = _synthetic_header(content), False
-        return _Prepared(source, decoded, inputs, [g for _, g in pairs], header, references, timings)
+        return _Prepared(source, decoded, batch, geometries, header, references, timings, fovs, verdicts, frames)
 
     def _start_chunk(
         self, sources: list[str], load: Callable[[str], _Prepared]
@@ -330,14 +384,18 @@ class Pipeline:
         """Decodes and scores one chunk now; returns futures of its results, in order, still encoding."""
         loaded = list(self._loaders.map(lambda source: _guard(source, partial(load, source)), sources))
         ready = [item for item in loaded if isinstance(item, _Prepared)]
-        probabilities: NDArray[np.float32] = np.empty((0, self.engine.card.num_labels), dtype=np.float32)
+        size, count = self.engine.card.input_size, self.engine.card.num_labels
+        probabilities: NDArray[np.float32] = np.empty((0, count), dtype=np.float32)
         cams: NDArray[np.float32] = np.empty((0,), dtype=np.float32)
+        ood: NDArray[np.float32] | None = None
         infer_s = 0.0
-        if ready:
+        batch = np.concatenate([item.inputs for item in ready]) if ready else np.empty((0, size, size, 3), np.uint8)
+        if len(batch):
             started = time.perf_counter()
-            probabilities, cams = self.engine.predict(np.concatenate([item.inputs for item in ready]))
+            inference = self.engine.infer(batch)
+            probabilities, cams, ood = inference.probabilities, inference.cams, inference.ood_scores
             infer_s = time.perf_counter() - started
-        total_frames = max(1, sum(len(item.inputs) for item in ready))
+        total_frames = max(1, len(batch))
         futures: list[Future[ScoreResult | ScoreFailure]] = []
         offset = 0
         for item in loaded:
@@ -346,30 +404,64 @@ class Pipeline:
                 done.set_result(item)
                 futures.append(done)
                 continue
-            count = len(item.inputs)
-            work = partial(self._finish, item, probabilities[offset : offset + count], cams[offset : offset + count],
-                           infer_s * count / total_frames)  # fmt: skip
+            rows = slice(offset, offset + len(item.inputs))
+            work = partial(self._finish, item, probabilities[rows], cams[rows], None if ood is None else ood[rows],
+                           infer_s * len(item.inputs) / total_frames)  # fmt: skip
             futures.append(self._finishers.submit(_guard, item.source, work))
-            offset += count
+            offset += len(item.inputs)
         return futures
 
+    def _verdicts(self, item: _Prepared, ood: NDArray[np.float32] | None) -> list[gate.Verdict | None]:
+        """Each frame's verdict with the model's ``ood_score`` added for the frames it ran on."""
+        verdicts = list(item.verdicts)
+        threshold = self.engine.ood_threshold
+        if ood is None or threshold is None or not self._gate:
+            return verdicts
+        for row, frame in enumerate(item.frames):
+            verdict = verdicts[frame]
+            if verdict is not None:
+                verdicts[frame] = gate.with_ood(verdict, float(ood[row]), threshold)
+        return verdicts
+
     def _finish(
-        self, item: _Prepared, probabilities: NDArray[np.float32], cams: NDArray[np.float32], infer_s: float
+        self,
+        item: _Prepared,
+        probabilities: NDArray[np.float32],
+        cams: NDArray[np.float32],
+        ood: NDArray[np.float32] | None,
+        infer_s: float,
     ) -> ScoreResult:
+        verdicts = self._verdicts(item, ood)
+        # Rows of the model's outputs for the frames that are graded.
+        graded = [(row, frame) for row, frame in enumerate(item.frames)
+                  if (verdict := verdicts[frame]) is None or verdict.gradable]  # fmt: skip
+        timings = dict(item.timings)
+        timings["infer"] = infer_s
+        if not graded:
+            return self._finish_ungradable(item, verdicts, timings)
+
         card = self.engine.card
         labels, thresholds = card.labels, card.thresholds
-        frame_probs = [{name: float(p) for name, p in zip(labels, row, strict=True)} for row in probabilities]
+        by_label = dict(zip(labels, thresholds, strict=True))
+        frame_probs = [
+            {name: float(p) for name, p in zip(labels, probabilities[row], strict=True)} for row, _ in graded
+        ]
         instance = {name: max(frame[name] for frame in frame_probs) for name in labels}
         findings = findings_of(instance, labels, thresholds)
         disease = [i for i, name in enumerate(labels) if name != DISEASE_RISK]
-        # The frame shown: the one with the most probable disease label.
-        key = int(np.argmax(probabilities[:, disease].max(axis=1))) if disease else 0
-        frame_number = key + 1 if item.decoded.number_of_frames > 1 else None
-        key_probs = frame_probs[key]
-        ranked = sorted(disease, key=lambda i: (-float(probabilities[key, i]), i))
+        # The frame shown: the graded one with the most probable disease label.
+        pick = int(np.argmax([probabilities[row, disease].max() for row, _ in graded])) if disease else 0
+        key_row, key = graded[pick]
+        multi = item.decoded.number_of_frames > 1
+        frame_number = key + 1 if multi else None
+        key_probs = frame_probs[pick]
+        ranked = sorted(disease, key=lambda i: (-float(probabilities[key_row, i]), i))
         shown = [i for i in ranked if key_probs[labels[i]] >= thresholds[i]][: self.settings.top_findings]
-        timings = dict(item.timings)
-        timings["infer"] = infer_s
+        # With no disease finding, the Disease_Risk map stands in (unmarked unless it is a finding itself).
+        mapped = shown or ([labels.index(DISEASE_RISK)] if DISEASE_RISK in labels else ranked[:1])
+        left_out = [f"frame {frame + 1}: {'; '.join(verdict.reasons)}" for frame, verdict in enumerate(verdicts)
+                    if verdict is not None and not verdict.gradable]  # fmt: skip
+        key_verdict = verdicts[key]
 
         started = time.perf_counter()
         datasets: dict[str, Dataset] = {}
@@ -379,46 +471,53 @@ class Pipeline:
         # A plain image's SR refers to its SC (the only DICOM copy of the photograph), so it needs one.
         needs_sc = "sc" in self._outputs or ("sr" in self._outputs and not item.references_source)
         if needs_sc:
-            heatmaps = [HeatmapFinding(labels[i], key_probs[labels[i]], cams[key, i]) for i in shown]
+            heatmaps = [HeatmapFinding(labels[i], key_probs[labels[i]], cams[key_row, i],
+                                       marked=key_probs[labels[i]] >= thresholds[i]) for i in mapped]  # fmt: skip
             picture = render_heatmaps(
                 item.decoded.frames[key],
                 item.geometries[key],
                 heatmaps,
-                self._legend(key_probs, shown, frame_number, item.decoded.number_of_frames),
+                self._legend(key_probs, shown, mapped, frame_number, item.decoded.number_of_frames),
                 long_side=self.settings.display_long_side,
+                fov=item.fovs[key],
             )
         timings["render"] = time.perf_counter() - started
 
         started = time.perf_counter()
         sc = None
         if picture is not None:
-            described = ", ".join(f"{labels[i]} {key_probs[labels[i]]:.2f}" for i in shown) or "none"
+            shown_text = describe_findings(key_probs, [labels[i] for i in shown], by_label)
             sc, encoded["sc"] = self._sc.encode(
                 picture,
                 item.header,
                 frame_number=frame_number,
                 references_source=item.references_source,
-                description=f"Grad-CAM heatmaps of the top findings ({described}); "
+                description=f"Grad-CAM heatmaps of the top findings ({shown_text}); "
                 f"{self.model.name} {self.model.version}",
             )
             datasets["sc"], uids["sc"] = sc, str(sc.SOPInstanceUID)
         if "sr" in self._outputs:
-            frames = [
-                FrameScores(row.tolist(), (index + 1) if item.decoded.number_of_frames > 1 else None)
-                for index, row in enumerate(probabilities)
-            ]
+            rows = {frame: row for row, frame in graded}
+            frames = []
+            for index, verdict in enumerate(verdicts):
+                number = (index + 1) if multi else None
+                if index in rows:
+                    frames.append(FrameScores(probabilities[rows[index]].tolist(), number))
+                elif verdict is not None:
+                    frames.append(FrameScores((), number, not_graded=tuple(verdict.reasons)))
             uids["sr"], encoded["sr"] = self._sr.encode(
                 item.header, frames, sc=sc, references_source=item.references_source
             )
         if "pm" in self._outputs and item.references_source:
-            top = ranked[0] if ranked else 0
-            heat = item.geometries[key].to_source(cams[key, top], item.decoded.source_shape)
+            top = mapped[0]
+            heat = retina_heat(cams[key_row, top], item.geometries[key], item.decoded.source_shape, item.fovs[key])
             pm = build_pm(
-                heat,
+                heat[0] if heat is not None else np.zeros(item.decoded.source_shape, dtype=np.float32),
                 item.header,
                 self.model,
                 label=labels[top],
                 probability=key_probs[labels[top]],
+                threshold=thresholds[top],
                 frame_number=frame_number,
             )
             datasets["pm"], encoded["pm"], uids["pm"] = pm, _part10(pm), str(pm.SOPInstanceUID)
@@ -435,26 +534,107 @@ class Pipeline:
             model_sha256=self.model.sha256,
             encoded=encoded,
             output_uids=uids,
+            status="scored",
+            reasons=left_out,
+            quality=dict(key_verdict.measures) if key_verdict is not None else {},
         )
 
-    def _legend(self, probs: dict[str, float], shown: list[int], frame_number: int | None, frames: int) -> Legend:
+    def _finish_ungradable(
+        self, item: _Prepared, verdicts: list[gate.Verdict | None], timings: dict[str, float]
+    ) -> ScoreResult:
+        """The result of an input none of whose frames the gate let through: reasons, no findings."""
+        reasons = list(
+            dict.fromkeys(reason for verdict in verdicts if verdict is not None for reason in verdict.reasons)
+        )
+        first = verdicts[0]
+        multi = item.decoded.number_of_frames > 1
+        frame_number = 1 if multi else None
+        card = self.engine.card
+        started = time.perf_counter()
+        picture = None
+        needs_sc = "sc" in self._outputs or ("sr" in self._outputs and not item.references_source)
+        if needs_sc:
+            lines = [f"Not graded: {'; '.join(reasons)}", "No findings are reported for this photograph"]
+            if multi:
+                lines.append(f"Frame 1 of {item.decoded.number_of_frames}")
+            legend = Legend(model=f"{card.name} {card.version} (sha256 {self.model.sha256[:12]})", lines=tuple(lines))
+            picture = render_heatmaps(
+                item.decoded.frames[0],
+                item.geometries[0],
+                [],
+                legend,
+                long_side=self.settings.display_long_side,
+                fov=item.fovs[0],
+                banner=f"Not graded: {reasons[0]}" if reasons else "Not graded",
+            )
+        timings["render"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        datasets: dict[str, Dataset] = {}
+        encoded: dict[str, bytes] = {}
+        uids: dict[str, str] = {}
+        sc = None
+        if picture is not None:
+            sc, encoded["sc"] = self._sc.encode(
+                picture,
+                item.header,
+                frame_number=frame_number,
+                references_source=item.references_source,
+                description=f"Not graded ({'; '.join(reasons)}); no findings; {self.model.name} {self.model.version}",
+            )
+            datasets["sc"], uids["sc"] = sc, str(sc.SOPInstanceUID)
+        if "sr" in self._outputs:
+            frames = [
+                FrameScores((), (index + 1) if multi else None, not_graded=tuple(verdict.reasons))
+                for index, verdict in enumerate(verdicts)
+                if verdict is not None
+            ]
+            uids["sr"], encoded["sr"] = self._sr.encode(
+                item.header, frames, sc=sc, references_source=item.references_source
+            )
+        timings["encode"] = time.perf_counter() - started
+        timings["total"] = sum(timings.get(stage, 0.0) for stage in STAGES)
+        logger.info("input %s not graded: %s", _tag(item.source), "; ".join(reasons))
+        return ScoreResult(
+            source=item.source,
+            sop_instance_uid=str(item.header.SOPInstanceUID) if item.references_source else None,
+            probabilities={},
+            findings=[],
+            timings=timings,
+            outputs=_Outputs(datasets, encoded),
+            model_sha256=self.model.sha256,
+            encoded=encoded,
+            output_uids=uids,
+            status="ungradable",
+            reasons=reasons,
+            quality=dict(first.measures) if first is not None else {},
+        )
+
+    def _legend(
+        self, probs: dict[str, float], shown: list[int], mapped: list[int], frame_number: int | None, frames: int
+    ) -> Legend:
         card = self.engine.card
         labels = card.labels
+        by_label = dict(zip(labels, card.thresholds, strict=True))
         lines = []
+        findings = findings_of(probs, labels, card.thresholds)
         if shown:
-            lines.append("Findings: " + "   ".join(f"{labels[i]} {probs[labels[i]]:.2f}" for i in shown))
-            others = [n for n in findings_of(probs, labels, card.thresholds) if n != DISEASE_RISK
-                      and labels.index(n) not in shown]  # fmt: skip
+            lines.append("Findings: " + describe_findings(probs, [labels[i] for i in shown], by_label, "   "))
+            others = [n for n in findings if n != DISEASE_RISK and labels.index(n) not in shown]
             if others:
-                lines.append("Also over threshold: " + "   ".join(f"{n} {probs[n]:.2f}" for n in others))
+                lines.append("Also over threshold: " + describe_findings(probs, others, by_label, "   "))
+        elif findings:  # Disease_Risk alone
+            lines.append("Findings: " + describe_findings(probs, findings, by_label, "   ") + " (no single disease)")
         else:
-            best = max((n for n in labels if n != DISEASE_RISK), key=lambda n: probs[n], default=None)
-            highest = f" (highest: {best} {probs[best]:.2f})" if best else ""
-            lines.append(f"No disease finding over threshold{highest}")
+            lines.append(NO_FINDING)
         if DISEASE_RISK in probs:
-            risk = probs[DISEASE_RISK]
-            over = risk >= card.thresholds[labels.index(DISEASE_RISK)]
-            lines.append(f"Disease risk {risk:.2f} ({'over' if over else 'under'} threshold)")
+            risk, limit = probs[DISEASE_RISK], by_label[DISEASE_RISK]
+            side = "at or over" if risk >= limit else "under"
+            lines.append(f"Disease risk {probability_text(risk, limit)} ({side} threshold {threshold_text(limit)})")
+        if not shown and mapped:
+            name = labels[mapped[0]]
+            lines.append(f"Map: {name} (where the model looked; not a finding)" if probs[name] < by_label[name]
+                         else f"Map: {name}")  # fmt: skip
         if frame_number is not None:
             lines.append(f"Frame {frame_number} of {frames}")
         return Legend(model=f"{card.name} {card.version} (sha256 {self.model.sha256[:12]})", lines=tuple(lines))

@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 
 from retinagate.card import Preprocessing
 
-__all__ = ["Geometry", "fov_box", "prepare", "prepare_batch", "prepare_with_geometry"]
+__all__ = ["FieldOfView", "Geometry", "find_fov", "fov_box", "prepare", "prepare_batch", "prepare_with_geometry"]
 
 #: Longest side of the thumbnail the FOV search runs on; enough to place the box within a pixel or two
 #: of the full image after scaling back, and cheap (about 0.1 ms for the connected components).
@@ -45,8 +45,71 @@ def _check_image(image: NDArray[np.uint8], name: str = "image") -> None:
         raise ValueError(f"{name} has dtype {image.dtype}; expected uint8")
 
 
-def fov_box(image: NDArray[np.uint8], threshold: int = 20) -> Box:
-    """Finds the bounding box of the circular field of view.
+@dataclass(frozen=True)
+class FieldOfView:
+    """What the FOV search found: the box, and the region itself on the search thumbnail.
+
+    Attributes:
+        box: ``(x0, y0, x1, y1)`` bounding box in the photograph (exclusive ends); the whole image
+            when no FOV was found.
+        mask: The FOV region on the thumbnail (``True`` inside), or ``None`` when none was found.
+            The gradability gate (:mod:`retinagate.gate`) checks its shape.
+        factor: Photograph pixels per thumbnail pixel along each axis.
+        thumbnail: The area-averaged ``(h, w, 3)`` thumbnail the search ran on.
+    """
+
+    box: Box
+    mask: NDArray[np.bool_] | None
+    factor: int
+    thumbnail: NDArray[np.uint8]
+    source_shape: tuple[int, int]
+
+    @property
+    def found(self) -> bool:
+        """Whether a bright region large enough to be a field of view was found."""
+        return self.mask is not None
+
+    def contains(self, x: NDArray[np.floating], y: NDArray[np.floating]) -> NDArray[np.bool_]:
+        """Whether photograph pixels ``(x, y)`` lie in the field of view (all do when none was found)."""
+        xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if self.mask is None:
+            return np.ones(np.broadcast_shapes(xs.shape, ys.shape), dtype=bool)
+        rows = np.clip(ys // self.factor, 0, self.mask.shape[0] - 1).astype(np.intp)
+        columns = np.clip(xs // self.factor, 0, self.mask.shape[1] - 1).astype(np.intp)
+        inside: NDArray[np.bool_] = self.mask[rows, columns]
+        return inside
+
+    def coverage(self, shape: tuple[int, int] | None = None) -> NDArray[np.float32]:
+        """The field of view as a 0-1 map: 1 inside, 0 outside, with a soft edge one thumbnail pixel wide.
+
+        Args:
+            shape: ``(height, width)`` of the map; the photograph at another scale (the display
+                picture, a coarse heat grid). Defaults to the photograph's own shape.
+
+        Returns:
+            ``float32`` map of ``shape``; all ones when no field of view was found (nothing to
+            mask: the whole image was used).
+        """
+        height, width = self.source_shape if shape is None else shape
+        if self.mask is None:
+            return np.ones((height, width), dtype=np.float32)
+        # Target pixel centre -> photograph -> thumbnail pixel (thumbnail pixel i covers the
+        # photograph's [i * factor, (i + 1) * factor)); rows past the thumbnail repeat its edge.
+        ax = self.source_shape[1] / (width * self.factor)
+        ay = self.source_shape[0] / (height * self.factor)
+        matrix = np.array([[ax, 0.0, 0.5 * ax - 0.5], [0.0, ay, 0.5 * ay - 0.5]], dtype=np.float64)
+        out = cv2.warpAffine(
+            self.mask.astype(np.float32),
+            matrix,
+            (width, height),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        return np.asarray(out, dtype=np.float32)
+
+
+def find_fov(image: NDArray[np.uint8], threshold: int = 20) -> FieldOfView:
+    """Finds the circular field of view: the largest bright region of an area-averaged thumbnail.
 
     The search runs on an area-averaged thumbnail (which also averages out sensor and JPEG noise in
     the black border) and keeps the largest connected region brighter than ``threshold`` in its
@@ -58,7 +121,7 @@ def fov_box(image: NDArray[np.uint8], threshold: int = 20) -> Box:
         threshold: Level (0-255) that separates the FOV from the dark border.
 
     Returns:
-        ``(x0, y0, x1, y1)`` with exclusive ``x1``/``y1``; the whole image when no FOV is found.
+        The :class:`FieldOfView`; its box is the whole image when no FOV is found.
 
     Raises:
         ValueError: If the image is not ``(H, W, 3)`` uint8 or the threshold is outside 0-255.
@@ -74,25 +137,46 @@ def fov_box(image: NDArray[np.uint8], threshold: int = 20) -> Box:
         # every pixel, and still enough averaging to keep border noise below the threshold.
         stride = max(1, factor // 2)
         sampled = image[: small_h * factor : stride, : small_w * factor : stride]
-        small = cv2.resize(sampled, (small_w, small_h), interpolation=cv2.INTER_AREA)
+        small = np.asarray(cv2.resize(sampled, (small_w, small_h), interpolation=cv2.INTER_AREA), dtype=np.uint8)
     else:
         small = image
+    whole = FieldOfView((0, 0, width, height), None, factor, small, (height, width))
     brightest = np.maximum(np.maximum(small[..., 0], small[..., 1]), small[..., 2])  # 20x faster than max(axis=2)
     mask = (brightest > threshold).astype(np.uint8)
-    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if count < 2:
-        return 0, 0, width, height
+        return whole
     areas = stats[1:, cv2.CC_STAT_AREA]
     best = 1 + int(np.argmax(areas))
     if stats[best, cv2.CC_STAT_AREA] < _FOV_MIN_AREA * small_w * small_h:
-        return 0, 0, width, height
+        return whole
     left, top = int(stats[best, cv2.CC_STAT_LEFT]), int(stats[best, cv2.CC_STAT_TOP])
     right = left + int(stats[best, cv2.CC_STAT_WIDTH])
     bottom = top + int(stats[best, cv2.CC_STAT_HEIGHT])
     # Thumbnail cells that touch the image edge also own the remainder rows/columns that were cut off.
     x1 = width if right >= small_w else min(width, right * factor)
     y1 = height if bottom >= small_h else min(height, bottom * factor)
-    return left * factor, top * factor, x1, y1
+    # The region with its holes filled: a dark lesion inside the FOV is still inside it.
+    region = np.zeros((small_h, small_w), dtype=np.uint8)
+    contours, _ = cv2.findContours((labels == best).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(region, contours, -1, 1, thickness=cv2.FILLED)
+    return FieldOfView((left * factor, top * factor, x1, y1), region.astype(bool), factor, small, (height, width))
+
+
+def fov_box(image: NDArray[np.uint8], threshold: int = 20) -> Box:
+    """Finds the bounding box of the circular field of view (see :func:`find_fov`).
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB photograph.
+        threshold: Level (0-255) that separates the FOV from the dark border.
+
+    Returns:
+        ``(x0, y0, x1, y1)`` with exclusive ``x1``/``y1``; the whole image when no FOV is found.
+
+    Raises:
+        ValueError: If the image is not ``(H, W, 3)`` uint8 or the threshold is outside 0-255.
+    """
+    return find_fov(image, threshold).box
 
 
 @dataclass(frozen=True)
@@ -236,11 +320,16 @@ def _halvings(crop_w: int, crop_h: int, placed_w: int, placed_h: int) -> int:
     return count
 
 
-def _prepare_into(image: NDArray[np.uint8], preprocessing: Preprocessing, out: NDArray[np.uint8]) -> Geometry:
+def _prepare_into(
+    image: NDArray[np.uint8], preprocessing: Preprocessing, out: NDArray[np.uint8], fov: FieldOfView | None = None
+) -> Geometry:
     _check_image(image)
     height, width = image.shape[:2]
     size = preprocessing.input_size
-    x0, y0, x1, y1 = fov_box(image, preprocessing.fov_threshold) if preprocessing.fov_crop else (0, 0, width, height)
+    if not preprocessing.fov_crop:
+        x0, y0, x1, y1 = 0, 0, width, height
+    else:
+        x0, y0, x1, y1 = (fov if fov is not None else find_fov(image, preprocessing.fov_threshold)).box
     placed = _layout(x1 - x0, y1 - y0, size)
     halvings = _halvings(x1 - x0, y1 - y0, placed[2] - placed[0], placed[3] - placed[1])
     if halvings:
@@ -265,12 +354,16 @@ def _prepare_into(image: NDArray[np.uint8], preprocessing: Preprocessing, out: N
     return Geometry(source_shape=(height, width), crop=(x0, y0, x1, y1), placed=placed, size=size)
 
 
-def prepare_with_geometry(image: NDArray[np.uint8], preprocessing: Preprocessing) -> tuple[NDArray[np.uint8], Geometry]:
+def prepare_with_geometry(
+    image: NDArray[np.uint8], preprocessing: Preprocessing, *, fov: FieldOfView | None = None
+) -> tuple[NDArray[np.uint8], Geometry]:
     """Prepares one photograph and says where it went, for mapping heatmaps back.
 
     Args:
         image: ``(H, W, 3)`` uint8 RGB photograph.
         preprocessing: The model card's preprocessing recipe.
+        fov: The result of :func:`find_fov` on this image with the card's threshold, when the caller
+            already has it (the gradability gate does); searched here otherwise.
 
     Returns:
         The ``(S, S, 3)`` uint8 model input (``S = preprocessing.input_size``) and its :class:`Geometry`.
@@ -280,7 +373,7 @@ def prepare_with_geometry(image: NDArray[np.uint8], preprocessing: Preprocessing
     """
     size = preprocessing.input_size
     out = np.empty((size, size, 3), dtype=np.uint8)
-    geometry = _prepare_into(image, preprocessing, out)
+    geometry = _prepare_into(image, preprocessing, out, fov)
     return out, geometry
 
 

@@ -33,8 +33,12 @@ def register(subparsers: Any) -> None:
             "syntax the gateway accepts) and plain PNG/JPEG files, or folders of them (searched "
             "recursively). For each input it writes a heatmap Secondary Capture and a Structured "
             "Report (and a Parametric Map with --outputs sc,sr,pm) into --out, named after the input. "
-            "Unreadable inputs are reported by name and the batch goes on.\n\n"
-            "Exit status: 0 all scored, 1 some inputs failed, 2 bad usage, 3 model file missing."
+            "Unreadable inputs are reported by name and the batch goes on. A photograph the gradability "
+            "gate refuses (no circular field of view, not colour, out of focus, badly exposed, unlike the "
+            "training photographs; RETINAGATE_GATE=off turns it off) is reported as not graded, with the "
+            "reasons, and its SC and SR say so.\n\n"
+            "Exit status: 0 all read (scored or not graded), 1 some inputs failed, 2 bad usage, "
+            "3 model file missing."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -127,6 +131,7 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
     from retinagate.engine import Engine, ModelFileError, ProviderError
+    from retinagate.outputs.findings import describe_findings
     from retinagate.pipeline import Pipeline, ScoreResult
 
     try:
@@ -140,8 +145,9 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     show_progress = any(p.is_dir() for p in args.paths)
     names = _Names()
+    thresholds = dict(zip(engine.card.labels, engine.card.thresholds, strict=True))
     rows: list[tuple[str, str, str]] = []
-    scored = failed = 0
+    scored = ungradable = failed = 0
     with (
         Pipeline(engine, settings) as pipeline,
         tqdm(
@@ -166,16 +172,21 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
                 except OSError as exc:
                     raise CommandError(f"cannot write {target}: {exc.strerror or exc}", EXIT_FAILED) from None
                 written[kind] = str(target)
-            scored += 1
+            if result.gradable:
+                scored += 1
+                # The same words and digits as the SC's legend (retinagate.outputs.findings).
+                shown = describe_findings(result.probabilities, result.findings, thresholds)
+            else:
+                ungradable += 1
+                shown = "Not graded: " + "; ".join(result.reasons)
             if args.json:
                 print(json.dumps({**result.summary(), "files": written}), flush=True)
             else:
-                shown = ", ".join(f"{n} {result.probabilities[n]:.2f}" for n in result.findings) or "none"
                 rows.append((result.source, shown, ", ".join(Path(p).name for p in written.values())))
     if not args.json:
         if rows:
             _print_table(rows)
-        print(f"{scored} scored, {failed} failed; outputs in {args.out}")
+        print(f"{scored} scored, {ungradable} not graded, {failed} failed; outputs in {args.out}")
     return EXIT_FAILED if failed else EXIT_OK
 
 

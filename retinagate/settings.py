@@ -108,6 +108,13 @@ class Settings(BaseSettings):
         512 * 1024 * 1024, description="Largest DICOM instance accepted, in bytes."
     )
 
+    gate: Literal["on", "off"] = Field(
+        "on",
+        description="Gradability gate: on marks photographs that are not gradable colour fundus photographs "
+        "(no circular field of view, greyscale, out of focus, badly exposed, unlike the training data) "
+        "'ungradable' instead of scoring them; off scores everything.",
+    )
+
     # Outputs.
     outputs: Annotated[list[OutputKind], NoDecode] = Field(
         ["sc", "sr"], description="What to send back: sc (heatmap Secondary Capture), sr, pm (Parametric Map)."

@@ -818,3 +818,48 @@ def nagle_spy(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], list[tuple[int
         return seen
 
     return spy_on
+
+
+# A model with the optional `ood_score [N]` output, for the gradability gate's tests. Appended by the gate.
+
+
+@pytest.fixture
+def ood_model_variant(tmp_path: Path) -> Callable[..., Path]:
+    """Writes a copy of an exported model with an ``ood_score`` output and ``ood`` statistics in its card:
+    ``variant(source, threshold=2.0, scale=0.04)``. The score is ``scale`` x the image's mean pixel level
+    (0-255), so a test picks which images are "out of distribution" by brightness; the card's threshold
+    is ``threshold``."""
+
+    def variant(source: Path, threshold: float = 2.0, scale: float = 0.04) -> Path:
+        import numpy as np
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+
+        from retinagate.card import CARD_METADATA_KEY, ModelCard, OodStatistics
+
+        proto = onnx.load(str(source))
+        graph = proto.graph
+        graph.initializer.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), "ood_scale"))
+        opset = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        if opset >= 18:  # ReduceMean takes its axes as an input from opset 18 on
+            graph.initializer.append(numpy_helper.from_array(np.array([1, 2, 3], dtype=np.int64), "ood_axes"))
+            reduce = helper.make_node("ReduceMean", ["ood_pixels", "ood_axes"], ["ood_level"], keepdims=0)
+        else:
+            reduce = helper.make_node("ReduceMean", ["ood_pixels"], ["ood_level"], axes=[1, 2, 3], keepdims=0)
+        graph.node.extend([
+            helper.make_node("Cast", ["image"], ["ood_pixels"], to=TensorProto.FLOAT),
+            reduce,
+            helper.make_node("Mul", ["ood_level", "ood_scale"], ["ood_score"]),
+        ])
+        graph.output.append(helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["N"]))
+        entry = next(p for p in proto.metadata_props if p.key == CARD_METADATA_KEY)
+        card = ModelCard.from_json(entry.value)
+        ood = OodStatistics(features=1, rank=1, mean=(0.0,), components=((1.0,),), variances=(1.0,),
+                            residual_variance=1.0, threshold=threshold, fitted_on={"test": "mean pixel level"})
+        entry.value = card.with_updates(version=f"{card.version}-ood", ood=ood.model_dump()).to_json()
+        onnx.checker.check_model(proto)
+        out = tmp_path / f"{source.stem}-ood-{threshold:g}.onnx"
+        onnx.save(proto, str(out))
+        return out
+
+    return variant

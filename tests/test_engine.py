@@ -154,6 +154,41 @@ def test_auto_tries_tensorrt_then_cuda_then_cpu_with_caches_and_fixed_shapes(tmp
     assert [p.names for p in provider_plans("cuda", every, input_size=224, batch_size=16)] == [every[1:]]
 
 
+def test_infer_gives_the_ood_score_of_a_graph_that_has_one_and_none_otherwise(
+    random_onnx_model_path: Path, ood_model_variant: Callable[..., Path]
+) -> None:
+    images = _images(3)
+    plain = Engine(random_onnx_model_path, providers="cpu")
+    with_ood = Engine(
+        ood_model_variant(random_onnx_model_path, threshold=2.5, scale=0.01), providers="cpu", batch_size=2
+    )
+
+    without = plain.infer(images)
+    scored = with_ood.infer(images)
+
+    assert not plain.has_ood_score and plain.ood_threshold is None and without.ood_scores is None
+    assert with_ood.has_ood_score and with_ood.ood_threshold == 2.5 and with_ood.describe()["ood_score"] is True
+    assert scored.ood_scores is not None and scored.ood_scores.dtype == np.float32
+    np.testing.assert_allclose(scored.ood_scores, images.reshape(3, -1).mean(axis=1) * 0.01, rtol=1e-5)
+    np.testing.assert_allclose(scored.probabilities, without.probabilities, atol=1e-6)
+    np.testing.assert_allclose(with_ood.predict(images)[1], without.cams, rtol=1e-5, atol=1e-6)
+
+
+def test_an_ood_score_without_statistics_in_the_card_or_statistics_without_the_output_is_refused(
+    random_onnx_model_path: Path, ood_model_variant: Callable[..., Path], tmp_path: Path
+) -> None:
+    ood_path = ood_model_variant(random_onnx_model_path)
+    plain_card = Engine(random_onnx_model_path).card
+    ood_card = Engine(ood_path).card
+    no_statistics = _with_metadata(ood_path, tmp_path / "no-statistics.onnx", plain_card.to_json())
+    no_output = _with_metadata(random_onnx_model_path, tmp_path / "no-output.onnx", ood_card.to_json())
+
+    with pytest.raises(ModelFileError, match="'ood_score' output but the card has no 'ood' statistics"):
+        Engine(no_statistics)
+    with pytest.raises(ModelFileError, match="the graph has no 'ood_score' output"):
+        Engine(no_output)
+
+
 def test_a_file_without_a_card_is_refused_with_a_hint(random_onnx_model_path: Path, tmp_path: Path) -> None:
     bare = _with_metadata(random_onnx_model_path, tmp_path / "bare.onnx", None)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -100,7 +102,7 @@ def test_db_current_prints_nothing_before_and_the_head_revision_after_upgrade(
     capsys.readouterr()
     assert main(["db", "current"]) == 0
 
-    assert capsys.readouterr().out.strip() == head_revision() == "0001"
+    assert capsys.readouterr().out.strip() == head_revision() == "0002"
 
 
 def test_db_current_does_not_create_a_missing_sqlite_file(
@@ -153,6 +155,44 @@ def test_downgrade_to_base_removes_every_table_and_upgrade_restores_them(
     assert current_revision(settings) == head_revision()
 
 
+def test_the_gate_revision_marks_existing_predictions_scored_and_its_downgrade_fails_ungradable_instances(
+    empty_database_url: str, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(database_url=empty_database_url)
+    upgrade(settings, "0001")
+    engine = make_engine(empty_database_url)
+    now = dt.datetime(2026, 12, 1, 10, tzinfo=dt.UTC)
+    rows = {
+        "studies": {"id": 1, "study_uid": "1.2", "first_received_at": now, "last_received_at": now},
+        "instances": {"id": 1, "sop_instance_uid": "1.2.3", "study_id": 1, "series_uid": "1.2.4",
+                      "sop_class_uid": "1.2.5", "transfer_syntax_uid": "1.2.6", "frames": 1, "storage_key": "k",
+                      "sha256": "h", "size_bytes": 1, "received_at": now, "status": "scored",
+                      "status_changed_at": now, "attempts": 1},
+        "models": {"id": 1, "name": "m", "version": "1", "sha256": "a", "card": {}, "active": True,
+                   "registered_at": now},
+        "predictions": {"id": 1, "instance_id": 1, "model_id": 1, "probabilities": {}, "findings": [],
+                        "timings": {}, "duration_s": 0.1, "created_at": now},
+    }  # fmt: skip
+    with engine.begin() as connection:
+        for name, values in rows.items():
+            table = sa.Table(name, sa.MetaData(), autoload_with=connection)
+            connection.execute(table.insert().values(**values))
+
+    upgrade(settings)
+    with engine.begin() as connection:
+        status, reasons, quality = connection.exec_driver_sql("SELECT status, reasons, quality FROM predictions").one()
+        assert status == "scored"
+        assert [json.loads(v) if isinstance(v, str) else v for v in (reasons, quality)] == [[], {}]
+        connection.exec_driver_sql("UPDATE instances SET status = 'ungradable'")
+    downgrade(settings, "0001")
+    with engine.connect() as connection:
+        status, error = connection.exec_driver_sql("SELECT status, last_error FROM instances").one()
+    engine.dispose()
+
+    assert (status, error) == ("failed", "not gradable (gradability gate)")
+    assert "status" not in {c["name"] for c in sa.inspect(make_engine(empty_database_url)).get_columns("predictions")}
+
+
 def test_upgrade_leaves_the_applications_logging_alone(make_settings: Callable[..., Settings]) -> None:
     probe = logging.getLogger("retinagate.probe")
     handlers_before = list(logging.getLogger().handlers)
@@ -175,3 +215,4 @@ def test_alembic_ini_writes_the_postgresql_schema_as_sql_for_administrators() ->
         assert f"CREATE TABLE {table} (" in sql
     assert "TIMESTAMP WITH TIME ZONE" in sql
     assert "INSERT INTO alembic_version (version_num) VALUES ('0001')" in sql
+    assert "SET version_num='0002'" in sql

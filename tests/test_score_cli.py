@@ -32,7 +32,7 @@ def inputs(tmp_path: Path) -> Path:
     rng = np.random.default_rng(31)
     write_dicom(render_fundus(rng, 320, 240, ["DR"]).image, folder / "eye1.dcm", DicomIdentity.synthetic(0))
     write_dicom(render_fundus(rng, 320, 240, []).image, folder / "sub" / "eye2.dcm", DicomIdentity.synthetic(1))
-    cv2.imwrite(str(folder / "photo.png"), render_fundus(rng, 320, 240, ["MH"]).image)
+    cv2.imwrite(str(folder / "photo.png"), cv2.cvtColor(render_fundus(rng, 320, 240, ["MH"]).image, cv2.COLOR_RGB2BGR))
     (folder / "broken.dcm").write_bytes(b"DICM" * 100)
     (folder / "notes.txt").write_text("not an image")
     return folder
@@ -75,7 +75,7 @@ def test_an_unreadable_file_is_reported_by_name_and_the_batch_goes_on(
     captured = capsys.readouterr()
     assert code == EXIT_FAILED
     assert f"retinagate score: {broken}:" in captured.err
-    assert "1 scored, 1 failed" in captured.out and "eye1.dcm" in captured.out
+    assert "1 scored, 0 not graded, 1 failed" in captured.out and "eye1.dcm" in captured.out
     assert (tmp_path / "o" / "eye1.sc.dcm").is_file()
 
 

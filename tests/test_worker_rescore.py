@@ -175,10 +175,11 @@ def test_only_scored_instances_in_range_without_a_prediction_from_the_model_are_
         _add(s, 2, status=InstanceStatus.QUEUED)
         _add(s, 3, status=InstanceStatus.FAILED)
         late = _add(s, 4, days=10)
+        refused = _add(s, 5, status=InstanceStatus.UNGRADABLE)  # a new model gates it again
         s.flush()
 
-        assert find_unscored(s, model.id) == [waiting, late]
-        assert find_unscored(s, model.id, until=T0 + timedelta(days=5)) == [waiting]
+        assert find_unscored(s, model.id) == [waiting, late, refused]
+        assert find_unscored(s, model.id, until=T0 + timedelta(days=5)) == [waiting, refused]
         assert find_unscored(s, model.id, since=T0 + timedelta(days=5)) == [late]
-        assert find_unscored(s, None) == [done, waiting, late]
+        assert find_unscored(s, None) == [done, waiting, late, refused]
     engine.dispose()

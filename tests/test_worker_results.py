@@ -21,6 +21,7 @@ from retinagate.models import (
     Output,
     OutputKind,
     Prediction,
+    PredictionStatus,
     Study,
     utcnow,
 )
@@ -154,12 +155,82 @@ def test_the_text_and_json_forms_carry_the_same_facts(make_settings: Callable[..
     assert "study 1.2.3 (accession ACC1): 2 image(s)" in text
     assert "DR 0.91, Disease_Risk 0.80" in text and "model retina 2.0" in text
     assert "scored +2.0s" in text and "VIEW@10.0.0.2:104 retrying" in text
-    assert "no findings (top ARMD 0.30)" in text
+    assert "No finding above threshold (top ARMD 0.30)" in text
     image = data[0]["images"][0]
     assert image["findings"] == [{"label": "DR", "probability": 0.91}, {"label": "Disease_Risk", "probability": 0.8}]
     assert image["latency_s"] == {"scored": 2.0, "delivered": None}
     assert image["received_at"] == T0.isoformat()
     json.dumps(data)  # serialisable as is
+
+
+def test_an_ungradable_image_shows_its_status_and_reasons_instead_of_findings(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    _populate(settings)
+    engine = make_engine(settings)
+    with session_scope(session_factory(engine)) as s:
+        model = s.query(Model).filter(Model.active.is_(True)).one()
+        study = Study(study_uid="1.2.5")
+        s.add(study)
+        s.flush()
+        blurred = Instance(
+            sop_instance_uid="1.2.5.1",
+            study_id=study.id,
+            series_uid="1.2.5.0",
+            sop_class_uid="1.2",
+            transfer_syntax_uid="1.2.840.10008.1.2.4.50",
+            storage_key="in/1.2.5.1.dcm",
+            sha256="0" * 64,
+            size_bytes=1,
+            received_at=T0,
+            status=InstanceStatus.UNGRADABLE,
+        )
+        s.add(blurred)
+        s.flush()
+        s.add(
+            Prediction(
+                instance_id=blurred.id,
+                model_id=model.id,
+                findings=[],
+                probabilities={},
+                duration_s=0.1,
+                created_at=T0 + timedelta(seconds=1),
+                status=PredictionStatus.UNGRADABLE,
+                reasons=["out of focus", "under-exposed"],
+                quality={"sharpness": 0.31},
+            )
+        )
+    engine.dispose()
+
+    (study,) = _query(settings, study_uid="1.2.5")
+    text = format_results([study])
+    (image,) = to_jsonable([study])[0]["images"]
+
+    assert study.images[0].status == "ungradable" and study.images[0].findings == []
+    assert "1.2.5.1 - ungradable | not graded: out of focus; under-exposed | model retina 2.0" in text
+    assert image["status"] == "ungradable" and image["reasons"] == ["out of focus", "under-exposed"]
+    assert image["findings"] == [] and image["top_probability"] is None
+
+
+def test_a_finding_just_over_its_threshold_is_never_printed_under_it(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    _populate(settings)
+    engine = make_engine(settings)
+    with session_scope(session_factory(engine)) as s:
+        model = s.query(Model).filter(Model.active.is_(True)).one()
+        model.card = {"labels": ["DR", "TSLN"], "thresholds": [0.5, 0.0501]}
+        prediction = s.query(Prediction).filter(Prediction.model_id == model.id, Prediction.findings != []).first()
+        assert prediction is not None
+        prediction.findings = ["TSLN"]
+        prediction.probabilities = {"DR": 0.2, "TSLN": 0.0504}
+    engine.dispose()
+
+    text = format_results(_query(settings, study_uid="1.2.3"))
+
+    assert "TSLN 0.0504" in text  # "0.05" would read as under the threshold of 0.0501
 
 
 def test_the_results_command_prints_json_and_says_when_a_study_is_unknown(

@@ -175,6 +175,39 @@ def test_outputs_below_the_minimum_probability_are_not_queued_for_delivery(
     assert b.rows()["deliveries"] == [] and len(b.rows()["outputs"]) == 2
 
 
+def test_an_ungradable_instance_is_recorded_with_its_reasons_and_its_sc_and_sr_are_delivered_all_the_same(
+    bench: Callable[..., Bench], worker_store_instance: Callable[..., int]
+) -> None:
+    import cv2
+    import numpy as np
+
+    b = bench(destinations="PACS@127.0.0.1:104", deliver_min_probability=1.0, outputs=["sc", "sr", "pm"])
+    good, blurred = (worker_store_instance(b.settings, study=s, size=(640, 480)) for s in range(2))
+    with session_scope(b.sessions) as s:
+        path = b.storage.path(s.get_one(Instance, blurred).storage_key)
+    ds = dcmread(path)
+    ds.decompress()  # now Explicit VR Little Endian
+    ds.PixelData = np.asarray(cv2.GaussianBlur(ds.pixel_array, (0, 0), 9.0), dtype=np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+    outcome = b.score([good, blurred])
+
+    assert sorted(outcome.scored) == sorted([good, blurred]) and outcome.ungradable == [blurred]
+    rows = b.rows()
+    assert rows["instances"][blurred] == ("ungradable", 1, None)
+    assert rows["instances"][good][0] == "scored"
+    with session_scope(b.sessions) as s:
+        prediction = s.scalars(select(Prediction).where(Prediction.instance_id == blurred)).one()
+        assert prediction.status == "ungradable" and prediction.reasons == ["out of focus"]
+        assert prediction.findings == [] and prediction.probabilities == {}
+        assert prediction.quality["sharpness"] < 0.52
+        kinds = sorted(o.kind.value for o in prediction.outputs)
+        delivered = sorted(d.output.kind.value for o in prediction.outputs for d in o.deliveries)
+    assert kinds == ["sc", "sr"] and delivered == ["sc", "sr"]  # sent whatever deliver_min_probability says
+    again = b.score([blurred])  # a rescore gates it again
+    assert again.ungradable == [blurred] and b.rows()["instances"][blurred] == ("ungradable", 1, None)
+
+
 def test_unknown_instance_ids_are_skipped(bench: Callable[..., Bench]) -> None:
     b = bench()
     outcome = b.score([12345])
@@ -205,6 +238,8 @@ def test_delivery_is_wanted_only_with_destinations_and_a_probability_at_the_mini
     assert wants_delivery(some, {"DR": 0.2, "ARMD": 0.5})
     assert not wants_delivery(some, {"DR": 0.2, "ARMD": 0.49})
     assert wants_delivery(make_settings(destinations="PACS@h:104"), {})
+    assert wants_delivery(some, {}, gradable=False)  # the SC and SR of an ungradable photograph always go
+    assert not wants_delivery(make_settings(), {}, gradable=False)
 
 
 def test_two_workers_scoring_the_same_instance_at_once_leave_one_set_of_rows_and_files(

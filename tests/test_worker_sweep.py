@@ -111,6 +111,25 @@ def test_an_instance_scoring_past_the_time_limit_is_sent_again_without_counting_
         assert session.get_one(Instance, running).status == InstanceStatus.SCORING
 
 
+def test_ungradable_scored_and_failed_instances_are_never_sent_again(
+    db: tuple[Settings, Engine, sessionmaker[Session]],
+) -> None:
+    settings, _, sessions = db
+    now = utcnow()
+    old = now - timedelta(days=3)
+    with session_scope(sessions) as session:
+        done = [_instance(session, status, old, attempts=1, n=i) for i, status in
+                enumerate((InstanceStatus.UNGRADABLE, InstanceStatus.SCORED, InstanceStatus.FAILED))]  # fmt: skip
+
+    outcome, sent = _run(settings, sessions, now)
+
+    assert outcome.requeued == [] and outcome.failed == [] and sent.score == []
+    with session_scope(sessions) as session:
+        assert [session.get_one(Instance, i).status for i in done] == [
+            InstanceStatus.UNGRADABLE, InstanceStatus.SCORED, InstanceStatus.FAILED
+        ]
+
+
 def test_an_instance_out_of_attempts_is_failed_with_its_last_error(
     db: tuple[Settings, Engine, sessionmaker[Session]],
 ) -> None:

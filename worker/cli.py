@@ -308,6 +308,7 @@ def _rescore(args: argparse.Namespace, settings: Settings) -> int:
         ),
         "candidates": len(ids),
         "scored": len(outcome.scored),
+        "ungradable": len(outcome.ungradable),
         "failed": len(outcome.failed),
         "left_for_worker": len(outcome.retry),
         "deliveries_queued": queued,
@@ -323,7 +324,8 @@ def _rescore(args: argparse.Namespace, settings: Settings) -> int:
         against = f"{report.old_model.name} {report.old_model.version}" if report.old_model else "no previous model"
         print(
             f"rescored {len(outcome.scored)} of {len(ids)} instance(s) with {model_ref.name} {model_ref.version} "
-            f"({len(outcome.failed)} failed, {len(outcome.retry)} left for the worker); findings changed for "
+            f"({len(outcome.ungradable)} not gradable, {len(outcome.failed)} failed, {len(outcome.retry)} left for "
+            f"the worker); findings changed for "
             f"{len(report.changed)} of {report.compared} compared with {against}; report: {csv_path}, {json_path}"
         )
     return EXIT_FAILED if outcome.failed or outcome.retry else 0

@@ -64,13 +64,14 @@ def _in_range(query: Any, since: datetime | None, until: datetime | None) -> Any
 def find_unscored(
     session: Session, model_id: int | None, since: datetime | None = None, until: datetime | None = None
 ) -> list[int]:
-    """Ids of scored instances received in ``[since, until)`` with no prediction from the model.
+    """Ids of scored (or ungradable) instances received in ``[since, until)`` with no prediction from the model.
 
     Instances still on their way (received, queued, scoring) are left to the normal path, which
     scores them with the worker's model; failed ones failed for their input, not for the model.
-    ``model_id`` None (a model not registered yet) means every scored instance in range.
+    Ungradable ones are gated again: a new model's ``ood_score`` may accept what the old one refused.
+    ``model_id`` None (a model not registered yet) means every scored or ungradable instance in range.
     """
-    query = select(Instance.id).where(Instance.status == InstanceStatus.SCORED)
+    query = select(Instance.id).where(Instance.status.in_([InstanceStatus.SCORED, InstanceStatus.UNGRADABLE]))
     if model_id is not None:
         has_prediction = exists().where(Prediction.instance_id == Instance.id, Prediction.model_id == model_id)
         query = query.where(~has_prediction)
@@ -116,7 +117,7 @@ class LabelChange:
 
 @dataclass(frozen=True)
 class InstanceChange:
-    """An instance whose findings differ, with each label that changed."""
+    """An instance whose findings or gradability differ, with each label that changed."""
 
     instance_id: int
     study_uid: str
@@ -124,6 +125,9 @@ class InstanceChange:
     old_findings: list[str]
     new_findings: list[str]
     labels: list[LabelChange]
+    #: ``scored`` or ``ungradable`` (the gradability gate's verdict) under each model.
+    old_status: str = "scored"
+    new_status: str = "scored"
 
 
 @dataclass
@@ -198,7 +202,8 @@ def change_report(
         report.compared += 1
         old_findings, new_findings = list(before.findings), list(after.findings)
         differing = set(old_findings) ^ set(new_findings)
-        if not differing:
+        old_status, new_status = str(before.status), str(after.status)
+        if not differing and old_status == new_status:
             continue
         order = {name: i for i, name in enumerate([*new_findings, *old_findings])}
         labels = [
@@ -211,7 +216,9 @@ def change_report(
             )
             for name in sorted(differing, key=lambda n: order[n])
         ]
-        report.changed.append(InstanceChange(instance_id, study_uid, sop_uid, old_findings, new_findings, labels))
+        report.changed.append(
+            InstanceChange(instance_id, study_uid, sop_uid, old_findings, new_findings, labels, old_status, new_status)
+        )
     return report
 
 
@@ -243,6 +250,7 @@ def rescore_inline(
     for batch in batches(list(instance_ids), settings.rescore_batch_size):
         outcome = score_instances(settings, sessions, storage, scorer, batch)
         total.scored += outcome.scored
+        total.ungradable += outcome.ungradable
         total.failed += outcome.failed
         total.retry += outcome.retry
         total.deliver += outcome.deliver

@@ -1,7 +1,8 @@
 """What was found, per study and image, read back from SQL for ``retinagate results``.
 
-Per image: its status, the findings of the active model (or, without one, of the newest
-prediction) with their probabilities, which model made them, the latency of each stage from the
+Per image: its status (``ungradable`` when the gradability gate refused it, with the reasons), the
+findings of the active model (or, without one, of the newest prediction) with their probabilities,
+which model made them, the latency of each stage from the
 SQL timestamps (received, scored, delivered) and the delivery status at every destination.
 """
 
@@ -15,7 +16,18 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from retinagate.models import Delivery, DeliveryStatus, Instance, Model, Output, Prediction, Study
+from retinagate.models import (
+    Delivery,
+    DeliveryStatus,
+    Instance,
+    InstanceStatus,
+    Model,
+    Output,
+    Prediction,
+    PredictionStatus,
+    Study,
+)
+from retinagate.outputs.findings import NO_FINDING, probability_text
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -44,7 +56,7 @@ class DestinationStatus:
 
 @dataclass(frozen=True)
 class ImageResult:
-    """One instance: status, findings, model, stage latencies and deliveries."""
+    """One instance: status, findings (or why it was not graded), model, stage latencies and deliveries."""
 
     instance_id: int
     sop_instance_uid: str
@@ -59,6 +71,10 @@ class ImageResult:
     scored_at: datetime | None
     delivered_at: datetime | None
     deliveries: list[DestinationStatus] = field(default_factory=list)
+    #: Why the gradability gate refused it (status ``ungradable``), from the prediction shown.
+    reasons: list[str] = field(default_factory=list)
+    #: Each finding's threshold in the model's card, so the text prints its probability on the right side.
+    thresholds: dict[str, float] = field(default_factory=dict)
 
     @property
     def scored_after_s(self) -> float | None:
@@ -113,6 +129,13 @@ def _destinations(prediction: Prediction) -> tuple[list[DestinationStatus], date
     return statuses, (max(all_delivered) if complete and all_delivered else None)
 
 
+def _thresholds(card: dict[str, Any], names: list[str]) -> dict[str, float]:
+    """The card's threshold for each of ``names`` (a card without them gives none)."""
+    labels, values = card.get("labels") or [], card.get("thresholds") or []
+    known = dict(zip(labels, values, strict=False))
+    return {name: float(known[name]) for name in names if name in known}
+
+
 def query_results(
     session: Session, *, study_uid: str | None = None, since: datetime | None = None
 ) -> list[StudyResult]:
@@ -145,12 +168,17 @@ def query_results(
         delivered_at = None
         findings: list[tuple[str, float]] = []
         top = None
+        reasons: list[str] = []
+        thresholds: dict[str, float] = {}
         if prediction is not None:
             deliveries, delivered_at = _destinations(prediction)
             probabilities = {k: float(v) for k, v in prediction.probabilities.items()}
             findings = [(name, probabilities.get(name, float("nan"))) for name in prediction.findings]
             top_name = max(probabilities, key=lambda k: probabilities[k], default=None)
             top = (top_name, probabilities[top_name]) if top_name is not None else None
+            if prediction.status == PredictionStatus.UNGRADABLE:
+                reasons, top = [str(r) for r in prediction.reasons], None
+            thresholds = _thresholds(prediction.model.card, prediction.findings)
         image = ImageResult(
             instance_id=instance.id,
             sop_instance_uid=instance.sop_instance_uid,
@@ -165,6 +193,8 @@ def query_results(
             scored_at=prediction.created_at if prediction is not None else None,
             delivered_at=delivered_at,
             deliveries=deliveries,
+            reasons=reasons if instance.status == InstanceStatus.UNGRADABLE else [],
+            thresholds=thresholds,
         )
         study = studies.get(instance.study_id)
         if study is None:
@@ -189,6 +219,7 @@ def to_jsonable(results: list[StudyResult]) -> list[dict[str, Any]]:
     for study in results:
         data = convert(asdict(study))
         for image, raw in zip(data["images"], study.images, strict=True):
+            image.pop("thresholds")
             image["findings"] = [{"label": n, "probability": p} for n, p in raw.findings]
             image["top_probability"] = (
                 {"label": raw.top_probability[0], "probability": raw.top_probability[1]}
@@ -213,10 +244,15 @@ def format_results(results: list[StudyResult]) -> str:
         accession = f" (accession {study.accession})" if study.accession else ""
         lines.append(f"study {study.study_uid}{accession}: {len(study.images)} image(s)")
         for image in study.images:
-            if image.findings:
-                found = ", ".join(f"{name} {p:.2f}" for name, p in image.findings)
+            if image.status == InstanceStatus.UNGRADABLE.value:
+                found = "not graded: " + ("; ".join(image.reasons) or "-")
+            elif image.findings:
+                found = ", ".join(
+                    f"{name} {probability_text(p, image.thresholds[name]) if name in image.thresholds else f'{p:.2f}'}"
+                    for name, p in image.findings
+                )
             elif image.top_probability is not None:
-                found = f"no findings (top {image.top_probability[0]} {image.top_probability[1]:.2f})"
+                found = f"{NO_FINDING} (top {image.top_probability[0]} {image.top_probability[1]:.2f})"
             else:
                 found = "-"
             sent = "; ".join(f"{d.destination} {d.status}" for d in image.deliveries) or "not sent"

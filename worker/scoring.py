@@ -13,7 +13,9 @@ Order of work, and why:
 2. Score the files in one batch.
 3. Write every output file durably before any row points at it.
 4. In one transaction, a few statements for the whole batch: upsert predictions, outputs and pending
-   deliveries; mark the instances scored.
+   deliveries; mark the instances scored, or ``ungradable`` when the gradability gate refused them
+   (their prediction holds the reasons; their SC and SR, which say why, are delivered like any other,
+   whatever ``deliver_min_probability``: a reader has to know the photograph needs retaking).
    If that transaction fails, the files it would have added are removed again.
 """
 
@@ -42,6 +44,7 @@ from retinagate.models import (
     Output,
     OutputKind,
     Prediction,
+    PredictionStatus,
     utcnow,
 )
 from retinagate.storage import StorageError
@@ -92,6 +95,8 @@ class ScoreOutcome:
     """What one call of :func:`score_instances` did, by instance id."""
 
     scored: list[int] = field(default_factory=list)
+    #: Of ``scored``, those the gradability gate refused (status ``ungradable``).
+    ungradable: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     #: Instances that hit a retryable error and have attempts left; they are back in ``queued``.
     retry: list[int] = field(default_factory=list)
@@ -199,11 +204,15 @@ def _register_active(sessions: sessionmaker[Session], engine: Engine) -> int:
     raise RetryableError("could not register the model: concurrent registrations kept conflicting")
 
 
-def wants_delivery(settings: Settings, probabilities: dict[str, float]) -> bool:
-    """Whether a prediction's outputs are to be sent: destinations exist and the threshold is met."""
+def wants_delivery(settings: Settings, probabilities: dict[str, float], *, gradable: bool = True) -> bool:
+    """Whether a prediction's outputs are to be sent: destinations exist and the threshold is met.
+
+    The outputs of an ungradable image (an SC and SR saying why it was not graded) are always sent
+    when there are destinations: a reader must learn that the photograph needs retaking.
+    """
     if not settings.destinations:
         return False
-    if settings.deliver_min_probability <= 0.0:
+    if settings.deliver_min_probability <= 0.0 or not gradable:
         return True
     return max(probabilities.values(), default=0.0) >= settings.deliver_min_probability
 
@@ -226,7 +235,7 @@ def _claim(sessions: sessionmaker[Session], storage: Storage, ids: Sequence[int]
         if missing:
             logger.warning("score: %d instance id(s) not in the database, skipped: %s", len(missing), missing[:20])
         for row in rows:
-            new_round = row.status in (InstanceStatus.SCORED, InstanceStatus.FAILED)
+            new_round = row.status in (InstanceStatus.SCORED, InstanceStatus.UNGRADABLE, InstanceStatus.FAILED)
             row.attempts = 1 if new_round else row.attempts + 1
             row.status = InstanceStatus.SCORING
             row.status_changed_at = now
@@ -362,6 +371,9 @@ def _record(
             session.add(prediction)
         prediction.probabilities = {name: float(p) for name, p in result.probabilities.items()}
         prediction.findings = list(result.findings)
+        prediction.status = PredictionStatus(result.status)
+        prediction.reasons = list(result.reasons)
+        prediction.quality = {name: float(v) for name, v in result.quality.items()}
         prediction.timings = {name: round(float(s), 6) for name, s in timings.items()}
         prediction.duration_s = prediction.timings["total"]
         prediction.created_at = now
@@ -373,9 +385,9 @@ def _record(
         for o in session.scalars(select(Output).where(Output.prediction_id.in_(prediction_ids)))
     }
     to_deliver: list[Output] = []
-    for instance_id, _, written, _ in done:
+    for instance_id, result, written, _ in done:
         prediction = predictions[instance_id]
-        deliver = wants_delivery(settings, prediction.probabilities)
+        deliver = wants_delivery(settings, prediction.probabilities, gradable=result.gradable)
         for item in written:
             output = outputs.get((prediction.id, item.kind))
             if output is None:
@@ -395,11 +407,16 @@ def _record(
     pending = pending_deliveries(session, to_deliver, [str(d) for d in settings.destinations]) if to_deliver else []
     to_send = list(dict.fromkeys(output.id for output, _ in pending))  # an output once, whatever its destinations
 
-    session.execute(
-        update(Instance)
-        .where(Instance.id.in_(ids))
-        .values(status=InstanceStatus.SCORED, status_changed_at=now, last_error=None)
-    )
+    by_status: dict[InstanceStatus, list[int]] = {}
+    for instance_id, result, _, _ in done:
+        status = InstanceStatus.SCORED if result.gradable else InstanceStatus.UNGRADABLE
+        by_status.setdefault(status, []).append(instance_id)
+    for status, members in by_status.items():
+        session.execute(
+            update(Instance)
+            .where(Instance.id.in_(members))
+            .values(status=status, status_changed_at=now, last_error=None)
+        )
     return to_send
 
 
@@ -506,6 +523,7 @@ def score_instances(
                 outcome.deliver += _record(session, settings, scorer.model_id, batch, unused)
             committed = True
             outcome.scored += [claim.instance_id for claim, *_ in done]
+            outcome.ungradable += [claim.instance_id for claim, result, *_ in done if not result.gradable]
             for key in unused:
                 storage.delete(key)
     except RETRYABLE as exc:
@@ -536,10 +554,11 @@ def score_instances(
     outcome.errors.update(permanent)
     give_back(retryable)
     logger.info(
-        "scored %d instance(s) with model id=%s in %.3f s (%d failed, %d to retry)",
+        "scored %d instance(s) with model id=%s in %.3f s (%d not gradable, %d failed, %d to retry)",
         len(outcome.scored),
         scorer.model_id,
         time.perf_counter() - started,
+        len(outcome.ungradable),
         len(outcome.failed),
         len(outcome.retry),
     )

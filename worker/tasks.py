@@ -105,7 +105,12 @@ def register_tasks(app: Any) -> None:
         if outcome.retry:
             # Bounded by each instance's attempts, which score_instances counts and enforces.
             raise self.retry(args=[outcome.retry], countdown=score_delay(self.request.retries), max_retries=None)
-        return {"scored": len(outcome.scored), "failed": len(outcome.failed), "deliver": len(outcome.deliver)}
+        return {
+            "scored": len(outcome.scored),
+            "ungradable": len(outcome.ungradable),
+            "failed": len(outcome.failed),
+            "deliver": len(outcome.deliver),
+        }
 
     def deliver(self: Any, output_ids: Any) -> dict[str, int]:
         """Sends outputs to every configured destination, retrying transient failures with backoff."""

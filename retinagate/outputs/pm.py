@@ -1,5 +1,9 @@
 """The Parametric Map: the top finding's Grad-CAM as float values on the photograph's pixel grid.
 
+The map is of the most probable disease finding (a label at or over its calibrated threshold); with
+no disease finding it is the Disease_Risk map, and its description says it is not a finding. The
+caller passes the heat already cut to the retina (:func:`retinagate.outputs.render.retina_heat`).
+
 Viewers that overlay parametric maps (OHIF, 3D Slicer) can show the heatmap over the photograph with
 their own colour maps and windowing, unlike the burned-in Secondary Capture. The quantity is coded
 DCM 130403 "Gradient-weighted class activation" (CID 217 "Visual Explanation"), the unit UCUM ``1``.
@@ -26,6 +30,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from retinagate.labels import LABEL_DESCRIPTIONS
+from retinagate.outputs.findings import probability_text, threshold_text
 from retinagate.outputs.identity import (
     AI_DISCLAIMER,
     SERIES_NUMBERS,
@@ -69,6 +74,7 @@ def build_pm(
     *,
     label: str,
     probability: float,
+    threshold: float | None = None,
     frame_number: int | None = None,
 ) -> Dataset:
     """Builds the Parametric Map of one finding's heatmap.
@@ -78,8 +84,10 @@ def build_pm(
             normalised to its maximum here).
         source: Header of the scored DICOM instance.
         model: The model that scored it.
-        label: The finding the heatmap explains.
+        label: The label the heatmap explains.
         probability: Its probability, recorded in the content description.
+        threshold: The label's calibrated threshold: the description says whether the label is a
+            finding (probability at or over it) and prints the probability on the right side of it.
         frame_number: The source frame the map belongs to (1-based), for multi-frame sources.
 
     Returns:
@@ -138,18 +146,24 @@ def build_pm(
 
     # Image.
     description = LABEL_DESCRIPTIONS.get(label, label)
+    if threshold is None:
+        shown, verdict = f"{probability:.3f}", ""
+    else:
+        shown = probability_text(probability, threshold, digits=3)
+        side = "a finding: at or over" if probability >= threshold else "not a finding: under"
+        verdict = f" ({side} threshold {threshold_text(threshold)})"
     ds.ImageType = list(_FRAME_TYPE)
     ds.ContentQualification = "RESEARCH"
     ds.ContentLabel = "GRADCAM"
     ds.ContentDescription = (
-        f"Grad-CAM of {label} ({description}), probability {probability:.3f}, normalised 0-1; "
+        f"Grad-CAM of {label} ({description}), probability {shown}, normalised 0-1; "
         f"pixel spacing nominal. {AI_DISCLAIMER}"
     )[:64]
     ds.ContentCreatorName = ""
     ds.ImageComments = (
-        f"Grad-CAM of {label} ({description}), model probability {probability:.3f}, by {model.name} "
-        f"{model.version}; values normalised to 0-1; pixel spacing is nominal (1 mm per photograph pixel), "
-        f"not a physical measurement. {AI_DISCLAIMER}."
+        f"Grad-CAM of {label} ({description}), model probability {shown}{verdict}, by {model.name} "
+        f"{model.version}; values normalised to 0-1 over the retina, zero outside the field of view; pixel "
+        f"spacing is nominal (1 mm per photograph pixel), not a physical measurement. {AI_DISCLAIMER}."
     )
     ds.BurnedInAnnotation = "NO"
     ds.RecognizableVisualFeatures = "NO"

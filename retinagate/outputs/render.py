@@ -1,12 +1,16 @@
 """Draws the heatmap picture: the photograph, Grad-CAM heatmaps of the top findings, and a legend.
 
 The photograph is shown at display size. Each finding's CAM is mapped from the model input back onto
-the photograph (:meth:`retinagate.preprocess.Geometry.to_source`), normalised to its own maximum, and
-the strongest of them is blended in a perceptual colour map (viridis: uniform in lightness, readable
+the photograph (:meth:`retinagate.preprocess.Geometry.to_source`) over the retina only
+(:func:`retina_heat`: cells off the field of view are zeroed, the map is normalised to its maximum on
+the retina and cut at the edge of the field of view, so no heat sits in the black border), and the
+strongest of them is blended in a perceptual colour map (viridis: uniform in lightness, readable
 by colour-blind readers, and blue-green-yellow stands out against the orange of a fundus) only where
 it is high, so the rest of the photograph stays as it was taken. Each finding's peak is marked with its
-name. A black panel below the photograph carries the burned-in legend: the findings with their
-probabilities, the model's name and version, and the line saying the picture is unverified AI output.
+name; a map shown for context (the Disease_Risk map when no label is a finding) is not marked. A black
+panel below the photograph carries the burned-in legend: the findings with their probabilities, the
+model's name and version, and the line saying the picture is unverified AI output. A photograph that
+was not graded gets a banner saying so and no heat at all.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from retinagate.outputs.identity import AI_DISCLAIMER
-from retinagate.preprocess import Geometry
+from retinagate.preprocess import FieldOfView, Geometry
 
-__all__ = ["COLOUR_MAP", "HeatmapFinding", "Legend", "display_shape", "render_heatmaps"]
+__all__ = ["COLOUR_MAP", "HeatmapFinding", "Legend", "display_shape", "render_heatmaps", "retina_heat"]
 
 #: OpenCV colour map used for the heatmaps.
 COLOUR_MAP: Final = cv2.COLORMAP_VIRIDIS
@@ -63,11 +67,14 @@ class HeatmapFinding:
         label: Label name shown on the picture (for example ``DR``).
         probability: The model's probability for it.
         cam: Raw CAM over the model input, any resolution (``(h, w)``); normalised here.
+        marked: Whether its peak is marked with its name: a finding is; a map shown only for
+            context (a label under its threshold) is not.
     """
 
     label: str
     probability: float
     cam: NDArray[np.floating]
+    marked: bool = True
 
 
 @dataclass(frozen=True)
@@ -111,15 +118,57 @@ def _outlined_text(
     cv2.putText(image, text, origin, _FONT, scale, colour, thickness, cv2.LINE_AA)
 
 
-def _normalised(cam: NDArray[np.floating]) -> NDArray[np.float32] | None:
+def _retina_cells(geometry: Geometry, fov: FieldOfView | None, shape: tuple[int, int]) -> NDArray[np.bool_]:
+    """Cells of a heatmap over the model input whose centre lands on the retina (in the field of view)."""
+    visible = geometry.visible_cells(shape)
+    if fov is None or not fov.found:
+        return visible
+    rows, columns = np.nonzero(visible)
+    points = [geometry.cell_to_source((int(r), int(c)), shape) for r, c in zip(rows, columns, strict=True)]
+    xs = np.array([x + 0.5 for x, _ in points], dtype=np.float64)
+    ys = np.array([y + 0.5 for _, y in points], dtype=np.float64)
+    cells = np.zeros(shape, dtype=bool)
+    cells[rows, columns] = fov.contains(xs, ys)
+    return cells if cells.any() else visible
+
+
+def retina_heat(
+    cam: NDArray[np.floating], geometry: Geometry, shape: tuple[int, int], fov: FieldOfView | None = None
+) -> tuple[NDArray[np.float32], tuple[int, int]] | None:
+    """One CAM as heat over the retina only, mapped onto the photograph at ``shape``.
+
+    The CAM's cells whose centre falls off the field of view (the black border, the padding) are
+    zeroed, the rest normalised to their maximum, the map taken back onto the photograph and cut to
+    the field of view. Without this, a strong cell in a black corner of the crop box became the
+    brightest thing on the map, as a hard-edged rectangle.
+
+    Args:
+        cam: Raw CAM over the model input, ``(h, w)``.
+        geometry: Where the photograph went in the model input.
+        shape: ``(height, width)`` to map onto: the photograph at any scale.
+        fov: The photograph's field of view (:func:`retinagate.preprocess.find_fov`); without one
+            the whole photograph counts as retina.
+
+    Returns:
+        The ``float32`` map (0-1) and the ``(row, column)`` of the strongest cell on the retina;
+        ``None`` when nothing on the retina is activated.
+
+    Raises:
+        ValueError: If the CAM is not 2-D.
+    """
     heat = np.asarray(cam, dtype=np.float32)
     if heat.ndim != 2:
         raise ValueError(f"cam has shape {heat.shape}; expected a 2-D map")
-    top = float(heat.max(initial=0.0))
+    cells = _retina_cells(geometry, fov, (heat.shape[0], heat.shape[1]))
+    top = float(heat[cells].max(initial=0.0))
     if not math.isfinite(top) or top <= 0.0:
-        return None  # nothing activated: no heatmap to show
-    normalised: NDArray[np.float32] = np.clip(heat / top, 0.0, 1.0)
-    return normalised
+        return None  # nothing activated on the retina: no heatmap to show
+    small = np.where(cells, np.clip(heat / top, 0.0, 1.0), 0.0).astype(np.float32)
+    mapped = geometry.to_source(small, shape)
+    if fov is not None and fov.found:
+        mapped *= fov.coverage(shape)
+    row, column = np.unravel_index(int(np.argmax(np.where(cells, small, -1.0))), small.shape)
+    return mapped, (int(row), int(column))
 
 
 def render_heatmaps(
@@ -129,6 +178,8 @@ def render_heatmaps(
     legend: Legend,
     *,
     long_side: int = 1024,
+    fov: FieldOfView | None = None,
+    banner: str | None = None,
 ) -> NDArray[np.uint8]:
     """Renders the Secondary Capture picture.
 
@@ -136,9 +187,11 @@ def render_heatmaps(
         frame: ``(H, W, 3)`` uint8 RGB photograph, the one ``geometry`` was computed on (it may be a
             reduced decode of the stored image).
         geometry: Where the photograph went in the model input.
-        findings: Findings whose heatmaps to blend, most important first.
+        findings: Heatmaps to blend, most important first (only those ``marked`` get a marker).
         legend: Legend text.
         long_side: Long side of the photograph in the picture, in pixels.
+        fov: The frame's field of view; heat is drawn only inside it (see :func:`retina_heat`).
+        banner: Text written across the top of the photograph (``Not graded: ...``).
 
     Returns:
         ``(h + legend height, w, 3)`` uint8 RGB: the photograph with heatmaps, the legend panel below.
@@ -161,22 +214,24 @@ def render_heatmaps(
     low_h, low_w = -(-height // _HEAT_STEP), -(-width // _HEAT_STEP)
     combined = np.zeros((low_h, low_w), dtype=np.float32)
     peaks: list[tuple[str, tuple[int, int]]] = []
+    drawn = False
     for finding in findings:
-        small = _normalised(finding.cam)
-        if small is None:
+        mapped = retina_heat(finding.cam, geometry, (low_h, low_w), fov)
+        if mapped is None:
             continue
-        heat = geometry.to_source(small, (low_h, low_w))
+        heat, cell = mapped
         np.maximum(combined, heat, out=combined)
-        # The marker: the strongest cell on the photograph, mapped exactly (a bilinear map peaks at a
-        # node); the coarse grid would place it only to within a grid step.
-        visible = np.where(geometry.visible_cells(small.shape), small, -1.0)
-        row, column = np.unravel_index(int(np.argmax(visible)), visible.shape)
-        peaks.append((finding.label, geometry.cell_to_source((int(row), int(column)), small.shape, (height, width))))
+        drawn = True
+        if finding.marked:
+            # The marker: the strongest cell on the retina, mapped exactly (a bilinear map peaks at a
+            # node); the coarse grid would place it only to within a grid step.
+            cam_h, cam_w = np.shape(finding.cam)
+            peaks.append((finding.label, geometry.cell_to_source(cell, (cam_h, cam_w), (height, width))))
 
     picture: NDArray[np.uint8] = photo
-    if peaks:
+    scale, thickness, _line = _font_scale(width)
+    if drawn:
         _blend(picture, combined)
-        scale, thickness, _line = _font_scale(width)
         radius = max(6, width // 90)
         for label, (px, py) in peaks:
             cv2.circle(picture, (px, py), radius, (0, 0, 0), thickness + 2, cv2.LINE_AA)
@@ -184,8 +239,13 @@ def render_heatmaps(
             text_w = int(cv2.getTextSize(label, _FONT, scale, thickness)[0][0])
             tx = px + radius + 4 if px + radius + 4 + text_w < width else max(2, px - radius - 4 - text_w)
             _outlined_text(picture, label, (tx, max(14, py - radius)), scale, thickness, _WHITE)
+    if banner:
+        big = scale * 1.3
+        text = _fit(banner, width - 16, big, thickness + 1)
+        (text_w, text_h), _ = cv2.getTextSize(text, _FONT, big, thickness + 1)
+        _outlined_text(picture, text, (max(8, (width - text_w) // 2), 12 + text_h), big, thickness + 1, _YELLOW)
 
-    return np.vstack([picture, _legend_panel(width, legend, bool(peaks))])
+    return np.vstack([picture, _legend_panel(width, legend, drawn)])
 
 
 def _blend(picture: NDArray[np.uint8], heat: NDArray[np.float32]) -> None:

@@ -8,6 +8,11 @@ source image (and frame) it was measured on. The Image Library lists the source 
 Secondary Capture, and both are recorded as evidence. The document is UNVERIFIED and PRELIMINARY:
 it is AI output awaiting a reader.
 
+A frame the gradability gate refused (:mod:`retinagate.gate`) has no measurements and no findings:
+its group says "Gradability: Not graded" (a qualitative evaluation), codes each reason under "Reason
+not graded", and gives the reasons' full wording (with their numbers) as a TEXT item of the same
+concept. Such documents are built with highdicom directly, not from the byte templates.
+
 Label concepts come from a local coding scheme, ``99RETINAGATE`` (code value = the label name,
 meaning = its description), declared in the Coding Scheme Identification Sequence: the RFMiD labels
 have no agreed standard codes, and guessing SNOMED codes would be worse than saying so.
@@ -48,6 +53,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM, DSfloat
 
+from retinagate.gate import reason_code
 from retinagate.labels import LABEL_DESCRIPTIONS
 from retinagate.outputs.encoding import (
     ByteTemplate,
@@ -79,6 +85,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CODING_SCHEME",
+    "GRADABILITY",
+    "NOT_GRADED",
+    "NOT_GRADED_REASON",
     "FrameScores",
     "SrEncoder",
     "build_report",
@@ -93,18 +102,26 @@ CODING_SCHEME: Final = "99RETINAGATE"
 #: Procedure reported: ophthalmic photography (DCM "OP", CID 29/33; TID 1500 allows any code here).
 _PROCEDURE: Final = Code("OP", "DCM", "Ophthalmic Photography")
 
+#: The gradability of a frame, its one value here (a frame that was graded has measurements instead),
+#: and the concept under which each reason is coded and written out.
+GRADABILITY: Final = Code("GRADABILITY", CODING_SCHEME, "Gradability of the photograph")
+NOT_GRADED: Final = Code("NOT-GRADED", CODING_SCHEME, "Not graded")
+NOT_GRADED_REASON: Final = Code("NOT-GRADED-WHY", CODING_SCHEME, "Reason not graded")
+
 
 @dataclass(frozen=True)
 class FrameScores:
     """The model's output for one frame.
 
     Attributes:
-        probabilities: One probability per card label, in card order.
+        probabilities: One probability per card label, in card order; empty for a frame not graded.
         frame_number: 1-based frame number in the source, or ``None`` for a single-frame source.
+        not_graded: Why the gradability gate refused the frame (its reasons); empty when it was graded.
     """
 
     probabilities: Sequence[float]
     frame_number: int | None = None
+    not_graded: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -156,7 +173,11 @@ def _coding_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
 
 
 def _checked(scores: FrameScores, card: ModelCard) -> list[float]:
-    """The probabilities of one frame as floats, checked: one per label, each 0 to 1."""
+    """The probabilities of one frame as floats, checked: one per label, each 0 to 1 (none if not graded)."""
+    if scores.not_graded:
+        if len(scores.probabilities):
+            raise ValueError("probabilities: a frame that was not graded has none")
+        return []
     if len(scores.probabilities) != card.num_labels:
         raise ValueError(
             f"probabilities: {len(scores.probabilities)} values for {card.num_labels} labels; need one per label"
@@ -179,12 +200,20 @@ def _group(
     words = _vocabulary(tuple(card.labels))
     measurements = []
     evaluations = []
-    for index, (value, threshold) in enumerate(zip(_checked(scores, card), card.thresholds, strict=True)):
+    values = _checked(scores, card)
+    for index, (value, threshold) in enumerate(zip(values, card.thresholds[: len(values)], strict=True)):
         measurements.append(hd.sr.Measurement(name=words.probabilities[index], value=round(value, 6), unit=words.unit))
         decision = words.present if value >= threshold else words.absent
         evaluations.append(hd.sr.QualitativeEvaluation(name=words.labels[index], value=decision))
+    if scores.not_graded:
+        evaluations.append(hd.sr.QualitativeEvaluation(name=GRADABILITY, value=NOT_GRADED))
+        for reason in dict.fromkeys(scores.not_graded):
+            code, meaning = reason_code(reason)
+            evaluations.append(
+                hd.sr.QualitativeEvaluation(name=NOT_GRADED_REASON, value=Code(code, CODING_SCHEME, meaning))
+            )
     frames = [frame] if frame is not None and measured_on is source else None
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid("tracking", str(source.SOPInstanceUID), model.sha256, frame_key),
             identifier=f"RetinaGate {model.name} frame {frame_key}"[:64],
@@ -202,6 +231,15 @@ def _group(
             )
         ],
     )
+    if scores.not_graded:
+        # The reasons as worded (with their measurements), for a reader: TID 1501 allows TEXT evaluations.
+        text = "; ".join(dict.fromkeys(scores.not_graded))
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=NOT_GRADED_REASON, value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+        )
+    return group
 
 
 def build_report(
@@ -422,7 +460,8 @@ class SrEncoder:
         evidence = [d for d in ((source if references_source else None), sc) if d is not None]
         # highdicom takes the patient, study and acquisition equipment from the first evidence item.
         first = evidence[0]
-        if not self._fast_path_applies(first):
+        # A frame not graded carries reasons whose wording varies: no template, highdicom directly.
+        if any(f.not_graded for f in frames) or not self._fast_path_applies(first):
             from pydicom import dcmwrite
             from pydicom.filebase import DicomBytesIO
 
