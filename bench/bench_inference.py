@@ -8,18 +8,24 @@ One run measures, on the same machine and thread count:
 * all 29 heatmaps of one image from the graph, against pytorch-grad-cam's ``GradCAM`` looping over
   the 29 labels (one forward and backward pass each); goal: at least 100x faster;
 * the int8 variant (every stage quantised; :func:`export.quantize.quantize_int8` without the
-  accuracy guard) against fp32 on ONNX Runtime.
+  accuracy guard) against fp32 on ONNX Runtime;
+* graph variants against today's graph (224 px, output stride 32, no ``ood_score``), each pair timed
+  alternately at batch 1 and 16 with 1 and ``--threads`` threads: output stride 16 at 224 px (a
+  14 x 14 CAM), 288 px and 384 px at stride 32, and today's graph with the ``ood_score`` output
+  (statistics fitted on synthetic photographs). ``--variants-only`` runs just this part.
 
 Makes its own model (EfficientNet-B0, 29 outputs, random weights with random batch-norm statistics,
 or ``--checkpoint``) and inputs (synthetic fundus photographs). Times are the best of ``--repeats``
 runs after a warm-up: other processes on a shared machine only ever add time. Prints a table last::
 
     .venv/bin/python bench/bench_inference.py --threads 2
+    .venv/bin/python bench/bench_inference.py --variants-only --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,7 +45,17 @@ from retinagate.card import ModelCard, Preprocessing
 from retinagate.engine import Engine
 from retinagate.preprocess import prepare
 from retinagate.synth import render_fundus
-from train.model import random_model
+from train.model import create_model, random_model
+from train.ood import fit_ood_statistics
+
+#: (name, input size, output stride, with ood_score); the first is today's graph, the reference.
+VARIANTS: tuple[tuple[str, int, int, bool], ...] = (
+    ("today: 224 px, stride 32", 224, 32, False),
+    ("224 px, stride 16", 224, 16, False),
+    ("288 px, stride 32", 288, 32, False),
+    ("384 px, stride 32", 384, 32, False),
+    ("224 px, stride 32, ood_score", 224, 32, True),
+)
 
 
 def _cpu_session(path: Path, threads: int) -> ort.InferenceSession:
@@ -90,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default 5)")
     parser.add_argument("--checkpoint", type=Path, help="a RetinaGate checkpoint instead of random weights")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 measurement")
+    parser.add_argument("--no-variants", action="store_true", help="skip the graph variants (stride, size, ood_score)")
+    parser.add_argument("--variants-only", action="store_true", help="measure only the graph variants")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -98,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         card = ModelCard(name="bench-random", preprocessing=Preprocessing(input_size=args.size))
         model = random_model(card)
+    if args.variants_only:
+        _print_table(measure_variants(model, card, args.threads, args.repeats))
+        return 0
     size = card.input_size
     images = fundus_batch(16, card)
     rows: list[tuple[str, str, str, str]] = []
@@ -209,11 +230,76 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
 
+    if not args.no_variants:
+        rows += measure_variants(model, card, args.threads, args.repeats)
+    _print_table(rows)
+    return 0
+
+
+def _print_table(rows: list[tuple[str, str, str, str]]) -> None:
     widths = [max(len(row[i]) for row in [("what", "time", "ratio", "goal / note"), *rows]) for i in range(4)]
     print()
     for row in [("what", "time", "ratio", "goal / note"), *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-    return 0
+
+
+def measure_variants(
+    model: torch.nn.Module, card: ModelCard, threads: int, repeats: int
+) -> list[tuple[str, str, str, str]]:
+    """CPU time per image of each of :data:`VARIANTS` against today's graph, in the same run.
+
+    Every variant carries ``model``'s weights (size and stride do not change them). Each variant is
+    timed alternately with today's graph, so that load from other processes hits both alike, and its
+    ratio is taken against the reference time of the same pair.
+    """
+    rows: list[tuple[str, str, str, str]] = []
+    weights = model.state_dict()
+    with tempfile.TemporaryDirectory(prefix="bench-variants-") as scratch:
+        paths: list[Path] = []
+        inputs: list[NDArray[np.uint8]] = []
+        for name, size, stride, with_ood in VARIANTS:
+            variant = card.with_updates(
+                preprocessing={**card.preprocessing.model_dump(), "input_size": size}, output_stride=stride, ood=None
+            )
+            network = create_model(variant, drop_rate=0.0, drop_path_rate=0.0)
+            network.load_state_dict(weights)
+            network.eval()
+            if with_ood:
+                train, val = fundus_batch(48, variant, seed=2), fundus_batch(24, variant, seed=3)
+                statistics = fit_ood_statistics(network, variant, train, val)
+                variant = variant.with_updates(ood=statistics.model_dump(mode="json"))
+            path = Path(scratch) / f"variant-{len(paths)}.onnx"
+            export_model(network, variant, path)
+            paths.append(path)
+            inputs.append(fundus_batch(16, variant))
+            print(f"exported {name}: outputs {[o.name for o in onnx.load(str(path)).graph.output]}")
+        print("\ngraph variants, CPU ms per image (ratio to today's graph in the same pair of runs):")
+        for thread_count in dict.fromkeys((1, threads)):
+            sessions = [_cpu_session(path, thread_count) for path in paths]
+            for batch in (1, 16):
+                for index in range(1, len(VARIANTS)):
+                    base_s, variant_s = (
+                        t / batch
+                        for t in paired_best_seconds(
+                            functools.partial(sessions[0].run, None, {"image": inputs[0][:batch]}),
+                            functools.partial(sessions[index].run, None, {"image": inputs[index][:batch]}),
+                            repeats,
+                        )
+                    )
+                    name = VARIANTS[index][0]
+                    print(
+                        f"  {thread_count} thread(s), batch {batch:>2}: {name:<30} {variant_s * 1e3:7.2f} ms/img "
+                        f"vs today {base_s * 1e3:6.2f} ms/img ({variant_s / base_s:.2f}x)"
+                    )
+                    rows.append(
+                        (
+                            f"{name}, batch {batch}, {thread_count} thr",
+                            f"{base_s * 1e3:.2f} -> {variant_s * 1e3:.2f} ms/img",
+                            f"{variant_s / base_s:.2f}x",
+                            "vs today's graph",
+                        )
+                    )
+    return rows
 
 
 if __name__ == "__main__":
