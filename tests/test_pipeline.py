@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import highdicom as hd
@@ -14,9 +16,11 @@ from numpy.typing import NDArray
 
 from retinagate.engine import Engine
 from retinagate.labels import DISEASE_RISK, LABELS
+from retinagate.outputs.findings import NO_FINDING
 from retinagate.outputs.identity import output_uid
+from retinagate.outputs.render import retina_heat
 from retinagate.pipeline import Pipeline, ScoreFailure, ScoreResult, findings_of
-from retinagate.preprocess import prepare
+from retinagate.preprocess import find_fov, prepare
 from retinagate.settings import Settings
 from retinagate.synth import DicomIdentity, build_dicom, render_fundus, write_dicom
 
@@ -227,7 +231,10 @@ def test_the_sc_heatmap_sits_over_the_planted_lesion(
         # The picture shows the model's own map: the marker sits where that map, mapped onto the
         # photograph, is at its highest (a plateau where the strongest cell is on the border).
         _, cams = engine.predict(model_input[None])
-        peak = geometry.to_source(cams[0, engine.card.labels.index(shown[0])], plain.shape[:2])
+        fov = find_fov(decoded.frames[0], engine.card.preprocessing.fov_threshold)
+        mapped = retina_heat(cams[0, engine.card.labels.index(shown[0])], geometry, plain.shape[:2], fov)
+        assert mapped is not None
+        peak = mapped[0]
         around = peak[max(0, y - 2) : y + 3, max(0, x - 2) : x + 3]
         assert around.max() >= 0.99 * peak.max(), (path.name, (x, y), np.unravel_index(np.argmax(peak), peak.shape))
         crop_side = max(geometry.crop[2] - geometry.crop[0], geometry.crop[3] - geometry.crop[1])
@@ -275,3 +282,114 @@ def test_warmup_scores_a_synthetic_photograph_and_writes_nothing(
     with Pipeline(Engine(random_onnx_model_path, providers="cpu"), settings) as pipeline:
         assert pipeline.warmup() > 0.0
     assert not settings.data_dir.exists() or not any(settings.data_dir.rglob("*.dcm"))
+
+
+# What is marked: findings at or over their calibrated threshold, heat on the retina only.
+
+
+@pytest.fixture
+def spy_render(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """What the pipeline asks the SC renderer to draw: the heatmaps and the legend, per picture."""
+    from retinagate.outputs import render_heatmaps
+
+    calls: list[dict[str, Any]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> NDArray[np.uint8]:
+        calls.append({"heatmaps": list(args[2]), "lines": list(args[3].lines)})
+        return render_heatmaps(*args, **kwargs)
+
+    monkeypatch.setattr("retinagate.pipeline.render_heatmaps", spy)
+    return calls
+
+
+def _probabilities(engine: Engine, path: Path, settings: Settings) -> dict[str, float]:
+    (result,) = _score(engine, settings, [path])
+    assert isinstance(result, ScoreResult)
+    return result.probabilities
+
+
+def test_with_nothing_over_threshold_the_sc_says_so_and_shows_the_unmarked_disease_risk_map_and_the_cli_agrees(
+    random_onnx_model_path: Path,
+    worker_model_variant: Callable[..., Path],
+    photos: list[NDArray[np.uint8]],
+    tmp_path: Path,
+    make_settings: Callable[..., Settings],
+    spy_render: list[dict[str, Any]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from retinagate.cli import main
+
+    path = tmp_path / "a.dcm"
+    write_dicom(photos[2], path, DicomIdentity.synthetic(0))
+    strict = worker_model_variant(random_onnx_model_path, "strict", {name: 1.0 for name in LABELS})
+    engine = Engine(strict, providers="cpu")
+
+    (result,) = _score(engine, make_settings(outputs=["sc", "sr", "pm"]), [path])
+
+    assert isinstance(result, ScoreResult) and result.status == "scored" and result.findings == []
+    (call,) = spy_render
+    (heatmap,) = call["heatmaps"]
+    assert heatmap.label == DISEASE_RISK and not heatmap.marked  # shown for context, not as a finding
+    assert call["lines"][0] == NO_FINDING
+    assert any(line.startswith("Map: Disease_Risk") for line in call["lines"])
+    description = result.outputs["sc"].DerivationDescription
+    assert description.startswith(f"Grad-CAM heatmaps of the top findings ({NO_FINDING})")
+    pm = result.outputs["pm"]
+    assert "Grad-CAM of Disease_Risk" in pm.ImageComments and "not a finding" in pm.ImageComments
+
+    for key in [k for k in os.environ if k.startswith("RETINAGATE_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("RETINAGATE_DATA_DIR", str(tmp_path / "var"))
+    capsys.readouterr()
+    assert main(["score", str(path), "--model", str(strict), "--out", str(tmp_path / "out")]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(path))]
+    assert row.split()[1:5] == NO_FINDING.split()  # the CLI's summary says what the SC says
+
+
+def test_a_probability_just_under_its_threshold_is_not_a_finding_and_no_text_says_it_is(
+    random_onnx_model_path: Path,
+    worker_model_variant: Callable[..., Path],
+    photos: list[NDArray[np.uint8]],
+    tmp_path: Path,
+    make_settings: Callable[..., Settings],
+    spy_render: list[dict[str, Any]],
+) -> None:
+    path = tmp_path / "a.dcm"
+    write_dicom(photos[0], path, DicomIdentity.synthetic(0))
+    settings = make_settings(outputs=["sc", "pm"])
+    probabilities = _probabilities(Engine(random_onnx_model_path, providers="cpu"), path, settings)
+    diseases = sorted((p, n) for n, p in probabilities.items() if n != DISEASE_RISK)
+    (p_under, under), (p_over, over) = diseases[-1], diseases[0]  # the most probable is kept under
+    thresholds = {name: 1.0 for name in LABELS}
+    # Thresholds a hair's breadth away: two decimals would print both probabilities as the thresholds.
+    thresholds[under] = p_under + 0.0002
+    thresholds[over] = p_over - 0.0002
+    engine = Engine(worker_model_variant(random_onnx_model_path, "close", thresholds), providers="cpu")
+    spy_render.clear()
+
+    (result,) = _score(engine, settings, [path])
+
+    assert isinstance(result, ScoreResult) and result.findings == [over]
+    (call,) = spy_render
+    assert [h.label for h in call["heatmaps"]] == [over] and call["heatmaps"][0].marked
+    findings_line = call["lines"][0]
+    assert findings_line.startswith(f"Findings: {over} ") and under not in findings_line
+    printed = float(findings_line.split()[2])
+    assert printed >= thresholds[over]
+    pm = result.outputs["pm"]  # the map of the finding, not of the more probable label under its threshold
+    assert f"Grad-CAM of {over} " in pm.ImageComments and "a finding: at or over" in pm.ImageComments
+
+
+def test_the_parametric_map_is_zero_off_the_retina(
+    engine: Engine, photos: list[NDArray[np.uint8]], tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    write_dicom(photos[1], tmp_path / "a.dcm", DicomIdentity.synthetic(0), transfer_syntax="explicit_little")
+
+    (result,) = _score(engine, make_settings(outputs=["pm"]), [tmp_path / "a.dcm"])
+
+    assert isinstance(result, ScoreResult)
+    pm = result.outputs["pm"]
+    values = np.frombuffer(pm.FloatPixelData, dtype="<f4").reshape(pm.Rows, pm.Columns)
+    outside = find_fov(photos[1]).coverage() == 0.0
+    assert values[outside].max() == 0.0 and values.max() > 0.5
