@@ -486,7 +486,9 @@ class Pipeline:
         started = time.perf_counter()
         sc = None
         if picture is not None:
-            shown_text = describe_findings(key_probs, [labels[i] for i in shown], by_label)
+            # As the legend's first line: the disease findings shown, else Disease_Risk when it is one.
+            described = [labels[i] for i in shown] or findings_of(key_probs, labels, thresholds)
+            shown_text = describe_findings(key_probs, described, by_label)
             sc, encoded["sc"] = self._sc.encode(
                 picture,
                 item.header,

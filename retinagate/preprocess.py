@@ -256,6 +256,30 @@ class Geometry:
         ys = (np.arange(h) + 0.5) * self.size / h
         return ((ys >= py0) & (ys < py1))[:, None] & ((xs >= px0) & (xs < px1))[None, :]
 
+    def cell_centres(
+        self, heat_shape: tuple[int, int], source_shape: tuple[int, int] | None = None
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Where the centre of every cell of a heatmap over the model input lands on the photograph.
+
+        Args:
+            heat_shape: ``(h, w)`` of the heatmap (it covers the model input edge to edge).
+            source_shape: As for :meth:`to_source`.
+
+        Returns:
+            ``x`` of each column (``w`` values) and ``y`` of each row (``h`` values), in pixel
+            coordinates of ``source_shape`` (pixel centres at integers), not clamped.
+        """
+        target_h, target_w = self.source_shape if source_shape is None else source_shape
+        sx, sy = target_w / self.source_shape[1], target_h / self.source_shape[0]
+        x0, y0, x1, y1 = self.crop
+        px0, py0, px1, py1 = self.placed
+        scale_x, scale_y = (x1 - x0) / (px1 - px0), (y1 - y0) / (py1 - py0)
+        columns, rows = np.arange(heat_shape[1]), np.arange(heat_shape[0])
+        # Cell centre -> model input -> crop -> photograph -> target scale (pixel centres at +0.5).
+        xs = ((columns + 0.5) * self.size / heat_shape[1] - px0) * scale_x * sx + x0 * sx - 0.5
+        ys = ((rows + 0.5) * self.size / heat_shape[0] - py0) * scale_y * sy + y0 * sy - 0.5
+        return xs, ys
+
     def cell_to_source(
         self, cell: tuple[int, int], heat_shape: tuple[int, int], source_shape: tuple[int, int] | None = None
     ) -> tuple[int, int]:
@@ -275,12 +299,9 @@ class Geometry:
         target_h, target_w = self.source_shape if source_shape is None else source_shape
         sx, sy = target_w / self.source_shape[1], target_h / self.source_shape[0]
         x0, y0, x1, y1 = self.crop
-        px0, py0, px1, py1 = self.placed
-        scale_x, scale_y = (x1 - x0) / (px1 - px0), (y1 - y0) / (py1 - py0)
+        xs, ys = self.cell_centres(heat_shape, source_shape)
         row, column = cell
-        # Cell centre -> model input -> crop -> photograph -> target scale (pixel centres at +0.5).
-        x = ((column + 0.5) * self.size / heat_shape[1] - px0) * scale_x * sx + x0 * sx - 0.5
-        y = ((row + 0.5) * self.size / heat_shape[0] - py0) * scale_y * sy + y0 * sy - 0.5
+        x, y = float(xs[column]), float(ys[row])
         clamp_x = (round(x0 * sx), max(round(x0 * sx), min(target_w, round(x1 * sx)) - 1))
         clamp_y = (round(y0 * sy), max(round(y0 * sy), min(target_h, round(y1 * sy)) - 1))
         return min(max(round(x), clamp_x[0]), clamp_x[1]), min(max(round(y), clamp_y[0]), clamp_y[1])

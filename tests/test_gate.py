@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -327,6 +328,11 @@ def test_an_ungradable_photograph_gets_reasons_and_an_sc_and_sr_that_say_why_but
             if item.ConceptNameCodeSequence[0].CodeValue in ("GRADABILITY", "NOT-GRADED-WHY")]  # fmt: skip
     values = [item.TextValue if item.ValueType == "TEXT" else item.ConceptCodeSequence[0].CodeValue for item in ours]
     assert values == ["NOT-GRADED", "OUT-OF-FOCUS", "out of focus"]
+    (tmp_path / "sr.dcm").write_bytes(result.encoded["sr"])
+    (read,) = hd.sr.srread(tmp_path / "sr.dcm").content.get_image_measurement_groups()  # highdicom reads it back
+    evaluations = [(e.name.value, e.value.value) for e in read.get_qualitative_evaluations()]
+    assert evaluations == [("GRADABILITY", "NOT-GRADED"), ("NOT-GRADED-WHY", "OUT-OF-FOCUS")]
+    assert read.get_measurements() == []
 
 
 def _groups(sr: pydicom.Dataset) -> list[pydicom.Dataset]:

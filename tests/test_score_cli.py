@@ -104,3 +104,22 @@ def test_folders_are_searched_recursively_for_images(inputs: Path) -> None:
     found = collect_inputs([inputs])
 
     assert [p.relative_to(inputs).as_posix() for p in found] == ["broken.dcm", "eye1.dcm", "photo.png", "sub/eye2.dcm"]
+
+
+def test_a_photograph_the_gate_refuses_is_reported_as_not_graded_with_its_reasons(
+    random_onnx_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    colour = render_fundus(np.random.default_rng(4), 640, 480, ["DR"]).image
+    grey = cv2.cvtColor(cv2.cvtColor(colour, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2BGR)
+    cv2.imwrite(str(tmp_path / "grey.png"), grey)
+    argv = ["score", str(tmp_path / "grey.png"), "--model", str(random_onnx_model_path), "--out", str(tmp_path / "o")]
+
+    assert main([*argv, "--json"]) == EXIT_OK  # read and reported: not a failure
+    (line,) = [json.loads(text) for text in capsys.readouterr().out.splitlines()]
+    assert line["status"] == "ungradable" and line["reasons"] == ["not a colour photograph"]
+    assert line["findings"] == [] and line["probabilities"] == {} and "chroma" in line["quality"]
+    assert sorted(Path(p).name for p in line["files"].values()) == ["grey.sc.dcm", "grey.sr.dcm"]
+
+    assert main(argv) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "Not graded: not a colour photograph" in out and "0 scored, 1 not graded, 0 failed" in out

@@ -123,12 +123,9 @@ def _retina_cells(geometry: Geometry, fov: FieldOfView | None, shape: tuple[int,
     visible = geometry.visible_cells(shape)
     if fov is None or not fov.found:
         return visible
-    rows, columns = np.nonzero(visible)
-    points = [geometry.cell_to_source((int(r), int(c)), shape) for r, c in zip(rows, columns, strict=True)]
-    xs = np.array([x + 0.5 for x, _ in points], dtype=np.float64)
-    ys = np.array([y + 0.5 for _, y in points], dtype=np.float64)
-    cells = np.zeros(shape, dtype=bool)
-    cells[rows, columns] = fov.contains(xs, ys)
+    xs, ys = geometry.cell_centres(shape)
+    # Pixel centres sit at integers: pixel i covers [i - 0.5, i + 0.5), the FOV mask's [i, i + 1).
+    cells = visible & fov.contains(xs[None, :] + 0.5, ys[:, None] + 0.5)
     return cells if cells.any() else visible
 
 
