@@ -104,12 +104,13 @@ MIN_DECODE_SIDE: Final = 320
 FOV_MIN_AREA: Final = 0.12
 
 #: Least share of the bright region inside its fitted circle: the aperture is round, so nothing of
-#: the region sticks out of the circle (a rectangle's corners would).
+#: the region sticks out of the circle (a rectangle's corners would). Synthetic photographs: 0.997-1.
 FOV_MIN_CONTAINED: Final = 0.97
 
 #: Least share of the fitted circle (where it lies in the image) that the region fills. A notch (a
 #: camera's orientation mark) costs 1-3 %; a dim periphery under uneven light, lost below the FOV
-#: threshold, up to 10 %; a rectangle fills at most 64 % of the circle around it.
+#: threshold, up to 10 % (synthetic photographs: 0.91-1); a square fills 65 % of the circle fitted
+#: to it, a 4:3 rectangle 72 %, an ellipse of axes 3:2 76 % (measured); an octagon passes.
 FOV_MIN_FILLED: Final = 0.85
 
 #: Rounds of the circle fit that drop edge points lying inside the circle by more than the tolerance
@@ -119,7 +120,8 @@ _FOV_FIT_TOLERANCE: Final = 1.5
 
 #: Largest share of the circle's width that may lie outside the image on the left and right
 #: together. A camera that centres its circle keeps all of it; 6 % allows an off-centre circle and
-#: the fit's error (about a thumbnail pixel each side), and refuses a crop that cut off a tenth.
+#: the fit's error (about a thumbnail pixel each side), and refuses a crop that cut off a tenth
+#: (synthetic photographs cropped by 10 % measured 0.10-0.14, by 5 % 0.05-0.09: 1 % of those flagged).
 FOV_MAX_SIDE_CUT: Final = 0.06
 
 #: Least share of the circle's area inside the image. Clipping the top and bottom to a 4:3 or 3:2
@@ -150,10 +152,10 @@ MIN_RED_OVER_GREEN: Final = 0.9
 #: blur of 1 % of the diameter (15 pixels on a 1500-pixel field) erases every vessel narrower than
 #: the main arcades: heavy. One of 0.4 % softens small vessels' edges and leaves them: mild.
 #: Measured on ``retinagate synth --n 200 --seed 5`` photographs (hard mode, which varies the camera's
-#: defocus itself) at 640 x 480 and at the generator's 1280 x 960: as made 0.55-1.13 (1st percentile
-#: 0.64-0.71); softened by a Gaussian of 0.3 % of the diameter 0.51-0.94, of 0.4 % 0.49-0.86 (one in
-#: 200 flagged); blurred by 0.75 % 0.43-0.61 (8 % flagged), by 1 % 0.41-0.50 and by 1.5 % 0.35-0.41
-#: (all flagged).
+#: defocus itself) at 640 x 480 and at the generator's mixed camera sizes (768-2048 pixels wide): as
+#: made 0.54-1.10 (1st percentile 0.63-0.69); softened by a Gaussian of 0.3 % of the diameter
+#: 0.50-0.92, of 0.4 % 0.48-0.84 (one in 200 flagged); blurred by 0.75 % 0.43-0.60 (8-9 % flagged),
+#: by 1 % 0.41-0.50 and by 1.5 % 0.35-0.41 (all flagged).
 MIN_SHARPNESS: Final = 0.52
 
 #: Share of the radius kept when measuring colour and focus: the outer ring of the field of view is
@@ -175,7 +177,7 @@ MIN_LEVEL: Final = 28.0
 #: Mean luma above which the photograph is over-exposed: a fundus is a dark red object, and at 200 red
 #: is clipped nearly everywhere and green pushed into the top fifth of its range, where the bright
 #: structures (disc, exudates, reflexes) clip and the rest has lost its contrast. The synthetic
-#: photographs measured at most 182 as made; one stop brighter 2-4 % of them pass 200; with their
+#: photographs measured at most 182 as made; one stop brighter 0.5-1 % of them pass 200; with their
 #: green brought up to a mean of 235, 195-229, and all flagged (with the clipped share below).
 MAX_LEVEL: Final = 200.0
 
