@@ -3,6 +3,7 @@ keeps fundus photographs below it and noise, blank frames and patterns above."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,16 @@ from train.ood import OodScore, fit_ood_statistics, ood_images_from_config, pool
 SIZE = 64
 CARD = ModelCard(preprocessing=Preprocessing(input_size=SIZE))
 COLUMNS = ("DR", "ARMD", "MH", "ODC", "TSLN", "OTHER")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """PyTorch on one thread (module fixtures included): on a shared machine OpenMP's spinning threads
+    make these checks 3-10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _photographs(count: int, seed: int) -> NDArray[np.uint8]:
