@@ -232,8 +232,37 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_variants:
         rows += measure_variants(model, card, args.threads, args.repeats)
+        rows += measure_gate(card, args.repeats)
     _print_table(rows)
     return 0
+
+
+def measure_gate(card: ModelCard, repeats: int) -> list[tuple[str, str, str, str]]:
+    """CPU time of the gradability gate's decode-path checks against preparing the model input.
+
+    :func:`retinagate.gate.assess` (field of view, colour, focus, exposure) runs on every decoded
+    photograph beside :func:`retinagate.preprocess.prepare` (FOV crop and resize), the work it adds
+    to; both are timed on the same photographs at a small and a large camera size.
+    """
+    from retinagate.gate import assess
+
+    rows: list[tuple[str, str, str, str]] = []
+    for width, height in ((640, 480), (2048, 1536)):
+        image = render_fundus(np.random.default_rng(5), width, height, ("DR",)).image
+        prepare_s, gate_s = paired_best_seconds(
+            functools.partial(prepare, image, card.preprocessing),
+            functools.partial(assess, image, threshold=card.preprocessing.fov_threshold),
+            max(repeats, 5),
+        )
+        rows.append(
+            (
+                f"gate checks, {width}x{height}",
+                f"{gate_s * 1e3:.2f} ms/img (prepare {prepare_s * 1e3:.2f})",
+                f"{gate_s / prepare_s:.2f}x",
+                "vs preparing the model input",
+            )
+        )
+    return rows
 
 
 def _print_table(rows: list[tuple[str, str, str, str]]) -> None:
