@@ -100,7 +100,7 @@ def register(subparsers: Any) -> None:
         metavar="DIR",
         help="preprocessing cache, shared between runs (default <data_dir>/cache/train)",
     )
-    data.add_argument("--img-size", type=int, default=_SUPPRESS, metavar="PX", help="model input side (default 224)")
+    data.add_argument("--img-size", type=int, default=_SUPPRESS, metavar="PX", help="model input side (default 288)")
 
     run = train.add_argument_group("run")
     run.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run folder to write")
@@ -112,7 +112,7 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="run at most N epochs now, then exit; continue later with --resume",
     )
-    run.add_argument("--epochs", type=int, default=_SUPPRESS, metavar="N", help="epochs (default 20)")
+    run.add_argument("--epochs", type=int, default=_SUPPRESS, metavar="N", help="epochs (default 12)")
     run.add_argument("--batch-size", type=int, default=_SUPPRESS, metavar="B", help="batch size (default 16)")
     run.add_argument("--device", default=_SUPPRESS, metavar="auto|cpu|cuda", help="where to train (default auto)")
     run.add_argument(
@@ -161,8 +161,8 @@ def register(subparsers: Any) -> None:
         metavar="K",
         help="freeze the stem and the first K of 7 block stages (default 0)",
     )
-    model.add_argument("--drop-rate", type=float, default=_SUPPRESS, help="dropout before the head (default 0.2)")
-    model.add_argument("--drop-path-rate", type=float, default=_SUPPRESS, help="stochastic depth (default 0.1)")
+    model.add_argument("--drop-rate", type=float, default=_SUPPRESS, help="dropout before the head (default 0)")
+    model.add_argument("--drop-path-rate", type=float, default=_SUPPRESS, help="stochastic depth (default 0)")
     model.add_argument(
         "--output-stride",
         type=int,
@@ -185,7 +185,7 @@ def register(subparsers: Any) -> None:
         "--ema",
         action=argparse.BooleanOptionalAction,
         default=_SUPPRESS,
-        help="validate and save an exponential moving average of the weights (default off)",
+        help="validate and save an exponential moving average of the weights (default on)",
     )
     optim.add_argument("--ema-decay", type=float, default=_SUPPRESS, help="EMA decay (default 0.998)")
     optim.add_argument(
@@ -210,7 +210,7 @@ def register(subparsers: Any) -> None:
         "--aug",
         choices=("none", "flip", "light", "strong"),
         default=_SUPPRESS,
-        help="augmentation level; flip: flips only, the plain baseline (default light)",
+        help="augmentation level: none, flip (flips only), light, strong (default flip)",
     )
     optim.add_argument(
         "--aug-on",
