@@ -36,8 +36,20 @@ def test_no_augmentation_returns_the_cached_pixels(image: torch.Tensor) -> None:
 
 
 def test_unknown_level_is_refused_with_the_choices() -> None:
-    with pytest.raises(ValueError, match="none, light, strong"):
+    with pytest.raises(ValueError, match="none, flip, light, strong"):
         Augmenter("extreme")
+
+
+def test_flip_level_only_mirrors_the_image() -> None:
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    mirrors = [image, image.flip(-1), image.flip(-2), image.flip(-1).flip(-2)]
+    seen = set()
+    for seed in range(16):
+        out = Augmenter("flip")(image, seed)
+        matches = [i for i, m in enumerate(mirrors) if torch.equal(out, m)]
+        assert matches, "the flip level changed pixels, not only their order"
+        seen.add(matches[0])
+    assert seen == {0, 1, 2, 3}
 
 
 def test_sample_seeds_differ_across_epochs_and_indices() -> None:
