@@ -621,6 +621,7 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         lr=3e-3,
         warmup_epochs=0.3,
         aug="strong",
+        ema=False,
         drop_rate=0.0,
         drop_path_rate=0.0,
         pretrained=False,

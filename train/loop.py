@@ -921,6 +921,8 @@ def evaluate_checkpoint(
     cached = cache_split(sources[split], card.preprocessing, cache_dir, progress=progress)
     target = resolve_device(device)
     model.to(target)
+    if stored.channels_last:  # as training evaluated it, so the card's metrics are reproduced exactly
+        model.to(memory_format=torch.channels_last)
     probs, _ = predict(
         model, cached.images, card.preprocessing, device=target,
         precision="fp16" if target.type == "cuda" else "fp32", batch_size=batch_size,
