@@ -593,6 +593,19 @@ def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """PyTorch on one thread for a module (its module fixtures included), for modules that ask with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``: on a shared machine OpenMP's spinning
+    threads make such checks 3-10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``best.pt`` of a small model trained from random init on synthetic data (CPU, 128 px, minutes).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +14,7 @@ from retinagate.card import ModelCard, Preprocessing
 from retinagate.cli import main
 from retinagate.engine import Engine
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """PyTorch on one thread (module fixtures included): on a shared machine OpenMP's spinning threads
-    make these checks 3-10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_export_writes_a_model_the_engine_loads_and_reports_the_pytorch_check(

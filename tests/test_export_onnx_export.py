@@ -8,7 +8,6 @@ amplifies rounding as trained ones do), at several input sizes and both output s
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -38,15 +37,7 @@ from train.datasets import find_rfmid_splits, read_image
 from train.model import CHECKPOINT_FORMAT, create_model, load_checkpoint, random_model, state_dict_sha256
 from train.ood import fit_ood_statistics
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """PyTorch on one thread (module fixtures included): on a shared machine OpenMP's spinning threads
-    make these checks 3-10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fundus(synth_dataset: Path, count: int) -> NDArray[np.uint8]:

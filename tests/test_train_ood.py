@@ -3,7 +3,6 @@ keeps fundus photographs below it and noise, blank frames and patterns above."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +23,7 @@ CARD = ModelCard(preprocessing=Preprocessing(input_size=SIZE))
 COLUMNS = ("DR", "ARMD", "MH", "ODC", "TSLN", "OTHER")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """PyTorch on one thread (module fixtures included): on a shared machine OpenMP's spinning threads
-    make these checks 3-10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _photographs(count: int, seed: int) -> NDArray[np.uint8]:

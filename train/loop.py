@@ -81,10 +81,11 @@ class TrainConfig:
     lesions keep a few pixels), 12 epochs of AdamW with warmup and a cosine decay, an EMA of the
     weights, flips only and no dropout or stochastic depth. Trained from random initialisation on
     about 400 photographs, the model is limited by how much it learns in the time, not by
-    over-fitting: rotation/scale/colour jitter, dropout and stochastic depth each slowed learning
+    over-fitting: rotation/scale/colour jitter with dropout and stochastic depth slowed learning
     (validation macro AUROC 0.53 against 0.60 at epoch 8), and 288 px for 12 epochs edged out
     224 px for 20 epochs in about the same time. On an idle 2-core machine an epoch of 360 photographs
-    at 288 px takes about 55 s, so the default run fits in 15 minutes.
+    at 288 px should take about 55 s (estimated on a shared machine), so the default run fits in 15
+    minutes.
 
     Attributes:
         out: Run folder.
