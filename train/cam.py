@@ -25,7 +25,7 @@ from torch import nn
 
 from retinagate.card import ModelCard
 from retinagate.labels import DISEASE_LABELS, OTHER, OTHER_COLUMNS
-from retinagate.preprocess import Geometry, prepare_with_geometry
+from retinagate.preprocess import prepare_with_geometry
 from train.augment import Normalizer
 from train.datasets import SplitSource, read_image
 
@@ -102,17 +102,6 @@ class PointingGame:
         }
 
 
-def _cell_centre_in_source(geometry: Geometry, row: int, col: int, cells: tuple[int, int]) -> tuple[float, float]:
-    """Centre of CAM cell ``(row, col)`` in photograph pixels (the inverse of crop, pad and resize)."""
-    h, w = cells
-    x_in, y_in = (col + 0.5) * geometry.size / w, (row + 0.5) * geometry.size / h
-    x0, y0, x1, y1 = geometry.crop
-    px0, py0, px1, py1 = geometry.placed
-    x = x0 + (x_in - px0) * (x1 - x0) / (px1 - px0)
-    y = y0 + (y_in - py0) * (y1 - y0) / (py1 - py0)
-    return x, y
-
-
 def pointing_game(
     model: nn.Module,
     card: ModelCard,
@@ -184,11 +173,13 @@ def pointing_game(
         for (_i, pairs), (_, geometry), cam in zip(work, prepared, cams_np, strict=True):
             x0, y0, x1, y1 = geometry.crop
             reach = reach_input * (x1 - x0) / (geometry.placed[2] - geometry.placed[0])  # photograph pixels
+            xs, ys = geometry.cell_centres(cells)
             for name, column, mask in pairs:
                 # Distance of every pixel to the nearest lesion pixel (0 on the lesion).
                 distance = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
                 row, col = np.unravel_index(int(np.argmax(cam[column])), cells)
-                x, y = _cell_centre_in_source(geometry, int(row), int(col), cells)
+                # Photograph coordinates with pixel edges at integers (cell_centres puts centres there).
+                x, y = float(xs[col]) + 0.5, float(ys[row]) + 0.5
                 xi = min(max(int(x), 0), mask.shape[1] - 1)
                 yi = min(max(int(y), 0), mask.shape[0] - 1)
                 hit = bool(distance[yi, xi] <= reach)
