@@ -188,21 +188,35 @@ class Settings(BaseSettings):
         300, description="A study counts as complete after this long without new instances."
     )
 
-    # Worker.
-    task_time_limit: Annotated[int, Field(ge=10)] = Field(600, description="Hard task time limit, seconds.")
+    # Worker. The defaults and the rules between them are explained in the README ("Reliability").
+    task_time_limit: Annotated[int, Field(ge=10)] = Field(
+        120, description="Hard task time limit, seconds (a batch takes about 1 s on a CPU)."
+    )
     visibility_timeout: Annotated[int, Field(ge=60)] = Field(
-        3600, description="Redis visibility timeout, seconds; must exceed the task time limit."
+        1200,
+        description="Redis visibility timeout, seconds; must exceed the task time limit plus the longest retry delay.",
     )
     max_attempts: Annotated[int, Field(ge=1, le=100)] = Field(5, description="Tries before an instance fails.")
-    sweep_interval: Annotated[int, Field(ge=5)] = Field(60, description="Seconds between sweeps.")
-    stuck_after: Annotated[int, Field(ge=5)] = Field(
-        900, description="Seconds after which a received or queued instance is re-enqueued."
+    lease_seconds: Annotated[int, Field(ge=10, le=3600)] = Field(
+        60,
+        description="A worker's claim on an instance or a delivery lasts this long and is renewed every third of "
+        "it; the sweeper takes back work whose lease ran out (its worker died).",
     )
+    sweep_interval: Annotated[int, Field(ge=5)] = Field(20, description="Seconds between sweeps.")
+    stuck_after: Annotated[int, Field(ge=5)] = Field(
+        600,
+        description="Seconds after which a received or queued instance, or a pending delivery, with no worker on "
+        "it is sent again; must exceed the task time limit plus the longest score retry delay.",
+    )
+    score_backoff: Annotated[float, Field(gt=0)] = Field(
+        5.0, description="First score retry delay, seconds; doubles each time."
+    )
+    score_backoff_max: Annotated[float, Field(gt=0)] = Field(300.0, description="Longest score retry delay.")
     delivery_max_retries: Annotated[int, Field(ge=0, le=100)] = Field(8, description="Delivery retries.")
     delivery_backoff: Annotated[float, Field(gt=0)] = Field(
         2.0, description="First delivery retry delay, seconds; doubles each time."
     )
-    delivery_backoff_max: Annotated[float, Field(gt=0)] = Field(600.0, description="Longest retry delay.")
+    delivery_backoff_max: Annotated[float, Field(gt=0)] = Field(600.0, description="Longest delivery retry delay.")
     rescore_cron: str = Field("0 2 * * *", description="When nightly rescoring runs (cron: min hour dom mon dow).")
     rescore_batch_size: Annotated[int, Field(ge=1, le=1024)] = Field(16, description="Instances per rescore task.")
 
@@ -283,8 +297,26 @@ class Settings(BaseSettings):
             p is not None for p in (self.delivery_tls_ca, self.delivery_tls_cert, self.delivery_tls_key)
         ):
             raise ValueError("delivery_tls_ca, _cert and _key take effect only with delivery_tls=true; set it")
-        if self.task_time_limit >= self.visibility_timeout:
-            raise ValueError("task_time_limit must be below visibility_timeout, or Redis redelivers running tasks")
+        # Celery holds a retry's message unacknowledged until its countdown ends and the task has run:
+        # Redis must not hand it to a second worker meanwhile.
+        longest_hold = self.task_time_limit + max(self.score_backoff_max, self.delivery_backoff_max)
+        if self.visibility_timeout <= longest_hold:
+            raise ValueError(
+                f"visibility_timeout ({self.visibility_timeout} s) must exceed task_time_limit plus the longest "
+                f"retry delay (score_backoff_max, delivery_backoff_max): {longest_hold:g} s, or Redis hands a "
+                "running or waiting task to a second worker"
+            )
+        # A queued instance waiting out a retry delay has no worker on it: the sweeper must not send it again.
+        waiting = self.task_time_limit + self.score_backoff_max
+        if self.stuck_after <= waiting:
+            raise ValueError(
+                f"stuck_after ({self.stuck_after} s) must exceed task_time_limit plus score_backoff_max "
+                f"({waiting:g} s), or the sweeper re-sends instances that are waiting for their retry"
+            )
+        if self.score_backoff > self.score_backoff_max:
+            raise ValueError("score_backoff must not exceed score_backoff_max")
+        if self.delivery_backoff > self.delivery_backoff_max:
+            raise ValueError("delivery_backoff must not exceed delivery_backoff_max")
         return self
 
     @classmethod
