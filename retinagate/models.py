@@ -161,6 +161,9 @@ class Instance(Base):
     status_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    #: The worker scoring it (``host:pid``) and until when, while ``scoring``; see :mod:`worker.lease`.
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
 
     study: Mapped[Study] = relationship(back_populates="instances")
     predictions: Mapped[list[Prediction]] = relationship(back_populates="instance")
@@ -240,6 +243,12 @@ class Delivery(Base):
     dimse_status: Mapped[int | None] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column()
+    #: ``failed`` after its retries ran out on transient errors (not a refusal): the sweep sends it
+    #: again once the destination answers C-ECHO (see :func:`worker.sweep.sweep`).
+    retryable: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    #: The sender sending it (``host:pid``) and until when; see :mod:`worker.lease`.
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
 
     output: Mapped[Output] = relationship(back_populates="deliveries")
 

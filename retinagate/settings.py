@@ -217,6 +217,11 @@ class Settings(BaseSettings):
         2.0, description="First delivery retry delay, seconds; doubles each time."
     )
     delivery_backoff_max: Annotated[float, Field(gt=0)] = Field(600.0, description="Longest delivery retry delay.")
+    delivery_probe_interval: Annotated[int, Field(ge=5)] = Field(
+        120,
+        description="Seconds between C-ECHO probes of a destination holding deliveries whose retries ran out; "
+        "when it answers, they are sent again.",
+    )
     rescore_cron: str = Field("0 2 * * *", description="When nightly rescoring runs (cron: min hour dom mon dow).")
     rescore_batch_size: Annotated[int, Field(ge=1, le=1024)] = Field(16, description="Instances per rescore task.")
 

@@ -101,6 +101,25 @@ def test_task_time_limit_must_stay_below_the_visibility_timeout() -> None:
         load_settings(environ={"RETINAGATE_TASK_TIME_LIMIT": "4000", "RETINAGATE_VISIBILITY_TIMEOUT": "3600"})
 
 
+def test_retry_delays_must_fit_below_the_visibility_timeout_and_stuck_after() -> None:
+    # A retry's message waits unacknowledged in its worker for its countdown: Redis must not hand it out again.
+    with pytest.raises(SettingsError, match=r"visibility_timeout \(900 s\) must exceed .* 1000 s"):
+        load_settings(environ={"RETINAGATE_VISIBILITY_TIMEOUT": "900", "RETINAGATE_DELIVERY_BACKOFF_MAX": "880"})
+    # The defect: STUCK_AFTER=5 let the sweeper re-send instances waiting out a 300 s retry delay.
+    with pytest.raises(SettingsError, match=r"stuck_after \(5 s\) must exceed .*score_backoff_max \(420 s\)"):
+        load_settings(environ={"RETINAGATE_STUCK_AFTER": "5"})
+    fast = load_settings(
+        environ={
+            "RETINAGATE_STUCK_AFTER": "30",
+            "RETINAGATE_TASK_TIME_LIMIT": "20",
+            "RETINAGATE_SCORE_BACKOFF_MAX": "5",
+        }
+    )
+    assert fast.stuck_after == 30
+    with pytest.raises(SettingsError, match="score_backoff must not exceed score_backoff_max"):
+        load_settings(environ={"RETINAGATE_SCORE_BACKOFF": "400"})
+
+
 def test_settings_are_frozen() -> None:
     s = load_settings(environ={})
     with pytest.raises(ValueError, match="frozen"):

@@ -20,7 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_app_acknowledges_late_prefetches_one_and_limits_tasks_below_the_visibility_timeout(
     make_settings: Callable[..., Settings],
 ) -> None:
-    settings = make_settings(broker_url="redis://127.0.0.1:1/3", task_time_limit=120, visibility_timeout=300)
+    settings = make_settings(
+        broker_url="redis://127.0.0.1:1/3", task_time_limit=120, visibility_timeout=300, score_backoff_max=100,
+        delivery_backoff_max=100,
+    )
     app = create_app(settings)
     conf = app.conf
     assert conf.broker_url == "redis://127.0.0.1:1/3"

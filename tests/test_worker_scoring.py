@@ -11,7 +11,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from retinagate.db import make_engine, session_factory, session_scope, upgrade
-from retinagate.models import Delivery, DeliveryStatus, Instance, Model, Output, Prediction
+from retinagate.models import Delivery, DeliveryStatus, Instance, InstanceStatus, Model, Output, Prediction
 from retinagate.settings import Settings
 from retinagate.storage import Storage, StorageError
 from worker.scoring import ScoreOutcome, Scorer, score_instances, wants_delivery
@@ -41,10 +41,13 @@ class Bench:
             return {
                 "instances": {i.id: (i.status.value, i.attempts, i.last_error) for i in s.scalars(select(Instance))},
                 "predictions": sorted((p.id, p.instance_id, p.model_id) for p in s.scalars(select(Prediction))),
-                "outputs": sorted((o.id, o.prediction_id, o.kind.value, o.sop_instance_uid, o.storage_key)
-                                  for o in s.scalars(select(Output))),
-                "deliveries": sorted((d.id, d.output_id, d.destination, d.status.value)
-                                     for d in s.scalars(select(Delivery))),
+                "outputs": sorted(
+                    (o.id, o.prediction_id, o.kind.value, o.sop_instance_uid, o.storage_key)
+                    for o in s.scalars(select(Output))
+                ),
+                "deliveries": sorted(
+                    (d.id, d.output_id, d.destination, d.status.value) for d in s.scalars(select(Delivery))
+                ),
             }
 
     def close(self) -> None:
@@ -99,7 +102,24 @@ def test_scoring_records_a_prediction_durable_outputs_and_pending_deliveries(
                 assert ds.StudyInstanceUID == source.study.study_uid
 
 
-def test_scoring_again_updates_the_same_rows_and_rewrites_the_same_files(
+def test_a_message_delivered_twice_finds_the_work_done_and_does_nothing(
+    bench: Callable[..., Bench], worker_store_instance: Callable[..., int]
+) -> None:
+    b = bench(destinations="PACS@127.0.0.1:104")
+    ids = [worker_store_instance(b.settings, study=s) for s in range(2)]
+    b.score(ids)
+    before = b.rows()
+    files = {o[4]: b.storage.path(o[4]).stat().st_mtime_ns for o in before["outputs"]}
+
+    outcome = b.score(ids)
+
+    assert outcome.skipped == dict.fromkeys(ids, "already scored by this model")
+    assert outcome.scored == outcome.deliver == []
+    assert b.rows() == before
+    assert {key: b.storage.path(key).stat().st_mtime_ns for key in files} == files
+
+
+def test_scoring_again_after_a_lost_claim_updates_the_same_rows_and_rewrites_the_same_files(
     bench: Callable[..., Bench], worker_store_instance: Callable[..., int]
 ) -> None:
     b = bench(destinations="PACS@127.0.0.1:104")
@@ -112,6 +132,10 @@ def test_scoring_again_updates_the_same_rows_and_rewrites_the_same_files(
         delivered.status = DeliveryStatus.DELIVERED
         delivered_output = delivered.output_id
         first_times = sorted(s.scalars(select(Prediction.created_at)))
+        # A worker that wrote everything and died before its instances' new status was seen: the
+        # sweeper took them back (status queued), so they are scored again.
+        for row in s.scalars(select(Instance).where(Instance.id.in_(ids))):
+            row.status = InstanceStatus.QUEUED
     files = {o[4]: b.storage.path(o[4]).stat().st_mtime_ns for o in before["outputs"]}
 
     outcome = b.score(ids)
@@ -204,8 +228,9 @@ def test_an_ungradable_instance_is_recorded_with_its_reasons_and_its_sc_and_sr_a
         kinds = sorted(o.kind.value for o in prediction.outputs)
         delivered = sorted(d.output.kind.value for o in prediction.outputs for d in o.deliveries)
     assert kinds == ["sc", "sr"] and delivered == ["sc", "sr"]  # sent whatever deliver_min_probability says
-    again = b.score([blurred])  # a rescore gates it again
-    assert again.ungradable == [blurred] and b.rows()["instances"][blurred] == ("ungradable", 1, None)
+    again = b.score([blurred])  # a second message for it: the work is done, nothing changes
+    assert again.skipped == {blurred: "already scored by this model"}
+    assert b.rows()["instances"][blurred] == ("ungradable", 1, None)
 
 
 def test_unknown_instance_ids_are_skipped(bench: Callable[..., Bench]) -> None:
@@ -319,3 +344,46 @@ def test_the_stored_sr_is_a_valid_report_of_the_recorded_probabilities(
     assert group.source_images[0].referenced_sop_instance_uid == source_uid
     sc = dcmread(stored["sc"])
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source_uid and sc.BurnedInAnnotation == "YES"
+
+
+def test_a_stale_message_never_revives_a_failed_instance_nor_resets_its_attempts(
+    bench: Callable[..., Bench], worker_store_instance: Callable[..., int]
+) -> None:
+    # The defect: a duplicate retry chain's message reached an instance that had failed for good,
+    # and the claim started a new round with attempts reset to 1.
+    b = bench()
+    instance = worker_store_instance(b.settings, status="failed")
+    with session_scope(b.sessions) as s:
+        row = s.get_one(Instance, instance)
+        row.attempts, row.last_error = 5, "DecodeError: broken (gave up after 5 attempts)"
+
+    outcome = b.score([instance])
+
+    assert outcome.skipped == {instance: "failed for good"} and outcome.scored == []
+    assert b.rows()["instances"][instance] == ("failed", 5, "DecodeError: broken (gave up after 5 attempts)")
+
+
+def test_an_instance_another_live_worker_holds_is_left_to_it_and_a_dead_workers_is_taken_over(
+    bench: Callable[..., Bench], worker_store_instance: Callable[..., int]
+) -> None:
+    from datetime import timedelta
+
+    from retinagate.models import utcnow
+
+    b = bench()
+    held, abandoned = (worker_store_instance(b.settings, study=s, status="scoring") for s in range(2))
+    now = utcnow()
+    with session_scope(b.sessions) as s:
+        for instance, expires in ((held, now + timedelta(seconds=50)), (abandoned, now - timedelta(seconds=1))):
+            row = s.get_one(Instance, instance)
+            row.attempts, row.lease_owner, row.lease_expires_at = 1, "elsewhere:42", expires
+
+    outcome = b.score([held, abandoned])
+
+    assert outcome.skipped == {held: "held by another worker"} and outcome.scored == [abandoned]
+    rows = b.rows()["instances"]
+    assert rows[held] == ("scoring", 1, None) and rows[abandoned] == ("scored", 2, None)
+    with session_scope(b.sessions) as s:
+        done = s.get_one(Instance, abandoned)
+        assert done.lease_owner is None and done.lease_expires_at is None
+        assert s.get_one(Instance, held).lease_owner == "elsewhere:42"

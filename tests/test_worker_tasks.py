@@ -103,8 +103,21 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
 
     def start(env: dict[str, str], *extra: str, cli: str = "celery") -> Worker:
         if cli == "celery":
-            argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--concurrency", "1",
-                    "--without-mingle", "--without-gossip", "--loglevel", "INFO", *extra]
+            argv = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--concurrency",
+                "1",
+                "--without-mingle",
+                "--without-gossip",
+                "--loglevel",
+                "INFO",
+                *extra,
+            ]
         else:
             argv = [sys.executable, "-m", "retinagate", "worker", "--concurrency", "1", *extra]
         worker = Worker(argv, env, tmp_path / f"worker-{len(started)}.log")
@@ -168,7 +181,7 @@ class Db:
             return int(s.scalar(select(func.count()).select_from(model)) or 0)
 
 
-def test_a_stored_instance_is_scored_once_and_delivered_and_scoring_it_again_changes_nothing(
+def test_a_stored_instance_is_scored_once_and_delivered_and_a_second_message_changes_nothing(
     worker_env: Callable[..., tuple[Settings, dict[str, str]]],
     start_worker: Callable[..., Worker],
     worker_store_instance: Callable[..., int],
@@ -195,9 +208,10 @@ def test_a_stored_instance_is_scored_once_and_delivered_and_scoring_it_again_cha
 
     enqueue_score(settings, ids)  # the same task again: a duplicate message, or a sweep
 
-    _wait(lambda: db.scored_at() != stamps and db.statuses(ids) == ["scored", "scored"], "the re-run", 60, [worker])
+    _wait(lambda: "2 instance(s) skipped (already scored by this model)" in worker.text(), "the re-run", 60, [worker])
     time.sleep(1.0)  # room for a delivery the re-run must not send
     assert db.snapshot() == first  # same rows, same UIDs, same storage keys, deliveries untouched
+    assert db.scored_at() == stamps  # not scored again
     assert sorted(receiver.received) == sorted(db.output_uids())
 
 
@@ -249,8 +263,14 @@ def test_a_worker_killed_while_scoring_leaves_the_task_to_be_redone(
     """The pool process dies (SIGKILL) inside the score task: late acknowledgement and
     reject-on-worker-lost put the message back, and the next pool process does the work once."""
     receiver = worker_receiver()
-    settings, env = worker_env(model_path=random_onnx_model_path, destinations=receiver.destination, task_time_limit=60,
-                               visibility_timeout=120)
+    settings, env = worker_env(
+        model_path=random_onnx_model_path,
+        destinations=receiver.destination,
+        task_time_limit=60,
+        visibility_timeout=120,
+        score_backoff_max=20,
+        delivery_backoff_max=20,
+    )
     upgrade(settings)
     (instance,) = [worker_store_instance(settings)]
     db = Db(settings)
@@ -263,12 +283,15 @@ def test_a_worker_killed_while_scoring_leaves_the_task_to_be_redone(
     lock.execute("BEGIN IMMEDIATE")
     try:
         enqueue_score(settings, [instance])
-        _wait(lambda: broker.llen("score") == 0 and broker.hlen("unacked") == 1, "the task to be taken", 30,
-              [worker])
+        _wait(lambda: broker.llen("score") == 0 and broker.hlen("unacked") == 1, "the task to be taken", 30, [worker])
         time.sleep(2.0)  # the pool process is now inside the task, waiting for the lock
         os.kill(child, signal.SIGKILL)
-        _wait(lambda: child not in worker.pool_children() and len(worker.pool_children()) == 1,
-              "a new pool process", 30, [worker])
+        _wait(
+            lambda: child not in worker.pool_children() and len(worker.pool_children()) == 1,
+            "a new pool process",
+            30,
+            [worker],
+        )
         _wait(lambda: "WorkerLostError" in worker.text(), "the worker to notice", 30, [worker])
     finally:
         lock.execute("ROLLBACK")
@@ -291,11 +314,18 @@ def test_a_worker_killed_while_delivering_loses_nothing_the_sweeper_sends_it_aga
 ) -> None:
     """The whole worker (main process and pool) dies mid-C-STORE. Its message stays unacknowledged in
     Redis (handed out again only after the visibility timeout); the sweeper, run by beat in the
-    restarted worker, finds the deliveries still pending in SQL and sends them again."""
+    restarted worker, finds the deliveries whose lease the dead worker stopped renewing and sends
+    them again."""
     receiver = worker_receiver()
     receiver.gate.clear()  # the receiver holds its answer: the worker is stuck inside the C-STORE
-    settings, env = worker_env(destinations=receiver.destination, stuck_after=5, sweep_interval=5,
-                               task_time_limit=30, visibility_timeout=600)
+    settings, env = worker_env(
+        destinations=receiver.destination,
+        lease_seconds=10,
+        sweep_interval=5,
+        task_time_limit=30,
+        visibility_timeout=600,
+        delivery_backoff_max=60,
+    )
     outputs = worker_store_outputs(settings, 2)
     db = Db(settings)
     first = start_worker(env, "--queues", "deliver,maintenance")
@@ -336,8 +366,10 @@ def test_the_nightly_rescore_task_queues_every_scored_instance_without_a_predict
         assert active.path == str(random_onnx_model_path) and len(models) == 2
         new = {p.instance_id for p in s.scalars(select(Prediction).where(Prediction.model_id == active.id))}
         assert new == set(old)
-        kept = {p.instance_id: (p.id, p.model_id, p.probabilities)
-                for p in s.scalars(select(Prediction).where(Prediction.model_id != active.id))}
+        kept = {
+            p.instance_id: (p.id, p.model_id, p.probabilities)
+            for p in s.scalars(select(Prediction).where(Prediction.model_id != active.id))
+        }
         assert kept == old
     _wait(lambda: worker.text().count("Task retinagate.score[") >= 4, "the score tasks' log lines", 10, [worker])
     received = [line for line in worker.text().splitlines() if "Task retinagate.score[" in line and "received" in line]

@@ -27,6 +27,7 @@ from sqlalchemy import select
 
 from retinagate.db import session_scope
 from retinagate.models import Delivery, DeliveryStatus, Output, utcnow
+from worker.lease import expiry, owner, renewing
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -40,6 +41,7 @@ __all__ = [
     "Timeouts",
     "classify_status",
     "deliver_outputs",
+    "echo",
     "pending_deliveries",
     "retry_delay",
     "send_to",
@@ -306,16 +308,60 @@ def pending_deliveries(
 
 
 def _plan(
-    session: Session, settings: Settings, storage: Storage, output_ids: Sequence[int]
+    session: Session, settings: Settings, storage: Storage, output_ids: Sequence[int], holder: str
 ) -> dict[str, list[tuple[int, Path]]]:
-    """Delivery rows still to send, by destination; adds rows for destinations configured since scoring."""
+    """Delivery rows still to send, by destination, leased to ``holder``; adds rows for destinations
+    configured since scoring. A row another live sender holds is left to it (a message delivered
+    twice, or a sweep that re-sent it, must not send the same file twice at once)."""
+    now = utcnow()
     outputs = session.scalars(select(Output).where(Output.id.in_(output_ids)).order_by(Output.id)).all()
     pending = pending_deliveries(session, outputs, [str(d) for d in settings.destinations])
-    session.flush()  # ids of the rows added
     plan: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+    held = 0
     for output, row in pending:
+        if row.lease_owner not in (None, holder) and row.lease_expires_at is not None and row.lease_expires_at > now:
+            held += 1
+            continue
+        row.lease_owner, row.lease_expires_at = holder, expiry(settings.lease_seconds, now)
+        session.flush()  # the id of a row added now
         plan[row.destination].append((row.id, storage.path(output.storage_key)))
+    if held:
+        logger.info("delivery: %d delivery(ies) held by another sender, left to it", held)
     return plan
+
+
+def echo(
+    settings: Settings, destination: str, timeouts: Timeouts = Timeouts(connect=5.0, acse=10.0, dimse=10.0)
+) -> bool:
+    """Whether ``destination`` (``AE@host:port``) answers C-ECHO now, with the delivery settings
+    (our calling AE title, TLS). Any failure (refused, timed out, rejected, unreadable TLS files) is
+    a no."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from retinagate.settings import Destination
+
+    target = Destination.parse(destination)
+    try:
+        ssl_context = client_tls_context(settings)
+    except ValueError:
+        return False
+    ae = AE(ae_title=settings.calling_ae_title)
+    ae.connection_timeout = timeouts.connect
+    ae.acse_timeout = timeouts.acse
+    ae.dimse_timeout = timeouts.dimse
+    ae.network_timeout = timeouts.network
+    ae.add_requested_context(Verification)
+    tls_args = (ssl_context, target.host) if ssl_context is not None else None
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        return False
+    try:
+        answer = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return "Status" in answer and int(answer.Status) == 0x0000
 
 
 def deliver_outputs(
@@ -331,8 +377,10 @@ def deliver_outputs(
 
     Outputs already delivered (or refused for good) to a destination are not sent again. A transient
     failure leaves the row ``retrying``, until it has been tried ``delivery_max_retries + 1`` times;
-    then it is ``failed`` with its last error. ``ssl_context`` defaults to the settings' (see
-    :func:`client_tls_context`).
+    then it is ``failed`` with its last error (``retryable``: the sweep's probe sends it again once
+    the destination answers). The rows are leased to this process while they are sent, so the
+    sweeper re-sends them soon after a sender dies, and never while it lives. ``ssl_context``
+    defaults to the settings' (see :func:`client_tls_context`).
 
     Raises:
         ValueError: When the settings' TLS files cannot be loaded (see :func:`client_tls_context`).
@@ -345,27 +393,30 @@ def deliver_outputs(
     ids = list(dict.fromkeys(int(i) for i in output_ids))
     if not ids or not settings.destinations:
         return outcome
+    holder = owner()
     with session_scope(sessions) as session:
-        plan = _plan(session, settings, storage, ids)
+        plan = _plan(session, settings, storage, ids, holder)
 
     results: dict[int, SendResult] = {}
-    for destination, files in plan.items():
-        sent = send_to(
-            Destination.parse(destination),
-            files,
-            calling_ae=settings.calling_ae_title,
-            ssl_context=ssl_context,
-            timeouts=timeouts,
-        )
-        results.update(sent)
-        counts = {v: sum(1 for r in sent.values() if r.verdict == v) for v in ("delivered", "retry", "failed")}
-        logger.info(
-            "delivery to %s: %d delivered, %d to retry, %d failed",
-            destination,
-            counts["delivered"],
-            counts["retry"],
-            counts["failed"],
-        )
+    leased = [key for files in plan.values() for key, _ in files]
+    with renewing(sessions, Delivery, leased, settings.lease_seconds, holder):
+        for destination, files in plan.items():
+            sent = send_to(
+                Destination.parse(destination),
+                files,
+                calling_ae=settings.calling_ae_title,
+                ssl_context=ssl_context,
+                timeouts=timeouts,
+            )
+            results.update(sent)
+            counts = {v: sum(1 for r in sent.values() if r.verdict == v) for v in ("delivered", "retry", "failed")}
+            logger.info(
+                "delivery to %s: %d delivered, %d to retry, %d failed",
+                destination,
+                counts["delivered"],
+                counts["retry"],
+                counts["failed"],
+            )
 
     now = utcnow()
     retry_attempts: list[int] = []
@@ -377,6 +428,7 @@ def deliver_outputs(
             row.updated_at = now
             row.dimse_status = result.status
             row.last_error = result.error
+            row.lease_owner = row.lease_expires_at = None
             if result.verdict == "delivered":
                 row.status = DeliveryStatus.DELIVERED
                 row.delivered_at = now
@@ -389,6 +441,7 @@ def deliver_outputs(
             else:
                 if result.verdict == "retry":
                     row.last_error = f"{result.error} (gave up after {row.attempts} attempts)"
+                row.retryable = result.verdict == "retry"  # the sweep's probe sends it again later
                 row.status = DeliveryStatus.FAILED
                 outcome.failed.append(row.id)
                 logger.warning("delivery id=%s failed: %s", row.id, row.last_error)

@@ -8,8 +8,11 @@ that already happened alone.
 
 Order of work, and why:
 
-1. Claim the instances (status ``scoring``, one more attempt) in a short transaction, so the sweeper
-   can tell work in progress from lost work.
+1. Claim the instances (status ``scoring``, one more attempt, a lease in this process's name) in a
+   short transaction, so the sweeper can tell work in progress from lost work; the lease is renewed
+   while the batch runs (:mod:`worker.lease`). A claim skips what needs no work: an instance this
+   model has already scored (a message delivered twice), one another live worker holds, and one that
+   failed for good (a stale message must not revive it with fresh attempts).
 2. Score the files in one batch.
 3. Write every output file durably before any row points at it.
 4. In one transaction, a few statements for the whole batch: upsert predictions, outputs and pending
@@ -49,6 +52,7 @@ from retinagate.models import (
 )
 from retinagate.storage import StorageError
 from worker.delivery import pending_deliveries
+from worker.lease import expiry, owner, renewing
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -103,6 +107,9 @@ class ScoreOutcome:
     #: Outputs with a delivery still to make.
     deliver: list[int] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)
+    #: Instances not claimed, and why: already scored by this model, held by another live worker,
+    #: failed for good, or not in the database.
+    skipped: dict[int, str] = field(default_factory=dict)
 
 
 def register_model(session: Session, sha256: str, card: ModelCard, path: Path | None) -> tuple[Model, bool]:
@@ -224,22 +231,54 @@ class _Claim:
     attempts: int
 
 
-def _claim(sessions: sessionmaker[Session], storage: Storage, ids: Sequence[int]) -> list[_Claim]:
-    """Marks the instances ``scoring``; an instance already done or failed starts a new round of attempts."""
+def _claim(
+    sessions: sessionmaker[Session],
+    storage: Storage,
+    ids: Sequence[int],
+    model_id: int,
+    lease_seconds: float,
+    holder: str,
+    skipped: dict[int, str],
+) -> list[_Claim]:
+    """Marks the instances ``scoring`` under a lease held by ``holder``; see the module docstring for
+    what is skipped (recorded in ``skipped``).
+
+    An instance scored by another model starts a new round of attempts (a rescore); an instance in
+    ``scoring`` whose lease ran out (its worker died) is taken over with the attempt it already used.
+    """
     now = utcnow()
     claims = []
     with session_scope(sessions) as session:
         rows = session.scalars(select(Instance).where(Instance.id.in_(ids)).order_by(Instance.id)).all()
         found = {row.id for row in rows}
-        missing = [i for i in ids if i not in found]
-        if missing:
-            logger.warning("score: %d instance id(s) not in the database, skipped: %s", len(missing), missing[:20])
+        skipped.update({i: "not in the database" for i in ids if i not in found})
+        scored_by_model = set(
+            session.scalars(
+                select(Prediction.instance_id).where(Prediction.instance_id.in_(ids), Prediction.model_id == model_id)
+            )
+        )
         for row in rows:
-            new_round = row.status in (InstanceStatus.SCORED, InstanceStatus.UNGRADABLE, InstanceStatus.FAILED)
-            row.attempts = 1 if new_round else row.attempts + 1
-            row.status = InstanceStatus.SCORING
-            row.status_changed_at = now
-            claims.append(_Claim(row.id, storage.path(row.storage_key), row.attempts))
+            done = row.status in (InstanceStatus.SCORED, InstanceStatus.UNGRADABLE)
+            held = (
+                row.status == InstanceStatus.SCORING
+                and row.lease_owner not in (None, holder)
+                and row.lease_expires_at is not None
+                and row.lease_expires_at > now
+            )
+            if row.status == InstanceStatus.FAILED:
+                skipped[row.id] = "failed for good"
+            elif done and row.id in scored_by_model:
+                skipped[row.id] = "already scored by this model"
+            elif held:
+                skipped[row.id] = "held by another worker"
+            else:
+                row.attempts = 1 if done else row.attempts + 1
+                row.status = InstanceStatus.SCORING
+                row.status_changed_at = now
+                row.lease_owner, row.lease_expires_at = holder, expiry(lease_seconds, now)
+                claims.append(_Claim(row.id, storage.path(row.storage_key), row.attempts))
+    if skipped:
+        logger.info("score: %d instance(s) skipped (%s)", len(skipped), ", ".join(sorted(set(skipped.values()))))
     return claims
 
 
@@ -252,6 +291,7 @@ def _set_status(sessions: sessionmaker[Session], errors: dict[int, str], status:
             row.status = status
             row.status_changed_at = now
             row.last_error = errors[row.id]
+            row.lease_owner = row.lease_expires_at = None
 
 
 def _encoded_outputs(result: ScoreResult) -> list[tuple[str, str, bytes]]:
@@ -415,7 +455,7 @@ def _record(
         session.execute(
             update(Instance)
             .where(Instance.id.in_(members))
-            .values(status=status, status_changed_at=now, last_error=None)
+            .values(status=status, status_changed_at=now, last_error=None, lease_owner=None, lease_expires_at=None)
         )
     return to_send
 
@@ -441,9 +481,24 @@ def score_instances(
     ids = list(dict.fromkeys(int(i) for i in instance_ids))
     if not ids:
         return outcome
-    claims = _claim(sessions, storage, ids)
+    holder = owner()
+    claims = _claim(sessions, storage, ids, scorer.model_id, settings.lease_seconds, holder, outcome.skipped)
     if not claims:
         return outcome
+    with renewing(sessions, Instance, [c.instance_id for c in claims], settings.lease_seconds, holder):
+        _score_claims(settings, sessions, storage, scorer, claims, outcome)
+    return outcome
+
+
+def _score_claims(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    storage: Storage,
+    scorer: Scorer,
+    claims: list[_Claim],
+    outcome: ScoreOutcome,
+) -> None:
+    """Scores claimed instances and records everything in ``outcome``; see :func:`score_instances`."""
     attempts = {c.instance_id: c.attempts for c in claims}
 
     def give_back(errors: dict[int, str]) -> None:
@@ -467,7 +522,7 @@ def score_instances(
         give_back(missing)
         claims = [c for c in claims if c.instance_id not in missing]
         if not claims:
-            return outcome
+            return
 
     started = time.perf_counter()
     try:
@@ -477,10 +532,10 @@ def score_instances(
         _set_status(sessions, errors, InstanceStatus.FAILED)
         outcome.failed += list(errors)
         outcome.errors.update(errors)
-        return outcome
+        return
     except RETRYABLE as exc:
         give_back({c.instance_id: _error_text(exc) for c in claims})
-        return outcome
+        return
     except Exception as exc:
         _set_status(sessions, {c.instance_id: _error_text(exc) for c in claims}, InstanceStatus.FAILED)
         raise
@@ -562,4 +617,3 @@ def score_instances(
         len(outcome.failed),
         len(outcome.retry),
     )
-    return outcome

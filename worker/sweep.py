@@ -1,14 +1,25 @@
-"""The sweeper: finds work that Redis lost, from SQL, and sends it again.
+"""The sweeper: finds work that Redis lost or a dead worker left, from SQL, and sends it again.
 
-SQL is the source of truth and Redis only the transport (the outbox pattern). An instance whose
-status has not moved for ``stuck_after`` seconds while ``received`` or ``queued`` has no live message;
-one ``scoring`` for longer than the task time limit belongs to a dead worker. Both are sent to
-``score`` again, until the instance has used ``max_attempts``; then it is marked failed with its last
-error. Deliveries left ``pending`` or ``retrying`` past the same timeout are sent to ``deliver`` again.
+SQL is the source of truth and Redis only the transport (the outbox pattern). Each sweep:
+
+- sends to ``score`` again an instance in ``scoring`` whose lease ran out (its worker died; see
+  :mod:`worker.lease`), and one ``received`` or ``queued`` whose status has not moved for
+  ``stuck_after`` seconds (its message was lost); until the instance has used ``max_attempts``,
+  then it is marked failed with its last error;
+- sends to ``deliver`` again a ``pending`` or ``retrying`` delivery whose lease ran out, and one no
+  sender has touched for ``stuck_after`` seconds (``retrying``: also the longest backoff);
+- probes (C-ECHO) each destination holding deliveries that failed after their retries ran out on
+  transient errors, at most every ``delivery_probe_interval`` seconds; a destination that answers
+  gets them all again, with a new round of retries. Refusals (a DICOM failure status, an
+  association rejected for good) are never re-sent by the sweep: ``retinagate deliveries retry``
+  does that by hand, once the cause is fixed.
 
 Attempts: a sweep that re-sends a ``received`` or ``queued`` instance counts one attempt (no task
 started, so none counted it); a ``scoring`` instance already counted its attempt when its task
-started, so re-sending it adds none.
+started, so re-sending it adds none. A sweep never resets attempts.
+
+The sweep is a task on the ``maintenance`` queue, which every worker consumes by default (scoring and
+sending workers alike), so it does not depend on one kind of worker being alive.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ if TYPE_CHECKING:
 
     from retinagate.settings import Settings
 
-__all__ = ["SWEEP_LIMIT", "SweepOutcome", "batches", "sweep"]
+__all__ = ["SWEEP_LIMIT", "Probe", "SweepOutcome", "batches", "sweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +48,8 @@ logger = logging.getLogger(__name__)
 SWEEP_LIMIT = 1000
 
 Enqueue = Callable[[list[int]], None]
+#: Whether a destination (``AE@host:port``) answers C-ECHO now.
+Probe = Callable[[str], bool]
 
 
 @dataclass
@@ -46,6 +59,8 @@ class SweepOutcome:
     requeued: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     redeliver: list[int] = field(default_factory=list)
+    #: Destinations that answered the probe and got their failed deliveries again, with how many.
+    revived: dict[str, int] = field(default_factory=dict)
 
 
 def batches(ids: Sequence[int], size: int) -> list[list[int]]:
@@ -57,7 +72,8 @@ def batches(ids: Sequence[int], size: int) -> list[list[int]]:
 
 def _stuck_instances(session: Session, settings: Settings, now: datetime) -> Sequence[Instance]:
     waiting = now - timedelta(seconds=settings.stuck_after)
-    running = now - timedelta(seconds=max(settings.stuck_after, settings.task_time_limit))
+    # A claim from before leases existed (no lease recorded) is judged by its age, as it was then.
+    unleased = now - timedelta(seconds=max(settings.stuck_after, settings.task_time_limit))
     query = (
         select(Instance)
         .where(
@@ -66,7 +82,12 @@ def _stuck_instances(session: Session, settings: Settings, now: datetime) -> Seq
                     Instance.status.in_([InstanceStatus.RECEIVED, InstanceStatus.QUEUED]),
                     Instance.status_changed_at < waiting,
                 ),
-                and_(Instance.status == InstanceStatus.SCORING, Instance.status_changed_at < running),
+                and_(Instance.status == InstanceStatus.SCORING, Instance.lease_expires_at < now),
+                and_(
+                    Instance.status == InstanceStatus.SCORING,
+                    Instance.lease_expires_at.is_(None),
+                    Instance.status_changed_at < unleased,
+                ),
             )
         )
         .order_by(Instance.status_changed_at, Instance.id)
@@ -81,13 +102,20 @@ def _stuck_deliveries(session: Session, settings: Settings, now: datetime) -> Se
     retrying = now - timedelta(
         seconds=max(settings.stuck_after, settings.delivery_backoff_max + settings.task_time_limit)
     )
+    open_statuses = [DeliveryStatus.PENDING, DeliveryStatus.RETRYING]
     query = (
         select(Delivery)
         .where(
             Delivery.destination.in_([str(d) for d in settings.destinations]),
             or_(
-                and_(Delivery.status == DeliveryStatus.PENDING, Delivery.updated_at < pending),
-                and_(Delivery.status == DeliveryStatus.RETRYING, Delivery.updated_at < retrying),
+                and_(Delivery.status.in_(open_statuses), Delivery.lease_expires_at < now),
+                and_(
+                    Delivery.lease_expires_at.is_(None),
+                    or_(
+                        and_(Delivery.status == DeliveryStatus.PENDING, Delivery.updated_at < pending),
+                        and_(Delivery.status == DeliveryStatus.RETRYING, Delivery.updated_at < retrying),
+                    ),
+                ),
             ),
         )
         .order_by(Delivery.updated_at, Delivery.id)
@@ -96,12 +124,60 @@ def _stuck_deliveries(session: Session, settings: Settings, now: datetime) -> Se
     return session.scalars(query).all()
 
 
+def _probe_due(session: Session, settings: Settings, now: datetime) -> dict[str, list[Delivery]]:
+    """Retryable failed deliveries not probed for ``delivery_probe_interval``, by destination."""
+    due = now - timedelta(seconds=settings.delivery_probe_interval)
+    query = (
+        select(Delivery)
+        .where(
+            Delivery.destination.in_([str(d) for d in settings.destinations]),
+            Delivery.status == DeliveryStatus.FAILED,
+            Delivery.retryable.is_(True),
+            Delivery.updated_at < due,
+        )
+        .order_by(Delivery.id)
+        .limit(SWEEP_LIMIT)
+    )
+    found: dict[str, list[Delivery]] = {}
+    for row in session.scalars(query):
+        found.setdefault(row.destination, []).append(row)
+    return found
+
+
+def _revive(
+    settings: Settings, sessions: sessionmaker[Session], probe: Probe, now: datetime, outcome: SweepOutcome
+) -> list[int]:
+    """Probes destinations with retryable failed deliveries; returns the outputs to send again."""
+    with session_scope(sessions) as session:
+        destinations = {name: [row.id for row in rows] for name, rows in _probe_due(session, settings, now).items()}
+    if not destinations:
+        return []
+    answered = {name: probe(name) for name in destinations}  # outside any transaction: network waits
+    outputs: set[int] = set()
+    with session_scope(sessions) as session:
+        for name, ids in destinations.items():
+            rows = session.scalars(
+                select(Delivery).where(Delivery.id.in_(ids), Delivery.status == DeliveryStatus.FAILED)
+            ).all()
+            for row in rows:
+                row.updated_at = now
+                if answered[name]:
+                    row.status = DeliveryStatus.PENDING
+                    row.attempts = 0
+                    row.retryable = False
+                    outputs.add(row.output_id)
+            if answered[name] and rows:
+                outcome.revived[name] = len(rows)
+    return sorted(outputs)
+
+
 def sweep(
     settings: Settings,
     sessions: sessionmaker[Session],
     enqueue_score: Enqueue,
     enqueue_deliver: Enqueue,
     now: datetime | None = None,
+    probe: Probe | None = None,
 ) -> SweepOutcome:
     """Re-sends stuck work and fails instances out of attempts; see the module docstring.
 
@@ -115,6 +191,8 @@ def sweep(
         enqueue_score: Sends one ``score`` task for a list of instance ids.
         enqueue_deliver: Sends one ``deliver`` task for a list of output ids.
         now: The current time (tests pass one).
+        probe: Whether a destination answers now; default a C-ECHO with the delivery settings
+            (:func:`worker.delivery.echo`).
     """
     now = now or utcnow()
     outcome = SweepOutcome()
@@ -132,11 +210,21 @@ def sweep(
                 row.status = InstanceStatus.QUEUED
                 outcome.requeued.append(row.id)
             row.status_changed_at = now
+            row.lease_owner = row.lease_expires_at = None
         outputs: set[int] = set()
         for delivery in _stuck_deliveries(session, settings, now):
             delivery.updated_at = now
+            delivery.lease_owner = delivery.lease_expires_at = None
             outputs.add(delivery.output_id)
-        outcome.redeliver = sorted(outputs)
+
+    if probe is None:
+        from worker.delivery import echo
+
+        def probe(destination: str) -> bool:
+            return echo(settings, destination)
+
+    outputs.update(_revive(settings, sessions, probe, now, outcome))
+    outcome.redeliver = sorted(outputs)
 
     for batch in batches(outcome.requeued, settings.batch_size):
         enqueue_score(batch)
@@ -150,4 +238,6 @@ def sweep(
             settings.max_attempts,
             len(outcome.redeliver),
         )
+    for destination, count in outcome.revived.items():
+        logger.warning("sweep: %s answers again; %d failed delivery(ies) sent again", destination, count)
     return outcome

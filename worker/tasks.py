@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import OperationalError
 
@@ -31,19 +31,17 @@ from retinagate.queue import (
     SWEEP_TASK,
 )
 
-__all__ = ["SCORE_BACKOFF", "SCORE_BACKOFF_MAX", "parse_ids", "register_tasks", "score_delay"]
+__all__ = ["parse_ids", "register_tasks", "score_delay"]
+
+if TYPE_CHECKING:
+    from retinagate.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: First delay before a score task is retried, in seconds; doubles with each retry.
-SCORE_BACKOFF = 5.0
-#: Longest delay between score retries, in seconds (well below ``stuck_after``'s default).
-SCORE_BACKOFF_MAX = 300.0
 
-
-def score_delay(retries: int) -> float:
-    """Seconds before retry number ``retries + 1`` of a score task."""
-    return min(SCORE_BACKOFF * 2.0 ** min(retries, 30), SCORE_BACKOFF_MAX)
+def score_delay(settings: Settings, retries: int) -> float:
+    """Seconds before retry number ``retries + 1`` of a score task: doubling from ``score_backoff``, capped."""
+    return min(settings.score_backoff * 2.0 ** min(retries, 30), settings.score_backoff_max)
 
 
 def parse_ids(ids: Any, name: str) -> list[int]:
@@ -98,13 +96,15 @@ def register_tasks(app: Any) -> None:
         except (RetryableError, OperationalError) as exc:
             logger.warning("score task for %d instance(s) will be retried: %s", len(ids), type(exc).__name__)
             raise self.retry(
-                exc=exc, countdown=score_delay(self.request.retries), max_retries=settings.max_attempts
+                exc=exc, countdown=score_delay(settings, self.request.retries), max_retries=settings.max_attempts
             ) from exc
         if outcome.deliver:
             deliver_task.apply_async(args=[outcome.deliver], queue=DELIVER_QUEUE)
         if outcome.retry:
             # Bounded by each instance's attempts, which score_instances counts and enforces.
-            raise self.retry(args=[outcome.retry], countdown=score_delay(self.request.retries), max_retries=None)
+            raise self.retry(
+                args=[outcome.retry], countdown=score_delay(settings, self.request.retries), max_retries=None
+            )
         return {
             "scored": len(outcome.scored),
             "ungradable": len(outcome.ungradable),
