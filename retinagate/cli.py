@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "export.cli",
     "dicom_gateway.cli",
     "worker.cli",
+    "worker.deliveries_cli",
 )
 
 

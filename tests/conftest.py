@@ -221,10 +221,12 @@ class WorkerReceiver:
 
     def start(self) -> WorkerReceiver:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
         ae = AE(ae_title=self.ae_title)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, self.syntaxes or ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)  # the sweep's probe of a destination that failed
         ae.dimse_timeout = ae.network_timeout = 60
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REQUESTED, self._on_requested)]
         self._server = ae.start_server(
@@ -877,3 +879,18 @@ def ood_model_variant(tmp_path: Path) -> Callable[..., Path]:
         return out
 
     return variant
+
+
+@pytest.fixture(scope="session")
+def nested_sequences() -> Callable[[int], bytes]:
+    """``make(depth)``: Explicit VR Little Endian bytes of ``depth`` undefined-length sequences,
+    each the only element of an item of the one before (the issue's "600 levels deep" input)."""
+    import struct
+
+    def make(depth: int) -> bytes:
+        sequence = struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)
+        item = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+        ends = struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+        return (sequence + item) * depth + ends * depth
+
+    return make

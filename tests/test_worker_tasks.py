@@ -344,6 +344,34 @@ def test_a_worker_killed_while_delivering_loses_nothing_the_sweeper_sends_it_aga
     assert set(receiver.received) == db.output_uids()
 
 
+def test_deliveries_whose_retries_ran_out_are_sent_once_the_destination_answers_again(
+    worker_env: Callable[..., tuple[Settings, dict[str, str]]],
+    start_worker: Callable[..., Worker],
+    worker_store_outputs: Callable[..., list[int]],
+    worker_receiver: Any,
+) -> None:
+    """The defect: a PACS down for longer than the retry budget lost its results for good. Now the
+    sweep probes it (C-ECHO) and sends everything again once it answers."""
+    pacs = worker_receiver("PACS", start=False)  # its port is reserved, nothing listens yet
+    settings, env = worker_env(destinations=pacs.destination, delivery_backoff=0.5, delivery_backoff_max=1,
+                               delivery_max_retries=1, sweep_interval=5, delivery_probe_interval=5)
+    outputs = worker_store_outputs(settings, 2)
+    db = Db(settings)
+    worker = start_worker(env, "--queues", "deliver,maintenance", "--beat")
+    producer(settings).send_task("retinagate.deliver", args=[outputs], queue="deliver")
+
+    def given_up() -> bool:
+        with session_scope(db.sessions) as s:
+            rows = s.scalars(select(Delivery)).all()
+            return len(rows) == 2 and all(r.status == DeliveryStatus.FAILED and r.retryable for r in rows)
+
+    _wait(given_up, "the deliveries to run out of retries", 60, [worker])
+    pacs.start()
+    _wait(lambda: db.all_delivered(2), "the probe and the second round", 60, [worker])
+    assert sorted(pacs.received) == sorted(db.output_uids())
+    assert "answers again; 2 failed delivery(ies) sent again" in worker.text()
+
+
 def test_the_nightly_rescore_task_queues_every_scored_instance_without_a_prediction_in_batches(
     worker_env: Callable[..., tuple[Settings, dict[str, str]]],
     start_worker: Callable[..., Worker],

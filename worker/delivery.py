@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -30,6 +30,8 @@ from retinagate.models import Delivery, DeliveryStatus, Output, utcnow
 from worker.lease import expiry, owner, renewing
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from sqlalchemy.orm import Session, sessionmaker
 
     from retinagate.settings import Destination, Settings
@@ -43,6 +45,7 @@ __all__ = [
     "deliver_outputs",
     "echo",
     "pending_deliveries",
+    "reopen",
     "retry_delay",
     "send_to",
 ]
@@ -305,6 +308,20 @@ def pending_deliveries(
             if row.status in (DeliveryStatus.PENDING, DeliveryStatus.RETRYING):
                 pending.append((output, row))
     return pending
+
+
+def reopen(rows: Iterable[Delivery], now: datetime) -> set[int]:
+    """Gives failed deliveries a new round of retries (``pending``, attempts back to 0); returns
+    their outputs, to be queued for ``deliver``. The last error stays until the next try."""
+    outputs: set[int] = set()
+    for row in rows:
+        row.status = DeliveryStatus.PENDING
+        row.attempts = 0
+        row.retryable = False
+        row.updated_at = now
+        row.lease_owner = row.lease_expires_at = None
+        outputs.add(row.output_id)
+    return outputs
 
 
 def _plan(

@@ -34,6 +34,7 @@ from sqlalchemy import and_, or_, select
 
 from retinagate.db import session_scope
 from retinagate.models import Delivery, DeliveryStatus, Instance, InstanceStatus, utcnow
+from worker.delivery import reopen
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -159,14 +160,11 @@ def _revive(
             rows = session.scalars(
                 select(Delivery).where(Delivery.id.in_(ids), Delivery.status == DeliveryStatus.FAILED)
             ).all()
-            for row in rows:
-                row.updated_at = now
-                if answered[name]:
-                    row.status = DeliveryStatus.PENDING
-                    row.attempts = 0
-                    row.retryable = False
-                    outputs.add(row.output_id)
-            if answered[name] and rows:
+            if not answered[name]:
+                for row in rows:
+                    row.updated_at = now  # probed: the next probe waits for the interval
+            elif rows:
+                outputs |= reopen(rows, now)
                 outcome.revived[name] = len(rows)
     return sorted(outputs)
 
