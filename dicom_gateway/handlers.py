@@ -7,16 +7,28 @@ The score task is sent afterwards by the :class:`~dicom_gateway.enqueuer.Enqueue
 The bytes written are the bytes received (preamble, our File Meta Information, then the dataset as
 encoded on the wire), so nothing is decoded or re-encoded here.
 
+Content identity. ``instances.sha256`` is the sha256 of the dataset as received, without any File
+Meta Information (inflated when it came deflated; see
+:attr:`~dicom_gateway.validate.InstanceFacts.content_sha256`). Our own header is left out on
+purpose: it names this implementation (class UID, version name), which may change with a release or
+differ between gateways, and an identical re-send must be recognised by any gateway process.
+Rows written before this definition hold the sha256 of the whole stored file; the first time such
+an instance is sent again with a different-looking identity, the stored file's dataset is hashed
+and, when it matches, the row is brought to the new definition and the re-send acknowledged as a
+duplicate (see ``StoreHandler._stored_identity``). No migration is needed.
+
 Handlers never raise: pynetdicom would answer 0xC211 and the sender would learn nothing useful.
-A failure to store answers 0xA700 (out of resources) and leaves no file and no row.
+A failure to store (a full volume, an unreachable database) answers 0xA700 (out of resources) and
+leaves no file and no row: the sender keeps its copy and tries again, where acknowledging would lose
+an image the gateway cannot record.
 
 Duplicates (a SOP Instance UID already stored):
 
-- same bytes: acknowledged 0x0000, not stored or scored again;
-- different bytes, ``gateway_duplicate_policy = "keep_first"``: the first version stays, the new one
+- same content: acknowledged 0x0000, not stored or scored again;
+- different content, ``gateway_duplicate_policy = "keep_first"``: the first version stays, the new one
   is discarded and answered with the warning 0xB006 (Elements Discarded), so the sender moves on
   but its log shows that this copy was not kept;
-- different bytes, ``"replace"``: the new file is stored under a new key, the row points at it and
+- different content, ``"replace"``: the new file is stored under a new key, the row points at it and
   goes back to ``received`` (so it is scored again), and the old file is deleted.
 """
 
@@ -24,7 +36,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import struct
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
@@ -32,20 +46,23 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID, generate_uid
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from pydicom.uid import UID
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dicom_gateway import metrics
 from dicom_gateway.audit import AssociationRecord
 from dicom_gateway.sop_classes import storage_sop_classes
 from dicom_gateway.validate import (
+    DEFLATED_SYNTAX,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SOP_CLASS_NOT_SUPPORTED,
     InstanceFacts,
     Refusal,
     inspect_dataset,
 )
+from retinagate import encoded
+from retinagate.errors import InputError
 from retinagate.models import Instance, InstanceStatus, Study, utcnow
 from retinagate.storage import Storage, StorageError
 
@@ -69,8 +86,10 @@ logger = logging.getLogger(__name__)
 STATUS_SUCCESS: Final = 0x0000
 STATUS_DUPLICATE_DISCARDED: Final = 0xB006  # Warning: Elements Discarded
 
-#: Identifies RetinaGate in File Meta Information and association negotiation (a fixed 2.25 UID).
-IMPLEMENTATION_CLASS_UID: Final = str(generate_uid(prefix=None, entropy_srcs=["RetinaGate", "dicom_gateway"]))
+#: Identifies RetinaGate in File Meta Information and association negotiation: a fixed 2.25 UID, the
+#: same in every process and release (pydicom's ``generate_uid(prefix=None, ...)`` ignores its
+#: entropy sources and returns a random UUID, which made it change at every start).
+IMPLEMENTATION_CLASS_UID: Final = f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, 'RetinaGate dicom_gateway').int}"
 IMPLEMENTATION_VERSION_NAME: Final = "RETINAGATE_1"
 
 
@@ -83,7 +102,8 @@ def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str)
     """Preamble, ``DICM`` prefix and File Meta Information for a received dataset.
 
     Built only from the command and the presentation context, so the same dataset received twice
-    gives the same file bytes (and sha256) whoever sent it.
+    gives the same file bytes whoever sent it. It is not part of the content identity (see the
+    module docstring).
     """
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(sop_class_uid)
@@ -102,6 +122,7 @@ class _Stored:
     id: int
     sha256: str
     storage_key: str
+    transfer_syntax_uid: str
 
 
 def _answer(status: int, comment: str | None = None) -> Dataset:
@@ -195,6 +216,7 @@ class StoreHandler:
             max_pixels=self._settings.max_pixels,
         )
         header = file_header(sop_class, sop_instance, transfer_syntax)
+        identity = facts.content_sha256
         calling_ae = record.calling_ae if record is not None else None
         association_id = record.row_id if record is not None else None
 
@@ -203,9 +225,7 @@ class StoreHandler:
         for attempt in (1, 2):
             existing = self._find(sop_instance)
             if existing is not None:
-                digest = hashlib.sha256(header)
-                digest.update(data)
-                if digest.hexdigest() == existing.sha256:
+                if identity == existing.sha256 or identity == self._stored_identity(existing):
                     metrics.DUPLICATES.labels(action="identical").inc()
                     logger.info("%s: duplicate of instance %d acknowledged, not scored again", label, existing.id)
                     return _answer(STATUS_SUCCESS)
@@ -225,13 +245,13 @@ class StoreHandler:
                 out.write(data)
 
             try:
-                sha256, size = self._storage.write(key, fill)
+                _, size = self._storage.write(key, fill)
             except StorageError as exc:
                 logger.error("%s: durable write failed: %s", label, type(exc.__cause__ or exc).__name__)
                 raise Refusal(STATUS_OUT_OF_RESOURCES, "storage_failed", "could not store the instance") from None
             try:
                 instance_id = self._commit(
-                    facts, transfer_syntax, key, sha256, size, calling_ae, association_id, existing
+                    facts, transfer_syntax, key, identity, size, calling_ae, association_id, existing
                 )
             except IntegrityError:
                 self._storage.delete(key)
@@ -260,20 +280,59 @@ class StoreHandler:
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     def _find(self, sop_instance_uid: str) -> _Stored | None:
-        with self._sessions() as session:
-            row = session.execute(
-                select(Instance.id, Instance.sha256, Instance.storage_key).where(
-                    Instance.sop_instance_uid == sop_instance_uid
-                )
-            ).first()
-        return None if row is None else _Stored(row.id, row.sha256, row.storage_key)
+        """The stored instance with this UID; refuses with 0xA700 when the database cannot be asked.
+
+        Without the answer the gateway cannot tell a duplicate from a new instance, nor record
+        either, so it must not acknowledge.
+        """
+        try:
+            with self._sessions() as session:
+                row = session.execute(
+                    select(Instance.id, Instance.sha256, Instance.storage_key, Instance.transfer_syntax_uid).where(
+                        Instance.sop_instance_uid == sop_instance_uid
+                    )
+                ).first()
+        except SQLAlchemyError as exc:
+            logger.error("instance lookup failed: %s", type(exc).__name__)
+            raise Refusal(STATUS_OUT_OF_RESOURCES, "database_failed", "database unavailable; not stored") from None
+        return None if row is None else _Stored(row.id, row.sha256, row.storage_key, row.transfer_syntax_uid)
+
+    def _stored_identity(self, stored: _Stored) -> str | None:
+        """The content identity of a row hashed the old way, and the row brought to this definition.
+
+        Only asked when a re-send's identity differs from the row's, so a row that holds the sha256
+        of the whole stored file (our header included, as before this definition) is recognised as
+        the same content instead of being answered 0xB006 or replaced. ``None`` for a row of the
+        current form (its identity was compared already) or a file that cannot be read as one this
+        gateway wrote; the re-send then counts as different content.
+        """
+        try:
+            raw = self._storage.path(stored.storage_key).read_bytes()
+        except (OSError, ValueError):
+            return None
+        start = _dataset_offset(raw)
+        if start is None or hashlib.sha256(raw).hexdigest() != stored.sha256:
+            return None
+        dataset: bytes | bytearray = raw[start:]
+        if stored.transfer_syntax_uid == DEFLATED_SYNTAX:
+            try:
+                dataset = encoded.inflate(dataset, limit=encoded.inflate_limit(3 * self._settings.max_pixels))
+            except InputError:
+                return None
+        identity = hashlib.sha256(dataset).hexdigest()
+        try:
+            with self._sessions() as session, session.begin():
+                session.execute(update(Instance).where(Instance.id == stored.id).values(sha256=identity))
+        except SQLAlchemyError as exc:  # the row keeps the old form and is brought up to date next time
+            logger.warning("instance %d: content identity not updated: %s", stored.id, type(exc).__name__)
+        return identity
 
     def _commit(
         self,
         facts: InstanceFacts,
         transfer_syntax: str,
         key: str,
-        sha256: str,
+        identity: str,
         size: int,
         calling_ae: str | None,
         association_id: int | None,
@@ -305,7 +364,7 @@ class StoreHandler:
             instance.columns = facts.columns
             instance.frames = facts.frames
             instance.storage_key = key
-            instance.sha256 = sha256
+            instance.sha256 = identity
             instance.size_bytes = size
             instance.calling_ae = calling_ae
             instance.association_id = association_id
@@ -316,3 +375,16 @@ class StoreHandler:
             instance.last_error = None
             session.flush()
             return instance.id
+
+
+def _dataset_offset(raw: bytes) -> int | None:
+    """Where the dataset starts in a file written with :func:`file_header`, or ``None``.
+
+    The header is preamble, ``DICM`` and a File Meta group that starts with its own Group Length
+    (``write_file_meta_info`` always writes it), so its end is read, not parsed.
+    """
+    if len(raw) < 144 or raw[128:132] != b"DICM" or raw[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
+        return None
+    (length,) = struct.unpack_from("<L", raw, 140)
+    start = 144 + int(length)
+    return start if start <= len(raw) else None

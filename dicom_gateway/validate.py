@@ -13,9 +13,12 @@ status      reason (metric label)            when
 ==========  ===============================  ===================================================
 ``0xA700``  ``too_large``                    more bytes than ``max_instance_bytes``
 ``0xA700``  ``too_many_pixels``              Rows x Columns x Frames over ``max_pixels``
-``0xC210``  ``undecodable``                  truncated or malformed element structure
+``0xC210``  ``undecodable``                  truncated or malformed element structure, sequences
+                                             nested deeper than ``MAX_SEQUENCE_DEPTH`` (32)
 ``0xA900``  ``uid_mismatch``                 dataset SOP Class/Instance UID differs from the command
 ``0xA900``  ``missing_attribute``            Study/Series UID or an Image Pixel attribute missing
+``0xA900``  ``invalid_uid``                  SOP Instance, Study or Series UID not a valid UID
+                                             (digits and dots, no leading zeros, 64 at most)
 ``0xA900``  ``pixel_data_inconsistent``      Pixel Data shorter than declared, or the wrong form
 ``0x0122``  ``sop_class_not_supported``      the command's SOP class is not one the gateway takes
 ==========  ===============================  ===================================================
@@ -27,14 +30,13 @@ readable but does not describe a decodable image.
 
 from __future__ import annotations
 
+import hashlib
 import io
-import math
-import struct
-import zlib
 from dataclasses import dataclass
 from typing import Final
 
 from dicom_gateway.sop_classes import ENCAPSULATED_SYNTAXES, is_valid_uid
+from retinagate import encoded
 
 __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
@@ -54,20 +56,6 @@ STATUS_SOP_CLASS_NOT_SUPPORTED: Final = 0x0122
 
 DEFLATED_SYNTAX: Final = "1.2.840.10008.1.2.1.99"
 IMPLICIT_SYNTAX: Final = "1.2.840.10008.1.2"
-
-_PIXEL_DATA: Final = 0x7FE00010
-_ITEM: Final = 0xFFFEE000
-_ITEM_END: Final = 0xFFFEE00D
-_SEQUENCE_END: Final = 0xFFFEE0DD
-_UNDEFINED: Final = 0xFFFFFFFF
-# Explicit VR elements whose length is 4 bytes, after 2 reserved bytes (PS3.5 7.1.2).
-_LONG_VRS: Final = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
-_MAX_DEPTH: Final = 32
-_HEADER = struct.Struct("<HH")
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<L")
 
 
 class Refusal(Exception):  # noqa: N818 - a refusal is an answer to the sender, not an error of ours
@@ -99,124 +87,42 @@ class InstanceFacts:
     rows: int
     columns: int
     frames: int
+    #: The instance's content identity: sha256 of the encoded dataset as received, without any File
+    #: Meta Information, inflated when it came deflated (so a re-deflate at another level is the same
+    #: content). Our own file header (whose Implementation Class UID and Version Name change with
+    #: releases) and the sender's meta never enter it, so an identical re-send to any gateway process,
+    #: before or after a restart or upgrade, has the same identity.
+    content_sha256: str
 
 
-@dataclass
-class _PixelLayout:
-    defined_length: int | None = None  # native Pixel Data
-    fragments: list[int] | None = None  # encapsulated: item lengths, Basic Offset Table first
+def inflate(data: bytes | bytearray | memoryview, limit: int) -> bytearray:
+    """Inflates a Deflated Explicit VR Little Endian dataset, refusing it as soon as it passes ``limit``.
 
-
-class _MalformedError(ValueError):
-    pass
-
-
-class _Walker:
-    """Walks the element structure of an encoded dataset without decoding values.
-
-    pydicom tolerates a truncated stream (it warns and drops the element), which would let a cut-off
-    transfer through as a dataset without Pixel Data; this walk refuses it instead.
-    """
-
-    def __init__(self, buffer: bytes | memoryview) -> None:
-        self.buffer = buffer
-        self.end = len(buffer)
-        self.pixels: _PixelLayout | None = None
-        self.pixel_offset = len(buffer)  # where the top-level Pixel Data element starts
-
-    def _need(self, pos: int, count: int) -> None:
-        if pos + count > self.end:
-            raise _MalformedError(f"truncated at byte {pos}")
-
-    def _header(self, pos: int, explicit: bool) -> tuple[int, bytes | None, int, int]:
-        self._need(pos, 8)
-        group, element = _HEADER.unpack_from(self.buffer, pos)
-        tag = group << 16 | element
-        if group == 0xFFFE:  # item and delimiter tags carry no VR in either encoding
-            return tag, None, _U32.unpack_from(self.buffer, pos + 4)[0], pos + 8
-        if not explicit:
-            return tag, None, _U32.unpack_from(self.buffer, pos + 4)[0], pos + 8
-        vr = bytes(self.buffer[pos + 4 : pos + 6])
-        if vr in _LONG_VRS:
-            self._need(pos, 12)
-            return tag, vr, _U32.unpack_from(self.buffer, pos + 8)[0], pos + 12
-        if not (vr.isalpha() and vr.isupper()):
-            raise _MalformedError(f"no value representation at byte {pos + 4}")
-        return tag, vr, _U16.unpack_from(self.buffer, pos + 6)[0], pos + 8
-
-    def dataset(self, pos: int, explicit: bool, depth: int = 0, in_item: bool = False) -> int:
-        if depth > _MAX_DEPTH:
-            raise _MalformedError("sequences nested too deep")
-        while pos < self.end:
-            start = pos
-            tag, vr, length, pos = self._header(pos, explicit)
-            if tag == _PIXEL_DATA and depth == 0:
-                self.pixel_offset = start
-            if tag == _ITEM_END:
-                if not in_item:
-                    raise _MalformedError("item delimiter outside an item")
-                return pos
-            if tag in (_ITEM, _SEQUENCE_END):
-                raise _MalformedError("item tag where an element was expected")
-            if length == _UNDEFINED:
-                if tag == _PIXEL_DATA and depth == 0:
-                    pos = self._fragments(pos)
-                elif vr in (None, b"SQ", b"UN"):
-                    # An undefined-length UN holds a sequence encoded implicit VR (PS3.5 6.2.2).
-                    pos = self._sequence(pos, explicit and vr != b"UN", depth + 1)
-                else:
-                    raise _MalformedError(f"undefined length on a {vr!r} element")
-            else:
-                self._need(pos, length)
-                if tag == _PIXEL_DATA and depth == 0:
-                    self.pixels = _PixelLayout(defined_length=length)
-                pos += length
-        if in_item:
-            raise _MalformedError("truncated inside a sequence item")
-        return pos
-
-    def _sequence(self, pos: int, explicit: bool, depth: int) -> int:
-        while True:
-            tag, _, length, pos = self._header(pos, explicit=False)
-            if tag == _SEQUENCE_END:
-                return pos
-            if tag != _ITEM:
-                raise _MalformedError("sequence holds something other than items")
-            if length == _UNDEFINED:
-                pos = self.dataset(pos, explicit, depth, in_item=True)
-            else:
-                self._need(pos, length)
-                pos += length
-
-    def _fragments(self, pos: int) -> int:
-        lengths: list[int] = []
-        while True:
-            tag, _, length, pos = self._header(pos, explicit=False)
-            if tag == _SEQUENCE_END:
-                self.pixels = _PixelLayout(fragments=lengths)
-                return pos
-            if tag != _ITEM or length == _UNDEFINED:
-                raise _MalformedError("encapsulated Pixel Data holds something other than defined-length items")
-            self._need(pos, length)
-            lengths.append(length)
-            pos += length
-
-
-def inflate(data: bytes | memoryview, limit: int) -> bytes:
-    """Inflates a Deflated Explicit VR Little Endian dataset, refusing output over ``limit`` bytes.
+    The inflate streams and tightens its limit to the image the header declares
+    (:func:`retinagate.encoded.inflate`), so a deflate bomb costs a few megabytes, not ``limit``.
 
     Raises:
-        Refusal: ``0xA700`` when the inflated dataset would exceed ``limit`` (a deflate bomb gets no
-            further than that), ``0xC210`` when the stream is not valid deflate data.
+        Refusal: ``0xA700`` when the inflated dataset would exceed its limit, ``0xC210`` when the
+            stream is not valid deflate data or not a dataset.
     """
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        out = inflater.decompress(data, limit + 1)
-    except zlib.error:
+        return encoded.inflate(data, limit=limit)
+    except encoded.DatasetTooLargeError:
+        raise Refusal(STATUS_OUT_OF_RESOURCES, "too_large", "inflated dataset exceeds the size limit") from None
+    except encoded.MalformedDatasetError:
         raise Refusal(STATUS_CANNOT_UNDERSTAND, "undecodable", "deflated dataset is corrupt") from None
-    if len(out) > limit:
-        raise Refusal(STATUS_OUT_OF_RESOURCES, "too_large", "inflated dataset exceeds the size limit")
-    return out
+
+
+def _check_uid(name: str, uid: str) -> None:
+    """The one UID rule of the gateway: present, and valid UID syntax of at most 64 characters.
+
+    A UID is used as an identifier in SQL, in derived output UIDs and in what is sent to a PACS; one
+    such as ``1.2.3/../etc`` would make every object derived from it invalid.
+    """
+    if not uid:
+        raise Refusal(STATUS_DOES_NOT_MATCH, "missing_attribute", f"{name} is missing")
+    if not is_valid_uid(uid):
+        raise Refusal(STATUS_DOES_NOT_MATCH, "invalid_uid", f"{name} is not a valid UID")
 
 
 def _int(value: object) -> int | None:
@@ -231,7 +137,7 @@ def _int(value: object) -> int | None:
 
 
 def inspect_dataset(
-    data: bytes | memoryview,
+    data: bytes | bytearray | memoryview,
     *,
     transfer_syntax: str,
     sop_class_uid: str,
@@ -257,21 +163,25 @@ def inspect_dataset(
     """
     from pydicom.filereader import read_dataset
 
+    # The command's UID first: it is what the instance row, duplicates and derived outputs key on.
+    _check_uid("SOP Instance UID", sop_instance_uid)
     if len(data) > max_bytes:
         raise Refusal(STATUS_OUT_OF_RESOURCES, "too_large", f"dataset exceeds {max_bytes} bytes")
     if transfer_syntax == DEFLATED_SYNTAX:
-        data = inflate(data, max_bytes)
+        # Bounded by the instance cap and by the decoded-pixel budget the worker enforces.
+        data = inflate(data, encoded.inflate_limit(3 * max_pixels, max_bytes))
     explicit = transfer_syntax != IMPLICIT_SYNTAX
 
-    walker = _Walker(data)
     try:
-        walker.dataset(0, explicit)
-    except _MalformedError as exc:
+        structure = encoded.walk(data, explicit=explicit)
+    except encoded.MalformedDatasetError as exc:
         raise Refusal(STATUS_CANNOT_UNDERSTAND, "undecodable", f"dataset is malformed: {exc}") from None
+    layout = structure.pixels
+    header_end = layout.offset if layout is not None else len(data)
 
     try:
         # Only the bytes before Pixel Data are parsed (and copied); the walk has checked the rest.
-        ds = read_dataset(io.BytesIO(data[: walker.pixel_offset]), is_implicit_VR=not explicit, is_little_endian=True)
+        ds = read_dataset(io.BytesIO(data[:header_end]), is_implicit_VR=not explicit, is_little_endian=True)
         dataset_class = str(ds.get("SOPClassUID", "") or "")
         dataset_instance = str(ds.get("SOPInstanceUID", "") or "")
         study_uid = str(ds.get("StudyInstanceUID", "") or "")
@@ -288,9 +198,8 @@ def inspect_dataset(
 
     if dataset_class != sop_class_uid or dataset_instance != sop_instance_uid:
         raise Refusal(STATUS_DOES_NOT_MATCH, "uid_mismatch", "SOP Class/Instance UID differs from the command")
-    for name, uid in (("Study Instance UID", study_uid), ("Series Instance UID", series_uid)):
-        if not is_valid_uid(uid):
-            raise Refusal(STATUS_DOES_NOT_MATCH, "missing_attribute", f"{name} is missing or invalid")
+    _check_uid("Study Instance UID", study_uid)
+    _check_uid("Series Instance UID", series_uid)
     if rows is None or columns is None or samples is None or bits is None or frames is None:
         raise Refusal(STATUS_DOES_NOT_MATCH, "missing_attribute", "an Image Pixel attribute is missing")
     if min(rows, columns, samples, frames) < 1 or samples not in (1, 3, 4) or not (bits == 1 or bits in (8, 16, 32)):
@@ -301,7 +210,6 @@ def inspect_dataset(
     if pixels > max_pixels or pixels * samples * max(bits, 8) // 8 > 3 * max_pixels:
         raise Refusal(STATUS_OUT_OF_RESOURCES, "too_many_pixels", f"Rows x Columns x Frames exceeds {max_pixels}")
 
-    layout = walker.pixels
     if layout is None:
         raise Refusal(STATUS_DOES_NOT_MATCH, "missing_attribute", "no Pixel Data")
     if transfer_syntax in ENCAPSULATED_SYNTAXES:
@@ -317,8 +225,7 @@ def inspect_dataset(
                 STATUS_DOES_NOT_MATCH, "pixel_data_inconsistent", "Basic Offset Table does not match the frames"
             )
     else:
-        per_pixel = 2 if photometric == "YBR_FULL_422" and samples == 3 else samples  # chroma shared by 2 pixels
-        expected = math.ceil(rows * columns * frames * per_pixel * bits / 8)
+        expected = encoded.native_pixel_bytes(rows, columns, samples, frames, bits, photometric)
         if layout.defined_length is None or layout.defined_length < expected:
             raise Refusal(
                 STATUS_DOES_NOT_MATCH, "pixel_data_inconsistent", "Pixel Data shorter than the image it declares"
@@ -334,4 +241,5 @@ def inspect_dataset(
         rows=rows,
         columns=columns,
         frames=frames,
+        content_sha256=hashlib.sha256(data).hexdigest(),
     )

@@ -4,12 +4,15 @@ leave nothing behind, duplicates, enqueueing into a real Redis, and logs without
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
 import json
 import logging
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -26,7 +29,9 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from sqlalchemy import select
 
-from dicom_gateway import metrics
+from dicom_gateway import handlers, metrics
+from dicom_gateway.sop_classes import is_valid_uid
+from retinagate import storage as storage_module
 from retinagate.db import make_engine, session_factory
 from retinagate.models import Association, Instance, InstanceStatus, Study
 
@@ -132,7 +137,10 @@ def test_a_camera_study_is_stored_durably_and_queued_for_scoring(
     for row, source in zip(rows, files, strict=True):
         stored = gateway.storage.path(row.storage_key)
         data = stored.read_bytes()
-        assert hashlib.sha256(data).hexdigest() == row.sha256
+        # The content identity is the dataset as sent, our File Meta Information left out.
+        sent = encode(dcmread(source), False, True)
+        assert sent is not None and data.endswith(sent)
+        assert hashlib.sha256(sent).hexdigest() == row.sha256
         assert len(data) == row.size_bytes
         original, received = dcmread(source), dcmread(stored)
         assert received.SOPInstanceUID == original.SOPInstanceUID == row.sop_instance_uid
@@ -153,7 +161,10 @@ def test_a_camera_study_is_stored_durably_and_queued_for_scoring(
     _wait_for(lambda: _associations(gateway.settings)[0].outcome == "released")
     audit = _associations(gateway.settings)[0]
     assert (audit.calling_ae, audit.called_ae, audit.instances_accepted, audit.instances_refused) == (
-        "CAMERA", "RETINAGATE", 4, 0,
+        "CAMERA",
+        "RETINAGATE",
+        4,
+        0,
     )
     assert {row.association_id for row in rows} == {audit.id}
 
@@ -404,6 +415,7 @@ def test_no_patient_data_reaches_the_logs_even_at_debug(
     caplog.set_level(logging.DEBUG)
     for name in ("pynetdicom", "pydicom", "dicom_gateway", "retinagate"):
         caplog.set_level(logging.DEBUG, logger=name)
+
     def broker_down(ids: Any) -> None:
         raise ConnectionError("broker down")
 
@@ -435,3 +447,137 @@ def test_instances_of_one_association_go_out_as_one_score_task_of_at_most_the_ba
     _wait_for(lambda: sum(map(len, tasks)) == 4)
     assert [len(task) for task in tasks] == [3, 1]  # a full batch at once, the rest after the linger
     assert sorted(i for task in tasks for i in task) == [row.id for row in _instances(gateway.settings)]
+
+
+def test_an_identical_resend_after_a_gateway_restart_is_a_duplicate_and_different_content_still_is_not(
+    start_gateway: Callable[..., Any],
+    make_settings: Callable[..., Any],
+    camera_files: Callable[..., list[Path]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 14 defect 3: the stored file's header named the process, so a re-send after a restart
+    was answered 0xB006 ("different content") and discarded."""
+    settings = make_settings(gateway_duplicate_policy="keep_first")
+    source = camera_files(1)[0]
+    first = start_gateway(settings)
+    assert _send(first, [source]) == [0]
+    first.stop(grace=5)
+    stored = _instances(settings)[0]
+    # A new process of another release writes another header; the content is what counts.
+    monkeypatch.setattr(handlers, "IMPLEMENTATION_CLASS_UID", "1.2.826.0.1.3680043.8.498.99")
+    monkeypatch.setattr(handlers, "IMPLEMENTATION_VERSION_NAME", "RETINAGATE_9")
+    second = start_gateway(settings)
+    changed = dcmread(source)
+    changed.SeriesDescription = "re-exported"
+
+    assert _send(second, [source, changed]) == [0, 0xB006]
+
+    rows = _instances(settings)
+    assert [(r.id, r.sha256, r.storage_key) for r in rows] == [(stored.id, stored.sha256, stored.storage_key)]
+    assert _stored_files(settings) == [second.storage.path(stored.storage_key)]
+
+
+def test_the_implementation_class_uid_is_the_same_in_every_process() -> None:
+    code = "from dicom_gateway.handlers import IMPLEMENTATION_CLASS_UID as u; print(u)"
+    uids = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    }
+    assert len(uids) == 1
+    assert is_valid_uid(uids.pop().strip())
+
+
+def test_a_row_hashed_the_old_way_is_recognised_as_the_same_content_and_brought_up_to_date(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
+) -> None:
+    gateway = start_gateway(gateway_duplicate_policy="keep_first")
+    source = camera_files(1)[0]
+    assert _send(gateway, [source]) == [0]
+    row = _instances(gateway.settings)[0]
+    old_style = hashlib.sha256(gateway.storage.path(row.storage_key).read_bytes()).hexdigest()
+    with sqlite3.connect(gateway.settings.resolved_database_url.removeprefix("sqlite:///")) as connection:
+        connection.execute("UPDATE instances SET sha256 = ? WHERE id = ?", (old_style, row.id))
+
+    assert _send(gateway, [source]) == [0]
+
+    assert [(r.id, r.sha256) for r in _instances(gateway.settings)] == [(row.id, row.sha256)]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_an_invalid_sop_instance_uid_is_refused_and_leaves_nothing(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
+) -> None:
+    """Issue 14 defect 5: ``1.2.3/../../../etc/passwd`` was stored, scored and sent on in SC and SR."""
+    gateway = start_gateway()
+    ds = dcmread(camera_files(1)[0])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3/../../../etc/passwd"
+
+    assert _send(gateway, [ds]) == [0xA900]
+    _refused_cleanly(gateway)
+
+
+def test_sequences_nested_too_deep_cannot_be_understood_and_leave_nothing(
+    start_gateway: Callable[..., Any],
+    nested_sequences: Callable[[int], bytes],
+    camera_files: Callable[..., list[Path]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    gateway = start_gateway()
+    source = camera_files(1, transfer_syntax="explicit_little")[0]
+    ds = dcmread(source)
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    encoded = encode(ds, False, True)
+    assert encoded is not None
+    nested = tmp_path / "nested.dcm"
+    nested.write_bytes(b"\x00" * 128 + b"DICM" + meta.getvalue() + nested_sequences(600) + encoded)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+    assert _send(gateway, [nested]) == [0xC210]
+    _refused_cleanly(gateway)
+
+
+def test_a_full_volume_during_the_write_answers_out_of_resources_and_leaves_no_partial_file(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = start_gateway()
+    real_write = storage_module._HashingWriter.write
+
+    def write_until_full(self: Any, data: bytes | bytearray | memoryview) -> int:
+        if self.size > 0:  # the header went out; the volume fills up during the dataset
+            real_write(self, bytes(data)[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(storage_module._HashingWriter, "write", write_until_full)
+    rejects = metrics.REJECTS.labels(reason="storage_failed")._value.get()
+
+    assert _send(gateway, camera_files(1)) == [0xA700]
+
+    _refused_cleanly(gateway)  # no row, and no file: not even the temporary one
+    assert metrics.REJECTS.labels(reason="storage_failed")._value.get() == rejects + 1
+    monkeypatch.undo()
+    assert _send(gateway, camera_files(1)) == [0]  # service resumes when space returns
+
+
+def test_an_unreachable_database_answers_out_of_resources_rather_than_acknowledging(
+    make_settings: Callable[..., Any], camera_files: Callable[..., list[Path]], tmp_path: Path
+) -> None:
+    from sqlalchemy import create_engine
+
+    from dicom_gateway.server import Gateway
+
+    settings = make_settings()
+    unreachable = create_engine(f"sqlite:///{tmp_path / 'no-such-folder' / 'gone.db'}")
+    gateway = Gateway(settings, sessions=session_factory(unreachable), bind=("127.0.0.1", 0), send=list)
+    gateway.start()
+    rejects = metrics.REJECTS.labels(reason="database_failed")._value.get()
+    try:
+        assert _send(gateway, camera_files(2)) == [0xA700, 0xA700]
+    finally:
+        gateway.stop(grace=5)
+        unreachable.dispose()
+    assert metrics.REJECTS.labels(reason="database_failed")._value.get() == rejects + 2
+    assert _stored_files(settings) == []

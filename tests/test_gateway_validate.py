@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import tracemalloc
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,6 +21,7 @@ from dicom_gateway.validate import (
     Refusal,
     inspect_dataset,
 )
+from retinagate.encoded import MAX_SEQUENCE_DEPTH
 from retinagate.synth import DicomIdentity, build_dicom
 
 JPEG = "1.2.840.10008.1.2.4.50"
@@ -118,8 +122,12 @@ def test_uids_that_differ_from_the_command_are_refused() -> None:
     assert raw is not None
     with pytest.raises(Refusal) as caught:
         inspect_dataset(
-            raw, transfer_syntax=JPEG, sop_class_uid=str(ds.SOPClassUID), sop_instance_uid="1.2.3.4",
-            max_bytes=10**7, max_pixels=10**7,
+            raw,
+            transfer_syntax=JPEG,
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid="1.2.3.4",
+            max_bytes=10**7,
+            max_pixels=10**7,
         )
     assert (caught.value.status, caught.value.reason) == (STATUS_DOES_NOT_MATCH, "uid_mismatch")
 
@@ -183,3 +191,79 @@ def test_sixteen_bit_colour_counts_against_the_decoded_byte_budget() -> None:
     ds.PixelData = b"\x00" * (100 * 100 * 3 * 2)
     assert _inspect(ds, syntax=EXPLICIT, max_pixels=20_000).rows == 100
     assert _refusal(ds, syntax=EXPLICIT, max_pixels=19_999).reason == "too_many_pixels"
+
+
+def _deflated(raw: bytes, level: int = 9, zeros: int = 0) -> bytes:
+    packer = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [packer.compress(raw)]
+    block = bytes(1024 * 1024)
+    parts += [packer.compress(block) for _ in range(zeros // len(block))]
+    return b"".join([*parts, packer.flush()])
+
+
+def test_a_deflate_bomb_is_refused_while_inflating_not_after_at_the_default_caps() -> None:
+    """The issue's bomb: 626 KB that inflated to 512 MiB (1.18 GB RSS) before it was refused."""
+    ds = _photo("explicit_little")
+    del ds.PixelData
+    header = encode(ds, False, True)
+    assert header is not None
+    length = 200 * 1024 * 1024
+    bomb = _deflated(header + b"\xe0\x7f\x10\x00OB\x00\x00" + length.to_bytes(4, "little"), zeros=length)
+    assert len(bomb) < 300_000
+
+    tracemalloc.start()
+    try:
+        refusal = _refusal(ds, bomb, syntax=DEFLATED, max_bytes=512 * 1024 * 1024, max_pixels=100_000_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (refusal.status, refusal.reason) == (STATUS_OUT_OF_RESOURCES, "too_large")
+    assert peak < 16 * 1024 * 1024
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
+@pytest.mark.parametrize(
+    "uid",
+    ["1.2.3/../../../etc/passwd", "1.2.3..4", "1.02.3", "1.2." + "3" * 61],
+    ids=["path", "empty-component", "leading-zero", "65-chars"],
+)
+def test_an_invalid_sop_instance_uid_is_refused_like_an_invalid_study_uid(uid: str) -> None:
+    ds = _photo()
+    ds.SOPInstanceUID = uid
+    refusal = _refusal(ds)
+    assert (refusal.status, refusal.reason) == (STATUS_DOES_NOT_MATCH, "invalid_uid")
+    assert "SOP Instance UID" in refusal.comment
+
+    study = _photo()
+    study.StudyInstanceUID = uid
+    assert (_refusal(study).status, _refusal(study).reason) == (STATUS_DOES_NOT_MATCH, "invalid_uid")
+
+
+def test_a_sop_instance_uid_of_64_characters_passes() -> None:
+    ds = _photo()
+    ds.SOPInstanceUID = "1.2." + "3" * 60
+    assert _inspect(ds).sop_instance_uid == ds.SOPInstanceUID
+
+
+def test_sequences_nested_deeper_than_the_shared_limit_cannot_be_understood(
+    nested_sequences: Callable[[int], bytes],
+) -> None:
+    ds = _photo()
+    raw = encode(ds, False, True)
+    assert raw is not None
+    nested = nested_sequences(MAX_SEQUENCE_DEPTH + 1)
+    refusal = _refusal(ds, nested + raw)
+    assert (refusal.status, refusal.reason) == (STATUS_CANNOT_UNDERSTAND, "undecodable")
+    assert "nested" in str(refusal)
+
+
+def test_content_identity_is_the_dataset_not_its_deflate_level_nor_any_file_header() -> None:
+    ds = _photo("explicit_little")
+    raw = encode(ds, False, True)
+    assert raw is not None
+    plain = _inspect(ds, raw, syntax=EXPLICIT).content_sha256
+    assert plain == hashlib.sha256(raw).hexdigest()
+    assert _inspect(ds, _deflated(raw, 1), syntax=DEFLATED).content_sha256 == plain
+    assert _inspect(ds, _deflated(raw, 9), syntax=DEFLATED).content_sha256 == plain
+    ds.SeriesDescription = "re-exported"
+    assert _inspect(ds, syntax=EXPLICIT).content_sha256 != plain
