@@ -7,7 +7,9 @@ Two rules shape this module:
   frame's own header (JPEG SOF, JPEG-LS SOF55, JPEG 2000 SIZ, RLE header) must agree with Rows and
   Columns before a decoder sees it. A decompression bomb or a truncated file becomes an
   :class:`~retinagate.errors.InputError` naming the problem, never an out-of-memory. Deflated
-  datasets are inflated here with a bound, because pydicom inflates them without one.
+  datasets are inflated here with a bound, because pydicom inflates them without one, and the
+  element structure is walked before pydicom parses it (:mod:`retinagate.encoded`, the rules the
+  gateway applies), so a file nested too deep is refused rather than crashing pydicom's recursion.
 * **Decode no more than is needed.** JPEG baseline and extended 8-bit frames (what fundus cameras
   send) are decoded straight from the encapsulated bytes by libjpeg-turbo through Pillow's
   ``draft``, at the largest DCT scale (1/2, 1/4 or 1/8) that still leaves the requested size: the
@@ -35,8 +37,8 @@ import hashlib
 import io
 import logging
 import math
+import mmap
 import struct
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,12 +48,14 @@ import cv2
 import numpy as np
 import pydicom
 from numpy.typing import NDArray
-from pydicom import encaps, filereader
+from pydicom import encaps
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
     JPEG2000TransferSyntaxes,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -60,6 +64,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from retinagate import encoded
 from retinagate.errors import InputError
 
 __all__ = [
@@ -84,9 +89,6 @@ DCT_SCALES: Final = (8, 4, 2, 1)
 #: Values up to this size are read with the header; larger ones (native Pixel Data) are read only
 #: after the budget check has passed.
 _DEFER_SIZE: Final = 64 * 1024
-
-#: Room for the non-pixel part of a deflated dataset on top of the pixel budget.
-_DEFLATE_HEADROOM: Final = 16 * 1024 * 1024
 
 _JPEG_FAST_SYNTAXES: Final = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})
 _JPEG_SOF: Final = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
@@ -250,12 +252,8 @@ def check_pixel_budget(ds: Dataset, max_pixels: int, *, max_bytes: int | None = 
 
 
 def _expected_native_length(ds: Dataset, rows: int, columns: int, samples: int, frames: int, bits: int) -> int:
-    if bits == 1:
-        return math.ceil(rows * columns * samples * frames / 8)
-    per_pixel = samples * (bits // 8)
-    if ds.get("PhotometricInterpretation") == "YBR_FULL_422" and samples == 3:
-        per_pixel = 2 * (bits // 8)  # two chroma samples shared by each pair of pixels
-    return rows * columns * frames * per_pixel
+    photometric = str(ds.get("PhotometricInterpretation", "") or "")
+    return encoded.native_pixel_bytes(rows, columns, samples, frames, bits, photometric)
 
 
 def _check_fragments(data: bytes, frames: int) -> None:
@@ -297,31 +295,63 @@ def is_dicom_file(path: Path) -> bool:
     return not any(head.startswith(signature) for signature in _PLAIN_SIGNATURES)
 
 
-def _read_deflated(handle: BinaryIO, max_inflated: int) -> Dataset:
+def _dataset_start(handle: BinaryIO) -> tuple[int, UID | None, FileMetaDataset]:
+    """Where the dataset starts after any preamble and File Meta Information, and its syntax."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    handle.seek(0)
+    read_preamble(handle, True)  # force: a file without the preamble is read from its first byte
+    meta = _read_file_meta_info(handle)
+    uid = meta.get("TransferSyntaxUID")
+    return handle.tell(), (UID(str(uid)) if uid else None), meta
+
+
+def _check_structure(data: mmap.mmap, start: int, syntax: UID | None) -> None:
+    """Walks the element structure before pydicom parses it (:func:`retinagate.encoded.walk`).
+
+    pydicom reads nested sequences recursively, so undefined-length nesting a few hundred levels
+    deep raises ``RecursionError`` inside it; the walk applies the gateway's nesting rule first.
+    Native Pixel Data that runs past the end of the file is left to :func:`check_pixel_budget`,
+    which names the missing bytes.
+    """
+    if syntax is None:  # no File Meta Information: guess the VR encoding as pydicom does
+        explicit, little = bytes(data[start + 4 : start + 6]).isalpha(), True
+    else:
+        explicit, little = syntax != ImplicitVRLittleEndian, syntax != ExplicitVRBigEndian
+    try:
+        encoded.walk(data, explicit=explicit, little_endian=little, start=start, allow_short_pixels=True)
+    except encoded.MalformedDatasetError as exc:
+        if syntax is None:
+            raise encoded.MalformedDatasetError(
+                f"not a DICOM file: no File Meta Information, and the bytes are not a DICOM dataset ({exc})"
+            ) from None
+        raise encoded.MalformedDatasetError(f"the DICOM dataset is malformed: {exc}") from None
+
+
+def _read_deflated(handle: BinaryIO, start: int, meta: FileMetaDataset, max_inflated: int) -> Dataset:
     """Reads a deflated dataset, inflating at most ``max_inflated`` bytes (pydicom has no bound)."""
     from pydicom.filebase import DicomBytesIO
-    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+    from pydicom.filereader import read_dataset
 
-    read_preamble(handle, False)
-    meta = _read_file_meta_info(handle)
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    handle.seek(start)
+    body = encoded.inflate(handle.read(), limit=max_inflated)
     try:
-        body = inflater.decompress(handle.read(), max_inflated)
-    except zlib.error as exc:
-        raise InputError(f"the deflated dataset is corrupt: {exc}") from None
-    if inflater.unconsumed_tail:
-        raise InputError(
-            f"the deflated dataset inflates beyond {max_inflated:,} bytes; refusing it (possible deflate bomb)"
-        )
-    buffer = DicomBytesIO(body)
+        encoded.walk(body, explicit=True)
+    except encoded.MalformedDatasetError as exc:
+        raise encoded.MalformedDatasetError(f"the DICOM dataset is malformed: {exc}") from None
+    buffer = DicomBytesIO(bytes(body))
+    del body
     buffer.is_little_endian, buffer.is_implicit_VR = True, False
     ds = read_dataset(cast(BinaryIO, buffer), is_implicit_VR=False, is_little_endian=True)
-    ds.file_meta = FileMetaDataset(meta)
+    ds.file_meta = meta
     return ds
 
 
 def read_dataset(path: Path | str, *, max_pixels: int, max_bytes: int | None = None) -> Dataset:
     """Reads a DICOM file with its Pixel Data deferred, checks the pixel budget, then reads the pixels.
+
+    The element structure is walked first (:func:`retinagate.encoded.walk`, the gateway's rule),
+    so a malformed or too deeply nested file fails here with a message, not inside pydicom.
 
     Args:
         path: The DICOM file (Part 10 format; files without the preamble are read too).
@@ -332,29 +362,34 @@ def read_dataset(path: Path | str, *, max_pixels: int, max_bytes: int | None = N
         The dataset with its Pixel Data loaded.
 
     Raises:
-        InputError: If the file is not DICOM, is truncated or fails the budget check.
+        InputError: If the file is not DICOM, is malformed, is truncated or fails the budget check.
     """
     budget = 3 * max_pixels if max_bytes is None else max_bytes
     try:
-        meta_uid = None
         with Path(path).open("rb") as handle:
             try:
-                meta_uid = filereader.read_file_meta_info(path).get("TransferSyntaxUID")
-            except (InvalidDicomError, EOFError, OSError, ValueError, struct.error):
-                meta_uid = None
-            if meta_uid == DeflatedExplicitVRLittleEndian:
-                ds = _read_deflated(handle, budget + _DEFLATE_HEADROOM)
+                start, syntax, meta = _dataset_start(handle)
+            except (InvalidDicomError, EOFError, ValueError, struct.error) as exc:
+                raise InputError(f"not a readable DICOM file: its File Meta Information is broken ({exc})") from None
+            if Path(path).stat().st_size <= start:
+                raise InputError("not a DICOM file: it holds no dataset")
+            if syntax == DeflatedExplicitVRLittleEndian:
+                ds = _read_deflated(handle, start, meta, encoded.inflate_limit(budget))
             else:
+                # Mapped, not read: the walk touches element headers only, never pixel values.
+                with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                    _check_structure(data, start, syntax)
+                handle.seek(0)
                 ds = pydicom.dcmread(handle, defer_size=_DEFER_SIZE, force=True)
-                if meta_uid is None and "SOPClassUID" not in ds and "PixelData" not in ds:
+                if syntax is None and "SOPClassUID" not in ds and "PixelData" not in ds:
                     raise InputError("not a DICOM file: no DICM prefix and no recognisable dataset")
                 check_pixel_budget(ds, max_pixels, max_bytes=max_bytes)
                 # Loads the deferred native Pixel Data now that its declared size is acceptable.
                 declared = _pixel_data_length(ds)
-                data = ds.PixelData
-                if declared is not None and len(data) < declared:
+                pixel_data = ds.PixelData
+                if declared is not None and len(pixel_data) < declared:
                     raise InputError(
-                        f"short Pixel Data: the file ends {declared - len(data):,} bytes before the Pixel Data "
+                        f"short Pixel Data: the file ends {declared - len(pixel_data):,} bytes before the Pixel Data "
                         "does (truncated)"
                     )
                 return ds

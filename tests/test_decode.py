@@ -6,9 +6,11 @@ import io
 import math
 import os
 import shutil
+import struct
 import subprocess
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -30,6 +32,7 @@ from retinagate.decode import (
     decode_path,
     is_dicom_file,
 )
+from retinagate.encoded import MAX_SEQUENCE_DEPTH, MalformedDatasetError
 from retinagate.errors import InputError
 from retinagate.preprocess import prepare
 from retinagate.synth import DicomIdentity, build_dicom, render_fundus
@@ -398,9 +401,7 @@ def test_a_file_that_is_not_dicom_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
-def test_plain_images_decode_with_their_content_hash(
-    suffix: str, photo: NDArray[np.uint8], tmp_path: Path
-) -> None:
+def test_plain_images_decode_with_their_content_hash(suffix: str, photo: NDArray[np.uint8], tmp_path: Path) -> None:
     path = tmp_path / f"photo{suffix}"
     cv2.imwrite(str(path), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
 
@@ -443,3 +444,47 @@ def test_jpeg_baseline_never_goes_through_pydicoms_decoders(
     monkeypatch.setattr("pydicom.pixels.decoders.base.get_decoder", refuse)
     decoded = decode_instance(path, min_side=INPUT.input_size, max_pixels=10**8)
     assert decoded.scale == 2
+
+
+def _with_nested_sequences(photo: NDArray[np.uint8], nested: bytes, path: Path) -> Path:
+    """A photograph's file with ``nested`` inserted at the start of its dataset (after the meta)."""
+    plain = _save(_native(photo), path.with_name("plain.dcm"))
+    data = plain.read_bytes()
+    (meta_length,) = struct.unpack_from("<L", data, 140)
+    start = 144 + meta_length
+    path.write_bytes(data[:start] + nested + data[start:])
+    return path
+
+
+def test_sequences_nested_600_deep_are_refused_by_the_gateways_rule_not_a_recursion_error(
+    photo: NDArray[np.uint8], tmp_path: Path, nested_sequences: Callable[[int], bytes]
+) -> None:
+    """Issue 14 defect 7: pydicom recursed into 600 levels and raised RecursionError."""
+    path = _with_nested_sequences(photo, nested_sequences(600), tmp_path / "nested.dcm")
+
+    with pytest.raises(MalformedDatasetError, match=f"nested more than {MAX_SEQUENCE_DEPTH} levels deep"):
+        decode_instance(path, min_side=224, max_pixels=10**8)
+
+
+def test_sequences_nested_within_the_limit_still_decode(
+    photo: NDArray[np.uint8], tmp_path: Path, nested_sequences: Callable[[int], bytes]
+) -> None:
+    path = _with_nested_sequences(photo, nested_sequences(MAX_SEQUENCE_DEPTH), tmp_path / "nested.dcm")
+    assert decode_instance(path, min_side=224, max_pixels=10**8).source_shape == (HEIGHT, WIDTH)
+
+
+def test_a_deflated_bomb_behind_a_small_image_stops_at_the_image_it_declares(tmp_path: Path) -> None:
+    ds = _native(np.zeros((64, 64, 3), dtype=np.uint8))
+    ds.file_meta.TransferSyntaxUID = uid.DeflatedExplicitVRLittleEndian
+    ds.PixelData = bytes(64 * 1024 * 1024)  # declared 64 x 64 RGB; the value holds 64 MB of zeros
+    path = _save(ds, tmp_path / "deflate-bomb.dcm")
+    assert path.stat().st_size < 1024 * 1024
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="possible deflate bomb"):
+            decode_instance(path, min_side=32, max_pixels=10**8)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024

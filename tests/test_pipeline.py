@@ -393,3 +393,25 @@ def test_the_parametric_map_is_zero_off_the_retina(
     values = np.frombuffer(pm.FloatPixelData, dtype="<f4").reshape(pm.Rows, pm.Columns)
     outside = find_fov(photos[1]).coverage() == 0.0
     assert values[outside].max() == 0.0 and values.max() > 0.5
+
+
+def test_an_instance_nested_too_deep_fails_for_good_with_its_reason_and_the_batch_goes_on(
+    engine: Engine,
+    make_settings: Callable[..., Settings],
+    photos: list[NDArray[np.uint8]],
+    tmp_path: Path,
+    nested_sequences: Callable[[int], bytes],
+) -> None:
+    """What the worker records for issue 14's 600-deep file: a failed instance with a reason."""
+    good = tmp_path / "good.dcm"
+    write_dicom(photos[0], good, DicomIdentity.synthetic(0))
+    data = good.read_bytes()
+    start = 144 + int.from_bytes(data[140:144], "little")
+    nested = tmp_path / "nested.dcm"
+    nested.write_bytes(data[:start] + nested_sequences(600) + data[start:])
+
+    failure, result = _score(engine, make_settings(), [nested, good])
+
+    assert isinstance(failure, ScoreFailure) and failure.permanent
+    assert "nested more than 32 levels deep" in failure.error
+    assert isinstance(result, ScoreResult)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -123,3 +124,25 @@ def test_a_photograph_the_gate_refuses_is_reported_as_not_graded_with_its_reason
     assert main(argv) == EXIT_OK
     out = capsys.readouterr().out
     assert "Not graded: not a colour photograph" in out and "0 scored, 1 not graded, 0 failed" in out
+
+
+def test_a_file_nested_too_deep_is_a_clear_error_not_a_crash(
+    inputs: Path,
+    random_onnx_model_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    nested_sequences: Callable[[int], bytes],
+) -> None:
+    """Issue 14 defect 7: ``retinagate score`` died with an uncaught RecursionError."""
+    good = inputs / "eye1.dcm"
+    data = good.read_bytes()
+    start = 144 + int.from_bytes(data[140:144], "little")
+    nested = tmp_path / "nested.dcm"
+    nested.write_bytes(data[:start] + nested_sequences(600) + data[start:])
+
+    code = main(["score", str(nested), str(good), "--model", str(random_onnx_model_path), "--out", str(tmp_path / "o")])
+
+    captured = capsys.readouterr()
+    assert code == EXIT_FAILED
+    assert f"retinagate score: {nested}:" in captured.err and "nested more than 32 levels deep" in captured.err
+    assert "1 scored, 0 not graded, 1 failed" in captured.out
