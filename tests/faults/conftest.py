@@ -513,6 +513,40 @@ class Deployment:
             hits = sorted(value for value in camera.patient_data if value in text)
             assert not hits, f"{path.name} holds patient data: {hits}"
 
+    def received_rows(self) -> dict[str, tuple[str, int]]:
+        """Every instance row: its SOP Instance UID by storage key, with the file size it recorded."""
+        from sqlalchemy import select
+
+        from retinagate.db import make_engine, session_factory
+        from retinagate.models import Instance
+
+        if self._engine is None:
+            self._engine = make_engine(self.database_url)
+        with session_factory(self._engine)() as session:
+            rows = session.execute(select(Instance.storage_key, Instance.sop_instance_uid, Instance.size_bytes))
+            return {key: (uid, size) for key, uid, size in rows}
+
+    def assert_storage_matches_rows(self, storage: Path | None = None) -> None:
+        """Received files and instance rows agree one to one: no temporary file left, no file without a
+        row, no row without its complete file (its recorded size, and a dataset that reads to the end)."""
+        from pydicom import dcmread
+
+        from retinagate.settings import load_settings
+
+        root = storage or load_settings(environ=self.env).resolved_storage_dir
+        files = self.storage_files(root)
+        temporary = [p for p in files if p.name.startswith(".") or p.suffix == ".tmp"]
+        assert not temporary, f"temporary files left in storage: {temporary}"
+        received = {p.relative_to(root).as_posix(): p for p in files if p.relative_to(root).parts[0] == "in"}
+        rows = self.received_rows()
+        assert set(received) == set(rows), (sorted(set(received) - set(rows)), sorted(set(rows) - set(received)))
+        for key, (uid, size) in rows.items():
+            path = received[key]
+            assert path.stat().st_size == size, (key, path.stat().st_size, size)
+            ds = dcmread(path)
+            assert str(ds.SOPInstanceUID) == uid
+            assert len(ds.PixelData) > 0
+
     def storage_files(self, storage: Path | None = None) -> list[Path]:
         """Every file in storage (temporary ones included), received or produced."""
         from retinagate.settings import load_settings
