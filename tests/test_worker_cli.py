@@ -98,8 +98,6 @@ def test_scoring_processes_share_the_cores_unless_the_thread_count_is_set(
 def test_the_worker_passes_its_pool_queues_and_a_node_name_per_queue_set_to_celery(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import celery
-
     from worker import cli
 
     model = tmp_path / "model.onnx"
@@ -107,7 +105,7 @@ def test_the_worker_passes_its_pool_queues_and_a_node_name_per_queue_set_to_cele
     settings = make_settings(model_path=model)
     upgrade(settings)
     started: list[list[str]] = []
-    monkeypatch.setattr(celery.Celery, "start", lambda self, argv: started.append(argv) or 0)
+    monkeypatch.setattr(cli, "_run_celery", lambda app, argv: started.append(argv) or 0)
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
 
@@ -119,3 +117,33 @@ def test_the_worker_passes_its_pool_queues_and_a_node_name_per_queue_set_to_cele
     assert argv[argv.index("--queues") + 1] == "deliver,maintenance"
     assert argv[argv.index("--hostname") + 1] == "deliver-maintenance@%h"
     assert argv[argv.index("--concurrency") + 1] == "8"
+
+
+_FAILING_WORKER = """
+import sys
+from celery import Celery, bootsteps
+from worker.cli import _run_celery
+
+class Broken(bootsteps.StartStopStep):
+    def start(self, worker):
+        raise RuntimeError("a bootstep that cannot start")
+
+app = Celery("broken", broker="memory://", set_as_current=True)
+app.steps["worker"].add(Broken)
+sys.exit(_run_celery(app, ["worker", "--pool", "solo", "--without-mingle", "--without-gossip"]))
+"""
+
+
+def test_a_worker_stopped_by_an_unrecoverable_error_exits_with_a_failure_status(tmp_path: Path) -> None:
+    """Celery.start drops the status of its command line, so `retinagate worker` used to exit 0 after
+    "Unrecoverable error", and a supervisor restarting only failed services left it dead."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _FAILING_WORKER], cwd=root, capture_output=True, text=True, timeout=120, check=False
+    )
+    output = done.stdout + done.stderr
+    assert "Unrecoverable error" in output
+    assert done.returncode == 1, output[-3000:]

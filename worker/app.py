@@ -14,6 +14,9 @@ Reliability settings, and why:
 - ``task_time_limit`` below the Redis ``visibility_timeout`` (the settings enforce it): Redis hands an
   unacknowledged message to another worker after the visibility timeout, and a running task must
   never be handed out twice.
+- Broker outages: the worker reconnects by itself, retrying without limit, and lets running tasks
+  finish (see the comments in :func:`create_app`); :mod:`worker.broker` guards against the kombu
+  defect that used to kill a worker whose broker went away with tasks in flight.
 """
 
 from __future__ import annotations
@@ -173,6 +176,9 @@ def create_app(settings: Settings, *, preload: bool = False) -> Celery:
     Raises:
         ValueError: When ``rescore_cron`` is not a valid cron expression.
     """
+    from worker.broker import guard_detached_channels
+
+    guard_detached_channels()  # a broker outage with tasks in flight must not kill the worker
     app = Celery("retinagate", broker=broker_url(settings), set_as_current=True)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule file there
     app.conf.update(
@@ -182,13 +188,24 @@ def create_app(settings: Settings, *, preload: bool = False) -> Celery:
             "socket_keepalive": True,
         },
         broker_connection_retry_on_startup=True,
+        # After a connection loss, retry for as long as it takes (every 2, 4, ... up to 30 s): a worker
+        # without its broker has nothing else to do, and Celery's default (give up after 100 tries,
+        # about 45 minutes) would turn a long Redis outage into a dead worker.
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
         result_backend=None,
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # With late acks a lost broker connection means the message comes back: stop the copy here.
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Let a task that is running when the broker connection drops finish. Redis hands its message
+        # out again only after the visibility timeout, which the settings keep above the task time
+        # limit, so no second copy can run meanwhile; cancelling would only throw the work away (a
+        # killed scoring process, an instance left in `scoring`), and the thread pool of the sender
+        # cannot cancel at all. The finished task's acknowledgement fails on the lost connection
+        # ("Couldn't ack" in the log) and the idempotent task runs again after the visibility timeout
+        # if Redis kept the message.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_time_limit=settings.task_time_limit,
         task_soft_time_limit=soft_time_limit(settings),
         task_serializer="json",

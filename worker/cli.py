@@ -189,8 +189,32 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         argv += ["--concurrency", str(args.concurrency)]
     if args.beat:
         argv += ["--beat"]
-    code: int | None = app.start(argv)
-    return int(code or 0)
+    return _run_celery(app, argv)
+
+
+def _run_celery(app: Any, argv: list[str]) -> int:
+    """Runs a Celery subcommand on ``app`` and returns its exit status.
+
+    ``Celery.start`` discards the status that its command line returns, so a worker that stopped on
+    an "Unrecoverable error" (status 1 inside Celery) used to exit 0, and a supervisor that restarts
+    only failed services (Docker's ``on-failure``, systemd's ``Restart=on-failure``) left it dead.
+    This is ``Celery.start`` with the status kept.
+    """
+    import logging
+
+    from celery.bin.celery import celery as celery_command
+
+    celery_command.params[0].default = app  # the --app option, as Celery.start sets it
+    try:
+        code = celery_command.main(args=argv, standalone_mode=False)
+    finally:
+        celery_command.params[0].default = None
+    status = code if isinstance(code, int) else 0
+    if status != 0:
+        logging.getLogger(__name__).error(
+            "celery %s stopped with status %d; a supervisor should start it again", argv[0], status
+        )
+    return status
 
 
 def _check_delivery_tls(settings: Settings) -> None:
@@ -220,8 +244,7 @@ def _beat(args: argparse.Namespace, settings: Settings) -> int:
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
-    code: int | None = app.start(["beat", "--loglevel", settings.log_level])
-    return int(code or 0)
+    return _run_celery(app, ["beat", "--loglevel", settings.log_level])
 
 
 def _database(settings: Settings) -> Engine:
