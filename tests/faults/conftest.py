@@ -39,8 +39,8 @@ JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 IMPLICIT_LITTLE = "1.2.840.10008.1.2"
 
 #: Settings that make recovery fast enough for a test: sweeps every 5 s, work with no live message sent
-#: again after 30 s, short backoffs. The settings validate the relations between them. The worker-kill
-#: test runs on the defaults instead.
+#: again after 30 s, short backoffs, destinations whose retries ran out probed every 10 s. The settings
+#: validate the relations between them. The worker-kill test runs on the defaults instead.
 FAST_RECOVERY = {
     "RETINAGATE_LEASE_SECONDS": "10",
     "RETINAGATE_SWEEP_INTERVAL": "5",
@@ -51,6 +51,7 @@ FAST_RECOVERY = {
     "RETINAGATE_VISIBILITY_TIMEOUT": "60",
     "RETINAGATE_DELIVERY_BACKOFF": "1",
     "RETINAGATE_DELIVERY_BACKOFF_MAX": "8",
+    "RETINAGATE_DELIVERY_PROBE_INTERVAL": "10",
 }
 
 
@@ -512,6 +513,23 @@ class Deployment:
             text = path.read_text(errors="replace")
             hits = sorted(value for value in camera.patient_data if value in text)
             assert not hits, f"{path.name} holds patient data: {hits}"
+
+    def deliveries(self) -> list[dict[str, Any]]:
+        """Every delivery row, with the kind of its output: destination, kind, status, attempts, errors."""
+        from sqlalchemy import select
+
+        from retinagate.db import make_engine, session_factory
+        from retinagate.models import Delivery, Output
+
+        if self._engine is None:
+            self._engine = make_engine(self.database_url)
+        with session_factory(self._engine)() as session:
+            rows = session.execute(select(Delivery, Output.kind).join(Output, Delivery.output_id == Output.id))
+            return [
+                {"destination": d.destination, "kind": str(kind), "status": str(d.status), "attempts": d.attempts,
+                 "retryable": d.retryable, "dimse_status": d.dimse_status, "last_error": d.last_error}
+                for d, kind in rows
+            ]  # fmt: skip
 
     def received_rows(self) -> dict[str, tuple[str, int]]:
         """Every instance row: its SOP Instance UID by storage key, with the file size it recorded."""
