@@ -344,6 +344,11 @@ class Deployment:
     #: See :func:`wait_until` (test modules cannot import from a conftest; they reach it here).
     wait_until = staticmethod(wait_until)
 
+    @staticmethod
+    def fill_file_system(folder: Path) -> Path:
+        """See :func:`fill_file_system`."""
+        return fill_file_system(folder)
+
     def fast_recovery(self, **more: str) -> None:
         """Shortens sweeps, leases, stuck timeouts and backoffs (:data:`FAST_RECOVERY`), plus ``more``."""
         self.env.update(FAST_RECOVERY)
@@ -631,3 +636,44 @@ def make_orthanc(tmp_path: Path) -> Iterator[Callable[..., ConfiguredOrthanc]]:
     yield make
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mounts a tmpfs of a given size (``"8m"``) on a new folder and returns the folder; unmounts it after.
+
+    Needs root (or CAP_SYS_ADMIN); skips where mounting is not allowed.
+    """
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"tmpfs-{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode})")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
+
+
+def fill_file_system(folder: Path) -> Path:
+    """Fills the file system holding ``folder`` with one file, to the last block; returns the file."""
+    import errno
+
+    filler = folder / "filler.bin"
+    with filler.open("wb", buffering=0) as out:
+        for chunk in (1 << 20, 4096, 512, 1):
+            block = b"\0" * chunk
+            while True:
+                try:
+                    out.write(block)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+    return filler
