@@ -345,7 +345,7 @@ class Deployment:
     wait_until = staticmethod(wait_until)
 
     @staticmethod
-    def fill_file_system(folder: Path) -> Path:
+    def fill(folder: Path) -> Path:
         """See :func:`fill_file_system`."""
         return fill_file_system(folder)
 
