@@ -277,9 +277,10 @@ def serve(settings: Settings, *, config: Path | None = None, concurrency: int = 
         supervisor.add_broker(redis)
         logger.info("embedded Redis on %s", redis.socket_path)
     supervisor.add("gateway", [*cli, "gateway"])
-    # Scoring in processes, one per core; delivery and maintenance, which mostly wait on the network
-    # and the PACS, in a thread pool of their own, so they never hold a scoring process.
-    supervisor.add("worker", [*cli, "worker", "--queues", "score", "--concurrency", str(concurrency)])
+    # Scoring in processes, one per core; delivery, which mostly waits on the network and the PACS, in
+    # a thread pool of its own, so it never holds a scoring process. Both run the sweep (maintenance),
+    # so recovery does not depend on either one being alive.
+    supervisor.add("worker", [*cli, "worker", "--queues", "score,maintenance", "--concurrency", str(concurrency)])
     supervisor.add(
         "sender", [*cli, "worker", "--queues", "deliver,maintenance", "--pool", "threads", "--concurrency", "4"]
     )

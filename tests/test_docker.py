@@ -786,3 +786,5 @@ def test_every_queue_has_a_consumer_and_delivery_never_holds_a_scoring_process(
     assert set(consumed) == set(QUEUES), f"queues without a consumer: {sorted(set(QUEUES) - set(consumed))}"
     assert consumed["deliver"] == ["threads"], "delivery waits on the network: it belongs in a thread pool"
     assert consumed["score"] == ["prefork"]
+    # Sweeps run wherever a worker is alive: a dead sender must not stop recovery, nor a dead scorer.
+    assert sorted(consumed["maintenance"]) == ["prefork", "threads"]

@@ -38,7 +38,7 @@ def test_the_app_acknowledges_late_prefetches_one_and_limits_tasks_below_the_vis
 
 def test_tasks_have_fixed_names_and_their_own_queues(make_settings: Callable[..., Settings]) -> None:
     app = create_app(make_settings())
-    expected = {SCORE_TASK: "score", DELIVER_TASK: "deliver", SWEEP_TASK: "maintenance", RESCORE_TASK: "maintenance"}
+    expected = {SCORE_TASK: "score", DELIVER_TASK: "deliver", SWEEP_TASK: "maintenance", RESCORE_TASK: "score"}
     for name, queue in expected.items():
         assert name in app.tasks
         assert app.amqp.router.route({}, name)["queue"].name == queue

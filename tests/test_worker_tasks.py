@@ -385,7 +385,7 @@ def test_the_nightly_rescore_task_queues_every_scored_instance_without_a_predict
         old = {p.instance_id: (p.id, p.model_id, p.probabilities) for p in s.scalars(select(Prediction))}
     worker = start_worker(env)
 
-    producer(settings).send_task("retinagate.rescore", queue="maintenance")  # what beat sends at night
+    producer(settings).send_task("retinagate.rescore", queue="score")  # what beat sends at night
 
     _wait(lambda: db.count(Prediction) == 6, "a prediction from the served model for each instance", 90, [worker])
     with session_scope(db.sessions) as s:

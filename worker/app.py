@@ -228,7 +228,8 @@ def create_app(settings: Settings, *, preload: bool = False) -> Celery:
             "retinagate-rescore": {
                 "task": RESCORE_TASK,
                 "schedule": _rescore_schedule(settings.rescore_cron),
-                "options": {"queue": MAINTENANCE_QUEUE},
+                # On a scoring worker: the task registers and serves that worker's model.
+                "options": {"queue": SCORE_QUEUE},
             },
         },
         beat_schedule_filename=str((settings.data_dir / "celerybeat-schedule").resolve()),

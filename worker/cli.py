@@ -160,7 +160,7 @@ def _check_model(path: Path | None) -> Path:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    if "score" in args.queues or "maintenance" in args.queues:
+    if "score" in args.queues:
         _check_model(settings.model_path)
     _database(settings).dispose()  # fail now, with a clear message, on a database never migrated
     if "deliver" in args.queues:

@@ -181,4 +181,4 @@ def register_tasks(app: Any) -> None:
     score_task = app.task(name=SCORE_TASK, bind=True, queue=SCORE_QUEUE, max_retries=None, shared=False)(score)
     deliver_task = app.task(name=DELIVER_TASK, bind=True, queue=DELIVER_QUEUE, max_retries=None, shared=False)(deliver)
     app.task(name=SWEEP_TASK, bind=True, queue=MAINTENANCE_QUEUE, max_retries=0, shared=False)(sweep)
-    app.task(name=RESCORE_TASK, bind=True, queue=MAINTENANCE_QUEUE, max_retries=0, shared=False)(rescore)
+    app.task(name=RESCORE_TASK, bind=True, queue=SCORE_QUEUE, max_retries=0, shared=False)(rescore)
