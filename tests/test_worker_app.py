@@ -33,7 +33,7 @@ def test_the_app_acknowledges_late_prefetches_one_and_limits_tasks_below_the_vis
     assert conf.task_time_limit == 120 and conf.task_soft_time_limit == soft_time_limit(settings) == 108
     assert conf.broker_transport_options["visibility_timeout"] == 300 > conf.task_time_limit
     assert conf.task_serializer == "json" and conf.accept_content == ["json"]
-    assert runtime(app).settings is settings
+    assert runtime(app).settings is settings and runtime(app) is runtime(app)  # one per app and process
 
 
 def test_tasks_have_fixed_names_and_their_own_queues(make_settings: Callable[..., Settings]) -> None:

@@ -1,8 +1,8 @@
 """The Celery application of the worker, built from the settings.
 
-:func:`create_app` makes one configured app with the four tasks registered. ``celery -A worker.app
-worker`` finds the module-level ``app``, which is built on first access from the environment
-(``RETINAGATE_*``), so importing this module stays cheap.
+:func:`create_app` makes one configured app; its tasks are declared in :mod:`worker.tasks`
+(``include``). ``celery -A worker.app worker`` finds the module-level ``app``, which is built on
+first access from the environment (``RETINAGATE_*``), so importing this module stays cheap.
 
 Reliability settings, and why:
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, current_app, signals
@@ -133,13 +134,27 @@ class Runtime:
         self._scorer = None
 
 
+#: The runtime of each app in this process (one in a worker; tests make several).
+_RUNTIMES: weakref.WeakKeyDictionary[Celery, Runtime] = weakref.WeakKeyDictionary()
+_RUNTIMES_LOCK = threading.Lock()
+
+
 def runtime(app: Any = None) -> Runtime:
-    """The :class:`Runtime` of ``app`` (default: the current Celery app)."""
-    target = app if app is not None else current_app
-    found = getattr(target, "retinagate_runtime", None)
-    if not isinstance(found, Runtime):
-        raise RuntimeError("this Celery app was not made by worker.app.create_app")
-    return found
+    """The :class:`Runtime` of ``app`` (default: the current Celery app) in this process, made on
+    first use from the settings :func:`create_app` configured the app with.
+
+    Raises:
+        RuntimeError: When the app was not made by :func:`create_app`.
+    """
+    target = app if app is not None else current_app._get_current_object()
+    with _RUNTIMES_LOCK:
+        found = _RUNTIMES.get(target)
+        if found is None:
+            settings = target.conf.get("retinagate_settings")
+            if not isinstance(settings, Settings):
+                raise RuntimeError("this Celery app was not made by worker.app.create_app")
+            found = _RUNTIMES[target] = Runtime(settings, preload=bool(target.conf.get("retinagate_preload")))
+        return found
 
 
 def soft_time_limit(settings: Settings) -> int:
@@ -179,7 +194,7 @@ def create_app(settings: Settings, *, preload: bool = False) -> Celery:
     from worker.broker import guard_detached_channels
 
     guard_detached_channels()  # a broker outage with tasks in flight must not kill the worker
-    app = Celery("retinagate", broker=broker_url(settings), set_as_current=True)
+    app = Celery("retinagate", broker=broker_url(settings), include=["worker.tasks"], set_as_current=True)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule file there
     app.conf.update(
         broker_transport_options={
@@ -234,11 +249,11 @@ def create_app(settings: Settings, *, preload: bool = False) -> Celery:
         },
         beat_schedule_filename=str((settings.data_dir / "celerybeat-schedule").resolve()),
     )
-    app.retinagate_runtime = Runtime(settings, preload=preload)
+    # What the tasks' base class builds each process's runtime from (see runtime()).
+    app.conf.retinagate_settings = settings
+    app.conf.retinagate_preload = preload
+    import worker.tasks  # noqa: F401  # declares the shared tasks, so this app has them before a worker starts
 
-    from worker.tasks import register_tasks
-
-    register_tasks(app)
     return app
 
 

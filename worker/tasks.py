@@ -1,8 +1,15 @@
-"""The worker's four tasks: score, deliver, sweep and rescore.
+"""The worker's four tasks: score, deliver, sweep and rescore, in Celery's own layout.
 
-Each takes ids only (row ids, never datasets), and each is idempotent, so a message delivered twice
-(a worker killed after the work but before the acknowledgement, a sweep that re-sent it) rewrites
-the same rows and files. Retries name what they retry and are bounded:
+The tasks are declared here at module level with :class:`RetinaGateTask` as their base; the app
+(:func:`worker.app.create_app`) finds them through ``include=["worker.tasks"]``. What a worker
+process builds once (database sessions, storage, the loaded model) is the base class's
+:attr:`RetinaGateTask.runtime`, made from the settings the app was configured with; the scoring and
+delivery services it calls know nothing of Celery, so ``retinagate rescore`` and ``score`` call them
+directly.
+
+Each task takes ids only (row ids, never datasets), and each is idempotent: a message delivered twice
+(a worker killed after the work but before the acknowledgement, a sweep that re-sent it) finds the
+work done, or redoes it onto the same rows and files. Retries name what they retry and are bounded:
 
 - ``score``: a retryable error (:class:`~retinagate.errors.RetryableError`, a database that is away or
   locked, a failed durable write, the soft time limit) queues the instance again with exponential
@@ -15,10 +22,12 @@ the same rows and files. Retries name what they retry and are bounded:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from celery import Task, shared_task
 from sqlalchemy.exc import OperationalError
 
 from retinagate.queue import (
@@ -31,10 +40,11 @@ from retinagate.queue import (
     SWEEP_TASK,
 )
 
-__all__ = ["parse_ids", "register_tasks", "score_delay"]
+__all__ = ["RetinaGateTask", "deliver", "parse_ids", "rescore", "score", "score_delay", "sweep"]
 
 if TYPE_CHECKING:
     from retinagate.settings import Settings
+    from worker.app import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -73,112 +83,140 @@ def _when(value: str | None, name: str) -> datetime | None:
     return parsed
 
 
-def register_tasks(app: Any) -> None:
-    """Registers the tasks on ``app`` (made by :func:`worker.app.create_app`) under their fixed names."""
-    from worker.app import runtime
+class RetinaGateTask(Task):  # type: ignore[misc]  # Celery is untyped
+    """The base of RetinaGate's tasks: gives each the worker process's :class:`~worker.app.Runtime`.
 
-    settings = runtime(app).settings
+    One runtime per app and process, shared by the four tasks (the model is loaded once), made on
+    first use after the pool has forked (see :func:`worker.app.runtime`).
+    """
 
-    def score(self: Any, instance_ids: Any) -> dict[str, int]:
-        """Scores instances in one batch, records the results and queues their delivery."""
-        from retinagate.errors import PermanentError, RetryableError
-        from worker.scoring import score_instances
+    @property
+    def runtime(self) -> Runtime:
+        from worker.app import runtime
 
-        ids = parse_ids(instance_ids, "instance_ids")
-        state = runtime(self.app)
-        try:
-            scorer = state.scorer()
-            outcome = score_instances(state.settings, state.sessions, state.storage, scorer, ids)
-        except PermanentError as exc:
-            # Only configuration problems reach here (per-instance errors are recorded, not raised).
-            logger.error("score task for %d instance(s) cannot run: %s", len(ids), exc)
-            raise
-        except (RetryableError, OperationalError) as exc:
-            logger.warning("score task for %d instance(s) will be retried: %s", len(ids), type(exc).__name__)
-            raise self.retry(
-                exc=exc, countdown=score_delay(settings, self.request.retries), max_retries=settings.max_attempts
-            ) from exc
-        if outcome.deliver:
-            deliver_task.apply_async(args=[outcome.deliver], queue=DELIVER_QUEUE)
-        if outcome.retry:
-            # Bounded by each instance's attempts, which score_instances counts and enforces.
-            raise self.retry(
-                args=[outcome.retry], countdown=score_delay(settings, self.request.retries), max_retries=None
-            )
-        return {
-            "scored": len(outcome.scored),
-            "ungradable": len(outcome.ungradable),
-            "failed": len(outcome.failed),
-            "deliver": len(outcome.deliver),
-        }
+        return runtime(self.app)
 
-    def deliver(self: Any, output_ids: Any) -> dict[str, int]:
-        """Sends outputs to every configured destination, retrying transient failures with backoff."""
-        from worker.delivery import deliver_outputs, retry_delay
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
 
-        ids = parse_ids(output_ids, "output_ids")
-        state = runtime(self.app)
-        try:
-            outcome = deliver_outputs(state.settings, state.sessions, state.storage, ids)
-        except OperationalError as exc:
-            raise self.retry(
-                exc=exc,
-                countdown=retry_delay(settings, self.request.retries + 1),
-                max_retries=settings.delivery_max_retries,
-            ) from exc
-        if outcome.retry_outputs:
-            # Bounded by each delivery row's attempts, which deliver_outputs counts and enforces.
-            raise self.retry(args=[outcome.retry_outputs], countdown=outcome.retry_in, max_retries=None)
-        return {"delivered": len(outcome.delivered), "failed": len(outcome.failed)}
 
-    def sweep(self: Any) -> dict[str, int]:
-        """Re-sends work that Redis lost and fails instances out of attempts."""
-        from worker.sweep import sweep as run_sweep
+def _task(name: str, queue: str, max_retries: int | None) -> Callable[[Callable[..., Any]], Any]:
+    """Celery's ``shared_task`` for RetinaGate's tasks: bound, on :class:`RetinaGateTask`, under a
+    fixed name and queue. (Typed here once: Celery's decorator is not.)"""
+    decorator: Callable[[Callable[..., Any]], Any] = shared_task(
+        name=name, bind=True, base=RetinaGateTask, queue=queue, max_retries=max_retries
+    )
+    return decorator
 
-        state = runtime(self.app)
-        outcome = run_sweep(
-            state.settings,
-            state.sessions,
-            lambda ids: score_task.apply_async(args=[ids], queue=SCORE_QUEUE),
-            lambda ids: deliver_task.apply_async(args=[ids], queue=DELIVER_QUEUE),
-        )
-        return {"requeued": len(outcome.requeued), "failed": len(outcome.failed), "redeliver": len(outcome.redeliver)}
 
-    def rescore(
-        self: Any, since: str | None = None, until: str | None = None, model_path: str | None = None
-    ) -> dict[str, int]:
-        """Queues scoring, in batches, of every scored instance in range without a prediction from the model.
+# max_retries=None on score and deliver: each retry() call passes its own bound (see the module docstring).
 
-        The model is the one this worker serves (``settings.model_path``); it is registered, and made
-        active when new. Another model cannot be named here, because the score tasks run on workers
-        serving this one: run ``retinagate rescore --model`` for that.
-        """
-        from retinagate.db import session_scope
-        from retinagate.errors import PermanentError
-        from worker.rescore import find_unscored
-        from worker.sweep import batches
 
-        state = runtime(self.app)
-        served = state.settings.model_path
-        if model_path is not None and (served is None or Path(model_path).resolve() != served.resolve()):
-            raise PermanentError(
-                f"model_path: the workers serve {served}, not {model_path}; "
-                "set RETINAGATE_MODEL_PATH and restart them, or run `retinagate rescore --model`"
-            )
+@_task(SCORE_TASK, SCORE_QUEUE, max_retries=None)
+def score(self: RetinaGateTask, instance_ids: Any) -> dict[str, int]:
+    """Scores instances in one batch, records the results and queues their delivery."""
+    from retinagate.errors import PermanentError, RetryableError
+    from worker.scoring import score_instances
+
+    ids = parse_ids(instance_ids, "instance_ids")
+    state = self.runtime
+    settings = state.settings
+    try:
         scorer = state.scorer()
-        with session_scope(state.sessions) as session:
-            ids = find_unscored(session, scorer.model_id, _when(since, "since"), _when(until, "until"))
-        chunks = batches(ids, state.settings.rescore_batch_size)
-        for chunk in chunks:
-            score_task.apply_async(args=[chunk], queue=SCORE_QUEUE)
-        logger.info(
-            "rescore: %d instance(s) queued in %d task(s) for model id=%s", len(ids), len(chunks), scorer.model_id
-        )
-        return {"queued": len(ids), "tasks": len(chunks)}
+        outcome = score_instances(settings, state.sessions, state.storage, scorer, ids)
+    except PermanentError as exc:
+        # Only configuration problems reach here (per-instance errors are recorded, not raised).
+        logger.error("score task for %d instance(s) cannot run: %s", len(ids), exc)
+        raise
+    except (RetryableError, OperationalError) as exc:
+        logger.warning("score task for %d instance(s) will be retried: %s", len(ids), type(exc).__name__)
+        raise self.retry(
+            exc=exc, countdown=score_delay(settings, self.request.retries), max_retries=settings.max_attempts
+        ) from exc
+    if outcome.deliver:
+        self.app.send_task(DELIVER_TASK, args=[outcome.deliver], queue=DELIVER_QUEUE)
+    if outcome.retry:
+        # Bounded by each instance's attempts, which score_instances counts and enforces.
+        raise self.retry(args=[outcome.retry], countdown=score_delay(settings, self.request.retries), max_retries=None)
+    return {
+        "scored": len(outcome.scored),
+        "ungradable": len(outcome.ungradable),
+        "failed": len(outcome.failed),
+        "skipped": len(outcome.skipped),
+        "deliver": len(outcome.deliver),
+    }
 
-    # max_retries=None on the task: each retry() call passes its own bound (see the module docstring).
-    # shared=False: these tasks belong to this app (its runtime and settings), not to every app made.
-    score_task = app.task(name=SCORE_TASK, bind=True, queue=SCORE_QUEUE, max_retries=None, shared=False)(score)
-    deliver_task = app.task(name=DELIVER_TASK, bind=True, queue=DELIVER_QUEUE, max_retries=None, shared=False)(deliver)
-    app.task(name=SWEEP_TASK, bind=True, queue=MAINTENANCE_QUEUE, max_retries=0, shared=False)(sweep)
-    app.task(name=RESCORE_TASK, bind=True, queue=SCORE_QUEUE, max_retries=0, shared=False)(rescore)
+
+@_task(DELIVER_TASK, DELIVER_QUEUE, max_retries=None)
+def deliver(self: RetinaGateTask, output_ids: Any) -> dict[str, int]:
+    """Sends outputs to every configured destination, retrying transient failures with backoff."""
+    from worker.delivery import deliver_outputs, retry_delay
+
+    ids = parse_ids(output_ids, "output_ids")
+    state = self.runtime
+    settings = state.settings
+    try:
+        outcome = deliver_outputs(settings, state.sessions, state.storage, ids)
+    except OperationalError as exc:
+        raise self.retry(
+            exc=exc,
+            countdown=retry_delay(settings, self.request.retries + 1),
+            max_retries=settings.delivery_max_retries,
+        ) from exc
+    if outcome.retry_outputs:
+        # Bounded by each delivery row's attempts, which deliver_outputs counts and enforces.
+        raise self.retry(args=[outcome.retry_outputs], countdown=outcome.retry_in, max_retries=None)
+    return {"delivered": len(outcome.delivered), "failed": len(outcome.failed)}
+
+
+@_task(SWEEP_TASK, MAINTENANCE_QUEUE, max_retries=0)
+def sweep(self: RetinaGateTask) -> dict[str, int]:
+    """Re-sends work that Redis lost or a dead worker left, and fails instances out of attempts."""
+    from worker.sweep import sweep as run_sweep
+
+    state = self.runtime
+    outcome = run_sweep(
+        state.settings,
+        state.sessions,
+        lambda ids: self.app.send_task(SCORE_TASK, args=[ids], queue=SCORE_QUEUE),
+        lambda ids: self.app.send_task(DELIVER_TASK, args=[ids], queue=DELIVER_QUEUE),
+    )
+    return {
+        "requeued": len(outcome.requeued),
+        "failed": len(outcome.failed),
+        "redeliver": len(outcome.redeliver),
+        "revived": sum(outcome.revived.values()),
+    }
+
+
+@_task(RESCORE_TASK, SCORE_QUEUE, max_retries=0)
+def rescore(
+    self: RetinaGateTask, since: str | None = None, until: str | None = None, model_path: str | None = None
+) -> dict[str, int]:
+    """Queues scoring, in batches, of every scored instance in range without a prediction from the model.
+
+    The model is the one this worker serves (``settings.model_path``); it is registered, and made
+    active when new. Another model cannot be named here, because the score tasks run on workers
+    serving this one: run ``retinagate rescore --model`` for that.
+    """
+    from retinagate.db import session_scope
+    from retinagate.errors import PermanentError
+    from worker.rescore import find_unscored
+    from worker.sweep import batches
+
+    state = self.runtime
+    served = state.settings.model_path
+    if model_path is not None and (served is None or Path(model_path).resolve() != served.resolve()):
+        raise PermanentError(
+            f"model_path: the workers serve {served}, not {model_path}; "
+            "set RETINAGATE_MODEL_PATH and restart them, or run `retinagate rescore --model`"
+        )
+    scorer = state.scorer()
+    with session_scope(state.sessions) as session:
+        ids = find_unscored(session, scorer.model_id, _when(since, "since"), _when(until, "until"))
+    chunks = batches(ids, state.settings.rescore_batch_size)
+    for chunk in chunks:
+        self.app.send_task(SCORE_TASK, args=[chunk], queue=SCORE_QUEUE)
+    logger.info("rescore: %d instance(s) queued in %d task(s) for model id=%s", len(ids), len(chunks), scorer.model_id)
+    return {"queued": len(ids), "tasks": len(chunks)}
