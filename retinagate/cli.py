@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "dicom_gateway.cli",
     "worker.cli",
     "worker.deliveries_cli",
+    "worker.models_cli",
 )
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "ProviderPlan",
     "device_uid",
     "file_sha256",
+    "inspect_model",
     "provider_plans",
 ]
 
@@ -488,6 +489,22 @@ def _parse_card(text: str | None, path: Path) -> ModelCard:
         return ModelCard.from_json(text)
     except ValueError as exc:
         raise ModelFileError(f"{path}: {exc}") from None
+
+
+def inspect_model(path: Path) -> tuple[str, ModelCard]:
+    """The sha256 and the card of an exported model file, checked as the engine checks them, without
+    an inference session (``retinagate models register``, a worker's start-up check).
+
+    Raises:
+        FileNotFoundError: When the file does not exist.
+        ModelFileError: When it is not an exported RetinaGate model (a ``.pt`` checkpoint, say).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    data = path.read_bytes()
+    card, _, _ = _inspect(data, path)
+    return hashlib.sha256(data).hexdigest(), card
 
 
 def _inspect(data: bytes, path: Path) -> tuple[ModelCard, tuple[int, int], bool]:

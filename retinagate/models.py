@@ -38,6 +38,7 @@ __all__ = [
     "Instance",
     "InstanceStatus",
     "Model",
+    "ModelActivation",
     "Output",
     "OutputKind",
     "Prediction",
@@ -183,6 +184,23 @@ class Model(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=False)
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
     activated_at: Mapped[datetime | None] = mapped_column()
+
+
+class ModelActivation(Base):
+    """Audit of each activation: which model, who made it active, when, and which one it replaced.
+
+    ``rescore_queued_at`` is set by the first worker that serves the new model and queues the
+    re-scoring of the archive (``RETINAGATE_RESCORE_ON_ACTIVATE``), so it is queued once.
+    """
+
+    __tablename__ = "model_activations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    previous_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
+    activated_by: Mapped[str] = mapped_column(String(128))
+    activated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    rescore_queued_at: Mapped[datetime | None] = mapped_column()
 
 
 class Prediction(Base):

@@ -92,6 +92,16 @@ class Settings(BaseSettings):
     broker_url: str = Field("", description="Celery broker (redis://...); empty: embedded Redis under data_dir.")
     storage_dir: Path | None = Field(None, description="Received and produced DICOM files; default <data_dir>/storage.")
     model_path: Path | None = Field(None, description="The ONNX model the worker serves.")
+    serve_inactive_model: bool = Field(
+        False,
+        description="Let a worker serve a model that is not the active one (`retinagate models activate`); "
+        "off, such a worker refuses to start.",
+    )
+    rescore_on_activate: bool = Field(
+        True,
+        description="The first worker serving a newly activated model queues the re-scoring of stored studies "
+        "under it.",
+    )
 
     # Inference.
     providers: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(
@@ -362,8 +372,8 @@ class Settings(BaseSettings):
         if data.get("database_password") is not None:
             data["database_password"] = "*****"  # noqa: S105 - the mask, not a password
         data["destinations"] = [str(d) for d in self.destinations]
-        data["resolved_database_url"] = _mask_url(self.resolved_database_url)
-        data["resolved_storage_dir"] = str(self.resolved_storage_dir)
+        # Only settings, each of which an environment variable or TOML key sets; derived values such
+        # as resolved_database_url would read as RETINAGATE_RESOLVED_* variables that do not exist.
         return data
 
 

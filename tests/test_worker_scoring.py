@@ -239,20 +239,27 @@ def test_unknown_instance_ids_are_skipped(bench: Callable[..., Bench]) -> None:
     assert outcome.scored == outcome.failed == outcome.retry == []
 
 
-def test_a_new_model_becomes_the_only_active_one_and_a_known_model_keeps_its_flag(
+def test_the_first_model_becomes_active_and_another_is_refused_unless_allowed(
     bench: Callable[..., Bench], random_onnx_model_path: Path, worker_model_variant: Callable[..., Path]
 ) -> None:
+    # The defect: a worker started with another RETINAGATE_MODEL_PATH silently made its model active.
+    from retinagate.errors import PermanentError
+
     b = bench()
-    first = b.load(random_onnx_model_path)
+    first = b.load(random_onnx_model_path)  # a fresh installation: it becomes the active model
     first.close()
-    second = b.load(worker_model_variant(random_onnx_model_path, "v2"))
+    variant = worker_model_variant(random_onnx_model_path, "v2")
+    with pytest.raises(PermanentError, match=r"is not the active model .*retinagate models activate"):
+        b.load(variant)
+    allowed = bench(serve_inactive_model=True)
+    second = allowed.load(variant)
     second.close()
     again = b.load(random_onnx_model_path)
     assert again.model_id == first.model_id
 
     with session_scope(b.sessions) as s:
         active = {m.id: m.active for m in s.scalars(select(Model))}
-    assert active == {first.model_id: False, second.model_id: True}
+    assert active == {first.model_id: True, second.model_id: False}
 
 
 def test_delivery_is_wanted_only_with_destinations_and_a_probability_at_the_minimum(

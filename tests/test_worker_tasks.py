@@ -383,6 +383,13 @@ def test_the_nightly_rescore_task_queues_every_scored_instance_without_a_predict
     db = Db(settings)
     with session_scope(db.sessions) as s:
         old = {p.instance_id: (p.id, p.model_id, p.probabilities) for p in s.scalars(select(Prediction))}
+    # The operator registers and activates the new model (`retinagate models`) before the workers serve it.
+    from retinagate.engine import inspect_model
+    from worker.registry import activate_model, register_model
+
+    sha256, card = inspect_model(random_onnx_model_path)
+    with session_scope(db.sessions) as s:
+        activate_model(s, register_model(s, sha256, card, random_onnx_model_path)[0], by="test")
     worker = start_worker(env)
 
     producer(settings).send_task("retinagate.rescore", queue="score")  # what beat sends at night

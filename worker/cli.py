@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from datetime import UTC, datetime, timedelta
@@ -163,6 +164,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     if "score" in args.queues:
         _check_model(settings.model_path)
     _database(settings).dispose()  # fail now, with a clear message, on a database never migrated
+    if "score" in args.queues:
+        _start_serving(settings)
     if "deliver" in args.queues:
         _check_delivery_tls(settings)
     from worker.app import create_app
@@ -215,6 +218,31 @@ def _run_celery(app: Any, argv: list[str]) -> int:
             "celery %s stopped with status %d; a supervisor should start it again", argv[0], status
         )
     return status
+
+
+def _start_serving(settings: Settings) -> None:
+    """Refuses to start a scoring worker whose model is not the active one (see worker.registry), and
+    queues the re-scoring a newly activated model asks for."""
+    from retinagate.cli import EXIT_USAGE, CommandError
+    from retinagate.errors import PermanentError
+    from retinagate.queue import RESCORE_TASK, SCORE_QUEUE, producer
+    from worker.registry import start_serving
+
+    def send_rescore(path: Path) -> None:
+        try:
+            producer(settings).send_task(RESCORE_TASK, kwargs={"model_path": str(path)}, queue=SCORE_QUEUE, retry=False)
+        except Exception as exc:  # kombu raises several unrelated types for "broker unreachable"
+            logging.getLogger(__name__).warning(
+                "could not queue the re-scoring (%s); the nightly rescore does it", type(exc).__name__
+            )
+
+    engine, sessions = _sessions(settings)
+    try:
+        start_serving(settings, sessions, send_rescore)
+    except PermanentError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    finally:
+        engine.dispose()
 
 
 def _check_delivery_tls(settings: Settings) -> None:
@@ -288,7 +316,7 @@ def _rescore(args: argparse.Namespace, settings: Settings) -> int:
         with session_scope(sessions) as session:
             active_before = session.scalar(select(Model.id).where(Model.active.is_(True)).limit(1))
         try:
-            scorer = Scorer.load(path, settings, sessions)
+            scorer = Scorer.load(path, settings, sessions, check_active=False)  # activated below
         except (PermanentError, RetryableError) as exc:
             raise CommandError(str(exc), EXIT_MISSING) from None
         with session_scope(sessions) as session:

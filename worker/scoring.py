@@ -25,7 +25,6 @@ Order of work, and why:
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -43,7 +42,6 @@ from retinagate.errors import PermanentError, RetryableError
 from retinagate.models import (
     Instance,
     InstanceStatus,
-    Model,
     Output,
     OutputKind,
     Prediction,
@@ -53,11 +51,11 @@ from retinagate.models import (
 from retinagate.storage import StorageError
 from worker.delivery import pending_deliveries
 from worker.lease import expiry, owner, renewing
+from worker.registry import activate_model, register_model, served_model
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-    from retinagate.card import ModelCard
     from retinagate.engine import Engine
     from retinagate.pipeline import Pipeline, ScoreResult
     from retinagate.settings import Settings
@@ -112,45 +110,6 @@ class ScoreOutcome:
     skipped: dict[int, str] = field(default_factory=dict)
 
 
-def register_model(session: Session, sha256: str, card: ModelCard, path: Path | None) -> tuple[Model, bool]:
-    """Finds or adds the ``models`` row for a model file.
-
-    Returns:
-        The row and whether it was added now.
-    """
-    found = session.scalar(select(Model).where(Model.sha256 == sha256))
-    if found is not None:
-        return found, False
-    model = Model(
-        name=card.name[:128],
-        version=card.version[:64],
-        sha256=sha256,
-        path=str(path) if path is not None else None,
-        card=json.loads(card.to_json()),
-        active=False,
-    )
-    session.add(model)
-    session.flush()
-    logger.info("registered model id=%s %s %s sha256=%s", model.id, card.name, card.version, sha256[:12])
-    return model, True
-
-
-def activate_model(session: Session, model: Model) -> Model | None:
-    """Makes ``model`` the one active model.
-
-    Returns:
-        The model that was active before, or None (none was, or it was ``model`` itself).
-    """
-    previous = session.scalar(select(Model).where(Model.active.is_(True), Model.id != model.id))
-    session.execute(update(Model).where(Model.id != model.id, Model.active.is_(True)).values(active=False))
-    if not model.active:
-        model.active = True
-        model.activated_at = utcnow()
-        logger.info("model id=%s is now the active model", model.id)
-    session.flush()
-    return previous
-
-
 class Scorer:
     """A loaded engine with its pipeline and the id of its ``models`` row.
 
@@ -170,14 +129,23 @@ class Scorer:
         self.pipeline.close()
 
     @classmethod
-    def load(cls, model_path: Path | None, settings: Settings, sessions: sessionmaker[Session]) -> Scorer:
+    def load(
+        cls,
+        model_path: Path | None,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        *,
+        check_active: bool = True,
+    ) -> Scorer:
         """Loads the model and registers it.
 
-        A model new to the database becomes the active one; a known model keeps its flag, unless no
-        model is active at all.
+        With ``check_active`` the model must be the active one (:func:`worker.registry.served_model`:
+        on a fresh installation it becomes active; another model active refuses, unless
+        ``serve_inactive_model``). Without, it is only registered: ``retinagate rescore --model``
+        activates it itself.
 
         Raises:
-            PermanentError: When no model path is given or configured.
+            PermanentError: When no model path is given or configured, or the model may not be served.
             RetryableError: When the file cannot be opened as a model (fixing the deployment fixes it).
         """
         from retinagate.engine import Engine
@@ -191,20 +159,29 @@ class Scorer:
         except (OSError, ValueError, RuntimeError) as exc:
             raise RetryableError(f"cannot load the model {path}: {_error_text(exc)}") from exc
         engine.warmup()  # the first real batch should not pay for the runtime's set-up
-        model_id = _register_active(sessions, engine)
+        model_id = _register_served(sessions, engine, settings, check_active)
         # Decode and encode threads: as many as the inference threads this process was given.
         threads = min(64, settings.intra_op_threads) if settings.intra_op_threads else 2
         return cls(engine, Pipeline(engine, settings, threads=threads), model_id)
 
 
-def _register_active(sessions: sessionmaker[Session], engine: Engine) -> int:
+def _register_served(sessions: sessionmaker[Session], engine: Engine, settings: Settings, check_active: bool) -> int:
+    from worker.lease import owner
+
     for _ in range(3):  # another process may register the same model at the same moment
         try:
             with session_scope(sessions) as session:
-                model, added = register_model(session, engine.sha256, engine.card, engine.path)
-                no_active = session.scalar(select(Model.id).where(Model.active.is_(True)).limit(1)) is None
-                if added or no_active:
-                    activate_model(session, model)
+                if check_active:
+                    model = served_model(
+                        session,
+                        engine.sha256,
+                        engine.card,
+                        engine.path,
+                        allow_inactive=settings.serve_inactive_model,
+                        by=f"worker {owner()}",
+                    )
+                else:
+                    model, _ = register_model(session, engine.sha256, engine.card, engine.path)
                 return model.id
         except IntegrityError:
             continue
