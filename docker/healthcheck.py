@@ -7,9 +7,15 @@ healthy: the gateway answered with a DICOM A-ASSOCIATE-RJ, which only a live SCP
 connections, aborts and timeouts count as unhealthy. With TLS on, the probe speaks TLS and offers the
 gateway's own certificate as its client certificate, since loopback liveness is all it checks.
 
+``worker``: pings the Celery workers through the broker and is healthy when a worker on this host
+answers. ``retinagate worker`` names its node after its queues (``score@host``,
+``deliver-maintenance@host``), so the probe accepts a reply from any node name ending in
+``@<this host name>`` rather than guessing the name: in a container, the host name is the
+container's own.
+
 ``broker``: connects to the configured Celery broker; used by beat, which has no ping of its own.
 
-Both read the same ``RETINAGATE_*`` settings as the service they probe. Exit status 0 is healthy,
+All read the same ``RETINAGATE_*`` settings as the service they probe. Exit status 0 is healthy,
 1 unhealthy, 2 invalid settings.
 """
 
@@ -28,7 +34,7 @@ UNHEALTHY = 1
 BAD_SETTINGS = 2
 
 #: What the probe can check, the first argument on its command line.
-TARGETS = ("gateway", "broker")
+TARGETS = ("gateway", "worker", "broker")
 
 #: Calling AE title of the probe when the gateway allows any caller.
 PROBE_AE_TITLE = "HEALTHCHECK"
@@ -104,6 +110,29 @@ def probe_broker(settings: Settings, timeout: float = 5.0) -> tuple[int, str]:
     return HEALTHY, "broker reachable"
 
 
+def probe_worker(settings: Settings, timeout: float = 5.0, hostname: str | None = None) -> tuple[int, str]:
+    """Broadcasts a Celery ping; healthy when a node on ``hostname`` (default: this host) answers.
+
+    Every worker on the broker answers a broadcast, so the probe waits ``timeout`` seconds for the
+    replies and picks this host's from them.
+    """
+    import socket
+
+    from retinagate.queue import producer
+
+    host = hostname or socket.gethostname()
+    try:
+        replies = producer(settings).control.ping(timeout=timeout)
+    except Exception as exc:  # kombu raises OperationalError, redis-py its own errors; any means down
+        return UNHEALTHY, f"broker unreachable ({type(exc).__name__})"
+    nodes = sorted(name for reply in replies or [] for name in reply)
+    here = [name for name in nodes if name.rpartition("@")[2] == host]
+    if here:
+        return HEALTHY, f"worker {', '.join(here)} answered ping"
+    others = f" (other nodes: {', '.join(nodes)})" if nodes else ""
+    return UNHEALTHY, f"no worker on host {host} answered ping within {timeout:g} s{others}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one probe and prints its reason; returns the exit status."""
     parser = argparse.ArgumentParser(prog="retinagate-healthcheck", description=__doc__.splitlines()[0])
@@ -120,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"retinagate-healthcheck: {exc}", file=sys.stderr)
         return BAD_SETTINGS
-    probe = probe_gateway if args.target == "gateway" else probe_broker
+    probe = {"gateway": probe_gateway, "worker": probe_worker, "broker": probe_broker}[args.target]
     status, reason = probe(settings, args.timeout)
     print(reason, file=sys.stderr if status else sys.stdout)
     return status

@@ -788,3 +788,69 @@ def test_every_queue_has_a_consumer_and_delivery_never_holds_a_scoring_process(
     assert consumed["score"] == ["prefork"]
     # Sweeps run wherever a worker is alive: a dead sender must not stop recovery, nor a dead scorer.
     assert sorted(consumed["maintenance"]) == ["prefork", "threads"]
+
+
+def run_healthcheck(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Runs an image's HEALTHCHECK command here: the installed probe is docker/healthcheck.py."""
+    assert argv[0] == "retinagate-healthcheck", f"not the probe the images install: {argv}"
+    return subprocess.run(
+        [sys.executable, str(DOCKER / "healthcheck.py"), *argv[1:]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+@pytest.mark.slow
+def test_worker_images_healthcheck_passes_against_a_real_retinagate_worker_and_fails_without_one(
+    services: dict[str, dict[str, Any]], dockerfiles: dict[str, list[Stage]], redis_socket: Path, tmp_path: Path
+) -> None:
+    import socket
+
+    from retinagate.db import upgrade
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAGATE_")}
+    env |= {
+        "RETINAGATE_DATA_DIR": str(tmp_path / "var"),
+        "RETINAGATE_BROKER_URL": f"redis+socket://{redis_socket}",
+        "RETINAGATE_LOG_LEVEL": "INFO",
+    }
+    upgrade(load_settings(environ=env))
+    checks = {name: healthcheck_argv(final_stage(dockerfiles[name]).all("HEALTHCHECK")[-1]) for name in DOCKERFILES}
+    worker_checks = [checks["Dockerfile.worker-cpu"], checks["Dockerfile.worker-gpu"]]
+    for argv in worker_checks:  # shortened here only: healthy answers come at once, a failure waits it out
+        argv[argv.index("--timeout") + 1] = "2"
+
+    # The sender, started as compose starts it: its node is deliver-maintenance@<host>, not celery@<host>.
+    command = [str(part) for part in services["sender"]["command"]]
+    log = (tmp_path / "sender.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "retinagate", *command],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while " ready." not in (tmp_path / "sender.log").read_text(errors="replace"):
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "sender.log").read_text()
+            time.sleep(0.1)
+        node = f"deliver-maintenance@{socket.gethostname()}"
+        for argv in worker_checks:
+            result = run_healthcheck(argv, env)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert node in result.stdout
+        # A worker on another host (another container) does not make this one healthy.
+        status, reason = load_probe().probe_worker(load_settings(environ=env), 2.0, hostname="elsewhere")
+        assert status == 1 and node in reason
+    finally:
+        os.killpg(process.pid, 9)
+        process.wait(30)
+        log.close()
+
+    result = run_healthcheck(worker_checks[0], env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"no worker on host {socket.gethostname()}" in result.stderr
