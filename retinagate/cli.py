@@ -5,7 +5,8 @@ Each package contributes its subcommands through a ``register(subparsers)`` func
 --help`` stays fast and the gateway and worker never load PyTorch.
 
 Exit codes: 0 success, 1 the work ran but some of it failed (for example an unreadable input in a
-batch), 2 bad usage or invalid settings, 3 a required resource is missing (model file, server).
+batch), 2 bad usage or invalid settings, 3 a required resource is missing or unreachable (model
+file, database, server). A query that matches nothing is an answer, not a failure: it exits 0.
 """
 
 from __future__ import annotations
@@ -99,3 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"retinagate {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from retinagate.db import connect_failure
+
+        message = connect_failure(exc, settings)
+        if message is None:
+            raise
+        print(f"retinagate {args.command}: {message}", file=sys.stderr)
+        return EXIT_MISSING

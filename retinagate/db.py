@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SchemaError",
     "check_schema",
+    "connect_failure",
     "current_revision",
     "downgrade",
     "head_revision",
@@ -66,6 +67,16 @@ def _database_url(settings_or_url: Settings | str) -> URL:
     return url
 
 
+def _sqlite_file(url: URL) -> Path | None:
+    """The file behind a SQLite URL; None for other databases, in-memory ones and URI filenames."""
+    database = url.database
+    if url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:") or url.query.get("uri"):
+        return None
+    return Path(database)
+
+
 def _set_sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
@@ -78,9 +89,10 @@ def _set_sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
 def make_engine(settings_or_url: Settings | str) -> Engine:
     """Creates the engine for RetinaGate's database.
 
-    SQLite: the file's folder is created, and every connection gets WAL mode, a 30 s busy timeout,
-    foreign keys and ``synchronous=NORMAL``. PostgreSQL: ``postgresql://`` URLs use the psycopg 3
-    driver, and connections are checked before use so a restarted server costs no failed task.
+    SQLite: the file's folder is created on the first connection, and every connection gets WAL
+    mode, a 30 s busy timeout, foreign keys and ``synchronous=NORMAL``. PostgreSQL:
+    ``postgresql://`` URLs use the psycopg 3 driver, and connections are checked before use so a
+    restarted server costs no failed task.
 
     Args:
         settings_or_url: The settings (their database URL, plus ``database_password`` when the URL
@@ -95,10 +107,17 @@ def make_engine(settings_or_url: Settings | str) -> Engine:
         raise ValueError(f"database_url: not a database URL ({exc})") from None
 
     if url.get_backend_name() == "sqlite":
-        database = url.database
-        if database and database != ":memory:" and not database.startswith("file:") and not url.query.get("uri"):
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url)
+        sqlite_file = _sqlite_file(url)
+        if sqlite_file is not None:
+            # At connect time, not now: a command that only reads and finds no database must not leave
+            # an empty data directory behind either.
+            folder = sqlite_file.parent
+
+            def make_folder(*_args: Any) -> None:
+                folder.mkdir(parents=True, exist_ok=True)
+
+            event.listen(engine, "do_connect", make_folder)
         event.listen(engine, "connect", _set_sqlite_pragmas)
         return engine
 
@@ -191,9 +210,8 @@ def _database_heads(connection: Connection) -> tuple[str, ...]:
 
 def current_revision(settings: Settings) -> str | None:
     """The database's schema revision, or None when it has none (a SQLite file is not created)."""
-    url = _database_url(settings)
-    sqlite_file = url.database if url.get_backend_name() == "sqlite" and url.database != ":memory:" else None
-    if sqlite_file and not Path(sqlite_file).exists():
+    sqlite_file = _sqlite_file(_database_url(settings))
+    if sqlite_file is not None and not sqlite_file.exists():
         return None
     engine = make_engine(settings)
     try:
@@ -207,12 +225,23 @@ def current_revision(settings: Settings) -> str | None:
 def check_schema(engine: Engine) -> None:
     """Makes sure the database is at this version's head revision; entry points call it at start.
 
+    A SQLite file that does not exist is reported as such and not created: only ``db upgrade`` (and
+    ``serve``, which runs it) makes a database.
+
     Raises:
-        SchemaError: When the schema is missing, behind, or from a revision this version does not
-            know; the message says what to do.
+        SchemaError: When the database file is missing, or the schema is missing, behind, or from a
+            revision this version does not know; the message says what to do.
+        sqlalchemy.exc.OperationalError: When the database cannot be reached (see
+            :func:`connect_failure`).
     """
     from alembic.script import ScriptDirectory
 
+    sqlite_file = _sqlite_file(engine.url)
+    if sqlite_file is not None and not sqlite_file.exists():
+        raise SchemaError(
+            f"there is no RetinaGate database at {sqlite_file.resolve()}: set RETINAGATE_DATA_DIR (or "
+            f"RETINAGATE_DATABASE_URL) to the data directory in use, or {_UPGRADE_HINT} to create one there"
+        )
     scripts = ScriptDirectory(str(_migrations_dir()))
     head = scripts.get_current_head()
     with engine.connect() as connection:
@@ -233,3 +262,24 @@ def check_schema(engine: Engine) -> None:
         f"the database {where} is at revision {', '.join(current)} but this version of RetinaGate needs "
         f"{head}; {_UPGRADE_HINT}"
     )
+
+
+def connect_failure(exc: BaseException, settings: Settings) -> str | None:
+    """One line saying that the database could not be reached, or None when ``exc`` is something else.
+
+    This is the rule every command shares (``retinagate.cli.main`` applies it): SQLAlchemy raises an
+    ``OperationalError`` without a SQL statement when it cannot open a connection (server down, wrong
+    host or port, refused login, a SQLite file it cannot open). Errors of a statement are not
+    connection failures and are left to their callers. The URL is shown without its password.
+    """
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    if not isinstance(exc, OperationalError | InterfaceError) or exc.statement is not None:
+        return None
+    url = _database_url(settings)
+    lines = [line.strip() for line in str(exc.orig).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(exc.orig).__name__
+    if url.password:
+        reason = reason.replace(str(url.password), "***")
+    where = url.render_as_string(hide_password=True)
+    return f"cannot reach the database {where} ({reason}); check that it is running and RETINAGATE_DATABASE_URL"

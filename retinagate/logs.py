@@ -65,6 +65,9 @@ def setup_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") ->
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
     # highdicom reports every object it builds at INFO; keep the service logs to our own events.
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))
+    # Alembic reports every plugin it sets up (on each schema check, read-only commands included) and
+    # every migration step at INFO; RETINAGATE_LOG_LEVEL=DEBUG shows them again.
+    logging.getLogger("alembic").setLevel(logging.WARNING if root.level > logging.DEBUG else root.level)
     try:
         from pynetdicom import _config
 

@@ -226,10 +226,23 @@ def test_check_schema_refuses_an_unmigrated_database_and_names_the_upgrade_comma
 ) -> None:
     engine = make_engine(empty_database_url)
     try:
+        with engine.connect():
+            pass  # an empty database: SQLite makes its file on the first connection
         with pytest.raises(SchemaError, match=r"no RetinaGate schema; run `retinagate db upgrade`"):
             check_schema(engine)
     finally:
         engine.dispose()
+
+
+def test_check_schema_names_a_missing_sqlite_file_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    path = tmp_path / "var" / "retinagate.db"
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        with pytest.raises(SchemaError, match=r"there is no RetinaGate database at .*RETINAGATE_DATA_DIR"):
+            check_schema(engine)
+    finally:
+        engine.dispose()
+    assert not (tmp_path / "var").exists()
 
 
 def test_check_schema_refuses_a_database_migrated_by_a_newer_version(engine: sa.Engine) -> None:
@@ -240,13 +253,14 @@ def test_check_schema_refuses_a_database_migrated_by_a_newer_version(engine: sa.
         check_schema(engine)
 
 
-def test_sqlite_engine_makes_the_folder_and_sets_wal_busy_timeout_foreign_keys_and_normal_sync(
+def test_sqlite_engine_makes_the_folder_on_connecting_and_sets_wal_busy_timeout_foreign_keys_and_normal_sync(
     tmp_path: Path,
 ) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'a' / 'b' / 'retinagate.db'}")
     try:
-        assert (tmp_path / "a" / "b").is_dir()
+        assert not (tmp_path / "a").exists()  # made when first connecting, not before
         with engine.connect() as connection:
+            assert (tmp_path / "a" / "b").is_dir()
             pragma = {name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
                       for name in ("journal_mode", "busy_timeout", "foreign_keys", "synchronous")}
     finally:

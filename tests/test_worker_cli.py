@@ -46,7 +46,11 @@ def test_worker_and_rescore_without_a_model_say_how_to_give_one(
     monkeypatch.setenv("RETINAGATE_DATA_DIR", str(tmp_path / "var"))
     monkeypatch.delenv("RETINAGATE_MODEL_PATH", raising=False)
     assert main(["worker"]) == EXIT_USAGE
-    assert "RETINAGATE_MODEL_PATH" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "set RETINAGATE_MODEL_PATH" in err and "retinagate export" in err
+    assert "--model" not in err  # the worker has no such option
+    assert main(["rescore"]) == EXIT_USAGE
+    assert "pass --model or set RETINAGATE_MODEL_PATH" in capsys.readouterr().err
     assert main(["rescore", "--model", str(tmp_path / "absent.onnx")]) == EXIT_MISSING
     assert "model file not found" in capsys.readouterr().err
 
@@ -57,6 +61,30 @@ def test_commands_on_a_database_never_migrated_say_what_to_run(
     monkeypatch.setenv("RETINAGATE_DATA_DIR", str(tmp_path / "var"))
     assert main(["results"]) == EXIT_MISSING
     assert "retinagate db upgrade" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["results"], ["deliveries", "list"], ["worker", "--queues", "deliver"]])
+def test_a_command_finding_no_database_file_says_so_and_creates_nothing(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "elsewhere"
+    monkeypatch.setenv("RETINAGATE_DATA_DIR", str(data_dir))
+    assert main(argv) == EXIT_MISSING
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"there is no RetinaGate database at {(data_dir / 'retinagate.db').resolve()}" in line
+    assert "RETINAGATE_DATA_DIR" in line and "retinagate db upgrade" in line
+    assert not data_dir.exists()  # neither an empty database file nor its folder left behind
+
+
+def test_a_database_file_without_the_schema_is_told_apart_from_a_missing_one(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = make_settings()
+    monkeypatch.setenv("RETINAGATE_DATA_DIR", str(settings.data_dir))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / "retinagate.db").touch()
+    assert main(["results"]) == EXIT_MISSING
+    assert "has no RetinaGate schema; run `retinagate db upgrade`" in capsys.readouterr().err
 
 
 def test_a_dry_run_counts_the_scored_instances_a_new_model_would_score_and_changes_nothing(

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from retinagate.cli import EXIT_MISSING, main
+from retinagate.cli import main
 from retinagate.db import make_engine, session_factory, session_scope, upgrade
 from retinagate.models import (
     Delivery,
@@ -154,7 +154,8 @@ def test_the_text_and_json_forms_carry_the_same_facts(make_settings: Callable[..
 
     assert "study 1.2.3 (accession ACC1): 2 image(s)" in text
     assert "DR 0.91, Disease_Risk 0.80" in text and "model retina 2.0" in text
-    assert "scored +2.0s" in text and "VIEW@10.0.0.2:104 retrying" in text
+    assert "scored +2.0s, not delivered |" in text and "VIEW@10.0.0.2:104 retrying" in text
+    assert "+-" not in text  # a stage not reached reads as such, not as a signed dash
     assert "No finding above threshold (top ARMD 0.30)" in text
     image = data[0]["images"][0]
     assert image["findings"] == [{"label": "DR", "probability": 0.91}, {"label": "Disease_Risk", "probability": 0.8}]
@@ -233,7 +234,7 @@ def test_a_finding_just_over_its_threshold_is_never_printed_under_it(
     assert "TSLN 0.0504" in text  # "0.05" would read as under the threshold of 0.0501
 
 
-def test_the_results_command_prints_json_and_says_when_a_study_is_unknown(
+def test_the_results_command_prints_json_and_an_unknown_study_or_an_empty_range_is_an_answer(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
@@ -248,5 +249,10 @@ def test_the_results_command_prints_json_and_says_when_a_study_is_unknown(
     assert main(["results", "--since", (T0 + timedelta(hours=1)).date().isoformat()]) == 0
     assert "study 1.2.4" in capsys.readouterr().out
 
-    assert main(["results", "--study", "9.9.9"]) == EXIT_MISSING
-    assert "no study with UID 9.9.9" in capsys.readouterr().err
+    # Nothing found is an answer for every filter, not a missing resource (exit 0 in both cases).
+    assert main(["results", "--study", "9.9.9"]) == 0
+    assert capsys.readouterr().out.strip() == "no study with UID 9.9.9"
+    assert main(["results", "--study", "9.9.9", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["results", "--since", "2999-01-01"]) == 0
+    assert capsys.readouterr().out.strip() == "no results"

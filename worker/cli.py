@@ -150,11 +150,13 @@ def register(subparsers: Any) -> None:
     results.set_defaults(handler=_results)
 
 
-def _check_model(path: Path | None) -> Path:
+def _check_model(path: Path | None, *, option: bool = False) -> Path:
+    """The model file to serve; ``option`` says whether the command has a ``--model`` option."""
     from retinagate.cli import EXIT_MISSING, EXIT_USAGE, CommandError
 
     if path is None:
-        raise CommandError("no model: pass --model or set RETINAGATE_MODEL_PATH", EXIT_USAGE)
+        where = "pass --model or set RETINAGATE_MODEL_PATH" if option else "set RETINAGATE_MODEL_PATH"
+        raise CommandError(f"no model: {where} to an ONNX file from `retinagate export`", EXIT_USAGE)
     if not path.is_file():
         raise CommandError(f"model file not found: {path}", EXIT_MISSING)
     return path
@@ -299,7 +301,7 @@ def _rescore(args: argparse.Namespace, settings: Settings) -> int:
     from retinagate.cli import EXIT_FAILED, EXIT_MISSING, CommandError
     from retinagate.db import session_scope
 
-    path = _check_model(args.model if args.model is not None else settings.model_path)
+    path = _check_model(args.model if args.model is not None else settings.model_path, option=True)
     engine, sessions = _sessions(settings)
     try:
         if args.dry_run:
@@ -430,7 +432,6 @@ def _queue_deliveries(settings: Settings, output_ids: list[int]) -> int:
 
 
 def _results(args: argparse.Namespace, settings: Settings) -> int:
-    from retinagate.cli import EXIT_MISSING, CommandError
     from retinagate.db import session_scope
     from worker.results import format_results, query_results, to_jsonable
 
@@ -440,10 +441,12 @@ def _results(args: argparse.Namespace, settings: Settings) -> int:
             found = query_results(session, study_uid=args.study, since=args.since)
     finally:
         engine.dispose()
-    if args.study is not None and not found:
-        raise CommandError(f"no study with UID {args.study}", EXIT_MISSING)
+    # Nothing found is an answer, whatever the filter: exit 0, as `deliveries list` does (exit 3 is
+    # for a database or model that is missing, see retinagate.cli).
     if args.json:
         print(json.dumps(to_jsonable(found), indent=2))
+    elif args.study is not None and not found:
+        print(f"no study with UID {args.study}")
     else:
         print(format_results(found))
     return 0

@@ -231,8 +231,9 @@ def to_jsonable(results: list[StudyResult]) -> list[dict[str, Any]]:
     return out
 
 
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}s"
+def _latency(stage: str, seconds: float | None) -> str:
+    """``scored +1.2s``, or ``not scored`` for a stage not reached (yet)."""
+    return f"not {stage}" if seconds is None else f"{stage} +{seconds:.1f}s"
 
 
 def format_results(results: list[StudyResult]) -> str:
@@ -260,7 +261,7 @@ def format_results(results: list[StudyResult]) -> str:
                 f"  {image.sop_instance_uid} {image.laterality or '-'} {image.status}"
                 f"{'' if image.status != 'failed' else ' (' + (image.last_error or '') + ')'}"
                 f" | {found} | model {image.model or '-'}"
-                f" | scored +{_seconds(image.scored_after_s)} delivered +{_seconds(image.delivered_after_s)}"
+                f" | {_latency('scored', image.scored_after_s)}, {_latency('delivered', image.delivered_after_s)}"
                 f" | {sent}"
             )
     return "\n".join(lines)
