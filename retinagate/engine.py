@@ -513,13 +513,17 @@ def _inspect(data: bytes, path: Path) -> tuple[ModelCard, tuple[int, int], bool]
     Returns:
         The card, the CAM's ``(h, w)`` and whether the graph has the ``ood_score`` output.
     """
+    export_hint = f"make the ONNX model from it with `retinagate export --checkpoint {path} --out model.onnx`"
+    if _is_pytorch_checkpoint(data):
+        raise ModelFileError(f"{path}: a PyTorch checkpoint, not an exported model; {export_hint}")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(data, sess_options=options, providers=[PROVIDERS["cpu"]], enable_fallback=0)
     except Exception as exc:  # InvalidProtobuf, InvalidArgument, InvalidGraph, Fail...
-        raise ModelFileError(f"{path}: not a loadable ONNX model ({_first_line(exc)})") from None
+        hint = f"; if it is a PyTorch checkpoint, {export_hint}" if path.suffix.lower() in (".pt", ".pth") else ""
+        raise ModelFileError(f"{path}: not a loadable ONNX model ({_first_line(exc)}){hint}") from None
     card = _parse_card(session.get_modelmeta().custom_metadata_map.get(CARD_METADATA_KEY), path)
     size, count = card.input_size, card.num_labels
     inputs = session.get_inputs()
@@ -547,6 +551,13 @@ def _inspect(data: bytes, path: Path) -> tuple[ModelCard, tuple[int, int], bool]
     if card.ood is not None and not has_ood:
         raise ModelFileError(f"{path}: the card has 'ood' statistics but the graph has no '{OOD_OUTPUT}' output")
     return card, (int(cam[2]), int(cam[3])), has_ood
+
+
+def _is_pytorch_checkpoint(data: bytes) -> bool:
+    """``torch.save`` output: a zip archive (its format since PyTorch 1.6) or a bare pickle (protocol 2
+    and up). A serialised ONNX model starts with neither: its first byte is the tag of a field
+    numbered below 16."""
+    return data[:4] == b"PK\x03\x04" or data[:1] == b"\x80"
 
 
 def _first_line(exc: BaseException) -> str:

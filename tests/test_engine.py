@@ -221,6 +221,19 @@ def test_a_file_that_is_not_onnx_or_missing_is_refused(tmp_path: Path) -> None:
         Engine(tmp_path / "absent.onnx")
 
 
+def test_a_pytorch_checkpoint_given_as_the_model_says_to_export_it(random_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match=r"a PyTorch checkpoint.*retinagate export --checkpoint"):
+        Engine(random_checkpoint)
+    renamed = tmp_path / "model.onnx"  # torch.save's zip archive, whatever its name says
+    renamed.write_bytes(random_checkpoint.read_bytes())
+    with pytest.raises(ModelFileError, match=r"a PyTorch checkpoint.*retinagate export"):
+        Engine(renamed)
+    garbage = tmp_path / "best.pt"  # named as a checkpoint: the protobuf error gets the hint too
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(ModelFileError, match=r"not a loadable ONNX model .*retinagate export"):
+        Engine(garbage)
+
+
 def test_load_takes_model_path_threads_batch_size_and_provider_from_settings(
     random_onnx_model_path: Path, make_settings: Callable[..., Settings]
 ) -> None:

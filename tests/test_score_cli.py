@@ -101,6 +101,16 @@ def test_a_missing_model_exits_three(inputs: Path, tmp_path: Path, capsys: pytes
     assert "--model" in capsys.readouterr().err
 
 
+def test_a_pytorch_checkpoint_as_the_model_is_refused_with_a_hint_to_export_it(
+    inputs: Path, tmp_path: Path, random_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["score", str(inputs), "--model", str(random_checkpoint), "--out", str(tmp_path / "out")])
+    assert code == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "PyTorch checkpoint" in err and "retinagate export --checkpoint" in err
+    assert "protobuf" not in err.lower()
+
+
 def test_folders_are_searched_recursively_for_images(inputs: Path) -> None:
     found = collect_inputs([inputs])
 
