@@ -12,6 +12,7 @@ help:
 	@echo "make test       lint, type-check and run the whole test suite (slow and interop tests included)"
 	@echo "make test-fast  the suite without slow and interop tests"
 	@echo "make bench      run the CPU benchmarks under bench/"
+	@echo "make clean      remove var/ (demo data, models, databases) and the tool caches"
 
 $(BIN)/retinagate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
