@@ -122,7 +122,7 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
             model = _find(session, args.model)
             card = model.card
             names = {m.id: f"{m.name} {m.version}" for m in session.scalars(select(Model))}
-            history = [
+            history: list[dict[str, Any]] = [
                 {
                     "activated_at": a.activated_at.isoformat(),
                     "activated_by": a.activated_by,
