@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -82,6 +83,13 @@ def _wait_for_echo(port: int, ae_title: str, timeout_s: float) -> None:
     ae.add_requested_context(Verification)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        # A plain TCP connect first: pynetdicom logs an ERROR for each refused association, and the
+        # gateway refusing connections while it starts is the normal course of this wait.
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+        except OSError:
+            time.sleep(0.5)
+            continue
         assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
         if assoc.is_established:
             assoc.send_c_echo()
