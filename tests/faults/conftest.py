@@ -35,8 +35,6 @@ from retinagate.pacs import Orthanc, free_port
 from retinagate.serve import stop_process
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
-IMPLICIT_LITTLE = "1.2.840.10008.1.2"
 
 #: Settings that make recovery fast enough for a test: sweeps every 5 s, work with no live message sent
 #: again after 30 s, short backoffs, destinations whose retries ran out probed every 10 s. The settings
@@ -618,8 +616,10 @@ def camera(tmp_path: Path, request: pytest.FixtureRequest) -> Camera:
 
 
 @pytest.fixture
-def postgres_cluster(tmp_path: Path) -> Iterator[PostgresCluster]:
-    """A PostgreSQL cluster of this test's own (with an empty database ``retinagate``), to stop and start."""
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster of this test's own (with an empty database ``retinagate``), to stop and start.
+
+    In a short folder under /tmp: its Unix socket's path must stay under 108 bytes."""
     try:
         import psycopg  # noqa: F401
     except ImportError:
