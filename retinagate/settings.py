@@ -228,7 +228,7 @@ class Settings(BaseSettings):
     )
     delivery_backoff_max: Annotated[float, Field(gt=0)] = Field(600.0, description="Longest delivery retry delay.")
     delivery_probe_interval: Annotated[int, Field(ge=5)] = Field(
-        120,
+        30,
         description="Seconds between C-ECHO probes of a destination holding deliveries whose retries ran out; "
         "when it answers, they are sent again.",
     )
