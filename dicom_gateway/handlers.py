@@ -17,6 +17,16 @@ an instance is sent again with a different-looking identity, the stored file's d
 and, when it matches, the row is brought to the new definition and the re-send acknowledged as a
 duplicate (see ``StoreHandler._stored_identity``). No migration is needed.
 
+RetinaGate's own outputs (a heatmap SC sent back, typically by a PACS routing rule that forwards
+whole studies; see :mod:`retinagate.provenance`) are acknowledged 0x0000 and neither stored nor
+scored. Acknowledged, because a refusal makes such a rule retry, or flag the study, for ever; a
+0xB006 warning would fill the PACS log with one line per forwarded object for a non-event. Not
+stored, because RetinaGate already holds the object (its ``outputs`` row and file), the PACS keeps
+its copy, and a stored row would be ``received``, which the sweeper queues for scoring: exactly the
+loop this prevents (a "stored, not scored" status would need a new instance status and migration).
+The gateway logs the reason with the association's id, never a UID or patient attribute, counts it
+in ``retinagate_gateway_own_outputs``, and the association's audit row counts it as accepted.
+
 Handlers never raise: pynetdicom would answer 0xC211 and the sender would learn nothing useful.
 A failure to store (a full volume, an unreachable database) answers 0xA700 (out of resources) and
 leaves no file and no row: the sender keeps its copy and tries again, where acknowledging would lose
@@ -215,6 +225,10 @@ class StoreHandler:
             max_bytes=self._settings.max_instance_bytes,
             max_pixels=self._settings.max_pixels,
         )
+        if facts.own_output is not None:
+            metrics.OWN_OUTPUTS.inc()
+            logger.info("%s: instance acknowledged, not stored or scored: %s", label, facts.own_output)
+            return _answer(STATUS_SUCCESS)
         header = file_header(sop_class, sop_instance, transfer_syntax)
         identity = facts.content_sha256
         calling_ae = record.calling_ae if record is not None else None

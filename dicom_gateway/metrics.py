@@ -40,6 +40,10 @@ DUPLICATES = Counter(
     "Instances whose SOP Instance UID was already stored, by what was done (identical, kept_first, replaced).",
     ["action"],
 )
+OWN_OUTPUTS = Counter(
+    "retinagate_gateway_own_outputs",
+    "RetinaGate's own outputs sent back (a PACS routing loop): acknowledged, neither stored nor scored.",
+)
 ASSOCIATIONS = Counter("retinagate_gateway_associations", "Associations by outcome.", ["outcome"])
 ACTIVE_ASSOCIATIONS = Gauge("retinagate_gateway_active_associations", "Connections being served now.")
 ENQUEUED = Counter("retinagate_gateway_enqueued_instances", "Instances handed to the score queue.")

@@ -13,15 +13,24 @@ status      reason (metric label)            when
 ==========  ===============================  ===================================================
 ``0xA700``  ``too_large``                    more bytes than ``max_instance_bytes``
 ``0xA700``  ``too_many_pixels``              Rows x Columns x Frames over ``max_pixels``
+``0xC210``  ``empty``                        a zero-length dataset
 ``0xC210``  ``undecodable``                  truncated or malformed element structure, sequences
                                              nested deeper than ``MAX_SEQUENCE_DEPTH`` (32)
 ``0xA900``  ``uid_mismatch``                 dataset SOP Class/Instance UID differs from the command
 ``0xA900``  ``missing_attribute``            Study/Series UID or an Image Pixel attribute missing
 ``0xA900``  ``invalid_uid``                  SOP Instance, Study or Series UID not a valid UID
                                              (digits and dots, no leading zeros, 64 at most)
-``0xA900``  ``pixel_data_inconsistent``      Pixel Data shorter than declared, or the wrong form
+``0xA900``  ``pixel_data_inconsistent``      Pixel Data shorter than declared, a frame or more
+                                             longer (NumberOfFrames undercounts), or the wrong form
+``0xA900``  ``unscorable_pixels``            SamplesPerPixel other than 1 or 3, PALETTE COLOR
+                                             without its lookup tables
+                                             (:func:`retinagate.encoded.unscorable_pixels`)
 ``0x0122``  ``sop_class_not_supported``      the command's SOP class is not one the gateway takes
 ==========  ===============================  ===================================================
+
+An instance that passes every check and is one of RetinaGate's own outputs
+(:func:`retinagate.provenance.own_output`) is not refused: :attr:`InstanceFacts.own_output` says so,
+and the handler acknowledges it without storing it.
 
 "Out of resources" for sizes: the sender may try again with a smaller instance or another node, and
 nothing about the data is wrong. "Does not match SOP class" for inconsistent data: the dataset is
@@ -37,6 +46,7 @@ from typing import Final
 
 from dicom_gateway.sop_classes import ENCAPSULATED_SYNTAXES, is_valid_uid
 from retinagate import encoded
+from retinagate.provenance import own_output
 
 __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
@@ -93,6 +103,8 @@ class InstanceFacts:
     #: releases) and the sender's meta never enter it, so an identical re-send to any gateway process,
     #: before or after a restart or upgrade, has the same identity.
     content_sha256: str
+    #: Why the instance is one of RetinaGate's own outputs (no patient data), or ``None``.
+    own_output: str | None = None
 
 
 def inflate(data: bytes | bytearray | memoryview, limit: int) -> bytearray:
@@ -167,6 +179,10 @@ def inspect_dataset(
     _check_uid("SOP Instance UID", sop_instance_uid)
     if len(data) > max_bytes:
         raise Refusal(STATUS_OUT_OF_RESOURCES, "too_large", f"dataset exceeds {max_bytes} bytes")
+    if not data:
+        # Said outright: an empty dataset would otherwise be refused as a UID mismatch, which sends
+        # whoever reads the sender's log looking for the wrong problem.
+        raise Refusal(STATUS_CANNOT_UNDERSTAND, "empty", "the dataset is empty")
     if transfer_syntax == DEFLATED_SYNTAX:
         # Bounded by the instance cap and by the decoded-pixel budget the worker enforces.
         data = inflate(data, encoded.inflate_limit(3 * max_pixels, max_bytes))
@@ -193,6 +209,8 @@ def inspect_dataset(
         bits = _int(ds.get("BitsAllocated"))
         frames = _int(ds.get("NumberOfFrames", 1) or 1)
         photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+        unscorable = encoded.unscorable_pixels(samples, photometric, ds) if samples is not None else None
+        ours = own_output(ds)
     except Exception:  # pydicom raises many types for values it cannot read
         raise Refusal(STATUS_CANNOT_UNDERSTAND, "undecodable", "dataset attributes cannot be decoded") from None
 
@@ -202,8 +220,10 @@ def inspect_dataset(
     _check_uid("Series Instance UID", series_uid)
     if rows is None or columns is None or samples is None or bits is None or frames is None:
         raise Refusal(STATUS_DOES_NOT_MATCH, "missing_attribute", "an Image Pixel attribute is missing")
-    if min(rows, columns, samples, frames) < 1 or samples not in (1, 3, 4) or not (bits == 1 or bits in (8, 16, 32)):
+    if min(rows, columns, samples, frames) < 1 or not (bits == 1 or bits in (8, 16, 32)):
         raise Refusal(STATUS_DOES_NOT_MATCH, "pixel_data_inconsistent", "Image Pixel attributes out of range")
+    if unscorable is not None:
+        raise Refusal(STATUS_DOES_NOT_MATCH, "unscorable_pixels", unscorable)
     # The same budget the worker's decoder enforces (retinagate.decode.check_pixel_budget): pixels,
     # and decoded bytes at most those of 8-bit RGB, so what passes here can be decoded there.
     pixels = rows * columns * frames
@@ -226,10 +246,13 @@ def inspect_dataset(
             )
     else:
         expected = encoded.native_pixel_bytes(rows, columns, samples, frames, bits, photometric)
-        if layout.defined_length is None or layout.defined_length < expected:
-            raise Refusal(
-                STATUS_DOES_NOT_MATCH, "pixel_data_inconsistent", "Pixel Data shorter than the image it declares"
-            )
+        problem = (
+            "Pixel Data shorter than the image it declares"
+            if layout.defined_length is None
+            else encoded.native_length_problem(layout.defined_length, expected, frames)
+        )
+        if problem is not None:
+            raise Refusal(STATUS_DOES_NOT_MATCH, "pixel_data_inconsistent", problem)
 
     return InstanceFacts(
         sop_class_uid=sop_class_uid,
@@ -242,4 +265,5 @@ def inspect_dataset(
         columns=columns,
         frames=frames,
         content_sha256=hashlib.sha256(data).hexdigest(),
+        own_output=ours,
     )

@@ -27,9 +27,12 @@ import mmap
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from retinagate.errors import InputError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 #: What the walk reads: bytes received, an inflated buffer, or a memory-mapped file.
 Encoded = bytes | bytearray | memoryview | mmap.mmap
@@ -38,6 +41,8 @@ __all__ = [
     "INFLATE_CHUNK",
     "MAX_SEQUENCE_DEPTH",
     "NON_PIXEL_ROOM",
+    "PALETTE_DESCRIPTORS",
+    "SCORABLE_SAMPLES",
     "TRAILING_ROOM",
     "DatasetTooLargeError",
     "Encoded",
@@ -46,7 +51,9 @@ __all__ = [
     "Structure",
     "inflate",
     "inflate_limit",
+    "native_length_problem",
     "native_pixel_bytes",
+    "unscorable_pixels",
     "walk",
 ]
 
@@ -263,6 +270,53 @@ def native_pixel_bytes(rows: int, columns: int, samples: int, frames: int, bits:
     """
     per_pixel = 2 if photometric.strip().upper() == "YBR_FULL_422" and samples == 3 else samples
     return math.ceil(rows * columns * frames * per_pixel * bits / 8)
+
+
+#: Samples per pixel the decoder can score: 1 (grey) and 3 (colour). 4 (the retired ARGB and CMYK)
+#: cannot be, so the gateway refuses it rather than store an instance that can only fail.
+SCORABLE_SAMPLES: Final = frozenset({1, 3})
+
+#: What PALETTE COLOR pixels need to become colours: the three lookup table descriptors (the data
+#: elements come with them; a file with descriptors but no data fails in the decoder with its reason).
+PALETTE_DESCRIPTORS: Final = (
+    "RedPaletteColorLookupTableDescriptor",
+    "GreenPaletteColorLookupTableDescriptor",
+    "BluePaletteColorLookupTableDescriptor",
+)
+
+
+def unscorable_pixels(samples: int, photometric: str, dataset: Dataset) -> str | None:
+    """Why an image with these Image Pixel attributes can never be scored, or ``None``.
+
+    The gateway's and the decoder's one rule: the gateway refuses such an instance (0xA900) instead of
+    storing it for a worker that can only fail it; the decoder fails a file with the same reason.
+
+    Args:
+        samples: Samples per Pixel.
+        photometric: Photometric Interpretation.
+        dataset: The dataset (its header is enough), asked which attributes it has.
+    """
+    if samples not in SCORABLE_SAMPLES:
+        return f"SamplesPerPixel {samples} cannot be scored (1 or 3)"
+    if photometric.strip().upper() == "PALETTE COLOR" and not all(k in dataset for k in PALETTE_DESCRIPTORS):
+        return "PALETTE COLOR without its lookup tables"
+    return None
+
+
+def native_length_problem(length: int, expected: int, frames: int) -> str | None:
+    """Why native Pixel Data of ``length`` bytes does not hold its declared image, or ``None``.
+
+    ``expected`` is :func:`native_pixel_bytes` for all ``frames`` frames. Shorter is a truncated file
+    or a lying header. Longer by less than one frame is padding (the even-length pad byte, or a
+    writer's slack) that the decoder ignores. Longer by a whole frame or more means NumberOfFrames
+    undercounts the frames: scoring the declared ones would silently leave the rest unscored. The
+    gateway refuses both (0xA900); the decoder fails both. Messages fit an Error Comment (64).
+    """
+    if length < expected:
+        return "Pixel Data shorter than the image it declares"
+    if length - expected >= max(1, expected // max(1, frames)):
+        return "Pixel Data holds more frames than NumberOfFrames"
+    return None
 
 
 def inflate_limit(decoded_budget: int, max_bytes: int | None = None) -> int:
