@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +36,10 @@ def register(subparsers: Any) -> None:
             "Unreadable inputs are reported by name and the batch goes on. A photograph the gradability "
             "gate refuses (no circular field of view, not colour, out of focus, badly exposed, unlike the "
             "training photographs; RETINAGATE_GATE=off turns it off) is reported as not graded, with the "
-            "reasons, and its SC and SR say so.\n\n"
-            "Exit status: 0 all read (scored or not graded), 1 some inputs failed, 2 bad usage, "
+            "reasons, and its SC and SR say so. RetinaGate's own outputs (heatmap SC, SR, Parametric "
+            "Map, such as the .sc.dcm files this command writes) are skipped with a message, never "
+            "scored: scoring a heatmap would only make a heatmap of a heatmap.\n\n"
+            "Exit status: 0 all read (scored, not graded or skipped), 1 some inputs failed, 2 bad usage, "
             "3 model file missing."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -130,6 +132,7 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
 
     from tqdm import tqdm
 
+    from retinagate.decode import is_dicom_file, own_output_of_file
     from retinagate.engine import Engine, ModelFileError, ProviderError
     from retinagate.outputs.findings import describe_findings
     from retinagate.pipeline import Pipeline, ScoreResult
@@ -147,14 +150,29 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
     names = _Names()
     thresholds = dict(zip(engine.card.labels, engine.card.thresholds, strict=True))
     rows: list[tuple[str, str, str]] = []
-    scored = ungradable = failed = 0
+    scored = ungradable = skipped = failed = 0
+
+    def scorable(paths: Sequence[Path]) -> Iterator[Path]:
+        """The inputs to score, in order; RetinaGate's own outputs are reported as skipped instead."""
+        nonlocal skipped
+        for path in paths:
+            reason = own_output_of_file(path) if path.is_file() and is_dicom_file(path) else None
+            if reason is None:
+                yield path
+                continue
+            skipped += 1
+            progress.update(1)
+            progress.write(f"retinagate score: {path}: skipped: {reason}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"source": str(path), "status": "skipped", "reason": reason}), flush=True)
+
     with (
         Pipeline(engine, settings) as pipeline,
         tqdm(
             total=len(inputs), unit="image", disable=not show_progress or None, file=sys.stderr, leave=False
         ) as progress,
     ):
-        for result in pipeline.iter_score(inputs):
+        for result in pipeline.iter_score(scorable(inputs)):
             progress.update(1)
             if not isinstance(result, ScoreResult):
                 failed += 1
@@ -186,7 +204,8 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
     if not args.json:
         if rows:
             _print_table(rows)
-        print(f"{scored} scored, {ungradable} not graded, {failed} failed; outputs in {args.out}")
+        own = f"{skipped} skipped (RetinaGate's own outputs), " if skipped else ""
+        print(f"{scored} scored, {ungradable} not graded, {own}{failed} failed; outputs in {args.out}")
     return EXIT_FAILED if failed else EXIT_OK
 
 
