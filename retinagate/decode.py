@@ -518,7 +518,8 @@ def _check_jpeg_structure(frame: bytes) -> None:
     disagrees with NumberOfFrames (several images where one frame is declared). Flipped bits inside
     the Huffman codes that leave the marker structure intact are not found here: they decode to a
     damaged picture, which the gradability gate judges. One regular-expression scan per scan segment,
-    in C: well under a millisecond per megabyte, against about 11 ms to decode a 12 MP frame at 1/8.
+    in C: measured 0.34 ms per MB (0.13 ms for a 2048x1536 quality-95 frame of 0.4 MB, on the 2-core
+    machine), against 2.9-3.5 ms to decode that frame at 1/8-1/4.
     """
     position, end = 2, len(frame)
     while True:
