@@ -133,6 +133,7 @@ class _Stored:
     sha256: str
     storage_key: str
     transfer_syntax_uid: str
+    status: str
 
 
 def _answer(status: int, comment: str | None = None) -> Dataset:
@@ -241,7 +242,17 @@ class StoreHandler:
             if existing is not None:
                 if identity == existing.sha256 or identity == self._stored_identity(existing):
                     metrics.DUPLICATES.labels(action="identical").inc()
-                    logger.info("%s: duplicate of instance %d acknowledged, not scored again", label, existing.id)
+                    if existing.status == InstanceStatus.RECEIVED:
+                        # Stored but never queued: a gateway that crashed between its commit and the
+                        # enqueue. The camera's re-send is the occasion to queue it now rather than
+                        # after the sweep's stuck_after (a second task for it is harmless: a claim
+                        # skips work already done or held).
+                        logger.info(
+                            "%s: duplicate of instance %d acknowledged; it was never queued: queued", label, existing.id
+                        )
+                        self._submit(existing.id)
+                    else:
+                        logger.info("%s: duplicate of instance %d acknowledged, not scored again", label, existing.id)
                     return _answer(STATUS_SUCCESS)
                 if self._settings.gateway_duplicate_policy == "keep_first":
                     metrics.DUPLICATES.labels(action="kept_first").inc()
@@ -302,14 +313,22 @@ class StoreHandler:
         try:
             with self._sessions() as session:
                 row = session.execute(
-                    select(Instance.id, Instance.sha256, Instance.storage_key, Instance.transfer_syntax_uid).where(
-                        Instance.sop_instance_uid == sop_instance_uid
-                    )
+                    select(
+                        Instance.id,
+                        Instance.sha256,
+                        Instance.storage_key,
+                        Instance.transfer_syntax_uid,
+                        Instance.status,
+                    ).where(Instance.sop_instance_uid == sop_instance_uid)
                 ).first()
         except SQLAlchemyError as exc:
             logger.error("instance lookup failed: %s", type(exc).__name__)
             raise Refusal(STATUS_OUT_OF_RESOURCES, "database_failed", "database unavailable; not stored") from None
-        return None if row is None else _Stored(row.id, row.sha256, row.storage_key, row.transfer_syntax_uid)
+        return (
+            None
+            if row is None
+            else _Stored(row.id, row.sha256, row.storage_key, row.transfer_syntax_uid, str(row.status))
+        )
 
     def _stored_identity(self, stored: _Stored) -> str | None:
         """The content identity of a row hashed the old way, and the row brought to this definition.

@@ -328,6 +328,28 @@ def test_a_duplicate_is_acknowledged_and_not_queued_again(
     assert _queued_ids(empty_redis) == [rows[0].id]
 
 
+def test_a_resend_of_an_instance_stored_but_never_queued_queues_it(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
+) -> None:
+    # A gateway that crashed between its commit and the enqueue left the row `received`; the camera's
+    # re-send used to be acknowledged as a duplicate and left it for the sweep (10 minutes).
+    sent: list[int] = []
+    gateway = start_gateway(send=sent.extend)
+    source = camera_files(1)[0]
+    assert _send(gateway, [source]) == [0]
+    _wait_for(lambda: len(sent) == 1)
+    engine = make_engine(gateway.settings)
+    with session_factory(engine)() as session, session.begin():
+        session.get_one(Instance, sent[0]).status = InstanceStatus.RECEIVED  # as the crash left it
+    engine.dispose()
+
+    assert _send(gateway, [source]) == [0]
+
+    _wait_for(lambda: len(sent) == 2)
+    assert sent == [sent[0], sent[0]] and len(_instances(gateway.settings)) == 1
+    assert _instances(gateway.settings)[0].status == InstanceStatus.QUEUED
+
+
 def test_different_content_under_a_known_uid_keeps_the_first_with_a_warning(
     start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
 ) -> None:
