@@ -226,7 +226,7 @@ class StoreHandler:
             max_bytes=self._settings.max_instance_bytes,
             max_pixels=self._settings.max_pixels,
         )
-        if facts.own_output is not None:
+        if facts.own_output is not None and not self._settings.gateway_store_own_outputs:
             metrics.OWN_OUTPUTS.inc()
             logger.info("%s: instance acknowledged, not stored or scored: %s", label, facts.own_output)
             return _answer(STATUS_SUCCESS)
@@ -300,7 +300,11 @@ class StoreHandler:
                 logger.debug("%s: stored instance %d (%d bytes)", label, instance_id, size)
             metrics.INSTANCES_RECEIVED.inc()
             metrics.BYTES_RECEIVED.inc(size)
-            self._submit(instance_id)
+            if facts.own_output is not None:
+                metrics.OWN_OUTPUTS.inc()
+                logger.info("%s: instance %d stored, not scored: %s", label, instance_id, facts.own_output)
+            else:
+                self._submit(instance_id)
             return _answer(STATUS_SUCCESS)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
@@ -402,10 +406,12 @@ class StoreHandler:
             instance.calling_ae = calling_ae
             instance.association_id = association_id
             instance.received_at = now
-            instance.status = InstanceStatus.RECEIVED
+            # Derived AI output (our own, sent back) is kept if asked, never scored: a routing loop
+            # would otherwise score heatmaps of heatmaps.
+            instance.status = InstanceStatus.SKIPPED if facts.own_output is not None else InstanceStatus.RECEIVED
             instance.status_changed_at = now
             instance.attempts = 0
-            instance.last_error = None
+            instance.last_error = f"not scored: {facts.own_output}"[:2000] if facts.own_output is not None else None
             session.flush()
             return instance.id
 

@@ -82,6 +82,7 @@ class InstanceStatus(enum.StrEnum):
     SCORED = "scored"  # prediction and outputs written
     UNGRADABLE = "ungradable"  # the gradability gate refused it: outputs say why, no findings (see predictions)
     FAILED = "failed"  # gave up: permanent error or too many attempts (see last_error)
+    SKIPPED = "skipped"  # stored on request but never scored: derived AI output, RetinaGate's own (see last_error)
 
 
 class PredictionStatus(enum.StrEnum):

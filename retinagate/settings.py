@@ -194,6 +194,11 @@ class Settings(BaseSettings):
     gateway_duplicate_policy: Literal["keep_first", "replace"] = Field(
         "keep_first", description="What to do with a known SOP Instance UID whose content differs."
     )
+    gateway_store_own_outputs: bool = Field(
+        False,
+        description="Store RetinaGate's own outputs sent back to the gateway (status skipped, never scored); "
+        "off, they are acknowledged and dropped.",
+    )
     study_quiet_seconds: Annotated[int, Field(ge=0)] = Field(
         300, description="A study counts as complete after this long without new instances."
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,31 @@ def test_the_gateway_acknowledges_our_own_sc_and_neither_stores_nor_queues_it(
     assert stored == [gateway.storage.path(rows[0].storage_key)]
     assert "not stored or scored: RetinaGate's own output" in caplog.text
     assert str(sc.PatientName) not in caplog.text and str(sc.SOPInstanceUID) not in caplog.text
+
+
+def test_asked_to_store_them_the_gateway_keeps_our_own_sc_as_skipped_and_never_queues_it(
+    outputs: dict[str, Path], start_gateway: Callable[..., Any]
+) -> None:
+    queued: list[int] = []
+    gateway = start_gateway(send=queued.extend, gateway_store_own_outputs=True)
+    sc = pydicom.dcmread(outputs["sc"])
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(SC, [str(sc.file_meta.TransferSyntaxUID)])
+    host, port = gateway.address
+    assoc = ae.associate(host, port, ae_title=gateway.settings.gateway_ae_title)
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(outputs["sc"]).Status) for _ in range(2)]
+    finally:
+        assoc.release()
+
+    assert statuses == [0x0000, 0x0000]
+    (row,) = _instances(gateway.settings)
+    assert row.sop_instance_uid == str(sc.SOPInstanceUID) and row.status == "skipped"
+    assert row.last_error is not None and row.last_error.startswith("not scored: RetinaGate's own output")
+    assert gateway.storage.path(row.storage_key).is_file()
+    time.sleep(0.3)  # a task would be sent within milliseconds
+    assert queued == []
 
 
 def test_an_own_output_stored_before_the_rule_fails_with_its_reason_and_is_not_retried(

@@ -259,7 +259,7 @@ def format_results(results: list[StudyResult]) -> str:
             sent = "; ".join(f"{d.destination} {d.status}" for d in image.deliveries) or "not sent"
             lines.append(
                 f"  {image.sop_instance_uid} {image.laterality or '-'} {image.status}"
-                f"{'' if image.status != 'failed' else ' (' + (image.last_error or '') + ')'}"
+                f"{' (' + (image.last_error or '') + ')' if image.status in ('failed', 'skipped') else ''}"
                 f" | {found} | model {image.model or '-'}"
                 f" | {_latency('scored', image.scored_after_s)}, {_latency('delivered', image.delivered_after_s)}"
                 f" | {sent}"
