@@ -241,6 +241,10 @@ class Gateway:
         if self._server is not None:
             raise RuntimeError("the gateway is already running")
         quiet_pynetdicom()
+        # A gateway (or worker) killed in the middle of a write left its temporary file behind.
+        stale = self.storage.remove_stale_temporaries()
+        if stale:
+            logger.warning("removed %d temporary file(s) of writes a killed process never finished", stale)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),

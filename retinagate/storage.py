@@ -20,6 +20,28 @@ from typing import BinaryIO
 __all__ = ["Storage", "StorageError"]
 
 
+def _host_tag() -> str:
+    """This host's name as it can appear in a file name (letters, digits, hyphens; short)."""
+    import socket
+
+    return "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())[:40] or "host"
+
+
+def _writer_tag() -> str:
+    """``host-pid`` of the process writing a temporary file, so a later start can tell whose it is."""
+    return f"{_host_tag()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 class StorageError(OSError):
     """A durable write failed; nothing was left behind."""
 
@@ -67,7 +89,7 @@ class Storage:
             StorageError: On any I/O failure; the temporary file is removed and ``key`` is untouched.
         """
         final = self.path(key)
-        tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+        tmp = final.with_name(f".{final.name}.{_writer_tag()}.{secrets.token_hex(4)}.tmp")
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             with tmp.open("xb") as raw:
@@ -84,6 +106,35 @@ class Storage:
                 raise
             raise StorageError(f"durable write of {key} failed: {exc}") from exc
         return hashing.digest.hexdigest(), hashing.size
+
+    def remove_stale_temporaries(self, older_than_s: float = 24 * 3600.0) -> int:
+        """Removes the temporary files of writes that never finished; returns how many.
+
+        A process killed in the middle of a write (SIGKILL, a power cut) leaves its temporary file
+        behind: never a stored instance (nothing points at it, and its name is hidden), but space.
+        A temporary file is stale when the process that wrote it is gone: its tag names this host
+        and a process that no longer runs, or this very process (which has written nothing yet when
+        it calls this, at its start: a restarted container reuses its pids). Another host's file
+        is only removed after ``older_than_s``, since its writer may be alive.
+        """
+        host, pid = _host_tag(), os.getpid()
+        removed = 0
+        now = datetime.now(UTC).timestamp()
+        for tmp in self.root.rglob(".*.tmp"):
+            parts = tmp.name.split(".")
+            tag = parts[-3] if len(parts) >= 4 else ""
+            tag_host, _, tag_pid = tag.rpartition("-")
+            mine = tag_host == host and tag_pid.isdigit()
+            try:
+                stale = (mine and (int(tag_pid) == pid or not _alive(int(tag_pid)))) or (
+                    now - tmp.stat().st_mtime > older_than_s
+                )
+                if stale:
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     def write_bytes(self, key: str, data: bytes) -> tuple[str, int]:
         """Writes ``data`` durably under ``key``; see :meth:`write`."""

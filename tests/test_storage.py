@@ -43,3 +43,35 @@ def test_keys_are_generated_and_cannot_escape_the_folder(tmp_path: Path) -> None
         storage.path("../../etc/passwd")
     with pytest.raises(ValueError, match="kind"):
         storage.new_key("../x")
+
+
+def test_stale_temporaries_of_dead_or_restarted_writers_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import time
+
+    from retinagate.storage import _host_tag
+
+    storage = Storage(tmp_path / "storage")
+    folder = storage.root / "in" / "2026" / "12" / "05"
+    folder.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = _host_tag()
+    names = {
+        "dead writer here": f".a.dcm.{host}-{dead.pid}.00000001.tmp",
+        "this process, before it wrote anything": f".b.dcm.{host}-{os.getpid()}.00000002.tmp",
+        "a live writer here": f".c.dcm.{host}-{os.getppid()}.00000003.tmp",
+        "another host, recent": ".d.dcm.elsewhere-1.00000004.tmp",
+        "another host, a day old": ".e.dcm.elsewhere-1.00000005.tmp",
+    }
+    for name in names.values():
+        (folder / name).write_bytes(b"partial")
+    day_ago = time.time() - 25 * 3600
+    os.utime(folder / names["another host, a day old"], (day_ago, day_ago))
+    storage.write_bytes("in/2026/12/05/whole.dcm", b"whole")
+
+    assert storage.remove_stale_temporaries() == 3
+
+    left = sorted(p.name for p in folder.iterdir())
+    assert left == sorted([names["a live writer here"], names["another host, recent"], "whole.dcm"])

@@ -1,7 +1,9 @@
 """redis-server stopped and started again while studies arrive and deliveries are in flight. Redis runs
 without persistence, so the messages it held are gone: SQL is the source of truth, and the sweeper must
-find that work again. Once with one worker taking every queue, once in ``retinagate serve``'s layout
-(a scoring worker, and a sending worker on threads for delivery), each with beat."""
+find that work again. In ``retinagate serve``'s layout, which the compose file shares (a scoring
+worker, and a sending worker on threads for delivery), with beat. (A single worker taking every queue
+also passes, but it spends most of a minute held by the frozen PACS; it is left out to keep CI short:
+``LAYOUTS`` below has it.)"""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ["serve's layout"])
 def test_a_redis_restart_while_studies_arrive_and_deliveries_are_in_flight_loses_nothing_and_does_nothing_twice(
     deployment, camera, layout: str
 ) -> None:
