@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "worker.cli",
     "worker.deliveries_cli",
     "worker.models_cli",
+    "worker.storage_cli",
 )
 
 
