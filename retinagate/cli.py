@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -66,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", type=Path, metavar="TOML", help="settings file (environment variables RETINAGATE_* win)"
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show the libraries' own messages and Celery's banners too (RETINAGATE_LOG_VERBOSE=true)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -86,12 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        # Through the environment, so the processes a command starts (serve's children) inherit it.
+        os.environ["RETINAGATE_LOG_VERBOSE"] = "true"
     try:
         settings = load_settings(args.config)
     except SettingsError as exc:
         print(f"retinagate: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, verbose=settings.log_verbose)
     handler: Callable[[argparse.Namespace, Any], int] = args.handler
     try:
         return handler(args, settings)

@@ -40,8 +40,25 @@ def _step(message: str) -> None:
     print(f"\n==> {message}", flush=True)
 
 
-def _run(argv: Sequence[str], env: dict[str, str] | None = None) -> None:
-    result = subprocess.run(list(argv), env=env, check=False)
+def _quiet_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for the demo's own steps: their summaries on the console, not their logs
+    (``retinagate -v demo`` shows those too), and no progress bars."""
+    env = dict(os.environ if base is None else base)
+    if env.get("RETINAGATE_LOG_VERBOSE", "").lower() not in ("1", "true", "yes", "on"):
+        env["RETINAGATE_LOG_LEVEL"] = "WARNING"
+    env["TQDM_DISABLE"] = "1"
+    return env
+
+
+def _run(argv: Sequence[str], env: dict[str, str] | None = None, log: Path | None = None) -> None:
+    """Runs a step; with ``log`` its output goes there (and its tail to the console if it fails)."""
+    if log is None:
+        result = subprocess.run(list(argv), env=_quiet_env(env), check=False)
+    else:
+        with log.open("ab") as out:
+            result = subprocess.run(list(argv), env=_quiet_env(env), stdout=out, stderr=subprocess.STDOUT, check=False)
+        if result.returncode != 0:
+            print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
     if result.returncode != 0:
         raise DemoError(f"`{' '.join(argv[2:])}` failed with exit status {result.returncode}")
 
@@ -64,15 +81,47 @@ def ensure_model(workdir: Path, *, epochs: int, train_images: int) -> Path:
     # Easy mode: a model trained for a few CPU minutes finds its stickers, which is what a demo needs.
     _run(_cli("synth", str(data), "--n", str(train_images), "--size", "256", "192", "--seed", "1", "--mode", "easy"))
     run_dir = model_dir / "run"
+    log = model_dir / "train.log"  # the training report and the export's checks, kept off the console
+    model_dir.mkdir(parents=True, exist_ok=True)
     _run(
         _cli(
             "train", "--data", str(data), "--out", str(run_dir), "--epochs", str(epochs),
             "--img-size", "128", "--batch-size", "32", "--no-pretrained", "--aug", "light",
-        )
+        ),
+        log=log,
     )  # fmt: skip
-    _run(_cli("export", "--checkpoint", str(run_dir / "best.pt"), "--out", str(onnx_path)))
+    _run(_cli("export", "--checkpoint", str(run_dir / "best.pt"), "--out", str(onnx_path)), log=log)
+    print(f"trained and exported: {onnx_path} (report: {log})")
     stamp.write_text(json.dumps(recipe))
     return onnx_path
+
+
+#: Below this test macro AUROC the demo says plainly that its model has learned little.
+MEANINGFUL_AUROC = 0.75
+
+
+def model_quality(workdir: Path) -> str:
+    """One line on what the demo model learned (test macro AUROC and pointing game, from its card),
+    and plainly when it is little more than chance: a newcomer opens its heatmaps next."""
+    card = workdir / "model" / "run" / "model_card.json"
+    try:
+        test = json.loads(card.read_text())["metrics"]["test"]
+        auroc = float(test["macro_auroc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "the demo model's test metrics are not available"
+    pointing = test.get("pointing_game") or {}
+    point = (
+        f", pointing game {pointing['rate']:.2f} (chance {pointing['chance']:.2f})"
+        if isinstance(pointing, dict) and pointing.get("total")
+        else ""
+    )
+    line = f"demo model: test macro AUROC {auroc:.2f} on {test.get('count', '?')} synthetic photographs{point}"
+    if auroc < MEANINGFUL_AUROC:
+        line += (
+            "\nnote: this model has learned little (chance is 0.50), so its heatmaps show how RetinaGate "
+            "returns results, not what a trained model finds (see README, Model)"
+        )
+    return line
 
 
 def _wait_for_echo(port: int, ae_title: str, timeout_s: float) -> None:
@@ -170,6 +219,7 @@ def run_demo(settings: Settings, *, studies: int = 10, epochs: int = 6, train_im
 
     _step("2/6 a model trained on synthetic data")
     model = ensure_model(workdir, epochs=epochs, train_images=train_images)
+    print(model_quality(workdir))
 
     _step("3/6 a receiving PACS")
     receiver = start_receiver(workdir / "pacs-run")
@@ -191,8 +241,16 @@ def run_demo(settings: Settings, *, studies: int = 10, epochs: int = 6, train_im
     serve: subprocess.Popen[bytes] | None = None
     try:
         _step("4/6 retinagate serve (gateway, workers, beat, embedded Redis)")
-        serve = subprocess.Popen(_cli("serve"), env=env)
-        _wait_for_echo(port, settings.gateway_ae_title, timeout_s=90)
+        system.mkdir(parents=True, exist_ok=True)
+        serve_log = system / "serve.log"
+        with serve_log.open("wb") as log:
+            serve = subprocess.Popen(_cli("serve"), env=env, stdout=log, stderr=subprocess.STDOUT)
+        print(f"its log: {serve_log}")
+        try:
+            _wait_for_echo(port, settings.gateway_ae_title, timeout_s=90)
+        except DemoError:
+            print(serve_log.read_text(errors="replace")[-3000:], file=sys.stderr)
+            raise
 
         _step(f"5/6 a camera sends {len(files)} photographs")
         sent_at = time.monotonic()
@@ -203,12 +261,13 @@ def run_demo(settings: Settings, *, studies: int = 10, epochs: int = 6, train_im
         print(f"all {len(files)} photographs scored and returned in {elapsed:.1f} s")
 
         _step("6/6 results")
-        subprocess.run(_cli("results"), env=env, check=False)
+        subprocess.run(_cli("results"), env=_quiet_env(env), check=False)
         previews = _write_previews(receiver, [r for r in results if r.sop_class_uid == SC_CLASS], workdir / "previews")
-        print(f"\nheatmap previews: {previews[0].parent}/ ({len(previews)} PNG files), e.g. {previews[0]}")
     finally:
         if serve is not None:
             stop_process(serve, 60, signal.SIGINT)
         receiver.stop()
-    print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
+    print(f"\ndemo finished in {time.monotonic() - started:.0f} s; these results again: "
+          f"RETINAGATE_DATA_DIR={system} retinagate results")  # fmt: skip
+    print(f"heatmap previews: {previews[0].parent}/ ({len(previews)} PNG files), e.g. {previews[0]}")
     return 0

@@ -49,9 +49,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") -> None:
+#: Libraries whose INFO messages are chatter for an operator (every task received and succeeded, every
+#: Alembic plugin, every highdicom object): shown from WARNING up unless ``verbose`` or DEBUG.
+CHATTY_LIBRARIES = ("celery", "kombu", "amqp", "redis", "alembic", "highdicom")
+
+
+def setup_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text", *, verbose: bool = False) -> None:
     """Configures the root logger for a process; safe to call again (it replaces its own handler only,
-    leaving handlers others installed, a test harness's say, in place)."""
+    leaving handlers others installed, a test harness's say, in place).
+
+    ``verbose`` (``RETINAGATE_LOG_VERBOSE``, ``retinagate -v``) lets the libraries in
+    :data:`CHATTY_LIBRARIES` log at ``level`` too; without it they log from WARNING up.
+    """
     handler = _StderrHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -63,11 +72,11 @@ def setup_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") ->
     # pynetdicom logs whole identifiers (patient names among them) at DEBUG; keep it at WARNING
     # whatever the root level, and turn its dataset logging off where the library offers it.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
-    # highdicom reports every object it builds at INFO; keep the service logs to our own events.
-    logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))
-    # Alembic reports every plugin it sets up (on each schema check, read-only commands included) and
-    # every migration step at INFO; RETINAGATE_LOG_LEVEL=DEBUG shows them again.
-    logging.getLogger("alembic").setLevel(logging.WARNING if root.level > logging.DEBUG else root.level)
+    # Library chatter: Celery logs every task received and succeeded, Alembic every plugin it sets up
+    # (on each schema check, read-only commands included), highdicom every object it builds.
+    quiet = not verbose and root.level > logging.DEBUG
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level) if quiet else root.level)
     try:
         from pynetdicom import _config
 

@@ -246,6 +246,11 @@ class Settings(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_verbose: bool = Field(
+        False,
+        description="Libraries' own messages (Celery, Kombu, Alembic, highdicom) and Celery's banners at the log "
+        "level too; off, they show from WARNING up (`retinagate -v` turns it on).",
+    )
 
     # Secrets are held as SecretStr so they never print; see masked().
     database_password: SecretStr | None = Field(

@@ -117,3 +117,31 @@ def test_a_read_only_command_on_a_migrated_database_logs_no_library_chatter(tmp_
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "no results"
     assert "alembic" not in result.stderr and result.stderr == ""
+
+    # -v brings the libraries' messages back.
+    verbose = subprocess.run(
+        [str(Path(sys.executable).with_name("retinagate")), "-v", "results"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
+    assert verbose.returncode == 0 and "alembic" in verbose.stderr
+
+
+def test_library_chatter_is_kept_at_warning_unless_verbose_or_debug() -> None:
+    import logging
+
+    from retinagate.logs import CHATTY_LIBRARIES, setup_logging
+
+    try:
+        setup_logging("INFO")
+        assert {logging.getLogger(n).level for n in CHATTY_LIBRARIES} == {logging.WARNING}
+        setup_logging("INFO", verbose=True)
+        assert {logging.getLogger(n).level for n in CHATTY_LIBRARIES} == {logging.INFO}
+        setup_logging("DEBUG")
+        assert {logging.getLogger(n).level for n in CHATTY_LIBRARIES} == {logging.DEBUG}
+        assert logging.getLogger("pynetdicom").level == logging.WARNING  # identifiers: never below WARNING
+    finally:
+        setup_logging("INFO")

@@ -31,6 +31,15 @@ def test_demo_sends_studies_through_the_running_system_and_writes_heatmap_previe
     assert len(previews) == 6
     assert all(p.stat().st_size > 10_000 for p in previews)
     assert (tmp_path / "var" / "demo" / "model" / "model.onnx").is_file()
+    # What a newcomer reads: the model's quality said plainly, and a short console that ends with the
+    # results and the previews. The default run has 10 studies (3 table lines each) instead of these 3.
+    assert "demo model: test macro AUROC" in result.stdout
+    lines = result.stdout.splitlines()
+    table = [line for line in lines if line.startswith("study ") or line.startswith("  2.25.")]
+    assert len(table) == 3 * 3
+    assert len(lines) - len(table) + 3 * 10 <= 60, result.stdout
+    assert lines[-1].startswith("heatmap previews:") and "retinagate results" in lines[-2]
+    assert "Traceback" not in result.stdout + result.stderr and "ERROR" not in result.stdout + result.stderr
 
     # A second run reuses the cached model instead of training again.
     again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)

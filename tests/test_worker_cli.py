@@ -133,7 +133,7 @@ def test_the_worker_passes_its_pool_queues_and_a_node_name_per_queue_set_to_cele
     settings = make_settings(model_path=model)
     upgrade(settings)
     started: list[list[str]] = []
-    monkeypatch.setattr(cli, "_run_celery", lambda app, argv: started.append(argv) or 0)
+    monkeypatch.setattr(cli, "_run_celery", lambda app, argv, quiet=True: started.append(argv) or 0)
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
 

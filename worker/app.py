@@ -266,7 +266,7 @@ def _on_setup_logging(**_: Any) -> None:
     except RuntimeError:  # another app is current: RetinaGate's defaults
         setup_logging()
         return
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, verbose=settings.log_verbose)
 
 
 def _on_process_init(**_: Any) -> None:

@@ -194,11 +194,12 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         argv += ["--concurrency", str(args.concurrency)]
     if args.beat:
         argv += ["--beat"]
-    return _run_celery(app, argv)
+    return _run_celery(app, argv, quiet=not settings.log_verbose)
 
 
-def _run_celery(app: Any, argv: list[str]) -> int:
-    """Runs a Celery subcommand on ``app`` and returns its exit status.
+def _run_celery(app: Any, argv: list[str], *, quiet: bool = True) -> int:
+    """Runs a Celery subcommand on ``app`` and returns its exit status; ``quiet`` leaves out Celery's
+    start-up banner (``retinagate -v`` shows it).
 
     ``Celery.start`` discards the status that its command line returns, so a worker that stopped on
     an "Unrecoverable error" (status 1 inside Celery) used to exit 0, and a supervisor that restarts
@@ -211,7 +212,7 @@ def _run_celery(app: Any, argv: list[str]) -> int:
 
     celery_command.params[0].default = app  # the --app option, as Celery.start sets it
     try:
-        code = celery_command.main(args=argv, standalone_mode=False)
+        code = celery_command.main(args=["--quiet", *argv] if quiet else argv, standalone_mode=False)
     finally:
         celery_command.params[0].default = None
     status = code if isinstance(code, int) else 0
@@ -274,7 +275,7 @@ def _beat(args: argparse.Namespace, settings: Settings) -> int:
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
-    return _run_celery(app, ["beat", "--loglevel", settings.log_level])
+    return _run_celery(app, ["beat", "--loglevel", settings.log_level], quiet=not settings.log_verbose)
 
 
 def _database(settings: Settings) -> Engine:
