@@ -401,6 +401,7 @@ class StoreHandler:
             instance.columns = facts.columns
             instance.frames = facts.frames
             instance.storage_key = key
+            instance.pruned_at = None  # a replaced instance has its photograph again
             instance.sha256 = identity
             instance.size_bytes = size
             instance.calling_ae = calling_ae

@@ -166,6 +166,9 @@ class Instance(Base):
     #: The worker scoring it (``host:pid``) and until when, while ``scoring``; see :mod:`worker.lease`.
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column()
+    #: When storage retention removed the received file (``retention_days``; see :mod:`worker.retention`).
+    #: The row, its predictions, outputs and deliveries stay; the photograph cannot be scored again.
+    pruned_at: Mapped[datetime | None] = mapped_column()
 
     study: Mapped[Study] = relationship(back_populates="instances")
     predictions: Mapped[list[Prediction]] = relationship(back_populates="instance")

@@ -20,6 +20,7 @@ __all__ = [
     "DELIVER_QUEUE",
     "DELIVER_TASK",
     "MAINTENANCE_QUEUE",
+    "PRUNE_TASK",
     "RESCORE_TASK",
     "SCORE_QUEUE",
     "SCORE_TASK",
@@ -37,6 +38,7 @@ SCORE_TASK: Final = "retinagate.score"
 DELIVER_TASK: Final = "retinagate.deliver"
 SWEEP_TASK: Final = "retinagate.sweep"
 RESCORE_TASK: Final = "retinagate.rescore"
+PRUNE_TASK: Final = "retinagate.prune"
 
 SCORE_QUEUE: Final = "score"
 DELIVER_QUEUE: Final = "deliver"
@@ -47,6 +49,7 @@ TASK_QUEUES: Final = {
     DELIVER_TASK: DELIVER_QUEUE,
     SWEEP_TASK: MAINTENANCE_QUEUE,
     RESCORE_TASK: SCORE_QUEUE,  # it serves the scoring workers' model
+    PRUNE_TASK: MAINTENANCE_QUEUE,
 }
 
 

@@ -239,6 +239,12 @@ class Settings(BaseSettings):
     )
     rescore_cron: str = Field("0 2 * * *", description="When nightly rescoring runs (cron: min hour dom mon dow).")
     rescore_batch_size: Annotated[int, Field(ge=1, le=1024)] = Field(16, description="Instances per rescore task.")
+    retention_days: Annotated[int, Field(ge=0, le=36500)] = Field(
+        0,
+        description="Days a received photograph's file is kept; after that, once its work is finished (scored, "
+        "ungradable, failed or skipped, and no delivery pending), a daily prune (03:30 UTC, or `retinagate "
+        "storage prune`) removes the file and keeps its row, predictions, outputs and deliveries. 0: keep forever.",
+    )
 
     # Observability.
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(

@@ -603,3 +603,30 @@ def test_an_unreachable_database_answers_out_of_resources_rather_than_acknowledg
         unreachable.dispose()
     assert metrics.REJECTS.labels(reason="database_failed")._value.get() == rejects + 2
     assert _stored_files(settings) == []
+
+
+def test_a_replaced_instance_whose_photograph_retention_pruned_has_its_photograph_again(
+    start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
+) -> None:
+    from retinagate.db import make_engine, session_factory, session_scope
+    from retinagate.models import Instance, utcnow
+
+    sent: list[int] = []
+    gateway = start_gateway(gateway_duplicate_policy="replace", send=sent.extend)
+    source = camera_files(1)[0]
+    assert _send(gateway, [source]) == [0]
+    _wait_for(lambda: len(sent) == 1)
+    engine = make_engine(gateway.settings)
+    with session_scope(session_factory(engine)) as s:
+        row = s.get_one(Instance, sent[0])
+        row.pruned_at = utcnow()
+        gateway.storage.delete(row.storage_key)
+    engine.dispose()
+    changed = dcmread(source)
+    changed.SeriesDescription = "re-exported"
+
+    assert _send(gateway, [changed]) == [0]
+
+    _wait_for(lambda: len(sent) == 2)
+    row = _instances(gateway.settings)[0]
+    assert row.pruned_at is None and gateway.storage.path(row.storage_key).is_file()

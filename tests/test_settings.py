@@ -82,6 +82,7 @@ def test_toml_file_may_use_a_retinagate_table(tmp_path: Path) -> None:
         ("RETINAGATE_GATEWAY_ALLOWED_NETWORKS", "10.0.0.0/33", "CIDR"),
         ("RETINAGATE_GATEWAY_AE_TITLE", "A_TITLE_THAT_IS_TOO_LONG", "AE title"),
         ("RETINAGATE_RESCORE_CRON", "every night", "cron"),
+        ("RETINAGATE_RETENTION_DAYS", "-1", "RETINAGATE_RETENTION_DAYS"),
         ("RETINAGATE_GATEWAY_TLS_CERT", "/tls/cert.pem", "gateway_tls_key"),
         ("RETINAGATE_NO_SUCH_THING", "1", "RETINAGATE_NO_SUCH_THING"),
     ],

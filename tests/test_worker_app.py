@@ -95,3 +95,44 @@ def test_the_worker_cli_module_imports_only_the_standard_library() -> None:
                           check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_beat_prunes_storage_daily_at_0330_utc_only_when_retention_is_set(
+    make_settings: Callable[..., Settings],
+) -> None:
+    from retinagate.queue import PRUNE_TASK
+
+    assert "retinagate-prune" not in create_app(make_settings()).conf.beat_schedule
+
+    entry = create_app(make_settings(retention_days=90)).conf.beat_schedule["retinagate-prune"]
+
+    assert entry["task"] == PRUNE_TASK and entry["options"]["queue"] == "maintenance"
+    cron = entry["schedule"]
+    assert isinstance(cron, crontab) and cron.minute == {30} and cron.hour == {3} and len(cron.day_of_week) == 7
+
+
+def test_the_prune_task_is_on_the_maintenance_queue_and_prunes_with_the_apps_settings(
+    make_settings: Callable[..., Settings], worker_store_outputs: Callable[..., list[int]]
+) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import select, update
+
+    from retinagate.db import make_engine, session_factory, session_scope
+    from retinagate.models import Instance, utcnow
+    from retinagate.queue import PRUNE_TASK
+
+    settings = make_settings(retention_days=7)
+    worker_store_outputs(settings, 1)
+    engine = make_engine(settings)
+    with session_scope(session_factory(engine)) as s:
+        s.execute(update(Instance).values(received_at=utcnow() - timedelta(days=8)))
+    app = create_app(settings)
+    assert app.amqp.router.route({}, PRUNE_TASK)["queue"].name == "maintenance"
+
+    result = app.tasks[PRUNE_TASK].apply().get()
+
+    assert result["pruned"] == 1 and result["remaining"] == 0 and result["errors"] == 0
+    with session_scope(session_factory(engine)) as s:
+        assert s.scalar(select(Instance.pruned_at)) is not None
+    engine.dispose()

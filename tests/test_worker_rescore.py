@@ -183,3 +183,21 @@ def test_only_scored_instances_in_range_without_a_prediction_from_the_model_are_
         assert find_unscored(s, model.id, since=T0 + timedelta(days=5)) == [late]
         assert find_unscored(s, None) == [done, waiting, late, refused]
     engine.dispose()
+
+
+def test_instances_whose_photograph_retention_pruned_are_not_rescored(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()
+    upgrade(settings)
+    engine = make_engine(settings)
+    with session_scope(session_factory(engine)) as s:
+        model = Model(name="r", version="1", sha256="1" * 64, card={})
+        s.add(model)
+        s.flush()
+        kept = _add(s, 0)
+        pruned = _add(s, 1)
+        s.get_one(Instance, pruned).pruned_at = utcnow()
+        s.flush()
+
+        assert find_unscored(s, model.id) == [kept]
+        assert find_unscored(s, None) == [kept]
+    engine.dispose()

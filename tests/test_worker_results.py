@@ -256,3 +256,26 @@ def test_the_results_command_prints_json_and_an_unknown_study_or_an_empty_range_
     assert json.loads(capsys.readouterr().out) == []
     assert main(["results", "--since", "2999-01-01"]) == 0
     assert capsys.readouterr().out.strip() == "no results"
+
+
+def test_an_image_whose_photograph_retention_pruned_shows_when_and_keeps_its_findings(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    ids = _populate(settings)
+    pruned = T0 + timedelta(days=1)
+    engine = make_engine(settings)
+    with session_scope(session_factory(engine)) as s:
+        s.get_one(Instance, ids["right"]).pruned_at = pruned
+    engine.dispose()
+
+    (study,) = _query(settings, study_uid="1.2.3")
+    text = format_results([study])
+    data = to_jsonable([study])
+
+    right, left = study.images
+    assert right.pruned_at == pruned and right.findings == [("DR", 0.91), ("Disease_Risk", 0.8)]
+    assert left.pruned_at is None
+    assert f"scored, photograph pruned {pruned.date().isoformat()} | DR 0.91" in text
+    assert text.count("photograph pruned") == 1
+    assert data[0]["images"][0]["pruned_at"] == pruned.isoformat() and data[0]["images"][1]["pruned_at"] is None

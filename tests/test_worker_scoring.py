@@ -394,3 +394,56 @@ def test_an_instance_another_live_worker_holds_is_left_to_it_and_a_dead_workers_
         done = s.get_one(Instance, abandoned)
         assert done.lease_owner is None and done.lease_expires_at is None
         assert s.get_one(Instance, held).lease_owner == "elsewhere:42"
+
+
+def test_a_photograph_retention_pruned_is_skipped_with_its_reason_and_keeps_its_status(
+    bench: Callable[..., Bench], worker_store_instance: Callable[..., int]
+) -> None:
+    from retinagate.models import utcnow
+    from worker.retention import PRUNED_REASON
+
+    b = bench()
+    instance = worker_store_instance(b.settings, status="scored")
+    with session_scope(b.sessions) as s:
+        row = s.get_one(Instance, instance)
+        row.pruned_at = utcnow()
+        b.storage.delete(row.storage_key)
+
+    outcome = b.score([instance])
+
+    assert outcome.skipped == {instance: PRUNED_REASON} and outcome.retry == [] and outcome.failed == []
+    assert b.rows()["instances"][instance] == ("scored", 0, None)
+
+
+def test_a_photograph_pruned_while_its_claim_was_made_is_given_its_status_back_not_retried(
+    bench: Callable[..., Bench], worker_store_instance: Callable[..., int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race: the claim read the row before the prune committed and wrote after it.
+    import worker.scoring
+    from retinagate.models import utcnow
+    from worker.retention import PRUNED_REASON
+
+    b = bench()
+    b.load()
+    instance = worker_store_instance(b.settings, status="scored")
+    with session_scope(b.sessions) as s:
+        old = Model(name="old", version="0", sha256="b" * 64, card={})
+        s.add(old)
+        s.flush()
+        s.add(Prediction(instance_id=instance, model_id=old.id, probabilities={}, findings=[], duration_s=0.0))
+    claim = worker.scoring._claim
+
+    def claim_then_prune(*args: Any) -> Any:
+        claims = claim(*args)
+        with session_scope(b.sessions) as s:
+            row = s.get_one(Instance, instance)
+            row.pruned_at = utcnow()
+            b.storage.delete(row.storage_key)
+        return claims
+
+    monkeypatch.setattr(worker.scoring, "_claim", claim_then_prune)
+    outcome = b.score([instance])
+
+    assert outcome.skipped == {instance: PRUNED_REASON} and outcome.retry == [] and outcome.scored == []
+    status, _, error = b.rows()["instances"][instance]
+    assert status == "scored" and error is None

@@ -34,6 +34,7 @@ from kombu.entity import Exchange, Queue
 from retinagate.queue import (
     DELIVER_QUEUE,
     MAINTENANCE_QUEUE,
+    PRUNE_TASK,
     RESCORE_TASK,
     SCORE_QUEUE,
     SWEEP_TASK,
@@ -172,6 +173,32 @@ def _rescore_schedule(expression: str) -> crontab:
         raise ValueError(f"rescore_cron: {expression!r} is not a valid cron expression ({exc})") from None
 
 
+def _schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Beat's periodic tasks: the sweep, the nightly rescore and, with ``retention_days``, the daily prune."""
+    schedule: dict[str, dict[str, Any]] = {
+        "retinagate-sweep": {
+            "task": SWEEP_TASK,
+            "schedule": float(settings.sweep_interval),
+            # A sweep that waited longer than one interval is superseded by the next.
+            "options": {"queue": MAINTENANCE_QUEUE, "expires": float(settings.sweep_interval)},
+        },
+        "retinagate-rescore": {
+            "task": RESCORE_TASK,
+            "schedule": _rescore_schedule(settings.rescore_cron),
+            # On a scoring worker: the task registers and serves that worker's model.
+            "options": {"queue": SCORE_QUEUE},
+        },
+    }
+    if settings.retention_days > 0:
+        schedule["retinagate-prune"] = {
+            "task": PRUNE_TASK,
+            # Daily at a quiet hour; a prune not started within the hour is superseded by the next day's.
+            "schedule": crontab(minute=30, hour=3),
+            "options": {"queue": MAINTENANCE_QUEUE, "expires": 3600.0},
+        }
+    return schedule
+
+
 def _queues() -> list[Queue]:
     # One direct exchange per queue, named like it: the same bindings the producers in
     # retinagate.queue declare. (Without an exchange Celery binds every queue to the default
@@ -233,20 +260,7 @@ def create_app(settings: Settings, *, preload: bool = False) -> Celery:
         worker_send_task_events=False,
         enable_utc=True,
         timezone="UTC",
-        beat_schedule={
-            "retinagate-sweep": {
-                "task": SWEEP_TASK,
-                "schedule": float(settings.sweep_interval),
-                # A sweep that waited longer than one interval is superseded by the next.
-                "options": {"queue": MAINTENANCE_QUEUE, "expires": float(settings.sweep_interval)},
-            },
-            "retinagate-rescore": {
-                "task": RESCORE_TASK,
-                "schedule": _rescore_schedule(settings.rescore_cron),
-                # On a scoring worker: the task registers and serves that worker's model.
-                "options": {"queue": SCORE_QUEUE},
-            },
-        },
+        beat_schedule=_schedule(settings),
         beat_schedule_filename=str((settings.data_dir / "celerybeat-schedule").resolve()),
     )
     # What the tasks' base class builds each process's runtime from (see runtime()).

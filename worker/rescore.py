@@ -69,9 +69,12 @@ def find_unscored(
     Instances still on their way (received, queued, scoring) are left to the normal path, which
     scores them with the worker's model; failed ones failed for their input, not for the model.
     Ungradable ones are gated again: a new model's ``ood_score`` may accept what the old one refused.
+    Instances whose photograph storage retention pruned (``pruned_at``) have nothing left to score.
     ``model_id`` None (a model not registered yet) means every scored or ungradable instance in range.
     """
-    query = select(Instance.id).where(Instance.status.in_([InstanceStatus.SCORED, InstanceStatus.UNGRADABLE]))
+    query = select(Instance.id).where(
+        Instance.status.in_([InstanceStatus.SCORED, InstanceStatus.UNGRADABLE]), Instance.pruned_at.is_(None)
+    )
     if model_id is not None:
         has_prediction = exists().where(Prediction.instance_id == Instance.id, Prediction.model_id == model_id)
         query = query.where(~has_prediction)

@@ -1,6 +1,7 @@
 """What was found, per study and image, read back from SQL for ``retinagate results``.
 
-Per image: its status (``ungradable`` when the gradability gate refused it, with the reasons), the
+Per image: its status (``ungradable`` when the gradability gate refused it, with the reasons; when
+storage retention removed the photograph, the day it did), the
 findings of the active model (or, without one, of the newest prediction) with their probabilities,
 which model made them, the latency of each stage from the
 SQL timestamps (received, scored, delivered) and the delivery status at every destination.
@@ -75,6 +76,8 @@ class ImageResult:
     reasons: list[str] = field(default_factory=list)
     #: Each finding's threshold in the model's card, so the text prints its probability on the right side.
     thresholds: dict[str, float] = field(default_factory=dict)
+    #: When storage retention removed the received photograph (its results stay).
+    pruned_at: datetime | None = None
 
     @property
     def scored_after_s(self) -> float | None:
@@ -195,6 +198,7 @@ def query_results(
             deliveries=deliveries,
             reasons=reasons if instance.status == InstanceStatus.UNGRADABLE else [],
             thresholds=thresholds,
+            pruned_at=instance.pruned_at,
         )
         study = studies.get(instance.study_id)
         if study is None:
@@ -257,9 +261,10 @@ def format_results(results: list[StudyResult]) -> str:
             else:
                 found = "-"
             sent = "; ".join(f"{d.destination} {d.status}" for d in image.deliveries) or "not sent"
+            pruned = f", photograph pruned {image.pruned_at.date().isoformat()}" if image.pruned_at else ""
             lines.append(
                 f"  {image.sop_instance_uid} {image.laterality or '-'} {image.status}"
-                f"{' (' + (image.last_error or '') + ')' if image.status in ('failed', 'skipped') else ''}"
+                f"{' (' + (image.last_error or '') + ')' if image.status in ('failed', 'skipped') else ''}{pruned}"
                 f" | {found} | model {image.model or '-'}"
                 f" | {_latency('scored', image.scored_after_s)}, {_latency('delivered', image.delivered_after_s)}"
                 f" | {sent}"

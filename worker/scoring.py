@@ -11,8 +11,9 @@ Order of work, and why:
 1. Claim the instances (status ``scoring``, one more attempt, a lease in this process's name) in a
    short transaction, so the sweeper can tell work in progress from lost work; the lease is renewed
    while the batch runs (:mod:`worker.lease`). A claim skips what needs no work: an instance this
-   model has already scored (a message delivered twice), one another live worker holds, and one that
-   failed for good (a stale message must not revive it with fresh attempts).
+   model has already scored (a message delivered twice), one another live worker holds, one that
+   failed for good (a stale message must not revive it with fresh attempts), and one whose
+   photograph storage retention pruned (:mod:`worker.retention`; there is nothing left to score).
 2. Score the files in one batch.
 3. Write every output file durably before any row points at it.
 4. In one transaction, a few statements for the whole batch: upsert predictions, outputs and pending
@@ -30,6 +31,7 @@ import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,6 +54,7 @@ from retinagate.storage import StorageError
 from worker.delivery import pending_deliveries
 from worker.lease import expiry, owner, renewing
 from worker.registry import activate_model, register_model, served_model
+from worker.retention import FINISHED, PRUNED_REASON
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -106,7 +109,7 @@ class ScoreOutcome:
     deliver: list[int] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)
     #: Instances not claimed, and why: already scored by this model, held by another live worker,
-    #: failed for good, or not in the database.
+    #: failed for good, photograph pruned by retention, or not in the database.
     skipped: dict[int, str] = field(default_factory=dict)
 
 
@@ -242,7 +245,10 @@ def _claim(
                 and row.lease_expires_at is not None
                 and row.lease_expires_at > now
             )
-            if row.status == InstanceStatus.FAILED:
+            if row.pruned_at is not None and not held:
+                skipped[row.id] = PRUNED_REASON
+                _settle_pruned(row, now)
+            elif row.status == InstanceStatus.FAILED:
                 skipped[row.id] = "failed for good"
             elif done and row.id in scored_by_model:
                 skipped[row.id] = "already scored by this model"
@@ -257,6 +263,35 @@ def _claim(
     if skipped:
         logger.info("score: %d instance(s) skipped (%s)", len(skipped), ", ".join(sorted(set(skipped.values()))))
     return claims
+
+
+def _settle_pruned(row: Instance, now: datetime) -> None:
+    """Gives a pruned instance that a claim caught in work the status its newest prediction says.
+
+    Only a claim racing the prune (it read the row before the prune committed, and wrote after)
+    leaves a pruned instance outside the finished statuses; it was scored or ungradable before.
+    """
+    if row.status in FINISHED:
+        return
+    newest = max(row.predictions, key=lambda p: p.created_at, default=None)
+    if newest is None:
+        row.status, row.last_error = InstanceStatus.FAILED, PRUNED_REASON
+    elif newest.status == PredictionStatus.UNGRADABLE:
+        row.status = InstanceStatus.UNGRADABLE
+    else:
+        row.status = InstanceStatus.SCORED
+    row.status_changed_at = now
+    row.lease_owner = row.lease_expires_at = None
+
+
+def _pruned(sessions: sessionmaker[Session], ids: Sequence[int]) -> set[int]:
+    """Of ``ids`` (claimed instances whose file is missing), those retention pruned, settled again."""
+    now = utcnow()
+    with session_scope(sessions) as session:
+        rows = session.scalars(select(Instance).where(Instance.id.in_(ids), Instance.pruned_at.is_not(None))).all()
+        for row in rows:
+            _settle_pruned(row, now)
+        return {row.id for row in rows}
 
 
 def _set_status(sessions: sessionmaker[Session], errors: dict[int, str], status: InstanceStatus) -> None:
@@ -493,11 +528,16 @@ def _score_claims(
         outcome.errors.update(exhausted | again)
 
     # A stored file that is not there may come back (a storage volume not mounted yet): retry it,
-    # bounded by the attempts, rather than fail it for good as an unreadable input.
+    # bounded by the attempts, rather than fail it for good as an unreadable input. One that retention
+    # pruned after the claim read its row will not come back: it is skipped, with its status restored.
     missing = {c.instance_id: "the stored file is missing from storage" for c in claims if not c.path.is_file()}
     if missing:
+        gone = set(missing)
+        for instance_id in _pruned(sessions, list(missing)):
+            del missing[instance_id]
+            outcome.skipped[instance_id] = PRUNED_REASON
         give_back(missing)
-        claims = [c for c in claims if c.instance_id not in missing]
+        claims = [c for c in claims if c.instance_id not in gone]
         if not claims:
             return
 

@@ -1,4 +1,4 @@
-"""The worker's four tasks: score, deliver, sweep and rescore, in Celery's own layout.
+"""The worker's tasks: score, deliver, sweep, rescore and prune, in Celery's own layout.
 
 The tasks are declared here at module level with :class:`RetinaGateTask` as their base; the app
 (:func:`worker.app.create_app`) finds them through ``include=["worker.tasks"]``. What a worker
@@ -34,13 +34,14 @@ from retinagate.queue import (
     DELIVER_QUEUE,
     DELIVER_TASK,
     MAINTENANCE_QUEUE,
+    PRUNE_TASK,
     RESCORE_TASK,
     SCORE_QUEUE,
     SCORE_TASK,
     SWEEP_TASK,
 )
 
-__all__ = ["RetinaGateTask", "deliver", "parse_ids", "rescore", "score", "score_delay", "sweep"]
+__all__ = ["RetinaGateTask", "deliver", "parse_ids", "prune", "rescore", "score", "score_delay", "sweep"]
 
 if TYPE_CHECKING:
     from retinagate.settings import Settings
@@ -86,7 +87,7 @@ def _when(value: str | None, name: str) -> datetime | None:
 class RetinaGateTask(Task):  # type: ignore[misc]  # Celery is untyped
     """The base of RetinaGate's tasks: gives each the worker process's :class:`~worker.app.Runtime`.
 
-    One runtime per app and process, shared by the four tasks (the model is loaded once), made on
+    One runtime per app and process, shared by the tasks (the model is loaded once), made on
     first use after the pool has forked (see :func:`worker.app.runtime`).
     """
 
@@ -220,3 +221,26 @@ def rescore(
         self.app.send_task(SCORE_TASK, args=[chunk], queue=SCORE_QUEUE)
     logger.info("rescore: %d instance(s) queued in %d task(s) for model id=%s", len(ids), len(chunks), scorer.model_id)
     return {"queued": len(ids), "tasks": len(chunks)}
+
+
+@_task(PRUNE_TASK, MAINTENANCE_QUEUE, max_retries=0)
+def prune(self: RetinaGateTask) -> dict[str, int]:
+    """Removes received photographs older than ``retention_days`` whose work is finished (0: does nothing).
+
+    One bounded run (:data:`worker.retention.PRUNE_LIMIT` instances); when more are due, the task
+    sends itself again, so a backlog (retention turned on at a busy site) is worked off in short
+    transactions rather than one a day. A failed run is not retried: the next day's takes it up.
+    """
+    from worker.retention import prune as run_prune
+
+    state = self.runtime
+    outcome = run_prune(state.settings, state.sessions, state.storage)
+    if outcome.remaining and outcome.pruned:
+        self.app.send_task(PRUNE_TASK, queue=MAINTENANCE_QUEUE)
+    return {
+        "pruned": len(outcome.pruned),
+        "pruned_bytes": outcome.pruned_bytes,
+        "remaining": outcome.remaining,
+        "held_back": outcome.held_back,
+        "errors": len(outcome.errors),
+    }
