@@ -70,8 +70,8 @@ def register(subparsers: Any) -> None:
             "threads) and the scheduler as child processes, with an embedded Redis server on a Unix "
             "socket under the data directory when RETINAGATE_BROKER_URL is empty. Migrates the database "
             "first. Ctrl-C stops everything cleanly. In production, run `retinagate gateway`, "
-            "`retinagate worker --queues score`, `retinagate worker --queues deliver,maintenance --pool "
-            "threads` and `retinagate beat` as separate services instead."
+            "`retinagate worker --queues score,maintenance`, `retinagate worker --queues deliver,maintenance "
+            "--pool threads` and `retinagate beat` as separate services instead (docs/deploy.md)."
         ),
     )
     serve.add_argument(
