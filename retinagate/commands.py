@@ -91,9 +91,9 @@ def register(subparsers: Any) -> None:
         ),
     )
     demo.add_argument("--studies", type=int, default=10, help="studies to send, two eyes each (default 10)")
-    demo.add_argument("--epochs", type=int, default=6, help="training epochs for the demo model (default 6)")
+    demo.add_argument("--epochs", type=int, default=18, help="training epochs for the demo model (default 18)")
     demo.add_argument(
-        "--train-images", type=int, default=300, help="synthetic images to train the demo model on (default 300)"
+        "--train-images", type=int, default=500, help="synthetic images to train the demo model on (default 500)"
     )
     demo.set_defaults(handler=_demo)
 

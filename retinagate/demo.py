@@ -203,7 +203,7 @@ def _write_previews(receiver: Orthanc | BuiltinReceiver, scs: list[Any], folder:
     return written
 
 
-def run_demo(settings: Settings, *, studies: int = 10, epochs: int = 6, train_images: int = 300) -> int:
+def run_demo(settings: Settings, *, studies: int = 10, epochs: int = 18, train_images: int = 500) -> int:
     """Runs the demo end to end; returns 0 when every image came back scored."""
     started = time.monotonic()
     workdir = (settings.data_dir / "demo").resolve()
