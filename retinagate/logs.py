@@ -49,9 +49,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-#: Libraries whose INFO messages are chatter for an operator (every task received and succeeded, every
-#: Alembic plugin, every highdicom object): shown from WARNING up unless ``verbose`` or DEBUG.
-CHATTY_LIBRARIES = ("celery", "kombu", "amqp", "redis", "alembic", "highdicom")
+#: Loggers whose INFO messages are chatter for an operator (every task received and succeeded, every
+#: sweep beat sends, every Alembic plugin, every highdicom object): shown from WARNING up unless
+#: ``verbose`` or DEBUG. Celery's own start-up and connection lines ("... ready.", "Connected to")
+#: stay: they say a worker is up.
+CHATTY_LIBRARIES = (
+    "celery.worker.strategy",
+    "celery.app.trace",
+    "celery.beat",
+    "kombu",
+    "amqp",
+    "redis",
+    "alembic",
+    "highdicom",
+)
 
 
 def setup_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text", *, verbose: bool = False) -> None:

@@ -803,8 +803,15 @@ def run_healthcheck(argv: list[str], env: dict[str, str]) -> subprocess.Complete
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("service", "node"), [("sender", "deliver-maintenance"), ("worker", "score-maintenance")])
 def test_worker_images_healthcheck_passes_against_a_real_retinagate_worker_and_fails_without_one(
-    services: dict[str, dict[str, Any]], dockerfiles: dict[str, list[Stage]], redis_socket: Path, tmp_path: Path
+    services: dict[str, dict[str, Any]],
+    dockerfiles: dict[str, list[Stage]],
+    redis_socket: Path,
+    tmp_path: Path,
+    random_onnx_model_path: Path,
+    service: str,
+    node: str,
 ) -> None:
     import socket
 
@@ -815,6 +822,7 @@ def test_worker_images_healthcheck_passes_against_a_real_retinagate_worker_and_f
         "RETINAGATE_DATA_DIR": str(tmp_path / "var"),
         "RETINAGATE_BROKER_URL": f"redis+socket://{redis_socket}",
         "RETINAGATE_LOG_LEVEL": "INFO",
+        "RETINAGATE_MODEL_PATH": str(random_onnx_model_path),
     }
     upgrade(load_settings(environ=env))
     checks = {name: healthcheck_argv(final_stage(dockerfiles[name]).all("HEALTHCHECK")[-1]) for name in DOCKERFILES}
@@ -822,9 +830,10 @@ def test_worker_images_healthcheck_passes_against_a_real_retinagate_worker_and_f
     for argv in worker_checks:  # shortened here only: healthy answers come at once, a failure waits it out
         argv[argv.index("--timeout") + 1] = "2"
 
-    # The sender, started as compose starts it: its node is deliver-maintenance@<host>, not celery@<host>.
-    command = [str(part) for part in services["sender"]["command"]]
-    log = (tmp_path / "sender.log").open("wb")
+    # Started as compose starts it: its node is <queues>@<host>, not celery@<host>.
+    command = [str(part) for part in services[service]["command"]]
+    log_path = tmp_path / f"{service}.log"
+    log = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "retinagate", *command],
         cwd=ROOT,
@@ -834,18 +843,18 @@ def test_worker_images_healthcheck_passes_against_a_real_retinagate_worker_and_f
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while " ready." not in (tmp_path / "sender.log").read_text(errors="replace"):
-            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "sender.log").read_text()
+        deadline = time.monotonic() + 90
+        while " ready." not in log_path.read_text(errors="replace"):
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.1)
-        node = f"deliver-maintenance@{socket.gethostname()}"
+        name = f"{node}@{socket.gethostname()}"
         for argv in worker_checks:
             result = run_healthcheck(argv, env)
             assert result.returncode == 0, result.stdout + result.stderr
-            assert node in result.stdout
+            assert name in result.stdout
         # A worker on another host (another container) does not make this one healthy.
         status, reason = load_probe().probe_worker(load_settings(environ=env), 2.0, hostname="elsewhere")
-        assert status == 1 and node in reason
+        assert status == 1 and name in reason
     finally:
         os.killpg(process.pid, 9)
         process.wait(30)

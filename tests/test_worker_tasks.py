@@ -378,7 +378,7 @@ def test_the_nightly_rescore_task_queues_every_scored_instance_without_a_predict
     worker_store_outputs: Callable[..., list[int]],
     random_onnx_model_path: Path,
 ) -> None:
-    settings, env = worker_env(model_path=random_onnx_model_path, rescore_batch_size=2)
+    settings, env = worker_env(model_path=random_onnx_model_path, rescore_batch_size=2, log_verbose=True)  # task lines
     worker_store_outputs(settings, 3)  # three instances scored by an older model
     db = Db(settings)
     with session_scope(db.sessions) as s:
