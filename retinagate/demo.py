@@ -96,6 +96,32 @@ def ensure_model(workdir: Path, *, epochs: int, train_images: int) -> Path:
     return onnx_path
 
 
+#: What a demo run leaves in the data folder, removed by the next run (the folder's other content,
+#: ``demo/`` with the cached model among it, stays).
+_SYSTEM_FILES = ("retinagate.db", "retinagate.db-wal", "retinagate.db-shm", "serve.log")
+_SYSTEM_FOLDERS = ("storage", "redis", "reports", "trt-cache")
+
+
+def _system_dir(data_dir: Path, workdir: Path) -> Path:
+    """Where the demo runs its system: the data folder itself, so that a plain ``retinagate results``
+    afterwards shows the demo's results; but a folder with a database the demo did not make (someone's
+    own) is never touched: then ``<workdir>/system``."""
+    marker = workdir / "owns-data-dir"
+    if (data_dir / "retinagate.db").exists() and not marker.exists():
+        system = workdir / "system"
+        shutil.rmtree(system, ignore_errors=True)
+        print(f"{data_dir} holds a database this demo did not make: the demo runs in {system} instead")
+        return system
+    for name in _SYSTEM_FILES:
+        (data_dir / name).unlink(missing_ok=True)
+    for name in _SYSTEM_FOLDERS:
+        shutil.rmtree(data_dir / name, ignore_errors=True)
+    for schedule in data_dir.glob("celerybeat-schedule*"):
+        schedule.unlink(missing_ok=True)
+    marker.touch()
+    return data_dir
+
+
 #: Below this test macro AUROC the demo says plainly that its model has learned little.
 MEANINGFUL_AUROC = 0.75
 
@@ -226,8 +252,7 @@ def run_demo(settings: Settings, *, studies: int = 10, epochs: int = 18, train_i
     kind = "Orthanc" if isinstance(receiver, Orthanc) else "the built-in receiver"
     print(f"{kind} listening as {receiver.ae_title} on port {receiver.port}")
 
-    system = workdir / "system"
-    shutil.rmtree(system, ignore_errors=True)
+    system = _system_dir(settings.data_dir.resolve(), workdir)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAGATE_")}
     env.update(
@@ -267,7 +292,11 @@ def run_demo(settings: Settings, *, studies: int = 10, epochs: int = 18, train_i
         if serve is not None:
             stop_process(serve, 60, signal.SIGINT)
         receiver.stop()
-    print(f"\ndemo finished in {time.monotonic() - started:.0f} s; these results again: "
-          f"RETINAGATE_DATA_DIR={system} retinagate results")  # fmt: skip
+    again = (
+        "retinagate results"
+        if system == settings.data_dir.resolve()
+        else f"RETINAGATE_DATA_DIR={system} retinagate results"
+    )
+    print(f"\ndemo finished in {time.monotonic() - started:.0f} s; these results again: {again}")
     print(f"heatmap previews: {previews[0].parent}/ ({len(previews)} PNG files), e.g. {previews[0]}")
     return 0

@@ -40,8 +40,31 @@ def test_demo_sends_studies_through_the_running_system_and_writes_heatmap_previe
     assert len(lines) - len(table) + 3 * 10 <= 60, result.stdout
     assert lines[-1].startswith("heatmap previews:") and "retinagate results" in lines[-2]
     assert "Traceback" not in result.stdout + result.stderr and "ERROR" not in result.stdout + result.stderr
+    # `retinagate results` right after the demo, with nothing else set, shows the demo's results.
+    shown = subprocess.run([sys.executable, "-m", "retinagate", "results"], env=env, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert len([line for line in shown.stdout.splitlines() if line.startswith("study ")]) == 3, shown.stdout
+    assert lines[-2].endswith("these results again: retinagate results")
 
     # A second run reuses the cached model instead of training again.
     again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "reusing the model trained by an earlier run" in again.stdout
+
+
+def test_the_demo_leaves_a_data_folder_with_a_database_it_did_not_make_alone(tmp_path: Path) -> None:
+    from retinagate.demo import _system_dir
+
+    site = tmp_path / "var"
+    site.mkdir()
+    (site / "retinagate.db").write_bytes(b"someone's own")
+    assert _system_dir(site, site / "demo") == site / "demo" / "system"
+    assert (site / "retinagate.db").read_bytes() == b"someone's own"
+
+    mine = tmp_path / "mine"
+    (mine / "demo").mkdir(parents=True)
+    assert _system_dir(mine, mine / "demo") == mine  # a fresh folder: the demo runs in it, and marks it
+    (mine / "retinagate.db").write_bytes(b"the demo's last run")
+    (mine / "storage").mkdir()
+    assert _system_dir(mine, mine / "demo") == mine and not (mine / "retinagate.db").exists()
+    assert not (mine / "storage").exists() and (mine / "demo").is_dir()
