@@ -269,24 +269,37 @@ class StoreHandler:
                 out.write(header)
                 out.write(data)
 
+            # The file is written durably under a temporary name, the row committed, and only then is
+            # the file renamed into place: a gateway killed at any point leaves a temporary file and
+            # no row (removed at the next start), or a row and its temporary file (put in place at
+            # the next start), never a file without a row (see Storage.stage).
             try:
-                _, size = self._storage.write(key, fill)
+                staged = self._storage.stage(key, fill)
             except StorageError as exc:
                 logger.error("%s: durable write failed: %s", label, type(exc.__cause__ or exc).__name__)
                 raise Refusal(STATUS_OUT_OF_RESOURCES, "storage_failed", "could not store the instance") from None
+            size = staged.size
             try:
                 instance_id = self._commit(
                     facts, transfer_syntax, key, identity, size, calling_ae, association_id, existing
                 )
             except IntegrityError:
-                self._storage.delete(key)
+                self._storage.discard(staged)
                 if attempt == 2:
                     raise Refusal(STATUS_OUT_OF_RESOURCES, "database_failed", "could not record the instance") from None
                 continue
             except Exception as exc:
-                self._storage.delete(key)
+                self._storage.discard(staged)
                 logger.error("%s: instance row not committed (%s); file removed", label, type(exc).__name__)
                 raise Refusal(STATUS_OUT_OF_RESOURCES, "database_failed", "could not record the instance") from None
+            try:
+                self._storage.publish(staged)
+            except StorageError as exc:
+                # The row stays, and the gateway's next start puts the file in place.
+                logger.error(
+                    "%s: instance %d not put in place: %s", label, instance_id, type(exc.__cause__ or exc).__name__
+                )
+                raise Refusal(STATUS_OUT_OF_RESOURCES, "storage_failed", "could not store the instance") from None
 
             if existing is not None:
                 self._storage.delete(existing.storage_key)

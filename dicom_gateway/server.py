@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom import AE, evt
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from dicom_gateway import metrics
 from dicom_gateway.audit import ABORTED, OPEN, REJECTED, RELEASED, AssociationRecord, AuditLog
@@ -242,9 +242,9 @@ class Gateway:
             raise RuntimeError("the gateway is already running")
         quiet_pynetdicom()
         # A gateway (or worker) killed in the middle of a write left its temporary file behind.
-        stale = self.storage.remove_stale_temporaries()
+        stale = self.storage.remove_stale_temporaries(committed=self._has_row)
         if stale:
-            logger.warning("removed %d temporary file(s) of writes a killed process never finished", stale)
+            logger.warning("finished or removed %d temporary file(s) of writes a killed process left", stale)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -424,6 +424,11 @@ class Gateway:
             record.refused,
             f", {record.reason}" if record.reason else "",
         )
+
+    def _has_row(self, key: str) -> bool:
+        """Whether an instance row points at storage ``key`` (a write whose row was committed)."""
+        with self.sessions() as session:
+            return session.scalar(select(Instance.id).where(Instance.storage_key == key).limit(1)) is not None
 
     def _mark_queued(self, ids: Sequence[int]) -> None:
         now = utcnow()

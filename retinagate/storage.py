@@ -13,11 +13,12 @@ import hashlib
 import os
 import secrets
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["Storage", "StorageError"]
+__all__ = ["Staged", "Storage", "StorageError"]
 
 
 def _host_tag() -> str:
@@ -44,6 +45,16 @@ def _alive(pid: int) -> bool:
 
 class StorageError(OSError):
     """A durable write failed; nothing was left behind."""
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A file written durably under a temporary name, not yet in place (:meth:`Storage.stage`)."""
+
+    key: str
+    tmp: Path
+    sha256: str
+    size: int
 
 
 class Storage:
@@ -76,7 +87,7 @@ class Storage:
         return candidate
 
     def write(self, key: str, writer: Callable[[BinaryIO], None]) -> tuple[str, int]:
-        """Writes a file durably under ``key``.
+        """Writes a file durably under ``key`` (:meth:`stage`, then :meth:`publish`).
 
         Args:
             key: From :meth:`new_key` (or an existing key, which is replaced atomically).
@@ -88,6 +99,21 @@ class Storage:
         Raises:
             StorageError: On any I/O failure; the temporary file is removed and ``key`` is untouched.
         """
+        staged = self.stage(key, writer)
+        self.publish(staged)
+        return staged.sha256, staged.size
+
+    def stage(self, key: str, writer: Callable[[BinaryIO], None]) -> Staged:
+        """Writes the file for ``key`` durably under a temporary name; :meth:`publish` puts it in place.
+
+        The gateway commits the instance's row between the two, so a crash at any point leaves either
+        a temporary file and no row (removed at the next start), or a row and its temporary file
+        (published at the next start: see :meth:`remove_stale_temporaries`), never a file without a
+        row or a row without its file.
+
+        Raises:
+            StorageError: On any I/O failure; the temporary file is removed.
+        """
         final = self.path(key)
         tmp = final.with_name(f".{final.name}.{_writer_tag()}.{secrets.token_hex(4)}.tmp")
         try:
@@ -97,28 +123,47 @@ class Storage:
                 writer(hashing)  # type: ignore[arg-type]
                 raw.flush()
                 os.fsync(raw.fileno())
-            tmp.replace(final)
-            _fsync_dir(final.parent)
         except Exception as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             if isinstance(exc, StorageError):
                 raise
             raise StorageError(f"durable write of {key} failed: {exc}") from exc
-        return hashing.digest.hexdigest(), hashing.size
+        return Staged(key, tmp, hashing.digest.hexdigest(), hashing.size)
 
-    def remove_stale_temporaries(self, older_than_s: float = 24 * 3600.0) -> int:
-        """Removes the temporary files of writes that never finished; returns how many.
+    def publish(self, staged: Staged) -> None:
+        """Renames a staged file into place and makes the rename durable.
+
+        Raises:
+            StorageError: When the rename fails; the temporary file stays for the next start.
+        """
+        final = self.path(staged.key)
+        try:
+            staged.tmp.replace(final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise StorageError(f"durable write of {staged.key} failed: {exc}") from exc
+
+    def discard(self, staged: Staged) -> None:
+        """Removes a staged file that will not be published (its row could not be committed)."""
+        with contextlib.suppress(OSError):
+            staged.tmp.unlink()
+
+    def remove_stale_temporaries(
+        self, older_than_s: float = 24 * 3600.0, committed: Callable[[str], bool] | None = None
+    ) -> int:
+        """Finishes or removes the temporary files of writes that never finished; returns how many.
 
         A process killed in the middle of a write (SIGKILL, a power cut) leaves its temporary file
-        behind: never a stored instance (nothing points at it, and its name is hidden), but space.
-        A temporary file is stale when the process that wrote it is gone: its tag names this host
-        and a process that no longer runs, or this very process (which has written nothing yet when
-        it calls this, at its start: a restarted container reuses its pids). Another host's file
-        is only removed after ``older_than_s``, since its writer may be alive.
+        behind. A temporary file is stale when the process that wrote it is gone: its tag names this
+        host and a process that no longer runs, or this very process (which has written nothing yet
+        when it calls this, at its start: a restarted container reuses its pids). Another host's file
+        is only taken after ``older_than_s``, since its writer may be alive. A stale file whose key
+        ``committed`` says a row points at (the writer died between its commit and its rename) is
+        published; any other is removed.
         """
         host, pid = _host_tag(), os.getpid()
-        removed = 0
+        handled = 0
         now = datetime.now(UTC).timestamp()
         for tmp in self.root.rglob(".*.tmp"):
             parts = tmp.name.split(".")
@@ -129,12 +174,17 @@ class Storage:
                 stale = (mine and (int(tag_pid) == pid or not _alive(int(tag_pid)))) or (
                     now - tmp.stat().st_mtime > older_than_s
                 )
-                if stale:
+                if not stale:
+                    continue
+                key = (tmp.parent / ".".join(parts[1:-3])).relative_to(self.root).as_posix()
+                if committed is not None and mine and committed(key):
+                    self.publish(Staged(key, tmp, "", tmp.stat().st_size))
+                else:
                     tmp.unlink()
-                    removed += 1
+                handled += 1
             except FileNotFoundError:
                 continue
-        return removed
+        return handled
 
     def write_bytes(self, key: str, data: bytes) -> tuple[str, int]:
         """Writes ``data`` durably under ``key``; see :meth:`write`."""

@@ -75,3 +75,18 @@ def test_stale_temporaries_of_dead_or_restarted_writers_are_removed_and_live_one
 
     left = sorted(p.name for p in folder.iterdir())
     assert left == sorted([names["a live writer here"], names["another host, recent"], "whole.dcm"])
+
+
+def test_a_staged_file_whose_row_was_committed_is_put_in_place_at_the_next_start(tmp_path: Path) -> None:
+    # The gateway stages the file, commits the row, then publishes; killed between the last two, its
+    # next start finds the temporary file of a committed key and finishes the write.
+    storage = Storage(tmp_path / "storage")
+    committed, abandoned = storage.new_key("in"), storage.new_key("in")
+    for key in (committed, abandoned):
+        storage.stage(key, lambda out: out.write(b"whole photograph"))  # the writer dies here: no publish
+
+    assert storage.remove_stale_temporaries(committed=lambda key: key == committed) == 2
+
+    assert storage.path(committed).read_bytes() == b"whole photograph"
+    assert not storage.path(abandoned).exists()
+    assert not [p for p in storage.root.rglob("*.tmp")]

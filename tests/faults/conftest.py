@@ -567,6 +567,11 @@ class Deployment:
         files = [p for p in files if p not in temporary]
         received = {p.relative_to(root).as_posix(): p for p in files if p.relative_to(root).parts[0] == "in"}
         rows = self.received_rows()
+        if temporaries:
+            # Killed between its row's commit and the rename: the next start puts the file in place.
+            staged = {(p.parent / p.name.split(".")[1]).relative_to(root).as_posix() for p in temporary}
+            staged = {f"{key}.dcm" for key in staged}
+            rows = {key: value for key, value in rows.items() if key in received or key not in staged}
         assert set(received) == set(rows), (sorted(set(received) - set(rows)), sorted(set(rows) - set(received)))
         for key, (uid, size) in rows.items():
             path = received[key]
