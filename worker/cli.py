@@ -313,8 +313,9 @@ def _rescore(args: argparse.Namespace, settings: Settings) -> int:
         from retinagate.errors import PermanentError, RetryableError
         from retinagate.models import Model, utcnow
         from retinagate.storage import Storage
+        from worker.registry import activate_model
         from worker.rescore import ModelRef, change_report, find_unscored, previous_model, report_stem, rescore_inline
-        from worker.scoring import Scorer, activate_model
+        from worker.scoring import Scorer
 
         with session_scope(sessions) as session:
             active_before = session.scalar(select(Model.id).where(Model.active.is_(True)).limit(1))

@@ -53,7 +53,7 @@ from retinagate.models import (
 from retinagate.storage import StorageError
 from worker.delivery import pending_deliveries
 from worker.lease import expiry, owner, renewing
-from worker.registry import activate_model, register_model, served_model
+from worker.registry import register_model, served_model
 from worker.retention import FINISHED, PRUNED_REASON
 
 if TYPE_CHECKING:
@@ -68,8 +68,6 @@ __all__ = [
     "RETRYABLE",
     "ScoreOutcome",
     "Scorer",
-    "activate_model",
-    "register_model",
     "score_instances",
     "wants_delivery",
 ]
@@ -169,8 +167,6 @@ class Scorer:
 
 
 def _register_served(sessions: sessionmaker[Session], engine: Engine, settings: Settings, check_active: bool) -> int:
-    from worker.lease import owner
-
     for _ in range(3):  # another process may register the same model at the same moment
         try:
             with session_scope(sessions) as session:
