@@ -28,7 +28,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
 
 __all__ = [
     "Association",
@@ -40,7 +40,6 @@ __all__ = [
     "Model",
     "ModelActivation",
     "Output",
-    "OutputKind",
     "Prediction",
     "PredictionStatus",
     "Study",
@@ -88,12 +87,6 @@ class InstanceStatus(enum.StrEnum):
 class PredictionStatus(enum.StrEnum):
     SCORED = "scored"  # probabilities and findings
     UNGRADABLE = "ungradable"  # the gate's reasons instead (retinagate.gate)
-
-
-class OutputKind(enum.StrEnum):
-    SC = "sc"
-    SR = "sr"
-    PM = "pm"
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -242,7 +235,8 @@ class Output(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"), index=True)
-    kind: Mapped[OutputKind] = mapped_column(_enum(OutputKind))
+    #: The name of a kind in :mod:`retinagate.outputs.registry`.
+    kind: Mapped[str] = mapped_column(String(16))
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     storage_key: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -251,6 +245,12 @@ class Output(Base):
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="output")
 
     __table_args__ = (UniqueConstraint("prediction_id", "kind", name="uq_outputs_prediction_kind"),)
+
+    @validates("kind")
+    def _check_kind(self, key: str, value: str) -> str:
+        from retinagate.outputs import registry
+
+        return registry.check([value], key)[0]
 
 
 class Delivery(Base):

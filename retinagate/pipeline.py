@@ -43,44 +43,27 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
-from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 
 from retinagate import gate
 from retinagate.decode import DecodedImage, decode_path
 from retinagate.errors import InputError, PermanentError
 from retinagate.labels import DISEASE_RISK
-from retinagate.outputs import (
-    FrameScores,
-    HeatmapFinding,
-    Legend,
-    ModelIdentity,
-    ScEncoder,
-    SrEncoder,
-    build_pm,
-    derived_uid,
-    render_heatmaps,
-    retina_heat,
-)
-from retinagate.outputs.findings import (
-    NO_FINDING,
-    describe_findings,
-    findings_of,
-    probability_text,
-    threshold_text,
-)
+from retinagate.outputs import registry
+from retinagate.outputs.findings import findings_of
+from retinagate.outputs.identity import ModelIdentity, derived_uid
+from retinagate.outputs.kind import BuiltOutput, FrameScores, ScoredPhotograph
 from retinagate.preprocess import FieldOfView, Geometry, find_fov, prepare_with_geometry
 
 if TYPE_CHECKING:
@@ -123,15 +106,11 @@ class ScoreResult:
         findings: Labels at or over their threshold, most probable first; empty when ``ungradable``.
         timings: Seconds per stage (``decode``, ``preprocess``, ``infer``, ``render``, ``encode``)
             and ``total``.
-        outputs: Output datasets keyed ``sc``, ``sr``, ``pm`` (those the settings ask for). Their
-            SOP Instance UIDs derive from (source SOP Instance UID, model sha256, kind). An output
-            made only as bytes (the SR) is read back from ``encoded`` when first looked up here.
-            The datasets share elements with the encoders' templates: read them, do not change them.
+        built: The outputs, in build order (:class:`retinagate.outputs.BuiltOutput`): Part 10 bytes to
+            be written as they are, with their UIDs. SOP Instance UIDs derive from (source SOP
+            Instance UID, model sha256, kind).
         frame_probabilities: Per frame, label to probability (one entry for single-frame input).
         model_sha256: sha256 of the model file that scored it.
-        encoded: The same outputs as Part 10 files (preamble and file meta information included),
-            to be written as they are.
-        output_uids: SOP Instance UID of each output.
         status: ``scored``, or ``ungradable`` when the gradability gate refused every frame.
         reasons: Why it was not graded (:mod:`retinagate.gate`'s reasons, in check order); for a
             scored multi-frame input, the frames left out (``frame 2: out of focus``). Empty otherwise.
@@ -144,11 +123,9 @@ class ScoreResult:
     probabilities: dict[str, float]
     findings: list[str]
     timings: dict[str, float]
-    outputs: Mapping[str, Dataset]
+    built: tuple[BuiltOutput, ...] = ()
     frame_probabilities: list[dict[str, float]] = field(default_factory=list)
     model_sha256: str = ""
-    encoded: dict[str, bytes] = field(default_factory=dict)
-    output_uids: dict[str, str] = field(default_factory=dict)
     status: gate.Status = "scored"
     reasons: list[str] = field(default_factory=list)
     quality: dict[str, float] = field(default_factory=dict)
@@ -157,6 +134,22 @@ class ScoreResult:
     def gradable(self) -> bool:
         """Whether it was graded (``status == "scored"``)."""
         return self.status == "scored"
+
+    @cached_property
+    def outputs(self) -> Mapping[str, Dataset]:
+        """Output datasets by kind, in build order; one built only as bytes (the SR) is read on first
+        look-up. They may share elements with the encoders' templates: read them, do not change them."""
+        return _Outputs(self.built)
+
+    @property
+    def encoded(self) -> dict[str, bytes]:
+        """Part 10 bytes of each output, by kind."""
+        return {output.kind: output.data for output in self.built}
+
+    @property
+    def output_uids(self) -> dict[str, str]:
+        """SOP Instance UID of each output, by kind."""
+        return {output.kind: output.sop_instance_uid for output in self.built}
 
     def summary(self) -> dict[str, Any]:
         """Plain data for JSON output: no datasets, no patient data."""
@@ -170,7 +163,7 @@ class ScoreResult:
             "findings": list(self.findings),
             "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()},
             "frames": len(self.frame_probabilities),
-            "outputs": dict(self.output_uids) or {kind: str(ds.SOPInstanceUID) for kind, ds in self.outputs.items()},
+            "outputs": self.output_uids,
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
         }
 
@@ -251,8 +244,8 @@ class Pipeline:
         self.model = ModelIdentity.of(engine)
         self._outputs = tuple(settings.outputs)
         self._gate = settings.gate == "on"
-        self._sc = ScEncoder(self.model, compression=settings.sc_compression, quality=settings.sc_jpeg_quality)
-        self._sr = SrEncoder(self.model)
+        self._kinds = registry.create(self.model, settings)
+        self._display = any(registry.kind_class(name).display_resolution for name in self._outputs)
         # Two pools, so that rendering and encoding one chunk (mostly Python, holding the GIL) runs
         # while the next chunk is decoded (libjpeg-turbo, OpenCV: no GIL) and inferred.
         self._loaders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="retinagate-decode")
@@ -333,7 +326,7 @@ class Pipeline:
         size = self.engine.card.input_size
         if self._gate:
             size = max(size, gate.MIN_DECODE_SIDE)  # the gate measures focus at a fixed resolution
-        long_side = self.settings.display_long_side if "sc" in self._outputs else 0
+        long_side = self.settings.display_long_side if self._display else 0
         decoded = decode_path(source, min_side=size, max_pixels=self.settings.max_pixels, min_long_side=long_side)
         return self._prepare(source, decoded)
 
@@ -442,7 +435,6 @@ class Pipeline:
 
         card = self.engine.card
         labels, thresholds = card.labels, card.thresholds
-        by_label = dict(zip(labels, thresholds, strict=True))
         frame_probs = [
             {name: float(p) for name, p in zip(labels, probabilities[row], strict=True)} for row, _ in graded
         ]
@@ -453,7 +445,6 @@ class Pipeline:
         pick = int(np.argmax([probabilities[row, disease].max() for row, _ in graded])) if disease else 0
         key_row, key = graded[pick]
         multi = item.decoded.number_of_frames > 1
-        frame_number = key + 1 if multi else None
         key_probs = frame_probs[pick]
         ranked = sorted(disease, key=lambda i: (-float(probabilities[key_row, i]), i))
         shown = [i for i in ranked if key_probs[labels[i]] >= thresholds[i]][: self.settings.top_findings]
@@ -462,68 +453,18 @@ class Pipeline:
         left_out = [f"frame {frame + 1}: {'; '.join(verdict.reasons)}" for frame, verdict in enumerate(verdicts)
                     if verdict is not None and not verdict.gradable]  # fmt: skip
         key_verdict = verdicts[key]
-
-        started = time.perf_counter()
-        datasets: dict[str, Dataset] = {}
-        encoded: dict[str, bytes] = {}
-        uids: dict[str, str] = {}
-        picture = None
-        # A plain image's SR refers to its SC (the only DICOM copy of the photograph), so it needs one.
-        needs_sc = "sc" in self._outputs or ("sr" in self._outputs and not item.references_source)
-        if needs_sc:
-            heatmaps = [HeatmapFinding(labels[i], key_probs[labels[i]], cams[key_row, i],
-                                       marked=key_probs[labels[i]] >= thresholds[i]) for i in mapped]  # fmt: skip
-            picture = render_heatmaps(
-                item.decoded.frames[key],
-                item.geometries[key],
-                heatmaps,
-                self._legend(key_probs, shown, mapped, frame_number, item.decoded.number_of_frames),
-                long_side=self.settings.display_long_side,
-                fov=item.fovs[key],
-            )
-        timings["render"] = time.perf_counter() - started
-
-        started = time.perf_counter()
-        sc = None
-        if picture is not None:
-            # As the legend's first line: the disease findings shown, else Disease_Risk when it is one.
-            described = [labels[i] for i in shown] or findings_of(key_probs, labels, thresholds)
-            shown_text = describe_findings(key_probs, described, by_label)
-            sc, encoded["sc"] = self._sc.encode(
-                picture,
-                item.header,
-                frame_number=frame_number,
-                references_source=item.references_source,
-                description=f"Grad-CAM heatmaps of the top findings ({shown_text}); "
-                f"{self.model.name} {self.model.version}",
-            )
-            datasets["sc"], uids["sc"] = sc, str(sc.SOPInstanceUID)
-        if "sr" in self._outputs:
-            rows = {frame: row for row, frame in graded}
-            frames = []
-            for index, verdict in enumerate(verdicts):
-                number = (index + 1) if multi else None
-                if index in rows:
-                    frames.append(FrameScores(probabilities[rows[index]].tolist(), number))
-                elif verdict is not None:
-                    frames.append(FrameScores((), number, not_graded=tuple(verdict.reasons)))
-            uids["sr"], encoded["sr"] = self._sr.encode(
-                item.header, frames, sc=sc, references_source=item.references_source
-            )
-        if "pm" in self._outputs and item.references_source:
-            top = mapped[0]
-            heat = retina_heat(cams[key_row, top], item.geometries[key], item.decoded.source_shape, item.fovs[key])
-            pm = build_pm(
-                heat[0] if heat is not None else np.zeros(item.decoded.source_shape, dtype=np.float32),
-                item.header,
-                self.model,
-                label=labels[top],
-                probability=key_probs[labels[top]],
-                threshold=thresholds[top],
-                frame_number=frame_number,
-            )
-            datasets["pm"], encoded["pm"], uids["pm"] = pm, _part10(pm), str(pm.SOPInstanceUID)
-        timings["encode"] = time.perf_counter() - started
+        rows = {frame: row for row, frame in graded}
+        frame_scores = []
+        for index, verdict in enumerate(verdicts):
+            number = (index + 1) if multi else None
+            if index in rows:
+                frame_scores.append(FrameScores(probabilities[rows[index]].tolist(), number))
+            elif verdict is not None:
+                frame_scores.append(FrameScores((), number, not_graded=tuple(verdict.reasons)))
+        photo = self._photograph(item, frame_scores, timings)
+        photo.shown_frame, photo.probabilities, photo.cams = key, key_probs, cams[key_row]
+        photo.shown, photo.mapped = tuple(labels[i] for i in shown), tuple(labels[i] for i in mapped)
+        built = self._build(photo)
         timings["total"] = sum(timings[stage] for stage in STAGES)
         return ScoreResult(
             source=item.source,
@@ -531,11 +472,9 @@ class Pipeline:
             probabilities=instance,
             findings=findings,
             timings=timings,
-            outputs=_Outputs(datasets, encoded),
+            built=built,
             frame_probabilities=frame_probs,
             model_sha256=self.model.sha256,
-            encoded=encoded,
-            output_uids=uids,
             status="scored",
             reasons=left_out,
             quality=dict(key_verdict.measures) if key_verdict is not None else {},
@@ -550,51 +489,14 @@ class Pipeline:
         )
         first = verdicts[0]
         multi = item.decoded.number_of_frames > 1
-        frame_number = 1 if multi else None
-        card = self.engine.card
-        started = time.perf_counter()
-        picture = None
-        needs_sc = "sc" in self._outputs or ("sr" in self._outputs and not item.references_source)
-        if needs_sc:
-            lines = [f"Not graded: {'; '.join(reasons)}", "No findings are reported for this photograph"]
-            if multi:
-                lines.append(f"Frame 1 of {item.decoded.number_of_frames}")
-            legend = Legend(model=f"{card.name} {card.version} (sha256 {self.model.sha256[:12]})", lines=tuple(lines))
-            picture = render_heatmaps(
-                item.decoded.frames[0],
-                item.geometries[0],
-                [],
-                legend,
-                long_side=self.settings.display_long_side,
-                fov=item.fovs[0],
-                banner=f"Not graded: {reasons[0]}" if reasons else "Not graded",
-            )
-        timings["render"] = time.perf_counter() - started
-
-        started = time.perf_counter()
-        datasets: dict[str, Dataset] = {}
-        encoded: dict[str, bytes] = {}
-        uids: dict[str, str] = {}
-        sc = None
-        if picture is not None:
-            sc, encoded["sc"] = self._sc.encode(
-                picture,
-                item.header,
-                frame_number=frame_number,
-                references_source=item.references_source,
-                description=f"Not graded ({'; '.join(reasons)}); no findings; {self.model.name} {self.model.version}",
-            )
-            datasets["sc"], uids["sc"] = sc, str(sc.SOPInstanceUID)
-        if "sr" in self._outputs:
-            frames = [
-                FrameScores((), (index + 1) if multi else None, not_graded=tuple(verdict.reasons))
-                for index, verdict in enumerate(verdicts)
-                if verdict is not None
-            ]
-            uids["sr"], encoded["sr"] = self._sr.encode(
-                item.header, frames, sc=sc, references_source=item.references_source
-            )
-        timings["encode"] = time.perf_counter() - started
+        frame_scores = [
+            FrameScores((), (index + 1) if multi else None, not_graded=tuple(verdict.reasons))
+            for index, verdict in enumerate(verdicts)
+            if verdict is not None
+        ]
+        photo = self._photograph(item, frame_scores, timings)
+        photo.reasons = tuple(reasons)
+        built = self._build(photo)
         timings["total"] = sum(timings.get(stage, 0.0) for stage in STAGES)
         logger.info("input %s not graded: %s", _tag(item.source), "; ".join(reasons))
         return ScoreResult(
@@ -603,68 +505,59 @@ class Pipeline:
             probabilities={},
             findings=[],
             timings=timings,
-            outputs=_Outputs(datasets, encoded),
+            built=built,
             model_sha256=self.model.sha256,
-            encoded=encoded,
-            output_uids=uids,
             status="ungradable",
             reasons=reasons,
             quality=dict(first.measures) if first is not None else {},
         )
 
-    def _legend(
-        self, probs: dict[str, float], shown: list[int], mapped: list[int], frame_number: int | None, frames: int
-    ) -> Legend:
-        card = self.engine.card
-        labels = card.labels
-        by_label = dict(zip(labels, card.thresholds, strict=True))
-        lines = []
-        findings = findings_of(probs, labels, card.thresholds)
-        if shown:
-            lines.append("Findings: " + describe_findings(probs, [labels[i] for i in shown], by_label, "   "))
-            others = [n for n in findings if n != DISEASE_RISK and labels.index(n) not in shown]
-            if others:
-                lines.append("Also over threshold: " + describe_findings(probs, others, by_label, "   "))
-        elif findings:  # Disease_Risk alone
-            lines.append("Findings: " + describe_findings(probs, findings, by_label, "   ") + " (no single disease)")
-        else:
-            lines.append(NO_FINDING)
-        if DISEASE_RISK in probs:
-            risk, limit = probs[DISEASE_RISK], by_label[DISEASE_RISK]
-            side = "at or over" if risk >= limit else "under"
-            lines.append(f"Disease risk {probability_text(risk, limit)} ({side} threshold {threshold_text(limit)})")
-        if not shown and mapped:
-            name = labels[mapped[0]]
-            lines.append(f"Map: {name} (where the model looked; not a finding)" if probs[name] < by_label[name]
-                         else f"Map: {name}")  # fmt: skip
-        if frame_number is not None:
-            lines.append(f"Frame {frame_number} of {frames}")
-        return Legend(model=f"{card.name} {card.version} (sha256 {self.model.sha256[:12]})", lines=tuple(lines))
+    def _photograph(
+        self, item: _Prepared, frame_scores: list[FrameScores], timings: dict[str, float]
+    ) -> ScoredPhotograph:
+        """What the output kinds are built from; the caller adds the scores and heat, or the reasons."""
+        return ScoredPhotograph(
+            header=item.header,
+            references_source=item.references_source,
+            model=self.model,
+            settings=self.settings,
+            decoded=item.decoded,
+            geometries=item.geometries,
+            fovs=item.fovs,
+            frame_scores=frame_scores,
+            timings=timings,
+        )
 
+    def _build(self, photo: ScoredPhotograph) -> tuple[BuiltOutput, ...]:
+        """Builds the kinds the settings ask for (and those they require), in the registry's order.
 
-def _part10(dataset: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    dcmwrite(buffer, dataset, enforce_file_format=True)
-    return buffer.getvalue()
+        The time goes to ``encode``, less what the kinds spent drawing, which they add to ``render``.
+        """
+        started = time.perf_counter()
+        photo.timings["render"] = 0.0
+        for name in registry.plan(self._outputs, photo.references_source):
+            photo.built.extend(self._kinds[name].build(photo))
+        photo.timings["encode"] = time.perf_counter() - started - photo.timings["render"]
+        return tuple(photo.built)
 
 
 class _Outputs(Mapping[str, Dataset]):
-    """Output datasets by kind, in the order they were made; one held only as bytes is read on first use."""
+    """Output datasets by kind, in the order they were built; one held only as bytes is read on first use."""
 
-    def __init__(self, datasets: dict[str, Dataset], encoded: dict[str, bytes]) -> None:
-        self._datasets = dict(datasets)
-        self._encoded = encoded
+    def __init__(self, built: Sequence[BuiltOutput]) -> None:
+        self._built = {output.kind: output for output in built}
+        self._datasets: dict[str, Dataset] = {}
 
     def __getitem__(self, kind: str) -> Dataset:
         if kind not in self._datasets:
-            self._datasets[kind] = dcmread(io.BytesIO(self._encoded[kind]))
+            self._datasets[kind] = self._built[kind].read()
         return self._datasets[kind]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._encoded)
+        return iter(self._built)
 
     def __len__(self) -> int:
-        return len(self._encoded)
+        return len(self._built)
 
 
 def _guard(source: str, work: Callable[[], _T]) -> _T | ScoreFailure:

@@ -25,6 +25,8 @@ IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".png", ".jpg", ".jpeg"})
 
 def register(subparsers: Any) -> None:
     """Adds ``retinagate score``."""
+    from retinagate.outputs import registry  # the kinds' names only: no writer is loaded
+
     score = subparsers.add_parser(
         "score",
         help="score DICOM, PNG or JPEG files and write heatmap SC, SR (and PM) files",
@@ -51,7 +53,7 @@ def register(subparsers: Any) -> None:
         "--outputs",
         default=None,
         metavar="KINDS",
-        help="comma list of sc, sr, pm (default: the outputs setting, sc,sr)",
+        help=f"comma list of {', '.join(registry.names())} (default: the outputs setting)",
     )
     score.add_argument("--json", action="store_true", help="print one JSON line per input instead of a table")
     score.set_defaults(handler=_score)
@@ -116,9 +118,12 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
     if not Path(model_path).is_file():
         raise CommandError(f"model file not found: {model_path}", EXIT_MISSING)
     if args.outputs is not None:
-        kinds = list(dict.fromkeys(k.strip() for k in args.outputs.split(",") if k.strip()))
-        if not kinds or any(k not in ("sc", "sr", "pm") for k in kinds):
-            raise CommandError(f"--outputs: {args.outputs!r} is not a comma list of sc, sr, pm", EXIT_USAGE)
+        from retinagate.outputs import registry
+
+        try:
+            kinds = registry.check((k.strip() for k in args.outputs.split(",") if k.strip()), "--outputs")
+        except ValueError as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from None
         settings = settings.model_copy(update={"outputs": kinds})
     inputs = collect_inputs(args.paths)
     if not inputs:

@@ -33,7 +33,6 @@ from pydantic_settings import (
 __all__ = ["Destination", "Settings", "SettingsError", "load_settings"]
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
-OutputKind = Literal["sc", "sr", "pm"]
 
 
 class SettingsError(ValueError):
@@ -126,8 +125,10 @@ class Settings(BaseSettings):
     )
 
     # Outputs.
-    outputs: Annotated[list[OutputKind], NoDecode] = Field(
-        ["sc", "sr"], description="What to send back: sc (heatmap Secondary Capture), sr, pm (Parametric Map)."
+    outputs: Annotated[list[str], NoDecode] = Field(
+        ["sc", "sr"],
+        description="What to send back, any of the registered output kinds (retinagate.outputs.registry): "
+        "sc (heatmap Secondary Capture), sr (Comprehensive SR), pm (Parametric Map).",
     )
     display_long_side: Annotated[int, Field(ge=256, le=8192)] = Field(
         1024, description="Long side of the heatmap Secondary Capture, in pixels."
@@ -271,9 +272,9 @@ class Settings(BaseSettings):
     @field_validator("outputs")
     @classmethod
     def _check_outputs(cls, value: list[str]) -> list[str]:
-        if "sc" not in value and "sr" not in value and "pm" not in value:
-            raise ValueError("choose at least one of sc, sr, pm")
-        return list(dict.fromkeys(value))
+        from retinagate.outputs import registry
+
+        return registry.check(value)
 
     @field_validator("destinations", mode="before")
     @classmethod

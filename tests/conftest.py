@@ -366,7 +366,7 @@ def worker_store_outputs(worker_store_instance: Callable[..., int]) -> Callable[
         from pydicom.uid import generate_uid
 
         from retinagate.db import make_engine, session_factory, session_scope, upgrade
-        from retinagate.models import Instance, Model, Output, OutputKind, Prediction
+        from retinagate.models import Instance, Model, Output, Prediction
         from retinagate.storage import Storage
 
         upgrade(settings)
@@ -394,7 +394,7 @@ def worker_store_outputs(worker_store_instance: Callable[..., int]) -> Callable[
                     )
                     session.add(prediction)
                     session.flush()
-                    output = Output(prediction_id=prediction.id, kind=OutputKind.SC, sop_instance_uid=uid,
+                    output = Output(prediction_id=prediction.id, kind="sc", sop_instance_uid=uid,
                                     storage_key=key)
                     session.add(output)
                     session.flush()

@@ -27,7 +27,6 @@ from retinagate.models import (
     InstanceStatus,
     Model,
     Output,
-    OutputKind,
     Prediction,
     Study,
 )
@@ -84,8 +83,8 @@ def test_a_study_round_trips_with_instances_predictions_outputs_and_deliveries(e
         prediction = Prediction(instance=left, model=model, probabilities={"Disease_Risk": 0.91, "DR": 0.75},
                                 findings=["Disease_Risk", "DR"], timings={"decode": 0.011, "total": 0.05},
                                 duration_s=0.05)
-        sc = Output(prediction=prediction, kind=OutputKind.SC, sop_instance_uid="2.25.1", storage_key="out/1.dcm")
-        sr = Output(prediction=prediction, kind=OutputKind.SR, sop_instance_uid="2.25.2", storage_key="out/2.dcm")
+        sc = Output(prediction=prediction, kind="sc", sop_instance_uid="2.25.1", storage_key="out/1.dcm")
+        sr = Output(prediction=prediction, kind="sr", sop_instance_uid="2.25.2", storage_key="out/2.dcm")
         sc.deliveries.append(Delivery(destination="PACS@10.0.0.9:104", status=DeliveryStatus.DELIVERED,
                                       dimse_status=0, delivered_at=received + timedelta(seconds=3)))
         session.add_all([model, prediction, sc, sr])
@@ -118,12 +117,12 @@ def test_a_study_round_trips_with_instances_predictions_outputs_and_deliveries(e
         assert prediction.findings == ["Disease_Risk", "DR"]
         assert prediction.timings["decode"] == pytest.approx(0.011)
         outputs = {o.kind: o for o in prediction.outputs}
-        assert set(outputs) == {OutputKind.SC, OutputKind.SR}
-        (delivery,) = outputs[OutputKind.SC].deliveries
+        assert set(outputs) == {"sc", "sr"}
+        (delivery,) = outputs["sc"].deliveries
         assert delivery.status is DeliveryStatus.DELIVERED
         assert delivery.attempts == 0 and delivery.dimse_status == 0
         assert delivery.delivered_at == received + timedelta(seconds=3)
-        assert outputs[OutputKind.SR].deliveries == []
+        assert outputs["sr"].deliveries == []
 
 
 def test_timestamps_come_back_timezone_aware_and_as_the_same_instant(engine: sa.Engine) -> None:
@@ -184,7 +183,7 @@ def test_a_second_delivery_of_an_output_to_the_same_destination_is_refused(engin
     with session_scope(factory) as session:
         prediction = Prediction(instance=_instance(Study(study_uid="1.2.3"), 1), model=_model(),
                                 probabilities={}, findings=[], duration_s=0.1)
-        output = Output(prediction=prediction, kind=OutputKind.SC, sop_instance_uid="2.25.7", storage_key="o")
+        output = Output(prediction=prediction, kind="sc", sop_instance_uid="2.25.7", storage_key="o")
         session.add_all([output, Delivery(output=output, destination="PACS@h:104")])
 
     with pytest.raises(IntegrityError), session_scope(factory) as session:

@@ -301,7 +301,7 @@ def test_an_ungradable_photograph_gets_reasons_and_an_sc_and_sr_that_say_why_but
         drawn.append({"findings": list(args[2]), "legend": args[3], **kwargs})
         return render_heatmaps(*args, **kwargs)
 
-    monkeypatch.setattr("retinagate.pipeline.render_heatmaps", spy)
+    monkeypatch.setattr("retinagate.outputs.sc.render_heatmaps", spy)
     blurred = _dicom(_blurred(few[0], 0.015), tmp_path / "blurred.dcm")
 
     (result,) = score(engine, [blurred], outputs=["sc", "sr", "pm"])

@@ -148,8 +148,9 @@ def test_the_encoder_writes_the_same_sc_as_highdicom_for_every_image(
     for index, (header, frame, references) in enumerate(cases):
         picture = np.random.default_rng(index).integers(0, 255, (100 + index, 80, 3), dtype=np.uint8)
 
-        dataset, data = encoder.encode(picture, header, frame_number=frame, references_source=references,
-                                       description=f"image {index}")  # fmt: skip
+        built = encoder.encode(picture, header, frame_number=frame, references_source=references,
+                               description=f"image {index}")  # fmt: skip
+        dataset, data = built.read(), built.data
 
         expected = build_sc(picture, header, MODEL, frame_number=frame, references_source=references,
                             description=f"image {index}", compression=compression)  # type: ignore[arg-type]  # fmt: skip
@@ -165,6 +166,6 @@ def test_the_encoded_sc_passes_dciodvfy(
 ) -> None:
     for compression in ("jpeg", "none"):
         path = tmp_path / f"sc-{compression}.dcm"
-        path.write_bytes(ScEncoder(MODEL, compression=compression).encode(_picture(), source)[1])  # type: ignore[arg-type]
+        path.write_bytes(ScEncoder(MODEL, compression=compression).encode(_picture(), source).data)  # type: ignore[arg-type]
 
         assert dciodvfy(path) == [], compression

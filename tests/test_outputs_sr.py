@@ -168,10 +168,10 @@ def test_the_encoder_writes_highdicoms_document_for_every_image(
         sc = build_sc(np.zeros((64 + index, 64, 3), dtype=np.uint8), source, MODEL)
         scores = [FrameScores([float(p) for p in rng.random(len(LABELS))])]
 
-        uid, data = encoder.encode(source, scores, sc=sc)
+        built = encoder.encode(source, scores, sc=sc)
 
-        ours = pydicom.dcmread(io.BytesIO(data))
-        assert uid == ours.SOPInstanceUID == ours.file_meta.MediaStorageSOPInstanceUID
+        ours = pydicom.dcmread(io.BytesIO(built.data))
+        assert built.sop_instance_uid == ours.SOPInstanceUID == ours.file_meta.MediaStorageSOPInstanceUID
         assert plain_json(ours) == plain_json(build_sr(source, MODEL, scores, sc=sc)), f"image {index}"
 
 
@@ -184,7 +184,7 @@ def test_the_encoded_document_equals_highdicoms_direct_construction(
     encoder.encode(first, [FrameScores(list(reversed(PROBABILITIES)))],
                    sc=build_sc(np.zeros((64, 64, 3), dtype=np.uint8), first, MODEL))  # fmt: skip
 
-    _, data = encoder.encode(source, [FrameScores(PROBABILITIES)], sc=sc)
+    data = encoder.encode(source, [FrameScores(PROBABILITIES)], sc=sc).data
 
     ours = pydicom.dcmread(io.BytesIO(data))
     report = build_report(source, MODEL, [FrameScores(PROBABILITIES)], sc=sc)
@@ -228,7 +228,7 @@ def test_the_encoder_handles_plain_images_multi_frame_sources_and_sparse_headers
     for index, (source, scores, references_source) in enumerate(cases):
         sc = build_sc(np.zeros((64, 64, 3), dtype=np.uint8), source, MODEL, references_source=references_source)
 
-        _, data = encoder.encode(source, scores, sc=sc, references_source=references_source)
+        data = encoder.encode(source, scores, sc=sc, references_source=references_source).data
 
         expected = build_sr(source, MODEL, scores, sc=sc, references_source=references_source)
         assert plain_json(pydicom.dcmread(io.BytesIO(data))) == plain_json(expected), f"case {index}"
@@ -236,7 +236,7 @@ def test_the_encoder_handles_plain_images_multi_frame_sources_and_sparse_headers
 
 def test_the_encoded_document_rereads_with_highdicom(source: Dataset, sc: Dataset, tmp_path: Path) -> None:
     path = tmp_path / "sr.dcm"
-    path.write_bytes(SrEncoder(MODEL).encode(source, [FrameScores(PROBABILITIES)], sc=sc)[1])
+    path.write_bytes(SrEncoder(MODEL).encode(source, [FrameScores(PROBABILITIES)], sc=sc).data)
 
     report = hd.sr.srread(path)
 
@@ -258,7 +258,7 @@ def test_the_encoded_sr_passes_dciodvfy(
     source: Dataset, sc: Dataset, tmp_path: Path, dciodvfy: Callable[[object], list[str]]
 ) -> None:
     path = tmp_path / "sr.dcm"
-    path.write_bytes(SrEncoder(MODEL).encode(source, [FrameScores(PROBABILITIES)], sc=sc)[1])
+    path.write_bytes(SrEncoder(MODEL).encode(source, [FrameScores(PROBABILITIES)], sc=sc).data)
 
     assert dciodvfy(path) == []
 
@@ -272,7 +272,7 @@ def test_encoding_from_several_threads_keeps_every_document_its_own_identity(tmp
 
     def encode(index: int) -> tuple[Dataset, bytes]:
         source = sources[index % len(sources)]
-        return source, encoder.encode(source, [FrameScores(PROBABILITIES)], sc=pictures[id(source)])[1]
+        return source, encoder.encode(source, [FrameScores(PROBABILITIES)], sc=pictures[id(source)]).data
 
     with ThreadPoolExecutor(4) as pool:
         done = list(pool.map(encode, range(40)))

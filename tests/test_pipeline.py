@@ -259,7 +259,8 @@ def test_outputs_are_handed_over_as_part10_files_ready_to_write(
     (result,) = _score(engine, make_settings(outputs=["sc", "sr", "pm"]), [tmp_path / "a.dcm"])
 
     assert isinstance(result, ScoreResult)
-    assert list(result.encoded) == list(result.outputs) == list(result.output_uids) == ["sc", "sr", "pm"]
+    # In build order: the SR last, as it refers to what was built before it.
+    assert list(result.encoded) == list(result.outputs) == list(result.output_uids) == ["sc", "pm", "sr"]
     for kind, data in result.encoded.items():
         path = tmp_path / f"{kind}.dcm"
         path.write_bytes(data)  # as the worker and the CLI write them: no second serialisation
@@ -298,7 +299,7 @@ def spy_render(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         calls.append({"heatmaps": list(args[2]), "lines": list(args[3].lines)})
         return render_heatmaps(*args, **kwargs)
 
-    monkeypatch.setattr("retinagate.pipeline.render_heatmaps", spy)
+    monkeypatch.setattr("retinagate.outputs.sc.render_heatmaps", spy)
     return calls
 
 

@@ -19,7 +19,6 @@ from retinagate.models import (
     InstanceStatus,
     Model,
     Output,
-    OutputKind,
     Prediction,
     PredictionStatus,
     Study,
@@ -69,7 +68,7 @@ def _populate(settings: Settings) -> dict[str, Any]:
         current = prediction(right.id, new.id, ["DR", "Disease_Risk"], {"DR": 0.91, "Disease_Risk": 0.8, "ARMD": 0.1},
                              T0 + timedelta(seconds=2))
         prediction(later.id, new.id, [], {"DR": 0.05, "ARMD": 0.3}, T0 + timedelta(hours=5, seconds=1))
-        for n, kind in enumerate((OutputKind.SC, OutputKind.SR)):
+        for n, kind in enumerate(("sc", "sr")):
             output = Output(prediction_id=current.id, kind=kind, sop_instance_uid=f"9.{n}", storage_key=f"out/{n}")
             s.add(output)
             s.flush()

@@ -42,7 +42,7 @@ class Bench:
                 "instances": {i.id: (i.status.value, i.attempts, i.last_error) for i in s.scalars(select(Instance))},
                 "predictions": sorted((p.id, p.instance_id, p.model_id) for p in s.scalars(select(Prediction))),
                 "outputs": sorted(
-                    (o.id, o.prediction_id, o.kind.value, o.sop_instance_uid, o.storage_key)
+                    (o.id, o.prediction_id, o.kind, o.sop_instance_uid, o.storage_key)
                     for o in s.scalars(select(Output))
                 ),
                 "deliveries": sorted(
@@ -225,8 +225,8 @@ def test_an_ungradable_instance_is_recorded_with_its_reasons_and_its_sc_and_sr_a
         assert prediction.status == "ungradable" and prediction.reasons == ["out of focus"]
         assert prediction.findings == [] and prediction.probabilities == {}
         assert prediction.quality["sharpness"] < 0.52
-        kinds = sorted(o.kind.value for o in prediction.outputs)
-        delivered = sorted(d.output.kind.value for o in prediction.outputs for d in o.deliveries)
+        kinds = sorted(o.kind for o in prediction.outputs)
+        delivered = sorted(d.output.kind for o in prediction.outputs for d in o.deliveries)
     assert kinds == ["sc", "sr"] and delivered == ["sc", "sr"]  # sent whatever deliver_min_probability says
     again = b.score([blurred])  # a second message for it: the work is done, nothing changes
     assert again.skipped == {blurred: "already scored by this model"}
@@ -342,7 +342,7 @@ def test_the_stored_sr_is_a_valid_report_of_the_recorded_probabilities(
 
     with session_scope(b.sessions) as s:
         prediction = s.scalars(select(Prediction)).one()
-        stored = {o.kind.value: b.storage.path(o.storage_key) for o in prediction.outputs}
+        stored = {o.kind: b.storage.path(o.storage_key) for o in prediction.outputs}
         probabilities = dict(prediction.probabilities)
         source_uid = s.get_one(Instance, instance_id).sop_instance_uid
     report = hd.sr.srread(stored["sr"])  # the pipeline's encoded file, written as it was handed over

@@ -18,7 +18,6 @@ from retinagate.models import (
     InstanceStatus,
     Model,
     Output,
-    OutputKind,
     Prediction,
     utcnow,
 )
@@ -238,7 +237,7 @@ def test_deliveries_left_pending_or_retrying_too_long_are_sent_again(
         session.add(prediction)
         session.flush()
         outputs = []
-        for n, kind in enumerate((OutputKind.SC, OutputKind.SR, OutputKind.PM)):
+        for n, kind in enumerate(("sc", "sr", "pm")):
             output = Output(
                 prediction_id=prediction.id, kind=kind, sop_instance_uid=f"9.9.{n}", storage_key=f"out/{n}.dcm"
             )
@@ -275,7 +274,7 @@ def _outputs(session: Session, now: datetime, count: int) -> list[int]:
     session.add(prediction)
     session.flush()
     ids = []
-    for n, kind in enumerate((OutputKind.SC, OutputKind.SR, OutputKind.PM)[:count]):
+    for n, kind in enumerate(("sc", "sr", "pm")[:count]):
         output = Output(prediction_id=prediction.id, kind=kind, sop_instance_uid=f"9.9.{n}", storage_key=f"out/{n}")
         session.add(output)
         session.flush()

@@ -160,7 +160,7 @@ class Db:
             return {
                 "predictions": sorted((p.id, p.instance_id, p.model_id) for p in s.scalars(select(Prediction))),
                 "outputs": sorted(
-                    (o.id, o.prediction_id, o.kind.value, o.sop_instance_uid, o.storage_key)
+                    (o.id, o.prediction_id, o.kind, o.sop_instance_uid, o.storage_key)
                     for o in s.scalars(select(Output))
                 ),
                 "deliveries": sorted(

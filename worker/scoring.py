@@ -25,7 +25,6 @@ Order of work, and why:
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -45,7 +44,6 @@ from retinagate.models import (
     Instance,
     InstanceStatus,
     Output,
-    OutputKind,
     Prediction,
     PredictionStatus,
     utcnow,
@@ -302,27 +300,9 @@ def _set_status(sessions: sessionmaker[Session], errors: dict[int, str], status:
             row.lease_owner = row.lease_expires_at = None
 
 
-def _encoded_outputs(result: ScoreResult) -> list[tuple[str, str, bytes]]:
-    """``(kind, SOP Instance UID, Part 10 bytes)`` of each output of a result.
-
-    The pipeline hands its outputs over encoded; a result without them (made by other code) is
-    serialised here.
-    """
-    if result.encoded and set(result.encoded) == set(result.output_uids):
-        return [(kind, result.output_uids[kind], data) for kind, data in result.encoded.items()]
-    from pydicom import dcmwrite
-
-    outputs = []
-    for kind, dataset in result.outputs.items():
-        buffer = io.BytesIO()
-        dcmwrite(buffer, dataset, enforce_file_format=True)
-        outputs.append((kind, str(dataset.SOPInstanceUID), buffer.getvalue()))
-    return outputs
-
-
 @dataclass(frozen=True)
 class _Written:
-    kind: OutputKind
+    kind: str
     sop_instance_uid: str
     storage_key: str
     new_key: bool
@@ -346,8 +326,7 @@ def _write_batch(
         The files written per instance id, the instances whose writes failed (their new files are
         removed again) with the error, and the seconds each instance's outputs took.
     """
-    encoded = {instance_id: _encoded_outputs(result) for instance_id, result in results}
-    uids = [uid for outputs in encoded.values() for _, uid, _ in outputs]
+    uids = [output.sop_instance_uid for _, result in results for output in result.built]
     known: dict[str, str] = {}
     if uids:
         with session_scope(sessions) as session:
@@ -357,12 +336,13 @@ def _write_batch(
     pending: list[tuple[int, _Written, Future[float]]] = []
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="retinagate-write") as pool:
         try:
-            for instance_id, _ in results:
+            for instance_id, result in results:
                 started = time.perf_counter()
-                for kind, uid, data in encoded[instance_id]:
-                    key = known.get(uid)
-                    item = _Written(OutputKind(kind), uid, key or storage.new_key("out"), key is None)
-                    pending.append((instance_id, item, pool.submit(_timed_write, storage, item.storage_key, data)))
+                for output in result.built:
+                    key = known.get(output.sop_instance_uid)
+                    item = _Written(output.kind, output.sop_instance_uid, key or storage.new_key("out"), key is None)
+                    write = pool.submit(_timed_write, storage, item.storage_key, output.data)
+                    pending.append((instance_id, item, write))
                 seconds[instance_id] = time.perf_counter() - started
         except BaseException:
             wait([future for *_, future in pending])

@@ -43,6 +43,7 @@ __all__ = [
     "encode_part10",
     "encodings_of",
     "fd_element",
+    "part10",
     "uid_element",
 ]
 
@@ -241,3 +242,12 @@ def encode_part10(dataset: Dataset, tail: Iterable[tuple[int, bytes]] = ()) -> b
     fp.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(fp, dataset.file_meta, enforce_standard=True)
     return b"".join([fp.getvalue(), *(data for _, data in pieces)])
+
+
+def part10(dataset: Dataset) -> bytes:
+    """Part 10 bytes of a whole dataset (with its ``file_meta``), written by pydicom."""
+    from pydicom import dcmwrite
+
+    fp = DicomBytesIO()
+    dcmwrite(fp, dataset, enforce_file_format=True)
+    return fp.getvalue()

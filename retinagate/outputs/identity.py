@@ -15,7 +15,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from retinagate.card import ModelCard
 
@@ -26,9 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AI_DISCLAIMER",
     "MANUFACTURER",
-    "SERIES_NUMBERS",
     "ModelIdentity",
-    "OutputKind",
     "acquisition_equipment",
     "code_item",
     "derived_uid",
@@ -37,8 +35,6 @@ __all__ = [
     "series_uid",
     "software_version",
 ]
-
-OutputKind = Literal["sc", "sr", "pm"]
 
 
 def code_item(value: str, scheme: str, meaning: str) -> Dataset:
@@ -58,12 +54,8 @@ MANUFACTURER: Final = "RetinaGate"
 #: The line every output carries, burned into the Secondary Capture and written into comments.
 AI_DISCLAIMER: Final = "AI output - not verified - for review by a qualified reader"
 
-#: Series Number of each output kind (one new series per model and kind in the source's study).
-SERIES_NUMBERS: Final[dict[str, int]] = {"sc": 9901, "sr": 9902, "pm": 9903}
-
 # Fixed namespace for RetinaGate's name-based UUIDs; changing it would change every output UID.
 _NAMESPACE: Final = uuid.UUID("6f1d0c3e-5b7a-4d2e-9c41-52e7a0b1c9d4")
-_KINDS: Final = frozenset(SERIES_NUMBERS)
 
 
 def derived_uid(*parts: str) -> str:
@@ -78,8 +70,14 @@ def derived_uid(*parts: str) -> str:
 
 
 def _check(kind: str, model_sha256: str) -> None:
-    if kind not in _KINDS:
-        raise ValueError(f"kind is {kind!r}; expected one of {', '.join(sorted(_KINDS))}")
+    from retinagate.outputs.registry import names
+
+    if kind not in names():
+        raise ValueError(f"kind is {kind!r}; expected one of {', '.join(names())}")
+    _check_sha256(model_sha256)
+
+
+def _check_sha256(model_sha256: str) -> None:
     if len(model_sha256) != 64 or any(c not in "0123456789abcdef" for c in model_sha256):
         raise ValueError(f"model_sha256 is {model_sha256!r}; expected 64 lowercase hex digits")
 
@@ -88,7 +86,7 @@ def output_uid(source_sop_instance_uid: str, model_sha256: str, kind: str) -> st
     """SOP Instance UID of the output ``kind`` for one source instance and one model file.
 
     Raises:
-        ValueError: If ``kind`` is not sc, sr or pm, the sha256 is malformed or the source UID is empty.
+        ValueError: If ``kind`` is not a registered output kind, the sha256 is malformed or the source UID is empty.
     """
     _check(kind, model_sha256)
     return derived_uid("instance", source_sop_instance_uid, model_sha256, kind)
@@ -136,7 +134,7 @@ class ModelIdentity:
     device_uid: str
 
     def __post_init__(self) -> None:
-        _check("sc", self.sha256)
+        _check_sha256(self.sha256)
         if not self.device_uid or len(self.device_uid) > 64:
             raise ValueError(f"device_uid is {self.device_uid!r}; expected a DICOM UID of at most 64 characters")
 

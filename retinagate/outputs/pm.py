@@ -17,12 +17,14 @@ Orientation, which a fundus photograph does not have. So the map is built here w
 its own Frame of Reference (derived from the source SOP Instance UID, shared by every map of that
 photograph), an identity orientation at the origin, and a nominal pixel spacing of 1 mm that the
 content description states is nominal; everything else follows the IOD and is checked with dciodvfy.
+
+:class:`PmOutput` is the kind the registry lists; it maps the first mapped label of a graded DICOM source.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Final
+from typing import TYPE_CHECKING, ClassVar, Final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -30,19 +32,30 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from retinagate.labels import LABEL_DESCRIPTIONS
+from retinagate.outputs.encoding import part10
 from retinagate.outputs.findings import probability_text, threshold_text
 from retinagate.outputs.identity import (
     AI_DISCLAIMER,
-    SERIES_NUMBERS,
     ModelIdentity,
     code_item,
     derived_uid,
     output_uid,
     series_uid,
 )
+from retinagate.outputs.kind import BuiltOutput, ScoredPhotograph
+from retinagate.outputs.render import retina_heat
 from retinagate.outputs.sc import source_reference
 
-__all__ = ["PARAMETRIC_MAP_STORAGE", "build_pm"]
+if TYPE_CHECKING:
+    from retinagate.settings import Settings
+
+__all__ = ["KIND", "PARAMETRIC_MAP_STORAGE", "SERIES_NUMBER", "PmOutput", "build_pm"]
+
+#: The kind's name in settings, SQL and the registry.
+KIND: Final = "pm"
+
+#: Series Number of the Parametric Maps.
+SERIES_NUMBER: Final = 9903
 
 #: Parametric Map Storage SOP Class.
 PARAMETRIC_MAP_STORAGE: Final = "1.2.840.10008.5.1.4.1.1.30"
@@ -110,7 +123,7 @@ def build_pm(
     values = np.clip(heat / top, 0.0, 1.0) if np.isfinite(top) and top > 0 else np.zeros_like(heat)
 
     source_uid = str(source.SOPInstanceUID)
-    sop_uid = output_uid(source_uid, model.sha256, "pm")
+    sop_uid = output_uid(source_uid, model.sha256, KIND)
     now = dt.datetime.now()
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -133,8 +146,8 @@ def build_pm(
 
     # Series and equipment: a new series per model in the source's study.
     ds.Modality = "OT"
-    ds.SeriesInstanceUID = series_uid(str(source.StudyInstanceUID), model.sha256, "pm")
-    ds.SeriesNumber = SERIES_NUMBERS["pm"]
+    ds.SeriesInstanceUID = series_uid(str(source.StudyInstanceUID), model.sha256, KIND)
+    ds.SeriesNumber = SERIES_NUMBER
     ds.SeriesDescription = f"RetinaGate Grad-CAM map (unverified AI) {model.name} {model.version}"[:64]
     ds.InstanceNumber = int(frame_number or 1)
     model.stamp(ds)
@@ -257,3 +270,45 @@ def build_pm(
 
     ds.FloatPixelData = np.ascontiguousarray(values, dtype="<f4").tobytes()
     return ds
+
+
+class PmOutput:
+    """The Parametric Map as an output kind (:class:`retinagate.outputs.kind.OutputKind`).
+
+    Made for a graded DICOM source only: it shares the source image's pixel grid, which a plain
+    image file (no DICOM source) and a photograph the gate refused (no heat) do not give.
+
+    Args:
+        model: The model whose maps it makes.
+        settings: Not used: the map has no settings of its own.
+    """
+
+    name: ClassVar[str] = KIND
+    display_resolution: ClassVar[bool] = False
+
+    def __init__(self, model: ModelIdentity, settings: Settings) -> None:
+        self.model = model
+
+    @classmethod
+    def requires(cls, references_source: bool) -> tuple[str, ...]:
+        """Nothing."""
+        return ()
+
+    def build(self, photo: ScoredPhotograph) -> list[BuiltOutput]:
+        """The map of the first mapped label of ``photo`` (none for a plain file or an ungraded photograph)."""
+        if not photo.references_source or not photo.gradable or not photo.mapped:
+            return []
+        label, key = photo.mapped[0], photo.shown_frame
+        shape = photo.decoded.source_shape
+        heat = retina_heat(photo.cam(label), photo.geometries[key], shape, photo.fovs[key])
+        ds = build_pm(
+            heat[0] if heat is not None else np.zeros(shape, dtype=np.float32),
+            photo.header,
+            self.model,
+            label=label,
+            probability=photo.probabilities[label],
+            threshold=photo.thresholds[label],
+            frame_number=photo.frame_number,
+        )
+        return [BuiltOutput(KIND, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), PARAMETRIC_MAP_STORAGE,
+                            part10(ds), ds)]  # fmt: skip

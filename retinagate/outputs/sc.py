@@ -19,13 +19,17 @@ the dataset): the attributes that are the same for every picture of a model are 
 highdicom-built Secondary Capture and encoded once; per image it sets the patient and study (as
 ``SCImage.from_ref_dataset`` takes them from the source), UIDs, dates, the pixels and references.
 ``tests/test_outputs_sc.py`` compares its output with :func:`build_sc`, element for element.
+
+:class:`ScOutput` is the kind the registry lists: it draws the picture of a scored photograph (the
+heat of its mapped labels and the legend's wording, or the "Not graded" banner) and encodes it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import threading
-from typing import TYPE_CHECKING, Any, Final, Literal
+import time
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 
 import cv2
 import numpy as np
@@ -38,10 +42,11 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
 from pydicom.valuerep import DA, TM
 
+from retinagate.labels import DISEASE_RISK
 from retinagate.outputs.encoding import copy_with, encode_element, encode_part10, encodings_of
+from retinagate.outputs.findings import NO_FINDING, describe_findings, findings_of, probability_text, threshold_text
 from retinagate.outputs.identity import (
     AI_DISCLAIMER,
-    SERIES_NUMBERS,
     ModelIdentity,
     acquisition_equipment,
     code_item,
@@ -49,11 +54,21 @@ from retinagate.outputs.identity import (
     output_uid,
     series_uid,
 )
+from retinagate.outputs.kind import BuiltOutput, ScoredPhotograph
+from retinagate.outputs.render import HeatmapFinding, Legend, render_heatmaps
 
 if TYPE_CHECKING:
     import highdicom as hd
 
-__all__ = ["Compression", "ScEncoder", "build_sc", "source_reference"]
+    from retinagate.settings import Settings
+
+__all__ = ["KIND", "SERIES_NUMBER", "Compression", "ScEncoder", "ScOutput", "build_sc", "source_reference"]
+
+#: The kind's name in settings, SQL and the registry.
+KIND: Final = "sc"
+
+#: Series Number of the heatmap Secondary Captures.
+SERIES_NUMBER: Final = 9901
 
 #: How the Secondary Capture's pixels are encoded.
 Compression = Literal["jpeg", "none"]
@@ -163,9 +178,9 @@ def build_sc(
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=series_uid(str(source.StudyInstanceUID), model.sha256, "sc"),
-        series_number=SERIES_NUMBERS["sc"],
-        sop_instance_uid=output_uid(str(source.SOPInstanceUID), model.sha256, "sc"),
+        series_instance_uid=series_uid(str(source.StudyInstanceUID), model.sha256, KIND),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=output_uid(str(source.SOPInstanceUID), model.sha256, KIND),
         instance_number=int(frame_number or 1),
         manufacturer="RetinaGate",
         laterality=laterality,
@@ -276,24 +291,24 @@ class ScEncoder:
         frame_number: int | None = None,
         references_source: bool = True,
         description: str = "",
-    ) -> tuple[Dataset, bytes]:
-        """The Secondary Capture and its Part 10 bytes; arguments and errors as :func:`build_sc`."""
+    ) -> BuiltOutput:
+        """The Secondary Capture, built: its Part 10 bytes and dataset; arguments and errors as :func:`build_sc`."""
         from highdicom.enum import PatientSexValues
-        from highdicom.valuerep import _check_specific_character_set
 
         _check(picture, source)
-        raw_set = source.get("SpecificCharacterSet")
-        character_set = None if raw_set is None else _check_specific_character_set(raw_set)
-        key = repr(character_set)
+        # highdicom checks and normalises the source's character set when it builds the reference
+        # Secondary Capture; every picture of a source with the same raw value gets that result.
+        key = repr(source.get("SpecificCharacterSet"))
         if key not in self._constants:
             with self._lock:
                 if key not in self._constants:
-                    self._constants[key] = self._compile(picture, source, character_set)
+                    self._constants[key] = self._compile(picture, source)
         reference, constants = self._constants[key]
+        character_set = reference.get("SpecificCharacterSet")
 
         # As SOPClass.__init__ and SCImage.__init__ set them, from SCImage.from_ref_dataset's arguments.
         sc = Dataset()
-        uid = output_uid(str(source.SOPInstanceUID), self.model.sha256, "sc")
+        uid = output_uid(str(source.SOPInstanceUID), self.model.sha256, KIND)
         sc.file_meta = copy_with(reference.file_meta, MediaStorageSOPInstanceUID=UID(uid))
         sex = source.get("PatientSex")
         if sex is not None and sex != "":
@@ -309,7 +324,7 @@ class ScEncoder:
         sc.StudyDate = DA(study_date) if study_date is not None else None
         sc.StudyTime = TM(study_time) if study_time is not None else None
         sc.ReferringPhysicianName = source.get("ReferringPhysicianName")
-        sc.SeriesInstanceUID = series_uid(str(source.StudyInstanceUID), self.model.sha256, "sc")
+        sc.SeriesInstanceUID = series_uid(str(source.StudyInstanceUID), self.model.sha256, KIND)
         sc.SOPInstanceUID = uid
         sc.InstanceNumber = int(frame_number or 1)
         now = dt.datetime.now()
@@ -340,13 +355,11 @@ class ScEncoder:
         for tag in reference.keys():  # noqa: SIM118 - iterating a Dataset yields elements
             if tag not in _PER_IMAGE:
                 sc.add(reference[tag])  # shared with the template: the dataset is for reading
-        return sc, data
+        return BuiltOutput(KIND, uid, str(sc.SeriesInstanceUID), str(sc.SOPClassUID), data, sc)
 
-    def _compile(
-        self, picture: NDArray[np.uint8], source: Dataset, character_set: Any
-    ) -> tuple[Dataset, tuple[tuple[int, bytes], ...]]:
+    def _compile(self, picture: NDArray[np.uint8], source: Dataset) -> tuple[Dataset, tuple[tuple[int, bytes], ...]]:
         reference = build_sc(picture, source, self.model, compression=self.compression, quality=self.quality)
-        encodings = encodings_of(character_set)
+        encodings = encodings_of(reference.get("SpecificCharacterSet"))
         constants = tuple((int(tag), encode_element(reference[tag], encodings)) for tag in sorted(reference.keys())
                           if tag not in _PER_IMAGE)  # fmt: skip
         return reference, constants
@@ -355,3 +368,105 @@ class ScEncoder:
         if self._processing is None:
             self._processing = self.model.contributing_equipment()
         return self._processing
+
+
+class ScOutput:
+    """The heatmap Secondary Capture as an output kind (:class:`retinagate.outputs.kind.OutputKind`).
+
+    A graded photograph gets the shown frame with the heat of the mapped labels and a legend of its
+    findings; one the gate refused gets the first frame, unheated, under a "Not graded" banner.
+
+    Args:
+        model: The model whose pictures it makes.
+        settings: Gives ``sc_compression``, ``sc_jpeg_quality`` and ``display_long_side``.
+    """
+
+    name: ClassVar[str] = KIND
+    display_resolution: ClassVar[bool] = True
+
+    def __init__(self, model: ModelIdentity, settings: Settings) -> None:
+        self.model = model
+        self.long_side = settings.display_long_side
+        self.encoder = ScEncoder(model, compression=settings.sc_compression, quality=settings.sc_jpeg_quality)
+
+    @classmethod
+    def requires(cls, references_source: bool) -> tuple[str, ...]:
+        """Nothing: the picture is made from the photograph alone."""
+        return ()
+
+    def build(self, photo: ScoredPhotograph) -> list[BuiltOutput]:
+        """The Secondary Capture of ``photo``; its drawing time is added to ``photo.timings["render"]``."""
+        started = time.perf_counter()
+        picture, description = self._graded(photo) if photo.gradable else self._not_graded(photo)
+        photo.timings["render"] = photo.timings.get("render", 0.0) + time.perf_counter() - started
+        built = self.encoder.encode(
+            picture,
+            photo.header,
+            frame_number=photo.frame_number,
+            references_source=photo.references_source,
+            description=description,
+        )
+        return [built]
+
+    def _model_line(self) -> str:
+        card = self.model.card
+        return f"{card.name} {card.version} (sha256 {self.model.sha256[:12]})"
+
+    def _graded(self, photo: ScoredPhotograph) -> tuple[NDArray[np.uint8], str]:
+        card, probs, limits = photo.card, photo.probabilities, photo.thresholds
+        heatmaps = [HeatmapFinding(name, probs[name], photo.cam(name), marked=probs[name] >= limits[name])
+                    for name in photo.mapped]  # fmt: skip
+        key = photo.shown_frame
+        picture = render_heatmaps(
+            photo.decoded.frames[key],
+            photo.geometries[key],
+            heatmaps,
+            self._legend(photo),
+            long_side=self.long_side,
+            fov=photo.fovs[key],
+        )
+        # As the legend's first line: the disease findings shown, else Disease_Risk when it is one.
+        described = list(photo.shown) or findings_of(probs, card.labels, card.thresholds)
+        shown_text = describe_findings(probs, described, limits)
+        return picture, f"Grad-CAM heatmaps of the top findings ({shown_text}); {self.model.name} {self.model.version}"
+
+    def _legend(self, photo: ScoredPhotograph) -> Legend:
+        card, probs, limits, shown = photo.card, photo.probabilities, photo.thresholds, photo.shown
+        lines = []
+        findings = findings_of(probs, card.labels, card.thresholds)
+        if shown:
+            lines.append("Findings: " + describe_findings(probs, shown, limits, "   "))
+            others = [n for n in findings if n != DISEASE_RISK and n not in shown]
+            if others:
+                lines.append("Also over threshold: " + describe_findings(probs, others, limits, "   "))
+        elif findings:  # Disease_Risk alone
+            lines.append("Findings: " + describe_findings(probs, findings, limits, "   ") + " (no single disease)")
+        else:
+            lines.append(NO_FINDING)
+        if DISEASE_RISK in probs:
+            risk, limit = probs[DISEASE_RISK], limits[DISEASE_RISK]
+            side = "at or over" if risk >= limit else "under"
+            lines.append(f"Disease risk {probability_text(risk, limit)} ({side} threshold {threshold_text(limit)})")
+        if not shown and photo.mapped:
+            name = photo.mapped[0]
+            lines.append(f"Map: {name} (where the model looked; not a finding)" if probs[name] < limits[name]
+                         else f"Map: {name}")  # fmt: skip
+        if photo.frame_number is not None:
+            lines.append(f"Frame {photo.frame_number} of {photo.decoded.number_of_frames}")
+        return Legend(model=self._model_line(), lines=tuple(lines))
+
+    def _not_graded(self, photo: ScoredPhotograph) -> tuple[NDArray[np.uint8], str]:
+        reasons = photo.reasons
+        lines = [f"Not graded: {'; '.join(reasons)}", "No findings are reported for this photograph"]
+        if photo.decoded.number_of_frames > 1:
+            lines.append(f"Frame 1 of {photo.decoded.number_of_frames}")
+        picture = render_heatmaps(
+            photo.decoded.frames[0],
+            photo.geometries[0],
+            [],
+            Legend(model=self._model_line(), lines=tuple(lines)),
+            long_side=self.long_side,
+            fov=photo.fovs[0],
+            banner=f"Not graded: {reasons[0]}" if reasons else "Not graded",
+        )
+        return picture, f"Not graded ({'; '.join(reasons)}); no findings; {self.model.name} {self.model.version}"

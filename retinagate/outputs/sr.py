@@ -34,6 +34,8 @@ Patient and Study modules of the source's IOD) and the acquisition equipment of 
 Image Library, whose entries describe the referenced images, is compiled once per kind of referenced
 image. The tests compare the encoded document with highdicom's direct construction, element for
 element, for images other than the one the template was made from.
+
+:class:`SrOutput` is the kind the registry lists; built after the SC, it lists the SC in its Image Library.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -65,11 +67,11 @@ from retinagate.outputs.encoding import (
     encode_part10,
     encodings_of,
     fd_element,
+    part10,
     uid_element,
 )
 from retinagate.outputs.identity import (
     MANUFACTURER,
-    SERIES_NUMBERS,
     ModelIdentity,
     acquisition_equipment,
     derived_uid,
@@ -77,24 +79,40 @@ from retinagate.outputs.identity import (
     output_uid,
     series_uid,
 )
+from retinagate.outputs.kind import BuiltOutput, FrameScores, ScoredPhotograph
+from retinagate.outputs.sc import KIND as SC_KIND
 
 if TYPE_CHECKING:
     import highdicom as hd
 
     from retinagate.card import ModelCard
+    from retinagate.settings import Settings
 
 __all__ = [
     "CODING_SCHEME",
+    "COMPREHENSIVE_SR",
     "GRADABILITY",
+    "KIND",
     "NOT_GRADED",
     "NOT_GRADED_REASON",
+    "SERIES_NUMBER",
     "FrameScores",
     "SrEncoder",
+    "SrOutput",
     "build_report",
     "build_sr",
     "label_concept",
     "probability_concept",
 ]
+
+#: The kind's name in settings, SQL and the registry.
+KIND: Final = "sr"
+
+#: Series Number of the SR documents.
+SERIES_NUMBER: Final = 9902
+
+#: Comprehensive SR Storage.
+COMPREHENSIVE_SR: Final = "1.2.840.10008.5.1.4.1.1.88.33"
 
 #: Local coding scheme of RetinaGate's label concepts.
 CODING_SCHEME: Final = "99RETINAGATE"
@@ -107,21 +125,6 @@ _PROCEDURE: Final = Code("OP", "DCM", "Ophthalmic Photography")
 GRADABILITY: Final = Code("GRADABILITY", CODING_SCHEME, "Gradability of the photograph")
 NOT_GRADED: Final = Code("NOT-GRADED", CODING_SCHEME, "Not graded")
 NOT_GRADED_REASON: Final = Code("NOT-GRADED-WHY", CODING_SCHEME, "Reason not graded")
-
-
-@dataclass(frozen=True)
-class FrameScores:
-    """The model's output for one frame.
-
-    Attributes:
-        probabilities: One probability per card label, in card order; empty for a frame not graded.
-        frame_number: 1-based frame number in the source, or ``None`` for a single-frame source.
-        not_graded: Why the gradability gate refused the frame (its reasons); empty when it was graded.
-    """
-
-    probabilities: Sequence[float]
-    frame_number: int | None = None
-    not_graded: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -319,9 +322,9 @@ def build_sr(
         sr = hd.sr.ComprehensiveSR(
             evidence=evidence,
             content=root,
-            series_instance_uid=series_uid(str(source.StudyInstanceUID), model.sha256, "sr"),
-            series_number=SERIES_NUMBERS["sr"],
-            sop_instance_uid=output_uid(str(source.SOPInstanceUID), model.sha256, "sr"),
+            series_instance_uid=series_uid(str(source.StudyInstanceUID), model.sha256, KIND),
+            series_number=SERIES_NUMBER,
+            sop_instance_uid=output_uid(str(source.SOPInstanceUID), model.sha256, KIND),
             instance_number=int(frames[0].frame_number or 1),
             manufacturer=MANUFACTURER,
             is_complete=True,
@@ -374,28 +377,48 @@ _LIBRARY_KEYS: Final = ("SOPClassUID", "FrameOfReferenceUID", "Rows", "Columns",
                         "SliceThickness")  # fmt: skip
 
 
+class _Recorder(Dataset):
+    """A source holding only its SOP class and instance UIDs that records every other tag looked up in it."""
+
+    def __init__(self, sop_class_uid: str) -> None:
+        super().__init__()
+        self.looked_up: set[int] = set()
+        self.SOPClassUID = sop_class_uid
+        self.SOPInstanceUID = "2.25.0"
+
+    def __getitem__(self, key: Any) -> Any:
+        if not isinstance(key, slice):
+            self.looked_up.add(int(Tag(key)))
+        return super().__getitem__(key)
+
+
 @lru_cache(maxsize=32)
 def _copied_tags(sop_class_uid: str) -> frozenset[int]:
     """Tags highdicom copies from a source of this SOP class: root attributes of its Patient and Study modules.
 
-    The same walk as ``SOPClass.copy_patient_and_study_information``, done once per SOP class.
+    Found once per SOP class by letting highdicom's public
+    :meth:`highdicom.SOPClass.copy_patient_and_study_information` copy from a source that records
+    which tags are asked for (and holds none of them), so this is highdicom's own list.
 
     Raises:
         KeyError: If highdicom does not know the SOP class.
     """
-    from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
-    from pydicom.datadict import tag_for_keyword
+    import highdicom as hd
 
-    attributes = get_module_attribute_map()
-    tags: set[int] = set()
-    for module in get_iod_module_map()[get_sop_class_iod_map()[sop_class_uid]]:
-        if module["ie"] not in ("Patient", "Study"):
-            continue
-        for item in attributes[module["key"]]:
-            tag = tag_for_keyword(str(item["keyword"])) if not item["path"] else None
-            if tag is not None:
-                tags.add(tag)
-    return frozenset(tags)
+    target = hd.SOPClass(
+        study_instance_uid="2.25.1",
+        series_instance_uid="2.25.2",
+        series_number=1,
+        sop_instance_uid="2.25.3",
+        sop_class_uid=sop_class_uid,
+        instance_number=1,
+        modality="OT",
+    )
+    probe = _Recorder(sop_class_uid)
+    held = {int(tag) for tag in probe.keys()}  # noqa: SIM118 - iterating a Dataset yields elements
+    probe.looked_up.clear()
+    target.copy_patient_and_study_information(probe)
+    return frozenset(probe.looked_up - held)
 
 
 def _signature(ds: Dataset, keywords: Sequence[str]) -> tuple[str, ...]:
@@ -445,8 +468,8 @@ class SrEncoder:
         *,
         sc: Dataset | None = None,
         references_source: bool = True,
-    ) -> tuple[str, bytes]:
-        """The SR's SOP Instance UID and its Part 10 bytes; arguments and errors as :func:`build_sr`."""
+    ) -> BuiltOutput:
+        """The SR, built: its UIDs and Part 10 bytes; arguments and errors as :func:`build_sr`."""
         card = self.model.card
         if not frames:
             raise ValueError("frames: expected the scores of at least one frame")
@@ -456,34 +479,30 @@ class SrEncoder:
             raise ValueError(
                 "sc: a plain image file has no DICOM source, so the SR must reference the Secondary Capture"
             )
-        uid = output_uid(str(source.SOPInstanceUID), self.model.sha256, "sr")
+        uid = output_uid(str(source.SOPInstanceUID), self.model.sha256, KIND)
+        series = series_uid(str(source.StudyInstanceUID), self.model.sha256, KIND)
         evidence = [d for d in ((source if references_source else None), sc) if d is not None]
         # highdicom takes the patient, study and acquisition equipment from the first evidence item.
         first = evidence[0]
         # A frame not graded carries reasons whose wording varies: no template, highdicom directly.
         if any(f.not_graded for f in frames) or not self._fast_path_applies(first):
-            from pydicom import dcmwrite
-            from pydicom.filebase import DicomBytesIO
-
-            buffer = DicomBytesIO()
-            dcmwrite(buffer, build_sr(source, self.model, frames, sc=sc, references_source=references_source),
-                     enforce_file_format=True)  # fmt: skip
-            return uid, buffer.getvalue()
+            document = build_sr(source, self.model, frames, sc=sc, references_source=references_source)
+            return BuiltOutput(KIND, uid, series, COMPREHENSIVE_SR, part10(document), document)
 
         import highdicom as hd
-        from highdicom.valuerep import _check_specific_character_set
 
-        raw_set = first.get("SpecificCharacterSet")
-        character_set = None if raw_set is None else _check_specific_character_set(raw_set)
+        # highdicom checks and normalises the character set when it builds the template's document;
+        # every source with the same raw value gets that result.
         frame_numbers = tuple(f.frame_number for f in frames)
-        key = (frame_numbers, references_source, str(first.SOPClassUID), repr(character_set),
+        key = (frame_numbers, references_source, str(first.SOPClassUID), repr(first.get("SpecificCharacterSet")),
                None if sc is None else str(sc.SOPClassUID))  # fmt: skip
         template = self._templates.get(key)
         if template is None:
             with self._lock:
                 template = self._templates.get(key) or self._compile(
-                    key, source, frames, sc=sc, references_source=references_source, character_set=character_set
+                    key, source, frames, sc=sc, references_source=references_source
                 )
+        character_set = template.character_set
 
         # Top level: as highdicom's SOPClass and _SR constructors set it.
         ds = Dataset()
@@ -496,7 +515,7 @@ class SrEncoder:
         if character_set is not None:
             ds.SpecificCharacterSet = character_set
         ds.SOPInstanceUID = uid
-        ds.SeriesInstanceUID = series_uid(str(source.StudyInstanceUID), self.model.sha256, "sr")
+        ds.SeriesInstanceUID = series
         ds.InstanceNumber = int(frames[0].frame_number or 1)
         for keyword in _FROM_SOURCE:
             setattr(ds, keyword, first.get(keyword))
@@ -532,7 +551,8 @@ class SrEncoder:
                 slots[f"num:{g}:{i}"] = ds_element(_NUMERIC_VALUE, DSfloat(rounded, auto_format=True))
                 slots[f"fp:{g}:{i}"] = fd_element(_FLOATING_POINT_VALUE, rounded)
                 slots[f"code:{g}:{i}"] = present if value >= threshold else absent
-        return uid, encode_part10(ds, [*template.constants, (_CONTENT_SEQUENCE, template.content.render(slots))])
+        data = encode_part10(ds, [*template.constants, (_CONTENT_SEQUENCE, template.content.render(slots))])
+        return BuiltOutput(KIND, uid, series, COMPREHENSIVE_SR, data)
 
     @staticmethod
     def _fast_path_applies(source: Dataset) -> bool:
@@ -556,10 +576,10 @@ class SrEncoder:
         *,
         sc: Dataset | None,
         references_source: bool,
-        character_set: Any,
     ) -> _Template:
         """Builds this kind of document with highdicom and compiles it into a template."""
         reference = build_sr(source, self.model, frames, sc=sc, references_source=references_source)
+        character_set = reference.get("SpecificCharacterSet")
         first = source if references_source or sc is None else sc
         variable = _PER_DOCUMENT | _copied_tags(str(first.SOPClassUID))
         encodings = encodings_of(character_set)
@@ -677,3 +697,33 @@ def _evidence(evidence: Sequence[Dataset], study_uid: str) -> tuple[list[Dataset
         return out
 
     return references(groups[0]), references(groups[1])
+
+
+class SrOutput:
+    """The Comprehensive SR as an output kind (:class:`retinagate.outputs.kind.OutputKind`).
+
+    It records every frame's scores (or why it was not graded) and lists the Secondary Capture
+    built before it, if any. A plain image file has no DICOM source, so its SR needs the SC.
+
+    Args:
+        model: The model whose documents it writes.
+        settings: Not used: the SR has no settings of its own.
+    """
+
+    name: ClassVar[str] = KIND
+    display_resolution: ClassVar[bool] = False
+
+    def __init__(self, model: ModelIdentity, settings: Settings) -> None:
+        self.encoder = SrEncoder(model)
+
+    @classmethod
+    def requires(cls, references_source: bool) -> tuple[str, ...]:
+        """The SC for a plain image file (the only DICOM picture of it for the measurements to refer to)."""
+        return () if references_source else (SC_KIND,)
+
+    def build(self, photo: ScoredPhotograph) -> list[BuiltOutput]:
+        """The SR of ``photo``."""
+        sc = photo.first(SC_KIND)
+        document = self.encoder.encode(photo.header, photo.frame_scores, sc=None if sc is None else sc.read(),
+                                       references_source=photo.references_source)  # fmt: skip
+        return [document]
