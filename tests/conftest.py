@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -572,6 +572,24 @@ def dciodvfy(tmp_path: Path) -> Callable[[Any], list[str]]:
         if not isinstance(target, str | Path):
             target.save_as(path, enforce_file_format=True)
         done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False)
+        return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+
+    return check
+
+
+@pytest.fixture
+def dcentvfy() -> Callable[[Sequence[Path]], list[str]]:
+    """Returns ``check(paths) -> error lines`` from dcentvfy (dicom3tools), which checks that the
+    patient, study, series and frame of reference attributes agree across files; skips when it is
+    not installed. Use it in tests marked ``interop``. Warnings are not returned."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dcentvfy") is None:
+        pytest.skip("dcentvfy (dicom3tools) is not installed")
+
+    def check(paths: Sequence[Path]) -> list[str]:
+        done = subprocess.run(["dcentvfy", *map(str, paths)], capture_output=True, text=True, timeout=60, check=False)
         return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
 
     return check

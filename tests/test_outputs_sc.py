@@ -46,7 +46,7 @@ def test_the_sc_rereads_in_the_source_study_and_references_the_source(source: Da
     assert np.array_equal(ds.pixel_array, _picture())
     for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber"):
         assert ds.get(keyword) == source.get(keyword)
-    assert ds.SeriesInstanceUID == series_uid(source.StudyInstanceUID, MODEL.sha256, "sc")
+    assert ds.SeriesInstanceUID == series_uid(source.StudyInstanceUID, "L", MODEL.sha256, "sc")
     assert ds.SOPInstanceUID == output_uid(source.SOPInstanceUID, MODEL.sha256, "sc") == sc.SOPInstanceUID
     reference = ds.SourceImageSequence[0]
     assert (reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID) == (

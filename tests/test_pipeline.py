@@ -416,3 +416,45 @@ def test_an_instance_nested_too_deep_fails_for_good_with_its_reason_and_the_batc
     assert isinstance(failure, ScoreFailure) and failure.permanent
     assert "nested more than 32 levels deep" in failure.error
     assert isinstance(result, ScoreResult)
+
+
+@pytest.mark.interop
+def test_a_two_eye_study_gets_a_series_per_eye_and_kind_that_dciodvfy_and_dcentvfy_accept(
+    engine: Engine,
+    photos: list[NDArray[np.uint8]],
+    tmp_path: Path,
+    make_settings: Callable[..., Settings],
+    dciodvfy: Callable[[object], list[str]],
+    dcentvfy: Callable[[list[Path]], list[str]],
+) -> None:
+    # Two photographs of the right eye (instances 1 and 2 of its series) and one of the left.
+    eyes = {"r1": ("R", 0, "jpeg_baseline"), "r2": ("R", 1, "explicit_little"), "l1": ("L", 0, "jpeg_baseline")}
+    for photo, (name, (eye, key, syntax)) in zip(photos, eyes.items(), strict=True):
+        identity = DicomIdentity.synthetic(0, eye, instance=key)
+        write_dicom(photo, tmp_path / f"{name}.dcm", identity, transfer_syntax=syntax)
+
+    results = _score(engine, make_settings(outputs=["sc", "sr", "pm"]), [tmp_path / f"{n}.dcm" for n in eyes])
+
+    files: list[Path] = []
+    series: dict[tuple[str, str], list[pydicom.Dataset]] = {}
+    for result in results:
+        assert isinstance(result, ScoreResult)
+        name = Path(result.source).stem
+        for output in result.built:
+            path = tmp_path / f"{name}.{output.kind}.dcm"
+            path.write_bytes(output.data)
+            files.append(path)
+            series.setdefault((output.kind, eyes[name][0]), []).append(pydicom.dcmread(path, stop_before_pixels=True))
+    assert {path.name: errors for path in files if (errors := dciodvfy(path))} == {}
+    assert dcentvfy([*(tmp_path / f"{n}.dcm" for n in eyes), *files]) == []
+    assert sorted(series) == sorted((kind, eye) for kind in ("sc", "sr", "pm") for eye in ("R", "L"))
+    assert len({members[0].SeriesInstanceUID for members in series.values()}) == 6
+    for (kind, eye), members in series.items():
+        assert len({m.SeriesInstanceUID for m in members}) == 1
+        assert sorted(m.InstanceNumber for m in members) == ([1, 2] if eye == "R" else [1])
+        assert "unverified AI" in members[0].SeriesDescription and len(members[0].SeriesDescription) <= 64
+        if kind == "sc":
+            assert {m.Laterality for m in members} == {eye}
+        if kind == "pm":
+            assert len({m.FrameOfReferenceUID for m in members}) == 1
+    assert series["pm", "R"][0].FrameOfReferenceUID != series["pm", "L"][0].FrameOfReferenceUID

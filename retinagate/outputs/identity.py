@@ -6,6 +6,23 @@ retry, a nightly rescore) rewrites the same objects and a PACS never holds dupli
 UUID-derived (``2.25.<uuid>``, PS3.5 B.2) from name-based (SHA-1) UUIDs; ``pydicom``'s
 ``generate_uid(prefix=None, entropy_srcs=...)`` cannot be used for this because it ignores its
 entropy sources when there is no prefix and returns a random UUID.
+
+Series. The outputs go in one series per (study, eye, model file, kind) (:class:`OutputSeries`):
+the Series Instance UID is derived from that tuple, so the right and the left eye never share a
+series (a series has one Laterality), and a new model starts new series. The eye is the source's
+Image Laterality, else its series' Laterality (R, L or B), else U (unknown, a series of its own).
+A series whose objects carry a Frame of Reference (the Parametric Map) has exactly one, derived from
+the same tuple. The Series Number is the kind's, plus 10 for the left eye, 20 for both, 30 for
+unknown, so a viewer lists the eyes apart; the Series Description starts with the model's version,
+which is therefore never cut at 64 characters.
+
+Instance Number. An output's Instance Number is the source's own (:func:`instance_number`), the
+position the camera gave the photograph in its series; 1 when the source has none (a plain image
+file). It is a pure function of the source, so a retried task, a re-send and a rescore by the same
+model write the same number, no counter has to be kept, and the outputs of one eye sort as the
+photographs do. Within an output series the numbers rise with the source's; they leave gaps where a
+camera numbers both eyes in one series (R 1, 3; L 2, 4), and repeat only if one eye's photographs
+of one study come from two source series that both count from 1.
 """
 
 from __future__ import annotations
@@ -27,9 +44,12 @@ __all__ = [
     "AI_DISCLAIMER",
     "MANUFACTURER",
     "ModelIdentity",
+    "OutputSeries",
     "acquisition_equipment",
     "code_item",
     "derived_uid",
+    "eye_of",
+    "instance_number",
     "library_equipment",
     "output_uid",
     "series_uid",
@@ -92,14 +112,81 @@ def output_uid(source_sop_instance_uid: str, model_sha256: str, kind: str) -> st
     return derived_uid("instance", source_sop_instance_uid, model_sha256, kind)
 
 
-def series_uid(study_instance_uid: str, model_sha256: str, kind: str) -> str:
-    """Series Instance UID of the outputs of ``kind`` made by one model in one study.
+#: Eyes as output series are keyed, with what the Series Description says and the Series Number offset.
+_EYES: Final = {"R": ("right eye", 0), "L": ("left eye", 10), "B": ("both eyes", 20), "U": ("eye unknown", 30)}
+
+
+def series_uid(study_instance_uid: str, eye: str, model_sha256: str, kind: str) -> str:
+    """Series Instance UID of the outputs of ``kind`` made by one model for one eye in one study.
 
     Raises:
-        ValueError: As :func:`output_uid`.
+        ValueError: As :func:`output_uid`, or if ``eye`` is not R, L, B or U.
     """
     _check(kind, model_sha256)
-    return derived_uid("series", study_instance_uid, model_sha256, kind)
+    if eye not in _EYES:
+        raise ValueError(f"eye is {eye!r}; expected one of {', '.join(_EYES)}")
+    return derived_uid("series", study_instance_uid, eye, model_sha256, kind)
+
+
+def eye_of(source: Dataset) -> str:
+    """The eye a source shows: its Image Laterality, else its series' Laterality (R, L or B); U when neither."""
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(source.get(keyword) or "").strip().upper()
+        if value in ("R", "L", "B"):
+            return value
+    return "U"
+
+
+def instance_number(source: Dataset) -> int:
+    """The Instance Number of the outputs of ``source``: the source's own, or 1 (see the module docstring)."""
+    try:
+        number = int(source.get("InstanceNumber") or 0)
+    except (TypeError, ValueError):
+        return 1
+    return number if 1 <= number <= 2**31 - 1 else 1
+
+
+@dataclass(frozen=True)
+class OutputSeries:
+    """The series the outputs of one kind go in, for one eye of one study and one model file.
+
+    Attributes:
+        study_instance_uid: The source's study.
+        eye: R, L, B or U (:func:`eye_of`).
+        model_sha256: sha256 of the model file.
+        kind: The output kind's name.
+        base_number: The kind's Series Number (for the right eye).
+    """
+
+    study_instance_uid: str
+    eye: str
+    model_sha256: str
+    kind: str
+    base_number: int
+
+    @classmethod
+    def of(cls, source: Dataset, model_sha256: str, kind: str, base_number: int) -> OutputSeries:
+        """The series of the outputs of ``kind`` made from ``source``."""
+        return cls(str(source.StudyInstanceUID), eye_of(source), model_sha256, kind, base_number)
+
+    @property
+    def uid(self) -> str:
+        """Series Instance UID (:func:`series_uid`)."""
+        return series_uid(self.study_instance_uid, self.eye, self.model_sha256, self.kind)
+
+    @property
+    def frame_of_reference_uid(self) -> str:
+        """The one Frame of Reference UID of the series, derived from the same tuple."""
+        return derived_uid("frame-of-reference", self.study_instance_uid, self.eye, self.model_sha256, self.kind)
+
+    @property
+    def number(self) -> int:
+        """Series Number: the kind's, offset by eye (see the module docstring)."""
+        return self.base_number + _EYES[self.eye][1]
+
+    def description(self, model: ModelIdentity, what: str) -> str:
+        """Series Description: the model's version first, then ``what``, the eye, the model's name, in 64 characters."""
+        return f"{model.version} RetinaGate {what}, {_EYES[self.eye][0]} (unverified AI) {model.name}"[:64]
 
 
 @lru_cache(maxsize=1)

@@ -14,9 +14,10 @@ image and, for an Ophthalmic Photography source (an IOD that allows Number of Fr
 functional groups and no frame of reference), fails looking for the source's Shared Functional Groups.
 The Parametric Map IOD itself requires a Frame of Reference, Pixel Measures and Plane Position and
 Orientation, which a fundus photograph does not have. So the map is built here with pydicom: it gets
-its own Frame of Reference (derived from the source SOP Instance UID, shared by every map of that
-photograph), an identity orientation at the origin, and a nominal pixel spacing of 1 mm that the
-content description states is nominal; everything else follows the IOD and is checked with dciodvfy.
+the Frame of Reference of its series (one per study, eye, model and kind, derived from those:
+PS3.3 C.7.4.1.1.1 allows one per series), an identity orientation at the origin, and a nominal
+pixel spacing of 1 mm that the content description states is nominal; everything else follows the
+IOD and is checked with dciodvfy.
 
 :class:`PmOutput` is the kind the registry lists; it maps the first mapped label of a graded DICOM source.
 """
@@ -37,10 +38,11 @@ from retinagate.outputs.findings import probability_text, threshold_text
 from retinagate.outputs.identity import (
     AI_DISCLAIMER,
     ModelIdentity,
+    OutputSeries,
     code_item,
     derived_uid,
+    instance_number,
     output_uid,
-    series_uid,
 )
 from retinagate.outputs.kind import BuiltOutput, ScoredPhotograph
 from retinagate.outputs.render import retina_heat
@@ -54,7 +56,7 @@ __all__ = ["KIND", "PARAMETRIC_MAP_STORAGE", "SERIES_NUMBER", "PmOutput", "build
 #: The kind's name in settings, SQL and the registry.
 KIND: Final = "pm"
 
-#: Series Number of the Parametric Maps.
+#: Series Number of the Parametric Maps (of the right eye; see :class:`OutputSeries`).
 SERIES_NUMBER: Final = 9903
 
 #: Parametric Map Storage SOP Class.
@@ -70,14 +72,6 @@ _PATIENT_MODULES: Final = (
     "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
 )  # fmt: skip
 _OPTIONAL_COPIED: Final = ("IssuerOfPatientID", "PatientAge", "StudyDescription", "PatientWeight", "PatientSize")
-
-
-def _laterality(source: Dataset) -> str:
-    for keyword in ("ImageLaterality", "Laterality"):
-        value = str(source.get(keyword) or "").strip().upper()
-        if value in ("R", "L", "B"):
-            return value
-    return "U"
 
 
 def build_pm(
@@ -144,17 +138,19 @@ def build_pm(
         if keyword in source:
             setattr(ds, keyword, source.get(keyword))
 
-    # Series and equipment: a new series per model in the source's study.
+    # Series and equipment: a series per eye and model in the source's study.
+    series = OutputSeries.of(source, model.sha256, KIND, SERIES_NUMBER)
     ds.Modality = "OT"
-    ds.SeriesInstanceUID = series_uid(str(source.StudyInstanceUID), model.sha256, KIND)
-    ds.SeriesNumber = SERIES_NUMBER
-    ds.SeriesDescription = f"RetinaGate Grad-CAM map (unverified AI) {model.name} {model.version}"[:64]
-    ds.InstanceNumber = int(frame_number or 1)
+    ds.SeriesInstanceUID = series.uid
+    ds.SeriesNumber = series.number
+    ds.SeriesDescription = series.description(model, "Grad-CAM maps")
+    ds.InstanceNumber = instance_number(source)
     model.stamp(ds)
     ds.ContributingEquipmentSequence = [model.contributing_equipment()]
 
-    # The photograph's own pixel grid as the frame of reference (see the module docstring).
-    ds.FrameOfReferenceUID = derived_uid("frame-of-reference", source_uid)
+    # The photograph's own pixel grid, nominally (see the module docstring); one frame of reference
+    # per series, as PS3.3 C.7.4.1.1.1 allows.
+    ds.FrameOfReferenceUID = series.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
 
     # Image.
@@ -211,7 +207,7 @@ def build_pm(
     orientation.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     shared.PlaneOrientationSequence = [orientation]
     anatomy = Dataset()
-    anatomy.FrameLaterality = _laterality(source)
+    anatomy.FrameLaterality = series.eye
     anatomy.AnatomicRegionSequence = [code_item(*_RETINA)]
     shared.FrameAnatomySequence = [anatomy]
     transform = Dataset()

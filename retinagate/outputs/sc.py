@@ -1,7 +1,7 @@
 """The heatmap Secondary Capture: the rendered picture as a DICOM image in the source's study.
 
 Built with highdicom's :class:`highdicom.sc.SCImage` from the source's patient and study attributes,
-in a new series per model (:func:`~retinagate.outputs.identity.series_uid`). It is marked as what it
+in a series per eye and model (:class:`~retinagate.outputs.identity.OutputSeries`). It is marked as what it
 is: Image Type ``DERIVED\\SECONDARY``, Burned In Annotation ``YES`` (the legend is in the pixels),
 the unverified-AI line in Image Comments and the series description, the source image referenced in
 the Source Image Sequence, and the model named in Contributing Equipment with its Device UID.
@@ -48,11 +48,12 @@ from retinagate.outputs.findings import NO_FINDING, describe_findings, findings_
 from retinagate.outputs.identity import (
     AI_DISCLAIMER,
     ModelIdentity,
+    OutputSeries,
     acquisition_equipment,
     code_item,
+    instance_number,
     library_equipment,
     output_uid,
-    series_uid,
 )
 from retinagate.outputs.kind import BuiltOutput, ScoredPhotograph
 from retinagate.outputs.render import HeatmapFinding, Legend, render_heatmaps
@@ -67,8 +68,11 @@ __all__ = ["KIND", "SERIES_NUMBER", "Compression", "ScEncoder", "ScOutput", "bui
 #: The kind's name in settings, SQL and the registry.
 KIND: Final = "sc"
 
-#: Series Number of the heatmap Secondary Captures.
+#: Series Number of the heatmap Secondary Captures (of the right eye; see :class:`OutputSeries`).
 SERIES_NUMBER: Final = 9901
+
+#: What the Series Description calls the series.
+_WHAT: Final = "heatmaps"
 
 #: How the Secondary Capture's pixels are encoded.
 Compression = Literal["jpeg", "none"]
@@ -172,16 +176,17 @@ def build_sc(
     _check(picture, source)
     _check_compression(compression, quality)
     laterality = _laterality(source)
+    series = OutputSeries.of(source, model.sha256, KIND, SERIES_NUMBER)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=picture,
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=series_uid(str(source.StudyInstanceUID), model.sha256, KIND),
-        series_number=SERIES_NUMBER,
+        series_instance_uid=series.uid,
+        series_number=series.number,
         sop_instance_uid=output_uid(str(source.SOPInstanceUID), model.sha256, KIND),
-        instance_number=int(frame_number or 1),
+        instance_number=instance_number(source),
         manufacturer="RetinaGate",
         laterality=laterality,
         # highdicom wants an orientation for patient-based images; it is replaced below by the
@@ -189,7 +194,7 @@ def build_sc(
         patient_orientation=("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[model.contributing_equipment()],
-        series_description=f"RetinaGate heatmaps (unverified AI) {model.name} {model.version}"[:64],
+        series_description=series.description(model, _WHAT),
     )
     orientation: Any = source.get("PatientOrientation") or ""
     sc.PatientOrientation = orientation
@@ -250,6 +255,7 @@ _PER_IMAGE: Final = frozenset(
     for k in (
         "SpecificCharacterSet", "InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
         "DateOfSecondaryCapture", "TimeOfSecondaryCapture", "SOPInstanceUID", "SeriesInstanceUID", "InstanceNumber",
+        "SeriesNumber", "SeriesDescription",
         "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "AccessionNumber",
         "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName", "ContributingEquipmentSequence", "Rows",
         "Columns", "PixelData", "Laterality", "PatientOrientation", "DerivationDescription",
@@ -324,9 +330,12 @@ class ScEncoder:
         sc.StudyDate = DA(study_date) if study_date is not None else None
         sc.StudyTime = TM(study_time) if study_time is not None else None
         sc.ReferringPhysicianName = source.get("ReferringPhysicianName")
-        sc.SeriesInstanceUID = series_uid(str(source.StudyInstanceUID), self.model.sha256, KIND)
+        series = OutputSeries.of(source, self.model.sha256, KIND, SERIES_NUMBER)
+        sc.SeriesInstanceUID = series.uid
+        sc.SeriesNumber = series.number
+        sc.SeriesDescription = series.description(self.model, _WHAT)
         sc.SOPInstanceUID = uid
-        sc.InstanceNumber = int(frame_number or 1)
+        sc.InstanceNumber = instance_number(source)
         now = dt.datetime.now()
         sc.InstanceCreationDate = DA(now.date())
         sc.InstanceCreationTime = TM(now.time())

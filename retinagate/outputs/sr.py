@@ -73,11 +73,12 @@ from retinagate.outputs.encoding import (
 from retinagate.outputs.identity import (
     MANUFACTURER,
     ModelIdentity,
+    OutputSeries,
     acquisition_equipment,
     derived_uid,
+    instance_number,
     library_equipment,
     output_uid,
-    series_uid,
 )
 from retinagate.outputs.kind import BuiltOutput, FrameScores, ScoredPhotograph
 from retinagate.outputs.sc import KIND as SC_KIND
@@ -108,8 +109,11 @@ __all__ = [
 #: The kind's name in settings, SQL and the registry.
 KIND: Final = "sr"
 
-#: Series Number of the SR documents.
+#: Series Number of the SR documents (of the right eye; see :class:`OutputSeries`).
 SERIES_NUMBER: Final = 9902
+
+#: What the Series Description calls the series.
+_WHAT: Final = "report"
 
 #: Comprehensive SR Storage.
 COMPREHENSIVE_SR: Final = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -318,14 +322,15 @@ def build_sr(
     # instance the full tree references is in the library, so the evidence comes out the same.
     root.ContentSequence = [item for item in content if _is_library(item)]
     evidence = [d for d in ((source if references_source else None), sc) if d is not None]
+    series = OutputSeries.of(source, model.sha256, KIND, SERIES_NUMBER)
     try:
         sr = hd.sr.ComprehensiveSR(
             evidence=evidence,
             content=root,
-            series_instance_uid=series_uid(str(source.StudyInstanceUID), model.sha256, KIND),
-            series_number=SERIES_NUMBER,
+            series_instance_uid=series.uid,
+            series_number=series.number,
             sop_instance_uid=output_uid(str(source.SOPInstanceUID), model.sha256, KIND),
-            instance_number=int(frames[0].frame_number or 1),
+            instance_number=instance_number(source),
             manufacturer=MANUFACTURER,
             is_complete=True,
             is_final=False,
@@ -333,7 +338,7 @@ def build_sr(
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[model.contributing_equipment()],
             coding_schemes=[_coding_scheme()],
-            series_description=f"RetinaGate report (unverified AI) {model.name} {model.version}"[:64],
+            series_description=series.description(model, _WHAT),
         )
     finally:
         root.ContentSequence = content
@@ -367,7 +372,8 @@ _PER_DOCUMENT: Final = frozenset(
     for k in (
         *_FROM_SOURCE, "ReferringPhysicianName", "SpecificCharacterSet", "InstanceCreationDate",
         "InstanceCreationTime", "ContentDate", "ContentTime", "SOPInstanceUID", "SeriesInstanceUID",
-        "InstanceNumber", "ContributingEquipmentSequence", "CurrentRequestedProcedureEvidenceSequence",
+        "SeriesNumber", "SeriesDescription", "InstanceNumber", "ContributingEquipmentSequence",
+        "CurrentRequestedProcedureEvidenceSequence",
         "PertinentOtherEvidenceSequence", "ContentSequence",
     )
 )  # fmt: skip
@@ -480,14 +486,14 @@ class SrEncoder:
                 "sc: a plain image file has no DICOM source, so the SR must reference the Secondary Capture"
             )
         uid = output_uid(str(source.SOPInstanceUID), self.model.sha256, KIND)
-        series = series_uid(str(source.StudyInstanceUID), self.model.sha256, KIND)
+        series = OutputSeries.of(source, self.model.sha256, KIND, SERIES_NUMBER)
         evidence = [d for d in ((source if references_source else None), sc) if d is not None]
         # highdicom takes the patient, study and acquisition equipment from the first evidence item.
         first = evidence[0]
         # A frame not graded carries reasons whose wording varies: no template, highdicom directly.
         if any(f.not_graded for f in frames) or not self._fast_path_applies(first):
             document = build_sr(source, self.model, frames, sc=sc, references_source=references_source)
-            return BuiltOutput(KIND, uid, series, COMPREHENSIVE_SR, part10(document), document)
+            return BuiltOutput(KIND, uid, series.uid, COMPREHENSIVE_SR, part10(document), document)
 
         import highdicom as hd
 
@@ -515,8 +521,10 @@ class SrEncoder:
         if character_set is not None:
             ds.SpecificCharacterSet = character_set
         ds.SOPInstanceUID = uid
-        ds.SeriesInstanceUID = series
-        ds.InstanceNumber = int(frames[0].frame_number or 1)
+        ds.SeriesInstanceUID = series.uid
+        ds.SeriesNumber = series.number
+        ds.SeriesDescription = series.description(self.model, _WHAT)
+        ds.InstanceNumber = instance_number(source)
         for keyword in _FROM_SOURCE:
             setattr(ds, keyword, first.get(keyword))
         ds.ReferringPhysicianName = first.get("ReferringPhysicianName")
@@ -552,7 +560,7 @@ class SrEncoder:
                 slots[f"fp:{g}:{i}"] = fd_element(_FLOATING_POINT_VALUE, rounded)
                 slots[f"code:{g}:{i}"] = present if value >= threshold else absent
         data = encode_part10(ds, [*template.constants, (_CONTENT_SEQUENCE, template.content.render(slots))])
-        return BuiltOutput(KIND, uid, series, COMPREHENSIVE_SR, data)
+        return BuiltOutput(KIND, uid, series.uid, COMPREHENSIVE_SR, data)
 
     @staticmethod
     def _fast_path_applies(source: Dataset) -> bool:
