@@ -244,7 +244,8 @@ class Output(Base):
     prediction: Mapped[Prediction] = relationship(back_populates="outputs")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="output")
 
-    __table_args__ = (UniqueConstraint("prediction_id", "kind", name="uq_outputs_prediction_kind"),)
+    # A prediction has one output of most kinds, but a Parametric Map per finding: outputs are told
+    # apart by their SOP Instance UID (unique, derived from source, model, kind and label).
 
     @validates("kind")
     def _check_kind(self, key: str, value: str) -> str:

@@ -143,7 +143,7 @@ class Orthanc:
             )
         return out
 
-    def fetch(self, sop_instance_uid: str) -> bytes:
+    def _instance_id(self, sop_instance_uid: str) -> str:
         request = urllib.request.Request(  # noqa: S310 - loopback URL we built
             self.url + "/tools/find",
             data=json.dumps({"Level": "Instance", "Query": {"SOPInstanceUID": sop_instance_uid}}).encode(),
@@ -153,7 +153,23 @@ class Orthanc:
             ids = json.loads(response.read())
         if not ids:
             raise KeyError(sop_instance_uid)
-        with urllib.request.urlopen(f"{self.url}/instances/{ids[0]}/file", timeout=30) as response:  # noqa: S310
+        return str(ids[0])
+
+    def fetch(self, sop_instance_uid: str) -> bytes:
+        orthanc_id = self._instance_id(sop_instance_uid)
+        with urllib.request.urlopen(f"{self.url}/instances/{orthanc_id}/file", timeout=30) as response:  # noqa: S310
+            data: bytes = response.read()
+            return data
+
+    def preview(self, sop_instance_uid: str) -> bytes:
+        """The PNG Orthanc renders of a stored image (``/instances/{id}/preview``), as a viewer would show it.
+
+        Raises:
+            KeyError: If Orthanc holds no such instance.
+            urllib.error.HTTPError: If Orthanc cannot render it (415 for pixels it cannot decode).
+        """
+        orthanc_id = self._instance_id(sop_instance_uid)
+        with urllib.request.urlopen(f"{self.url}/instances/{orthanc_id}/preview", timeout=30) as response:  # noqa: S310
             data: bytes = response.read()
             return data
 

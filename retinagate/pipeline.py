@@ -108,7 +108,7 @@ class ScoreResult:
             and ``total``.
         built: The outputs, in build order (:class:`retinagate.outputs.BuiltOutput`): Part 10 bytes to
             be written as they are, with their UIDs. SOP Instance UIDs derive from (source SOP
-            Instance UID, model sha256, kind).
+            Instance UID, model sha256, kind, and a Parametric Map's label).
         frame_probabilities: Per frame, label to probability (one entry for single-frame input).
         model_sha256: sha256 of the model file that scored it.
         status: ``scored``, or ``ungradable`` when the gradability gate refused every frame.
@@ -137,19 +137,20 @@ class ScoreResult:
 
     @cached_property
     def outputs(self) -> Mapping[str, Dataset]:
-        """Output datasets by kind, in build order; one built only as bytes (the SR) is read on first
-        look-up. They may share elements with the encoders' templates: read them, do not change them."""
+        """Output datasets by key (the kind, and for a Parametric Map its label: ``pm.DR``), in build
+        order; one built only as bytes (the SR) is read on first look-up. They may share elements
+        with the encoders' templates: read them, do not change them."""
         return _Outputs(self.built)
 
     @property
     def encoded(self) -> dict[str, bytes]:
-        """Part 10 bytes of each output, by kind."""
-        return {output.kind: output.data for output in self.built}
+        """Part 10 bytes of each output, by key."""
+        return {output.key: output.data for output in self.built}
 
     @property
     def output_uids(self) -> dict[str, str]:
-        """SOP Instance UID of each output, by kind."""
-        return {output.kind: output.sop_instance_uid for output in self.built}
+        """SOP Instance UID of each output, by key."""
+        return {output.key: output.sop_instance_uid for output in self.built}
 
     def summary(self) -> dict[str, Any]:
         """Plain data for JSON output: no datasets, no patient data."""
@@ -542,16 +543,16 @@ class Pipeline:
 
 
 class _Outputs(Mapping[str, Dataset]):
-    """Output datasets by kind, in the order they were built; one held only as bytes is read on first use."""
+    """Output datasets by key (:attr:`BuiltOutput.key`), in build order; one held as bytes only is read on first use."""
 
     def __init__(self, built: Sequence[BuiltOutput]) -> None:
-        self._built = {output.kind: output for output in built}
+        self._built = {output.key: output for output in built}
         self._datasets: dict[str, Dataset] = {}
 
-    def __getitem__(self, kind: str) -> Dataset:
-        if kind not in self._datasets:
-            self._datasets[kind] = self._built[kind].read()
-        return self._datasets[kind]
+    def __getitem__(self, key: str) -> Dataset:
+        if key not in self._datasets:
+            self._datasets[key] = self._built[key].read()
+        return self._datasets[key]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._built)

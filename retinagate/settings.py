@@ -133,7 +133,9 @@ class Settings(BaseSettings):
     display_long_side: Annotated[int, Field(ge=256, le=8192)] = Field(
         1024, description="Long side of the heatmap Secondary Capture, in pixels."
     )
-    top_findings: Annotated[int, Field(ge=1, le=29)] = Field(3, description="Heatmaps blended into the SC.")
+    top_findings: Annotated[int, Field(ge=1, le=29)] = Field(
+        3, description="Disease findings drawn on the SC, and Parametric Maps made (one per finding), at most."
+    )
     sc_compression: Literal["jpeg", "none"] = Field(
         "jpeg",
         description="Pixels of the heatmap SC: jpeg (JPEG Baseline, about 30x smaller) or none (uncompressed, "

@@ -102,7 +102,7 @@ def test_db_current_prints_nothing_before_and_the_head_revision_after_upgrade(
     capsys.readouterr()
     assert main(["db", "current"]) == 0
 
-    assert capsys.readouterr().out.strip() == head_revision() == "0005"
+    assert capsys.readouterr().out.strip() == head_revision() == "0006"
 
 
 def test_db_current_does_not_create_a_missing_sqlite_file(
@@ -193,6 +193,46 @@ def test_the_gate_revision_marks_existing_predictions_scored_and_its_downgrade_f
     assert "status" not in {c["name"] for c in sa.inspect(make_engine(empty_database_url)).get_columns("predictions")}
 
 
+def test_a_prediction_may_have_a_map_per_finding_and_the_downgrade_keeps_the_first_of_each_kind(
+    empty_database_url: str, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(database_url=empty_database_url)
+    upgrade(settings)
+    engine = make_engine(empty_database_url)
+    now = dt.datetime(2026, 12, 1, 10, tzinfo=dt.UTC)
+    rows = {
+        "studies": [{"id": 1, "study_uid": "1.2", "first_received_at": now, "last_received_at": now}],
+        "instances": [{"id": 1, "sop_instance_uid": "1.2.3", "study_id": 1, "series_uid": "1.2.4",
+                       "sop_class_uid": "1.2.5", "transfer_syntax_uid": "1.2.6", "frames": 1, "storage_key": "k",
+                       "sha256": "h", "size_bytes": 1, "received_at": now, "status": "scored",
+                       "status_changed_at": now, "attempts": 1}],
+        "models": [{"id": 1, "name": "m", "version": "1", "sha256": "a", "card": {}, "active": True,
+                    "registered_at": now}],
+        "predictions": [{"id": 1, "instance_id": 1, "model_id": 1, "probabilities": {}, "findings": [],
+                         "timings": {}, "duration_s": 0.1, "created_at": now, "status": "scored", "reasons": [],
+                         "quality": {}}],
+        # Two maps: two findings.
+        "outputs": [{"id": n, "prediction_id": 1, "kind": kind, "sop_instance_uid": f"2.25.{n}", "storage_key": "o",
+                     "created_at": now} for n, kind in enumerate(("sc", "pm", "pm", "sr"), start=1)],
+        "deliveries": [{"id": 1, "output_id": 3, "destination": "PACS@h:104", "status": "pending", "attempts": 0,
+                        "updated_at": now}],
+    }  # fmt: skip
+    with engine.begin() as connection:
+        for name, values in rows.items():
+            table = sa.Table(name, sa.MetaData(), autoload_with=connection)
+            connection.execute(table.insert(), values)
+
+    downgrade(settings, "0005")
+    with engine.connect() as connection:
+        kept = connection.exec_driver_sql("SELECT id, kind FROM outputs ORDER BY id").all()
+        deliveries = connection.exec_driver_sql("SELECT COUNT(*) FROM deliveries").scalar()
+    engine.dispose()
+
+    assert [tuple(row) for row in kept] == [(1, "sc"), (2, "pm"), (4, "sr")] and deliveries == 0
+    upgrade(settings)
+    assert current_revision(settings) == head_revision()
+
+
 def test_upgrade_leaves_the_applications_logging_alone(make_settings: Callable[..., Settings]) -> None:
     probe = logging.getLogger("retinagate.probe")
     handlers_before = list(logging.getLogger().handlers)
@@ -215,4 +255,4 @@ def test_alembic_ini_writes_the_postgresql_schema_as_sql_for_administrators() ->
         assert f"CREATE TABLE {table} (" in sql
     assert "TIMESTAMP WITH TIME ZONE" in sql
     assert "INSERT INTO alembic_version (version_num) VALUES ('0001')" in sql
-    assert "SET version_num='0005'" in sql
+    assert "SET version_num='0006'" in sql

@@ -92,19 +92,22 @@ def test_outputs_have_deterministic_uids_and_reference_the_source(
 
     assert isinstance(first, ScoreResult) and isinstance(second, ScoreResult)
     source_uid = DicomIdentity.synthetic(0).sop_instance_uid
-    for kind in ("sc", "sr", "pm"):
-        uid = first.outputs[kind].SOPInstanceUID
-        assert uid == second.outputs[kind].SOPInstanceUID == output_uid(source_uid, engine.sha256, kind)
-        path = tmp_path / f"{kind}.dcm"
-        first.outputs[kind].save_as(path, enforce_file_format=True)
+    assert {o.kind for o in first.built} == {"sc", "sr", "pm"}
+    for output in first.built:
+        uid = first.outputs[output.key].SOPInstanceUID
+        expected = output_uid(source_uid, engine.sha256, output.kind, output.label)
+        assert uid == second.outputs[output.key].SOPInstanceUID == expected
+        path = tmp_path / f"{output.key}.dcm"
+        first.outputs[output.key].save_as(path, enforce_file_format=True)
         reread = pydicom.dcmread(path)
         assert reread.StudyInstanceUID == DicomIdentity.synthetic(0).study_uid
     sc = pydicom.dcmread(tmp_path / "sc.dcm")
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source_uid
-    assert first.summary()["outputs"] == {kind: output_uid(source_uid, engine.sha256, kind) for kind in first.outputs}
+    assert first.summary()["outputs"] == {o.key: output_uid(source_uid, engine.sha256, o.kind, o.label)
+                                          for o in first.built}  # fmt: skip
     assert sc.Rows > 768 and sc.Columns == 1024  # display size, legend below
-    pm = pydicom.dcmread(tmp_path / "pm.dcm")
-    assert (pm.Rows, pm.Columns) == (336, 448)  # the source's grid
+    pm = pydicom.dcmread(next(tmp_path.glob("pm.*.dcm")))
+    assert (pm.Rows, pm.Columns) == (168, 224)  # a 448 x 336 source: 2 x 2 of its pixels per map pixel
 
 
 def test_a_multi_frame_instance_is_scored_frame_by_frame(
@@ -259,8 +262,10 @@ def test_outputs_are_handed_over_as_part10_files_ready_to_write(
     (result,) = _score(engine, make_settings(outputs=["sc", "sr", "pm"]), [tmp_path / "a.dcm"])
 
     assert isinstance(result, ScoreResult)
-    # In build order: the SR last, as it refers to what was built before it.
-    assert list(result.encoded) == list(result.outputs) == list(result.output_uids) == ["sc", "pm", "sr"]
+    # In build order: the SR last, as it refers to what was built before it; a map per label mapped.
+    maps = len([o for o in result.built if o.kind == "pm"])
+    assert [o.kind for o in result.built] == ["sc", *["pm"] * maps, "sr"] and maps >= 1
+    assert list(result.encoded) == list(result.outputs) == list(result.output_uids) == [o.key for o in result.built]
     for kind, data in result.encoded.items():
         path = tmp_path / f"{kind}.dcm"
         path.write_bytes(data)  # as the worker and the CLI write them: no second serialisation
@@ -336,7 +341,8 @@ def test_with_nothing_over_threshold_the_sc_says_so_and_shows_the_unmarked_disea
     assert any(line.startswith("Map: Disease_Risk") for line in call["lines"])
     description = result.outputs["sc"].DerivationDescription
     assert description.startswith(f"Grad-CAM heatmaps of the top findings ({NO_FINDING})")
-    pm = result.outputs["pm"]
+    assert [o.label for o in result.built if o.kind == "pm"] == [DISEASE_RISK]  # no finding: the risk's map
+    pm = result.outputs[f"pm.{DISEASE_RISK}"]
     assert "Grad-CAM of Disease_Risk" in pm.ImageComments and "not a finding" in pm.ImageComments
 
     for key in [k for k in os.environ if k.startswith("RETINAGATE_")]:
@@ -378,7 +384,9 @@ def test_a_probability_just_under_its_threshold_is_not_a_finding_and_no_text_say
     assert findings_line.startswith(f"Findings: {over} ") and under not in findings_line
     printed = float(findings_line.split()[2])
     assert printed >= thresholds[over]
-    pm = result.outputs["pm"]  # the map of the finding, not of the more probable label under its threshold
+    # The map of the finding only, not of the more probable label under its threshold.
+    assert [o.label for o in result.built if o.kind == "pm"] == [over]
+    pm = result.outputs[f"pm.{over}"]
     assert f"Grad-CAM of {over} " in pm.ImageComments and "a finding: at or over" in pm.ImageComments
 
 
@@ -390,10 +398,12 @@ def test_the_parametric_map_is_zero_off_the_retina(
     (result,) = _score(engine, make_settings(outputs=["pm"]), [tmp_path / "a.dcm"])
 
     assert isinstance(result, ScoreResult)
-    pm = result.outputs["pm"]
-    values = np.frombuffer(pm.FloatPixelData, dtype="<f4").reshape(pm.Rows, pm.Columns)
+    pm = result.built[0].read()  # the map of the most probable finding (or of Disease_Risk)
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    values = pm.pixel_array * mapping.RealWorldValueSlope
     outside = find_fov(photos[1]).coverage() == 0.0
-    assert values[outside].max() == 0.0 and values.max() > 0.5
+    cells = outside.reshape(pm.Rows, 2, pm.Columns, 2).all(axis=(1, 3))  # map pixels wholly off the retina
+    assert values[cells].max() == 0.0 and values.max() > 0.5
 
 
 def test_an_instance_nested_too_deep_fails_for_good_with_its_reason_and_the_batch_goes_on(
@@ -441,7 +451,7 @@ def test_a_two_eye_study_gets_a_series_per_eye_and_kind_that_dciodvfy_and_dcentv
         assert isinstance(result, ScoreResult)
         name = Path(result.source).stem
         for output in result.built:
-            path = tmp_path / f"{name}.{output.kind}.dcm"
+            path = tmp_path / f"{name}.{output.key}.dcm"
             path.write_bytes(output.data)
             files.append(path)
             series.setdefault((output.kind, eyes[name][0]), []).append(pydicom.dcmread(path, stop_before_pixels=True))
@@ -451,10 +461,49 @@ def test_a_two_eye_study_gets_a_series_per_eye_and_kind_that_dciodvfy_and_dcentv
     assert len({members[0].SeriesInstanceUID for members in series.values()}) == 6
     for (kind, eye), members in series.items():
         assert len({m.SeriesInstanceUID for m in members}) == 1
-        assert sorted(m.InstanceNumber for m in members) == ([1, 2] if eye == "R" else [1])
+        numbers = sorted(m.InstanceNumber for m in members)
+        if kind == "pm":  # the source's number times 100 plus the map's rank: 101, 102, ... then 201, ...
+            numbers = sorted({n // 100 for n in numbers})
+            assert len({m.InstanceNumber for m in members}) == len(members)
+        assert numbers == ([1, 2] if eye == "R" else [1])
         assert "unverified AI" in members[0].SeriesDescription and len(members[0].SeriesDescription) <= 64
         if kind == "sc":
             assert {m.Laterality for m in members} == {eye}
         if kind == "pm":
             assert len({m.FrameOfReferenceUID for m in members}) == 1
     assert series["pm", "R"][0].FrameOfReferenceUID != series["pm", "L"][0].FrameOfReferenceUID
+
+
+@pytest.mark.interop
+def test_orthanc_stores_the_sc_and_every_map_and_previews_each_as_a_picture_that_is_not_blank(
+    engine: Engine, photos: list[NDArray[np.uint8]], tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    import shutil
+
+    from retinagate.pacs import Orthanc
+    from retinagate.settings import Destination
+    from worker.delivery import send_to
+
+    if shutil.which("Orthanc") is None and shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin") is None:
+        pytest.skip("Orthanc is not installed")
+    write_dicom(photos[0], tmp_path / "a.dcm", DicomIdentity.synthetic(0))
+    (result,) = _score(engine, make_settings(outputs=["sc", "sr", "pm"]), [tmp_path / "a.dcm"])
+    assert isinstance(result, ScoreResult)
+    files = []
+    for n, output in enumerate(result.built):
+        (tmp_path / f"{output.key}.dcm").write_bytes(output.data)
+        files.append((n, tmp_path / f"{output.key}.dcm"))
+
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    try:
+        sent = send_to(Destination.parse(f"{orthanc.ae_title}@127.0.0.1:{orthanc.port}"), files, calling_ae="RG")
+        assert {r.verdict for r in sent.values()} == {"delivered"}, sent
+        stored = {r.sop_instance_uid for r in orthanc.instances()}
+        assert stored == {o.sop_instance_uid for o in result.built}
+        for output in result.built:
+            if output.kind in ("sc", "pm"):
+                preview = np.frombuffer(orthanc.preview(output.sop_instance_uid), np.uint8)
+                png = cv2.imdecode(preview, cv2.IMREAD_UNCHANGED)
+                assert png is not None and png.max() > png.min(), f"{output.key}: blank preview"
+    finally:
+        orthanc.stop()

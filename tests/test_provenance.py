@@ -48,7 +48,8 @@ def outputs(tmp_path_factory: pytest.TempPathFactory, random_onnx_model_path: Pa
         del os.environ["RETINAGATE_DATA_DIR"]
         os.environ.update(saved)
     assert code == EXIT_OK
-    yield {"photo": photo, **{kind: folder / "out" / f"eye.{kind}.dcm" for kind in ("sc", "sr", "pm")}}
+    (pm, *_) = sorted((folder / "out").glob("eye.pm.*.dcm"))  # a map per finding, named by its label
+    yield {"photo": photo, "pm": pm, **{kind: folder / "out" / f"eye.{kind}.dcm" for kind in ("sc", "sr")}}
 
 
 @pytest.mark.parametrize("kind", ["sc", "sr", "pm"])
@@ -108,7 +109,7 @@ def test_score_skips_our_own_outputs_with_a_message_and_exits_zero(
     lines = [json.loads(line) for line in captured.out.splitlines()]
     assert code == EXIT_OK
     skipped = sorted(Path(line["source"]).name for line in lines if line["status"] == "skipped")
-    assert skipped == ["eye.pm.dcm", "eye.sc.dcm", "eye.sr.dcm"]
+    assert skipped == sorted(p.name for p in folder.iterdir()) and {"eye.sc.dcm", outputs["pm"].name} < set(skipped)
     assert all("RetinaGate's own output" in line["reason"] for line in lines if line["status"] == "skipped")
     assert [Path(line["source"]).name for line in lines if line["status"] == "scored"] == ["eye.dcm"]
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["eye.sc.dcm", "eye.sr.dcm"]

@@ -409,17 +409,16 @@ def _record(
 
     prediction_ids = [p.id for p in predictions.values()]
     outputs = {
-        (o.prediction_id, o.kind): o
-        for o in session.scalars(select(Output).where(Output.prediction_id.in_(prediction_ids)))
+        o.sop_instance_uid: o for o in session.scalars(select(Output).where(Output.prediction_id.in_(prediction_ids)))
     }
     to_deliver: list[Output] = []
     for instance_id, result, written, _ in done:
         prediction = predictions[instance_id]
         deliver = wants_delivery(settings, prediction.probabilities, gradable=result.gradable)
         for item in written:
-            output = outputs.get((prediction.id, item.kind))
+            output = outputs.get(item.sop_instance_uid)
             if output is None:
-                output = outputs[prediction.id, item.kind] = Output(
+                output = outputs[item.sop_instance_uid] = Output(
                     prediction_id=prediction.id,
                     kind=item.kind,
                     sop_instance_uid=item.sop_instance_uid,

@@ -102,14 +102,17 @@ def _check_sha256(model_sha256: str) -> None:
         raise ValueError(f"model_sha256 is {model_sha256!r}; expected 64 lowercase hex digits")
 
 
-def output_uid(source_sop_instance_uid: str, model_sha256: str, kind: str) -> str:
+def output_uid(source_sop_instance_uid: str, model_sha256: str, kind: str, label: str = "") -> str:
     """SOP Instance UID of the output ``kind`` for one source instance and one model file.
+
+    ``label`` tells apart several outputs of one kind for the same source (a Parametric Map per finding).
 
     Raises:
         ValueError: If ``kind`` is not a registered output kind, the sha256 is malformed or the source UID is empty.
     """
     _check(kind, model_sha256)
-    return derived_uid("instance", source_sop_instance_uid, model_sha256, kind)
+    parts = (source_sop_instance_uid, model_sha256, kind, *((label,) if label else ()))
+    return derived_uid("instance", *parts)
 
 
 #: Eyes as output series are keyed, with what the Series Description says and the Series Number offset.

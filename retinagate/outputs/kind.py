@@ -57,6 +57,8 @@ class BuiltOutput:
         data: The Part 10 file (preamble and file meta information included), written and sent as it is.
         dataset: The dataset, where the kind had it anyway; it may share elements with an encoder's
             templates, so read it, do not change it. ``None``: :meth:`read` parses ``data``.
+        label: What tells it apart from other outputs of its kind for the same photograph (the
+            label a Parametric Map maps); empty for a kind that makes one output per photograph.
     """
 
     kind: str
@@ -65,6 +67,12 @@ class BuiltOutput:
     sop_class_uid: str
     data: bytes = field(repr=False)
     dataset: Dataset | None = field(default=None, repr=False, compare=False)
+    label: str = ""
+
+    @property
+    def key(self) -> str:
+        """Its name among the photograph's outputs: the kind, with the label after a dot when it has one."""
+        return f"{self.kind}.{self.label}" if self.label else self.kind
 
     def read(self) -> Dataset:
         """The dataset: the one the kind kept, or ``data`` parsed."""
