@@ -13,6 +13,7 @@ Examples::
     .venv/bin/python bench/bench_recipe.py                      # makes 600 hard photographs (seed 7301)
     .venv/bin/python bench/bench_recipe.py --data DIR --json out.json
     .venv/bin/python bench/bench_recipe.py --recipes default --epochs 2   # a quick smoke run
+    .venv/bin/python bench/bench_recipe.py --data DIR --variant bs8:batch_size=8 --recipes default,bs8
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import argparse
 import json
 import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,22 @@ def default_config(data: Path, out: Path, cache: Path) -> TrainConfig:
 RECIPES = {"plain": plain_config, "default": default_config}
 
 
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME:field=value[,field=value...]``: the default recipe with some TrainConfig fields changed."""
+    name, sep, body = text.partition(":")
+    if not sep or not name or not body:
+        raise ValueError(f"--variant {text!r}: expected NAME:field=value[,field=value...]")
+    types = {f.name: type(getattr(TrainConfig(out=Path()), f.name)) for f in fields(TrainConfig)}
+    changes: dict[str, Any] = {}
+    for item in body.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or key not in types:
+            raise ValueError(f"--variant {text!r}: {key!r} is not a TrainConfig field")
+        kind = types[key]
+        changes[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return name, changes
+
+
 def _row(name: str, result: RunResult) -> dict[str, Any]:
     test = result.test
     if test is None:
@@ -96,11 +113,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="override every recipe's epochs (smoke runs)")
     parser.add_argument("--work", type=Path, help="folder for data and runs (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:FIELD=VALUE,...",
+        help="a further recipe: the default with TrainConfig fields changed (repeatable; list it in --recipes)",
+    )
     args = parser.parse_args(argv)
+    recipes = dict(RECIPES)
+    for text in args.variant:
+        try:
+            variant, changes = parse_variant(text)
+        except ValueError as exc:
+            parser.error(str(exc))
+        recipes[variant] = lambda d, o, c, changes=changes: replace(default_config(d, o, c), **changes)
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RECIPES]
+    unknown = [n for n in names if n not in recipes]
     if unknown:
-        parser.error(f"--recipes: unknown {', '.join(unknown)}; expected plain and/or default")
+        parser.error(f"--recipes: unknown {', '.join(unknown)}; expected one of {', '.join(recipes)}")
 
     with tempfile.TemporaryDirectory(prefix="bench-recipe-") as scratch:
         work = args.work or Path(scratch)
@@ -112,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_dataset(data, SynthConfig(n=args.n, width=640, height=480, seed=args.seed))
         rows = []
         for name in names:
-            config = RECIPES[name](data, work / f"run-{name}", work / "cache")
+            config = recipes[name](data, work / f"run-{name}", work / "cache")
             if args.epochs is not None:
                 config = replace(config, epochs=args.epochs)
             print(f"training {name} ...", file=sys.stderr)

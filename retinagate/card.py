@@ -32,6 +32,17 @@ class Preprocessing(BaseModel):
     fov_threshold: int = Field(20, ge=0, le=255, description="Red-channel level that separates FOV from border.")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    contrast_sigma: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.25,
+        description=(
+            "Local contrast normalisation in the graph (train.augment.Normalizer): the retina's local mean, a "
+            "Gaussian of this sigma (a share of input_size) over the field of view only, is subtracted and the "
+            "difference amplified; 0 turns it off (cards written before it existed)."
+        ),
+    )
+    contrast_gain: float = Field(4.0, gt=0.0, le=16.0, description="Gain on the difference from the local mean.")
 
 
 class OodStatistics(BaseModel):

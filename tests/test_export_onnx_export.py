@@ -211,7 +211,9 @@ def _photographs(count: int, size: int, seed: int) -> NDArray[np.uint8]:
     )
 
 
-def _trained_checkpoint(path: Path, size: int, stride: Literal[16, 32], recipe: str, seed: int = 0) -> Path:
+def _trained_checkpoint(
+    path: Path, size: int, stride: Literal[16, 32], recipe: str, seed: int = 0, contrast: float = 0.0
+) -> Path:
     """Trains EfficientNet-B0 for a few steps at 64 px and saves it with a card for ``size`` px.
 
     ``sgd``: ten steps of SGD at learning rate 0.3; ``adamw``: twenty steps of AdamW at 5e-3. Batch
@@ -220,7 +222,7 @@ def _trained_checkpoint(path: Path, size: int, stride: Literal[16, 32], recipe: 
     card = ModelCard(
         name=f"trained-{size}-s{stride}",
         version="0.0.1",
-        preprocessing=Preprocessing(input_size=size),
+        preprocessing=Preprocessing(input_size=size, contrast_sigma=contrast),
         output_stride=stride,
     )
     torch.manual_seed(seed)
@@ -241,7 +243,7 @@ def _trained_checkpoint(path: Path, size: int, stride: Literal[16, 32], recipe: 
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    config = {"img_size": size, "output_stride": stride}
+    config = {"img_size": size, "output_stride": stride, "contrast_sigma": contrast}
     torch.save(
         {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "card": card.to_json(), "config": config}, path
     )
@@ -249,12 +251,15 @@ def _trained_checkpoint(path: Path, size: int, stride: Literal[16, 32], recipe: 
 
 
 @pytest.mark.parametrize(
-    ("size", "stride", "recipe"), [(224, 16, "sgd"), (288, 32, "adamw"), (384, 32, "sgd")], ids=str
+    ("size", "stride", "recipe", "contrast"),
+    [(224, 16, "sgd", 0.0), (288, 32, "adamw", 0.04), (384, 32, "sgd", 0.0)],
+    ids=str,
 )
 def test_trained_checkpoints_export_within_float32_rounding_of_pytorch_in_float64(
-    size: int, stride: Literal[16, 32], recipe: str, tmp_path: Path
+    size: int, stride: Literal[16, 32], recipe: str, contrast: float, tmp_path: Path
 ) -> None:
-    checkpoint = _trained_checkpoint(tmp_path / "best.pt", size, stride, recipe)
+    """Local contrast normalisation (in the graph, before the classifier) is exported and checked too."""
+    checkpoint = _trained_checkpoint(tmp_path / "best.pt", size, stride, recipe, contrast=contrast)
     images = np.concatenate([_noise(2, seed=5, size=size), _photographs(2, size, seed=6)])
 
     exported = export_checkpoint(checkpoint, tmp_path / "model.onnx")
@@ -262,6 +267,7 @@ def test_trained_checkpoints_export_within_float32_rounding_of_pytorch_in_float6
 
     model, card, _ = load_checkpoint(checkpoint)
     assert card.output_stride == stride and exported.card.output_stride == stride
+    assert exported.card.preprocessing.contrast_sigma == contrast
     # Far from initialisation (running variances start at 1), and logits of ordinary photographs are large.
     batch_norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert np.mean([float(m.running_var.log().abs().mean()) for m in batch_norms]) > 0.3

@@ -65,6 +65,45 @@ def test_normalizer_uses_the_cards_mean_and_std() -> None:
     assert out == pytest.approx([(1.0 - 0.5) / 0.5, (0.0 - 0.25) / 0.25, (0.2 - 0.0) / 1.0], rel=1e-5)
 
 
+def _disc(size: int, level: float, ramp: float = 0.0, dot: bool = False) -> torch.Tensor:
+    """A bright disc on black, optionally with an illumination ramp across it and a small dark dot."""
+    y, x = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
+    inside = (x - size / 2) ** 2 + (y - size / 2) ** 2 < (0.45 * size) ** 2
+    plane = level + ramp * (x / size - 0.5)
+    if dot:
+        plane = torch.where((x - 0.6 * size) ** 2 + (y - 0.5 * size) ** 2 < 4.0, plane - 60.0, plane)
+    return (torch.where(inside, plane, torch.zeros_like(plane)).clamp(0, 255).round().to(torch.uint8)).expand(
+        1, 3, -1, -1
+    )
+
+
+def test_contrast_normalisation_removes_illumination_and_keeps_small_lesions() -> None:
+    size = 96
+    on = Normalizer(Preprocessing(input_size=size, contrast_sigma=0.04, mean=(0.5,) * 3, std=(0.5,) * 3))
+    off = Normalizer(Preprocessing(input_size=size, mean=(0.5,) * 3, std=(0.5,) * 3))
+    flat, lit = _disc(size, 140.0), _disc(size, 140.0, ramp=80.0)
+    centre = (slice(None), slice(None), slice(20, 76), slice(20, 76))
+    # An illumination ramp moves the plain input by up to 40 grey levels; contrast normalisation
+    # leaves (nearly) nothing of it, because the local mean follows it.
+    assert (off(lit) - off(flat))[centre].abs().max() > 0.15
+    assert (on(lit) - on(flat))[centre].abs().max() < 0.04  # uint8 rounding of the ramp, times the gain
+    # A 4-pixel dark dot stands out four times as strongly as in the plain input.
+    dot = _disc(size, 140.0, dot=True)
+    assert float((on(dot) - on(flat)).abs().max()) > 3.0 * float((off(dot) - off(flat)).abs().max())
+    # Outside the field of view everything is mid-grey, with no ring from the black border.
+    corner = on(lit)[..., :8, :8]
+    assert corner.abs().max() < 1e-6
+    assert on(flat)[centre].abs().max() < 0.05
+
+
+def test_a_card_without_contrast_normalises_as_before() -> None:
+    preprocessing = Preprocessing(input_size=64)
+    assert preprocessing.contrast_sigma == 0.0 and not Normalizer(preprocessing).contrast
+    assert "contrast_sigma" in Preprocessing.model_validate({"input_size": 64}).model_dump()
+
+
 def test_batch_augmenter_gives_each_image_its_own_draw_and_repeats_for_a_seed(image: torch.Tensor) -> None:
     from train.augment import BatchAugmenter
 

@@ -210,19 +210,56 @@ class BatchAugmenter(nn.Module):
 
 
 class Normalizer(nn.Module):
-    """uint8 NCHW batch to float, scaled to [0, 1] and normalised with the card's mean and std.
+    """uint8 NCHW batch to float, optionally contrast-normalised, then normalised with the card's mean and std.
 
     Runs on the training device, after the uint8 batch crossed to it (a quarter of the bytes of
-    float32). The constants come from the model card only, the same ones serving uses.
+    float32), and inside the exported graph (:class:`export.graph.CamModel`): one formula for both.
+    The constants come from the model card only.
+
+    With ``contrast_sigma > 0`` the photograph is first contrast-normalised, as the winning entries
+    of Kaggle's diabetic retinopathy challenge did (B. Graham, 2015): the local mean, a Gaussian of
+    sigma ``contrast_sigma * input_size``, is subtracted and the difference multiplied by
+    ``contrast_gain`` around mid-grey. Illumination, exposure and pigment, which vary between
+    cameras and eyes, are removed; lesions, which differ from their neighbourhood, stand out. The
+    local mean is taken over the field of view only (a normalised convolution: the blur of the masked
+    image divided by the blur of the mask, the mask being pixels brighter than ``fov_threshold`` in
+    their brightest channel, as :func:`retinagate.preprocess.find_fov` decides), so the black border
+    leaves no bright ring at the edge of the retina, and outside the field of view stays mid-grey.
     """
 
     mean: torch.Tensor
     std: torch.Tensor
+    row: torch.Tensor
+    column: torch.Tensor
 
     def __init__(self, preprocessing: Preprocessing) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        share = float(getattr(preprocessing, "contrast_sigma", 0.0))
+        sigma = share * preprocessing.input_size if share > 0 else 0.0
+        self.contrast = sigma > 0
+        self.gain = float(getattr(preprocessing, "contrast_gain", 4.0))
+        self.threshold = float(getattr(preprocessing, "fov_threshold", 20))
+        self.radius = max(1, math.ceil(3.0 * sigma))
+        offsets = torch.arange(-self.radius, self.radius + 1, dtype=torch.float64)
+        taps = torch.exp(-(offsets**2) / (2.0 * max(sigma, 1e-6) ** 2))
+        taps = (taps / taps.sum()).to(torch.float32)
+        # Fixed-shape kernels for the four channels blurred together (RGB times the mask, and the mask):
+        # the ONNX exporter needs a convolution's weight shape to be known.
+        self.register_buffer("row", taps.view(1, 1, 1, -1).repeat(4, 1, 1, 1))
+        self.register_buffer("column", taps.view(1, 1, -1, 1).repeat(4, 1, 1, 1))
+
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        """Separable Gaussian over each of the four channels, zero outside the image."""
+        x = F.conv2d(x, self.row, padding=(0, self.radius), groups=4)
+        return F.conv2d(x, self.column, padding=(self.radius, 0), groups=4)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() - self.mean) / self.std
+        x = images.to(self.mean.dtype)  # float32; float64 when export checks the graph against PyTorch in float64
+        if self.contrast:
+            mask = (x.amax(dim=1, keepdim=True) > self.threshold).to(x.dtype)
+            blurred = self._blur(torch.cat([x * mask, mask], dim=1))
+            local = blurred[:, :3] / blurred[:, 3:].clamp_min(1e-3)
+            x = (x - local) * (mask * self.gain) + 127.5
+        return (x - self.mean) / self.std

@@ -29,6 +29,8 @@ _CONFIG_FIELDS = (
     "test_fraction",
     "epochs",
     "img_size",
+    "contrast_sigma",
+    "contrast_gain",
     "batch_size",
     "lr",
     "weight_decay",
@@ -101,6 +103,16 @@ def register(subparsers: Any) -> None:
         help="preprocessing cache, shared between runs (default <data_dir>/cache/train)",
     )
     data.add_argument("--img-size", type=int, default=_SUPPRESS, metavar="PX", help="model input side (default 288)")
+    data.add_argument(
+        "--contrast-sigma",
+        type=float,
+        default=_SUPPRESS,
+        metavar="S",
+        help="local contrast normalisation: sigma of the local mean as a share of the input side (0: off)",
+    )
+    data.add_argument(
+        "--contrast-gain", type=float, default=_SUPPRESS, metavar="G", help="gain on the local difference (default 4)"
+    )
 
     run = train.add_argument_group("run")
     run.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run folder to write")

@@ -454,7 +454,9 @@ def _cache_key(source: SplitSource, preprocessing: Preprocessing) -> str:
     for path in source.paths:
         stat = path.stat()
         files.append([str(path), stat.st_size, stat.st_mtime_ns])
-    payload = {"format": CACHE_FORMAT, "preprocessing": preprocessing.model_dump(mode="json"), "files": files}
+    # Local contrast runs in the graph, after the cache (train.augment.Normalizer): not part of the key.
+    recipe = preprocessing.model_dump(mode="json", exclude={"contrast_sigma", "contrast_gain"})
+    payload = {"format": CACHE_FORMAT, "preprocessing": recipe, "files": files}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

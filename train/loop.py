@@ -96,6 +96,9 @@ class TrainConfig:
         test_fraction: Test share for a generic CSV without a ``split`` column.
         epochs: Epochs to train (early stopping may end sooner).
         img_size: Square input side; becomes ``card.preprocessing.input_size``.
+        contrast_sigma: Local contrast normalisation in the graph (:class:`train.augment.Normalizer`):
+            sigma of the local mean as a share of ``img_size``; 0 turns it off.
+        contrast_gain: Gain on the difference from the local mean.
         batch_size: Images per optimisation step.
         lr: Peak learning rate (AdamW).
         weight_decay: AdamW weight decay (not applied to biases and norm weights).
@@ -137,6 +140,8 @@ class TrainConfig:
     test_fraction: float = 0.0
     epochs: int = 12
     img_size: int = 288
+    contrast_sigma: float = 0.0
+    contrast_gain: float = 4.0
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -172,6 +177,8 @@ class TrainConfig:
 
         need(self.epochs >= 1, f"epochs is {self.epochs}; expected at least 1")
         need(32 <= self.img_size <= 2048, f"img_size is {self.img_size}; expected 32-2048")
+        need(0 <= self.contrast_sigma <= 0.25, f"contrast_sigma is {self.contrast_sigma}; expected 0-0.25 (0: off)")
+        need(0 < self.contrast_gain <= 16, f"contrast_gain is {self.contrast_gain}; expected > 0 and <= 16")
         need(self.batch_size >= 2, f"batch_size is {self.batch_size}; expected at least 2 (batch norm)")
         need(self.lr > 0, f"lr is {self.lr}; expected > 0")
         need(self.weight_decay >= 0, f"weight_decay is {self.weight_decay}; expected >= 0")
@@ -212,7 +219,9 @@ class TrainConfig:
         return self.cache_dir if self.cache_dir is not None else self.out / "cache"
 
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(input_size=self.img_size)
+        return Preprocessing(
+            input_size=self.img_size, contrast_sigma=self.contrast_sigma, contrast_gain=self.contrast_gain
+        )
 
 
 @dataclass(frozen=True)
