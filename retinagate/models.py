@@ -43,6 +43,8 @@ __all__ = [
     "Prediction",
     "PredictionStatus",
     "Study",
+    "StudyConclusion",
+    "StudyReport",
     "utcnow",
 ]
 
@@ -87,6 +89,14 @@ class InstanceStatus(enum.StrEnum):
 class PredictionStatus(enum.StrEnum):
     SCORED = "scored"  # probabilities and findings
     UNGRADABLE = "ungradable"  # the gate's reasons instead (retinagate.gate)
+
+
+class StudyConclusion(enum.StrEnum):
+    """A study report's conclusion; the rule is in :func:`retinagate.outputs.study.conclude`."""
+
+    REFER = "refer"
+    NO_REFERABLE = "no_referable"  # no referable finding in any gradable eye
+    UNGRADABLE = "ungradable"  # no eye was gradable
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -230,18 +240,52 @@ class Prediction(Base):
     __table_args__ = (UniqueConstraint("instance_id", "model_id", name="uq_predictions_instance_model"),)
 
 
+class StudyReport(Base):
+    """One study-level report of a model: per eye its Disease_Risk and findings, and a conclusion.
+
+    Written once the study is complete (:mod:`worker.study_reports`); a new revision only when
+    instances arrived after the last one (``instances`` counts those it covered). Its SR is an
+    :class:`Output` row, delivered like the others.
+    """
+
+    __tablename__ = "study_reports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    #: 1 for the first report of the study by the model, then one more for each later one.
+    revision: Mapped[int] = mapped_column(Integer)
+    #: The study's instances it covered (RetinaGate's own outputs stored back are not counted).
+    instances: Mapped[int] = mapped_column(Integer)
+    conclusion: Mapped[StudyConclusion] = mapped_column(_enum(StudyConclusion))
+    #: Per eye (R, L, B, U): gradable, photographs, Disease_Risk and findings with probabilities.
+    eyes: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    study: Mapped[Study] = relationship()
+    model: Mapped[Model] = relationship()
+    outputs: Mapped[list[Output]] = relationship(back_populates="study_report")
+
+    __table_args__ = (
+        UniqueConstraint("study_id", "model_id", "revision", name="uq_study_reports_study_model_revision"),
+    )
+
+
 class Output(Base):
     __tablename__ = "outputs"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"), index=True)
+    #: The prediction it shows; None for a study report's output (``study_report_id`` instead).
+    prediction_id: Mapped[int | None] = mapped_column(ForeignKey("predictions.id"), index=True)
+    study_report_id: Mapped[int | None] = mapped_column(ForeignKey("study_reports.id"), index=True)
     #: The name of a kind in :mod:`retinagate.outputs.registry`.
     kind: Mapped[str] = mapped_column(String(16))
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     storage_key: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    prediction: Mapped[Prediction] = relationship(back_populates="outputs")
+    prediction: Mapped[Prediction | None] = relationship(back_populates="outputs")
+    study_report: Mapped[StudyReport | None] = relationship(back_populates="outputs")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="output")
 
     # A prediction has one output of most kinds, but a Parametric Map per finding: outputs are told
@@ -251,7 +295,7 @@ class Output(Base):
     def _check_kind(self, key: str, value: str) -> str:
         from retinagate.outputs import registry
 
-        return registry.check([value], key)[0]
+        return registry.check([value], key, known=registry.stored_names())[0]
 
 
 class Delivery(Base):

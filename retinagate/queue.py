@@ -24,6 +24,7 @@ __all__ = [
     "RESCORE_TASK",
     "SCORE_QUEUE",
     "SCORE_TASK",
+    "STUDY_REPORTS_TASK",
     "SWEEP_TASK",
     "EnqueueError",
     "broker_url",
@@ -39,6 +40,7 @@ DELIVER_TASK: Final = "retinagate.deliver"
 SWEEP_TASK: Final = "retinagate.sweep"
 RESCORE_TASK: Final = "retinagate.rescore"
 PRUNE_TASK: Final = "retinagate.prune"
+STUDY_REPORTS_TASK: Final = "retinagate.study_reports"
 
 SCORE_QUEUE: Final = "score"
 DELIVER_QUEUE: Final = "deliver"
@@ -50,6 +52,7 @@ TASK_QUEUES: Final = {
     SWEEP_TASK: MAINTENANCE_QUEUE,
     RESCORE_TASK: SCORE_QUEUE,  # it serves the scoring workers' model
     PRUNE_TASK: MAINTENANCE_QUEUE,
+    STUDY_REPORTS_TASK: SCORE_QUEUE,  # on the scoring workers, whose model the reports are of
 }
 
 

@@ -102,7 +102,7 @@ def test_db_current_prints_nothing_before_and_the_head_revision_after_upgrade(
     capsys.readouterr()
     assert main(["db", "current"]) == 0
 
-    assert capsys.readouterr().out.strip() == head_revision() == "0006"
+    assert capsys.readouterr().out.strip() == head_revision() == "0007"
 
 
 def test_db_current_does_not_create_a_missing_sqlite_file(
@@ -255,4 +255,4 @@ def test_alembic_ini_writes_the_postgresql_schema_as_sql_for_administrators() ->
         assert f"CREATE TABLE {table} (" in sql
     assert "TIMESTAMP WITH TIME ZONE" in sql
     assert "INSERT INTO alembic_version (version_num) VALUES ('0001')" in sql
-    assert "SET version_num='0006'" in sql
+    assert "SET version_num='0007'" in sql

@@ -41,3 +41,16 @@ def test_validating_the_outputs_setting_loads_no_writer() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_study_report_is_an_output_kind_of_rows_but_not_a_per_photograph_choice(
+    make_settings: Callable[..., Settings],
+) -> None:
+    from retinagate.models import Output
+
+    assert registry.stored_names() == (*registry.names(), "study")
+    assert Output(kind="study").kind == "study"
+    with pytest.raises(ValueError, match="kind: 'nope' is not a kind"):
+        Output(kind="nope")
+    with pytest.raises(SettingsError, match="outputs"):
+        make_settings(outputs="sc,study")

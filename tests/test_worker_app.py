@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from celery.schedules import crontab
 
-from retinagate.queue import DELIVER_TASK, RESCORE_TASK, SCORE_TASK, SWEEP_TASK
+from retinagate.queue import DELIVER_TASK, RESCORE_TASK, SCORE_TASK, STUDY_REPORTS_TASK, SWEEP_TASK
 from retinagate.settings import Settings
 from worker.app import create_app, runtime, soft_time_limit
 
@@ -38,7 +38,8 @@ def test_the_app_acknowledges_late_prefetches_one_and_limits_tasks_below_the_vis
 
 def test_tasks_have_fixed_names_and_their_own_queues(make_settings: Callable[..., Settings]) -> None:
     app = create_app(make_settings())
-    expected = {SCORE_TASK: "score", DELIVER_TASK: "deliver", SWEEP_TASK: "maintenance", RESCORE_TASK: "score"}
+    expected = {SCORE_TASK: "score", DELIVER_TASK: "deliver", SWEEP_TASK: "maintenance", RESCORE_TASK: "score",
+                STUDY_REPORTS_TASK: "score"}
     for name, queue in expected.items():
         assert name in app.tasks
         assert app.amqp.router.route({}, name)["queue"].name == queue
@@ -55,6 +56,9 @@ def test_beat_sweeps_every_interval_and_rescores_on_the_cron_from_settings(
     schedule = app.conf.beat_schedule
     assert schedule["retinagate-sweep"]["task"] == SWEEP_TASK
     assert schedule["retinagate-sweep"]["schedule"] == 45.0
+    reports = schedule["retinagate-study-reports"]
+    assert reports["task"] == STUDY_REPORTS_TASK and reports["schedule"] == 45.0
+    assert reports["options"]["queue"] == "score"  # the scoring workers consume it
     cron = schedule["retinagate-rescore"]["schedule"]
     assert isinstance(cron, crontab) and schedule["retinagate-rescore"]["task"] == RESCORE_TASK
     assert cron.minute == {30} and cron.hour == {3} and cron.day_of_week == {1, 2, 3, 4, 5}

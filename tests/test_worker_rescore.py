@@ -15,11 +15,12 @@ from sqlalchemy.orm import Session
 
 from retinagate.cli import main
 from retinagate.db import make_engine, session_factory, session_scope, upgrade
-from retinagate.models import Instance, InstanceStatus, Model, Prediction, Study, utcnow
+from retinagate.models import Instance, InstanceStatus, Model, Prediction, Study, StudyReport, utcnow
 from retinagate.settings import Settings
 from retinagate.storage import Storage
 from worker.rescore import change_report, find_unscored, previous_model
 from worker.scoring import Scorer, score_instances
+from worker.study_reports import write_study_reports
 
 T0 = utcnow() - timedelta(days=2)
 
@@ -39,7 +40,7 @@ def test_rescore_scores_everything_under_the_new_model_keeps_the_old_and_reports
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
-    settings = make_settings(model_path=random_onnx_model_path, rescore_batch_size=3)
+    settings = make_settings(model_path=random_onnx_model_path, rescore_batch_size=3, study_quiet_seconds=0)
     upgrade(settings)
     ids = [worker_store_instance(settings, study=s, laterality=eye, columns=cols)
            for s, cols in enumerate([(), ("DR",), ("ARMD",)]) for eye in ("R", "L")]
@@ -47,8 +48,11 @@ def test_rescore_scores_everything_under_the_new_model_keeps_the_old_and_reports
     engine = make_engine(settings)
     sessions = session_factory(engine)
     old = Scorer.load(None, settings, sessions)
-    assert score_instances(settings, sessions, Storage(settings.resolved_storage_dir), old, ids).scored == ids
+    storage = Storage(settings.resolved_storage_dir)
+    assert score_instances(settings, sessions, storage, old, ids).scored == ids
     old.close()
+    # The old model's study reports (beat's task writes them): studies 0-2; study 9 is still being scored.
+    assert len(write_study_reports(settings, sessions, storage, old.model_id).written) == 3
 
     # Move DR's threshold between the old model's DR probabilities: some findings change, some do not.
     with session_scope(sessions) as s:
@@ -57,6 +61,7 @@ def test_rescore_scores_everything_under_the_new_model_keeps_the_old_and_reports
     new_path = worker_model_variant(random_onnx_model_path, "recalibrated", {"DR": (dr[2] + dr[3]) / 2})
     monkeypatch.setenv("RETINAGATE_DATA_DIR", str(settings.data_dir))
     monkeypatch.setenv("RETINAGATE_RESCORE_BATCH_SIZE", "4")
+    monkeypatch.setenv("RETINAGATE_STUDY_QUIET_SECONDS", "0")
     reports = tmp_path / "reports"
 
     assert main(["rescore", "--model", str(new_path), "--report-dir", str(reports), "--json"]) == 0
@@ -93,6 +98,12 @@ def test_rescore_scores_everything_under_the_new_model_keeps_the_old_and_reports
     assert main(["rescore", "--model", str(new_path), "--report-dir", str(reports)]) == 0
     line = capsys.readouterr().out
     assert line.startswith("rescored 0 of 0 instance(s)") and f"findings changed for {len(changed)} of 6" in line
+    # A study report per model and study, each written once.
+    with session_scope(sessions) as s:
+        written = sorted((r.model_id, r.study_id, r.revision) for r in s.scalars(select(StudyReport)))
+    studies = sorted({uids[i][1] for i in ids})
+    assert len(studies) == 3
+    assert [(m, r) for m, _, r in written] == [(old.model_id, 1)] * 3 + [(new_id, 1)] * 3
     engine.dispose()
 
 

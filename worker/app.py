@@ -37,6 +37,7 @@ from retinagate.queue import (
     PRUNE_TASK,
     RESCORE_TASK,
     SCORE_QUEUE,
+    STUDY_REPORTS_TASK,
     SWEEP_TASK,
     TASK_QUEUES,
     broker_url,
@@ -174,13 +175,20 @@ def _rescore_schedule(expression: str) -> crontab:
 
 
 def _schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Beat's periodic tasks: the sweep, the nightly rescore and, with ``retention_days``, the daily prune."""
+    """Beat's periodic tasks: the sweep, the study reports, the nightly rescore and, with
+    ``retention_days``, the daily prune."""
     schedule: dict[str, dict[str, Any]] = {
         "retinagate-sweep": {
             "task": SWEEP_TASK,
             "schedule": float(settings.sweep_interval),
             # A sweep that waited longer than one interval is superseded by the next.
             "options": {"queue": MAINTENANCE_QUEUE, "expires": float(settings.sweep_interval)},
+        },
+        "retinagate-study-reports": {
+            "task": STUDY_REPORTS_TASK,
+            # As often as the sweep: a study's report follows its quiet period by at most that much.
+            "schedule": float(settings.sweep_interval),
+            "options": {"queue": SCORE_QUEUE, "expires": float(settings.sweep_interval)},
         },
         "retinagate-rescore": {
             "task": RESCORE_TASK,

@@ -5,6 +5,8 @@ so the old one stays for comparison and audit. Re-scoring finds the scored insta
 that have no prediction from the model, scores them (in batches, through the ``score`` task or inline
 in ``retinagate rescore``), and the change report lists the instances whose findings differ between
 the previously active model and the new one, with both probabilities for every label that changed.
+Once its predictions cover a study, the new model writes its own study report of it
+(:mod:`worker.study_reports`; inline, ``retinagate rescore`` writes them itself when it is done).
 """
 
 from __future__ import annotations
@@ -244,9 +246,10 @@ def rescore_inline(
         progress: Called with the number of instances each finished batch held.
 
     Returns:
-        The batches' outcomes together.
+        The batches' outcomes together, the study reports' outputs to deliver among ``deliver``.
     """
     from worker.scoring import ScoreOutcome, score_instances
+    from worker.study_reports import write_study_reports
     from worker.sweep import batches
 
     total = ScoreOutcome()
@@ -260,4 +263,9 @@ def rescore_inline(
         total.errors.update(outcome.errors)
         if progress is not None:
             progress(len(batch))
+    reports = write_study_reports(settings, sessions, storage, scorer.model_id)
+    while reports.remaining and reports.written:
+        total.deliver += reports.deliver
+        reports = write_study_reports(settings, sessions, storage, scorer.model_id)
+    total.deliver += reports.deliver
     return total

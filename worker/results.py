@@ -5,6 +5,8 @@ storage retention removed the photograph, the day it did), the
 findings of the active model (or, without one, of the newest prediction) with their probabilities,
 which model made them, the latency of each stage from the
 SQL timestamps (received, scored, delivered) and the delivery status at every destination.
+Per study: each model's newest study report (:mod:`worker.study_reports`), its conclusion, each
+eye's Disease_Risk and findings, and its delivery.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from retinagate.labels import DISEASE_RISK
 from retinagate.models import (
     Delivery,
     DeliveryStatus,
@@ -27,13 +30,22 @@ from retinagate.models import (
     Prediction,
     PredictionStatus,
     Study,
+    StudyReport,
 )
 from retinagate.outputs.findings import NO_FINDING, probability_text
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-__all__ = ["DestinationStatus", "ImageResult", "StudyResult", "format_results", "query_results", "to_jsonable"]
+__all__ = [
+    "DestinationStatus",
+    "ImageResult",
+    "ReportResult",
+    "StudyResult",
+    "format_results",
+    "query_results",
+    "to_jsonable",
+]
 
 #: The worst status among a destination's outputs decides the destination's status.
 _SEVERITY = {
@@ -91,12 +103,28 @@ class ImageResult:
 
 
 @dataclass(frozen=True)
+class ReportResult:
+    """A model's newest study report of a study: conclusion, eyes, delivery."""
+
+    model: str
+    revision: int
+    conclusion: str
+    #: Per eye (R, L, B, U): gradable, photographs, disease_risk, findings as [label, probability].
+    eyes: dict[str, Any]
+    created_at: datetime
+    deliveries: list[DestinationStatus] = field(default_factory=list)
+    #: The model's thresholds of the labels shown, so the text prints each probability on its side.
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class StudyResult:
-    """A study and its images."""
+    """A study, its images and its study reports."""
 
     study_uid: str
     accession: str | None
     images: list[ImageResult]
+    reports: list[ReportResult] = field(default_factory=list)
 
 
 def _pick(predictions: list[Prediction], active_id: int | None) -> Prediction | None:
@@ -106,9 +134,9 @@ def _pick(predictions: list[Prediction], active_id: int | None) -> Prediction | 
     return max(predictions, key=lambda p: p.created_at, default=None)
 
 
-def _destinations(prediction: Prediction) -> tuple[list[DestinationStatus], datetime | None]:
+def _destinations(outputs: list[Output]) -> tuple[list[DestinationStatus], datetime | None]:
     by_destination: dict[str, list[Delivery]] = defaultdict(list)
-    for output in prediction.outputs:
+    for output in outputs:
         for delivery in output.deliveries:
             by_destination[delivery.destination].append(delivery)
     statuses = []
@@ -174,7 +202,7 @@ def query_results(
         reasons: list[str] = []
         thresholds: dict[str, float] = {}
         if prediction is not None:
-            deliveries, delivered_at = _destinations(prediction)
+            deliveries, delivered_at = _destinations(prediction.outputs)
             probabilities = {k: float(v) for k, v in prediction.probabilities.items()}
             findings = [(name, probabilities.get(name, float("nan"))) for name in prediction.findings]
             top_name = max(probabilities, key=lambda k: probabilities[k], default=None)
@@ -204,7 +232,61 @@ def query_results(
         if study is None:
             study = studies[instance.study_id] = StudyResult(instance.study.study_uid, instance.study.accession, [])
         study.images.append(image)
+    _add_reports(session, studies)
     return list(studies.values())
+
+
+def _add_reports(session: Session, studies: dict[int, StudyResult]) -> None:
+    """Adds each model's newest study report to the studies, oldest model first."""
+    query = (
+        select(StudyReport)
+        .where(StudyReport.study_id.in_(list(studies)))
+        .options(selectinload(StudyReport.model), selectinload(StudyReport.outputs).selectinload(Output.deliveries))
+        .order_by(StudyReport.study_id, StudyReport.model_id, StudyReport.revision.desc())
+    )
+    seen: set[tuple[int, int]] = set()
+    for report in session.scalars(query):
+        if (report.study_id, report.model_id) in seen:
+            continue
+        seen.add((report.study_id, report.model_id))
+        deliveries, _ = _destinations(report.outputs)
+        shown = [str(name) for eye in report.eyes.values() for name, _ in eye.get("findings", [])]
+        studies[report.study_id].reports.append(
+            ReportResult(
+                model=f"{report.model.name} {report.model.version}",
+                revision=report.revision,
+                conclusion=report.conclusion.value,
+                eyes=dict(report.eyes),
+                created_at=report.created_at,
+                deliveries=deliveries,
+                thresholds=_thresholds(report.model.card, [DISEASE_RISK, *shown]),
+            )
+        )
+
+
+def _report_line(report: ReportResult) -> str:
+    """``study report (model m 1, revision 1): refer | R: Disease_Risk 0.81, DR 0.70; L: not graded | ...``."""
+    from retinagate.models import StudyConclusion
+    from retinagate.outputs.study import CONCLUSION_CODES, EyeResult
+
+    def _text(probability: float, label: str) -> str:
+        threshold = report.thresholds.get(label)
+        return f"{probability:.2f}" if threshold is None else probability_text(probability, threshold)
+
+    eyes = []
+    for eye, data in report.eyes.items():
+        result = EyeResult.from_json(eye, data)
+        if not result.gradable:
+            eyes.append(f"{eye}: not graded")
+            continue
+        risk = "" if result.disease_risk is None else f"{DISEASE_RISK} {_text(result.disease_risk, DISEASE_RISK)}"
+        found = ", ".join(f"{name} {_text(p, name)}" for name, p in result.findings if name != DISEASE_RISK)
+        eyes.append(f"{eye}: {', '.join(x for x in (risk, found) if x) or '-'}")
+    sent = "; ".join(f"{d.destination} {d.status}" for d in report.deliveries) or "not sent"
+    conclusion = CONCLUSION_CODES[StudyConclusion(report.conclusion)].meaning.lower()
+    return (
+        f"  study report (model {report.model}, revision {report.revision}): {conclusion} | {'; '.join(eyes)} | {sent}"
+    )
 
 
 def to_jsonable(results: list[StudyResult]) -> list[dict[str, Any]]:
@@ -248,6 +330,7 @@ def format_results(results: list[StudyResult]) -> str:
     for study in results:
         accession = f" (accession {study.accession})" if study.accession else ""
         lines.append(f"study {study.study_uid}{accession}: {len(study.images)} image(s)")
+        lines += [_report_line(report) for report in study.reports]
         for image in study.images:
             if image.status == InstanceStatus.UNGRADABLE.value:
                 found = "not graded: " + ("; ".join(image.reasons) or "-")

@@ -1,4 +1,4 @@
-"""The worker's tasks: score, deliver, sweep, rescore and prune, in Celery's own layout.
+"""The worker's tasks: score, deliver, sweep, study reports, rescore and prune, in Celery's own layout.
 
 The tasks are declared here at module level with :class:`RetinaGateTask` as their base; the app
 (:func:`worker.app.create_app`) finds them through ``include=["worker.tasks"]``. What a worker
@@ -38,10 +38,21 @@ from retinagate.queue import (
     RESCORE_TASK,
     SCORE_QUEUE,
     SCORE_TASK,
+    STUDY_REPORTS_TASK,
     SWEEP_TASK,
 )
 
-__all__ = ["RetinaGateTask", "deliver", "parse_ids", "prune", "rescore", "score", "score_delay", "sweep"]
+__all__ = [
+    "RetinaGateTask",
+    "deliver",
+    "parse_ids",
+    "prune",
+    "rescore",
+    "score",
+    "score_delay",
+    "study_reports",
+    "sweep",
+]
 
 if TYPE_CHECKING:
     from retinagate.settings import Settings
@@ -189,6 +200,30 @@ def sweep(self: RetinaGateTask) -> dict[str, int]:
         "redeliver": len(outcome.redeliver),
         "revived": sum(outcome.revived.values()),
     }
+
+
+@_task(STUDY_REPORTS_TASK, SCORE_QUEUE, max_retries=0)
+def study_reports(self: RetinaGateTask) -> dict[str, int]:
+    """Writes the study report of every complete study the active model has not reported on, and
+    queues their delivery (see :mod:`worker.study_reports`).
+
+    One bounded run (:data:`worker.study_reports.STUDY_LIMIT` studies); when more are due, the task
+    sends itself again. A failed run is not retried: beat sends the next one within ``sweep_interval``.
+    """
+    from retinagate.db import session_scope
+    from worker.study_reports import active_model_id, write_study_reports
+
+    state = self.runtime
+    with session_scope(state.sessions) as session:
+        model_id = active_model_id(session)
+    if model_id is None:
+        return {"written": 0, "deliver": 0, "skipped": 0}
+    outcome = write_study_reports(state.settings, state.sessions, state.storage, model_id)
+    if outcome.deliver:
+        self.app.send_task(DELIVER_TASK, args=[outcome.deliver], queue=DELIVER_QUEUE)
+    if outcome.remaining and outcome.written:
+        self.app.send_task(STUDY_REPORTS_TASK, queue=SCORE_QUEUE)
+    return {"written": len(outcome.written), "deliver": len(outcome.deliver), "skipped": len(outcome.skipped)}
 
 
 @_task(RESCORE_TASK, SCORE_QUEUE, max_retries=0)

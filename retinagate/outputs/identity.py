@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AI_DISCLAIMER",
+    "EYE_SITE",
+    "LATERALITY_CODES",
     "MANUFACTURER",
     "ModelIdentity",
     "OutputSeries",
@@ -129,6 +131,15 @@ def series_uid(study_instance_uid: str, eye: str, model_sha256: str, kind: str) 
     if eye not in _EYES:
         raise ValueError(f"eye is {eye!r}; expected one of {', '.join(_EYES)}")
     return derived_uid("series", study_instance_uid, eye, model_sha256, kind)
+
+
+#: SR Finding Site of a fundus finding (SCT 81745001 Eye, CID 4209) and, per eye, its Laterality (CID 244).
+EYE_SITE: Final = ("81745001", "SCT", "Eye")
+LATERALITY_CODES: Final = {
+    "R": ("24028007", "SCT", "Right"),
+    "L": ("7771000", "SCT", "Left"),
+    "B": ("51440002", "SCT", "Right and left"),
+}
 
 
 def eye_of(source: Dataset) -> str:
@@ -263,6 +274,23 @@ class ModelIdentity:
             f"decision thresholds {thresholds}",
             "explanation: Grad-CAM of the last feature map",
         ]
+
+    def observation_context(self) -> hd.sr.ObservationContext:
+        """The SR observation context naming this model as the observing device (TID 1004)."""
+        import highdicom as hd
+        from pydicom.sr.codedict import codes
+
+        observer = hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=self.device_uid,
+                name=f"{self.name} {self.version}"[:64],
+                manufacturer_name=MANUFACTURER,
+                model_name=self.name,
+                serial_number=self.serial,
+            ),
+        )
+        return hd.sr.ObservationContext(observer_device_context=observer)
 
     def contributing_equipment(self) -> hd.ContributingEquipment:
         """The Contributing Equipment item naming this model as processing equipment (with Device UID)."""

@@ -5,12 +5,16 @@ The Secondary Capture and the Parametric Map come before the SR, which reference
 before it. The classes are imported on first use: the gateway validates ``RETINAGATE_OUTPUTS``
 with :func:`check` and must not load OpenCV or highdicom for it. Adding a kind means adding its
 module and one line here.
+
+A study report (:mod:`retinagate.outputs.study`) is an output kind of another shape: built once
+per study from the predictions of all its photographs, not per photograph, so it is not chosen in
+``outputs``; :data:`STUDY_KINDS` names it for output rows (:func:`stored_names`).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import cache
 from typing import TYPE_CHECKING, Final
 
@@ -19,7 +23,7 @@ if TYPE_CHECKING:
     from retinagate.outputs.kind import OutputKind
     from retinagate.settings import Settings
 
-__all__ = ["check", "create", "kind_class", "names", "plan"]
+__all__ = ["STUDY_KINDS", "check", "create", "kind_class", "names", "plan", "stored_names"]
 
 #: Name, module and class of each kind, in build order.
 _KINDS: Final = (
@@ -29,19 +33,31 @@ _KINDS: Final = (
 )
 
 
+#: Kinds built once per study rather than per photograph.
+STUDY_KINDS: Final = ("study",)
+
+
 def names() -> tuple[str, ...]:
-    """Every kind's name, in build order."""
+    """Every per-photograph kind's name, in build order."""
     return tuple(name for name, _, _ in _KINDS)
 
 
-def check(kinds: Iterable[str], field: str = "outputs") -> list[str]:
+def stored_names() -> tuple[str, ...]:
+    """Every kind an output row may hold: the per-photograph kinds, then the per-study ones."""
+    return (*names(), *STUDY_KINDS)
+
+
+def check(kinds: Iterable[str], field: str = "outputs", known: Sequence[str] | None = None) -> list[str]:
     """The kinds named, each once, in the order given.
 
+    Args:
+        known: The kinds to accept; default the per-photograph ones (:func:`names`).
+
     Raises:
-        ValueError: If none is named or one is not a registered kind; the message names ``field``.
+        ValueError: If none is named or one is not a known kind; the message names ``field``.
     """
     chosen = list(dict.fromkeys(kinds))
-    known = names()
+    known = names() if known is None else tuple(known)
     unknown = [kind for kind in chosen if kind not in known]
     if unknown or not chosen:
         got = f"{', '.join(map(repr, unknown))} is not a kind" if unknown else "nothing chosen"

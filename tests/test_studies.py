@@ -1,4 +1,4 @@
-"""dicom_gateway.studies: a study is complete once it has been quiet for the configured period."""
+"""retinagate.studies: a study is complete once it has been quiet for the configured period."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from pynetdicom import AE
 
-from dicom_gateway.studies import completed_studies, completed_studies_query
 from retinagate.db import make_engine, session_factory, upgrade
 from retinagate.models import Study, utcnow
 from retinagate.settings import Settings
+from retinagate.studies import completed_studies, completed_studies_query
 
 
 def test_only_studies_quiet_for_the_period_count_as_complete(make_settings: Callable[..., Settings]) -> None:

@@ -5,6 +5,7 @@ Cameras send a study as a burst of instances with no end marker, so "complete" c
 every stored instance; :func:`completed_studies_query` turns that into SQL (a ``SELECT`` any
 caller can extend, join or wrap in a view) and :func:`completed_studies` runs it. A query
 rather than a database view, so the rule lives in one place and the quiet period stays a setting.
+The worker's study results (:mod:`worker.study_results`) extend it with what a model has scored.
 """
 
 from __future__ import annotations
