@@ -595,6 +595,25 @@ def dcentvfy() -> Callable[[Sequence[Path]], list[str]]:
     return check
 
 
+@pytest.fixture
+def dsrdump() -> Callable[[Path], list[str]]:
+    """Returns ``check(path) -> problems`` from dcmtk's dsrdump, which parses an SR document and its
+    content tree: its error and warning lines, or its exit status when it fails; skips when it is
+    not installed. Use it in tests marked ``interop``."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dsrdump") is None:
+        pytest.skip("dsrdump (dcmtk) is not installed")
+
+    def check(path: Path) -> list[str]:
+        done = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60, check=False)
+        problems = [line for line in done.stderr.splitlines() if line.startswith(("E:", "W:", "F:"))]
+        return problems if done.returncode == 0 else [f"exit status {done.returncode}", *problems]
+
+    return check
+
+
 # Synthetic dataset and a small trained model, shared by the training, export, engine and worker tests.
 # Appended by the training helper.
 

@@ -19,8 +19,17 @@ from retinagate.card import ModelCard
 from retinagate.decode import decode_instance
 from retinagate.labels import LABELS
 from retinagate.outputs.identity import ModelIdentity, output_uid
+from retinagate.outputs.pm import build_pm
 from retinagate.outputs.sc import build_sc
-from retinagate.outputs.sr import FrameScores, SrEncoder, build_report, build_sr, probability_concept
+from retinagate.outputs.sr import (
+    FrameScores,
+    MapReference,
+    SrEncoder,
+    build_report,
+    build_sr,
+    label_concept,
+    probability_concept,
+)
 from retinagate.synth import DicomIdentity, render_fundus, write_dicom
 
 THRESHOLDS = tuple(0.3 if i % 2 else 0.6 for i in range(len(LABELS)))
@@ -60,7 +69,7 @@ def test_every_label_has_its_probability_and_decision(source: Dataset, sc: Datas
     decisions = {e.name.value: e.value for e in group.get_qualitative_evaluations()}
     for name, probability, threshold in zip(LABELS, PROBABILITIES, THRESHOLDS, strict=True):
         expected = codes.SCT.Present if probability >= threshold else codes.SCT.Absent
-        assert decisions[name] == expected, name
+        assert decisions[label_concept(name).value] == expected, name
     text = hd.sr.ValueTypeValues.TEXT
     texts = {item.name.meaning: item.value for item in group[0].ContentSequence if item.value_type == text}
     assert (texts["Algorithm Name"], texts["Algorithm Version"]) == ("fundus-net", "1.0.0")
@@ -234,6 +243,52 @@ def test_the_encoder_handles_plain_images_multi_frame_sources_and_sparse_headers
         assert plain_json(pydicom.dcmread(io.BytesIO(data))) == plain_json(expected), f"case {index}"
 
 
+def _maps(source: Dataset, labels: tuple[str, ...]) -> list[MapReference]:
+    heat = np.linspace(0, 1, source.Rows * source.Columns, dtype=np.float32).reshape(source.Rows, source.Columns)
+    return [MapReference(label, build_pm(heat, source, MODEL, label=label, probability=0.5, rank=rank))
+            for rank, label in enumerate(labels, start=1)]  # fmt: skip
+
+
+def test_the_encoder_writes_highdicoms_document_with_the_maps_of_each_image(
+    tmp_path: Path, plain_json: Callable[..., object]
+) -> None:
+    """Maps vary in number and Frame of Reference (one per eye and study) from image to image."""
+    encoder = SrEncoder(MODEL)
+    for index, (source, labels) in enumerate(zip(_sources(tmp_path, 3), [("DR", "MYA"), ("MH",), ("DR", "MYA")],
+                                                 strict=True)):  # fmt: skip
+        sc = build_sc(np.zeros((64, 64, 3), dtype=np.uint8), source, MODEL)
+        maps = _maps(source, labels)
+
+        built = encoder.encode(source, [FrameScores(PROBABILITIES)], sc=sc, maps=maps)
+
+        expected = build_sr(source, MODEL, [FrameScores(PROBABILITIES)], sc=sc, maps=maps)
+        assert plain_json(pydicom.dcmread(io.BytesIO(built.data))) == plain_json(expected), f"image {index}"
+
+
+def test_each_map_is_its_findings_heatmap_in_the_eyes_finding_group(
+    source: Dataset, sc: Dataset, tmp_path: Path
+) -> None:
+    maps = _maps(source, ("DR", "MYA"))
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(SrEncoder(MODEL).encode(source, [FrameScores(PROBABILITIES)], sc=sc, maps=maps).data)
+
+    frame, *groups = hd.sr.srread(path).content.get_image_measurement_groups()
+
+    eye = codes.SCT.Left if source.ImageLaterality == "L" else codes.SCT.Right
+    assert [site.laterality for site in frame.finding_sites] == [eye]
+    assert [(g.finding_type.value, g.finding_type.scheme_designator) for g in groups] == [
+        ("4855003", "SCT"),
+        ("57190000", "SCT"),
+    ]
+    assert label_concept("MYA") == codes.SCT.Myopia  # DICOM PS3.16 CID 4238 Refractive Error Type
+    for group, reference in zip(groups, maps, strict=True):
+        (heat,) = [i for i in group[0].ContentSequence if i.ValueType == "IMAGE" and i.name.value == "HEATMAP"]
+        assert heat.referenced_sop_instance_uid == reference.dataset.SOPInstanceUID
+        (decision,) = group.get_qualitative_evaluations()
+        index = LABELS.index(reference.label)
+        assert decision.value == (codes.SCT.Present if PROBABILITIES[index] >= THRESHOLDS[index] else codes.SCT.Absent)
+
+
 def test_the_encoded_document_rereads_with_highdicom(source: Dataset, sc: Dataset, tmp_path: Path) -> None:
     path = tmp_path / "sr.dcm"
     path.write_bytes(SrEncoder(MODEL).encode(source, [FrameScores(PROBABILITIES)], sc=sc).data)
@@ -284,3 +339,16 @@ def test_encoding_from_several_threads_keeps_every_document_its_own_identity(tmp
         assert ds.PatientID == source.PatientID
         equipment = ds.ContributingEquipmentSequence[0]
         assert equipment.ContributionDateTime == source.AcquisitionDateTime  # the source's, not another's
+
+
+def test_the_readme_tables_every_snomed_code_the_sr_writes_as_written() -> None:
+    import re
+
+    from retinagate.outputs.sr import SNOMED_LABELS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^  \| (\w+) \| (\d+) \| ([^|]+?) \|", readme, flags=re.MULTILINE)
+
+    assert {label: (code, meaning) for label, code, meaning in rows} == {
+        label: (code.value, code.meaning) for label, code in SNOMED_LABELS.items()
+    }

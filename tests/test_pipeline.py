@@ -275,9 +275,9 @@ def test_outputs_are_handed_over_as_part10_files_ready_to_write(
         assert reread.PatientID == DicomIdentity.synthetic(0).patient_id
     assert np.array_equal(pydicom.dcmread(tmp_path / "sc.dcm").pixel_array, result.outputs["sc"].pixel_array)
     report = hd.sr.srread(tmp_path / "sr.dcm")
-    (group,) = report.content.get_image_measurement_groups()
+    group, *map_groups = report.content.get_image_measurement_groups()  # the frame's, then a group per map
     measured = {m.name.meaning: m.value for m in group.get_measurements()}
-    assert len(measured) == len(LABELS)
+    assert len(measured) == len(LABELS) and len(map_groups) == maps
     assert sorted(measured.values()) == sorted(round(p, 6) for p in result.probabilities.values())
 
 
@@ -428,6 +428,26 @@ def test_an_instance_nested_too_deep_fails_for_good_with_its_reason_and_the_batc
     assert isinstance(result, ScoreResult)
 
 
+#: A two-eye study: two photographs of the right eye (instances 1 and 2 of its series) and one of the left.
+TWO_EYES: dict[str, tuple[str, int, str]] = {
+    "r1": ("R", 0, "jpeg_baseline"), "r2": ("R", 1, "explicit_little"), "l1": ("L", 0, "jpeg_baseline")
+}  # fmt: skip
+
+
+def _score_two_eyes(
+    engine: Engine, photos: list[NDArray[np.uint8]], tmp_path: Path, settings: Settings
+) -> list[ScoreResult]:
+    """The study of :data:`TWO_EYES` written in ``tmp_path`` and scored with outputs sc, sr and pm."""
+    for photo, (name, (eye, key, syntax)) in zip(photos, TWO_EYES.items(), strict=True):
+        identity = DicomIdentity.synthetic(0, eye, instance=key)
+        write_dicom(photo, tmp_path / f"{name}.dcm", identity, transfer_syntax=syntax)
+    results = _score(engine, settings.model_copy(update={"outputs": ["sc", "sr", "pm"]}),
+                     [tmp_path / f"{n}.dcm" for n in TWO_EYES])  # fmt: skip
+    scored = [r for r in results if isinstance(r, ScoreResult)]
+    assert len(scored) == len(TWO_EYES)
+    return scored
+
+
 @pytest.mark.interop
 def test_a_two_eye_study_gets_a_series_per_eye_and_kind_that_dciodvfy_and_dcentvfy_accept(
     engine: Engine,
@@ -437,13 +457,8 @@ def test_a_two_eye_study_gets_a_series_per_eye_and_kind_that_dciodvfy_and_dcentv
     dciodvfy: Callable[[object], list[str]],
     dcentvfy: Callable[[list[Path]], list[str]],
 ) -> None:
-    # Two photographs of the right eye (instances 1 and 2 of its series) and one of the left.
-    eyes = {"r1": ("R", 0, "jpeg_baseline"), "r2": ("R", 1, "explicit_little"), "l1": ("L", 0, "jpeg_baseline")}
-    for photo, (name, (eye, key, syntax)) in zip(photos, eyes.items(), strict=True):
-        identity = DicomIdentity.synthetic(0, eye, instance=key)
-        write_dicom(photo, tmp_path / f"{name}.dcm", identity, transfer_syntax=syntax)
-
-    results = _score(engine, make_settings(outputs=["sc", "sr", "pm"]), [tmp_path / f"{n}.dcm" for n in eyes])
+    eyes = TWO_EYES
+    results = _score_two_eyes(engine, photos, tmp_path, make_settings())
 
     files: list[Path] = []
     series: dict[tuple[str, str], list[pydicom.Dataset]] = {}
@@ -472,6 +487,60 @@ def test_a_two_eye_study_gets_a_series_per_eye_and_kind_that_dciodvfy_and_dcentv
         if kind == "pm":
             assert len({m.FrameOfReferenceUID for m in members}) == 1
     assert series["pm", "R"][0].FrameOfReferenceUID != series["pm", "L"][0].FrameOfReferenceUID
+
+
+@pytest.mark.interop
+def test_each_eyes_sr_gives_a_reader_its_laterality_measurements_finding_codes_and_maps(
+    engine: Engine,
+    photos: list[NDArray[np.uint8]],
+    tmp_path: Path,
+    make_settings: Callable[..., Settings],
+    dsrdump: Callable[[Path], list[str]],
+) -> None:
+    """What an IHE AIR reader needs of each eye's SR, read back with highdicom; dsrdump parses each."""
+    from pydicom.sr.codedict import codes
+
+    from retinagate.outputs.sr import HEATMAP, label_concept
+
+    results = _score_two_eyes(engine, photos, tmp_path, make_settings())
+
+    side = {"R": codes.SCT.Right, "L": codes.SCT.Left}
+    every_label = {(c.value, c.scheme_designator) for c in map(label_concept, LABELS)}
+    assert ("57190000", "SCT") in every_label  # Myopia, as DICOM PS3.16 CID 4238 codes it
+    for result in results:
+        eye = TWO_EYES[Path(result.source).stem][0]
+        (sr,) = [o for o in result.built if o.kind == "sr"]
+        maps = {o.sop_instance_uid: o.label for o in result.built if o.kind == "pm"}
+        path = tmp_path / f"{Path(result.source).stem}.sr.dcm"
+        path.write_bytes(sr.data)
+        assert dsrdump(path) == [], result.source
+
+        frame, *map_groups = hd.sr.srread(path).content.get_image_measurement_groups()
+
+        assert [s.laterality for s in frame.finding_sites] == [side[eye]]
+        assert len(frame.get_measurements()) == len(LABELS) == 29
+        assert {(e.name.value, e.name.scheme_designator) for e in frame.get_qualitative_evaluations()} == every_label
+        referenced = {}
+        for group in map_groups:
+            (heat,) = [i for i in group[0].ContentSequence if i.ValueType == "IMAGE" and i.name == HEATMAP]
+            label = maps[heat.referenced_sop_instance_uid]
+            referenced[heat.referenced_sop_instance_uid] = label
+            assert group.finding_type == label_concept(label)
+            assert [s.laterality for s in group.finding_sites] == [side[eye]]
+        assert referenced == maps and maps
+        ds = pydicom.dcmread(path)
+        (library,) = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
+        listed = {
+            entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID: {
+                d.ConceptCodeSequence[0].CodeValue
+                for d in entry.ContentSequence
+                if d.ConceptNameCodeSequence[0].CodeValue == "111027"  # Image Laterality
+            }
+            for group in library.ContentSequence
+            for entry in group.ContentSequence
+        }
+        pictures = {result.sop_instance_uid, *(o.sop_instance_uid for o in result.built if o.kind in ("sc", "pm"))}
+        assert listed == {uid: {side[eye].value} for uid in pictures}
 
 
 @pytest.mark.interop

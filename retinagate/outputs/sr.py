@@ -2,20 +2,28 @@
 
 One measurement group (TID 1501) per scored frame holds, for each of the model's labels, the
 probability as a numeric measurement (TID 300, unit UCUM ``1``, "no units") and present/absent by the
-card's threshold as a qualitative evaluation (SCT 52101004 Present / 2667000 Absent), with the
-algorithm's identity (TID 4019: name, version, parameters including the model file's sha256) and the
-source image (and frame) it was measured on. The Image Library lists the source and the heatmap
-Secondary Capture, and both are recorded as evidence. The document is UNVERIFIED and PRELIMINARY:
-it is AI output awaiting a reader.
+card's threshold as a qualitative evaluation (SCT 52101004 Present / 272519000 Absent), with the
+algorithm's identity (TID 4019: name, version, parameters including the model file's sha256), the eye
+as Finding Site (SCT 81745001 Eye) with its Laterality qualifier (SCT 24028007 Right, 7771000 Left,
+51440002 Right and left; none for an eye the source does not state) and the source image (and frame)
+it was measured on. Each Parametric Map built before the SR gets a measurement group of its own, the
+finding's: the label's concept as its Finding, the same finding site, the label's decision, and the map
+referenced as ``99RETINAGATE`` HEATMAP "Heatmap of the finding" (TID 1501 is extensible; DICOM has no
+concept for a class activation map of a finding). The Image Library lists the source, the heatmap
+Secondary Capture and the maps, each entry with its Image Laterality (DCM 111027), and all are recorded
+as evidence. The document is UNVERIFIED and PRELIMINARY: it is AI output awaiting a reader.
 
 A frame the gradability gate refused (:mod:`retinagate.gate`) has no measurements and no findings:
 its group says "Gradability: Not graded" (a qualitative evaluation), codes each reason under "Reason
 not graded", and gives the reasons' full wording (with their numbers) as a TEXT item of the same
 concept. Such documents are built with highdicom directly, not from the byte templates.
 
-Label concepts come from a local coding scheme, ``99RETINAGATE`` (code value = the label name,
-meaning = its description), declared in the Coding Scheme Identification Sequence: the RFMiD labels
-have no agreed standard codes, and guessing SNOMED codes would be worse than saying so.
+Label concepts are SNOMED CT codes where one could be cited (:data:`SNOMED_LABELS`; the README's
+table says where each is cited from: DICOM PS3.16 lists only Myopia, in CID 4238), and otherwise come
+from a local coding scheme, ``99RETINAGATE`` (code value = the label name, meaning = its description),
+declared in the Coding Scheme Identification Sequence: guessing SNOMED codes would be worse than
+saying so. The probabilities are always ``99RETINAGATE`` concepts (``P-<label>``): SNOMED CT has no
+"probability of" concepts for these findings.
 
 Speed: highdicom's SR constructor deep-copies and re-parses the whole content tree and then walks it
 for evidence (about 40 ms for 29 labels on one core, more than the whole rest of the pipeline). The
@@ -32,7 +40,9 @@ what changes: UIDs and references, dates, the probabilities and present/absent c
 and study attributes (copied from the source as highdicom copies them: the root attributes of the
 Patient and Study modules of the source's IOD) and the acquisition equipment of the source. The
 Image Library, whose entries describe the referenced images, is compiled once per kind of referenced
-image. The tests compare the encoded document with highdicom's direct construction, element for
+image and eye (references and Frame of Reference UIDs are filled in). The measurement groups of the
+maps (at most ``top_findings`` per image, each a handful of items) are built with highdicom per image
+and encoded into their place. The tests compare the encoded document with highdicom's direct construction, element for
 element, for images other than the one the template was made from.
 
 :class:`SrOutput` is the kind the registry lists; built after the SC, it lists the SC in its Image Library.
@@ -76,11 +86,14 @@ from retinagate.outputs.identity import (
     OutputSeries,
     acquisition_equipment,
     derived_uid,
+    eye_of,
     instance_number,
     library_equipment,
     output_uid,
 )
 from retinagate.outputs.kind import BuiltOutput, FrameScores, ScoredPhotograph
+from retinagate.outputs.pm import KIND as PM_KIND
+from retinagate.outputs.pm import PARAMETRIC_MAP_STORAGE
 from retinagate.outputs.sc import KIND as SC_KIND
 
 if TYPE_CHECKING:
@@ -93,11 +106,14 @@ __all__ = [
     "CODING_SCHEME",
     "COMPREHENSIVE_SR",
     "GRADABILITY",
+    "HEATMAP",
     "KIND",
     "NOT_GRADED",
     "NOT_GRADED_REASON",
     "SERIES_NUMBER",
+    "SNOMED_LABELS",
     "FrameScores",
+    "MapReference",
     "SrEncoder",
     "SrOutput",
     "build_report",
@@ -130,6 +146,37 @@ GRADABILITY: Final = Code("GRADABILITY", CODING_SCHEME, "Gradability of the phot
 NOT_GRADED: Final = Code("NOT-GRADED", CODING_SCHEME, "Not graded")
 NOT_GRADED_REASON: Final = Code("NOT-GRADED-WHY", CODING_SCHEME, "Reason not graded")
 
+#: The reference from a finding's measurement group to the Parametric Map of its heat.
+HEATMAP: Final = Code("HEATMAP", CODING_SCHEME, "Heatmap of the finding")
+
+#: SNOMED CT concepts of the labels that have one that could be cited; the other labels keep their
+#: ``99RETINAGATE`` concept. Where each code is cited from: the README's table ("What it sends back").
+SNOMED_LABELS: Final[dict[str, Code]] = {
+    "DR": Code("4855003", "SCT", "Diabetic retinopathy"),
+    "ARMD": Code("267718000", "SCT", "Age related macular degeneration"),
+    "MYA": Code("57190000", "SCT", "Myopia"),
+    "BRVO": Code("24596005", "SCT", "Venous retinal branch occlusion"),
+    "LS": Code("1137571003", "SCT", "Chorioretinal scar due to photocoagulation"),
+    "ERM": Code("367649002", "SCT", "Epiretinal membrane"),
+    "CSR": Code("312956001", "SCT", "Central serous chorioretinopathy"),
+    "CRVO": Code("68478007", "SCT", "Central retinal vein occlusion"),
+    "ODP": Code("302200001", "SCT", "Pallor of optic disc"),
+    "ODE": Code("423341008", "SCT", "Optic disc edema"),
+    "PT": Code("232024000", "SCT", "Parafoveal telangiectasia"),
+    "EDN": Code("39832008", "SCT", "Retinal exudates"),
+    "MHL": Code("232006002", "SCT", "Macular hole"),
+    "RP": Code("28835009", "SCT", "Retinitis pigmentosa"),
+}
+
+#: The site of every finding (SCT 81745001 Eye, CID 4209), qualified by the eye's laterality (CID 244).
+_EYE: Final = Code("81745001", "SCT", "Eye")
+_LATERALITY: Final = {
+    "R": Code("24028007", "SCT", "Right"),
+    "L": Code("7771000", "SCT", "Left"),
+    "B": Code("51440002", "SCT", "Right and left"),
+}
+_IMAGE_LATERALITY: Final = Code("111027", "DCM", "Image Laterality")
+
 
 @dataclass(frozen=True)
 class _Vocabulary:
@@ -158,7 +205,12 @@ def _vocabulary(labels: tuple[str, ...]) -> _Vocabulary:
 
 
 def label_concept(label: str) -> Code:
-    """The concept of a label (``99RETINAGATE``), used as the name of its qualitative evaluation."""
+    """The concept of a label: its SNOMED CT code (:data:`SNOMED_LABELS`), else its ``99RETINAGATE`` one.
+
+    It names the label's qualitative evaluation, and is the Finding of the map's measurement group.
+    """
+    if label in SNOMED_LABELS:
+        return SNOMED_LABELS[label]
     meaning = LABEL_DESCRIPTIONS.get(label, label)
     return Code(label[:16], CODING_SCHEME, meaning[:64])
 
@@ -196,14 +248,39 @@ def _checked(scores: FrameScores, card: ModelCard) -> list[float]:
     return values
 
 
+def _finding_sites(eye: str) -> list[hd.sr.FindingSite]:
+    """The eye as the finding site, with its laterality when the source states one (TID 1501 row 8)."""
+    import highdicom as hd
+
+    return [hd.sr.FindingSite(anatomic_location=_EYE, laterality=_LATERALITY.get(eye))]
+
+
+def _source_image(scores: FrameScores, source: Dataset, measured_on: Dataset) -> hd.sr.SourceImageForMeasurementGroup:
+    import highdicom as hd
+
+    frame = scores.frame_number
+    return hd.sr.SourceImageForMeasurementGroup(
+        referenced_sop_class_uid=str(measured_on.SOPClassUID),
+        referenced_sop_instance_uid=str(measured_on.SOPInstanceUID),
+        referenced_frame_numbers=[frame] if frame is not None and measured_on is source else None,
+    )
+
+
+def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
+    import highdicom as hd
+
+    return hd.sr.AlgorithmIdentification(
+        name=model.name, version=model.version, parameters=model.algorithm_parameters(), manufacturer=MANUFACTURER
+    )
+
+
 def _group(
     scores: FrameScores, model: ModelIdentity, source: Dataset, measured_on: Dataset
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     import highdicom as hd
 
     card = model.card
-    frame = scores.frame_number
-    frame_key = str(frame or 1)
+    frame_key = str(scores.frame_number or 1)
     words = _vocabulary(tuple(card.labels))
     measurements = []
     evaluations = []
@@ -219,24 +296,16 @@ def _group(
             evaluations.append(
                 hd.sr.QualitativeEvaluation(name=NOT_GRADED_REASON, value=Code(code, CODING_SCHEME, meaning))
             )
-    frames = [frame] if frame is not None and measured_on is source else None
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid("tracking", str(source.SOPInstanceUID), model.sha256, frame_key),
             identifier=f"RetinaGate {model.name} frame {frame_key}"[:64],
         ),
-        algorithm_id=hd.sr.AlgorithmIdentification(
-            name=model.name, version=model.version, parameters=model.algorithm_parameters(), manufacturer=MANUFACTURER
-        ),
+        algorithm_id=_algorithm(model),
+        finding_sites=_finding_sites(eye_of(source)),
         measurements=measurements,
         qualitative_evaluations=evaluations,
-        source_images=[
-            hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=str(measured_on.SOPClassUID),
-                referenced_sop_instance_uid=str(measured_on.SOPInstanceUID),
-                referenced_frame_numbers=frames,
-            )
-        ],
+        source_images=[_source_image(scores, source, measured_on)],
     )
     if scores.not_graded:
         # The reasons as worded (with their measurements), for a reader: TID 1501 allows TEXT evaluations.
@@ -249,12 +318,120 @@ def _group(
     return group
 
 
+@dataclass(frozen=True)
+class MapReference:
+    """A Parametric Map of one label's heat, as the SR refers to it.
+
+    Attributes:
+        label: The label whose heat it maps.
+        dataset: The map (its UIDs, size and Frame of Reference are read).
+    """
+
+    label: str
+    dataset: Dataset
+
+
+def _map_group(
+    reference: MapReference, scores: FrameScores, model: ModelIdentity, source: Dataset, measured_on: Dataset
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The measurement group of one mapped label: the finding, its decision, the eye and the map of its heat."""
+    import highdicom as hd
+
+    card = model.card
+    words = _vocabulary(tuple(card.labels))
+    index = card.labels.index(reference.label)
+    values = _checked(scores, card)
+    if not values:
+        raise ValueError(f"maps: the map of {reference.label} belongs to a frame that was not graded")
+    decision = words.present if values[index] >= card.thresholds[index] else words.absent
+    frame_key = str(scores.frame_number or 1)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid("tracking", str(source.SOPInstanceUID), model.sha256, frame_key, reference.label),
+            identifier=f"RetinaGate {model.name} frame {frame_key} {reference.label} heatmap"[:64],
+        ),
+        finding_type=words.labels[index],
+        algorithm_id=_algorithm(model),
+        finding_sites=_finding_sites(eye_of(source)),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=words.labels[index], value=decision)],
+        source_images=[_source_image(scores, source, measured_on)],
+    )
+    pm = reference.dataset
+    group[0].ContentSequence.append(
+        hd.sr.ImageContentItem(
+            name=HEATMAP,
+            referenced_sop_class_uid=str(pm.SOPClassUID),
+            referenced_sop_instance_uid=str(pm.SOPInstanceUID),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
+
+
+def _library_entry(ds: Dataset, eye: str) -> hd.sr.ContainerContentItem:
+    """One Image Library Group (TID 1601) holding one image with its descriptors (TID 1602) and laterality.
+
+    highdicom's :class:`~highdicom.sr.ImageLibraryEntryDescriptors` describes the images whose SOP
+    class it maps to a modality; the Parametric Map is not among them, so its descriptors (modality,
+    Frame of Reference, rows, columns) are written here with highdicom's content items.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    relation = hd.sr.RelationshipTypeValues
+    extra = []
+    if eye in _LATERALITY:
+        side = _LATERALITY[eye]
+        extra.append(hd.sr.CodeContentItem(_IMAGE_LATERALITY, side, relationship_type=relation.HAS_ACQ_CONTEXT))
+    descriptors: hd.sr.ContentSequence
+    if str(ds.SOPClassUID) == PARAMETRIC_MAP_STORAGE:
+        pixels = hd.sr.CodedConcept(value="{pixels}", meaning="Pixels", scheme_designator="UCUM")
+        context = relation.HAS_ACQ_CONTEXT
+        items: list[hd.sr.ContentItem] = [
+            hd.sr.CodeContentItem(name=codes.DCM.Modality, value=codes.DCM.Other, relationship_type=context)
+        ]
+        if "FrameOfReferenceUID" in ds:
+            reference = str(ds.FrameOfReferenceUID)
+            items.append(hd.sr.UIDRefContentItem(codes.DCM.FrameOfReferenceUID, reference, relationship_type=context))
+        items += [
+            hd.sr.NumContentItem(name=name, value=value, unit=pixels, relationship_type=context)
+            for name, value in ((codes.DCM.PixelDataRows, ds.Rows), (codes.DCM.PixelDataColumns, ds.Columns))
+        ]
+        descriptors = hd.sr.ContentSequence([*items, *extra])
+    else:
+        descriptors = hd.sr.ImageLibraryEntryDescriptors(ds, additional_descriptors=extra)
+    image = hd.sr.ImageContentItem(
+        name=hd.sr.CodedConcept(value="260753009", meaning="Source", scheme_designator="SCT"),  # as highdicom names it
+        referenced_sop_class_uid=str(ds.SOPClassUID),
+        referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+        relationship_type=relation.CONTAINS,
+    )
+    image.ContentSequence = descriptors
+    group = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type=relation.CONTAINS)
+    group.ContentSequence = hd.sr.ContentSequence([image])
+    return group
+
+
+def _image_library(images: Sequence[Dataset], eye: str) -> hd.sr.ContainerContentItem:
+    """The Image Library (TID 1600): a group per image, each entry with its Image Laterality."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    library = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = hd.sr.ContentSequence([_library_entry(ds, eye) for ds in images])
+    return library
+
+
 def build_report(
     source: Dataset,
     model: ModelIdentity,
     frames: Sequence[FrameScores],
     *,
     sc: Dataset | None = None,
+    maps: Sequence[MapReference] = (),
+    shown_frame: int = 0,
     references_source: bool = True,
 ) -> hd.sr.MeasurementReport:
     """The TID 1500 content tree (see :func:`build_sr`)."""
@@ -263,10 +440,11 @@ def build_report(
 
     if not frames:
         raise ValueError("frames: expected the scores of at least one frame")
+    if not 0 <= shown_frame < len(frames):
+        raise ValueError(f"shown_frame is {shown_frame}; expected 0 to {len(frames) - 1}")
     measured_on = source if references_source else sc
     if measured_on is None:
         raise ValueError("sc: a plain image file has no DICOM source, so the SR must reference the Secondary Capture")
-    library = [d for d in ((source if references_source else None), sc) if d is not None]
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -277,12 +455,25 @@ def build_report(
             serial_number=model.serial,
         ),
     )
-    return hd.sr.MeasurementReport(
+    groups = [_group(f, model, source, measured_on) for f in frames]
+    groups += [_map_group(m, frames[shown_frame], model, source, measured_on) for m in maps]
+    report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_PROCEDURE,
-        imaging_measurements=[_group(f, model, source, measured_on) for f in frames],
-        referenced_images=library,
+        imaging_measurements=groups,
     )
+    # The library goes where highdicom puts its own: before the Imaging Measurements.
+    content = report[0].ContentSequence
+    at = next(i for i, item in enumerate(content) if _concept(item) == (_MEASUREMENTS, "DCM"))
+    content.insert(at, _image_library(_evidence_of(source, sc, maps, references_source), eye_of(source)))
+    return report
+
+
+def _evidence_of(
+    source: Dataset, sc: Dataset | None, maps: Sequence[MapReference], references_source: bool
+) -> list[Dataset]:
+    """The instances the SR references, in Image Library order: the source, the SC, the maps."""
+    return [d for d in ((source if references_source else None), sc, *(m.dataset for m in maps)) if d is not None]
 
 
 def build_sr(
@@ -291,17 +482,22 @@ def build_sr(
     frames: Sequence[FrameScores],
     *,
     sc: Dataset | None = None,
+    maps: Sequence[MapReference] = (),
+    shown_frame: int = 0,
     references_source: bool = True,
 ) -> hd.sr.ComprehensiveSR:
     """Builds the Comprehensive SR of one scored instance.
 
     Args:
-        source: Header of the scored instance (patient, study, UIDs); for a plain image file, the
-            synthetic header the pipeline made for it.
+        source: Header of the scored instance (patient, study, UIDs, laterality); for a plain image
+            file, the synthetic header the pipeline made for it.
         model: The model that scored it.
         frames: Scores of each frame, in frame order.
         sc: The heatmap Secondary Capture made for the same instance, referenced and listed as
             evidence (required when ``references_source`` is False).
+        maps: The Parametric Maps made for the same instance, each the heatmap of its label: each
+            gets its finding's measurement group and an Image Library entry.
+        shown_frame: Index in ``frames`` of the frame the maps were made from.
         references_source: Whether ``source`` is a real DICOM instance to reference; False for the
             synthetic header of a PNG or JPEG file, whose measurements then refer to the SC (the
             only DICOM picture of that photograph).
@@ -310,18 +506,19 @@ def build_sr(
         The SR document (Explicit VR Little Endian), UNVERIFIED and PRELIMINARY.
 
     Raises:
-        ValueError: If a frame has the wrong number of probabilities, one is outside 0-1, or a
-            required reference is missing.
+        ValueError: If a frame has the wrong number of probabilities, one is outside 0-1, a map
+            belongs to a frame that was not graded, or a required reference is missing.
     """
     import highdicom as hd
 
-    report = build_report(source, model, frames, sc=sc, references_source=references_source)
+    report = build_report(source, model, frames, sc=sc, maps=maps, shown_frame=shown_frame,
+                          references_source=references_source)  # fmt: skip
     root = report[0]
     content = root.ContentSequence
     # Construct around a root holding only the Image Library (see the module docstring); every
     # instance the full tree references is in the library, so the evidence comes out the same.
     root.ContentSequence = [item for item in content if _is_library(item)]
-    evidence = [d for d in ((source if references_source else None), sc) if d is not None]
+    evidence = _evidence_of(source, sc, maps, references_source)
     series = OutputSeries.of(source, model.sha256, KIND, SERIES_NUMBER)
     try:
         sr = hd.sr.ComprehensiveSR(
@@ -360,6 +557,7 @@ _UID: Final = 0x0040A124
 _NUMERIC_VALUE: Final = 0x0040A30A
 _FLOATING_POINT_VALUE: Final = 0x0040A161
 _TRACKING_UID: Final = "112040"  # DCM Tracking Unique Identifier
+_FRAME_OF_REFERENCE: Final = "112227"  # DCM Frame of Reference UID
 _MEASUREMENTS: Final = "126010"  # DCM Imaging Measurements
 
 #: What highdicom's SOPClass takes from the first evidence item, as ``evidence[0].<keyword>``: a
@@ -377,8 +575,9 @@ _PER_DOCUMENT: Final = frozenset(
         "PertinentOtherEvidenceSequence", "ContentSequence",
     )
 )  # fmt: skip
-#: What :class:`highdicom.sr.ImageLibraryEntryDescriptors` reads of a referenced image, but its UID.
-_LIBRARY_KEYS: Final = ("SOPClassUID", "FrameOfReferenceUID", "Rows", "Columns", "PatientOrientation",
+#: What :class:`highdicom.sr.ImageLibraryEntryDescriptors` reads of a referenced image, but its UIDs
+#: (the Frame of Reference UID is a slot of the library's template).
+_LIBRARY_KEYS: Final = ("SOPClassUID", "Rows", "Columns", "PatientOrientation",
                         "ImagerPixelSpacing", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
                         "SliceThickness")  # fmt: skip
 
@@ -473,12 +672,16 @@ class SrEncoder:
         frames: Sequence[FrameScores],
         *,
         sc: Dataset | None = None,
+        maps: Sequence[MapReference] = (),
+        shown_frame: int = 0,
         references_source: bool = True,
     ) -> BuiltOutput:
         """The SR, built: its UIDs and Part 10 bytes; arguments and errors as :func:`build_sr`."""
         card = self.model.card
         if not frames:
             raise ValueError("frames: expected the scores of at least one frame")
+        if not 0 <= shown_frame < len(frames):
+            raise ValueError(f"shown_frame is {shown_frame}; expected 0 to {len(frames) - 1}")
         values = [_checked(f, card) for f in frames]
         measured_on = source if references_source else sc
         if measured_on is None:
@@ -487,21 +690,21 @@ class SrEncoder:
             )
         uid = output_uid(str(source.SOPInstanceUID), self.model.sha256, KIND)
         series = OutputSeries.of(source, self.model.sha256, KIND, SERIES_NUMBER)
-        evidence = [d for d in ((source if references_source else None), sc) if d is not None]
+        evidence = _evidence_of(source, sc, maps, references_source)
         # highdicom takes the patient, study and acquisition equipment from the first evidence item.
         first = evidence[0]
         # A frame not graded carries reasons whose wording varies: no template, highdicom directly.
         if any(f.not_graded for f in frames) or not self._fast_path_applies(first):
-            document = build_sr(source, self.model, frames, sc=sc, references_source=references_source)
+            document = build_sr(source, self.model, frames, sc=sc, maps=maps, shown_frame=shown_frame,
+                                references_source=references_source)  # fmt: skip
             return BuiltOutput(KIND, uid, series.uid, COMPREHENSIVE_SR, part10(document), document)
-
-        import highdicom as hd
 
         # highdicom checks and normalises the character set when it builds the template's document;
         # every source with the same raw value gets that result.
         frame_numbers = tuple(f.frame_number for f in frames)
+        eye = eye_of(source)
         key = (frame_numbers, references_source, str(first.SOPClassUID), repr(first.get("SpecificCharacterSet")),
-               None if sc is None else str(sc.SOPClassUID))  # fmt: skip
+               None if sc is None else str(sc.SOPClassUID), eye)  # fmt: skip
         template = self._templates.get(key)
         if template is None:
             with self._lock:
@@ -541,24 +744,25 @@ class SrEncoder:
             ds.PertinentOtherEvidenceSequence = other
 
         # Content: the template with this image's references and values.
-        slots = {"library": self._library(evidence, template.encodings)}
+        slots = {"library": self._library(evidence, eye, template.encodings)}
         present, absent = self._decision_bytes(template.encodings)
         sha = self.model.sha256
         for g, (scores, row) in enumerate(zip(frames, values, strict=True)):
             frame_key = str(scores.frame_number or 1)
             slots[f"track:{g}"] = uid_element(_UID, derived_uid("tracking", str(source.SOPInstanceUID), sha, frame_key))
-            frame = scores.frame_number
-            image = hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=str(measured_on.SOPClassUID),
-                referenced_sop_instance_uid=str(measured_on.SOPInstanceUID),
-                referenced_frame_numbers=[frame] if frame is not None and measured_on is source else None,
-            )
+            image = _source_image(scores, source, measured_on)
             slots[f"src:{g}"] = encode_element(image["ReferencedSOPSequence"], template.encodings)
             for i, (value, threshold) in enumerate(zip(row, card.thresholds, strict=True)):
                 rounded = round(value, 6)
                 slots[f"num:{g}:{i}"] = ds_element(_NUMERIC_VALUE, DSfloat(rounded, auto_format=True))
                 slots[f"fp:{g}:{i}"] = fd_element(_FLOATING_POINT_VALUE, rounded)
                 slots[f"code:{g}:{i}"] = present if value >= threshold else absent
+        slots["maps"] = b"".join(
+            compile_item(
+                _map_group(m, frames[shown_frame], self.model, source, measured_on)[0], {}, template.encodings
+            ).render({})
+            for m in maps
+        )
         data = encode_part10(ds, [*template.constants, (_CONTENT_SEQUENCE, template.content.render(slots))])
         return BuiltOutput(KIND, uid, series.uid, COMPREHENSIVE_SR, data)
 
@@ -586,6 +790,8 @@ class SrEncoder:
         references_source: bool,
     ) -> _Template:
         """Builds this kind of document with highdicom and compiles it into a template."""
+        import highdicom as hd
+
         reference = build_sr(source, self.model, frames, sc=sc, references_source=references_source)
         character_set = reference.get("SpecificCharacterSet")
         first = source if references_source or sc is None else sc
@@ -595,7 +801,9 @@ class SrEncoder:
                           if tag not in variable)  # fmt: skip
         slots: dict[int, str] = {}
         codes_of = {probability_concept(n).value: i for i, n in enumerate(self.model.card.labels)}
-        labels_of = {label_concept(n).value: i for i, n in enumerate(self.model.card.labels)}
+        labels_of = {
+            (c.value, c.scheme_designator): i for i, c in enumerate(map(label_concept, self.model.card.labels))
+        }
         groups = 0
         for item in reference.ContentSequence:
             if _is_library(item):
@@ -603,7 +811,13 @@ class SrEncoder:
                 continue
             if _concept(item) != (_MEASUREMENTS, "DCM"):
                 continue
-            for g, group in enumerate(item.ContentSequence):
+            # Where the maps' measurement groups go (built per image): after the frames' groups.
+            placeholder = hd.sr.ContainerContentItem(
+                name=HEATMAP, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+            item.ContentSequence.append(placeholder)
+            slots[id(item.ContentSequence[-1])] = "maps"
+            for g, group in enumerate(item.ContentSequence[:-1]):
                 groups += 1
                 for entry in group.ContentSequence:
                     value, scheme = _concept(entry)
@@ -616,39 +830,40 @@ class SrEncoder:
                         measured = entry.MeasuredValueSequence[0]
                         slots[id(measured[_NUMERIC_VALUE])] = f"num:{g}:{codes_of[value]}"
                         slots[id(measured[_FLOATING_POINT_VALUE])] = f"fp:{g}:{codes_of[value]}"
-                    elif kind == "CODE" and scheme == CODING_SCHEME:
-                        slots[id(entry["ConceptCodeSequence"])] = f"code:{g}:{labels_of[value]}"
+                    elif kind == "CODE" and (value, scheme) in labels_of:
+                        slots[id(entry["ConceptCodeSequence"])] = f"code:{g}:{labels_of[value, scheme]}"
         content = compile_element(reference["ContentSequence"], slots, encodings)
-        expected = 1 + groups * (2 + 3 * self.model.card.num_labels)
+        expected = 2 + groups * (2 + 3 * self.model.card.num_labels)
         if groups != len(frames) or len(content.slots) != expected:
             raise RuntimeError(f"SR template: found {len(content.slots)} slots, expected {expected}")
         template = _Template(reference.file_meta, constants, content, character_set, encodings)
         self._templates[key] = template
         return template
 
-    def _library(self, evidence: Sequence[Dataset], encodings: list[str]) -> bytes:
-        """The Image Library item for these referenced images (compiled once per kind of image)."""
-        import highdicom as hd
-
-        key = (tuple(_signature(d, _LIBRARY_KEYS) for d in evidence), tuple(encodings))
+    def _library(self, evidence: Sequence[Dataset], eye: str, encodings: list[str]) -> bytes:
+        """The Image Library item for these referenced images (compiled once per kind of image and eye)."""
+        key = (tuple((*_signature(d, _LIBRARY_KEYS), "FrameOfReferenceUID" in d) for d in evidence), eye,
+               tuple(encodings))  # fmt: skip
         template = self._libraries.get(key)
         if template is None:
-            (item,) = hd.sr.ImageLibrary(list(evidence))
-            index = {str(d.SOPInstanceUID): j for j, d in enumerate(evidence)}
+            item = _image_library(evidence, eye)
             slots: dict[int, str] = {}
-            for group in item.ContentSequence:
-                for entry in group.ContentSequence:
-                    if entry.ValueType == "IMAGE":
-                        reference = entry["ReferencedSOPSequence"]
-                        slots[id(reference)] = f"ref:{index[str(reference.value[0].ReferencedSOPInstanceUID)]}"
+            for j, group in enumerate(item.ContentSequence):  # one group per image, in evidence order
+                (entry,) = group.ContentSequence
+                slots[id(entry["ReferencedSOPSequence"])] = f"ref:{j}"
+                for descriptor in entry.ContentSequence:
+                    if _concept(descriptor) == (_FRAME_OF_REFERENCE, "DCM"):
+                        slots[id(descriptor[_UID])] = f"for:{j}"
             template = compile_item(item, slots, encodings)
-            if len(template.slots) != len(evidence):
-                raise RuntimeError(f"Image Library template: {len(template.slots)} references for {len(evidence)}")
+            expected = len(evidence) + sum("FrameOfReferenceUID" in d for d in evidence)
+            if len(template.slots) != expected:
+                raise RuntimeError(f"Image Library template: {len(template.slots)} slots for {expected}")
             self._libraries[key] = template
-        values = {
-            f"ref:{j}": encode_element(DataElement(0x00081199, "SQ", [_sop_reference(d)]), encodings)
-            for j, d in enumerate(evidence)
-        }
+        values = {}
+        for j, d in enumerate(evidence):
+            values[f"ref:{j}"] = encode_element(DataElement(0x00081199, "SQ", [_sop_reference(d)]), encodings)
+            if "FrameOfReferenceUID" in d:
+                values[f"for:{j}"] = uid_element(_UID, str(d.FrameOfReferenceUID))
         return template.render(values)
 
     def _processing_equipment(self) -> Dataset:
@@ -710,8 +925,9 @@ def _evidence(evidence: Sequence[Dataset], study_uid: str) -> tuple[list[Dataset
 class SrOutput:
     """The Comprehensive SR as an output kind (:class:`retinagate.outputs.kind.OutputKind`).
 
-    It records every frame's scores (or why it was not graded) and lists the Secondary Capture
-    built before it, if any. A plain image file has no DICOM source, so its SR needs the SC.
+    It records every frame's scores (or why it was not graded) and refers to the Secondary Capture
+    and the Parametric Maps built before it, if any (each map from its finding's measurement group).
+    A plain image file has no DICOM source, so its SR needs the SC.
 
     Args:
         model: The model whose documents it writes.
@@ -732,6 +948,10 @@ class SrOutput:
     def build(self, photo: ScoredPhotograph) -> list[BuiltOutput]:
         """The SR of ``photo``."""
         sc = photo.first(SC_KIND)
+        maps = [MapReference(o.label, o.read()) for o in photo.built if o.kind == PM_KIND]
+        # The maps are of the shown frame: its place among the frames the SR records.
+        shown = next((i for i, f in enumerate(photo.frame_scores) if f.frame_number == photo.frame_number), 0)
         document = self.encoder.encode(photo.header, photo.frame_scores, sc=None if sc is None else sc.read(),
+                                       maps=maps, shown_frame=shown,
                                        references_source=photo.references_source)  # fmt: skip
         return [document]
