@@ -158,6 +158,16 @@ def test_photographs_arriving_after_the_report_make_a_second_revision_once_settl
     assert site.reports() == [(site.models[0], 1, 1, "no_referable"), (site.models[0], 2, 2, "no_referable")]
 
 
+def test_our_own_outputs_stored_back_in_the_study_neither_hold_back_nor_revise_its_report(site: Site) -> None:
+    site.score(site.photograph("R", 0), 0)
+    site.photograph("L", 0, status="skipped")  # e.g. the study report itself, sent back to the gateway
+    site.write()
+    site.photograph("L", 1, status="skipped")
+    site.arrived()
+    assert site.write().written == []
+    assert site.reports() == [(site.models[0], 1, 1, "no_referable")]
+
+
 def test_a_new_model_writes_its_own_report_once_it_has_rescored_the_study(site: Site) -> None:
     right, left = site.photograph("R", 0), site.photograph("L", 0)
     for instance in (right, left):

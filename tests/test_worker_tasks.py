@@ -449,39 +449,50 @@ def test_a_study_sent_in_two_associations_within_its_quiet_period_gets_one_study
     start_worker: Callable[..., Worker],
     start_gateway: Callable[..., Any],
     camera_files: Callable[..., list[Path]],
-    worker_receiver: Any,
     random_onnx_model_path: Path,
+    tmp_path: Path,
 ) -> None:
     from pynetdicom import AE
 
     from retinagate.models import StudyReport
+    from retinagate.pacs import start_receiver
 
-    receiver = worker_receiver()
-    settings, env = worker_env(
-        model_path=random_onnx_model_path, destinations=receiver.destination, study_quiet_seconds=3, sweep_interval=5
-    )
-    upgrade(settings)
-    db = Db(settings)
-    worker = start_worker(env, "--beat")  # beat sends the study reports task every sweep_interval
-    gateway = start_gateway(settings)
-    host, port = gateway.address
-    for path in camera_files(2):  # the right eye, then the left, each in its own association, 1 s apart
-        ae = AE(ae_title="CAMERA")
-        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.77.1.5.1", ["1.2.840.10008.1.2.4.50"])
-        assoc = ae.associate(host, port, ae_title="RETINAGATE")
-        assert assoc.send_c_store(path).Status == 0
-        assoc.release()
-        time.sleep(1.0)
+    pacs = start_receiver(tmp_path / "pacs")  # Orthanc where installed, else the built-in receiver
+    try:
+        settings, env = worker_env(
+            model_path=random_onnx_model_path,
+            destinations=f"{pacs.ae_title}@127.0.0.1:{pacs.port}",
+            study_quiet_seconds=3,
+            sweep_interval=5,
+        )
+        upgrade(settings)
+        db = Db(settings)
+        worker = start_worker(env, "--beat")  # beat sends the study reports task every sweep_interval
+        gateway = start_gateway(settings)
+        host, port = gateway.address
+        for path in camera_files(2):  # the right eye, then the left, each in its own association, 1 s apart
+            ae = AE(ae_title="CAMERA")
+            ae.add_requested_context("1.2.840.10008.5.1.4.1.1.77.1.5.1", ["1.2.840.10008.1.2.4.50"])
+            assoc = ae.associate(host, port, ae_title="RETINAGATE")
+            assert assoc.send_c_store(path).Status == 0
+            assoc.release()
+            time.sleep(1.0)
 
-    def reports_sent() -> list[Any]:
-        return [ds for ds in list(receiver.datasets.values()) if ds.get("SeriesNumber") == 9904]
+        def reports_sent() -> list[str]:
+            with session_scope(db.sessions) as s:
+                uids = set(s.scalars(select(Output.sop_instance_uid).where(Output.kind == "study")))
+            return [r.sop_instance_uid for r in pacs.instances() if r.sop_instance_uid in uids]
 
-    _wait(lambda: len(reports_sent()) == 1, "the study report at the PACS", 60, [worker])
-    time.sleep(settings.sweep_interval + 1.0)  # the next run of the beat task finds nothing more to report
-    assert db.count(StudyReport) == 1 and len(reports_sent()) == 1
-    with session_scope(db.sessions) as s:
-        report = s.scalars(select(StudyReport)).one()
-        assert report.instances == 2 and set(report.eyes) == {"R", "L"}
-        (output,) = report.outputs
-        assert [d.status for d in output.deliveries] == [DeliveryStatus.DELIVERED]
-    assert str(reports_sent()[0].SOPInstanceUID) == output.sop_instance_uid
+        _wait(lambda: len(reports_sent()) == 1, "the study report at the PACS", 60, [worker])
+        time.sleep(settings.sweep_interval + 1.0)  # the next run of the beat task finds nothing more to report
+        assert db.count(StudyReport) == 1 and len(reports_sent()) == 1
+        with session_scope(db.sessions) as s:
+            report = s.scalars(select(StudyReport)).one()
+            assert report.instances == 2 and set(report.eyes) == {"R", "L"}
+            (output,) = report.outputs
+            assert [(d.status, d.attempts) for d in output.deliveries] == [(DeliveryStatus.DELIVERED, 1)]
+            study_uid = report.study.study_uid
+        (received,) = [r for r in pacs.instances() if r.sop_instance_uid == output.sop_instance_uid]
+        assert received.study_uid == study_uid and received.sop_class_uid == "1.2.840.10008.5.1.4.1.1.88.33"
+    finally:
+        pacs.stop()
