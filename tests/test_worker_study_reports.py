@@ -168,6 +168,34 @@ def test_our_own_outputs_stored_back_in_the_study_neither_hold_back_nor_revise_i
     assert site.reports() == [(site.models[0], 1, 1, "no_referable")]
 
 
+def test_a_report_another_worker_recorded_first_is_not_written_twice_and_leaves_no_file(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import retinagate.outputs.study as study
+
+    site.score(site.photograph("R", 0), 0)
+    build = study.build_study_report
+    raced: list[Any] = []
+
+    def build_while_another_worker_writes(*args: Any, **kwargs: Any) -> Any:
+        if not raced:  # the other worker reads, builds and commits while this one builds
+            raced.append(None)
+            raced[0] = site.write()
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(study, "build_study_report", build_while_another_worker_writes)
+    outcome = site.write()
+
+    assert len(raced[0].written) == 1 and outcome.written == []
+    assert list(outcome.skipped.values()) == ["another worker wrote this report first"]
+    assert site.reports() == [(site.models[0], 1, 1, "no_referable")]
+    with session_scope(site.sessions) as session:
+        keys = session.scalars(select(Output.storage_key).where(Output.kind == "study"))
+        kept = {site.storage.path(key) for key in keys}
+    written = {p for p in site.storage.path("out").rglob("*") if p.is_file()}
+    assert written == kept
+
+
 def test_a_new_model_writes_its_own_report_once_it_has_rescored_the_study(site: Site) -> None:
     right, left = site.photograph("R", 0), site.photograph("L", 0)
     for instance in (right, left):

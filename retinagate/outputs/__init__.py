@@ -5,7 +5,9 @@ output interface of ``kind`` and is listed in ``registry`` (the one place that n
 in build order); the heatmap picture in ``render``, what counts as a finding and how
 probabilities are written in ``findings``, and the shared identity (deterministic UIDs, the
 model as Contributing Equipment) in ``identity``. Every output is in the source's patient and
-study, in a series per eye, model and kind, marked as derived, unverified AI output.
+study, in a series per eye, model and kind, marked as derived, unverified AI output. The study
+report (``study``) is built once per complete study from all its photographs' predictions, not per
+photograph: same result type, its own series per study and model.
 
 The names below are imported on first use: the gateway reads the registry (to validate the
 ``outputs`` setting) without loading OpenCV or highdicom.
