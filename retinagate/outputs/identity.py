@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AI_DISCLAIMER",
-    "EYE_SITE",
-    "LATERALITY_CODES",
     "MANUFACTURER",
     "ModelIdentity",
     "OutputSeries",
@@ -131,15 +129,6 @@ def series_uid(study_instance_uid: str, eye: str, model_sha256: str, kind: str) 
     if eye not in _EYES:
         raise ValueError(f"eye is {eye!r}; expected one of {', '.join(_EYES)}")
     return derived_uid("series", study_instance_uid, eye, model_sha256, kind)
-
-
-#: SR Finding Site of a fundus finding (SCT 81745001 Eye, CID 4209) and, per eye, its Laterality (CID 244).
-EYE_SITE: Final = ("81745001", "SCT", "Eye")
-LATERALITY_CODES: Final = {
-    "R": ("24028007", "SCT", "Right"),
-    "L": ("7771000", "SCT", "Left"),
-    "B": ("51440002", "SCT", "Right and left"),
-}
 
 
 def eye_of(source: Dataset) -> str:

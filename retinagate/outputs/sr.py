@@ -118,6 +118,8 @@ __all__ = [
     "SrOutput",
     "build_report",
     "build_sr",
+    "coding_scheme",
+    "finding_sites",
     "label_concept",
     "probability_concept",
 ]
@@ -221,7 +223,8 @@ def probability_concept(label: str) -> Code:
     return Code(f"P-{label}"[:16], CODING_SCHEME, meaning[:64])
 
 
-def _coding_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
+def coding_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
+    """The declaration of the local coding scheme (Coding Scheme Identification Sequence item)."""
     import highdicom as hd
 
     return hd.coding_schemes.CodingSchemeIdentificationItem(
@@ -248,8 +251,11 @@ def _checked(scores: FrameScores, card: ModelCard) -> list[float]:
     return values
 
 
-def _finding_sites(eye: str) -> list[hd.sr.FindingSite]:
-    """The eye as the finding site, with its laterality when the source states one (TID 1501 row 8)."""
+def finding_sites(eye: str) -> list[hd.sr.FindingSite]:
+    """The eye as the finding site, with its laterality when the source states one (TID 1501 row 8).
+
+    The study report (:mod:`retinagate.outputs.study`) names each eye the same way.
+    """
     import highdicom as hd
 
     return [hd.sr.FindingSite(anatomic_location=_EYE, laterality=_LATERALITY.get(eye))]
@@ -302,7 +308,7 @@ def _group(
             identifier=f"RetinaGate {model.name} frame {frame_key}"[:64],
         ),
         algorithm_id=_algorithm(model),
-        finding_sites=_finding_sites(eye_of(source)),
+        finding_sites=finding_sites(eye_of(source)),
         measurements=measurements,
         qualitative_evaluations=evaluations,
         source_images=[_source_image(scores, source, measured_on)],
@@ -352,7 +358,7 @@ def _map_group(
         ),
         finding_type=words.labels[index],
         algorithm_id=_algorithm(model),
-        finding_sites=_finding_sites(eye_of(source)),
+        finding_sites=finding_sites(eye_of(source)),
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=words.labels[index], value=decision)],
         source_images=[_source_image(scores, source, measured_on)],
     )
@@ -436,7 +442,6 @@ def build_report(
 ) -> hd.sr.MeasurementReport:
     """The TID 1500 content tree (see :func:`build_sr`)."""
     import highdicom as hd
-    from pydicom.sr.codedict import codes
 
     if not frames:
         raise ValueError("frames: expected the scores of at least one frame")
@@ -445,20 +450,10 @@ def build_report(
     measured_on = source if references_source else sc
     if measured_on is None:
         raise ValueError("sc: a plain image file has no DICOM source, so the SR must reference the Secondary Capture")
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=model.device_uid,
-            name=f"{model.name} {model.version}"[:64],
-            manufacturer_name=MANUFACTURER,
-            model_name=model.name,
-            serial_number=model.serial,
-        ),
-    )
     groups = [_group(f, model, source, measured_on) for f in frames]
     groups += [_map_group(m, frames[shown_frame], model, source, measured_on) for m in maps]
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        observation_context=model.observation_context(),
         procedure_reported=_PROCEDURE,
         imaging_measurements=groups,
     )
@@ -534,7 +529,7 @@ def build_sr(
             is_verified=False,
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[model.contributing_equipment()],
-            coding_schemes=[_coding_scheme()],
+            coding_schemes=[coding_scheme()],
             series_description=series.description(model, _WHAT),
         )
     finally:

@@ -22,7 +22,8 @@ A photograph that failed (it could not be read) adds nothing, and an eye seen on
 photographs is not listed: the rule speaks of what the model saw.
 
 Content (TID 1500 through highdicom's public SR templates): one measurement group (TID 1501) per eye
-with a Finding Site of Eye (SCT 81745001) and its laterality, the Disease_Risk probability and the
+with a Finding Site of Eye (SCT 81745001) and its laterality when stated, as the per-photograph SR
+names it (:func:`retinagate.outputs.sr.finding_sites`); the Disease_Risk probability and the
 findings' probabilities as measurements (unit ``1``), each finding as a qualitative evaluation
 Present, and the eye's photographs as its source images; then one group for the study whose
 qualitative evaluation Conclusion (DCM 121077) carries the conclusion (codes of the ``99RETINAGATE``
@@ -49,20 +50,15 @@ from retinagate.labels import DISEASE_RISK
 from retinagate.models import StudyConclusion
 from retinagate.outputs.encoding import part10
 from retinagate.outputs.findings import probability_text, threshold_text
-from retinagate.outputs.identity import (
-    EYE_SITE,
-    LATERALITY_CODES,
-    MANUFACTURER,
-    ModelIdentity,
-    derived_uid,
-    eye_of,
-)
+from retinagate.outputs.identity import MANUFACTURER, ModelIdentity, derived_uid, eye_of
 from retinagate.outputs.kind import BuiltOutput
 from retinagate.outputs.sr import (
     CODING_SCHEME,
     COMPREHENSIVE_SR,
     GRADABILITY,
     NOT_GRADED,
+    coding_scheme,
+    finding_sites,
     label_concept,
     probability_concept,
 )
@@ -103,8 +99,6 @@ CONCLUSION_CODES: Final = {
 }
 
 _PROCEDURE: Final = Code("OP", "DCM", "Ophthalmic Photography")
-_EYE_SITE: Final = Code(*EYE_SITE)
-_LATERALITY: Final = {eye: Code(*code) for eye, code in LATERALITY_CODES.items()}
 _CONCLUSION: Final = Code("121077", "DCM", "Conclusion")
 
 
@@ -248,7 +242,7 @@ def _group(
     measurements: list[hd.sr.Measurement],
     evaluations: list[hd.sr.QualitativeEvaluation],
     *,
-    laterality: Code | None = None,
+    eye: str | None = None,
     images: Sequence[Dataset] = (),
     text: str | None = None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -262,7 +256,7 @@ def _group(
         algorithm_id=hd.sr.AlgorithmIdentification(
             name=model.name, version=model.version, parameters=model.algorithm_parameters(), manufacturer=MANUFACTURER
         ),
-        finding_sites=None if laterality is None else [hd.sr.FindingSite(_EYE_SITE, laterality=laterality)],
+        finding_sites=None if eye is None else finding_sites(eye),
         measurements=measurements or None,
         qualitative_evaluations=evaluations or None,
         source_images=[
@@ -341,7 +335,7 @@ def build_study_report(
                 EYES[eye.eye],
                 measurements,
                 evaluations,
-                laterality=_LATERALITY.get(eye.eye),
+                eye=eye.eye,
                 images=images,
             )
         )
@@ -370,13 +364,7 @@ def build_study_report(
         is_verified=False,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[model.contributing_equipment()],
-        coding_schemes=[
-            hd.coding_schemes.CodingSchemeIdentificationItem(
-                designator=CODING_SCHEME,
-                name="RetinaGate fundus labels (RFMiD scheme)",
-                responsible_organization=MANUFACTURER,
-            )
-        ],
+        coding_schemes=[coding_scheme()],
         series_description=f"{model.version} RetinaGate study report (unverified AI) {model.name}"[:64],
     )
     model.stamp(sr)
