@@ -139,7 +139,7 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
 
     from retinagate.decode import is_dicom_file, own_output_of_file
     from retinagate.engine import Engine, ModelFileError, ProviderError
-    from retinagate.outputs.findings import describe_findings
+    from retinagate.outputs.findings import summary_text
     from retinagate.pipeline import Pipeline, ScoreResult
 
     try:
@@ -197,8 +197,8 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
                 written[kind] = str(target)
             if result.gradable:
                 scored += 1
-                # The same words and digits as the SC's legend (retinagate.outputs.findings).
-                shown = describe_findings(result.probabilities, result.findings, thresholds)
+                # The SC's legend, SR and results say the same (retinagate.outputs.findings.summary_lines).
+                shown = summary_text(result.probabilities, thresholds)
             else:
                 ungradable += 1
                 shown = "Not graded: " + "; ".join(result.reasons)
@@ -215,7 +215,7 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _print_table(rows: Sequence[tuple[str, str, str]]) -> None:
-    headers = ("input", "findings (probability)", "outputs")
+    headers = ("input", "result (probability, threshold)", "outputs")
     widths = [min(60, max(len(headers[i]), *(len(r[i]) for r in rows))) for i in range(2)]
     print(f"{headers[0]:<{widths[0]}}  {headers[1]:<{widths[1]}}  {headers[2]}")
     for source, findings, outputs in rows:

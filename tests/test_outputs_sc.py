@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from retinagate.card import ModelCard
 from retinagate.decode import decode_instance
 from retinagate.outputs.identity import AI_DISCLAIMER, ModelIdentity, output_uid, series_uid
-from retinagate.outputs.sc import ScEncoder, build_sc
+from retinagate.outputs.sc import ScEncoder, build_sc, header_line
 from retinagate.synth import DicomIdentity, render_fundus, write_dicom
 
 MODEL = ModelIdentity(card=ModelCard(name="fundus-net", version="1.0.0"), sha256="c" * 64, device_uid="2.25.77")
@@ -29,6 +29,20 @@ def source(tmp_path: Path) -> Dataset:
     header = decode_instance(tmp_path / "source.dcm", min_side=64, max_pixels=10**8).header
     assert header is not None and path is not None
     return header
+
+
+def test_the_header_line_names_the_eye_the_accession_and_the_study_date_and_nothing_of_the_patient(
+    source: Dataset,
+) -> None:
+    date = f"{source.StudyDate[:4]}-{source.StudyDate[4:6]}-{source.StudyDate[6:]}"
+
+    line = header_line(source)
+
+    assert line == f"Left eye   accession {source.AccessionNumber}   study date {date}"
+    assert str(source.PatientName) not in line and source.PatientID not in line
+    bare = copy.deepcopy(source)
+    del bare.ImageLaterality, bare.AccessionNumber, bare.StudyDate
+    assert header_line(bare) == "Eye not stated   study date not stated"
 
 
 def _picture() -> np.ndarray:

@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from retinagate.engine import Engine
 from retinagate.labels import DISEASE_RISK, LABELS
-from retinagate.outputs.findings import NO_FINDING
+from retinagate.outputs.findings import NO_FINDING, finding_text, summary_lines
 from retinagate.outputs.identity import output_uid
 from retinagate.outputs.render import retina_heat
 from retinagate.pipeline import Pipeline, ScoreFailure, ScoreResult, findings_of
@@ -301,7 +301,7 @@ def spy_render(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
 
     def spy(*args: Any, **kwargs: Any) -> NDArray[np.uint8]:
-        calls.append({"heatmaps": list(args[2]), "lines": list(args[3].lines)})
+        calls.append({"heatmaps": list(args[2]), "lines": list(args[3].lines), "header": args[3].header})
         return render_heatmaps(*args, **kwargs)
 
     monkeypatch.setattr("retinagate.outputs.sc.render_heatmaps", spy)
@@ -337,10 +337,16 @@ def test_with_nothing_over_threshold_the_sc_says_so_and_shows_the_unmarked_disea
     (call,) = spy_render
     (heatmap,) = call["heatmaps"]
     assert heatmap.label == DISEASE_RISK and not heatmap.marked  # shown for context, not as a finding
-    assert call["lines"][0] == NO_FINDING
-    assert any(line.startswith("Map: Disease_Risk") for line in call["lines"])
+    assert call["header"].startswith("Right eye   accession SYNA")  # which eye and study, no patient
+    said = summary_lines(result.probabilities, dict.fromkeys(LABELS, 1.0))
+    assert said[0] == NO_FINDING and call["lines"][: len(said)] == said
+    assert call["lines"][len(said)] == "Map: Disease risk (any abnormality) (where the model looked; not a finding)"
     description = result.outputs["sc"].DerivationDescription
-    assert description.startswith(f"Grad-CAM heatmaps of the top findings ({NO_FINDING})")
+    assert description.startswith(f"Grad-CAM heatmaps of the top findings ({'; '.join(said)})")
+    (tmp_path / "sr.dcm").write_bytes(result.encoded["sr"])
+    group = hd.sr.srread(tmp_path / "sr.dcm").content.get_image_measurement_groups()[0]
+    (text,) = [i.value for i in group[0].ContentSequence if i.name.value == "121111"]  # DCM Summary
+    assert text == "; ".join(said)  # the SR says what the SC says
     assert [o.label for o in result.built if o.kind == "pm"] == [DISEASE_RISK]  # no finding: the risk's map
     pm = result.outputs[f"pm.{DISEASE_RISK}"]
     assert "Grad-CAM of Disease_Risk" in pm.ImageComments and "not a finding" in pm.ImageComments
@@ -351,7 +357,7 @@ def test_with_nothing_over_threshold_the_sc_says_so_and_shows_the_unmarked_disea
     capsys.readouterr()
     assert main(["score", str(path), "--model", str(strict), "--out", str(tmp_path / "out")]) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(path))]
-    assert row.split()[1:5] == NO_FINDING.split()  # the CLI's summary says what the SC says
+    assert f" {'; '.join(said)} " in row  # and so does the CLI
 
 
 def test_a_probability_just_under_its_threshold_is_not_a_finding_and_no_text_says_it_is(
@@ -381,8 +387,9 @@ def test_a_probability_just_under_its_threshold_is_not_a_finding_and_no_text_say
     (call,) = spy_render
     assert [h.label for h in call["heatmaps"]] == [over] and call["heatmaps"][0].marked
     findings_line = call["lines"][0]
-    assert findings_line.startswith(f"Findings: {over} ") and under not in findings_line
-    printed = float(findings_line.split()[2])
+    assert findings_line == f"Finding: {finding_text(over, result.probabilities[over], thresholds[over])}"
+    assert not any(f"({under})" in line for line in call["lines"])
+    printed = float(findings_line.split(f"({over}) ")[1].split(",")[0])
     assert printed >= thresholds[over]
     # The map of the finding only, not of the more probable label under its threshold.
     assert [o.label for o in result.built if o.kind == "pm"] == [over]

@@ -230,7 +230,7 @@ def test_a_finding_just_over_its_threshold_is_never_printed_under_it(
 
     text = format_results(_query(settings, study_uid="1.2.3"))
 
-    assert "TSLN 0.0504" in text  # "0.05" would read as under the threshold of 0.0501
+    assert "Tessellation (TSLN) 0.0504, threshold 0.0501" in text  # "0.05" would read as under 0.0501
 
 
 def test_the_results_command_prints_json_and_an_unknown_study_or_an_empty_range_is_an_answer(

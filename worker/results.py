@@ -32,7 +32,7 @@ from retinagate.models import (
     Study,
     StudyReport,
 )
-from retinagate.outputs.findings import NO_FINDING, probability_text
+from retinagate.outputs.findings import NO_FINDING, probability_text, summary_text
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -90,6 +90,8 @@ class ImageResult:
     thresholds: dict[str, float] = field(default_factory=dict)
     #: When storage retention removed the received photograph (its results stay).
     pruned_at: datetime | None = None
+    #: What the result says, as the SC, the SR and ``retinagate score`` word it (empty when not scored).
+    summary: str = ""
 
     @property
     def scored_after_s(self) -> float | None:
@@ -201,6 +203,7 @@ def query_results(
         top = None
         reasons: list[str] = []
         thresholds: dict[str, float] = {}
+        summary = ""
         if prediction is not None:
             deliveries, delivered_at = _destinations(prediction.outputs)
             probabilities = {k: float(v) for k, v in prediction.probabilities.items()}
@@ -210,6 +213,9 @@ def query_results(
             if prediction.status == PredictionStatus.UNGRADABLE:
                 reasons, top = [str(r) for r in prediction.reasons], None
             thresholds = _thresholds(prediction.model.card, prediction.findings)
+            every = _thresholds(prediction.model.card, list(prediction.model.card.get("labels") or []))
+            if prediction.status != PredictionStatus.UNGRADABLE and every:  # a card without thresholds: findings
+                summary = summary_text(probabilities, every)
         image = ImageResult(
             instance_id=instance.id,
             sop_instance_uid=instance.sop_instance_uid,
@@ -227,6 +233,7 @@ def query_results(
             reasons=reasons if instance.status == InstanceStatus.UNGRADABLE else [],
             thresholds=thresholds,
             pruned_at=instance.pruned_at,
+            summary=summary,
         )
         study = studies.get(instance.study_id)
         if study is None:
@@ -334,6 +341,8 @@ def format_results(results: list[StudyResult]) -> str:
         for image in study.images:
             if image.status == InstanceStatus.UNGRADABLE.value:
                 found = "not graded: " + ("; ".join(image.reasons) or "-")
+            elif image.summary:
+                found = image.summary
             elif image.findings:
                 found = ", ".join(
                     f"{name} {probability_text(p, image.thresholds[name]) if name in image.thresholds else f'{p:.2f}'}"

@@ -19,7 +19,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from retinagate.outputs.findings import NO_FINDING, describe_findings, findings_of, probability_text
+    from retinagate.outputs.findings import (
+        NO_FINDING,
+        describe_findings,
+        findings_of,
+        probability_text,
+        summary_lines,
+        summary_text,
+    )
     from retinagate.outputs.identity import (
         AI_DISCLAIMER,
         MANUFACTURER,
@@ -36,7 +43,8 @@ if TYPE_CHECKING:
 
 _HOMES = {
     "NO_FINDING": "findings", "describe_findings": "findings", "findings_of": "findings",
-    "probability_text": "findings", "AI_DISCLAIMER": "identity", "MANUFACTURER": "identity",
+    "probability_text": "findings", "summary_lines": "findings", "summary_text": "findings",
+    "AI_DISCLAIMER": "identity", "MANUFACTURER": "identity",
     "ModelIdentity": "identity", "derived_uid": "identity", "output_uid": "identity", "series_uid": "identity",
     "BuiltOutput": "kind", "FrameScores": "kind", "OutputKind": "kind", "ScoredPhotograph": "kind",
     "build_pm": "pm", "HeatmapFinding": "render", "Legend": "render", "display_shape": "render",
@@ -71,6 +79,8 @@ __all__ = [
     "render_heatmaps",
     "retina_heat",
     "series_uid",
+    "summary_lines",
+    "summary_text",
 ]
 
 

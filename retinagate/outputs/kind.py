@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from retinagate.preprocess import FieldOfView, Geometry
     from retinagate.settings import Settings
 
-__all__ = ["BuiltOutput", "FrameScores", "OutputKind", "ScoredPhotograph"]
+__all__ = ["BuiltOutput", "FrameScores", "OutputKind", "ScoredPhotograph", "highest_probabilities"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,14 @@ class FrameScores:
     probabilities: Sequence[float]
     frame_number: int | None = None
     not_graded: Sequence[str] = ()
+
+
+def highest_probabilities(frames: Sequence[FrameScores], labels: Sequence[str]) -> dict[str, float]:
+    """Label to its highest probability over the graded frames (the photograph's); empty when none was graded."""
+    rows = [f.probabilities for f in frames if not f.not_graded and len(f.probabilities)]
+    if not rows:
+        return {}
+    return {name: max(float(row[i]) for row in rows) for i, name in enumerate(labels)}
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,15 @@ class ScoredPhotograph:
     def thresholds(self) -> dict[str, float]:
         """Label to calibrated threshold."""
         return dict(zip(self.card.labels, self.card.thresholds, strict=True))
+
+    @property
+    def photograph_probabilities(self) -> dict[str, float]:
+        """Label to probability of the photograph: each label's highest over the graded frames.
+
+        What its findings, ``retinagate results`` and every summary of it are of (``probabilities``
+        is the shown frame's, whose heat is drawn); empty when nothing was graded.
+        """
+        return highest_probabilities(self.frame_scores, self.card.labels)
 
     @property
     def frame_number(self) -> int | None:

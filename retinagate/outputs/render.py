@@ -84,10 +84,12 @@ class Legend:
     Attributes:
         model: Model name and version, as shown.
         lines: Result lines (findings and probabilities), drawn in order after the disclaimer.
+        header: Which photograph this is (eye, accession number, study date), drawn first.
     """
 
     model: str
     lines: tuple[str, ...]
+    header: str = ""
 
 
 def display_shape(source_shape: tuple[int, int], long_side: int) -> tuple[int, int]:
@@ -275,7 +277,8 @@ def _blend(picture: NDArray[np.uint8], heat: NDArray[np.float32]) -> None:
 
 def _legend_panel(width: int, legend: Legend, with_scale: bool) -> NDArray[np.uint8]:
     scale, thickness, line_h = _font_scale(width)
-    lines: list[tuple[str, tuple[int, ...]]] = [(AI_DISCLAIMER, _YELLOW), (f"Model: {legend.model}", _GREY)]
+    lines: list[tuple[str, tuple[int, ...]]] = [(legend.header, _WHITE)] if legend.header else []
+    lines += [(AI_DISCLAIMER, _YELLOW), (f"Model: {legend.model}", _GREY)]
     lines += [(text, _WHITE) for text in legend.lines]
     margin = max(6, line_h // 2)
     bar_h = line_h if with_scale else 0

@@ -42,15 +42,15 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
 from pydicom.valuerep import DA, TM
 
-from retinagate.labels import DISEASE_RISK
 from retinagate.outputs.encoding import copy_with, encode_element, encode_part10, encodings_of
-from retinagate.outputs.findings import NO_FINDING, describe_findings, findings_of, probability_text, threshold_text
+from retinagate.outputs.findings import label_name, summary_lines, summary_text
 from retinagate.outputs.identity import (
     AI_DISCLAIMER,
     ModelIdentity,
     OutputSeries,
     acquisition_equipment,
     code_item,
+    eye_of,
     instance_number,
     library_equipment,
     output_uid,
@@ -63,7 +63,16 @@ if TYPE_CHECKING:
 
     from retinagate.settings import Settings
 
-__all__ = ["KIND", "SERIES_NUMBER", "Compression", "ScEncoder", "ScOutput", "build_sc", "source_reference"]
+__all__ = [
+    "KIND",
+    "SERIES_NUMBER",
+    "Compression",
+    "ScEncoder",
+    "ScOutput",
+    "build_sc",
+    "header_line",
+    "source_reference",
+]
 
 #: The kind's name in settings, SQL and the registry.
 KIND: Final = "sc"
@@ -379,6 +388,28 @@ class ScEncoder:
         return self._processing
 
 
+#: How the header line names the eye (:func:`~retinagate.outputs.identity.eye_of`).
+_EYES: Final = {"R": "Right eye", "L": "Left eye", "B": "Both eyes", "U": "Eye not stated"}
+
+
+def header_line(source: Dataset) -> str:
+    """Which photograph the picture is, for a reader: the eye, the accession number if any, the study date.
+
+    No patient name or ID: the viewer shows those from the header, and the picture may be shown
+    where they should not be.
+    """
+    parts = [_EYES[eye_of(source)]]
+    accession = str(source.get("AccessionNumber") or "").strip()
+    if accession:
+        parts.append(f"accession {accession}")
+    try:
+        study_date = DA(source.get("StudyDate") or None)
+    except ValueError:
+        study_date = None
+    parts.append(f"study date {study_date.isoformat()}" if study_date else "study date not stated")
+    return "   ".join(parts)
+
+
 class ScOutput:
     """The heatmap Secondary Capture as an output kind (:class:`retinagate.outputs.kind.OutputKind`).
 
@@ -422,7 +453,7 @@ class ScOutput:
         return f"{card.name} {card.version} (sha256 {self.model.sha256[:12]})"
 
     def _graded(self, photo: ScoredPhotograph) -> tuple[NDArray[np.uint8], str]:
-        card, probs, limits = photo.card, photo.probabilities, photo.thresholds
+        probs, limits = photo.probabilities, photo.thresholds
         heatmaps = [HeatmapFinding(name, probs[name], photo.cam(name), marked=probs[name] >= limits[name])
                     for name in photo.mapped]  # fmt: skip
         key = photo.shown_frame
@@ -434,35 +465,20 @@ class ScOutput:
             long_side=self.long_side,
             fov=photo.fovs[key],
         )
-        # As the legend's first line: the disease findings shown, else Disease_Risk when it is one.
-        described = list(photo.shown) or findings_of(probs, card.labels, card.thresholds)
-        shown_text = describe_findings(probs, described, limits)
-        return picture, f"Grad-CAM heatmaps of the top findings ({shown_text}); {self.model.name} {self.model.version}"
+        summary = summary_text(photo.photograph_probabilities, limits)
+        return picture, f"Grad-CAM heatmaps of the top findings ({summary}); {self.model.name} {self.model.version}"
 
     def _legend(self, photo: ScoredPhotograph) -> Legend:
-        card, probs, limits, shown = photo.card, photo.probabilities, photo.thresholds, photo.shown
-        lines = []
-        findings = findings_of(probs, card.labels, card.thresholds)
-        if shown:
-            lines.append("Findings: " + describe_findings(probs, shown, limits, "   "))
-            others = [n for n in findings if n != DISEASE_RISK and n not in shown]
-            if others:
-                lines.append("Also over threshold: " + describe_findings(probs, others, limits, "   "))
-        elif findings:  # Disease_Risk alone
-            lines.append("Findings: " + describe_findings(probs, findings, limits, "   ") + " (no single disease)")
-        else:
-            lines.append(NO_FINDING)
-        if DISEASE_RISK in probs:
-            risk, limit = probs[DISEASE_RISK], limits[DISEASE_RISK]
-            side = "at or over" if risk >= limit else "under"
-            lines.append(f"Disease risk {probability_text(risk, limit)} ({side} threshold {threshold_text(limit)})")
-        if not shown and photo.mapped:
+        """The photograph's summary (:func:`~retinagate.outputs.findings.summary_lines`), then what the map shows."""
+        probs, limits = photo.probabilities, photo.thresholds
+        lines = summary_lines(photo.photograph_probabilities, limits)
+        if not photo.shown and photo.mapped:
             name = photo.mapped[0]
-            lines.append(f"Map: {name} (where the model looked; not a finding)" if probs[name] < limits[name]
-                         else f"Map: {name}")  # fmt: skip
+            context = " (where the model looked; not a finding)" if probs[name] < limits[name] else ""
+            lines.append(f"Map: {label_name(name)}{context}")
         if photo.frame_number is not None:
             lines.append(f"Frame {photo.frame_number} of {photo.decoded.number_of_frames}")
-        return Legend(model=self._model_line(), lines=tuple(lines))
+        return Legend(model=self._model_line(), lines=tuple(lines), header=header_line(photo.header))
 
     def _not_graded(self, photo: ScoredPhotograph) -> tuple[NDArray[np.uint8], str]:
         reasons = photo.reasons
@@ -473,7 +489,7 @@ class ScOutput:
             photo.decoded.frames[0],
             photo.geometries[0],
             [],
-            Legend(model=self._model_line(), lines=tuple(lines)),
+            Legend(model=self._model_line(), lines=tuple(lines), header=header_line(photo.header)),
             long_side=self.long_side,
             fov=photo.fovs[0],
             banner=f"Not graded: {reasons[0]}" if reasons else "Not graded",

@@ -6,7 +6,10 @@ card's threshold as a qualitative evaluation (SCT 52101004 Present / 272519000 A
 algorithm's identity (TID 4019: name, version, parameters including the model file's sha256), the eye
 as Finding Site (SCT 81745001 Eye) with its Laterality qualifier (SCT 24028007 Right, 7771000 Left,
 51440002 Right and left; none for an eye the source does not state) and the source image (and frame)
-it was measured on. Each Parametric Map built before the SR gets a measurement group of its own, the
+it was measured on. The group of the frame shown on the SC also holds the photograph's result in words
+(DCM 121111 Summary, TEXT): the lines of :func:`retinagate.outputs.findings.summary_lines`, which the
+SC's legend, ``retinagate score`` and ``retinagate results`` print too. Each Parametric Map built
+before the SR gets a measurement group of its own, the
 finding's: the label's concept as its Finding, the same finding site, the label's decision, and the map
 referenced as ``99RETINAGATE`` HEATMAP "Heatmap of the finding" (TID 1501 is extensible; DICOM has no
 concept for a class activation map of a finding). The Image Library lists the source, the heatmap
@@ -80,6 +83,7 @@ from retinagate.outputs.encoding import (
     part10,
     uid_element,
 )
+from retinagate.outputs.findings import summary_text
 from retinagate.outputs.identity import (
     MANUFACTURER,
     ModelIdentity,
@@ -91,7 +95,7 @@ from retinagate.outputs.identity import (
     library_equipment,
     output_uid,
 )
-from retinagate.outputs.kind import BuiltOutput, FrameScores, ScoredPhotograph
+from retinagate.outputs.kind import BuiltOutput, FrameScores, ScoredPhotograph, highest_probabilities
 from retinagate.outputs.pm import KIND as PM_KIND
 from retinagate.outputs.pm import PARAMETRIC_MAP_STORAGE
 from retinagate.outputs.sc import KIND as SC_KIND
@@ -178,6 +182,7 @@ _LATERALITY: Final = {
     "B": Code("51440002", "SCT", "Right and left"),
 }
 _IMAGE_LATERALITY: Final = Code("111027", "DCM", "Image Laterality")
+_SUMMARY: Final = Code("121111", "DCM", "Summary")
 
 
 @dataclass(frozen=True)
@@ -324,6 +329,13 @@ def _group(
     return group
 
 
+def photograph_summary(frames: Sequence[FrameScores], card: ModelCard) -> str | None:
+    """The photograph's summary (:func:`~retinagate.outputs.findings.summary_text`) of its graded frames'
+    highest probabilities; ``None`` when no frame was graded."""
+    highest = highest_probabilities(frames, card.labels)
+    return summary_text(highest, dict(zip(card.labels, card.thresholds, strict=True))) if highest else None
+
+
 @dataclass(frozen=True)
 class MapReference:
     """A Parametric Map of one label's heat, as the SR refers to it.
@@ -451,6 +463,12 @@ def build_report(
     if measured_on is None:
         raise ValueError("sc: a plain image file has no DICOM source, so the SR must reference the Secondary Capture")
     groups = [_group(f, model, source, measured_on) for f in frames]
+    summary = photograph_summary(frames, model.card)
+    if summary:
+        # The photograph's result as the SC, `retinagate score` and `results` word it (DCM 121111 Summary),
+        # in the group of the frame shown.
+        contains = hd.sr.RelationshipTypeValues.CONTAINS
+        groups[shown_frame][0].ContentSequence.append(hd.sr.TextContentItem(_SUMMARY, summary, contains))
     groups += [_map_group(m, frames[shown_frame], model, source, measured_on) for m in maps]
     report = hd.sr.MeasurementReport(
         observation_context=model.observation_context(),
@@ -551,6 +569,7 @@ _CONTENT_SEQUENCE: Final = 0x0040A730
 _UID: Final = 0x0040A124
 _NUMERIC_VALUE: Final = 0x0040A30A
 _FLOATING_POINT_VALUE: Final = 0x0040A161
+_TEXT_VALUE: Final = 0x0040A160
 _TRACKING_UID: Final = "112040"  # DCM Tracking Unique Identifier
 _FRAME_OF_REFERENCE: Final = "112227"  # DCM Frame of Reference UID
 _MEASUREMENTS: Final = "126010"  # DCM Imaging Measurements
@@ -699,12 +718,12 @@ class SrEncoder:
         frame_numbers = tuple(f.frame_number for f in frames)
         eye = eye_of(source)
         key = (frame_numbers, references_source, str(first.SOPClassUID), repr(first.get("SpecificCharacterSet")),
-               None if sc is None else str(sc.SOPClassUID), eye)  # fmt: skip
+               None if sc is None else str(sc.SOPClassUID), eye, shown_frame)  # fmt: skip
         template = self._templates.get(key)
         if template is None:
             with self._lock:
                 template = self._templates.get(key) or self._compile(
-                    key, source, frames, sc=sc, references_source=references_source
+                    key, source, frames, sc=sc, shown_frame=shown_frame, references_source=references_source
                 )
         character_set = template.character_set
 
@@ -752,6 +771,8 @@ class SrEncoder:
                 slots[f"num:{g}:{i}"] = ds_element(_NUMERIC_VALUE, DSfloat(rounded, auto_format=True))
                 slots[f"fp:{g}:{i}"] = fd_element(_FLOATING_POINT_VALUE, rounded)
                 slots[f"code:{g}:{i}"] = present if value >= threshold else absent
+        summary = photograph_summary(frames, card)
+        slots["summary"] = encode_element(DataElement(_TEXT_VALUE, "UT", summary), template.encodings)
         slots["maps"] = b"".join(
             compile_item(
                 _map_group(m, frames[shown_frame], self.model, source, measured_on)[0], {}, template.encodings
@@ -782,12 +803,14 @@ class SrEncoder:
         frames: Sequence[FrameScores],
         *,
         sc: Dataset | None,
+        shown_frame: int,
         references_source: bool,
     ) -> _Template:
         """Builds this kind of document with highdicom and compiles it into a template."""
         import highdicom as hd
 
-        reference = build_sr(source, self.model, frames, sc=sc, references_source=references_source)
+        reference = build_sr(source, self.model, frames, sc=sc, shown_frame=shown_frame,
+                             references_source=references_source)  # fmt: skip
         character_set = reference.get("SpecificCharacterSet")
         first = source if references_source or sc is None else sc
         variable = _PER_DOCUMENT | _copied_tags(str(first.SOPClassUID))
@@ -819,6 +842,8 @@ class SrEncoder:
                     kind = entry.ValueType
                     if kind == "UIDREF" and (value, scheme) == (_TRACKING_UID, "DCM"):
                         slots[id(entry[_UID])] = f"track:{g}"
+                    elif kind == "TEXT" and (value, scheme) == (_SUMMARY.value, "DCM"):
+                        slots[id(entry[_TEXT_VALUE])] = "summary"
                     elif kind == "IMAGE":
                         slots[id(entry["ReferencedSOPSequence"])] = f"src:{g}"
                     elif kind == "NUM" and scheme == CODING_SCHEME:
@@ -828,7 +853,7 @@ class SrEncoder:
                     elif kind == "CODE" and (value, scheme) in labels_of:
                         slots[id(entry["ConceptCodeSequence"])] = f"code:{g}:{labels_of[value, scheme]}"
         content = compile_element(reference["ContentSequence"], slots, encodings)
-        expected = 2 + groups * (2 + 3 * self.model.card.num_labels)
+        expected = 3 + groups * (2 + 3 * self.model.card.num_labels)  # library, maps, summary, the groups
         if groups != len(frames) or len(content.slots) != expected:
             raise RuntimeError(f"SR template: found {len(content.slots)} slots, expected {expected}")
         template = _Template(reference.file_meta, constants, content, character_set, encodings)
