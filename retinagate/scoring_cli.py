@@ -203,7 +203,7 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
                 ungradable += 1
                 shown = "Not graded: " + "; ".join(result.reasons)
             if args.json:
-                print(json.dumps({**result.summary(), "files": written}), flush=True)
+                print(json.dumps({**result.summary(), "result": shown, "files": written}), flush=True)
             else:
                 rows.append((result.source, shown, ", ".join(Path(p).name for p in written.values())))
     if not args.json:

@@ -58,6 +58,11 @@ def test_json_lines_report_every_input_and_the_outputs_are_written(
         assert len(line["probabilities"]) == 29 and isinstance(line["findings"], list)
         for path in line["files"].values():
             assert pydicom.dcmread(path).SOPInstanceUID in line["outputs"].values()
+        sr = pydicom.dcmread(line["files"]["sr"])
+        (group,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+        said = [i.TextValue for g in group.ContentSequence for i in g.ContentSequence
+                if i.ConceptNameCodeSequence[0].CodeValue == "121111"]  # fmt: skip
+        assert said == [line["result"]]  # the CLI's result line is the SR's Summary (and the SC's legend)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"{stem}.{kind}.dcm" for stem in ("eye1", "eye2", "photo") for kind in ("sc", "sr")
     )
