@@ -116,6 +116,13 @@ def test_the_report_gives_each_eye_its_laterality_disease_risk_findings_and_the_
     assert not left.get_measurements()
     (verdict,) = study.get_qualitative_evaluations()
     assert verdict.value.value == CONCLUSION_CODES[StudyConclusion.REFER].value
+    # The conclusion in words, each eye worded as a photograph's result is.
+    (text,) = [item.TextValue for item in study[0].ContentSequence
+               if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121077"]
+    assert text == (
+        "Refer. Right eye: Finding: Diabetic retinopathy (DR) 0.80, threshold 0.50; Disease risk (any abnormality)"
+        " 0.90, at or over threshold 0.50. Left eye: Not graded."
+    )
     # Each eye's group refers to that eye's photographs only.
     images = {str(ds.SOPInstanceUID): str(ds.ImageLaterality) for ds in sources}
     for group, eye in ((right, "R"), (left, "L")):

@@ -232,7 +232,11 @@ def test_the_report_is_delivered_once_and_results_show_it(
     with session_scope(site.sessions) as session:
         (study,) = query_results(session)
     text = format_results([study])
-    assert f"study report (model fundus-net 1.a, revision 1): refer | R: {DISEASE_RISK} 0.10, DR 0.80" in text
+    assert (
+        "study report (model fundus-net 1.a, revision 1): refer | R: Finding: Diabetic retinopathy (DR) 0.80,"
+        " threshold 0.50; Disease risk (any abnormality) 0.10, under threshold 0.50 | L: No finding above threshold;"
+        " Disease risk (any abnormality) 0.10, under threshold 0.50 | "
+    ) in text
     assert f"{receiver.destination} delivered" in text.splitlines()[1]
     assert to_jsonable([study])[0]["reports"][0]["conclusion"] == "refer"
     site.engine.dispose()

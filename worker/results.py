@@ -272,27 +272,16 @@ def _add_reports(session: Session, studies: dict[int, StudyResult]) -> None:
 
 
 def _report_line(report: ReportResult) -> str:
-    """``study report (model m 1, revision 1): refer | R: Disease_Risk 0.81, DR 0.70; L: not graded | ...``."""
+    """``study report (model m 1, revision 1): refer | R: Finding: ...; Disease risk ... | L: Not graded | ...``,
+    each eye worded as an image is (:meth:`retinagate.outputs.study.EyeResult.summary`)."""
     from retinagate.models import StudyConclusion
     from retinagate.outputs.study import CONCLUSION_CODES, EyeResult
 
-    def _text(probability: float, label: str) -> str:
-        threshold = report.thresholds.get(label)
-        return f"{probability:.2f}" if threshold is None else probability_text(probability, threshold)
-
-    eyes = []
-    for eye, data in report.eyes.items():
-        result = EyeResult.from_json(eye, data)
-        if not result.gradable:
-            eyes.append(f"{eye}: not graded")
-            continue
-        risk = "" if result.disease_risk is None else f"{DISEASE_RISK} {_text(result.disease_risk, DISEASE_RISK)}"
-        found = ", ".join(f"{name} {_text(p, name)}" for name, p in result.findings if name != DISEASE_RISK)
-        eyes.append(f"{eye}: {', '.join(x for x in (risk, found) if x) or '-'}")
+    eyes = [f"{eye}: {EyeResult.from_json(eye, data).summary(report.thresholds)}" for eye, data in report.eyes.items()]
     sent = "; ".join(f"{d.destination} {d.status}" for d in report.deliveries) or "not sent"
     conclusion = CONCLUSION_CODES[StudyConclusion(report.conclusion)].meaning.lower()
     return (
-        f"  study report (model {report.model}, revision {report.revision}): {conclusion} | {'; '.join(eyes)} | {sent}"
+        f"  study report (model {report.model}, revision {report.revision}): {conclusion} | {' | '.join(eyes)} | {sent}"
     )
 
 

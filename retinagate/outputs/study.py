@@ -49,7 +49,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from retinagate.labels import DISEASE_RISK
 from retinagate.models import StudyConclusion
 from retinagate.outputs.encoding import part10
-from retinagate.outputs.findings import probability_text, threshold_text
+from retinagate.outputs.findings import summary_text
 from retinagate.outputs.identity import MANUFACTURER, ModelIdentity, derived_uid, eye_of
 from retinagate.outputs.kind import BuiltOutput
 from retinagate.outputs.sr import (
@@ -148,6 +148,16 @@ class EyeResult:
             "findings": [[name, probability] for name, probability in self.findings],
         }
 
+    def summary(self, thresholds: Mapping[str, float]) -> str:
+        """The eye's result worded as a photograph's is (:func:`retinagate.outputs.findings.summary_text`),
+        from its highest probabilities; ``Not graded`` when none of its photographs was gradable."""
+        if not self.gradable:
+            return "Not graded"
+        probabilities = dict(self.findings)
+        if self.disease_risk is not None:
+            probabilities[DISEASE_RISK] = self.disease_risk
+        return summary_text(probabilities, thresholds)
+
     @classmethod
     def from_json(cls, eye: str, data: Mapping[str, Any]) -> EyeResult:
         """The inverse of :meth:`to_json`."""
@@ -201,20 +211,10 @@ def conclude(eyes: Sequence[EyeResult]) -> StudyConclusion:
 
 
 def why(eyes: Sequence[EyeResult], conclusion: StudyConclusion, thresholds: Mapping[str, float]) -> str:
-    """The conclusion in words, with what led to it: ``Refer: right eye DR 0.62 (threshold 0.4); ...``."""
-    parts = []
-    for eye in eyes:
-        if not eye.gradable:
-            parts.append(f"{EYES[eye.eye]} not gradable")
-        elif eye.findings:
-            found = ", ".join(
-                f"{name} {probability_text(p, thresholds[name])} (threshold {threshold_text(thresholds[name])})"
-                for name, p in eye.findings
-            )
-            parts.append(f"{EYES[eye.eye]} {found}")
-        else:
-            parts.append(f"{EYES[eye.eye]} no finding above threshold")
-    return f"{CONCLUSION_CODES[conclusion].meaning}: {'; '.join(parts)}"
+    """The conclusion in words, then each eye's result: ``Refer. Right eye: Finding: Diabetic retinopathy
+    (DR) 0.80, threshold 0.50; Disease risk ... Left eye: Not graded.``"""
+    said = " ".join(f"{EYES[eye.eye].capitalize()}: {eye.summary(thresholds)}." for eye in eyes)
+    return f"{CONCLUSION_CODES[conclusion].meaning}. {said}"
 
 
 def report_series_uid(study_instance_uid: str, model_sha256: str) -> str:
