@@ -254,14 +254,17 @@ def test_the_encoder_writes_highdicoms_document_with_the_maps_of_each_image(
 ) -> None:
     """Maps vary in number and Frame of Reference (one per eye and study) from image to image."""
     encoder = SrEncoder(MODEL)
-    for index, (source, labels) in enumerate(zip(_sources(tmp_path, 3), [("DR", "MYA"), ("MH",), ("DR", "MYA")],
-                                                 strict=True)):  # fmt: skip
+    rng = np.random.default_rng(2)
+    # Images 2 and 3 reuse the templates of images 0 and 1 (same eye, labels and decisions), with their own UIDs.
+    draws = [[FrameScores([float(p) for p in rng.random(len(LABELS))])] for _ in range(2)]
+    for index, source in enumerate(_sources(tmp_path, 4)):
         sc = build_sc(np.zeros((64, 64, 3), dtype=np.uint8), source, MODEL)
-        maps = _maps(source, labels)
+        maps = _maps(source, ("DR", "MYA") if index % 2 == 0 else ("MH",))
+        scores = draws[index % 2]
 
-        built = encoder.encode(source, [FrameScores(PROBABILITIES)], sc=sc, maps=maps)
+        built = encoder.encode(source, scores, sc=sc, maps=maps)
 
-        expected = build_sr(source, MODEL, [FrameScores(PROBABILITIES)], sc=sc, maps=maps)
+        expected = build_sr(source, MODEL, scores, sc=sc, maps=maps)
         assert plain_json(pydicom.dcmread(io.BytesIO(built.data))) == plain_json(expected), f"image {index}"
 
 

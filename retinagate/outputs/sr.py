@@ -37,18 +37,19 @@ evidence is collected the same way), and the full content sequence is attached a
 
 Even so, building (about 35 ms) and serialising (about 20 ms) the document per image costs more than
 the rest of the pipeline. :class:`SrEncoder` therefore builds the document with highdicom once per
-kind of input (model, number of frames, source SOP class and character set, plain or DICOM source)
-and compiles it into a byte template (:mod:`retinagate.outputs.encoding`); per image it fills in only
-what changes: UIDs and references, dates, the probabilities and present/absent codes, the patient
-and study attributes (copied from the source as highdicom copies them: the root attributes of the
-Patient and Study modules of the source's IOD) and the acquisition equipment of the source. The
-Image Library, whose entries describe the referenced images, is compiled once per kind of referenced
-image and eye (references and Frame of Reference UIDs are filled in). The measurement groups of the
-maps (at most ``top_findings`` per image, each a handful of items) are built with highdicom per image
-and encoded into their place. The tests compare the encoded document with highdicom's direct construction, element for
+kind of input (model, number of frames, frame shown, eye, source SOP class and character set, plain
+or DICOM source) and compiles it into a byte template (:mod:`retinagate.outputs.encoding`); per image
+it fills in only what changes: UIDs and references, dates, the probabilities and present/absent
+codes, the Summary text, the patient and study attributes (copied from the source as highdicom
+copies them: the root attributes of the Patient and Study modules of the source's IOD) and the
+acquisition equipment of the source. The Image Library, whose entries describe the referenced
+images, is compiled once per kind of referenced image and eye (references and Frame of Reference
+UIDs are filled in), and a map's measurement group once per label, decision, eye and kind of frame
+(with 3 maps an SR takes 5.5 ms instead of 16 ms with the groups built by highdicom per image). The
+tests compare the encoded document with highdicom's direct construction, element for
 element, for images other than the one the template was made from.
 
-:class:`SrOutput` is the kind the registry lists; built after the SC, it lists the SC in its Image Library.
+:class:`SrOutput` is the kind the registry lists; built after the SC and the maps, it refers to them.
 """
 
 from __future__ import annotations
@@ -676,6 +677,7 @@ class SrEncoder:
         self.model = model
         self._templates: dict[tuple[object, ...], _Template] = {}
         self._libraries: dict[tuple[object, ...], ByteTemplate] = {}
+        self._map_groups: dict[tuple[object, ...], ByteTemplate] = {}
         self._lock = threading.Lock()
         self._processing: Dataset | None = None
         self._decisions: tuple[bytes, bytes] | None = None
@@ -774,10 +776,7 @@ class SrEncoder:
         summary = photograph_summary(frames, card)
         slots["summary"] = encode_element(DataElement(_TEXT_VALUE, "UT", summary), template.encodings)
         slots["maps"] = b"".join(
-            compile_item(
-                _map_group(m, frames[shown_frame], self.model, source, measured_on)[0], {}, template.encodings
-            ).render({})
-            for m in maps
+            self._map_group(m, frames[shown_frame], source, measured_on, template.encodings) for m in maps
         )
         data = encode_part10(ds, [*template.constants, (_CONTENT_SEQUENCE, template.content.render(slots))])
         return BuiltOutput(KIND, uid, series.uid, COMPREHENSIVE_SR, data)
@@ -885,6 +884,40 @@ class SrEncoder:
             if "FrameOfReferenceUID" in d:
                 values[f"for:{j}"] = uid_element(_UID, str(d.FrameOfReferenceUID))
         return template.render(values)
+
+    def _map_group(
+        self, reference: MapReference, scores: FrameScores, source: Dataset, measured_on: Dataset, encodings: list[str]
+    ) -> bytes:
+        """The encoded measurement group of one map (compiled once per label, decision, eye and kind of frame)."""
+        card = self.model.card
+        index = card.labels.index(reference.label)
+        present = _checked(scores, card)[index] >= card.thresholds[index]
+        on_source = measured_on is source
+        key = (reference.label, present, eye_of(source), scores.frame_number, on_source, str(measured_on.SOPClassUID),
+               str(reference.dataset.SOPClassUID), tuple(encodings))  # fmt: skip
+        template = self._map_groups.get(key)
+        if template is None:
+            (item,) = _map_group(reference, scores, self.model, source, measured_on)
+            slots: dict[int, str] = {}
+            for entry in item.ContentSequence:
+                concept = _concept(entry)
+                if entry.ValueType == "UIDREF" and concept == (_TRACKING_UID, "DCM"):
+                    slots[id(entry[_UID])] = "track"
+                elif entry.ValueType == "IMAGE":
+                    heat = concept == (HEATMAP.value, HEATMAP.scheme_designator)
+                    slots[id(entry["ReferencedSOPSequence"])] = "heat" if heat else "source"
+            template = compile_item(item, slots, encodings)
+            if template.slots != {"track", "source", "heat"}:
+                raise RuntimeError(f"SR map group template: found slots {sorted(template.slots)}")
+            self._map_groups[key] = template
+        frame_key = str(scores.frame_number or 1)
+        uid = derived_uid("tracking", str(source.SOPInstanceUID), self.model.sha256, frame_key, reference.label)
+        image = _source_image(scores, source, measured_on)
+        return template.render({
+            "track": uid_element(_UID, uid),
+            "source": encode_element(image["ReferencedSOPSequence"], encodings),
+            "heat": encode_element(DataElement(0x00081199, "SQ", [_sop_reference(reference.dataset)]), encodings),
+        })  # fmt: skip
 
     def _processing_equipment(self) -> Dataset:
         if self._processing is None:
