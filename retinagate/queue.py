@@ -52,7 +52,7 @@ TASK_QUEUES: Final = {
     SWEEP_TASK: MAINTENANCE_QUEUE,
     RESCORE_TASK: SCORE_QUEUE,  # it serves the scoring workers' model
     PRUNE_TASK: MAINTENANCE_QUEUE,
-    STUDY_REPORTS_TASK: SCORE_QUEUE,  # on the scoring workers, whose model the reports are of
+    STUDY_REPORTS_TASK: MAINTENANCE_QUEUE,  # every worker takes it; never behind a backlog of score tasks
 }
 
 

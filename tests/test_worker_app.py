@@ -39,7 +39,7 @@ def test_the_app_acknowledges_late_prefetches_one_and_limits_tasks_below_the_vis
 def test_tasks_have_fixed_names_and_their_own_queues(make_settings: Callable[..., Settings]) -> None:
     app = create_app(make_settings())
     expected = {SCORE_TASK: "score", DELIVER_TASK: "deliver", SWEEP_TASK: "maintenance", RESCORE_TASK: "score",
-                STUDY_REPORTS_TASK: "score"}
+                STUDY_REPORTS_TASK: "maintenance"}
     for name, queue in expected.items():
         assert name in app.tasks
         assert app.amqp.router.route({}, name)["queue"].name == queue
@@ -58,7 +58,7 @@ def test_beat_sweeps_every_interval_and_rescores_on_the_cron_from_settings(
     assert schedule["retinagate-sweep"]["schedule"] == 45.0
     reports = schedule["retinagate-study-reports"]
     assert reports["task"] == STUDY_REPORTS_TASK and reports["schedule"] == 45.0
-    assert reports["options"]["queue"] == "score"  # the scoring workers consume it
+    assert reports["options"]["queue"] == "maintenance"  # every worker consumes it, scoring ones included
     cron = schedule["retinagate-rescore"]["schedule"]
     assert isinstance(cron, crontab) and schedule["retinagate-rescore"]["task"] == RESCORE_TASK
     assert cron.minute == {30} and cron.hour == {3} and cron.day_of_week == {1, 2, 3, 4, 5}

@@ -186,9 +186,11 @@ def _schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         },
         "retinagate-study-reports": {
             "task": STUDY_REPORTS_TASK,
-            # As often as the sweep: a study's report follows its quiet period by at most that much.
+            # As often as the sweep: a study's report follows its quiet period by at most that much. On
+            # the maintenance queue, which scoring workers take too, so that a backlog of score tasks
+            # (a rescore of the archive) does not hold reports back until each message expires.
             "schedule": float(settings.sweep_interval),
-            "options": {"queue": SCORE_QUEUE, "expires": float(settings.sweep_interval)},
+            "options": {"queue": MAINTENANCE_QUEUE, "expires": float(settings.sweep_interval)},
         },
         "retinagate-rescore": {
             "task": RESCORE_TASK,

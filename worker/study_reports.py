@@ -16,7 +16,7 @@ series) only when photographs arrived after the first and the study is quiet and
 first report stays as it was sent, and the new one covers every photograph. A new model (activated,
 the archive re-scored) writes its own report of each study once its predictions cover the study.
 
-The beat-scheduled ``study_reports`` task (:func:`worker.tasks.study_reports`) runs
+The beat-scheduled ``study_reports`` task (:func:`worker.tasks.study_reports`, maintenance queue) runs
 :func:`write_study_reports` for the active model, at most :data:`STUDY_LIMIT` studies a run;
 ``retinagate rescore`` runs it for the model it re-scored with. Each report's SR is written durably,
 then recorded with its output row and pending deliveries in one transaction; the outputs go to the

@@ -202,7 +202,7 @@ def sweep(self: RetinaGateTask) -> dict[str, int]:
     }
 
 
-@_task(STUDY_REPORTS_TASK, SCORE_QUEUE, max_retries=0)
+@_task(STUDY_REPORTS_TASK, MAINTENANCE_QUEUE, max_retries=0)
 def study_reports(self: RetinaGateTask) -> dict[str, int]:
     """Writes the study report of every complete study the active model has not reported on, and
     queues their delivery (see :mod:`worker.study_reports`).
@@ -222,7 +222,7 @@ def study_reports(self: RetinaGateTask) -> dict[str, int]:
     if outcome.deliver:
         self.app.send_task(DELIVER_TASK, args=[outcome.deliver], queue=DELIVER_QUEUE)
     if outcome.remaining and outcome.written:
-        self.app.send_task(STUDY_REPORTS_TASK, queue=SCORE_QUEUE)
+        self.app.send_task(STUDY_REPORTS_TASK, queue=MAINTENANCE_QUEUE)
     return {"written": len(outcome.written), "deliver": len(outcome.deliver), "skipped": len(outcome.skipped)}
 
 
