@@ -411,18 +411,20 @@ def test_the_nightly_rescore_task_queues_every_scored_instance_without_a_predict
     assert len(received) == 2  # three instances in batches of two
 
 
-def test_retinagate_beat_sends_the_sweep_on_its_interval(
+def test_retinagate_beat_sends_the_sweep_and_the_study_reports_on_their_interval(
     worker_env: Callable[..., tuple[Settings, dict[str, str]]], tmp_path: Path
 ) -> None:
     settings, env = worker_env(sweep_interval=5)
     broker = redis.Redis.from_url(settings.broker_url)
     beat = Worker([sys.executable, "-m", "retinagate", "beat"], env, tmp_path / "beat.log")
+
+    def tasks() -> set[str]:
+        return {json.loads(m)["headers"]["task"] for m in broker.lrange("maintenance", 0, -1)}
+
     try:
-        _wait(lambda: broker.llen("maintenance") >= 1, "a sweep message", 30, [beat])
+        _wait(lambda: {"retinagate.sweep", "retinagate.study_reports"} <= tasks(), "both messages", 30, [beat])
     finally:
         beat.stop()
-    message = json.loads(broker.lindex("maintenance", 0) or b"{}")
-    assert message["headers"]["task"] == "retinagate.sweep"
     assert list(settings.data_dir.glob("celerybeat-schedule*"))  # its schedule lives in the data folder
 
 
