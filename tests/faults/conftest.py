@@ -337,6 +337,9 @@ class Deployment:
             RETINAGATE_GATEWAY_PORT=str(self.port),
             RETINAGATE_DESTINATIONS=f"{pacs.ae_title}@127.0.0.1:{pacs.port}",
             RETINAGATE_OUTPUTS="sc,sr",
+            # These tests count each photograph's SC and SR; a study report (tests/test_worker_tasks.py)
+            # must not join them should a test outlast the default quiet period.
+            RETINAGATE_STUDY_QUIET_SECONDS="86400",
             RETINAGATE_LOG_LEVEL="DEBUG",
             RETINAGATE_INTRA_OP_THREADS="1",
         )
