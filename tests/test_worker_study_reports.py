@@ -56,8 +56,8 @@ class Site:
             session.flush()
             return model.id
 
-    def photograph(self, eye: str, instance: int, status: str = "queued") -> int:
-        return self.store(self.settings, study=0, laterality=eye, instance=instance, size=(256, 192), status=status)
+    def photograph(self, eye: str, instance: int, status: str = "queued", study: int = 0) -> int:
+        return self.store(self.settings, study=study, laterality=eye, instance=instance, size=(256, 192), status=status)
 
     def score(self, instance_id: int, model: int, gradable: bool = True, **over: float) -> None:
         probabilities = {name: over.get(name, 0.1) for name in LABELS}
@@ -194,6 +194,30 @@ def test_a_report_another_worker_recorded_first_is_not_written_twice_and_leaves_
         kept = {site.storage.path(key) for key in keys}
     written = {p for p in site.storage.path("out").rglob("*") if p.is_file()}
     assert written == kept
+
+
+def test_a_study_whose_report_cannot_be_built_does_not_hold_back_the_others(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import retinagate.outputs.study as study
+
+    site.score(site.photograph("R", 0, study=0), 0)
+    site.score(site.photograph("R", 0, study=1), 0)
+    build = study.build_study_report
+    refused: list[Any] = []
+
+    def refuse_the_first(sources: Any, *args: Any, **kwargs: Any) -> Any:
+        if not refused:  # the oldest study's photographs, refused by highdicom
+            refused.append(sources)
+            raise ValueError("two patients in one study")
+        return build(sources, *args, **kwargs)
+
+    monkeypatch.setattr(study, "build_study_report", refuse_the_first)
+    outcome = site.write()
+
+    assert len(outcome.written) == 1
+    assert list(outcome.skipped.values()) == ["the report could not be built: two patients in one study"]
+    assert len(site.write().written) == 1  # tried again next run (here it builds)
 
 
 def test_a_new_model_writes_its_own_report_once_it_has_rescored_the_study(site: Site) -> None:

@@ -193,6 +193,9 @@ def write_study_reports(
 ) -> StudyReportOutcome:
     """Writes the report of every study due for one by the model (at most ``limit``), oldest first.
 
+    A study whose report cannot be built (photographs' headers highdicom refuses together, such as
+    two patients in one study) is skipped with the reason in the outcome and tried again next run.
+
     Raises:
         ValueError: When ``limit`` is below 1.
         OperationalError: When the database cannot be reached.
@@ -214,7 +217,12 @@ def write_study_reports(
             logger.warning("study report: study id=%s skipped: its photographs are gone", study.study_id)
             continue
         eyes = eye_results(study.photographs)
-        report_id, output_id = _write(settings, sessions, storage, model_id, identity, study, eyes)
+        try:
+            report_id, output_id = _write(settings, sessions, storage, model_id, identity, study, eyes)
+        except (ValueError, TypeError) as exc:  # headers highdicom refuses: the other studies go on
+            outcome.skipped[study.study_id] = f"the report could not be built: {exc}"
+            logger.warning("study report: study id=%s not built (%s)", study.study_id, type(exc).__name__)
+            continue
         if report_id is None:
             outcome.skipped[study.study_id] = "another worker wrote this report first"
             continue
