@@ -48,13 +48,22 @@ def _ungradable(eye: str) -> Photograph:
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
+def photographs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A study's photographs: right, left, right."""
     folder = tmp_path_factory.mktemp("study")
-    headers = []
+    paths = []
     for index, eye in enumerate(("R", "L", "R")):
         image = render_fundus(np.random.default_rng(index), 256, 192, [], eye).image  # type: ignore[arg-type]
         path = folder / f"{index}.dcm"
         write_dicom(image, path, DicomIdentity.synthetic(3, eye, instance=index // 2))  # type: ignore[arg-type]
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def sources(photographs: list[Path]) -> list[Dataset]:
+    headers = []
+    for path in photographs:
         header = decode_instance(path, min_side=64, max_pixels=10**8).header
         assert header is not None
         headers.append(header)
@@ -133,14 +142,20 @@ def test_the_report_gives_each_eye_its_laterality_disease_risk_findings_and_the_
     assert (ds.VerificationFlag, ds.PreliminaryFlag, ds.CompletionFlag) == ("UNVERIFIED", "PRELIMINARY", "COMPLETE")
 
 
-def test_the_report_passes_dciodvfy_and_dsrdump_reads_it(
-    sources: list[Dataset], tmp_path: Path, dciodvfy: Callable[[object], list[str]]
+@pytest.mark.interop
+def test_the_report_passes_dciodvfy_and_dcentvfy_with_its_photographs_and_dsrdump_reads_it(
+    sources: list[Dataset],
+    photographs: list[Path],
+    tmp_path: Path,
+    dciodvfy: Callable[[object], list[str]],
+    dcentvfy: Callable[[list[Path]], list[str]],
 ) -> None:
     eyes = eye_results([_photo("R", DR=0.8), _photo("L"), _photo("R")])
     path = tmp_path / "study.dcm"
     path.write_bytes(build_study_report(sources, MODEL, eyes).data)
 
     assert dciodvfy(path) == []
+    assert dcentvfy([*photographs, path]) == []
     dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60, check=False)
     assert dump.returncode == 0, dump.stderr
     assert '(REFER,99RETINAGATE,"Refer")' in dump.stdout
