@@ -24,6 +24,12 @@ then recorded with its output row and pending deliveries in one transaction; the
 "no referable finding" and "ungradable" too). Writing is idempotent: the SR's UID is derived from
 (study, model, revision), and a report another worker recorded first (unique per study, model and
 revision) makes this one drop its file.
+
+Cost: :func:`due_studies_query` looks at every quiet study on each run. Measured on SQLite (2-core
+machine, 20,000 studies of two photographs, each scored): 30 ms to find the first 51 due, 95 ms
+when every study is reported and none is due; it grows with the archive (about 1 s a run at 200,000
+studies). Should that matter, bound the candidates by recent predictions (an index on
+``predictions (model_id, created_at)``).
 """
 
 from __future__ import annotations
