@@ -12,7 +12,9 @@ One run measures, on the same machine and thread count:
 * graph variants against today's graph (224 px, output stride 32, no ``ood_score``), each pair timed
   alternately at batch 1 and 16 with 1 and ``--threads`` threads: output stride 16 at 224 px (a
   14 x 14 CAM), 288 px and 384 px at stride 32, and today's graph with the ``ood_score`` output
-  (statistics fitted on synthetic photographs). ``--variants-only`` runs just this part.
+  (statistics fitted on synthetic photographs), and the training default's graph: 288 px with local
+  contrast normalisation (a separable Gaussian over four channels ahead of the classifier), with and
+  without ``ood_score``. ``--variants-only`` runs just this part.
 
 Makes its own model (EfficientNet-B0, 29 outputs, random weights with random batch-norm statistics,
 or ``--checkpoint``) and inputs (synthetic fundus photographs). Times are the best of ``--repeats``
@@ -48,13 +50,15 @@ from retinagate.synth import render_fundus
 from train.model import create_model, random_model
 from train.ood import fit_ood_statistics
 
-#: (name, input size, output stride, with ood_score); the first is today's graph, the reference.
-VARIANTS: tuple[tuple[str, int, int, bool], ...] = (
-    ("today: 224 px, stride 32", 224, 32, False),
-    ("224 px, stride 16", 224, 16, False),
-    ("288 px, stride 32", 288, 32, False),
-    ("384 px, stride 32", 384, 32, False),
-    ("224 px, stride 32, ood_score", 224, 32, True),
+#: (name, input size, output stride, with ood_score, contrast sigma); the first is the reference graph.
+VARIANTS: tuple[tuple[str, int, int, bool, float], ...] = (
+    ("reference: 224 px, stride 32", 224, 32, False, 0.0),
+    ("224 px, stride 16", 224, 16, False, 0.0),
+    ("288 px, stride 32", 288, 32, False, 0.0),
+    ("384 px, stride 32", 384, 32, False, 0.0),
+    ("224 px, stride 32, ood_score", 224, 32, True, 0.0),
+    ("288 px, stride 32, local contrast 0.04", 288, 32, False, 0.04),
+    ("288 px, contrast 0.04, ood_score", 288, 32, True, 0.04),
 )
 
 
@@ -286,10 +290,9 @@ def measure_variants(
     with tempfile.TemporaryDirectory(prefix="bench-variants-") as scratch:
         paths: list[Path] = []
         inputs: list[NDArray[np.uint8]] = []
-        for name, size, stride, with_ood in VARIANTS:
-            variant = card.with_updates(
-                preprocessing={**card.preprocessing.model_dump(), "input_size": size}, output_stride=stride, ood=None
-            )
+        for name, size, stride, with_ood, contrast in VARIANTS:
+            recipe = {**card.preprocessing.model_dump(), "input_size": size, "contrast_sigma": contrast}
+            variant = card.with_updates(preprocessing=recipe, output_stride=stride, ood=None)
             network = create_model(variant, drop_rate=0.0, drop_path_rate=0.0)
             network.load_state_dict(weights)
             network.eval()

@@ -241,25 +241,35 @@ class Normalizer(nn.Module):
         self.contrast = sigma > 0
         self.gain = float(getattr(preprocessing, "contrast_gain", 4.0))
         self.threshold = float(getattr(preprocessing, "fov_threshold", 20))
-        self.radius = max(1, math.ceil(3.0 * sigma))
+        # The local mean is smooth: it is computed on a grid `factor` times coarser (block means), with
+        # the Gaussian scaled to match, and interpolated back. A 71-tap blur at 288 px made the whole
+        # graph 2.3x slower on ONNX Runtime's CPU depthwise convolution; at a quarter it costs little.
+        self.factor = max(1, int(sigma // 3.0))
+        coarse = sigma / self.factor
+        self.radius = max(1, math.ceil(3.0 * coarse))
         offsets = torch.arange(-self.radius, self.radius + 1, dtype=torch.float64)
-        taps = torch.exp(-(offsets**2) / (2.0 * max(sigma, 1e-6) ** 2))
+        taps = torch.exp(-(offsets**2) / (2.0 * max(coarse, 1e-6) ** 2))
         taps = (taps / taps.sum()).to(torch.float32)
         # Fixed-shape kernels for the four channels blurred together (RGB times the mask, and the mask):
         # the ONNX exporter needs a convolution's weight shape to be known.
         self.register_buffer("row", taps.view(1, 1, 1, -1).repeat(4, 1, 1, 1))
         self.register_buffer("column", taps.view(1, 1, -1, 1).repeat(4, 1, 1, 1))
 
-    def _blur(self, x: torch.Tensor) -> torch.Tensor:
-        """Separable Gaussian over each of the four channels, zero outside the image."""
-        x = F.conv2d(x, self.row, padding=(0, self.radius), groups=4)
-        return F.conv2d(x, self.column, padding=(self.radius, 0), groups=4)
+    def _local_mean(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The Gaussian-weighted mean of ``x`` over the field of view around every pixel."""
+        stacked = torch.cat([x * mask, mask], dim=1)
+        if self.factor > 1:
+            stacked = F.avg_pool2d(stacked, self.factor)
+        stacked = F.conv2d(stacked, self.row, padding=(0, self.radius), groups=4)
+        stacked = F.conv2d(stacked, self.column, padding=(self.radius, 0), groups=4)
+        local = stacked[:, :3] / stacked[:, 3:].clamp_min(1e-3)
+        if self.factor > 1:
+            local = F.interpolate(local, size=(x.shape[2], x.shape[3]), mode="bilinear", align_corners=False)
+        return local
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.mean.dtype)  # float32; float64 when export checks the graph against PyTorch in float64
         if self.contrast:
             mask = (x.amax(dim=1, keepdim=True) > self.threshold).to(x.dtype)
-            blurred = self._blur(torch.cat([x * mask, mask], dim=1))
-            local = blurred[:, :3] / blurred[:, 3:].clamp_min(1e-3)
-            x = (x - local) * (mask * self.gain) + 127.5
+            x = (x - self._local_mean(x, mask)) * (mask * self.gain) + 127.5
         return (x - self.mean) / self.std
