@@ -240,6 +240,32 @@ def coding_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
     )
 
 
+def unverified_sr(model: ModelIdentity, **fields: Any) -> hd.sr.ComprehensiveSR:
+    """A Comprehensive SR as RetinaGate writes every one (a photograph's or a study's): complete, not
+    final, unverified AI output in Explicit VR Little Endian, the model as Contributing Equipment, the
+    local coding scheme declared, and stamped with the model (:meth:`ModelIdentity.stamp`).
+
+    Args:
+        model: The model that produced the content.
+        fields: The rest of ``highdicom.sr.ComprehensiveSR``'s arguments (evidence, content, series
+            and instance identity, series description).
+    """
+    import highdicom as hd
+
+    sr = hd.sr.ComprehensiveSR(
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[model.contributing_equipment()],
+        coding_schemes=[coding_scheme()],
+        **fields,
+    )
+    model.stamp(sr)
+    return sr
+
+
 def _checked(scores: FrameScores, card: ModelCard) -> list[float]:
     """The probabilities of one frame as floats, checked: one per label, each 0 to 1 (none if not graded)."""
     if scores.not_graded:
@@ -523,7 +549,6 @@ def build_sr(
         ValueError: If a frame has the wrong number of probabilities, one is outside 0-1, a map
             belongs to a frame that was not graded, or a required reference is missing.
     """
-    import highdicom as hd
 
     report = build_report(source, model, frames, sc=sc, maps=maps, shown_frame=shown_frame,
                           references_source=references_source)  # fmt: skip
@@ -535,25 +560,18 @@ def build_sr(
     evidence = _evidence_of(source, sc, maps, references_source)
     series = OutputSeries.of(source, model.sha256, KIND, SERIES_NUMBER)
     try:
-        sr = hd.sr.ComprehensiveSR(
+        sr = unverified_sr(
+            model,
             evidence=evidence,
             content=root,
             series_instance_uid=series.uid,
             series_number=series.number,
             sop_instance_uid=output_uid(str(source.SOPInstanceUID), model.sha256, KIND),
             instance_number=instance_number(source),
-            manufacturer=MANUFACTURER,
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-            contributing_equipment=[model.contributing_equipment()],
-            coding_schemes=[coding_scheme()],
             series_description=series.description(model, _WHAT),
         )
     finally:
         root.ContentSequence = content
-    model.stamp(sr)
     sr.ContentSequence = content
     sr._content = report  # keeps highdicom's view of the content consistent with the dataset
     return sr

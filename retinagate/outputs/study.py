@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian
 
 from retinagate.labels import DISEASE_RISK
 from retinagate.models import StudyConclusion
@@ -57,10 +56,10 @@ from retinagate.outputs.sr import (
     COMPREHENSIVE_SR,
     GRADABILITY,
     NOT_GRADED,
-    coding_scheme,
     finding_sites,
     label_concept,
     probability_concept,
+    unverified_sr,
 )
 
 if TYPE_CHECKING:
@@ -351,21 +350,14 @@ def build_study_report(
     )
     uid = report_uid(study_uid, model.sha256, revision)
     series_uid = report_series_uid(study_uid, model.sha256)
-    sr = hd.sr.ComprehensiveSR(
+    sr = unverified_sr(
+        model,
         evidence=list(sources),
         content=report[0],
         series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
         sop_instance_uid=uid,
         instance_number=revision,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[model.contributing_equipment()],
-        coding_schemes=[coding_scheme()],
         series_description=f"{model.version} RetinaGate study report (unverified AI) {model.name}"[:64],
     )
-    model.stamp(sr)
     return BuiltOutput(KIND, uid, series_uid, COMPREHENSIVE_SR, part10(sr), sr)
