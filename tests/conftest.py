@@ -133,15 +133,29 @@ def postgres_server() -> Iterator[str]:
             shutil.rmtree(root, ignore_errors=True)
             pytest.fail(f"{Path(args[0]).name} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}\n{server_log}")
 
-    run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync",
-        "--encoding=UTF8", "--locale=C", "--no-instructions")
+    run(
+        str(bindir / "initdb"),
+        "-D",
+        str(data),
+        "-U",
+        "postgres",
+        "--auth=trust",
+        "--no-sync",
+        "--encoding=UTF8",
+        "--locale=C",
+        "--no-instructions",
+    )
     options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
     run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start")
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}"
     finally:
-        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                       capture_output=True, timeout=60, check=False)
+        subprocess.run(
+            [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -394,8 +408,7 @@ def worker_store_outputs(worker_store_instance: Callable[..., int]) -> Callable[
                     )
                     session.add(prediction)
                     session.flush()
-                    output = Output(prediction_id=prediction.id, kind="sc", sop_instance_uid=uid,
-                                    storage_key=key)
+                    output = Output(prediction_id=prediction.id, kind="sc", sop_instance_uid=uid, storage_key=key)
                     session.add(output)
                     session.flush()
                     outputs.append(output.id)
@@ -404,7 +417,6 @@ def worker_store_outputs(worker_store_instance: Callable[..., int]) -> Callable[
         return outputs
 
     return make
-
 
 
 @pytest.fixture
@@ -430,6 +442,7 @@ def worker_model_variant(tmp_path: Path) -> Callable[..., Path]:
         return out
 
     return variant
+
 
 # Redis: one real redis-server per test session on a free loopback port, no persistence. The
 # gateway enqueues into it and the worker tests consume from it; tests that need an empty queue
@@ -504,8 +517,9 @@ def start_gateway(make_settings: Callable[..., Settings]) -> Iterator[Callable[.
 
     started: list[Any] = []
 
-    def start(settings: Settings | None = None, *, send: Any = None, breaker_seconds: float = 15.0,
-              **overrides: Any) -> Any:
+    def start(
+        settings: Settings | None = None, *, send: Any = None, breaker_seconds: float = 15.0, **overrides: Any
+    ) -> Any:
         from dicom_gateway.server import Gateway
 
         settings = settings if settings is not None else make_settings(**overrides)
@@ -531,8 +545,13 @@ def camera_files(tmp_path: Path) -> Callable[..., list[Path]]:
     ``folder`` is given. Patient names are ``SYNTH^P<study+1>`` (fabricated).
     """
 
-    def make(count: int = 2, study: int = 0, size: tuple[int, int] = (256, 192),
-             transfer_syntax: str = "jpeg_baseline", folder: Path | None = None) -> list[Path]:
+    def make(
+        count: int = 2,
+        study: int = 0,
+        size: tuple[int, int] = (256, 192),
+        transfer_syntax: str = "jpeg_baseline",
+        folder: Path | None = None,
+    ) -> list[Path]:
         import numpy as np
 
         from retinagate.synth import DicomIdentity, render_fundus, write_dicom
@@ -612,6 +631,20 @@ def dsrdump() -> Callable[[Path], list[str]]:
         return problems if done.returncode == 0 else [f"exit status {done.returncode}", *problems]
 
     return check
+
+
+@pytest.fixture
+def transcode() -> Callable[[Path, str, Path], Path]:
+    """Returns ``transcode(native, syntax, target) -> target``: an uncompressed Part 10 file re-encoded
+    in any transfer syntax the gateway accepts (a UID), the way a sender would.
+
+    pydicom's encoders write RLE, JPEG-LS and JPEG 2000; dcmtk's ``dcmcjpeg`` writes the JPEG processes
+    (pydicom encodes none but baseline, and a camera's file comes from a real codec). The lossy ones
+    say so as a sender must: Lossy Image Compression ``01`` with its ratio and method (dcmcjpeg does that
+    itself, and gives the lossy image a new SOP Instance UID). Without dcmcjpeg it skips, or fails
+    under CI.
+    """
+    return _transcode
 
 
 # Synthetic dataset and a small trained model, shared by the training, export, engine and worker tests.
@@ -761,8 +794,12 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _certificate(
-    name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-    *, ca: bool = False, server: bool = False,
+    name: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+    *,
+    ca: bool = False,
+    server: bool = False,
 ) -> x509.Certificate:
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     issuer_name, issuer_key = issuer if issuer is not None else (subject, key)
@@ -793,9 +830,7 @@ def _write(folder: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurv
     cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_path, key_path
 
@@ -899,16 +934,26 @@ def ood_model_variant(tmp_path: Path) -> Callable[..., Path]:
             reduce = helper.make_node("ReduceMean", ["ood_pixels", "ood_axes"], ["ood_level"], keepdims=0)
         else:
             reduce = helper.make_node("ReduceMean", ["ood_pixels"], ["ood_level"], axes=[1, 2, 3], keepdims=0)
-        graph.node.extend([
-            helper.make_node("Cast", ["image"], ["ood_pixels"], to=TensorProto.FLOAT),
-            reduce,
-            helper.make_node("Mul", ["ood_level", "ood_scale"], ["ood_score"]),
-        ])
+        graph.node.extend(
+            [
+                helper.make_node("Cast", ["image"], ["ood_pixels"], to=TensorProto.FLOAT),
+                reduce,
+                helper.make_node("Mul", ["ood_level", "ood_scale"], ["ood_score"]),
+            ]
+        )
         graph.output.append(helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["N"]))
         entry = next(p for p in proto.metadata_props if p.key == CARD_METADATA_KEY)
         card = ModelCard.from_json(entry.value)
-        ood = OodStatistics(features=1, rank=1, mean=(0.0,), components=((1.0,),), variances=(1.0,),
-                            residual_variance=1.0, threshold=threshold, fitted_on={"test": "mean pixel level"})
+        ood = OodStatistics(
+            features=1,
+            rank=1,
+            mean=(0.0,),
+            components=((1.0,),),
+            variances=(1.0,),
+            residual_variance=1.0,
+            threshold=threshold,
+            fitted_on={"test": "mean pixel level"},
+        )
         entry.value = card.with_updates(version=f"{card.version}-ood", ood=ood.model_dump()).to_json()
         onnx.checker.check_model(proto)
         out = tmp_path / f"{source.stem}-ood-{threshold:g}.onnx"
@@ -931,3 +976,63 @@ def nested_sequences() -> Callable[[int], bytes]:
         return (sequence + item) * depth + ends * depth
 
     return make
+
+
+# The transcode fixture's encoders.
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+import pydicom  # noqa: E402
+from pydicom import uid  # noqa: E402
+
+from dicom_gateway.sop_classes import TRANSFER_SYNTAXES  # noqa: E402
+
+#: ``dcmcjpeg`` options per JPEG process.
+_DCMCJPEG = {
+    uid.JPEGBaseline8Bit: ["+eb"],
+    uid.JPEGExtended12Bit: ["+ee"],
+    uid.JPEGLossless: ["+el"],
+    uid.JPEGLosslessSV1: ["+e1"],
+}
+
+#: pydicom encoder options, and the Lossy Image Compression Method of the lossy ones.
+_PYDICOM: dict[str, tuple[dict[str, object], str | None]] = {
+    uid.RLELossless: ({}, None),
+    uid.JPEGLSLossless: ({}, None),
+    uid.JPEGLSNearLossless: ({"jls_error": 3}, "ISO_14495_1"),
+    uid.JPEG2000Lossless: ({}, None),
+    uid.JPEG2000: ({"j2k_cr": [20]}, "ISO_15444_1"),
+}
+
+
+def _transcode(native: Path, syntax: str, target: Path) -> Path:
+    """Writes ``native`` (an uncompressed Part 10 file) to ``target`` in ``syntax`` and returns ``target``."""
+    if syntax not in TRANSFER_SYNTAXES:
+        raise ValueError(f"{syntax} is not a transfer syntax the gateway accepts")
+    if syntax in _DCMCJPEG:
+        return _dcmcjpeg(_DCMCJPEG[uid.UID(syntax)], native, target)
+    ds = pydicom.dcmread(native)
+    if syntax in _PYDICOM:
+        options, lossy_method = _PYDICOM[syntax]
+        raw = len(ds.PixelData)
+        ds.compress(syntax, **options)  # type: ignore[arg-type]
+        if lossy_method is not None:
+            ds.LossyImageCompression = "01"
+            ds.LossyImageCompressionRatio = f"{raw / len(ds.PixelData):.2f}"[:16]
+            ds.LossyImageCompressionMethod = lossy_method
+    else:  # the three native syntaxes differ only in how the file is written
+        ds.file_meta.TransferSyntaxUID = uid.UID(syntax)
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def _dcmcjpeg(args: list[str], source: Path, target: Path) -> Path:
+    if shutil.which("dcmcjpeg") is None:
+        if os.environ.get("CI"):
+            pytest.fail("dcmcjpeg (dcmtk) is missing; CI is set, so this fails instead of skipping")
+        pytest.skip("dcmcjpeg (dcmtk) is not installed")
+    done = subprocess.run(["dcmcjpeg", *args, str(source), str(target)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return target

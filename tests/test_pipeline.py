@@ -13,7 +13,9 @@ import numpy as np
 import pydicom
 import pytest
 from numpy.typing import NDArray
+from pydicom import uid
 
+from dicom_gateway.sop_classes import TRANSFER_SYNTAXES
 from retinagate.engine import Engine
 from retinagate.labels import DISEASE_RISK, LABELS
 from retinagate.outputs.findings import NO_FINDING, finding_text, summary_lines
@@ -436,18 +438,45 @@ def test_an_instance_nested_too_deep_fails_for_good_with_its_reason_and_the_batc
 
 
 #: A two-eye study: two photographs of the right eye (instances 1 and 2 of its series) and one of the left.
-TWO_EYES: dict[str, tuple[str, int, str]] = {
-    "r1": ("R", 0, "jpeg_baseline"), "r2": ("R", 1, "explicit_little"), "l1": ("L", 0, "jpeg_baseline")
-}  # fmt: skip
+TWO_EYES: dict[str, tuple[str, int]] = {"r1": ("R", 0), "r2": ("R", 1), "l1": ("L", 0)}
+
+#: Lossy encodings: a photograph in one of them says so, and so do the maps made from it.
+LOSSY_SYNTAXES = {uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLSNearLossless, uid.JPEG2000}
+
+#: Transfer syntaxes of (r1, r2, l1), one study per row: together every syntax the gateway accepts.
+STUDY_SYNTAXES = [
+    pytest.param((uid.JPEGBaseline8Bit, uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian), id="baseline-native"),
+    pytest.param((uid.JPEGExtended12Bit, uid.JPEGLossless, uid.JPEGLosslessSV1), id="extended-lossless-sv1"),
+    pytest.param((uid.JPEGLSLossless, uid.JPEGLSNearLossless, uid.RLELossless), id="jpegls-nearlossless-rle"),
+    pytest.param((uid.JPEG2000Lossless, uid.JPEG2000, uid.DeflatedExplicitVRLittleEndian), id="j2k-deflated"),
+]  # fmt: skip
+
+
+def test_the_two_eye_studies_cover_every_transfer_syntax_the_gateway_accepts() -> None:
+    covered = [syntax for param in STUDY_SYNTAXES for syntax in param.values[0]]  # type: ignore[union-attr]
+    assert sorted(covered) == sorted(TRANSFER_SYNTAXES)
 
 
 def _score_two_eyes(
-    engine: Engine, photos: list[NDArray[np.uint8]], tmp_path: Path, settings: Settings
+    engine: Engine,
+    photos: list[NDArray[np.uint8]],
+    tmp_path: Path,
+    settings: Settings,
+    syntaxes: tuple[str, str, str] = (uid.JPEGBaseline8Bit, uid.ExplicitVRLittleEndian, uid.JPEGBaseline8Bit),
+    transcode: Callable[[Path, str, Path], Path] | None = None,
 ) -> list[ScoreResult]:
-    """The study of :data:`TWO_EYES` written in ``tmp_path`` and scored with outputs sc, sr and pm."""
-    for photo, (name, (eye, key, syntax)) in zip(photos, TWO_EYES.items(), strict=True):
+    """The study of :data:`TWO_EYES` written in ``tmp_path`` in ``syntaxes`` (``transcode``: the fixture,
+    for any but JPEG Baseline and Explicit VR Little Endian) and scored with outputs sc, sr and pm."""
+    for photo, (name, (eye, key)), syntax in zip(photos, TWO_EYES.items(), syntaxes, strict=True):
         identity = DicomIdentity.synthetic(0, eye, instance=key)
-        write_dicom(photo, tmp_path / f"{name}.dcm", identity, transfer_syntax=syntax)
+        path = tmp_path / f"{name}.dcm"
+        if syntax in (uid.JPEGBaseline8Bit, uid.ExplicitVRLittleEndian):
+            write_dicom(photo, path, identity, transfer_syntax=syntax)
+        else:
+            assert transcode is not None, f"{syntax} needs the transcode fixture"
+            native = tmp_path / f"{name}.native.dcm"
+            write_dicom(photo, native, identity, transfer_syntax="explicit_little")
+            transcode(native, syntax, path)
     results = _score(engine, settings.model_copy(update={"outputs": ["sc", "sr", "pm"]}),
                      [tmp_path / f"{n}.dcm" for n in TWO_EYES])  # fmt: skip
     scored = [r for r in results if isinstance(r, ScoreResult)]
@@ -455,17 +484,31 @@ def _score_two_eyes(
     return scored
 
 
+def _inflated(path: Path) -> Path:
+    """``path``, or for a Deflated Explicit VR Little Endian file an Explicit VR Little Endian copy of it:
+    dicom3tools reads no deflated dataset ("Implicit VR encoding even though supposed to be explicit")."""
+    ds = pydicom.dcmread(path)
+    if ds.file_meta.TransferSyntaxUID != uid.DeflatedExplicitVRLittleEndian:
+        return path
+    ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+    ds.save_as(copy := path.with_suffix(".inflated.dcm"), enforce_file_format=True)
+    return copy
+
+
 @pytest.mark.interop
+@pytest.mark.parametrize("syntaxes", STUDY_SYNTAXES)
 def test_a_two_eye_study_gets_a_series_per_eye_and_kind_that_dciodvfy_and_dcentvfy_accept(
+    syntaxes: tuple[str, str, str],
     engine: Engine,
     photos: list[NDArray[np.uint8]],
     tmp_path: Path,
     make_settings: Callable[..., Settings],
     dciodvfy: Callable[[object], list[str]],
     dcentvfy: Callable[[list[Path]], list[str]],
+    transcode: Callable[[Path, str, Path], Path],
 ) -> None:
     eyes = TWO_EYES
-    results = _score_two_eyes(engine, photos, tmp_path, make_settings())
+    results = _score_two_eyes(engine, photos, tmp_path, make_settings(), syntaxes, transcode)
 
     files: list[Path] = []
     series: dict[tuple[str, str], list[pydicom.Dataset]] = {}
@@ -478,7 +521,7 @@ def test_a_two_eye_study_gets_a_series_per_eye_and_kind_that_dciodvfy_and_dcentv
             files.append(path)
             series.setdefault((output.kind, eyes[name][0]), []).append(pydicom.dcmread(path, stop_before_pixels=True))
     assert {path.name: errors for path in files if (errors := dciodvfy(path))} == {}
-    assert dcentvfy([*(tmp_path / f"{n}.dcm" for n in eyes), *files]) == []
+    assert dcentvfy([*(_inflated(tmp_path / f"{n}.dcm") for n in eyes), *files]) == []
     assert sorted(series) == sorted((kind, eye) for kind in ("sc", "sr", "pm") for eye in ("R", "L"))
     assert len({members[0].SeriesInstanceUID for members in series.values()}) == 6
     for (kind, eye), members in series.items():
@@ -494,22 +537,31 @@ def test_a_two_eye_study_gets_a_series_per_eye_and_kind_that_dciodvfy_and_dcentv
         if kind == "pm":
             assert len({m.FrameOfReferenceUID for m in members}) == 1
     assert series["pm", "R"][0].FrameOfReferenceUID != series["pm", "L"][0].FrameOfReferenceUID
+    lossy = {Path(r.source).stem: pydicom.dcmread(r.source).get("LossyImageCompression") == "01" for r in results}
+    assert any(lossy.values()) == any(s in LOSSY_SYNTAXES for s in syntaxes)
+    for (kind, eye), members in series.items():
+        if kind == "pm":  # once lossy, always flagged; a lossless source gives a lossless map
+            assert {m.LossyImageCompression == "01" for m in members} == {lossy[n] for n in eyes if eyes[n][0] == eye}
 
 
 @pytest.mark.interop
+@pytest.mark.parametrize("syntaxes", STUDY_SYNTAXES)
 def test_each_eyes_sr_gives_a_reader_its_laterality_measurements_finding_codes_and_maps(
+    syntaxes: tuple[str, str, str],
     engine: Engine,
     photos: list[NDArray[np.uint8]],
     tmp_path: Path,
     make_settings: Callable[..., Settings],
     dsrdump: Callable[[Path], list[str]],
+    transcode: Callable[[Path, str, Path], Path],
 ) -> None:
-    """What an IHE AIR reader needs of each eye's SR, read back with highdicom; dsrdump parses each."""
+    """What an IHE AIR reader needs of each eye's SR, read back with highdicom, in every accepted transfer
+    syntax; dsrdump parses each."""
     from pydicom.sr.codedict import codes
 
     from retinagate.outputs.sr import HEATMAP, label_concept
 
-    results = _score_two_eyes(engine, photos, tmp_path, make_settings())
+    results = _score_two_eyes(engine, photos, tmp_path, make_settings(), syntaxes, transcode)
 
     side = {"R": codes.SCT.Right, "L": codes.SCT.Left}
     every_label = {(c.value, c.scheme_designator) for c in map(label_concept, LABELS)}
@@ -547,7 +599,7 @@ def test_each_eyes_sr_gives_a_reader_its_laterality_measurements_finding_codes_a
             for entry in group.ContentSequence
         }
         pictures = {result.sop_instance_uid, *(o.sop_instance_uid for o in result.built if o.kind in ("sc", "pm"))}
-        assert listed == {uid: {side[eye].value} for uid in pictures}
+        assert listed == {sop: {side[eye].value} for sop in pictures}
 
 
 @pytest.mark.interop
