@@ -3,12 +3,18 @@
 Both keep the served interface: input ``image`` stays uint8 and the outputs stay float32, so the
 engine and the worker do not care which variant they load; the card's ``precision`` says which.
 
-* fp16: every float tensor inside the graph becomes half precision (ONNX Runtime's converter with
+* fp16: every float tensor inside the network becomes half precision (ONNX Runtime's converter with
   ``keep_io_types``), which halves memory traffic on a GPU. CPUs gain nothing from it.
 * int8: static quantisation in QDQ form with per-channel weights, calibrated on photographs the user
   points at (prepared exactly as in serving). The CAM head, the classifier and the feature map they
   read stay in float: the heatmaps and the logits are then as exact as the features, and the head is
   a negligible share of the work.
+
+In int8 the preprocessing in front of the network (:func:`preprocessing_nodes`: the normalisation,
+and the local contrast normalisation's blur and division on 0-255 pixel values) stays in float32: a
+small share of the work, and quantised it shifts every input pixel (the logits' signal-to-noise ratio
+fell below 0 dB). fp16 keeps 0-255 integers exactly and the blur to about 0.1 grey level, so it is
+converted with the rest (ONNX Runtime's converter, given a block list, writes an unsorted graph).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ __all__ = [
     "calibration_images",
     "convert_fp16",
     "head_nodes",
+    "preprocessing_nodes",
     "quantize_int8",
     "signal_to_noise_db",
     "with_float_nodes",
@@ -171,6 +178,41 @@ def head_nodes(model: onnx.ModelProto) -> tuple[str, list[str]]:
     return features, found
 
 
+def preprocessing_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names the nodes between the ``image`` input and the network's stem: the normaliser.
+
+    The stem is the first full convolution of the 3 colour channels (the contrast normaliser's blurs
+    are depthwise convolutions); everything its input is computed from is preprocessing.
+
+    Raises:
+        ValueError: If the graph has no such convolution.
+    """
+    weights = {init.name: init for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    stem = next(
+        (
+            node
+            for node in model.graph.node
+            if node.op_type == "Conv"
+            and node.input[1] in weights
+            and list(weights[node.input[1]].dims)[1:2] == [3]
+            and all(a.i == 1 for a in node.attribute if a.name == "group")
+        ),
+        None,
+    )
+    if stem is None:
+        raise ValueError("the graph has no stem: a convolution of the 3 colour channels")
+    found: list[str] = []
+    frontier = [stem.input[0]]
+    while frontier:
+        node = producers.get(frontier.pop())
+        if node is None or node.name in found:
+            continue
+        found.append(node.name)
+        frontier.extend(node.input)
+    return found
+
+
 class _Batches:
     """Feeds calibration images to the quantiser in small batches (ONNX Runtime's reader protocol)."""
 
@@ -285,7 +327,7 @@ class Quantized:
         card: The card in the int8 file.
         snr_db: :func:`signal_to_noise_db` of the int8 logits on the calibration images.
         quantized_convs: Convolutions running in int8.
-        total_convs: Convolutions in the network (the CAM head's excluded).
+        total_convs: Convolutions in the network (the CAM head's and the preprocessing's excluded).
         float_nodes: Nodes kept in float to reach the accuracy target (besides the CAM head).
     """
 
@@ -356,6 +398,7 @@ def quantize_int8(
         quant_pre_process(str(src), str(prepared_path), skip_symbolic_shape=True)
         prepared = onnx.load(str(prepared_path))
         features, head = head_nodes(prepared)
+        in_float = [*preprocessing_nodes(prepared), *head]  # never quantised, nor counted as the network's
         quantized_path = Path(scratch) / "int8.onnx"
         quantize_static(
             str(prepared_path),
@@ -365,7 +408,7 @@ def quantize_int8(
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=[*head, *keep_float],
+            nodes_to_exclude=[*in_float, *keep_float],
             calibrate_method=methods[method],
         )
         qdq = onnx.load(str(quantized_path))
@@ -375,9 +418,10 @@ def quantize_int8(
     result = qdq
     snr = signal_to_noise_db(_logits(qdq, calibration), exact)
     if target_snr_db is not None and snr < target_snr_db:
-        float_nodes, result, _ = _keep_sensitive_in_float(qdq, prepared, set(head), calibration, exact, target_snr_db)
+        fixed = set(in_float)
+        float_nodes, result, _ = _keep_sensitive_in_float(qdq, prepared, fixed, calibration, exact, target_snr_db)
         snr = signal_to_noise_db(_logits(result, calibration), exact)
-    convs = [n.name for n in prepared.graph.node if n.op_type == "Conv" and n.name not in head]
+    convs = [n.name for n in prepared.graph.node if n.op_type == "Conv" and n.name not in in_float]
     floated = set(float_nodes) | set(keep_float)
     card = card.with_updates(precision="int8")
     embed_card(result, card)
@@ -410,19 +454,20 @@ def _keep_sensitive_in_float(
 ) -> tuple[list[str], onnx.ModelProto, float]:
     """Returns the fewest most-sensitive units to keep in float for ``target_db``, the model and its SNR.
 
-    Sensitivity of a unit: the SNR when only that unit is quantised. Units are floated in order of
-    increasing SNR; the smallest count that meets the target is found by bisection (the SNR grows,
-    near enough monotonically, with each unit taken out of int8).
+    Sensitivity of a unit: the SNR when only that unit is quantised (on up to 16 of the images). Units
+    are floated in order of increasing SNR; the smallest count that meets the target on all the images
+    is found by bisection (the SNR grows, near enough monotonically, with each unit taken out of int8).
     """
     measure = images[: min(len(images), 16)]
-    exact = exact[: len(measure)]
     total_convs = sum(1 for n in prepared.graph.node if n.op_type == "Conv" and n.name not in head)
     units = _units(prepared, head, convs_per_unit=max(1, -(-total_convs // 16)))
     everything = [name for unit in units for name in unit]
     sensitivity = []
     for unit in units:
         others = set(everything) - set(unit)
-        sensitivity.append(signal_to_noise_db(_logits(with_float_nodes(qdq, prepared, others), measure), exact))
+        sensitivity.append(
+            signal_to_noise_db(_logits(with_float_nodes(qdq, prepared, others), measure), exact[: len(measure)])
+        )
     order = [units[i] for i in np.argsort(sensitivity)]
     low, high = 1, len(order)  # floating every unit certainly meets the target: that is the fp32 model
     best: tuple[int, list[str], onnx.ModelProto, float] | None = None
@@ -430,14 +475,14 @@ def _keep_sensitive_in_float(
         count = (low + high) // 2
         names = [name for unit in order[:count] for name in unit]
         candidate = with_float_nodes(qdq, prepared, set(names))
-        snr = signal_to_noise_db(_logits(candidate, measure), exact)
+        snr = signal_to_noise_db(_logits(candidate, images), exact)
         if snr >= target_db:
             best, high = (count, names, candidate, snr), count - 1
         else:
             low = count + 1
     if best is None:
         candidate = with_float_nodes(qdq, prepared, set(everything))
-        best = (len(order), everything, candidate, signal_to_noise_db(_logits(candidate, measure), exact))
+        best = (len(order), everything, candidate, signal_to_noise_db(_logits(candidate, images), exact))
     count, names, candidate, snr = best
     logger.info("int8: %d of %d stages kept in float to reach %.1f dB (%.1f dB)", count, len(units), target_db, snr)
     return names, candidate, snr

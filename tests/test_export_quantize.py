@@ -91,7 +91,10 @@ def test_fp16_variant_stays_close_to_fp32_probabilities_cams_and_auroc(
     p16, c16 = ort_outputs(fp16_path, validation.images)
 
     assert np.abs(p16 - p32).max() < FP16_PROBABILITY_TOLERANCE
+    # fp16's error follows the size of the terms a CAM sums, not of their sum: a photograph whose maps
+    # nearly cancel (max 0.01 where the median photograph's is about 10) is judged on the typical scale.
     scale = np.abs(c32).max(axis=(1, 2, 3), keepdims=True)
+    scale = np.maximum(scale, np.median(scale))
     assert (np.abs(c16 - c32) / scale).max() < FP16_CAM_TOLERANCE
     auroc32, auroc16 = macro_auroc(validation.labels, p32), macro_auroc(validation.labels, p16)
     assert auroc32 is not None and auroc16 is not None
