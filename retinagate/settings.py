@@ -205,6 +205,11 @@ class Settings(BaseSettings):
     study_quiet_seconds: Annotated[int, Field(ge=0)] = Field(
         300, description="A study counts as complete after this long without new instances."
     )
+    study_reports: bool = Field(
+        True,
+        description="Write and deliver one study-level SR per complete study and model (refer / no referable "
+        "finding / ungradable); off, only the per-photograph outputs are made.",
+    )
 
     # Worker. The defaults and the rules between them are explained in the README ("Reliability").
     task_time_limit: Annotated[int, Field(ge=10)] = Field(

@@ -125,6 +125,15 @@ def test_a_complete_study_gets_one_report_stored_as_an_output_and_a_second_run_w
     assert site.reports() == [(site.models[0], 1, 2, "refer")]
 
 
+def test_with_study_reports_off_a_complete_study_gets_none_until_they_are_on_again(site: Site) -> None:
+    site.score(site.photograph("R", 0), 0)
+    site.settings = site.settings.model_copy(update={"study_reports": False})
+
+    assert site.write().written == [] and site.reports() == []
+    site.settings = site.settings.model_copy(update={"study_reports": True})
+    assert len(site.write().written) == 1
+
+
 def test_no_report_before_the_quiet_period_or_while_a_photograph_is_still_being_scored(site: Site) -> None:
     right, left = site.photograph("R", 0), site.photograph("L", 0)
     site.score(right, 0)

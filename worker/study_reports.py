@@ -197,7 +197,8 @@ def write_study_reports(
     now: datetime | None = None,
     limit: int = STUDY_LIMIT,
 ) -> StudyReportOutcome:
-    """Writes the report of every study due for one by the model (at most ``limit``), oldest first.
+    """Writes the report of every study due for one by the model (at most ``limit``), oldest first;
+    nothing when ``settings.study_reports`` is off.
 
     A study whose report cannot be built (photographs' headers highdicom refuses together, such as
     two patients in one study) is skipped with the reason in the outcome and tried again next run.
@@ -211,6 +212,8 @@ def write_study_reports(
     if limit < 1:
         raise ValueError(f"limit is {limit}; expected 1 or more")
     outcome = StudyReportOutcome()
+    if not settings.study_reports:
+        return outcome
     with session_scope(sessions) as session:
         model = session.get_one(Model, model_id)
         identity = _identity(model)
