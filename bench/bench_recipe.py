@@ -10,7 +10,7 @@ minutes on a 2-core machine).
 
 Examples::
 
-    .venv/bin/python bench/bench_recipe.py                      # makes 600 hard photographs (seed 7301)
+    .venv/bin/python bench/bench_recipe.py                      # makes 666 hard photographs (seed 20261205)
     .venv/bin/python bench/bench_recipe.py --data DIR --json out.json
     .venv/bin/python bench/bench_recipe.py --recipes default --epochs 2   # a quick smoke run
     .venv/bin/python bench/bench_recipe.py --data DIR --variant bs8:batch_size=8 --recipes default,bs8
@@ -30,8 +30,9 @@ from retinagate.labels import LABELS
 from retinagate.synth import SynthConfig, write_dataset
 from train.loop import RunResult, TrainConfig, train
 
-#: Seed of the report set: never used while tuning the recipe (tuning used seeds 11 and 12).
-REPORT_SEED = 7301
+#: Seed of the report set: never used while tuning the recipe (tuning used seeds 11 and 12; 7301 was the
+#: report seed before local contrast normalisation, and looked at often enough to retire).
+REPORT_SEED = 20261205
 
 
 def plain_config(data: Path, out: Path, cache: Path) -> TrainConfig:
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="an RFMiD-layout folder with masks (default: make one)")
     parser.add_argument("--seed", type=int, default=REPORT_SEED, help=f"synthetic set seed (default {REPORT_SEED})")
-    parser.add_argument("--n", type=int, default=600, help="photographs to make, over 3 splits (default 600)")
+    parser.add_argument("--n", type=int, default=666, help="photographs over 3 splits (default 666: 400/133/133)")
     parser.add_argument("--recipes", default="plain,default", help="comma list of plain, default")
     parser.add_argument("--epochs", type=int, help="override every recipe's epochs (smoke runs)")
     parser.add_argument("--work", type=Path, help="folder for data and runs (default: a temporary one)")

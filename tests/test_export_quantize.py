@@ -24,6 +24,7 @@ from export.quantize import (
     calibration_images,
     convert_fp16,
     head_nodes,
+    preprocessing_nodes,
     quantize_int8,
     signal_to_noise_db,
     with_float_nodes,
@@ -174,6 +175,19 @@ def test_head_nodes_are_the_cam_head_classifier_and_final_activation(random_onnx
         ["Mul", "Sigmoid", "GlobalAveragePool", "Flatten", "Gemm", "Sigmoid", "Conv", "Relu"]
     )
     assert features.startswith("/bn2")
+
+
+def test_preprocessing_nodes_are_everything_between_the_input_and_the_stem(onnx_model_path: Path) -> None:
+    model = onnx.load(str(onnx_model_path))
+    assert read_card(onnx_model_path).preprocessing.contrast_sigma > 0  # the default recipe's normaliser
+
+    found = preprocessing_nodes(model)
+
+    ops = {node.name: node.op_type for node in model.graph.node}
+    assert [ops[name] for name in found].count("Conv") == 2  # the contrast blur's row and column passes
+    assert all(name.startswith(("/normaliser/", "/Transpose")) for name in found)
+    stem = next(node for node in model.graph.node if node.name == "/conv_stem/Conv")
+    assert {out for node in model.graph.node if node.name in found for out in node.output} >= {stem.input[0]}
 
 
 def test_variants_are_made_from_the_fp32_export_only(fp16_path: Path, tmp_path: Path) -> None:

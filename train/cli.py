@@ -108,7 +108,7 @@ def register(subparsers: Any) -> None:
         type=float,
         default=_SUPPRESS,
         metavar="S",
-        help="local contrast normalisation: sigma of the local mean as a share of the input side (0: off)",
+        help="local contrast normalisation: sigma of the local mean, a share of the input side (default 0.04; 0: off)",
     )
     data.add_argument(
         "--contrast-gain", type=float, default=_SUPPRESS, metavar="G", help="gain on the local difference (default 4)"
@@ -124,7 +124,7 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="run at most N epochs now, then exit; continue later with --resume",
     )
-    run.add_argument("--epochs", type=int, default=_SUPPRESS, metavar="N", help="epochs (default 12)")
+    run.add_argument("--epochs", type=int, default=_SUPPRESS, metavar="N", help="epochs (default 18)")
     run.add_argument("--batch-size", type=int, default=_SUPPRESS, metavar="B", help="batch size (default 16)")
     run.add_argument("--device", default=_SUPPRESS, metavar="auto|cpu|cuda", help="where to train (default auto)")
     run.add_argument(
