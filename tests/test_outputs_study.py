@@ -126,8 +126,11 @@ def test_the_report_gives_each_eye_its_laterality_disease_risk_findings_and_the_
     (verdict,) = study.get_qualitative_evaluations()
     assert verdict.value.value == CONCLUSION_CODES[StudyConclusion.REFER].value
     # The conclusion in words, each eye worded as a photograph's result is.
-    (text,) = [item.TextValue for item in study[0].ContentSequence
-               if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121077"]
+    (text,) = [
+        item.TextValue
+        for item in study[0].ContentSequence
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121077"
+    ]
     assert text == (
         "Refer. Right eye: Finding: Diabetic retinopathy (DR) 0.80, threshold 0.50; Disease risk (any abnormality)"
         " 0.90, at or over threshold 0.50. Left eye: Not graded."
@@ -151,10 +154,11 @@ def test_the_report_passes_dciodvfy_and_dcentvfy_with_its_photographs_and_dsrdum
     dcentvfy: Callable[[list[Path]], list[str]],
 ) -> None:
     eyes = eye_results([_photo("R", DR=0.8), _photo("L"), _photo("R")])
-    path = tmp_path / "study.dcm"
+    path, revised = tmp_path / "study.dcm", tmp_path / "study.2.dcm"
     path.write_bytes(build_study_report(sources, MODEL, eyes).data)
+    revised.write_bytes(build_study_report(sources, MODEL, eyes, revision=2).data)
 
-    assert dciodvfy(path) == []
+    assert dciodvfy(path) == [] and dciodvfy(revised) == []
     assert dcentvfy([*photographs, path]) == []
     dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60, check=False)
     assert dump.returncode == 0, dump.stderr
@@ -173,12 +177,24 @@ def test_a_rerun_writes_the_same_object_and_a_later_revision_a_new_one_in_the_sa
 
     assert first.sop_instance_uid == again.sop_instance_uid
     assert later.sop_instance_uid != first.sop_instance_uid
-    assert first.series_instance_uid == later.series_instance_uid == report_series_uid(
-        str(sources[0].StudyInstanceUID), MODEL.sha256
+    assert (
+        first.series_instance_uid
+        == later.series_instance_uid
+        == report_series_uid(str(sources[0].StudyInstanceUID), MODEL.sha256)
     )
     assert other.series_instance_uid != first.series_instance_uid
     assert (first.read().InstanceNumber, later.read().InstanceNumber) == (1, 2)
     assert first.series_instance_uid not in {str(ds.SeriesInstanceUID) for ds in sources}
+    assert "PredecessorDocumentsSequence" not in first.read()
+    (study,) = later.read().PredecessorDocumentsSequence  # revision 2 amends revision 1
+    assert study.StudyInstanceUID == sources[0].StudyInstanceUID
+    ((series,),) = [study.ReferencedSeriesSequence]
+    assert series.SeriesInstanceUID == first.series_instance_uid
+    ((instance,),) = [series.ReferencedSOPSequence]
+    assert (instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID) == (
+        first.sop_class_uid,
+        first.sop_instance_uid,
+    )
 
 
 def test_sources_of_several_studies_are_refused(sources: list[Dataset]) -> None:

@@ -34,7 +34,9 @@ Identity: the document goes in the study, in one series per (study, model file, 
 Number 9904; its SOP Instance UID is derived from (study, model file, kind, revision), so a re-run
 writes the same object. Revision 1 is the first report of a study by a model; a later one (new
 photographs arrived after the report, see :mod:`worker.study_reports`) is a new object in the same
-series, its Instance Number the revision. The document is UNVERIFIED and PRELIMINARY.
+series, its Instance Number the revision, and names the revision before it in its Predecessor Documents
+Sequence (PS3.3 C.17.2), so a viewer can show which report it amends. The document is UNVERIFIED and
+PRELIMINARY.
 """
 
 from __future__ import annotations
@@ -289,7 +291,8 @@ def build_study_report(
             all of one study; the report takes the patient and study from the first.
         model: The model whose predictions it reports.
         eyes: Each eye's result (:func:`eye_results`).
-        revision: 1 for the first report of the study by the model, then 2, 3, ...
+        revision: 1 for the first report of the study by the model, then 2, 3, ... (each later one
+            names the one before as its predecessor).
 
     Returns:
         The Comprehensive SR (Explicit VR Little Endian) as Part 10 bytes, with its dataset.
@@ -298,6 +301,7 @@ def build_study_report(
         ValueError: If there are no sources or no eyes, or the sources span several studies.
     """
     import highdicom as hd
+    from pydicom.dataset import Dataset
     from pydicom.sr.codedict import codes
 
     if not sources:
@@ -350,9 +354,16 @@ def build_study_report(
     )
     uid = report_uid(study_uid, model.sha256, revision)
     series_uid = report_series_uid(study_uid, model.sha256)
+    predecessor = None
+    if revision > 1:
+        predecessor = Dataset()
+        predecessor.StudyInstanceUID, predecessor.SeriesInstanceUID = study_uid, series_uid
+        predecessor.SOPClassUID = COMPREHENSIVE_SR
+        predecessor.SOPInstanceUID = report_uid(study_uid, model.sha256, revision - 1)
     sr = unverified_sr(
         model,
         evidence=list(sources),
+        previous_versions=[predecessor] if predecessor is not None else None,
         content=report[0],
         series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
