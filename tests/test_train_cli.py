@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -34,9 +36,8 @@ def cli_run(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
         patch.setenv("RETINAGATE_DATA_DIR", str(root / "var"))
-        code = main(
-            _train_args(synth_dataset, root / "run", root / "cache", "--json", "--aug-on", "device", "--aug", "strong")
-        )
+        extra = ("--json", "--aug-on", "device", "--aug", "strong", "--peak-loss", "0.5", "--peak-sharpness", "3")
+        code = main(_train_args(synth_dataset, root / "run", root / "cache", *extra))
     assert code == 0
     return root / "run", json.loads(stdout.getvalue())
 
@@ -55,6 +56,7 @@ def test_train_writes_a_complete_run_folder(cli_run: tuple[Path, dict[str, Any]]
         assert (run / name).read_bytes()[:8] == PNG, name
     config = json.loads((run / "config.json").read_text())
     assert config["img_size"] == 48 and config["pretrained"] is False
+    assert config["peak_loss"] == 0.5 and config["peak_sharpness"] == 3.0
     with (run / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -152,3 +154,19 @@ def test_unreachable_pretrained_weights_exit_3_and_name_the_way_out(
 def test_evaluate_missing_checkpoint_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", "--checkpoint", str(tmp_path / "best.pt")]) == EXIT_MISSING
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_every_training_setting_has_a_flag_that_reaches_the_config(tmp_path: Path) -> None:
+    from retinagate.cli import build_parser
+    from train.loop import TrainConfig
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    destinations = {action.dest for action in subcommands.choices["train"]._actions}
+    assert [f.name for f in dataclasses.fields(TrainConfig) if f.name not in destinations] == []
+    # What the flags say is what the run is configured with (config.json is written before the data is
+    # looked for, so a missing folder stops the run right after).
+    given = ("--aug-on", "workers", "--peak-loss", "0.25", "--contrast-sigma", "0", "--no-ema")
+    assert main(_train_args(tmp_path / "absent", tmp_path / "run", tmp_path / "cache", *given)) == EXIT_MISSING
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["aug_on"] == "workers" and config["peak_loss"] == 0.25
+    assert config["contrast_sigma"] == 0.0 and config["ema"] is False and config["img_size"] == 48

@@ -1,13 +1,15 @@
-"""BCE, focal and asymmetric losses and the automatic positive weight."""
+"""BCE, focal and asymmetric losses, the automatic positive weight, and the peak pooling."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from train.losses import AsymmetricLoss, FocalLoss, auto_pos_weight, build_loss
+from train.losses import AsymmetricLoss, FocalLoss, auto_pos_weight, build_loss, peak_logits
 
 
 @pytest.fixture
@@ -68,3 +70,33 @@ def test_auto_pos_weight_is_negatives_over_positives_capped_and_one_without_posi
 def test_unknown_loss_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match="bce, asl, focal"):
         build_loss("hinge")
+
+
+def _head(features: int = 6, labels: int = 3) -> torch.nn.Linear:
+    torch.manual_seed(1)
+    return torch.nn.Linear(features, labels)
+
+
+def test_peak_logits_of_a_flat_map_are_the_average_pooled_logits() -> None:
+    head = _head()
+    column = torch.randn(2, 6, 1, 1)
+    features = column.expand(2, 6, 4, 5)
+    for sharpness in (0.5, 5.0, 50.0):
+        torch.testing.assert_close(peak_logits(features, head, sharpness), head(column.flatten(1)))
+
+
+def test_peak_logits_lie_between_the_mean_and_the_maximum_of_the_class_map() -> None:
+    head = _head()
+    features = torch.randn(2, 6, 4, 5)
+    maps = torch.einsum("nkhw,ck->nchw", features, head.weight).flatten(2) + head.bias[None, :, None]
+    mean, peak = maps.mean(2), maps.amax(2)
+    soft, sharp = peak_logits(features, head, 1.0), peak_logits(features, head, 1000.0)
+    assert torch.all(soft > mean) and torch.all(soft < peak)
+    assert torch.all(sharp > soft)
+    # At sharpness r the pooled value is within log(h * w) / r of the maximum.
+    torch.testing.assert_close(sharp, peak, atol=math.log(20) / 1000, rtol=0)
+
+
+def test_peak_logits_refuse_a_sharpness_that_is_not_positive() -> None:
+    with pytest.raises(ValueError, match="sharpness is 0"):
+        peak_logits(torch.zeros(1, 6, 2, 2), _head(), 0.0)

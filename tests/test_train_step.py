@@ -7,6 +7,7 @@ import torch
 
 from retinagate.card import ModelCard, Preprocessing
 from train.augment import Normalizer
+from train.losses import peak_logits
 from train.model import create_model
 from train.step import TrainStep
 
@@ -41,3 +42,22 @@ def test_unknown_precision_is_refused() -> None:
     with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
         TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.MSELoss(), torch.nn.Identity(),
                   device=torch.device("cpu"), precision="fp8")  # fmt: skip
+
+
+def test_the_peak_term_adds_the_loss_of_the_log_sum_exp_pooled_class_maps() -> None:
+    torch.manual_seed(0)
+    card = ModelCard(preprocessing=Preprocessing(input_size=64))
+    model = create_model(card, drop_rate=0.0, drop_path_rate=0.0)
+    normalizer, criterion = Normalizer(card.preprocessing), torch.nn.BCEWithLogitsLoss()
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    targets = (torch.rand(4, 29) < 0.3).to(torch.uint8)
+    model.train()
+    with torch.no_grad():  # batch norm uses the batch's statistics in train mode, so this is the step's forward
+        features = model.forward_features(normalizer(images))
+        logits = model.forward_head(features)
+        expected = criterion(logits, targets.float()) + 0.5 * criterion(
+            peak_logits(features, model.get_classifier(), 3.0), targets.float()
+        )
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), criterion, normalizer,
+                     device=torch.device("cpu"), channels_last=False, peak_weight=0.5, peak_sharpness=3.0)  # fmt: skip
+    torch.testing.assert_close(step(images, targets), expected)

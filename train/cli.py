@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,46 +19,6 @@ if TYPE_CHECKING:
     from train.metrics import Metrics
 
 _SUPPRESS = argparse.SUPPRESS
-
-#: Options that map one to one onto ``train.loop.TrainConfig`` fields (dest name = field name).
-_CONFIG_FIELDS = (
-    "data",
-    "labels_csv",
-    "images",
-    "cache_dir",
-    "val_fraction",
-    "test_fraction",
-    "epochs",
-    "img_size",
-    "contrast_sigma",
-    "contrast_gain",
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "warmup_epochs",
-    "min_lr_ratio",
-    "grad_clip",
-    "ema",
-    "ema_decay",
-    "precision",
-    "device",
-    "workers",
-    "seed",
-    "loss",
-    "pos_weight",
-    "balanced_sampler",
-    "aug",
-    "pretrained",
-    "weights",
-    "freeze_stages",
-    "patience",
-    "drop_rate",
-    "drop_path_rate",
-    "output_stride",
-    "channels_last",
-    "name",
-    "version",
-)
 
 
 def register(subparsers: Any) -> None:
@@ -207,6 +168,14 @@ def register(subparsers: Any) -> None:
         help="bce, asymmetric (asl) or focal loss (default bce)",
     )
     optim.add_argument(
+        "--peak-loss",
+        type=float,
+        default=_SUPPRESS,
+        help="weight of the same loss on log-sum-exp pooled class maps, which makes each map peak at its "
+        "evidence (training only; default 0: off)",
+    )
+    optim.add_argument("--peak-sharpness", type=float, default=_SUPPRESS, help="sharpness of that pooling (default 5)")
+    optim.add_argument(
         "--pos-weight",
         choices=("none", "auto"),
         default=_SUPPRESS,
@@ -293,7 +262,9 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     from train.loop import TrainConfig, TrainingError, train
     from train.model import PretrainedUnavailableError
 
-    given = {name: getattr(args, name) for name in _CONFIG_FIELDS if hasattr(args, name)}
+    # Every TrainConfig field but `out` has a flag of the same name; an option not given stays unset
+    # (argparse.SUPPRESS) so that TrainConfig's default, or a resumed run's own value, applies.
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "out" and hasattr(args, f.name)}
     if given.get("cache_dir") is None:
         given["cache_dir"] = Path(settings.data_dir) / "cache" / "train"
     if args.resume:

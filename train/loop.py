@@ -113,6 +113,11 @@ class TrainConfig:
         workers: DataLoader worker processes; -1 picks them (:func:`auto_workers`).
         seed: Seed of every random choice.
         loss: ``bce``, ``asl`` or ``focal``.
+        peak_loss: Weight of the same loss on log-sum-exp pooled class maps
+            (:func:`train.losses.peak_logits`), which asks each label's map to peak where its evidence
+            is; 0 turns it off. Training only: the served head stays average pooling.
+        peak_sharpness: Sharpness ``r`` of that pooling (towards the mean as it falls, the maximum as
+            it grows).
         pos_weight: ``none`` or ``auto`` (negatives/positives per label, capped).
         balanced_sampler: Draw images with weights that favour rare labels.
         aug: ``none``, ``light`` or ``strong``.
@@ -156,6 +161,8 @@ class TrainConfig:
     workers: int = -1
     seed: int = 0
     loss: str = "bce"
+    peak_loss: float = 0.0
+    peak_sharpness: float = 5.0
     pos_weight: str = "none"
     balanced_sampler: bool = False
     aug: str = "flip"
@@ -189,6 +196,8 @@ class TrainConfig:
         need(0 < self.ema_decay < 1, f"ema_decay is {self.ema_decay}; expected between 0 and 1")
         need(self.precision in PRECISIONS, f"precision is {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         need(self.workers >= -1, f"workers is {self.workers}; expected -1 (auto) or >= 0")
+        need(self.peak_loss >= 0, f"peak_loss is {self.peak_loss}; expected >= 0 (0 turns it off)")
+        need(self.peak_sharpness > 0, f"peak_sharpness is {self.peak_sharpness}; expected > 0")
         need(self.loss in LOSSES, f"loss is {self.loss!r}; expected one of {', '.join(LOSSES)}")
         need(self.pos_weight in ("none", "auto"), f"pos_weight is {self.pos_weight!r}; expected none or auto")
         need(self.aug in AUG_LEVELS, f"aug is {self.aug!r}; expected one of {', '.join(AUG_LEVELS)}")
@@ -621,6 +630,8 @@ def train(
         grad_clip=config.grad_clip,
         channels_last=config.channels_last,
         ema=ema,
+        peak_weight=config.peak_loss,
+        peak_sharpness=config.peak_sharpness,
     )
 
     start_epoch, best_metric, bad_epochs, best_epoch = 0, -math.inf, 0, 0

@@ -16,6 +16,8 @@ from typing import Any, Final
 import torch
 from torch import nn
 
+from train.losses import peak_logits
+
 __all__ = ["AUTOCAST_DTYPES", "TrainStep"]
 
 AUTOCAST_DTYPES: Final = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -36,6 +38,10 @@ class TrainStep:
         grad_clip: Clip the gradient norm to this; 0 turns clipping off.
         channels_last: Convert the batch to NHWC memory format (match a channels_last model).
         ema: Weight EMA with ``update(model, step=...)`` (timm's ``ModelEmaV3``), if any.
+        peak_weight: Weight of the auxiliary loss on log-sum-exp pooled class maps
+            (:func:`train.losses.peak_logits`); 0 turns it off. Needs a timm classifier
+            (``forward_features``, ``forward_head``, ``get_classifier``).
+        peak_sharpness: The log-sum-exp sharpness ``r`` of that pooling.
     """
 
     def __init__(
@@ -52,6 +58,8 @@ class TrainStep:
         grad_clip: float = 0.0,
         channels_last: bool = True,
         ema: Any = None,
+        peak_weight: float = 0.0,
+        peak_sharpness: float = 5.0,
     ) -> None:
         if precision not in ("fp32", *AUTOCAST_DTYPES):
             raise ValueError(f"precision is {precision!r}; expected fp32, fp16 or bf16")
@@ -66,6 +74,8 @@ class TrainStep:
         self.grad_clip = grad_clip
         self.channels_last = channels_last
         self.ema = ema
+        self.peak_weight = peak_weight
+        self.peak_sharpness = peak_sharpness
         self.steps = 0
         self._params = [p for p in model.parameters() if p.requires_grad]
 
@@ -76,8 +86,15 @@ class TrainStep:
             x = x.contiguous(memory_format=torch.channels_last)
         y = targets.to(self.device, non_blocking=True).float()
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            logits = self.model(self.normalizer(x))
+            if self.peak_weight > 0:
+                features = self.model.forward_features(self.normalizer(x))  # type: ignore[operator]
+                logits = self.model.forward_head(features)  # type: ignore[operator]
+            else:
+                logits = self.model(self.normalizer(x))
         loss: torch.Tensor = self.criterion(logits.float(), y)
+        if self.peak_weight > 0:
+            peaks = peak_logits(features, self.model.get_classifier(), self.peak_sharpness)  # type: ignore[operator]
+            loss = loss + self.peak_weight * self.criterion(peaks, y)
         self.optimizer.zero_grad(set_to_none=True)
         scaled: torch.Tensor = self.scaler.scale(loss)
         torch.autograd.backward(scaled)
