@@ -36,24 +36,40 @@ REPORT_SEED = 20261205
 
 
 def plain_config(data: Path, out: Path, cache: Path) -> TrainConfig:
-    """The plain baseline: flips, BCE, AdamW at a constant rate, 8 epochs at 224 px, no extras."""
+    """The plain baseline: flips, BCE, AdamW at a constant rate, 8 epochs at 224 px, no extras.
+
+    Every field that shapes the recipe is spelled out, so a change of TrainConfig's defaults (the
+    default recipe) never leaks into the baseline it is measured against.
+    """
     return TrainConfig(
         out=out,
         data=data,
         cache_dir=cache,
         epochs=8,
         img_size=224,
+        contrast_sigma=0.0,
+        batch_size=16,
+        lr=1e-3,
+        weight_decay=0.01,
         aug="flip",
         loss="bce",
+        peak_loss=0.0,
+        pos_weight="none",
+        balanced_sampler=False,
         ema=False,
         warmup_epochs=0.0,
         min_lr_ratio=1.0,
         grad_clip=0.0,
         drop_rate=0.0,
         drop_path_rate=0.0,
+        output_stride=32,
+        freeze_stages=0,
         patience=0,
         pretrained=False,
+        weights=None,
+        precision="fp32",
         device="cpu",
+        seed=0,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from retinagate.card import ModelCard
 from retinagate.labels import LABELS
 from train.loop import TrainConfig, _balanced_weights, _schedule, freeze_stages, train
-from train.model import create_model
+from train.model import create_model, state_dict_sha256
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +112,21 @@ def test_automatic_workers_load_inline_on_small_cpus_and_feed_gpus_generously() 
     assert auto_workers(torch.device("cpu"), cores=2) == 0
     assert auto_workers(torch.device("cpu"), cores=16) == 4
     assert auto_workers(torch.device("cuda"), cores=16) == 8
+
+
+def test_a_positive_weight_is_taken_back_off_the_saved_classifier_bias(
+    synth_dataset: Path, small_cache: Path, tmp_path: Path
+) -> None:
+    from train.datasets import find_rfmid_splits
+    from train.losses import auto_pos_weight
+
+    config = replace(_run(tmp_path / "run", synth_dataset, small_cache, pos_weight="auto"), epochs=1)
+    result = train(config, progress=False)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    ema = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["ema"]  # one epoch: best is last
+    trained = {k.removeprefix("module."): v for k, v in ema.items()}
+    weight = auto_pos_weight(find_rfmid_splits(synth_dataset)["train"].labels)
+    assert weight.max() > 1  # some label is up-weighted, so the shift is not zero
+    torch.testing.assert_close(best["model"]["classifier.bias"], trained["classifier.bias"] - torch.log(weight))
+    torch.testing.assert_close(best["model"]["classifier.weight"], trained["classifier.weight"])
+    assert result.card is not None and result.card.weights_sha256 == state_dict_sha256(best["model"])

@@ -179,7 +179,8 @@ def register(subparsers: Any) -> None:
         "--pos-weight",
         choices=("none", "auto"),
         default=_SUPPRESS,
-        help="auto: weight positives by negatives/positives per label (default none)",
+        help="auto: weight positives by negatives/positives per label; the saved bias takes the shift back off "
+        "(default none)",
     )
     optim.add_argument(
         "--balanced-sampler",

@@ -118,7 +118,8 @@ class TrainConfig:
             is; 0 turns it off. Training only: the served head stays average pooling.
         peak_sharpness: Sharpness ``r`` of that pooling (towards the mean as it falls, the maximum as
             it grows).
-        pos_weight: ``none`` or ``auto`` (negatives/positives per label, capped).
+        pos_weight: ``none`` or ``auto`` (negatives/positives per label, capped); with ``auto`` the
+            saved classifier bias has log(weight) taken back off, so scores stay log-odds.
         balanced_sampler: Draw images with weights that favour rare labels.
         aug: ``none``, ``light`` or ``strong``.
         aug_on: ``workers`` (per-sample ``transforms.v2`` in loader processes), ``device`` (the same
@@ -793,6 +794,12 @@ def _finish(
 
     config, out = run.config, run.out
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    if config.pos_weight == "auto":
+        # A positive weight w makes BCE's best logit the log-odds plus log(w): the scores a reader sees
+        # would overstate every finding. Taking log(w) off the classifier's bias gives back the
+        # log-odds; ranks (AUROC) and the CAM (which leaves the bias out) do not change.
+        shift = torch.log(auto_pos_weight(splits["train"].labels)).to(best["model"]["classifier.bias"].dtype)
+        best["model"]["classifier.bias"] = best["model"]["classifier.bias"] - shift
     model = create_model(run.card, drop_rate=0.0, drop_path_rate=0.0)
     model.load_state_dict(best["model"])
     model.to(run.device)
