@@ -794,12 +794,13 @@ def _finish(
 
     config, out = run.config, run.out
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
-    if config.pos_weight == "auto":
+    pos_weight = getattr(criterion, "pos_weight", None)
+    if pos_weight is not None:
         # A positive weight w makes BCE's best logit the log-odds plus log(w): the scores a reader sees
         # would overstate every finding. Taking log(w) off the classifier's bias gives back the
         # log-odds; ranks (AUROC) and the CAM (which leaves the bias out) do not change.
-        shift = torch.log(auto_pos_weight(splits["train"].labels)).to(best["model"]["classifier.bias"].dtype)
-        best["model"]["classifier.bias"] = best["model"]["classifier.bias"] - shift
+        bias = best["model"]["classifier.bias"]
+        best["model"]["classifier.bias"] = bias - torch.log(pos_weight.detach().cpu()).to(bias.dtype)
     model = create_model(run.card, drop_rate=0.0, drop_path_rate=0.0)
     model.load_state_dict(best["model"])
     model.to(run.device)
