@@ -65,6 +65,7 @@ def plain_config(data: Path, out: Path, cache: Path) -> TrainConfig:
         output_stride=32,
         freeze_stages=0,
         patience=0,
+        select_by="auroc",
         pretrained=False,
         weights=None,
         precision="fp32",

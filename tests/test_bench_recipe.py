@@ -27,6 +27,7 @@ def test_the_plain_baseline_has_none_of_the_default_recipes_extras(tmp_path: Pat
     assert plain.contrast_sigma == 0 and plain.pos_weight == "none" and plain.peak_loss == 0
     assert not plain.ema and plain.min_lr_ratio == 1 and plain.warmup_epochs == 0 and plain.patience == 0
     assert not plain.pretrained and plain.output_stride == 32 and not plain.balanced_sampler
+    assert plain.select_by == "auroc"
     default = bench.default_config(tmp_path / "data", tmp_path / "out", tmp_path / "cache")
     assert default == TrainConfig(out=tmp_path / "out", data=tmp_path / "data", cache_dir=tmp_path / "cache",
                                   pretrained=False, device="cpu")  # fmt: skip

@@ -11,7 +11,7 @@ import torch
 
 from retinagate.card import ModelCard, Preprocessing
 from retinagate.labels import OTHER
-from train.cam import class_activation_maps, lesion_mask, pointing_game
+from train.cam import PointingTargets, cam_cells, class_activation_maps, lesion_mask, pointing_game
 from train.datasets import find_rfmid_splits
 from train.model import create_model, load_checkpoint
 
@@ -44,6 +44,35 @@ def test_other_mask_is_the_union_of_the_rare_column_masks(tmp_path: Path) -> Non
     mask = lesion_mask(tmp_path, "4", OTHER)
     assert mask is not None and mask.sum() == 2 and mask[1, 1] and mask[8, 8]
     assert lesion_mask(tmp_path, "4", "DR") is None
+
+
+def test_pointing_targets_score_the_strongest_cell_of_each_pair() -> None:
+    hit_cells = np.zeros((3, 4), np.bool_)
+    hit_cells[0, 1] = hit_cells[1, 2] = hit_cells[2, 0] = True
+    targets = PointingTargets(
+        cells=(2, 2),
+        images=np.array([0, 0, 2]),
+        columns=np.array([1, 3, 1]),
+        names=("DR", "MH", "DR"),
+        hit_cells=hit_cells,
+        shares=np.array([0.1, 0.2, 0.3]),
+    )
+    peaks = np.zeros((3, 29), np.intp)
+    peaks[0, 1], peaks[0, 3], peaks[2, 1] = 1, 0, 0  # image 0: DR hits, MH misses; image 2: DR hits
+    game = targets.score(peaks)
+    assert (game.hits, game.total, game.per_label) == (2, 3, {"DR": (2, 2), "MH": (0, 1)})
+    assert game.chance == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="one row per image"):
+        targets.score(peaks[:2])
+
+
+def test_cam_cells_probe_leaves_the_model_and_its_statistics_as_they_were() -> None:
+    model = create_model(ModelCard(preprocessing=Preprocessing(input_size=96))).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert cam_cells(model, 96) == (3, 3) and cam_cells(model, 128) == (4, 4)
+    assert model.training
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], msg=key)
 
 
 @pytest.mark.slow

@@ -83,6 +83,13 @@ def _run(out: Path, data: Path, cache: Path, **kwargs: Any) -> TrainConfig:
 def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cache: Path, tmp_path: Path) -> None:
     straight = train(_run(tmp_path / "straight", synth_dataset, small_cache), progress=False)
     assert straight.finished and straight.epochs_run == 2
+    # The data has lesion masks, so the default picks the best epoch by AUROC and the pointing game
+    # together, and the game played in the loop is the one the report plays again on best.pt.
+    scores = [(row["val_macro_auroc"] + row["val_pointing"]) / 2 for row in straight.history]
+    assert straight.best_epoch == 1 + int(np.argmax(scores))
+    assert straight.validation is not None
+    reported = straight.validation.extra["pointing_game"]
+    assert reported["rate"] == straight.history[straight.best_epoch - 1]["val_pointing"] and reported["total"] > 20
 
     paused = train(_run(tmp_path / "paused", synth_dataset, small_cache), stop_after_epochs=1, progress=False)
     assert not paused.finished and paused.epochs_run == 1 and paused.card is None
@@ -97,7 +104,7 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
     for key, value in a["ema"].items():
         torch.testing.assert_close(b["ema"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     for row_a, row_b in zip(straight.history, resumed.history, strict=True):
-        for key in ("train_loss", "val_loss", "val_macro_auroc", "lr"):
+        for key in ("train_loss", "val_loss", "val_macro_auroc", "val_pointing", "lr"):
             assert row_b[key] == pytest.approx(row_a[key], rel=1e-5), key
     assert resumed.card is not None and straight.card is not None
     assert resumed.card.thresholds == pytest.approx(straight.card.thresholds, abs=1e-5)
@@ -120,8 +127,9 @@ def test_a_positive_weight_is_taken_back_off_the_saved_classifier_bias(
     from train.datasets import find_rfmid_splits
     from train.losses import auto_pos_weight
 
-    config = replace(_run(tmp_path / "run", synth_dataset, small_cache, pos_weight="auto"), epochs=1)
+    config = replace(_run(tmp_path / "run", synth_dataset, small_cache, pos_weight="auto", select_by="auroc"), epochs=1)
     result = train(config, progress=False)
+    assert result.history[0]["val_pointing"] is None  # AUROC alone picks the epoch: no game in the loop
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     ema = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["ema"]  # one epoch: best is last
     trained = {k.removeprefix("module."): v for k, v in ema.items()}
@@ -130,3 +138,11 @@ def test_a_positive_weight_is_taken_back_off_the_saved_classifier_bias(
     torch.testing.assert_close(best["model"]["classifier.bias"], trained["classifier.bias"] - torch.log(weight))
     torch.testing.assert_close(best["model"]["classifier.weight"], trained["classifier.weight"])
     assert result.card is not None and result.card.weights_sha256 == state_dict_sha256(best["model"])
+
+
+def test_a_run_written_before_select_by_keeps_choosing_by_auroc_when_resumed(tmp_path: Path) -> None:
+    stored = TrainConfig(out=tmp_path).to_dict()
+    assert stored.pop("select_by") == "auroc+pointing"
+    assert TrainConfig.from_dict(stored).select_by == "auroc"
+    with pytest.raises(ValueError, match="select_by is 'pointing'; expected one of auroc, auroc\\+pointing"):
+        TrainConfig(out=tmp_path, select_by="pointing")

@@ -1,4 +1,4 @@
-"""BCE, focal and asymmetric losses, the automatic positive weight, and the peak pooling."""
+"""BCE, focal and asymmetric losses, the automatic positive weight, the peak pooling and the turn test."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from train.losses import AsymmetricLoss, FocalLoss, auto_pos_weight, build_loss, peak_logits
+from train.losses import AsymmetricLoss, FocalLoss, auto_pos_weight, build_loss, equivariance_loss, peak_logits
 
 
 @pytest.fixture
@@ -100,3 +100,17 @@ def test_peak_logits_lie_between_the_mean_and_the_maximum_of_the_class_map() -> 
 def test_peak_logits_refuse_a_sharpness_that_is_not_positive() -> None:
     with pytest.raises(ValueError, match="sharpness is 0"):
         peak_logits(torch.zeros(1, 6, 2, 2), _head(), 0.0)
+
+
+def test_equivariance_loss_is_zero_for_maps_that_turn_with_the_photograph_and_not_for_offset_ones() -> None:
+    torch.manual_seed(0)
+    maps = torch.randn(3, 29, 9, 9)
+    turned = torch.flip(maps, dims=(2, 3))
+    assert float(equivariance_loss(maps, turned)) == pytest.approx(0.0, abs=1e-6)
+    assert float(equivariance_loss(maps, turned + 5.0)) == pytest.approx(0.0, abs=1e-6)  # the mean is the logit's
+    # Evidence one cell below its lesion, whichever way up the photograph is: a turn moves it above.
+    blob = torch.zeros(1, 1, 9, 9)
+    blob[0, 0, 4, 4] = 1.0
+    offset = torch.roll(blob, 1, dims=2)
+    assert float(equivariance_loss(offset, offset)) > 0.9
+    assert float(equivariance_loss(maps, torch.randn(3, 29, 9, 9))) == pytest.approx(1.0, abs=0.1)

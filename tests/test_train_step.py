@@ -1,4 +1,4 @@
-"""One optimisation step, in fp32 and under bf16 autocast on the CPU."""
+"""One optimisation step, in fp32 and under bf16 autocast on the CPU, with its auxiliary terms."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 
 from retinagate.card import ModelCard, Preprocessing
 from train.augment import Normalizer
-from train.losses import peak_logits
-from train.model import create_model
+from train.losses import equivariance_loss, peak_logits
+from train.model import class_maps, create_model
 from train.step import TrainStep
 
 
@@ -60,4 +60,24 @@ def test_the_peak_term_adds_the_loss_of_the_log_sum_exp_pooled_class_maps() -> N
         )
     step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), criterion, normalizer,
                      device=torch.device("cpu"), channels_last=False, peak_weight=0.5, peak_sharpness=3.0)  # fmt: skip
+    torch.testing.assert_close(step(images, targets), expected)
+
+
+def test_the_equivariance_term_turns_the_first_images_into_the_last_places_and_compares_their_maps() -> None:
+    torch.manual_seed(0)
+    card = ModelCard(preprocessing=Preprocessing(input_size=64))
+    model = create_model(card, drop_rate=0.0, drop_path_rate=0.0)
+    normalizer, criterion = Normalizer(card.preprocessing), torch.nn.BCEWithLogitsLoss()
+    images = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8)
+    targets = (torch.rand(6, 29) < 0.3).to(torch.uint8)
+    batch = torch.cat([images[:4], torch.flip(images[:2], dims=(2, 3))])
+    labels = torch.cat([targets[:4], targets[:2]]).float()
+    model.train()
+    with torch.no_grad():
+        features = model.forward_features(normalizer(batch))
+        maps = class_maps(features, model.get_classifier())
+        expected = criterion(model.forward_head(features), labels) + 0.25 * equivariance_loss(maps[:2], maps[4:])
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), criterion, normalizer,
+                     device=torch.device("cpu"), channels_last=False, equivariance_weight=0.25,
+                     equivariance_pairs=2)  # fmt: skip
     torch.testing.assert_close(step(images, targets), expected)

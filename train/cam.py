@@ -25,11 +25,20 @@ from torch import nn
 
 from retinagate.card import ModelCard
 from retinagate.labels import DISEASE_LABELS, OTHER, OTHER_COLUMNS
-from retinagate.preprocess import prepare_with_geometry
+from retinagate.preprocess import prepare, prepare_with_geometry
 from train.augment import Normalizer
 from train.datasets import SplitSource, read_image
+from train.model import class_maps
 
-__all__ = ["PointingGame", "class_activation_maps", "lesion_mask", "pointing_game"]
+__all__ = [
+    "PointingGame",
+    "PointingTargets",
+    "cam_cells",
+    "class_activation_maps",
+    "lesion_mask",
+    "pointing_game",
+    "pointing_targets",
+]
 
 
 @torch.no_grad()
@@ -47,9 +56,7 @@ def class_activation_maps(model: nn.Module, images: torch.Tensor) -> tuple[torch
         raise TypeError(f"{type(model).__name__} is not a timm classifier with forward_features/forward_head")
     features = model.forward_features(images)  # type: ignore[operator]
     logits = model.forward_head(features)  # type: ignore[operator]
-    classifier = model.get_classifier()  # type: ignore[operator]
-    weight = classifier.weight.to(features.dtype)
-    cams = torch.relu(torch.einsum("nkhw,ck->nchw", features, weight))
+    cams = torch.relu(class_maps(features, model.get_classifier()))  # type: ignore[operator]
     return logits, cams
 
 
@@ -102,6 +109,143 @@ class PointingGame:
         }
 
 
+@dataclass(frozen=True)
+class PointingTargets:
+    """The pointing game's question for one split, asked once and scored against any model's peaks.
+
+    Each positive (image, label) pair with a lesion mask becomes the set of CAM cells whose centre lies
+    within reach of the lesion: scoring a model is then a lookup of its strongest cell, so training can
+    play the game every epoch at no cost beyond the validation pass.
+
+    Attributes:
+        cells: ``(h, w)`` of the CAM the targets were made for.
+        images: ``(P,)`` row of each pair's image in the split.
+        columns: ``(P,)`` card label column of each pair.
+        names: Label name of each pair.
+        hit_cells: ``(P, h * w)`` whether the strongest cell at each flat position is a hit.
+        shares: ``(P,)`` share of the field-of-view crop within reach of the lesion (the chance rate).
+    """
+
+    cells: tuple[int, int]
+    images: NDArray[np.intp]
+    columns: NDArray[np.intp]
+    names: tuple[str, ...]
+    hit_cells: NDArray[np.bool_]
+    shares: NDArray[np.float64]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def score(self, peaks: NDArray[np.integer]) -> PointingGame:
+        """Scores strongest cells: ``peaks[i, c]`` is the flat argmax of image ``i``'s map of label ``c``.
+
+        ``peaks`` holds one row per image of the split (rows of images without pairs are not read).
+        """
+        if peaks.ndim != 2 or (len(self) and peaks.shape[0] <= int(self.images.max())):
+            raise ValueError(f"peaks has shape {peaks.shape}; expected one row per image of the split")
+        chosen = peaks[self.images, self.columns]
+        hit = self.hit_cells[np.arange(len(self)), chosen]
+        per_label: dict[str, tuple[int, int]] = {}
+        for name, scored in zip(self.names, hit, strict=True):
+            hits, total = per_label.get(name, (0, 0))
+            per_label[name] = (hits + int(scored), total + 1)
+        return PointingGame(
+            hits=int(hit.sum()),
+            total=len(self),
+            chance=float(self.shares.mean()) if len(self) else float("nan"),
+            per_label=per_label,
+        )
+
+
+def cam_cells(model: nn.Module, input_size: int) -> tuple[int, int]:
+    """``(h, w)`` of the model's final feature map (its CAM) at ``input_size``.
+
+    Probes in eval mode (batch norm statistics untouched) and leaves the model's mode as it was.
+    """
+    parameter = next(model.parameters())
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, input_size, input_size, device=parameter.device, dtype=parameter.dtype)
+            shape = model.forward_features(probe).shape  # type: ignore[operator]
+    finally:
+        model.train(training)
+    return int(shape[2]), int(shape[3])
+
+
+def pointing_targets(
+    card: ModelCard,
+    source: SplitSource,
+    masks_root: Path,
+    cells: tuple[int, int],
+    *,
+    labels: Sequence[str] = DISEASE_LABELS,
+    tolerance: float | None = None,
+) -> PointingTargets:
+    """The pointing game's targets for one split (see :func:`pointing_game` for the rule).
+
+    Args:
+        card: The model's card (labels and preprocessing).
+        source: The split; image ``<Folder>/<ID>.png`` has its masks in ``masks_root/<Folder>/``.
+        masks_root: Folder holding one mask folder per image folder (``<data>/masks``).
+        cells: ``(h, w)`` of the model's CAM (:func:`cam_cells`).
+        labels: Labels to score (default: the 28 disease outputs; ``Disease_Risk`` has no lesion).
+        tolerance: Hit distance in model-input pixels; ``None``: half a CAM cell.
+
+    Raises:
+        ValueError: If a label is not one of the card's labels, or the tolerance is negative.
+    """
+    if tolerance is not None and tolerance < 0:
+        raise ValueError(f"tolerance is {tolerance}; expected >= 0 (model-input pixels)")
+    columns = []
+    for name in labels:
+        if name not in card.labels:
+            raise ValueError(f"label {name!r} is not among the card's labels")
+        columns.append(card.labels.index(name))
+    reach_input = card.input_size / cells[1] / 2 if tolerance is None else tolerance
+    images: list[int] = []
+    pair_columns: list[int] = []
+    names: list[str] = []
+    hit_cells: list[NDArray[np.bool_]] = []
+    shares: list[float] = []
+    for i in range(len(source)):
+        masks_dir = Path(masks_root) / source.paths[i].parent.name
+        pairs = []
+        for name, column in zip(labels, columns, strict=True):
+            if source.labels[i, column]:
+                mask = lesion_mask(masks_dir, source.ids[i], name)
+                if mask is not None and mask.any():
+                    pairs.append((name, column, mask))
+        if not pairs:
+            continue
+        _, geometry = prepare_with_geometry(read_image(source.paths[i]), card.preprocessing)
+        x0, y0, x1, y1 = geometry.crop
+        reach = reach_input * (x1 - x0) / (geometry.placed[2] - geometry.placed[0])  # photograph pixels
+        xs, ys = geometry.cell_centres(cells)
+        for name, column, mask in pairs:
+            # Distance of every pixel to the nearest lesion pixel (0 on the lesion).
+            distance = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+            # Cell centres in photograph coordinates with pixel edges at integers (cell_centres puts
+            # centres there), clamped onto the photograph.
+            xi = np.clip((np.asarray(xs, np.float64) + 0.5).astype(np.intp), 0, mask.shape[1] - 1)
+            yi = np.clip((np.asarray(ys, np.float64) + 0.5).astype(np.intp), 0, mask.shape[0] - 1)
+            hit_cells.append((distance[np.ix_(yi, xi)] <= reach).reshape(-1))
+            near = distance[y0:y1, x0:x1] <= reach
+            shares.append(float(near.mean()) if near.size else 0.0)
+            images.append(i)
+            pair_columns.append(column)
+            names.append(name)
+    return PointingTargets(
+        cells=cells,
+        images=np.asarray(images, np.intp),
+        columns=np.asarray(pair_columns, np.intp),
+        names=tuple(names),
+        hit_cells=np.stack(hit_cells) if hit_cells else np.zeros((0, cells[0] * cells[1]), np.bool_),
+        shares=np.asarray(shares, np.float64),
+    )
+
+
 def pointing_game(
     model: nn.Module,
     card: ModelCard,
@@ -137,62 +281,17 @@ def pointing_game(
     Raises:
         ValueError: If a label is not one of the card's labels, or the tolerance is negative.
     """
-    if tolerance is not None and tolerance < 0:
-        raise ValueError(f"tolerance is {tolerance}; expected >= 0 (model-input pixels)")
     device = torch.device(device)
     model.eval().to(device)
-    normalizer = Normalizer(card.preprocessing).to(device)
-    columns = []
-    for name in labels:
-        if name not in card.labels:
-            raise ValueError(f"label {name!r} is not among the card's labels")
-        columns.append(card.labels.index(name))
-    hits, total, shares = 0, 0, []
-    per_label: dict[str, list[int]] = {}
-    for start in range(0, len(source), batch_size):
-        chunk = range(start, min(start + batch_size, len(source)))
-        work = []
-        for i in chunk:
-            pairs = []
-            masks_dir = Path(masks_root) / source.paths[i].parent.name
-            for name, column in zip(labels, columns, strict=True):
-                if source.labels[i, column]:
-                    mask = lesion_mask(masks_dir, source.ids[i], name)
-                    if mask is not None and mask.any():
-                        pairs.append((name, column, mask))
-            if pairs:
-                work.append((i, pairs))
-        if not work:
-            continue
-        prepared = [prepare_with_geometry(read_image(source.paths[i]), card.preprocessing) for i, _ in work]
-        batch = torch.from_numpy(np.stack([p[0] for p in prepared])).permute(0, 3, 1, 2).to(device)
-        _, cams = class_activation_maps(model, normalizer(batch))
-        cams_np = cams.float().cpu().numpy()
-        cells = (int(cams_np.shape[2]), int(cams_np.shape[3]))
-        reach_input = card.input_size / cells[1] / 2 if tolerance is None else tolerance
-        for (_i, pairs), (_, geometry), cam in zip(work, prepared, cams_np, strict=True):
-            x0, y0, x1, y1 = geometry.crop
-            reach = reach_input * (x1 - x0) / (geometry.placed[2] - geometry.placed[0])  # photograph pixels
-            xs, ys = geometry.cell_centres(cells)
-            for name, column, mask in pairs:
-                # Distance of every pixel to the nearest lesion pixel (0 on the lesion).
-                distance = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-                row, col = np.unravel_index(int(np.argmax(cam[column])), cells)
-                # Photograph coordinates with pixel edges at integers (cell_centres puts centres there).
-                x, y = float(xs[col]) + 0.5, float(ys[row]) + 0.5
-                xi = min(max(int(x), 0), mask.shape[1] - 1)
-                yi = min(max(int(y), 0), mask.shape[0] - 1)
-                hit = bool(distance[yi, xi] <= reach)
-                hits += hit
-                total += 1
-                near = distance[y0:y1, x0:x1] <= reach
-                shares.append(float(near.mean()) if near.size else 0.0)
-                record = per_label.setdefault(name, [0, 0])
-                record[0] += hit
-                record[1] += 1
-    return PointingGame(
-        hits=hits,
-        total=total,
-        chance=float(np.mean(shares)) if shares else float("nan"),
-        per_label={k: (v[0], v[1]) for k, v in per_label.items()},
+    targets = pointing_targets(
+        card, source, masks_root, cam_cells(model, card.input_size), labels=labels, tolerance=tolerance
     )
+    normalizer = Normalizer(card.preprocessing).to(device)
+    rows = np.unique(targets.images)
+    peaks = np.zeros((len(source), len(card.labels)), np.intp)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = np.stack([prepare(read_image(source.paths[i]), card.preprocessing) for i in chunk])
+        _, cams = class_activation_maps(model, normalizer(torch.from_numpy(batch).permute(0, 3, 1, 2).to(device)))
+        peaks[chunk] = cams.flatten(2).argmax(dim=2).cpu().numpy()
+    return targets.score(peaks)

@@ -107,7 +107,14 @@ def register(subparsers: Any) -> None:
         type=int,
         default=_SUPPRESS,
         metavar="N",
-        help="early stopping: epochs without a better validation macro AUROC (default 5; 0: off)",
+        help="early stopping: epochs without a better validation score (--select-by) (default 5; 0: off)",
+    )
+    run.add_argument(
+        "--select-by",
+        choices=("auroc", "auroc+pointing"),
+        default=_SUPPRESS,
+        help="what picks best.pt and drives early stopping: validation macro AUROC, or its mean with the "
+        "validation pointing game when the data has lesion masks (default auroc+pointing)",
     )
     run.add_argument(
         "--channels-last",
@@ -175,6 +182,21 @@ def register(subparsers: Any) -> None:
         "evidence (training only; default 0: off)",
     )
     optim.add_argument("--peak-sharpness", type=float, default=_SUPPRESS, help="sharpness of that pooling (default 5)")
+    optim.add_argument(
+        "--equivariance",
+        type=float,
+        default=_SUPPRESS,
+        help="weight of the loss that makes each class map turn with the photograph (pairs of a photograph "
+        "and its 180-degree turn in every batch), so the CAM cannot sit a fixed offset away from the lesion "
+        "(default 0: off)",
+    )
+    optim.add_argument(
+        "--equivariance-pairs",
+        type=int,
+        default=_SUPPRESS,
+        metavar="K",
+        help="with --equivariance: the last K images of each batch are replaced by the first K turned (default 4)",
+    )
     optim.add_argument(
         "--pos-weight",
         choices=("none", "auto"),

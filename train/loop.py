@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from retinagate.card import ModelCard, Preprocessing
 from retinagate.labels import DISEASE_LABELS, LABELS
 from train.augment import AUG_LEVELS, Augmenter, BatchAugmenter, Normalizer, sample_seed
 from train.calibration import LabelThreshold, calibrate_thresholds
+from train.cam import PointingTargets, cam_cells, class_activation_maps, pointing_game, pointing_targets
 from train.datasets import CachedSplit, Split, SplitSource, cache_split, load_splits
 from train.loader import AugmentedImages, epoch_loader
 from train.losses import LOSSES, auto_pos_weight, build_loss
@@ -52,6 +53,7 @@ from train.step import AUTOCAST_DTYPES, TrainStep
 
 __all__ = [
     "PRECISIONS",
+    "Predictions",
     "RunResult",
     "TrainConfig",
     "TrainingError",
@@ -66,6 +68,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PRECISIONS: Final = ("auto", "fp32", "fp16", "bf16")
+SELECT_BY: Final = ("auroc", "auroc+pointing")
 
 
 class TrainingError(RuntimeError):
@@ -128,7 +131,11 @@ class TrainConfig:
         pretrained: Start from ImageNet weights (timm hub).
         weights: Local timm checkpoint to start from.
         freeze_stages: Freeze the stem and the first K of EfficientNet's 7 block stages.
-        patience: Stop after this many epochs without a better validation macro AUROC; 0 never.
+        patience: Stop after this many epochs without a better validation score (``select_by``); 0 never.
+        select_by: What picks ``best.pt`` and drives early stopping: ``auroc`` (validation macro AUROC)
+            or ``auroc+pointing`` (the mean of validation macro AUROC and the validation pointing game,
+            when the data has lesion masks; AUROC alone otherwise). A reader sees the heatmap as much
+            as the score, and the epoch with the best AUROC is not always the one whose maps point best.
         drop_rate: Dropout before the classifier.
         drop_path_rate: Stochastic depth.
         output_stride: Input pixels per CAM cell: 32 (EfficientNet as designed) or 16 (the last stages
@@ -164,6 +171,8 @@ class TrainConfig:
     loss: str = "bce"
     peak_loss: float = 0.0
     peak_sharpness: float = 5.0
+    equivariance: float = 0.0
+    equivariance_pairs: int = 4
     pos_weight: str = "none"
     balanced_sampler: bool = False
     aug: str = "flip"
@@ -172,6 +181,7 @@ class TrainConfig:
     weights: Path | None = None
     freeze_stages: int = 0
     patience: int = 5
+    select_by: str = "auroc+pointing"
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     output_stride: int = 32
@@ -198,6 +208,11 @@ class TrainConfig:
         need(self.precision in PRECISIONS, f"precision is {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         need(self.workers >= -1, f"workers is {self.workers}; expected -1 (auto) or >= 0")
         need(self.peak_loss >= 0, f"peak_loss is {self.peak_loss}; expected >= 0 (0 turns it off)")
+        need(self.equivariance >= 0, f"equivariance is {self.equivariance}; expected >= 0 (0 turns it off)")
+        need(
+            1 <= self.equivariance_pairs <= self.batch_size // 2,
+            f"equivariance_pairs is {self.equivariance_pairs}; expected 1 to half the batch ({self.batch_size // 2})",
+        )
         need(self.peak_sharpness > 0, f"peak_sharpness is {self.peak_sharpness}; expected > 0")
         need(self.loss in LOSSES, f"loss is {self.loss!r}; expected one of {', '.join(LOSSES)}")
         need(self.pos_weight in ("none", "auto"), f"pos_weight is {self.pos_weight!r}; expected none or auto")
@@ -206,6 +221,7 @@ class TrainConfig:
             self.aug_on in ("auto", "workers", "device"), f"aug_on is {self.aug_on!r}; expected auto, workers or device"
         )
         need(0 <= self.freeze_stages <= 7, f"freeze_stages is {self.freeze_stages}; expected 0-7")
+        need(self.select_by in SELECT_BY, f"select_by is {self.select_by!r}; expected one of {', '.join(SELECT_BY)}")
         need(self.patience >= 0, f"patience is {self.patience}; expected >= 0 (0 turns early stopping off)")
         need(0 <= self.drop_rate < 1, f"drop_rate is {self.drop_rate}; expected 0 <= rate < 1")
         need(self.output_stride in (16, 32), f"output_stride is {self.output_stride}; expected 16 or 32")
@@ -217,12 +233,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are ignored (older or newer runs)."""
+        """Inverse of :meth:`to_dict`; unknown keys are ignored (older or newer runs).
+
+        Runs written before ``select_by`` existed chose their best epoch by AUROC alone, and keep doing
+        so when resumed (their stored best score is an AUROC).
+        """
         paths = {"out", "data", "labels_csv", "images", "cache_dir", "weights"}
         known = {f.name for f in fields(cls)}
         values: dict[str, Any] = {
             k: (Path(v) if k in paths and v is not None else v) for k, v in data.items() if k in known
         }
+        values.setdefault("select_by", "auroc")
         return cls(**values)
 
     @property
@@ -419,6 +440,20 @@ def _batches(images: NDArray[np.uint8], batch_size: int) -> Iterator[torch.Tenso
         yield torch.from_numpy(chunk).permute(0, 3, 1, 2)  # NHWC bytes: already channels_last
 
 
+class Predictions(NamedTuple):
+    """What :func:`predict` returns.
+
+    Attributes:
+        probs: ``float32 (N, C)`` probabilities.
+        loss: Mean loss, or ``None`` without labels and a criterion.
+        peaks: ``(N, C)`` flat index of the strongest cell of each label's map, when asked for.
+    """
+
+    probs: NDArray[np.float32]
+    loss: float | None
+    peaks: NDArray[np.int64] | None = None
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -432,11 +467,10 @@ def predict(
     criterion: nn.Module | None = None,
     progress: bool = False,
     desc: str = "predict",
-) -> tuple[NDArray[np.float32], float | None]:
-    """Probabilities for ``(N, S, S, 3)`` uint8 model inputs, and the mean loss when labels are given.
-
-    Returns:
-        ``float32 (N, C)`` probabilities and the mean loss (``None`` without labels/criterion).
+    peaks: bool = False,
+) -> Predictions:
+    """Probabilities for ``(N, S, S, 3)`` uint8 model inputs, the mean loss when labels are given, and
+    with ``peaks`` the strongest cell of every label's class activation map (for the pointing game).
     """
     from tqdm import tqdm
 
@@ -444,6 +478,7 @@ def predict(
     normalizer = Normalizer(preprocessing).to(device)
     dtype = AUTOCAST_DTYPES.get(precision)
     outputs: list[torch.Tensor] = []
+    strongest: list[torch.Tensor] = []
     loss_sum, seen = 0.0, 0
     total = math.ceil(images.shape[0] / batch_size)
     for i, batch in enumerate(
@@ -451,14 +486,23 @@ def predict(
     ):
         x = normalizer(batch.to(device, non_blocking=True))
         with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(x).float()
+            if peaks:
+                raw, cams = class_activation_maps(model, x)
+                strongest.append(cams.flatten(2).argmax(dim=2).cpu())
+            else:
+                raw = model(x)
+        logits = raw.float()
         if labels is not None and criterion is not None:
             y = torch.from_numpy(labels[i * batch_size : i * batch_size + batch.shape[0]]).to(device).float()
             loss_sum += float(criterion(logits, y)) * batch.shape[0]
             seen += batch.shape[0]
         outputs.append(torch.sigmoid(logits).cpu())
     probs = torch.cat(outputs).numpy().astype(np.float32) if outputs else np.zeros((0, 0), np.float32)
-    return probs, (loss_sum / seen if seen else None)
+    return Predictions(
+        probs,
+        loss_sum / seen if seen else None,
+        torch.cat(strongest).numpy() if strongest else None,
+    )
 
 
 def _training_card(config: TrainConfig) -> ModelCard:
@@ -473,7 +517,7 @@ def _training_card(config: TrainConfig) -> ModelCard:
 def _write_metrics_csv(path: Path, history: Sequence[dict[str, Any]], labels: Sequence[str]) -> None:
     columns = [
         "epoch", "lr", "train_loss", "val_loss", "val_macro_auroc", "val_map", "val_disease_risk_auroc",
-        "val_riadd_score", "seconds", *[f"auroc_{n}" for n in labels],
+        "val_riadd_score", "val_pointing", "seconds", *[f"auroc_{n}" for n in labels],
     ]  # fmt: skip
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", newline="", encoding="utf-8") as handle:
@@ -633,6 +677,8 @@ def train(
         ema=ema,
         peak_weight=config.peak_loss,
         peak_sharpness=config.peak_sharpness,
+        equivariance_weight=config.equivariance,
+        equivariance_pairs=config.equivariance_pairs,
     )
 
     start_epoch, best_metric, bad_epochs, best_epoch = 0, -math.inf, 0, 0
@@ -653,6 +699,7 @@ def train(
         _set_rng_state(checkpoint["rng"])
         logger.info("resuming %s after epoch %d", out, start_epoch)
 
+    pointing = _selection_targets(config, run.card, model, val_split.source)
     on_device = config.aug_on == "device" or (config.aug_on == "auto" and device.type == "cuda")
     batch_augment = BatchAugmenter(config.aug) if on_device and config.aug != "none" else None
     dataset = AugmentedImages(
@@ -695,13 +742,16 @@ def train(
         train_loss = float(loss_sum) / max(1, batches)
 
         eval_model = ema.module if ema is not None else model
-        probs, val_loss = predict(
+        probs, val_loss, peaks = predict(
             eval_model, val_split.images, run.card.preprocessing, device=device, precision=precision,
             batch_size=max(config.batch_size, 32), labels=val_split.labels, criterion=criterion,
-            progress=progress, desc="validate",
+            progress=progress, desc="validate", peaks=pointing is not None,
         )  # fmt: skip
         metrics = compute_metrics(val_split.labels, probs, run.card.labels, loss=val_loss)
+        game = pointing.score(peaks) if pointing is not None and peaks is not None else None
         monitor = metrics.macro_auroc if metrics.macro_auroc is not None else -(val_loss or 0.0)
+        if game is not None and metrics.macro_auroc is not None:
+            monitor = (metrics.macro_auroc + game.rate) / 2
         improved = monitor > best_metric + 1e-6
         row: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -712,6 +762,7 @@ def train(
             "val_map": metrics.map,
             "val_disease_risk_auroc": metrics.disease_risk_auroc,
             "val_riadd_score": metrics.riadd_score,
+            "val_pointing": game.rate if game is not None else None,
             "seconds": round(time.perf_counter() - epoch_started, 3),
             **{f"auroc_{n}": a for n, a in zip(metrics.labels, metrics.auroc, strict=True)},
         }
@@ -756,9 +807,10 @@ def train(
         )
         _write_metrics_csv(out / "metrics.csv", history, run.card.labels)
         logger.info(
-            "epoch %d/%d: train loss %.4f, val loss %.4f, val macro AUROC %s, RIADD %s (%.1f s)%s",
+            "epoch %d/%d: train loss %.4f, val loss %.4f, val macro AUROC %s, RIADD %s%s (%.1f s)%s",
             epoch + 1, config.epochs, row["train_loss"], val_loss or float("nan"),
-            _fmt(metrics.macro_auroc), _fmt(metrics.riadd_score), row["seconds"], " *" if improved else "",
+            _fmt(metrics.macro_auroc), _fmt(metrics.riadd_score),
+            f", pointing {game.rate:.3f}" if game is not None else "", row["seconds"], " *" if improved else "",
         )  # fmt: skip
         if finished:
             break
@@ -775,6 +827,20 @@ def train(
     _save(state, last_path)
     return RunResult(out, True, epochs_run, best_epoch, stopped_early, card, val_metrics, test_metrics,
                      time.perf_counter() - started, history)  # fmt: skip
+
+
+def _selection_targets(
+    config: TrainConfig, card: ModelCard, model: nn.Module, source: SplitSource
+) -> PointingTargets | None:
+    """The validation pointing game that picks the best epoch, or ``None`` when AUROC alone does."""
+    masks = config.data / "masks" if config.data is not None else None
+    if config.select_by != "auroc+pointing" or masks is None or not masks.is_dir():
+        return None
+    targets = pointing_targets(card, source, masks, cam_cells(model, card.input_size))
+    if not len(targets):
+        return None
+    logger.info("best epoch by validation macro AUROC and the pointing game (%d lesions)", len(targets))
+    return targets
 
 
 def _fmt(value: float | None) -> str:
@@ -809,7 +875,7 @@ def _finish(
     criterion = criterion.to(run.device)
 
     def evaluate(split: CachedSplit, name: str) -> tuple[Metrics, NDArray[np.float32]]:
-        probs, loss = predict(
+        probs, loss, _ = predict(
             model, split.images, run.card.preprocessing, device=run.device, precision=run.precision,
             batch_size=max(config.batch_size, 32), labels=split.labels, criterion=criterion,
             progress=run.progress, desc=name,
@@ -826,8 +892,6 @@ def _finish(
 
     masks = config.data / "masks" if config.data is not None else None
     if masks is not None and masks.is_dir():
-        from train.cam import pointing_game
-
         # Where the maps point, on photographs the model did not train on: the report names it
         # beside AUROC, since a reader sees the heatmap as much as the score.
         val_game = pointing_game(model, run.card, splits["val"].source, masks, device=run.device)
@@ -952,7 +1016,7 @@ def evaluate_checkpoint(
     model.to(target)
     if stored.channels_last:  # as training evaluated it, so the card's metrics are reproduced exactly
         model.to(memory_format=torch.channels_last)
-    probs, _ = predict(
+    probs, _, _ = predict(
         model, cached.images, card.preprocessing, device=target,
         precision="fp16" if target.type == "cuda" else "fp32", batch_size=batch_size,
         progress=progress, desc=f"evaluate {split}",
@@ -963,7 +1027,7 @@ def evaluate_checkpoint(
         if pointing_game:
             raise TrainingError(f"pointing game: no lesion mask folder {mask_dir or ''}; give --masks DIR".strip())
     elif pointing_game is not False:
-        from train.cam import pointing_game as play
+        from train.cam import pointing_game as play  # the argument of the same name hides the function
 
         game = play(model, card, cached.source, mask_dir, device=target, batch_size=batch_size, tolerance=tolerance)
         metrics = replace(metrics, extra={**metrics.extra, "pointing_game": game.to_dict()})

@@ -32,7 +32,17 @@ import torch.nn.functional as F  # noqa: N812 (the conventional name)
 from numpy.typing import ArrayLike
 from torch import nn
 
-__all__ = ["LOSSES", "AsymmetricLoss", "FocalLoss", "auto_pos_weight", "build_loss", "peak_logits"]
+from train.model import class_maps
+
+__all__ = [
+    "LOSSES",
+    "AsymmetricLoss",
+    "FocalLoss",
+    "auto_pos_weight",
+    "build_loss",
+    "equivariance_loss",
+    "peak_logits",
+]
 
 LossName = Literal["bce", "asl", "focal"]
 LOSSES: tuple[LossName, ...] = ("bce", "asl", "focal")
@@ -123,10 +133,25 @@ def peak_logits(features: torch.Tensor, classifier: nn.Linear, sharpness: float)
     """
     if sharpness <= 0:
         raise ValueError(f"sharpness is {sharpness}; expected > 0")
-    maps = torch.einsum("nkhw,ck->nchw", features.float(), classifier.weight.float()).flatten(2)
-    if classifier.bias is not None:
-        maps = maps + classifier.bias.float()[None, :, None]
+    maps = class_maps(features.float(), classifier, bias=True).flatten(2)
     return (torch.logsumexp(sharpness * maps, dim=2) - math.log(maps.shape[2])) / sharpness
+
+
+def equivariance_loss(maps: torch.Tensor, turned: torch.Tensor) -> torch.Tensor:
+    """How far class maps are from turning with the photograph: 1 - centred cosine, averaged.
+
+    ``maps`` are ``(N, C, h, w)`` class maps of N photographs and ``turned`` those of the same
+    photographs turned 180 degrees. A network whose evidence for a lesion sits a cell away from it (the
+    CAM shifted by a fixed offset, which average pooling cannot see) fails this: turning the photograph
+    turns the offset too. Each map is compared after taking off its spatial mean (the logit, which
+    pooling already makes agree), so only where it peaks counts; 0 when every map turns exactly.
+    """
+    back = torch.flip(turned, dims=(2, 3)).flatten(2).float()
+    here = maps.flatten(2).float()
+    here = here - here.mean(dim=2, keepdim=True)
+    back = back - back.mean(dim=2, keepdim=True)
+    cosine = F.cosine_similarity(here, back, dim=2, eps=1e-6)
+    return (1.0 - cosine).mean()
 
 
 def build_loss(name: str, pos_weight: torch.Tensor | None = None) -> nn.Module:

@@ -25,6 +25,7 @@ from retinagate.card import ModelCard
 __all__ = [
     "CHECKPOINT_FORMAT",
     "PretrainedUnavailableError",
+    "class_maps",
     "create_model",
     "load_checkpoint",
     "random_model",
@@ -89,6 +90,22 @@ def create_model(
             f"{exc}). Offline? Pass a local timm checkpoint with --weights PATH, or train from random "
             "initialisation with --no-pretrained."
         ) from exc
+
+
+def class_maps(features: torch.Tensor, classifier: nn.Linear, *, bias: bool = False) -> torch.Tensor:
+    """Every label's class map: ``W_c . A(x, y)`` at each cell of ``(N, K, h, w)`` features.
+
+    Average pooling plus the linear head makes each logit the mean of its map plus the bias, so the
+    map (with ReLU) is the exported CAM, and with ``bias`` it is what a pooling of the map other than
+    the mean turns into a logit (:func:`train.losses.peak_logits`). Computed in the features' dtype.
+
+    Returns:
+        ``(N, C, h, w)`` maps.
+    """
+    maps = torch.einsum("nkhw,ck->nchw", features, classifier.weight.to(features.dtype))
+    if bias and classifier.bias is not None:
+        maps = maps + classifier.bias.to(features.dtype)[None, :, None, None]
+    return maps
 
 
 def random_model(card: ModelCard, seed: int = 0) -> nn.Module:

@@ -16,7 +16,8 @@ from typing import Any, Final
 import torch
 from torch import nn
 
-from train.losses import peak_logits
+from train.losses import equivariance_loss, peak_logits
+from train.model import class_maps
 
 __all__ = ["AUTOCAST_DTYPES", "TrainStep"]
 
@@ -42,6 +43,10 @@ class TrainStep:
             (:func:`train.losses.peak_logits`); 0 turns it off. Needs a timm classifier
             (``forward_features``, ``forward_head``, ``get_classifier``).
         peak_sharpness: The log-sum-exp sharpness ``r`` of that pooling.
+        equivariance_weight: Weight of :func:`train.losses.equivariance_loss`; 0 turns it off.
+        equivariance_pairs: With it on, the last this many images of each batch are replaced by the
+            first ones turned 180 degrees (the batch keeps its size and cost), and the class maps of
+            each pair are asked to turn with the photograph.
     """
 
     def __init__(
@@ -60,6 +65,8 @@ class TrainStep:
         ema: Any = None,
         peak_weight: float = 0.0,
         peak_sharpness: float = 5.0,
+        equivariance_weight: float = 0.0,
+        equivariance_pairs: int = 4,
     ) -> None:
         if precision not in ("fp32", *AUTOCAST_DTYPES):
             raise ValueError(f"precision is {precision!r}; expected fp32, fp16 or bf16")
@@ -76,6 +83,8 @@ class TrainStep:
         self.ema = ema
         self.peak_weight = peak_weight
         self.peak_sharpness = peak_sharpness
+        self.equivariance_weight = equivariance_weight
+        self.equivariance_pairs = equivariance_pairs
         self.steps = 0
         self._params = [p for p in model.parameters() if p.requires_grad]
 
@@ -85,8 +94,14 @@ class TrainStep:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = targets.to(self.device, non_blocking=True).float()
+        pairs = min(self.equivariance_pairs, x.shape[0] // 2) if self.equivariance_weight > 0 else 0
+        if pairs:
+            x = torch.cat([x[:-pairs], torch.flip(x[:pairs], dims=(2, 3))])
+            y = torch.cat([y[:-pairs], y[:pairs]])
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            if self.peak_weight > 0:
+            if self.peak_weight > 0 or pairs:
                 features = self.model.forward_features(self.normalizer(x))  # type: ignore[operator]
                 logits = self.model.forward_head(features)  # type: ignore[operator]
             else:
@@ -95,6 +110,9 @@ class TrainStep:
         if self.peak_weight > 0:
             peaks = peak_logits(features, self.model.get_classifier(), self.peak_sharpness)  # type: ignore[operator]
             loss = loss + self.peak_weight * self.criterion(peaks, y)
+        if pairs:
+            maps = class_maps(features.float(), self.model.get_classifier())  # type: ignore[operator]
+            loss = loss + self.equivariance_weight * equivariance_loss(maps[:pairs], maps[-pairs:])
         self.optimizer.zero_grad(set_to_none=True)
         scaled: torch.Tensor = self.scaler.scale(loss)
         torch.autograd.backward(scaled)
