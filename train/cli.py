@@ -29,7 +29,7 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Trains the 29-label fundus classifier and writes a run folder: config.json, metrics.csv, "
-            "best.pt (best validation macro AUROC), last.pt (for --resume), model_card.json (with "
+            "best.pt (the best validation epoch, see --select-by), last.pt (for --resume), model_card.json (with "
             "per-label thresholds calibrated on validation) and PNG plots.\n\n"
             "Data: --data DIR in the RFMiD layout (official download or `retinagate synth` output), or "
             "--labels-csv CSV --images DIR (a path column plus 0/1 columns named like the 29 labels, "
@@ -154,7 +154,7 @@ def register(subparsers: Any) -> None:
     model.add_argument("--version", default=_SUPPRESS, help="model version for the card (default 0.1.0)")
 
     optim = train.add_argument_group("optimisation")
-    optim.add_argument("--lr", type=float, default=_SUPPRESS, help="peak learning rate, AdamW (default 1e-3)")
+    optim.add_argument("--lr", type=float, default=_SUPPRESS, help="peak learning rate, AdamW (default 2e-3)")
     optim.add_argument("--weight-decay", type=float, default=_SUPPRESS, help="AdamW weight decay (default 0.01)")
     optim.add_argument("--warmup-epochs", type=float, default=_SUPPRESS, help="linear warmup, epochs (default 1)")
     optim.add_argument(
