@@ -85,9 +85,9 @@ class TrainConfig:
     photograph minus its local mean over the field of view, sigma 4% of the side, times 4: what lifted
     test macro AUROC most, 0.586 to 0.704 on the tuning seed), 18 epochs of AdamW at lr 2e-3 with
     warmup and a cosine decay, an EMA of the weights, flips only and no dropout or stochastic depth,
-    and the best epoch chosen by validation macro AUROC and the pointing game together. Trained from random
-    initialisation on about 400 photographs, the model is limited by how much it learns in the time,
-    not by over-fitting: rotation/scale/colour jitter with dropout and stochastic depth slowed
+    and the best epoch chosen by validation macro AUROC and the pointing game together. Trained from
+    random initialisation on about 400 photographs, the model is limited by how much it learns in the
+    time, not by over-fitting: rotation/scale/colour jitter with dropout and stochastic depth slowed
     learning (validation macro AUROC 0.53 against 0.60 at epoch 8). On an idle 2-core machine an
     epoch over 400 photographs takes about 45 s, so 18 epochs stay inside the 15-minute budget.
 
@@ -122,6 +122,11 @@ class TrainConfig:
             is; 0 turns it off. Training only: the served head stays average pooling.
         peak_sharpness: Sharpness ``r`` of that pooling (towards the mean as it falls, the maximum as
             it grows).
+        equivariance: Weight of :func:`train.losses.equivariance_loss`, which asks each class map to
+            turn with the photograph, so that it cannot sit a fixed offset from the lesion; 0 turns it
+            off. Training only.
+        equivariance_pairs: With it on, the last this many images of each batch are replaced by the
+            first ones turned 180 degrees (the batch keeps its size and cost).
         pos_weight: ``none`` or ``auto`` (negatives/positives per label, capped); with ``auto`` the
             saved classifier bias has log(weight) taken back off, so scores stay log-odds.
         balanced_sampler: Draw images with weights that favour rare labels.
