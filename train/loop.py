@@ -43,7 +43,7 @@ from retinagate.card import ModelCard, Preprocessing
 from retinagate.labels import DISEASE_LABELS, LABELS
 from train.augment import AUG_LEVELS, Augmenter, BatchAugmenter, Normalizer, sample_seed
 from train.calibration import LabelThreshold, calibrate_thresholds
-from train.cam import PointingTargets, cam_cells, class_activation_maps, pointing_game, pointing_targets
+from train.cam import PointingTargets, cam_cells, class_activation_maps, pointing_targets
 from train.datasets import CachedSplit, Split, SplitSource, cache_split, load_splits
 from train.loader import AugmentedImages, epoch_loader
 from train.losses import LOSSES, auto_pos_weight, build_loss
@@ -827,7 +827,7 @@ def train(
         return RunResult(out, False, epochs_run, best_epoch, False, None, None, None,
                          time.perf_counter() - started, history)  # fmt: skip
 
-    card, val_metrics, test_metrics = _finish(run, splits, criterion, history, best_epoch, stopped_early)
+    card, val_metrics, test_metrics = _finish(run, splits, criterion, history, best_epoch, stopped_early, pointing)
     state = torch.load(last_path, map_location="cpu", weights_only=True)
     state["finished"] = True
     _save(state, last_path)
@@ -860,8 +860,12 @@ def _finish(
     history: list[dict[str, Any]],
     best_epoch: int,
     stopped_early: bool,
+    val_targets: PointingTargets | None = None,
 ) -> tuple[ModelCard, Metrics, Metrics | None]:
-    """Calibrates thresholds on validation, evaluates, writes the card, best.pt and the plots."""
+    """Calibrates thresholds on validation, evaluates, writes the card, best.pt and the plots.
+
+    ``val_targets`` are the validation pointing-game targets the loop chose epochs with, if it did.
+    """
     from train.plots import plot_auroc_bars, plot_history, plot_roc_curves
 
     config, out = run.config, run.out
@@ -880,31 +884,36 @@ def _finish(
         model.to(memory_format=torch.channels_last)
     criterion = criterion.to(run.device)
 
-    def evaluate(split: CachedSplit, name: str) -> tuple[Metrics, NDArray[np.float32]]:
-        probs, loss, _ = predict(
+    # Where the maps point, on photographs the model did not train on: the report names it beside
+    # AUROC, since a reader sees the heatmap as much as the score. The strongest cells come from the
+    # same pass as the scores, scored as the loop scored them.
+    masks = config.data / "masks" if config.data is not None else None
+    pointing = masks is not None and masks.is_dir()
+
+    def evaluate(
+        split: CachedSplit, name: str, targets: PointingTargets | None = None
+    ) -> tuple[Metrics, NDArray[np.float32], dict[str, Any]]:
+        probs, loss, peaks = predict(
             model, split.images, run.card.preprocessing, device=run.device, precision=run.precision,
             batch_size=max(config.batch_size, 32), labels=split.labels, criterion=criterion,
-            progress=run.progress, desc=name,
+            progress=run.progress, desc=name, peaks=pointing,
         )  # fmt: skip
-        return compute_metrics(split.labels, probs, run.card.labels, loss=loss), probs
+        game: dict[str, Any] = {}
+        if peaks is not None and masks is not None:
+            if targets is None:
+                targets = pointing_targets(run.card, split.source, masks, cam_cells(model, run.card.input_size))
+            game = {"pointing_game": targets.score(peaks).to_dict()}
+        return compute_metrics(split.labels, probs, run.card.labels, loss=loss), probs, game
 
-    val_metrics, val_probs = evaluate(splits["val"], "validate")
+    val_metrics, val_probs, val_game = evaluate(splits["val"], "validate", val_targets)
     thresholds = calibrate_thresholds(splits["val"].labels, val_probs, run.card.labels)
     val_metrics = _with_f1(val_metrics, splits["val"].labels, val_probs, [t.threshold for t in thresholds])
+    val_metrics = replace(val_metrics, extra={**val_metrics.extra, **val_game})
     test_metrics = None
     if "test" in splits:
-        test_metrics, test_probs = evaluate(splits["test"], "test")
+        test_metrics, test_probs, test_game = evaluate(splits["test"], "test")
         test_metrics = _with_f1(test_metrics, splits["test"].labels, test_probs, [t.threshold for t in thresholds])
-
-    masks = config.data / "masks" if config.data is not None else None
-    if masks is not None and masks.is_dir():
-        # Where the maps point, on photographs the model did not train on: the report names it
-        # beside AUROC, since a reader sees the heatmap as much as the score.
-        val_game = pointing_game(model, run.card, splits["val"].source, masks, device=run.device)
-        val_metrics = replace(val_metrics, extra={**val_metrics.extra, "pointing_game": val_game.to_dict()})
-        if test_metrics is not None:
-            test_game = pointing_game(model, run.card, splits["test"].source, masks, device=run.device)
-            test_metrics = replace(test_metrics, extra={**test_metrics.extra, "pointing_game": test_game.to_dict()})
+        test_metrics = replace(test_metrics, extra={**test_metrics.extra, **test_game})
 
     counts = {name: len(split) for name, split in splits.items()}
     positives = splits["train"].labels.sum(axis=0)
