@@ -44,13 +44,18 @@ def test_unknown_precision_is_refused() -> None:
                   device=torch.device("cpu"), precision="fp8")  # fmt: skip
 
 
-def test_the_peak_term_adds_the_loss_of_the_log_sum_exp_pooled_class_maps() -> None:
+def _model_and_batch(n: int) -> tuple[torch.nn.Module, Normalizer, torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A 64 px B0 with BCE, and a random uint8 batch of ``n`` images with 0/1 targets (seeded)."""
     torch.manual_seed(0)
     card = ModelCard(preprocessing=Preprocessing(input_size=64))
     model = create_model(card, drop_rate=0.0, drop_path_rate=0.0)
-    normalizer, criterion = Normalizer(card.preprocessing), torch.nn.BCEWithLogitsLoss()
-    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
-    targets = (torch.rand(4, 29) < 0.3).to(torch.uint8)
+    images = torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8)
+    targets = (torch.rand(n, 29) < 0.3).to(torch.uint8)
+    return model, Normalizer(card.preprocessing), torch.nn.BCEWithLogitsLoss(), images, targets
+
+
+def test_the_peak_term_adds_the_loss_of_the_log_sum_exp_pooled_class_maps() -> None:
+    model, normalizer, criterion, images, targets = _model_and_batch(4)
     model.train()
     with torch.no_grad():  # batch norm uses the batch's statistics in train mode, so this is the step's forward
         features = model.forward_features(normalizer(images))
@@ -64,12 +69,7 @@ def test_the_peak_term_adds_the_loss_of_the_log_sum_exp_pooled_class_maps() -> N
 
 
 def test_the_equivariance_term_turns_the_first_images_into_the_last_places_and_compares_their_maps() -> None:
-    torch.manual_seed(0)
-    card = ModelCard(preprocessing=Preprocessing(input_size=64))
-    model = create_model(card, drop_rate=0.0, drop_path_rate=0.0)
-    normalizer, criterion = Normalizer(card.preprocessing), torch.nn.BCEWithLogitsLoss()
-    images = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8)
-    targets = (torch.rand(6, 29) < 0.3).to(torch.uint8)
+    model, normalizer, criterion, images, targets = _model_and_batch(6)
     batch = torch.cat([images[:4], torch.flip(images[:2], dims=(2, 3))])
     labels = torch.cat([targets[:4], targets[:2]]).float()
     model.train()
