@@ -63,6 +63,7 @@ def plain_config(data: Path, out: Path, cache: Path) -> TrainConfig:
         drop_rate=0.0,
         drop_path_rate=0.0,
         output_stride=32,
+        tta="none",
         freeze_stages=0,
         patience=0,
         select_by="auroc",

@@ -16,6 +16,9 @@ but ONNX Runtime:
    pass. It runs as a 1 x 1 convolution without bias, which every runtime executes fast. With
    ``card.output_stride == 16`` (dilated last stages, :func:`train.model.create_model`) ``A`` and the
    CAM are twice as fine (14 x 14 at 224 px); the head is unchanged, so the CAM is still Grad-CAM.
+   With ``card.tta == "rot180"`` ``A`` is the mean of the photograph's map and its 180-degree
+   turn's, turned back (:class:`train.model.TurnAveraged`, one batch of ``2N`` inside the graph);
+   pooling, head and CAM read that ``A``, so they stay exact.
 5. ``ood_score`` (only when the card holds :class:`retinagate.card.OodStatistics`): the distance of
    the pooled ``A`` (the vector the classifier reads) from the training photographs', computed by
    training's own :class:`train.ood.OodScore`. Cards without statistics give the three-output graph
@@ -32,6 +35,7 @@ from torch import nn
 
 from retinagate.card import ModelCard
 from train.augment import Normalizer
+from train.model import served_model
 from train.ood import OodScore
 
 __all__ = ["INPUT_NAME", "OOD_OUTPUT_NAME", "OUTPUT_NAMES", "CamModel", "classifier_weight", "output_names"]
@@ -74,7 +78,8 @@ class CamModel(nn.Module):
 
     Args:
         model: A timm-style classifier with ``forward_features``/``forward_head``, average pooling and
-            one linear classifier; switched to eval mode.
+            one linear classifier; served as the card says (:func:`train.model.served_model`) and
+            switched to eval mode.
         card: Supplies the input size, mean and std, the number of labels (checked against the
             classifier) and, optionally, the OOD statistics (checked against the feature width).
 
@@ -89,7 +94,7 @@ class CamModel(nn.Module):
             raise ValueError(
                 f"model: the classifier has {weight.shape[0]} outputs but the card names {card.num_labels} labels"
             )
-        self.model = model.eval()
+        self.model = served_model(model, card).eval()
         self.card = card
         # Training's own normaliser, so served and trained inputs agree to the last bit.
         self.normaliser = Normalizer(card.preprocessing)

@@ -92,6 +92,14 @@ class ModelCard(BaseModel):
     output_stride: Literal[16, 32] = Field(
         32, description="Input pixels per CAM cell; 16 dilates the last stages (timm output_stride) for a finer CAM."
     )
+    tta: Literal["none", "rot180"] = Field(
+        "none",
+        description=(
+            "Test-time views: rot180 averages the feature map of the photograph and of its 180-degree turn "
+            "(turned back) before pooling and CAM, so the CAM is still Grad-CAM of the served model; "
+            "twice the backbone's compute."
+        ),
+    )
     ood: OodStatistics | None = Field(None, description="Feature statistics behind the graph's ood_score output.")
     input_format: Literal["uint8_nhwc_rgb"] = "uint8_nhwc_rgb"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"

@@ -18,7 +18,7 @@ from retinagate.preprocess import prepare
 from retinagate.synth import render_fundus
 from train.augment import Normalizer
 from train.datasets import find_rfmid_splits, read_image
-from train.model import create_model, load_checkpoint, random_model
+from train.model import TurnAveraged, create_model, load_checkpoint, random_model
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +183,28 @@ def test_outputs_are_the_three_maps_and_scores_then_ood_score_when_the_card_has_
         "threshold": 3,
     }  # fmt: skip
     assert output_names(card.with_updates(ood=statistics)) == ("logits", "probabilities", "cam", "ood_score")
+
+
+def test_a_rot180_card_serves_both_views_averaged_and_its_cam_is_still_exactly_grad_cam(tmp_path: Path) -> None:
+    card = ModelCard(preprocessing=Preprocessing(input_size=128), tta="rot180")
+    model = random_model(card)
+    served = CamModel(model, card)
+    assert isinstance(served.model, TurnAveraged)
+    export_model(model, card, tmp_path / "rot180.onnx")
+    rng = np.random.default_rng(4)
+    photographs = [prepare(render_fundus(rng, 320, 240, ["MH"]).image, card.preprocessing) for _ in range(2)]
+    images = np.concatenate([np.stack(photographs), rng.integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)])
+    turned = np.ascontiguousarray(images[:, ::-1, ::-1])
+
+    session = ort.InferenceSession(str(tmp_path / "rot180.onnx"), providers=["CPUExecutionProvider"])
+    logits, cam = session.run(["logits", "cam"], {"image": np.concatenate([images, turned])})
+    x = served.normalise(torch.from_numpy(images))
+    gradcam, _ = _autograd_gradcam(served.model, x)
+    with torch.no_grad():
+        one_view = (model(x) + model(x.flip(2, 3))) / 2
+
+    np.testing.assert_allclose(logits[:3], one_view.numpy(), rtol=1e-4, atol=1e-4)
+    assert (cam.max(axis=(2, 3)) > 0).mean() > 0.25, "maps mostly empty: the comparison would prove little"
+    np.testing.assert_allclose(cam[:3] / 16, gradcam, rtol=1e-3, atol=1e-4 * float(gradcam.max()))
+    # Turning the photograph turns its map, exactly: the served model has no preferred way up.
+    np.testing.assert_allclose(cam[3:], cam[:3, :, ::-1, ::-1], rtol=1e-4, atol=1e-4 * float(cam.max()))

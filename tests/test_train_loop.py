@@ -146,3 +146,11 @@ def test_a_run_written_before_select_by_keeps_choosing_by_auroc_when_resumed(tmp
     assert TrainConfig.from_dict(stored).select_by == "auroc"
     with pytest.raises(ValueError, match="select_by is 'pointing'; expected one of auroc, auroc\\+pointing"):
         TrainConfig(out=tmp_path, select_by="pointing")
+
+
+def test_a_run_written_before_tta_keeps_scoring_one_view_when_resumed(tmp_path: Path) -> None:
+    stored = TrainConfig(out=tmp_path).to_dict()
+    assert stored.pop("tta") == "rot180"
+    assert TrainConfig.from_dict(stored).tta == "none"
+    with pytest.raises(ValueError, match="tta is 'flip'; expected none or rot180"):
+        TrainConfig(out=tmp_path, tta="flip")

@@ -1,15 +1,25 @@
-"""The classifier: starting from a local ImageNet checkpoint, and the finer CAM's stride."""
+"""The classifier: starting from a local ImageNet checkpoint, the finer CAM's stride, and the served views."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 
 from retinagate.card import ModelCard, Preprocessing
-from train.model import PretrainedUnavailableError, create_model
+from train.model import (
+    CHECKPOINT_FORMAT,
+    PretrainedUnavailableError,
+    TurnAveraged,
+    create_model,
+    load_checkpoint,
+    random_model,
+    served_model,
+    state_dict_sha256,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +63,28 @@ def test_output_stride_sets_the_cam_grid_at_224_px(stride: int, cells: int) -> N
     with torch.no_grad():
         features = model.forward_features(torch.zeros(1, 3, 224, 224))  # type: ignore[operator]
     assert features.shape[2:] == (cells, cells)
+
+
+def test_a_rot180_checkpoint_loads_turn_averaged_with_the_plain_models_weights_and_hash(tmp_path: Path) -> None:
+    card = ModelCard(preprocessing=Preprocessing(input_size=64), tta="rot180")
+    network = random_model(card, seed=2)
+    path = tmp_path / "best.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "model": network.state_dict(), "card": card.to_json()}, path)
+
+    served, loaded_card, _ = load_checkpoint(path)
+    old, _, _ = load_checkpoint(_with_card(path, card.with_updates(tta="none")))
+
+    assert loaded_card.tta == "rot180" and isinstance(served, TurnAveraged) and not served.training
+    assert not isinstance(old, TurnAveraged)
+    assert state_dict_sha256(served.state_dict()) == state_dict_sha256(network.state_dict())
+    assert served_model(served, card) is served  # never wrapped twice
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(served(x).numpy(), ((old(x) + old(x.flip(2, 3))) / 2).numpy(), atol=1e-5)
+
+
+def _with_card(path: Path, card: ModelCard) -> Path:
+    raw = torch.load(path, weights_only=True)
+    other = path.with_name("other.pt")
+    torch.save({**raw, "card": card.to_json()}, other)
+    return other

@@ -150,6 +150,14 @@ def register(subparsers: Any) -> None:
         default=_SUPPRESS,
         help="input pixels per CAM cell: 32, or 16 for a CAM twice as fine (dilated last stages) (default 32)",
     )
+    model.add_argument(
+        "--tta",
+        choices=("rot180", "none"),
+        default=_SUPPRESS,
+        help="test-time views for validation, the report and the exported graph: rot180 averages the "
+        "feature maps of the photograph and of its 180-degree turn (twice the inference compute; the maps "
+        "sit nearer the lesions and the CAM stays exact Grad-CAM), none scores one view (default rot180)",
+    )
     model.add_argument("--name", default=_SUPPRESS, help="model name for the card")
     model.add_argument("--version", default=_SUPPRESS, help="model version for the card (default 0.1.0)")
 

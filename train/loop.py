@@ -48,7 +48,7 @@ from train.datasets import CachedSplit, Split, SplitSource, cache_split, load_sp
 from train.loader import AugmentedImages, epoch_loader
 from train.losses import LOSSES, auto_pos_weight, build_loss
 from train.metrics import Metrics, compute_metrics
-from train.model import CHECKPOINT_FORMAT, create_model, load_checkpoint, state_dict_sha256
+from train.model import CHECKPOINT_FORMAT, create_model, load_checkpoint, served_model, state_dict_sha256
 from train.step import AUTOCAST_DTYPES, TrainStep
 
 __all__ = [
@@ -146,6 +146,10 @@ class TrainConfig:
         drop_path_rate: Stochastic depth.
         output_stride: Input pixels per CAM cell: 32 (EfficientNet as designed) or 16 (the last stages
             dilated, a CAM twice as fine, about 1.6x the compute).
+        tta: Test-time views, recorded in the card and used wherever the model is evaluated or served:
+            ``rot180`` (the photograph and its 180-degree turn, feature maps averaged before pooling
+            and CAM, :class:`train.model.TurnAveraged`; twice the inference compute, the CAM stays
+            exact) or ``none``. Training itself sees one view per image either way.
         channels_last: NHWC memory format (faster convolutions on CUDA and on x86 CPUs).
         name: Model name for the card.
         version: Model version for the card.
@@ -191,6 +195,7 @@ class TrainConfig:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     output_stride: int = 32
+    tta: str = "rot180"
     channels_last: bool = True
     name: str = "retinagate-efficientnet-b0"
     version: str = "0.1.0"
@@ -231,6 +236,7 @@ class TrainConfig:
         need(self.patience >= 0, f"patience is {self.patience}; expected >= 0 (0 turns early stopping off)")
         need(0 <= self.drop_rate < 1, f"drop_rate is {self.drop_rate}; expected 0 <= rate < 1")
         need(self.output_stride in (16, 32), f"output_stride is {self.output_stride}; expected 16 or 32")
+        need(self.tta in ("none", "rot180"), f"tta is {self.tta!r}; expected none or rot180")
         need(0 <= self.drop_path_rate < 1, f"drop_path_rate is {self.drop_path_rate}; expected 0 <= rate < 1")
 
     def to_dict(self) -> dict[str, Any]:
@@ -242,7 +248,8 @@ class TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys are ignored (older or newer runs).
 
         Runs written before ``select_by`` existed chose their best epoch by AUROC alone, and keep doing
-        so when resumed (their stored best score is an AUROC).
+        so when resumed (their stored best score is an AUROC); runs written before ``tta`` existed
+        were evaluated on one view, and keep being so.
         """
         paths = {"out", "data", "labels_csv", "images", "cache_dir", "weights"}
         known = {f.name for f in fields(cls)}
@@ -250,6 +257,7 @@ class TrainConfig:
             k: (Path(v) if k in paths and v is not None else v) for k, v in data.items() if k in known
         }
         values.setdefault("select_by", "auroc")
+        values.setdefault("tta", "none")
         return cls(**values)
 
     @property
@@ -517,6 +525,7 @@ def _training_card(config: TrainConfig) -> ModelCard:
         version=config.version,
         preprocessing=config.preprocessing(),
         output_stride=config.output_stride,
+        tta=config.tta,
     )
 
 
@@ -749,7 +758,8 @@ def train(
 
         eval_model = ema.module if ema is not None else model
         probs, val_loss, peaks = predict(
-            eval_model, val_split.images, run.card.preprocessing, device=device, precision=precision,
+            served_model(eval_model, run.card), val_split.images, run.card.preprocessing, device=device,
+            precision=precision,
             batch_size=max(config.batch_size, 32), labels=val_split.labels, criterion=criterion,
             progress=progress, desc="validate", peaks=pointing is not None,
         )  # fmt: skip
@@ -879,6 +889,7 @@ def _finish(
         best["model"]["classifier.bias"] = bias - torch.log(pos_weight.detach().cpu()).to(bias.dtype)
     model = create_model(run.card, drop_rate=0.0, drop_path_rate=0.0)
     model.load_state_dict(best["model"])
+    model = served_model(model, run.card)
     model.to(run.device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -6,7 +6,7 @@ Checkpoints are plain dictionaries saved with ``torch.save``::
      "config": resolved training config, "epoch": int, ...training state...}
 
 ``best.pt`` and ``last.pt`` share the format; :func:`load_checkpoint` reads either for evaluation and
-export.
+export, as the card serves it (:func:`served_model`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ from retinagate.card import ModelCard
 __all__ = [
     "CHECKPOINT_FORMAT",
     "PretrainedUnavailableError",
+    "TurnAveraged",
     "class_maps",
     "create_model",
     "load_checkpoint",
     "random_model",
+    "served_model",
     "state_dict_sha256",
 ]
 
@@ -108,6 +110,67 @@ def class_maps(features: torch.Tensor, classifier: nn.Linear, *, bias: bool = Fa
     return maps
 
 
+class TurnAveraged(nn.Module):
+    """A classifier that looks at the photograph twice: as it is and turned 180 degrees.
+
+    Its feature map is the mean of the two views' maps, the turned one turned back, so each cell
+    averages the same place in the photograph seen both ways up::
+
+        A(x) = (F(x) + rot180(F(rot180(x)))) / 2
+
+    Pooling and the linear head then read ``A`` as they read ``F``: the logits are the mean of the
+    two views' logits, and ``ReLU(W . A)`` is still exactly Grad-CAM of what is served (average
+    pooling plus one linear layer over ``A``). Why: a network trained from random initialisation
+    may put a label's evidence a fixed distance from the lesion in its own grid (measured: up to a
+    cell below it); in the turned view that offset points the other way in the photograph, so the
+    mean peaks nearer the lesion. Training's flips already show the network turned photographs.
+
+    The two views run as one batch of ``2N``. ``state_dict`` and ``load_state_dict`` are the
+    wrapped model's, so checkpoints and weight hashes do not depend on the wrapper.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``A(x)`` above, ``[N, K, h, w]`` for a normalised ``[N, 3, S, S]`` batch."""
+        both = self.model.forward_features(torch.cat([images, images.flip(2, 3)]))  # type: ignore[operator]
+        upright, turned = both.chunk(2)
+        averaged: torch.Tensor = (upright + turned.flip(2, 3)) / 2
+        return averaged
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        head: torch.Tensor = self.model.forward_head(features, pre_logits=pre_logits)  # type: ignore[operator]
+        return head
+
+    def get_classifier(self) -> nn.Module:
+        classifier: nn.Module = self.model.get_classifier()  # type: ignore[operator]
+        return classifier
+
+    @property
+    def global_pool(self) -> nn.Module:
+        pool: nn.Module = self.model.get_submodule("global_pool")
+        return pool
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def served_model(model: nn.Module, card: ModelCard) -> nn.Module:
+    """``model`` as ``card`` serves it: wrapped in :class:`TurnAveraged` when ``card.tta`` is
+    ``rot180`` (once; an already wrapped model is returned as it is), otherwise itself."""
+    if card.tta == "rot180" and not isinstance(model, TurnAveraged):
+        return TurnAveraged(model)
+    return model
+
+
 def random_model(card: ModelCard, seed: int = 0) -> nn.Module:
     """The card's model with random weights and random batch-norm statistics, in eval mode.
 
@@ -149,7 +212,8 @@ def load_checkpoint(
     """Reads a RetinaGate checkpoint and returns the model in eval mode, its card and the raw dict.
 
     The model is rebuilt from the card (:func:`create_model`), so its output stride is the one it was
-    trained with; cards written before ``output_stride`` existed read as stride 32.
+    trained with; cards written before ``output_stride`` existed read as stride 32. It comes back as
+    the card serves it (:func:`served_model`); cards written before ``tta`` existed read as ``none``.
 
     Raises:
         FileNotFoundError: No such file.
@@ -166,5 +230,4 @@ def load_checkpoint(
     card = ModelCard.from_json(raw["card"])
     model = create_model(card, drop_rate=0.0, drop_path_rate=0.0)
     model.load_state_dict(raw["model"])
-    model.eval()
-    return model, card, raw
+    return served_model(model, card).eval(), card, raw
