@@ -14,7 +14,9 @@ One run measures, on the same machine and thread count:
   14 x 14 CAM), 288 px and 384 px at stride 32, and today's graph with the ``ood_score`` output
   (statistics fitted on synthetic photographs), and the training default's graph: 288 px with local
   contrast normalisation (a separable Gaussian over four channels ahead of the classifier), with and
-  without ``ood_score``. ``--variants-only`` runs just this part.
+  without ``ood_score``; and the graph that serves two views of each photograph (``tta`` rot180, the
+  photograph and its 180-degree turn as one batch), at 224 px and in the training default's graph.
+  ``--variants-only`` runs just this part.
 
 Makes its own model (EfficientNet-B0, 29 outputs, random weights with random batch-norm statistics,
 or ``--checkpoint``) and inputs (synthetic fundus photographs). Times are the best of ``--repeats``
@@ -50,15 +52,18 @@ from retinagate.synth import render_fundus
 from train.model import create_model, random_model
 from train.ood import fit_ood_statistics
 
-#: (name, input size, output stride, with ood_score, contrast sigma); the first is the reference graph.
-VARIANTS: tuple[tuple[str, int, int, bool, float], ...] = (
-    ("reference: 224 px, stride 32", 224, 32, False, 0.0),
-    ("224 px, stride 16", 224, 16, False, 0.0),
-    ("288 px, stride 32", 288, 32, False, 0.0),
-    ("384 px, stride 32", 384, 32, False, 0.0),
-    ("224 px, stride 32, ood_score", 224, 32, True, 0.0),
-    ("288 px, stride 32, local contrast 0.04", 288, 32, False, 0.04),
-    ("288 px, contrast 0.04, ood_score", 288, 32, True, 0.04),
+#: (name, input size, output stride, with ood_score, contrast sigma, test-time views); the first is
+#: the reference graph, the last the training default's.
+VARIANTS: tuple[tuple[str, int, int, bool, float, str], ...] = (
+    ("reference: 224 px, stride 32", 224, 32, False, 0.0, "none"),
+    ("224 px, stride 16", 224, 16, False, 0.0, "none"),
+    ("288 px, stride 32", 288, 32, False, 0.0, "none"),
+    ("384 px, stride 32", 384, 32, False, 0.0, "none"),
+    ("224 px, stride 32, ood_score", 224, 32, True, 0.0, "none"),
+    ("288 px, stride 32, local contrast 0.04", 288, 32, False, 0.04, "none"),
+    ("288 px, contrast 0.04, ood_score", 288, 32, True, 0.04, "none"),
+    ("224 px, stride 32, rot180 views", 224, 32, False, 0.0, "rot180"),
+    ("288 px, contrast, ood, rot180 (default)", 288, 32, True, 0.04, "rot180"),
 )
 
 
@@ -290,9 +295,9 @@ def measure_variants(
     with tempfile.TemporaryDirectory(prefix="bench-variants-") as scratch:
         paths: list[Path] = []
         inputs: list[NDArray[np.uint8]] = []
-        for name, size, stride, with_ood, contrast in VARIANTS:
+        for name, size, stride, with_ood, contrast, tta in VARIANTS:
             recipe = {**card.preprocessing.model_dump(), "input_size": size, "contrast_sigma": contrast}
-            variant = card.with_updates(preprocessing=recipe, output_stride=stride, ood=None)
+            variant = card.with_updates(preprocessing=recipe, output_stride=stride, ood=None, tta=tta)
             network = create_model(variant, drop_rate=0.0, drop_path_rate=0.0)
             network.load_state_dict(weights)
             network.eval()

@@ -27,7 +27,7 @@ from retinagate.settings import Settings
 __all__ = ["DemoError", "run_demo"]
 
 #: Bump when the training recipe below changes, so a cached model is not reused by mistake.
-RECIPE = "demo-v3"  # v2: local contrast normalisation; v3: lr 2e-3 and the best epoch by AUROC and pointing
+RECIPE = "demo-v4"  # v2: local contrast normalisation; v3: lr 2e-3, best epoch by AUROC and pointing; v4: rot180 views
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.22")
 

@@ -81,17 +81,20 @@ def _run(out: Path, data: Path, cache: Path, **kwargs: Any) -> TrainConfig:
 
 @pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cache: Path, tmp_path: Path) -> None:
-    straight = train(_run(tmp_path / "straight", synth_dataset, small_cache), progress=False)
+    straight = train(_run(tmp_path / "straight", synth_dataset, small_cache, tta="none"), progress=False)
     assert straight.finished and straight.epochs_run == 2
     # The data has lesion masks, so the default picks the best epoch by AUROC and the pointing game
-    # together, and the game played in the loop is the one the report plays again on best.pt.
+    # together, and the game played in the loop is the one the report plays again on best.pt (with
+    # one view each: the loop validates on one, the report on the card's views).
     scores = [(row["val_macro_auroc"] + row["val_pointing"]) / 2 for row in straight.history]
     assert straight.best_epoch == 1 + int(np.argmax(scores))
     assert straight.validation is not None
     reported = straight.validation.extra["pointing_game"]
     assert reported["rate"] == straight.history[straight.best_epoch - 1]["val_pointing"] and reported["total"] > 20
 
-    paused = train(_run(tmp_path / "paused", synth_dataset, small_cache), stop_after_epochs=1, progress=False)
+    paused = train(
+        _run(tmp_path / "paused", synth_dataset, small_cache, tta="none"), stop_after_epochs=1, progress=False
+    )
     assert not paused.finished and paused.epochs_run == 1 and paused.card is None
     torch.manual_seed(12345)  # a resumed process starts from an unrelated global RNG state
     resumed = train(TrainConfig(out=tmp_path / "paused"), resume=True, progress=False)

@@ -40,6 +40,7 @@ from torch import nn
 
 from retinagate.card import ModelCard, OodStatistics
 from train.augment import Normalizer
+from train.model import served_model
 
 __all__ = [
     "DEFAULT_MARGIN",
@@ -112,15 +113,16 @@ def pooled_features(
 ) -> NDArray[np.float64]:
     """The globally average-pooled final features ``[N, K]`` of prepared photographs, as float64.
 
-    The photographs go through training's :class:`train.augment.Normalizer` and
-    ``model.forward_features``, as in the served graph; the model runs on the device of its weights.
+    The photographs go through training's :class:`train.augment.Normalizer` and the features of the
+    model as the card serves it (:func:`train.model.served_model`: both views averaged under
+    ``tta`` rot180), as in the served graph; the model runs on the device of its weights.
     """
-    _check_images(images, card, "images")
     from tqdm import tqdm
 
+    _check_images(images, card, "images")
     device = next(model.parameters()).device
     normaliser = Normalizer(card.preprocessing).to(device)
-    timm_model: Any = model.eval()  # timm's forward_features is not part of nn.Module's type
+    timm_model: Any = served_model(model, card).eval()  # timm's forward_features is not nn.Module's type
     pooled = []
     with torch.inference_mode():
         starts = range(0, len(images), batch_size)
