@@ -256,6 +256,7 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
             "input_size": card.input_size,
             "labels": len(card.labels),
             "output_stride": card.output_stride,
+            "tta": card.tta,
         },
         "ood": None
         if card.ood is None
@@ -281,7 +282,7 @@ def _print_summary(result: dict[str, Any]) -> None:
     model = result["model"]
     print(
         f"{model['name']} {model['version']}: {model['labels']} labels, input {model['input_size']} px, "
-        f"output stride {model['output_stride']}"
+        f"output stride {model['output_stride']}, test-time views {model['tta']}"
     )
     print(f"ood_score: {result['ood_note']}")
     validation = result["validation"]

@@ -55,8 +55,11 @@ CalibrationMethod = Literal["minmax", "percentile", "entropy"]
 #: Default accuracy target of the int8 variant, see :func:`signal_to_noise_db`.
 DEFAULT_TARGET_SNR_DB = 25.0
 #: Element-wise activations (SiLU, swish, ReLU, hard-swish pieces) between the last convolution and
-#: the feature map.
-_ACTIVATION_OPS = frozenset({"Mul", "Sigmoid", "Relu", "Clip", "HardSigmoid", "HardSwish"})
+#: the feature map, and the view averaging of a ``tta`` rot180 graph (split the batch, turn the second
+#: half back, add, halve).
+_ACTIVATION_OPS = frozenset(
+    {"Mul", "Sigmoid", "Relu", "Clip", "HardSigmoid", "HardSwish", "Slice", "Split", "Add", "Div"}
+)
 
 
 def _card_of(model: onnx.ModelProto) -> ModelCard:
@@ -152,7 +155,8 @@ def head_nodes(model: onnx.ModelProto) -> tuple[str, list[str]]:
         raise ValueError("the graph has no 'cam' output computed as Relu(Conv(features))")
     features = conv.input[0]
     # The activation that makes the feature map (SiLU = x * sigmoid(x) after the last convolution)
-    # stays in float too: quantising its output would quantise the feature map the CAM reads.
+    # stays in float too, with a two-view graph's averaging: quantising its output would quantise the
+    # feature map the CAM reads.
     found: list[str] = []
     tail = [features]
     while tail:

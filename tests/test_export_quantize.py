@@ -177,6 +177,22 @@ def test_head_nodes_are_the_cam_head_classifier_and_final_activation(random_onnx
     assert features.startswith("/bn2")
 
 
+def test_a_two_view_graph_keeps_its_final_activation_and_the_view_averaging_in_float(tmp_path: Path) -> None:
+    from export.onnx_export import export_model
+    from train.model import random_model
+
+    card = ModelCard(preprocessing=Preprocessing(input_size=64), tta="rot180")
+    export_model(random_model(card), card, tmp_path / "rot180.onnx")
+    model = onnx.load(str(tmp_path / "rot180.onnx"))
+
+    features, head = head_nodes(model)
+
+    ops = {node.name: node.op_type for node in model.graph.node}
+    assert ops[next(n.name for n in model.graph.node if features in n.output)] == "Div"  # (a + turned b) / 2
+    assert {"/bn2/act/Mul", "/bn2/act/Sigmoid"} <= set(head)
+    assert [ops[name] for name in head].count("Conv") == 1  # the CAM's; the backbone's stay quantised
+
+
 def test_preprocessing_nodes_are_everything_between_the_input_and_the_stem(onnx_model_path: Path) -> None:
     model = onnx.load(str(onnx_model_path))
     assert read_card(onnx_model_path).preprocessing.contrast_sigma > 0  # the default recipe's normaliser
