@@ -55,6 +55,7 @@ def test_json_summary_names_the_file_its_hash_and_the_agreement_with_pytorch(
         "input_size": 128,
         "labels": 29,
         "output_stride": 32,
+        "tta": "none",
     }
     assert summary["validation"] is None and fp32["auroc"] is None
 
