@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,8 @@ def test_a_rot180_checkpoint_loads_turn_averaged_with_the_plain_models_weights_a
 
     assert loaded_card.tta == "rot180" and isinstance(served, TurnAveraged) and not served.training
     assert not isinstance(old, TurnAveraged)
+    written_before = {k: v for k, v in json.loads(card.to_json()).items() if k != "tta"}
+    assert ModelCard.from_json(json.dumps(written_before)).tta == "none"  # older cards: one view
     assert state_dict_sha256(served.state_dict()) == state_dict_sha256(network.state_dict())
     assert served_model(served, card) is served  # never wrapped twice
     x = torch.randn(2, 3, 64, 64)
