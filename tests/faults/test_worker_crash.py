@@ -15,6 +15,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.interop]
 PHOTOGRAPHS = int(os.environ.get("FAULTS_WORKER_CRASH_PHOTOGRAPHS", "24"))
 #: What the issue promises an operator: a dead worker's work is taken back within two minutes.
 RECOVERY_BOUND_S = 120
+#: Kills until one lands while a batch is in scoring.
+KILL_TRIES = 5
 
 
 def test_a_worker_killed_mid_batch_leaves_every_instance_with_one_result_at_the_pacs_within_two_minutes(
@@ -31,12 +33,17 @@ def test_a_worker_killed_mid_batch_leaves_every_instance_with_one_result_at_the_
         state = deployment.state()
         return state.predictions > 0 and state.instances["scoring"] > 0
 
-    deployment.wait_until(mid_batch, 120, "a batch in scoring after the first results", every_s=0.02)
-    deployment.kill("worker", signal.SIGKILL)
-    killed_at = time.monotonic()
-    at_kill = deployment.state()
+    # The batch can finish between the look and the kill (a 4-photograph batch on the random model is
+    # short): then the kill missed it, and the worker is started again for another try.
+    for _ in range(KILL_TRIES):
+        deployment.wait_until(mid_batch, 120, "a batch in scoring after the first results", every_s=0.02)
+        deployment.kill("worker", signal.SIGKILL)
+        killed_at = time.monotonic()
+        at_kill = deployment.state()
+        deployment.start("worker", "worker", "--concurrency", "1")
+        if at_kill.instances["scoring"] > 0:
+            break
     assert 0 < at_kill.done < PHOTOGRAPHS and at_kill.instances["scoring"] > 0, at_kill
-    deployment.start("worker", "worker", "--concurrency", "1")
 
     def all_delivered() -> bool:
         state = deployment.state()
