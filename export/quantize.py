@@ -57,7 +57,7 @@ DEFAULT_TARGET_SNR_DB = 25.0
 #: Element-wise activations (SiLU, swish, ReLU, hard-swish pieces) between the last convolution and
 #: the feature map, and the view averaging of a ``tta`` rot180 graph (split the batch, turn the second
 #: half back, add, halve).
-_ACTIVATION_OPS = frozenset(
+_FEATURE_MAP_OPS = frozenset(
     {"Mul", "Sigmoid", "Relu", "Clip", "HardSigmoid", "HardSwish", "Slice", "Split", "Add", "Div"}
 )
 
@@ -161,7 +161,7 @@ def head_nodes(model: onnx.ModelProto) -> tuple[str, list[str]]:
     tail = [features]
     while tail:
         node = producers.get(tail.pop())
-        if node is None or node.op_type not in _ACTIVATION_OPS or node.name in found:
+        if node is None or node.op_type not in _FEATURE_MAP_OPS or node.name in found:
             continue
         found.append(node.name)
         tail.extend(node.input)

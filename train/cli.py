@@ -154,9 +154,10 @@ def register(subparsers: Any) -> None:
         "--tta",
         choices=("rot180", "none"),
         default=_SUPPRESS,
-        help="test-time views for validation, the report and the exported graph: rot180 averages the "
-        "feature maps of the photograph and of its 180-degree turn (twice the inference compute; the maps "
-        "sit nearer the lesions and the CAM stays exact Grad-CAM), none scores one view (default rot180)",
+        help="test-time views for the report, its thresholds, evaluate and the exported graph: rot180 "
+        "averages the feature maps of the photograph and of its 180-degree turn (twice the inference compute; "
+        "the maps sit nearer the lesions and the CAM stays exact Grad-CAM), none scores one view; the "
+        "per-epoch validation that picks best.pt uses one view either way (default rot180)",
     )
     model.add_argument("--name", default=_SUPPRESS, help="model name for the card")
     model.add_argument("--version", default=_SUPPRESS, help="model version for the card (default 0.1.0)")
