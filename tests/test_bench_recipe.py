@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
@@ -11,13 +12,17 @@ import pytest
 from train.loop import TrainConfig
 
 
-def _bench_recipe() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_recipe.py"
-    spec = importlib.util.spec_from_file_location("bench_recipe", path)
+def _bench(name: str) -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench_recipe() -> ModuleType:
+    return _bench("bench_recipe")
 
 
 def test_the_plain_baseline_has_none_of_the_default_recipes_extras(tmp_path: Path) -> None:
@@ -40,3 +45,36 @@ def test_a_variant_is_the_default_recipe_with_the_named_fields_changed() -> None
     )
     with pytest.raises(ValueError, match="'speed' is not a TrainConfig field"):
         bench.parse_variant("fast:speed=2")
+
+
+def _sweep() -> ModuleType:
+    return _bench("gpu_recipe_sweep")
+
+
+def test_every_sweep_variant_is_a_valid_recipe_trained_in_fp32_on_the_named_device(tmp_path: Path) -> None:
+    sweep = _sweep()
+    configs = {
+        spec.partition(":")[0]: sweep._recipe(spec, tmp_path, tmp_path / "out", tmp_path / "cache", "cuda", None)
+        for spec in sweep.VARIANTS
+    }
+    assert all((c.device, c.precision, c.workers) == ("cuda", "fp32", 0) for c in configs.values())
+    assert configs["plain"].img_size == 224 and configs["plain"].epochs == 8
+    default, flip = configs["default"], configs["flip"]
+    assert flip.aug == "flip" and default.aug == "light"
+    assert flip == replace(default, aug="flip")
+
+
+def test_the_sweep_pairs_each_variant_with_the_default_on_the_same_seeds() -> None:
+    sweep = _sweep()
+
+    def row(variant: str, seed: int, auroc: float, pointing: float) -> dict[str, object]:
+        return {"variant": variant, "seed": seed, "seconds": 100.0, "test_auroc": auroc, "test_min": 0.3,
+                "test_pointing": pointing, "val_auroc": auroc, "val_pointing": pointing}  # fmt: skip
+
+    rows = [row("default", 1, 0.70, 0.30), row("default", 2, 0.80, 0.40),
+            row("lr", 1, 0.75, 0.40), row("lr", 2, 0.79, 0.40), row("lr", 3, 0.10, 0.00)]  # fmt: skip
+    table = sweep.summary(rows, ["default", "lr"]).splitlines()
+    lr = next(line for line in table if line.startswith("lr "))
+    # seed 3 has no default run: it counts in the mean (0.547) but not in the paired difference
+    assert lr.split()[1:5] == ["3", "0.547", "+0.020", "0.300"]
+    assert lr.split()[6] == "+0.050"

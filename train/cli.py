@@ -85,7 +85,7 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="run at most N epochs now, then exit; continue later with --resume",
     )
-    run.add_argument("--epochs", type=int, default=_SUPPRESS, metavar="N", help="epochs (default 18)")
+    run.add_argument("--epochs", type=int, default=_SUPPRESS, metavar="N", help="epochs (default 16)")
     run.add_argument("--batch-size", type=int, default=_SUPPRESS, metavar="B", help="batch size (default 16)")
     run.add_argument("--device", default=_SUPPRESS, metavar="auto|cpu|cuda", help="where to train (default auto)")
     run.add_argument(
@@ -223,7 +223,10 @@ def register(subparsers: Any) -> None:
         "--aug",
         choices=("none", "flip", "light", "strong"),
         default=_SUPPRESS,
-        help="augmentation level: none, flip (flips only), light, strong (default flip)",
+        help=(
+            "augmentation level: none, flip (flips only), light (flips, small rotation and scale, mild colour),"
+            " strong (default light)"
+        ),
     )
     optim.add_argument(
         "--aug-on",
