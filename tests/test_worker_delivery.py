@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,11 @@ import pytest
 from sqlalchemy import select
 
 from retinagate.db import make_engine, session_factory, session_scope
-from retinagate.models import Delivery, DeliveryStatus, Output
+from retinagate.models import Delivery, DeliveryStatus, Output, utcnow
 from retinagate.settings import Destination, Settings
 from retinagate.storage import Storage
 from worker.delivery import Timeouts, classify_status, deliver_outputs, retry_delay, send_to
+from worker.lease import handoff_owner
 
 FAST = Timeouts(connect=2, acse=5, dimse=10, network=10)
 
@@ -159,6 +161,35 @@ def test_a_destination_added_after_scoring_gets_the_outputs_too(
     after = make_settings(destinations=receiver.destination)
     assert len(_deliver(after, outputs).delivered) == 2
     assert set(receiver.received) == _uids(after, outputs)
+
+
+def test_a_sender_takes_over_deliveries_under_a_hand_off_lease_at_once_but_leaves_a_live_senders_alone(
+    make_settings: Callable[..., Settings], worker_store_outputs: Callable[..., list[int]], worker_receiver: Any
+) -> None:
+    receiver = worker_receiver()
+    settings = make_settings(destinations=receiver.destination)
+    handed_off, sending = worker_store_outputs(settings, 2)
+    soon = utcnow() + timedelta(seconds=60)
+    engine = make_engine(settings)
+    with session_scope(session_factory(engine)) as session:
+        for output_id, holder in ((handed_off, handoff_owner("scorer:1")), (sending, "sender:2")):
+            session.add(
+                Delivery(
+                    output_id=output_id,
+                    destination=receiver.destination,
+                    status=DeliveryStatus.PENDING,
+                    lease_owner=holder,
+                    lease_expires_at=soon,
+                )
+            )
+    engine.dispose()
+
+    outcome = _deliver(settings, [handed_off, sending])
+
+    assert len(outcome.delivered) == 1 and set(receiver.received) == _uids(settings, [handed_off])
+    rows = {row.output_id: row for row in _deliveries(settings)}
+    assert rows[handed_off].status == DeliveryStatus.DELIVERED and rows[handed_off].lease_owner is None
+    assert rows[sending].status == DeliveryStatus.PENDING and rows[sending].lease_owner == "sender:2"
 
 
 def test_a_missing_output_file_fails_that_delivery_only(

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from retinagate.db import make_engine, session_factory, session_scope, upgrade
 from retinagate.models import Instance, utcnow
 from retinagate.settings import Settings
-from worker.lease import Renewal, owner, renewing
+from worker.lease import HANDOFF, Renewal, handoff_owner, held_by_another, owner, renewing
 
 
 def test_the_owner_names_the_host_and_this_process() -> None:
@@ -69,3 +69,15 @@ def test_the_renewal_thread_renews_while_the_work_runs_and_stops_with_it(
         assert renewal.renewals == count  # stopped with the block
     finally:
         engine.dispose()
+
+
+def test_a_hand_off_lease_holds_off_the_sweeper_but_no_worker() -> None:
+    now = utcnow()
+    live, dead = now + timedelta(seconds=30), now - timedelta(seconds=1)
+
+    assert handoff_owner("scorer:1") == f"{HANDOFF}scorer:1"
+    assert not held_by_another(handoff_owner("scorer:1"), live, "sender:2", now)
+    assert held_by_another("sender:3", live, "sender:2", now)
+    assert not held_by_another("sender:3", dead, "sender:2", now)
+    assert not held_by_another("sender:2", live, "sender:2", now)
+    assert not held_by_another(None, None, "sender:2", now)

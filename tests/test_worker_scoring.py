@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,12 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from retinagate.db import make_engine, session_factory, session_scope, upgrade
-from retinagate.models import Delivery, DeliveryStatus, Instance, InstanceStatus, Model, Output, Prediction
+from retinagate.models import Delivery, DeliveryStatus, Instance, InstanceStatus, Model, Output, Prediction, utcnow
 from retinagate.settings import Settings
 from retinagate.storage import Storage, StorageError
+from worker.lease import HANDOFF
 from worker.scoring import ScoreOutcome, Scorer, score_instances, wants_delivery
+from worker.sweep import sweep
 
 
 class Bench:
@@ -100,6 +103,31 @@ def test_scoring_records_a_prediction_durable_outputs_and_pending_deliveries(
                 ds = dcmread(b.storage.path(output.storage_key))
                 assert ds.SOPInstanceUID == output.sop_instance_uid
                 assert ds.StudyInstanceUID == source.study.study_uid
+
+
+def test_a_worker_killed_before_queuing_its_deliveries_has_them_swept_once_their_hand_off_lease_runs_out(
+    bench: Callable[..., Bench], worker_store_instance: Callable[..., int]
+) -> None:
+    b = bench(destinations="PACS@127.0.0.1:104", lease_seconds=60)
+    ids = [worker_store_instance(b.settings, study=s) for s in range(2)]
+    started = utcnow()
+
+    outcome = b.score(ids)  # recorded and committed; the deliver message is never sent (the kill)
+
+    assert outcome.deliver
+    with session_scope(b.sessions) as s:
+        leases = [(d.lease_owner, d.lease_expires_at) for d in s.scalars(select(Delivery))]
+    assert leases and all(holder is not None and holder.startswith(HANDOFF) for holder, _ in leases)
+    assert all(expires is not None and expires <= utcnow() + timedelta(seconds=60) for _, expires in leases)
+    queued: list[list[int]] = []
+
+    def no_probe(destination: str) -> bool:
+        raise AssertionError(f"{destination} probed")
+
+    assert sweep(b.settings, b.sessions, queued.append, queued.append, now=started, probe=no_probe).redeliver == []
+    later = utcnow() + timedelta(seconds=61)  # the lease ran out: long before stuck_after (600 s)
+    swept = sweep(b.settings, b.sessions, queued.append, queued.append, now=later, probe=no_probe)
+    assert swept.redeliver == sorted(outcome.deliver) and queued == [sorted(outcome.deliver)]
 
 
 def test_a_message_delivered_twice_finds_the_work_done_and_does_nothing(

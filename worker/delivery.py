@@ -27,7 +27,7 @@ from sqlalchemy import select
 
 from retinagate.db import session_scope
 from retinagate.models import Delivery, DeliveryStatus, Output, utcnow
-from worker.lease import expiry, owner, renewing
+from worker.lease import expiry, handoff_owner, held_by_another, owner, renewing
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -44,6 +44,7 @@ __all__ = [
     "classify_status",
     "deliver_outputs",
     "echo",
+    "hand_off",
     "pending_deliveries",
     "reopen",
     "retry_delay",
@@ -310,6 +311,21 @@ def pending_deliveries(
     return pending
 
 
+def hand_off(rows: Iterable[Delivery], lease_seconds: float, holder: str | None = None) -> None:
+    """Puts a hand-off lease (:mod:`worker.lease`) on deliveries about to be queued after the commit,
+    so that they are sent again within ``lease_seconds`` and a sweep if the ``deliver`` message is
+    never sent (the worker died in between). A row a live sender holds is left to it.
+
+    The cost: a ``deliver`` message still waiting in the queue when the lease runs out gets a second
+    one from the sweep; whichever runs second finds the rows sent (or held) and does nothing.
+    """
+    now = utcnow()
+    handoff, holder = handoff_owner(holder), holder or owner()
+    for row in rows:
+        if not held_by_another(row.lease_owner, row.lease_expires_at, holder, now):
+            row.lease_owner, row.lease_expires_at = handoff, expiry(lease_seconds, now)
+
+
 def reopen(rows: Iterable[Delivery], now: datetime) -> set[int]:
     """Gives failed deliveries a new round of retries (``pending``, attempts back to 0); returns
     their outputs, to be queued for ``deliver``. The last error stays until the next try."""
@@ -336,7 +352,7 @@ def _plan(
     plan: dict[str, list[tuple[int, Path]]] = defaultdict(list)
     held = 0
     for output, row in pending:
-        if row.lease_owner not in (None, holder) and row.lease_expires_at is not None and row.lease_expires_at > now:
+        if held_by_another(row.lease_owner, row.lease_expires_at, holder, now):
             held += 1
             continue
         row.lease_owner, row.lease_expires_at = holder, expiry(settings.lease_seconds, now)

@@ -13,6 +13,12 @@ lease tells them apart within ``lease_seconds`` of the death, whatever the task'
 
 The renewal writes only rows that are still this worker's (``lease_owner`` matches), so a row the
 sweeper already handed to another worker is never taken back by a late renewal.
+
+A hand-off lease (owner ``handoff:host:pid``) covers the gap between a transaction that records
+deliveries and the ``deliver`` message sent after its commit. A worker killed in that gap leaves
+deliveries no sender will ever hear of; their hand-off lease runs out and the sweeper sends them
+within ``lease_seconds`` plus a sweep, not after ``stuck_after``. A hand-off lease belongs to no
+sender: any sender takes the row over at once (:func:`held_by_another`).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from retinagate.models import Delivery, Instance, utcnow
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["Renewal", "expiry", "owner", "renewing"]
+__all__ = ["HANDOFF", "Renewal", "expiry", "handoff_owner", "held_by_another", "owner", "renewing"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,26 @@ Leased = type[Instance] | type[Delivery]
 def owner() -> str:
     """This process's identity in a lease: ``host:pid`` (pids differ between a worker's pool processes)."""
     return f"{socket.gethostname()}:{os.getpid()}"[:128]
+
+
+#: The owner prefix of a hand-off lease (see the module docstring).
+HANDOFF = "handoff:"
+
+
+def handoff_owner(holder: str | None = None) -> str:
+    """The owner of a hand-off lease taken by ``holder`` (default: :func:`owner`)."""
+    return f"{HANDOFF}{holder or owner()}"[:128]
+
+
+def held_by_another(lease_owner: str | None, lease_expires_at: datetime | None, holder: str, now: datetime) -> bool:
+    """Whether a live worker other than ``holder`` holds a row now. A hand-off lease holds nothing
+    against a worker taking the row: it only keeps the sweeper away until it runs out."""
+    return (
+        lease_owner not in (None, holder)
+        and not lease_owner.startswith(HANDOFF)
+        and lease_expires_at is not None
+        and lease_expires_at > now
+    )
 
 
 def expiry(lease_seconds: float, now: datetime | None = None) -> datetime:

@@ -20,7 +20,9 @@ Order of work, and why:
    deliveries; mark the instances scored, or ``ungradable`` when the gradability gate refused them
    (their prediction holds the reasons; their SC and SR, which say why, are delivered like any other,
    whatever ``deliver_min_probability``: a reader has to know the photograph needs retaking).
-   If that transaction fails, the files it would have added are removed again.
+   If that transaction fails, the files it would have added are removed again. The deliveries carry
+   a hand-off lease (:mod:`worker.lease`): if this process dies between the commit and sending the
+   ``deliver`` message, the sweeper sends them once the lease runs out.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from retinagate.models import (
     utcnow,
 )
 from retinagate.storage import StorageError
-from worker.delivery import pending_deliveries
+from worker.delivery import hand_off, pending_deliveries
 from worker.lease import expiry, owner, renewing
 from worker.registry import register_model, served_model
 from worker.retention import FINISHED, PRUNED_REASON
@@ -432,6 +434,7 @@ def _record(
     session.flush()  # ids of the new outputs
 
     pending = pending_deliveries(session, to_deliver, [str(d) for d in settings.destinations]) if to_deliver else []
+    hand_off([row for _, row in pending], settings.lease_seconds)  # queued after the commit
     to_send = list(dict.fromkeys(output.id for output, _ in pending))  # an output once, whatever its destinations
 
     by_status: dict[InstanceStatus, list[int]] = {}

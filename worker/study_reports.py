@@ -55,7 +55,7 @@ from retinagate.models import (
     StudyReport,
 )
 from retinagate.studies import completed_studies_query
-from worker.delivery import pending_deliveries
+from worker.delivery import hand_off, pending_deliveries
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -288,6 +288,7 @@ def _write(
             session.flush()
             destinations = [str(d) for d in settings.destinations]
             pending = pending_deliveries(session, [output], destinations) if destinations else []
+            hand_off([row for _, row in pending], settings.lease_seconds)  # queued after the commit
             return report.id, (output.id if pending else None)
     except IntegrityError:
         storage.delete(key)

@@ -6,8 +6,10 @@ SQL is the source of truth and Redis only the transport (the outbox pattern). Ea
   :mod:`worker.lease`), and one ``received`` or ``queued`` whose status has not moved for
   ``stuck_after`` seconds (its message was lost); until the instance has used ``max_attempts``,
   then it is marked failed with its last error;
-- sends to ``deliver`` again a ``pending`` or ``retrying`` delivery whose lease ran out, and one no
-  sender has touched for ``stuck_after`` seconds (``retrying``: also the longest backoff);
+- sends to ``deliver`` again a ``pending`` or ``retrying`` delivery whose lease ran out (its sender
+  died, or the worker that recorded it died before queuing it: a hand-off lease, see
+  :mod:`worker.lease`), and one no sender has touched for ``stuck_after`` seconds (``retrying``: also
+  the longest backoff);
 - probes (C-ECHO) each destination holding deliveries that failed after their retries ran out on
   transient errors, at most every ``delivery_probe_interval`` seconds; a destination that answers
   gets them all again, with a new round of retries. Refusals (a DICOM failure status, an
