@@ -257,6 +257,7 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
             "labels": len(card.labels),
             "output_stride": card.output_stride,
             "tta": card.tta,
+            "cam_alignment": card.cam_alignment,
         },
         "ood": None
         if card.ood is None
@@ -282,7 +283,8 @@ def _print_summary(result: dict[str, Any]) -> None:
     model = result["model"]
     print(
         f"{model['name']} {model['version']}: {model['labels']} labels, input {model['input_size']} px, "
-        f"output stride {model['output_stride']}, test-time views {model['tta']}"
+        f"output stride {model['output_stride']}, test-time views {model['tta']}, "
+        f"CAM cells on the {model['cam_alignment'].replace('_', ' ')} grid"
     )
     print(f"ood_score: {result['ood_note']}")
     validation = result["validation"]

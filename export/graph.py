@@ -17,8 +17,9 @@ but ONNX Runtime:
    ``card.output_stride == 16`` (dilated last stages, :func:`train.model.create_model`) ``A`` and the
    CAM are twice as fine (14 x 14 at 224 px); the head is unchanged, so the CAM is still Grad-CAM.
    With ``card.tta == "rot180"`` ``A`` is the mean of the photograph's map and its 180-degree
-   turn's, turned back (:class:`train.model.TurnAveraged`, one batch of ``2N`` inside the graph);
-   pooling, head and CAM read that ``A``, so they stay exact.
+   turn's, turned back (:class:`train.model.TurnAveraged`, one batch of ``2N`` inside the graph),
+   with ``card.cam_alignment == "receptive_field"`` paired by where the cells look, one cell more
+   each way; pooling, head and CAM read that ``A``, so they stay exact.
 5. ``ood_score`` (only when the card holds :class:`retinagate.card.OodStatistics`): the distance of
    the pooled ``A`` (the vector the classifier reads) from the training photographs', computed by
    training's own :class:`train.ood.OodScore`. Cards without statistics give the three-output graph

@@ -56,9 +56,9 @@ CalibrationMethod = Literal["minmax", "percentile", "entropy"]
 DEFAULT_TARGET_SNR_DB = 25.0
 #: Element-wise activations (SiLU, swish, ReLU, hard-swish pieces) between the last convolution and
 #: the feature map, and the view averaging of a ``tta`` rot180 graph (split the batch, turn the second
-#: half back, add, halve).
+#: half back, pad the two views one cell apart when aligned, add, scale).
 _FEATURE_MAP_OPS = frozenset(
-    {"Mul", "Sigmoid", "Relu", "Clip", "HardSigmoid", "HardSwish", "Slice", "Split", "Add", "Div"}
+    {"Mul", "Sigmoid", "Relu", "Clip", "HardSigmoid", "HardSwish", "Slice", "Split", "Pad", "Add", "Div"}
 )
 
 

@@ -8,6 +8,7 @@ the input size, the normalisation constants, the preprocessing recipe and the de
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,11 +16,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from retinagate.labels import LABELS
 
-__all__ = ["CARD_METADATA_KEY", "ModelCard", "OodStatistics", "Preprocessing"]
+__all__ = ["CARD_METADATA_KEY", "CamGrid", "ModelCard", "OodStatistics", "Preprocessing"]
 
 CARD_METADATA_KEY = "retinagate.card"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class CamGrid:
+    """Where the cells of a class activation map sit on the model input: the centre of cell ``k``
+    (along either axis) lies ``origin + k * step`` model-input pixels from the input's top or left
+    edge (pixel ``i`` spans ``[i, i + 1)``)."""
+
+    origin: float
+    step: float
+
+    @classmethod
+    def covering(cls, size: int, cells: int) -> CamGrid:
+        """A map of ``cells`` cells stretched over the ``size``-pixel input edge to edge."""
+        step = size / cells
+        return cls(origin=step / 2, step=step)
 
 
 class Preprocessing(BaseModel):
@@ -100,6 +117,15 @@ class ModelCard(BaseModel):
             "twice the backbone's compute."
         ),
     )
+    cam_alignment: Literal["input", "receptive_field"] = Field(
+        "input",
+        description=(
+            "How a rot180 model pairs the two views' CAM cells. input: cell k with cell k, so the map is "
+            "stretched over the input edge to edge (cards before 2026-12-06). receptive_field: the cells whose "
+            "receptive fields are centred on the same place, which gives the map one cell more each way, "
+            "cell k centred output_stride * k pixels in. One-view maps are stretched either way."
+        ),
+    )
     ood: OodStatistics | None = Field(None, description="Feature statistics behind the graph's ood_score output.")
     input_format: Literal["uint8_nhwc_rgb"] = "uint8_nhwc_rgb"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
@@ -124,6 +150,12 @@ class ModelCard(BaseModel):
         bad = [f"{n}={t}" for n, t in zip(self.labels, self.thresholds, strict=True) if not 0.0 <= t <= 1.0]
         if bad:
             raise ValueError(f"thresholds must lie in [0, 1]: {', '.join(bad)}")
+        if self.cam_alignment == "receptive_field" and self.tta == "rot180" and self.input_size % self.output_stride:
+            raise ValueError(
+                f"cam_alignment receptive_field with tta rot180 needs input_size ({self.input_size}) to be a "
+                f"multiple of output_stride ({self.output_stride}): only then do the turned view's cells land "
+                "one cell from the upright view's"
+            )
         return self
 
     @property
@@ -133,6 +165,30 @@ class ModelCard(BaseModel):
     @property
     def input_size(self) -> int:
         return self.preprocessing.input_size
+
+    def cam_grid(self, *, two_views: bool | None = None) -> CamGrid | None:
+        """Where the cells of this model's CAM sit on the model input; ``None`` when the map is
+        stretched over the input edge to edge.
+
+        With symmetric padding every stride-2 convolution centres its output ``j`` on input pixel
+        ``2 j``, so the geometric centre of cell ``k`` is pixel ``s k`` (``s`` the output stride), and
+        the turned view's cell ``k``, turned back, is centred on pixel ``s (k + 1) - 1``.
+        :class:`train.model.TurnAveraged` with ``receptive_field`` averages those pairs, so the
+        two-view map has one cell more each way, and its cell ``k`` is centred ``s k`` pixels in
+        whatever the network learned: the pair's centres lie symmetrically about that edge, wherever
+        training moved each view's effective centre. A one-view map is stretched: a trained network's
+        effective centres lie between the geometric centre and the middle of the cell (2 to 8 pixels
+        from the former at stride 32, measured on two trained hard-mode models), and which is nearer is not
+        a constant of the architecture.
+
+        Args:
+            two_views: Whether the map is the two-view average (default: as served, ``tta`` rot180);
+                training's per-epoch validation reads one view.
+        """
+        both = self.tta == "rot180" if two_views is None else two_views
+        if self.cam_alignment == "input" or not both:
+            return None
+        return CamGrid(origin=0.0, step=float(self.output_stride))
 
     def to_json(self) -> str:
         """Serialises the card (stable key order, readable)."""

@@ -355,9 +355,10 @@ class Pipeline:
         ]
         frames = [i for i, verdict in enumerate(verdicts) if verdict is None or verdict.gradable]
         geometries, inputs = [], []
+        cam = self.engine.card.cam_grid()  # where the served CAM's cells sit
         for frame, fov in zip(decoded.frames, fovs, strict=True):
             array, geometry = prepare_with_geometry(frame, preprocessing, fov=fov)
-            geometries.append(geometry)
+            geometries.append(geometry.with_cam(cam))
             inputs.append(array)
         size = preprocessing.input_size
         batch = np.stack([inputs[i] for i in frames]) if frames else np.empty((0, size, size, 3), dtype=np.uint8)

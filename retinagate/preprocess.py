@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from retinagate.card import Preprocessing
+from retinagate.card import CamGrid, Preprocessing
 
 __all__ = ["FieldOfView", "Geometry", "find_fov", "fov_box", "prepare", "prepare_batch", "prepare_with_geometry"]
 
@@ -189,12 +189,23 @@ class Geometry:
         placed: ``(x0, y0, x1, y1)`` box the resized crop occupies in the ``size`` x ``size`` input;
             everything outside it is black padding.
         size: Side of the square model input.
+        cam: Where the cells of a class activation map sit on the model input
+            (:meth:`retinagate.card.ModelCard.cam_grid`); ``None``: a map given to the methods below
+            is stretched over the input edge to edge, whatever its resolution.
     """
 
     source_shape: tuple[int, int]
     crop: Box
     placed: Box
     size: int
+    cam: CamGrid | None = None
+
+    def with_cam(self, cam: CamGrid | None) -> Geometry:
+        """This geometry, with maps read on the ``cam`` grid."""
+        return replace(self, cam=cam)
+
+    def _grid(self, cells: int) -> CamGrid:
+        return CamGrid.covering(self.size, cells) if self.cam is None else self.cam
 
     def to_source(
         self, heatmap: NDArray[np.floating], source_shape: tuple[int, int] | None = None
@@ -205,8 +216,9 @@ class Geometry:
         resized into the crop box of a zero map of the photograph's size; the padding is dropped.
 
         Args:
-            heatmap: ``(h, w)`` map over the whole model input, any resolution (a CAM at 7 x 7 or
-                an ``size`` x ``size`` map); it is treated as covering the input square edge to edge.
+            heatmap: ``(h, w)`` map over the model input: a CAM on the :attr:`cam` grid, or, without
+                one, a map of any resolution (a CAM at 9 x 9 or a ``size`` x ``size`` map) stretched
+                over the input square edge to edge.
             source_shape: ``(height, width)`` to map onto; defaults to the prepared photograph's
                 shape. A different shape is treated as the same photograph at another scale (for
                 example the full-size photograph when the model input came from a DCT-scaled
@@ -230,14 +242,16 @@ class Geometry:
         tx0, ty0 = round(x0 * sx), round(y0 * sy)
         tx1, ty1 = max(tx0 + 1, min(target_w, round(x1 * sx))), max(ty0 + 1, min(target_h, round(y1 * sy)))
         out = np.zeros((target_h, target_w), dtype=np.float32)
-        # Heatmap pixel u (centre at u + 0.5) -> model input -> crop -> source -> target scale, then
-        # shifted into the crop box: v + 0.5 = a * (u + 0.5) + b along each axis.
+        # Heatmap cell u (centre at origin + u * step on the model input) -> crop -> source -> target
+        # scale, then shifted into the crop box; pixel v of the result is centred at v + 0.5.
         hh, hw = heat.shape
+        gx, gy = self._grid(hw), self._grid(hh)
         px0, py0, px1, py1 = self.placed
         scale_x, scale_y = (x1 - x0) / (px1 - px0), (y1 - y0) / (py1 - py0)
-        ax, ay = self.size / hw * scale_x * sx, self.size / hh * scale_y * sy
-        bx, by = (x0 - px0 * scale_x) * sx - tx0, (y0 - py0 * scale_y) * sy - ty0
-        matrix = np.array([[ax, 0.0, 0.5 * ax + bx - 0.5], [0.0, ay, 0.5 * ay + by - 0.5]], dtype=np.float64)
+        ax, ay = gx.step * scale_x * sx, gy.step * scale_y * sy
+        cx = (gx.origin - px0) * scale_x * sx + x0 * sx - tx0 - 0.5
+        cy = (gy.origin - py0) * scale_y * sy + y0 * sy - ty0 - 0.5
+        matrix = np.array([[ax, 0.0, cx], [0.0, ay, cy]], dtype=np.float64)
         region = cv2.warpAffine(
             np.ascontiguousarray(heat, dtype=np.float32),
             matrix,
@@ -252,8 +266,9 @@ class Geometry:
         """Which cells of a heatmap over the model input have their centre on the photograph (not padding)."""
         h, w = heat_shape
         px0, py0, px1, py1 = self.placed
-        xs = (np.arange(w) + 0.5) * self.size / w
-        ys = (np.arange(h) + 0.5) * self.size / h
+        gx, gy = self._grid(w), self._grid(h)
+        xs = gx.origin + gx.step * np.arange(w)
+        ys = gy.origin + gy.step * np.arange(h)
         return ((ys >= py0) & (ys < py1))[:, None] & ((xs >= px0) & (xs < px1))[None, :]
 
     def cell_centres(
@@ -262,7 +277,7 @@ class Geometry:
         """Where the centre of every cell of a heatmap over the model input lands on the photograph.
 
         Args:
-            heat_shape: ``(h, w)`` of the heatmap (it covers the model input edge to edge).
+            heat_shape: ``(h, w)`` of the heatmap (on the :attr:`cam` grid, or edge to edge).
             source_shape: As for :meth:`to_source`.
 
         Returns:
@@ -274,10 +289,12 @@ class Geometry:
         x0, y0, x1, y1 = self.crop
         px0, py0, px1, py1 = self.placed
         scale_x, scale_y = (x1 - x0) / (px1 - px0), (y1 - y0) / (py1 - py0)
-        columns, rows = np.arange(heat_shape[1]), np.arange(heat_shape[0])
-        # Cell centre -> model input -> crop -> photograph -> target scale (pixel centres at +0.5).
-        xs = ((columns + 0.5) * self.size / heat_shape[1] - px0) * scale_x * sx + x0 * sx - 0.5
-        ys = ((rows + 0.5) * self.size / heat_shape[0] - py0) * scale_y * sy + y0 * sy - 0.5
+        gx, gy = self._grid(heat_shape[1]), self._grid(heat_shape[0])
+        columns = gx.origin + gx.step * np.arange(heat_shape[1], dtype=np.float64)
+        rows = gy.origin + gy.step * np.arange(heat_shape[0], dtype=np.float64)
+        # Cell centre on the model input -> crop -> photograph -> target scale (pixel centres at +0.5).
+        xs = (columns - px0) * scale_x * sx + x0 * sx - 0.5
+        ys = (rows - py0) * scale_y * sy + y0 * sy - 0.5
         return xs, ys
 
     def cell_to_source(
@@ -290,7 +307,7 @@ class Geometry:
 
         Args:
             cell: ``(row, column)`` of the cell in a heatmap of ``heat_shape``.
-            heat_shape: ``(h, w)`` of that heatmap (it covers the model input edge to edge).
+            heat_shape: ``(h, w)`` of that heatmap (on the :attr:`cam` grid, or edge to edge).
             source_shape: As for :meth:`to_source`.
 
         Returns:

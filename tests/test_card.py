@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from retinagate.card import ModelCard
+from retinagate.card import CamGrid, ModelCard, Preprocessing
 from retinagate.labels import LABELS
 
 
@@ -39,3 +39,18 @@ def test_with_updates_validates() -> None:
     assert card.with_updates(version="2").version == "2"
     with pytest.raises(ValueError, match="thresholds"):
         card.with_updates(thresholds=[0.1])
+
+
+def test_the_cam_grid_follows_the_alignment_the_stride_and_the_views() -> None:
+    old = ModelCard(preprocessing=Preprocessing(input_size=288), tta="rot180")
+    one = old.with_updates(tta="none", cam_alignment="receptive_field")
+    two = old.with_updates(cam_alignment="receptive_field")
+    fine = two.with_updates(output_stride=16)
+
+    assert old.cam_alignment == "input" and old.cam_grid() is None  # cards written before: stretched
+    assert one.cam_grid() is None and two.cam_grid(two_views=False) is None  # one view: stretched
+    assert two.cam_grid() == CamGrid(origin=0.0, step=32.0)  # between pixels 32 k - 1 and 32 k
+    assert fine.cam_grid() == CamGrid(origin=0.0, step=16.0)
+    assert CamGrid.covering(288, 9) == CamGrid(origin=16.0, step=32.0)
+    with pytest.raises(ValueError, match=r"input_size \(300\) to be a multiple of output_stride \(32\)"):
+        ModelCard(preprocessing=Preprocessing(input_size=300), tta="rot180", cam_alignment="receptive_field")

@@ -185,8 +185,11 @@ def test_outputs_are_the_three_maps_and_scores_then_ood_score_when_the_card_has_
     assert output_names(card.with_updates(ood=statistics)) == ("logits", "probabilities", "cam", "ood_score")
 
 
-def test_a_rot180_card_serves_both_views_averaged_and_its_cam_is_still_exactly_grad_cam(tmp_path: Path) -> None:
-    card = ModelCard(preprocessing=Preprocessing(input_size=128), tta="rot180")
+@pytest.mark.parametrize(("alignment", "cells"), [("input", 4), ("receptive_field", 5)])
+def test_a_rot180_card_serves_both_views_averaged_and_its_cam_is_still_exactly_grad_cam(
+    tmp_path: Path, alignment: str, cells: int
+) -> None:
+    card = ModelCard(preprocessing=Preprocessing(input_size=128), tta="rot180", cam_alignment=alignment)
     model = random_model(card)
     served = CamModel(model, card)
     assert isinstance(served.model, TurnAveraged)
@@ -205,6 +208,7 @@ def test_a_rot180_card_serves_both_views_averaged_and_its_cam_is_still_exactly_g
 
     np.testing.assert_allclose(logits[:3], one_view.numpy(), rtol=1e-4, atol=1e-4)
     assert (cam.max(axis=(2, 3)) > 0).mean() > 0.25, "maps mostly empty: the comparison would prove little"
-    np.testing.assert_allclose(cam[:3] / 16, gradcam, rtol=1e-3, atol=1e-4 * float(gradcam.max()))
+    assert cam.shape[2:] == (cells, cells)
+    np.testing.assert_allclose(cam[:3] / cells**2, gradcam, rtol=1e-3, atol=1e-4 * float(gradcam.max()))
     # Turning the photograph turns its map, exactly: the served model has no preferred way up.
     np.testing.assert_allclose(cam[3:], cam[:3, :, ::-1, ::-1], rtol=1e-4, atol=1e-4 * float(cam.max()))

@@ -177,18 +177,23 @@ def test_head_nodes_are_the_cam_head_classifier_and_final_activation(random_onnx
     assert features.startswith("/bn2")
 
 
-def test_a_two_view_graph_keeps_its_final_activation_and_the_view_averaging_in_float(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("alignment", "last"), [("input", "Div"), ("receptive_field", "Mul")])
+def test_a_two_view_graph_keeps_its_final_activation_and_the_view_averaging_in_float(
+    tmp_path: Path, alignment: str, last: str
+) -> None:
     from export.onnx_export import export_model
     from train.model import random_model
 
-    card = ModelCard(preprocessing=Preprocessing(input_size=64), tta="rot180")
+    card = ModelCard(preprocessing=Preprocessing(input_size=64), tta="rot180", cam_alignment=alignment)
     export_model(random_model(card), card, tmp_path / "rot180.onnx")
     model = onnx.load(str(tmp_path / "rot180.onnx"))
 
     features, head = head_nodes(model)
 
     ops = {node.name: node.op_type for node in model.graph.node}
-    assert ops[next(n.name for n in model.graph.node if features in n.output)] == "Div"  # (a + turned b) / 2
+    assert ops[next(n.name for n in model.graph.node if features in n.output)] == last  # (a + turned b) * r
+    if alignment == "receptive_field":
+        assert any(ops[name] == "Pad" for name in head)  # the views one cell apart, in float too
     assert {"/bn2/act/Mul", "/bn2/act/Sigmoid"} <= set(head)
     assert [ops[name] for name in head].count("Conv") == 1  # the CAM's; the backbone's stay quantised
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from retinagate.card import Preprocessing
+from retinagate.card import CamGrid, Preprocessing
 from retinagate.preprocess import fov_box, prepare, prepare_batch, prepare_with_geometry
 from retinagate.synth import Fundus, render_fundus
 
@@ -171,9 +171,12 @@ def test_cell_to_source_finds_the_peak_of_the_mapped_heatmap_without_mapping_it(
         Geometry(source_shape=(768, 1024), crop=(130, 0, 898, 768), placed=(0, 0, 224, 224), size=224),
         Geometry(source_shape=(384, 512), crop=(64, 2, 450, 380), placed=(1, 0, 223, 224), size=224),
     ]
+    # Stretched over the input, and on a receptive-field grid (one cell more, cells on pixel 32 k).
+    geometries += [g.with_cam(CamGrid(origin=0.0, step=32.0)) for g in geometries]
     for geometry in geometries:
         for _ in range(50):
-            cam = rng.random((7, 7)).astype(np.float32)
+            cam = rng.random((7, 7) if geometry.cam is None else (8, 8)).astype(np.float32)
+            cam *= geometry.visible_cells(cam.shape)  # as served: a peak off the photograph is never marked
             mapped = geometry.to_source(cam, (600, 800))
             row, column = np.unravel_index(int(np.argmax(cam)), cam.shape)
 
@@ -181,6 +184,29 @@ def test_cell_to_source_finds_the_peak_of_the_mapped_heatmap_without_mapping_it(
 
             # Within OpenCV's fixed-point interpolation (1/32 pixel) of the true peak, or on its plateau.
             assert mapped[y, x] == pytest.approx(mapped.max(), rel=5e-3)
+
+
+def test_a_cam_grid_puts_cell_centres_where_it_says_and_the_mapped_map_peaks_there() -> None:
+    from retinagate.preprocess import Geometry
+
+    # A 640-pixel photograph cropped to its 480-pixel FOV, the input 288 pixels: 0.6 input px per photo px.
+    geometry = Geometry(source_shape=(480, 640), crop=(80, 0, 560, 480), placed=(0, 0, 288, 288), size=288)
+    stretched, aligned = geometry, geometry.with_cam(CamGrid(origin=0.0, step=32.0))
+
+    xs, ys = aligned.cell_centres((10, 10))
+    naive_xs, _ = stretched.cell_centres((9, 9))
+
+    # Input edge 32 k -> photograph pixel centre 80 + 32 k / 0.6 - 0.5.
+    np.testing.assert_allclose(xs, 80 + 32 * np.arange(10) / 0.6 - 0.5)
+    np.testing.assert_allclose(ys, 32 * np.arange(10) / 0.6 - 0.5)
+    np.testing.assert_allclose(naive_xs, 80 + (32 * np.arange(9) + 16) / 0.6 - 0.5)
+    visible = aligned.visible_cells((10, 10))  # centres on [0, 288): the last row and column are off it
+    assert visible[:9, :9].all() and not visible[9].any() and not visible[:, 9].any()
+    one_hot = np.zeros((10, 10), np.float32)
+    one_hot[4, 5] = 1.0
+    mapped = aligned.to_source(one_hot)
+    y, x = np.unravel_index(int(np.argmax(mapped)), mapped.shape)
+    assert (x, y) == aligned.cell_to_source((4, 5), (10, 10)) == (round(xs[5]), round(ys[4])) == (346, 213)
 
 
 def test_visible_cells_leave_out_the_padding() -> None:

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from retinagate.card import ModelCard, Preprocessing
+from retinagate.card import CamGrid, ModelCard, Preprocessing
 from train.model import (
     CHECKPOINT_FORMAT,
     PretrainedUnavailableError,
@@ -91,3 +91,44 @@ def _with_card(path: Path, card: ModelCard) -> Path:
     other = path.with_name("other.pt")
     torch.save({**raw, "card": card.to_json()}, other)
     return other
+
+
+def _receptive_centre(features: torch.Tensor, image: torch.Tensor, cell: int) -> tuple[float, float]:
+    """Centroid (row, column, in pixel indices) of the input gradient of one feature cell."""
+    (gradient,) = torch.autograd.grad(features[0, :, cell, cell].sum(), image)
+    weight = gradient[0].abs().sum(dim=0).double()
+    pixels = torch.arange(weight.shape[0], dtype=torch.float64)
+    total = weight.sum()
+    return float((weight.sum(dim=1) * pixels).sum() / total), float((weight.sum(dim=0) * pixels).sum() / total)
+
+
+@pytest.mark.parametrize("alignment", ["receptive_field", "input"])
+def test_the_card_places_the_two_view_cam_cells_where_the_paired_receptive_fields_are_centred(alignment: str) -> None:
+    # Positive, symmetric kernels and identity batch norm: each cell's receptive field is centred on
+    # its geometric centre, which the card's grid must name; the CAM of a trained network reads it so.
+    size, cell = 1024, 16
+    card = ModelCard(preprocessing=Preprocessing(input_size=size), tta="rot180", cam_alignment=alignment)
+    network = create_model(card, drop_rate=0.0, drop_path_rate=0.0).eval()
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.fill_(1.0 / module.weight[0].numel())
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0 - module.eps)
+                module.weight.fill_(1.0)
+                module.bias.fill_(0.0)
+    image = torch.full((1, 3, size, size), 0.5, requires_grad=True)
+    grid = card.cam_grid() or CamGrid.covering(size, size // 32)
+
+    upright = _receptive_centre(network.forward_features(image), image, cell)  # type: ignore[operator]
+    both = _receptive_centre(served_model(network, card).forward_features(image), image, cell)  # type: ignore[operator]
+
+    # Symmetric padding: the upright view's cell k is centred on pixel 32 k, its turned view's on
+    # pixel 32 (k + 1) - 1. The grid names edges (pixel i spans [i, i + 1)), so a cell's centre in
+    # pixel indices is origin + k * step - 0.5: aligned, the pair's mean; stretched, the pair 31 px apart.
+    assert upright == pytest.approx((32.0 * cell, 32.0 * cell), abs=1.0)
+    expected = grid.origin + cell * grid.step - 0.5
+    assert both == pytest.approx((expected, expected), abs=1.0)
+    if alignment == "receptive_field":
+        assert expected == 32.0 * cell - 0.5

@@ -28,7 +28,7 @@ from retinagate.labels import DISEASE_LABELS, OTHER, OTHER_COLUMNS
 from retinagate.preprocess import prepare, prepare_with_geometry
 from train.augment import Normalizer
 from train.datasets import SplitSource, read_image
-from train.model import class_maps
+from train.model import TurnAveraged, class_maps
 
 __all__ = [
     "PointingGame",
@@ -180,16 +180,19 @@ def pointing_targets(
     masks_root: Path,
     cells: tuple[int, int],
     *,
+    two_views: bool,
     labels: Sequence[str] = DISEASE_LABELS,
     tolerance: float | None = None,
 ) -> PointingTargets:
     """The pointing game's targets for one split (see :func:`pointing_game` for the rule).
 
     Args:
-        card: The model's card (labels and preprocessing).
+        card: The model's card (labels, preprocessing and where its CAM's cells sit).
         source: The split; image ``<Folder>/<ID>.png`` has its masks in ``masks_root/<Folder>/``.
         masks_root: Folder holding one mask folder per image folder (``<data>/masks``).
         cells: ``(h, w)`` of the model's CAM (:func:`cam_cells`).
+        two_views: Whether the maps scored are the two-view average (:class:`train.model.TurnAveraged`)
+            or one view's (:meth:`retinagate.card.ModelCard.cam_grid`).
         labels: Labels to score (default: the 28 disease outputs; ``Disease_Risk`` has no lesion).
         tolerance: Hit distance in model-input pixels; ``None``: half a CAM cell.
 
@@ -203,7 +206,9 @@ def pointing_targets(
         if name not in card.labels:
             raise ValueError(f"label {name!r} is not among the card's labels")
         columns.append(card.labels.index(name))
-    reach_input = card.input_size / cells[1] / 2 if tolerance is None else tolerance
+    grid = card.cam_grid(two_views=two_views)
+    step = grid.step if grid is not None else card.input_size / cells[1]
+    reach_input = step / 2 if tolerance is None else tolerance
     images: list[int] = []
     pair_columns: list[int] = []
     names: list[str] = []
@@ -220,6 +225,7 @@ def pointing_targets(
         if not pairs:
             continue
         _, geometry = prepare_with_geometry(read_image(source.paths[i]), card.preprocessing)
+        geometry = geometry.with_cam(grid)
         x0, y0, x1, y1 = geometry.crop
         reach = reach_input * (x1 - x0) / (geometry.placed[2] - geometry.placed[0])  # photograph pixels
         xs, ys = geometry.cell_centres(cells)
@@ -283,9 +289,9 @@ def pointing_game(
     """
     device = torch.device(device)
     model.eval().to(device)
-    targets = pointing_targets(
-        card, source, masks_root, cam_cells(model, card.input_size), labels=labels, tolerance=tolerance
-    )
+    two_views = isinstance(model, TurnAveraged)
+    cells = cam_cells(model, card.input_size)
+    targets = pointing_targets(card, source, masks_root, cells, two_views=two_views, labels=labels, tolerance=tolerance)
     normalizer = Normalizer(card.preprocessing).to(device)
     rows = np.unique(targets.images)
     peaks = np.zeros((len(source), len(card.labels)), np.intp)

@@ -48,7 +48,14 @@ from train.datasets import CachedSplit, Split, SplitSource, cache_split, load_sp
 from train.loader import AugmentedImages, epoch_loader
 from train.losses import LOSSES, auto_pos_weight, build_loss
 from train.metrics import Metrics, compute_metrics
-from train.model import CHECKPOINT_FORMAT, create_model, load_checkpoint, served_model, state_dict_sha256
+from train.model import (
+    CHECKPOINT_FORMAT,
+    TurnAveraged,
+    create_model,
+    load_checkpoint,
+    served_model,
+    state_dict_sha256,
+)
 from train.step import AUTOCAST_DTYPES, TrainStep
 
 __all__ = [
@@ -531,6 +538,9 @@ def _training_card(config: TrainConfig) -> ModelCard:
         preprocessing=config.preprocessing(),
         output_stride=config.output_stride,
         tta=config.tta,
+        # The two views paired by where their cells look: possible where the turned view's cells land
+        # one cell from the upright view's (the input a multiple of the stride).
+        cam_alignment="receptive_field" if config.img_size % config.output_stride == 0 else "input",
     )
 
 
@@ -856,7 +866,8 @@ def _selection_targets(
     masks = config.data / "masks" if config.data is not None else None
     if config.select_by != "auroc+pointing" or masks is None or not masks.is_dir():
         return None
-    targets = pointing_targets(card, source, masks, cam_cells(model, card.input_size))
+    # The loop validates one view (the raw model), whatever the card serves.
+    targets = pointing_targets(card, source, masks, cam_cells(model, card.input_size), two_views=False)
     if not len(targets):
         return None
     logger.info("best epoch by validation macro AUROC and the pointing game (%d lesions)", len(targets))
@@ -904,6 +915,7 @@ def _finish(
     # same pass as the scores, scored as the loop scored them.
     masks = config.data / "masks" if config.data is not None else None
     pointing = masks is not None and masks.is_dir()
+    cells = cam_cells(model, run.card.input_size)
 
     def evaluate(
         split: CachedSplit, name: str, targets: PointingTargets | None = None
@@ -915,8 +927,10 @@ def _finish(
         )  # fmt: skip
         game: dict[str, Any] = {}
         if peaks is not None and masks is not None:
-            if targets is None:
-                targets = pointing_targets(run.card, split.source, masks, cam_cells(model, run.card.input_size))
+            if targets is None or targets.cells != cells:  # the loop's one-view targets, if they fit
+                targets = pointing_targets(
+                    run.card, split.source, masks, cells, two_views=isinstance(model, TurnAveraged)
+                )
             game = {"pointing_game": targets.score(peaks).to_dict()}
         return compute_metrics(split.labels, probs, run.card.labels, loss=loss), probs, game
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 from torch import nn
 
 from retinagate.card import ModelCard
@@ -113,32 +114,46 @@ def class_maps(features: torch.Tensor, classifier: nn.Linear, *, bias: bool = Fa
 class TurnAveraged(nn.Module):
     """A classifier that looks at the photograph twice: as it is and turned 180 degrees.
 
-    Its feature map is the mean of the two views' maps, the turned one turned back, so each cell
-    averages the same place in the photograph seen both ways up::
+    Its feature map averages the two views' maps, the turned one turned back. Aligned (the default
+    for models trained since 2026-12-06, ``card.cam_alignment`` ``receptive_field``), each cell
+    averages the two cells whose receptive fields are centred on the same place of the photograph.
+    With symmetric padding the upright view's cell ``k`` is centred on input pixel ``s k`` (``s``
+    the output stride) and the turned view's cell ``k``, turned back, on pixel ``s (k + 1) - 1``, so
+    the upright cell ``k + 1`` pairs with the turned cell ``k``, and the map has one cell more each
+    way (``[N, K, h + 1, w + 1]``; the outermost row and column hold one view each)::
 
-        A(x) = (F(x) + rot180(F(rot180(x)))) / 2
+        A(x) = r * (pad_after(F(x)) + pad_before(rot180(F(rot180(x))))) / 2,   r = (h+1)(w+1) / (h w)
 
-    Pooling and the linear head then read ``A`` as they read ``F``: the logits are the mean of the
-    two views' logits, and ``ReLU(W . A)`` is still exactly Grad-CAM of what is served (average
-    pooling plus one linear layer over ``A``). Why: a network trained from random initialisation
-    may put a label's evidence a fixed distance from the lesion in its own grid (measured: up to a
-    cell below it); in the turned view that offset points the other way in the photograph, so the
-    mean peaks nearer the lesion. Training's flips already show the network turned photographs.
+    ``r`` makes the mean of ``A`` the mean of the two views' pooled features, so the logits are the
+    mean of the two views' logits. Not aligned (older cards), ``A(x) = (F(x) + rot180(F(rot180(x))))
+    / 2`` on the ``h x w`` grid, whose pairs lie a cell less a pixel apart on the photograph. Either
+    way pooling and the linear head read ``A`` as they read ``F``, and ``ReLU(W . A)`` is exactly
+    Grad-CAM of what is served (average pooling plus one linear layer over ``A``). Why two views:
+    a network trained from random initialisation may put a label's evidence a fixed distance from
+    the lesion in its own grid (measured: up to a cell below it); in the turned view that offset
+    points the other way in the photograph, so the mean peaks nearer the lesion.
 
     The two views run as one batch of ``2N``. ``state_dict`` and ``load_state_dict`` are the
     wrapped model's, so checkpoints and weight hashes do not depend on the wrapper.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, aligned: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.aligned = aligned
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """``A(x)`` above, ``[N, K, h, w]`` for a normalised ``[N, 3, S, S]`` batch."""
+        """``A(x)`` above for a normalised ``[N, 3, S, S]`` batch."""
         both = self.model.forward_features(torch.cat([images, images.flip(2, 3)]))  # type: ignore[operator]
         upright, turned = both.chunk(2)
-        averaged: torch.Tensor = (upright + turned.flip(2, 3)) / 2
-        return averaged
+        turned = turned.flip(2, 3)
+        if not self.aligned:
+            averaged: torch.Tensor = (upright + turned) / 2
+            return averaged
+        h, w = upright.shape[2], upright.shape[3]
+        scale = (h + 1) * (w + 1) / (2 * h * w)
+        aligned: torch.Tensor = (F.pad(upright, (0, 1, 0, 1)) + F.pad(turned, (1, 0, 1, 0))) * scale
+        return aligned
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         head: torch.Tensor = self.model.forward_head(features, pre_logits=pre_logits)  # type: ignore[operator]
@@ -167,7 +182,7 @@ def served_model(model: nn.Module, card: ModelCard) -> nn.Module:
     """``model`` as ``card`` serves it: wrapped in :class:`TurnAveraged` when ``card.tta`` is
     ``rot180`` (once; an already wrapped model is returned as it is), otherwise itself."""
     if card.tta == "rot180" and not isinstance(model, TurnAveraged):
-        return TurnAveraged(model)
+        return TurnAveraged(model, aligned=card.cam_alignment == "receptive_field")
     return model
 
 
