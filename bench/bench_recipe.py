@@ -33,7 +33,7 @@ from train.loop import RunResult, TrainConfig, train
 #: Seed of the README's report set: never used while tuning the recipe (tuning used seeds 11, 12 and 13;
 #: 7301 and 20261205 to 20261208 were report seeds before, each retired once a recipe change had been
 #: judged on it). The next recipe change is judged on a new seed.
-REPORT_SEED = 20261209
+REPORT_SEED = 20261210
 
 
 def plain_config(data: Path, out: Path, cache: Path) -> TrainConfig:

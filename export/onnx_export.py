@@ -170,6 +170,24 @@ def _trace(cam_model: CamModel, sample: torch.Tensor, opset: int, exporter: Expo
             program.save(str(out), external_data=False)
 
 
+def _declare_output_shapes(model: onnx.ModelProto, shapes: list[tuple[int, ...]]) -> None:
+    """Writes each output's shape into the graph as PyTorch computed it: ``batch``, then fixed sizes.
+
+    Exporters infer output shapes symbolically, and a shape they cannot follow comes out with made-up
+    names (a two-view CAM paired by receptive field, whose ``Pad`` takes its pads through a ``Cast``,
+    came out ``[batch, 29, batch, ?]``); serving needs the CAM's height and width fixed.
+    """
+    for output, shape in zip(model.graph.output, shapes, strict=True):
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            raise ValueError(f"output {output.name!r} has rank {len(dims)} in the graph, {len(shape)} in PyTorch")
+        for i, (dim, size) in enumerate(zip(dims, shape, strict=True)):
+            if i == 0:
+                dim.dim_param = "batch"
+            else:
+                dim.dim_value = size
+
+
 def export_model(
     model: nn.Module,
     card: ModelCard,
@@ -215,7 +233,9 @@ def export_model(
         traced = Path(scratch) / "traced.onnx"
         with torch.no_grad():
             _trace(cam_model, sample, opset, exporter, traced)
+            shapes = [tuple(output.shape) for output in cam_model(sample)]
         proto = onnx.load(str(traced))
+    _declare_output_shapes(proto, shapes)
     embed_card(proto, card)
     save_model(proto, out)
     logger.info("exported %s (%s, opset %d) to %s", card.name, exporter, opset, out)

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from export.graph import CamModel, classifier_weight, output_names
-from export.onnx_export import export_model
+from export.onnx_export import export_model, read_card
 from retinagate.card import ModelCard, Preprocessing
+from retinagate.engine import inspect_model
 from retinagate.preprocess import prepare
 from retinagate.synth import render_fundus
 from train.augment import Normalizer
@@ -209,6 +210,9 @@ def test_a_rot180_card_serves_both_views_averaged_and_its_cam_is_still_exactly_g
     np.testing.assert_allclose(logits[:3], one_view.numpy(), rtol=1e-4, atol=1e-4)
     assert (cam.max(axis=(2, 3)) > 0).mean() > 0.25, "maps mostly empty: the comparison would prove little"
     assert cam.shape[2:] == (cells, cells)
+    # What serving checks before it takes a model: the CAM's height and width fixed in the graph.
+    assert [o.shape for o in session.get_outputs() if o.name == "cam"] == [["batch", card.num_labels, cells, cells]]
+    assert inspect_model(tmp_path / "rot180.onnx")[1] == read_card(tmp_path / "rot180.onnx")
     np.testing.assert_allclose(cam[:3] / cells**2, gradcam, rtol=1e-3, atol=1e-4 * float(gradcam.max()))
     # Turning the photograph turns its map, exactly: the served model has no preferred way up.
     np.testing.assert_allclose(cam[3:], cam[:3, :, ::-1, ::-1], rtol=1e-4, atol=1e-4 * float(cam.max()))
