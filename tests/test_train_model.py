@@ -93,20 +93,23 @@ def _with_card(path: Path, card: ModelCard) -> Path:
     return other
 
 
-def _receptive_centre(features: torch.Tensor, image: torch.Tensor, cell: int) -> tuple[float, float]:
-    """Centroid (row, column, in pixel indices) of the input gradient of one feature cell."""
+def _receptive_field(features: torch.Tensor, image: torch.Tensor, cell: int) -> tuple[float, float, float]:
+    """Centroid (row, column, in pixel indices) and the variance along rows of the input gradient of
+    one feature cell."""
     (gradient,) = torch.autograd.grad(features[0, :, cell, cell].sum(), image)
     weight = gradient[0].abs().sum(dim=0).double()
     pixels = torch.arange(weight.shape[0], dtype=torch.float64)
     total = weight.sum()
-    return float((weight.sum(dim=1) * pixels).sum() / total), float((weight.sum(dim=0) * pixels).sum() / total)
+    rows, columns = weight.sum(dim=1) / total, weight.sum(dim=0) / total
+    row = float((rows * pixels).sum())
+    return row, float((columns * pixels).sum()), float((rows * (pixels - row) ** 2).sum())
 
 
 @pytest.mark.parametrize("alignment", ["receptive_field", "input"])
 def test_the_card_places_the_two_view_cam_cells_where_the_paired_receptive_fields_are_centred(alignment: str) -> None:
     # Positive, symmetric kernels and identity batch norm: each cell's receptive field is centred on
     # its geometric centre, which the card's grid must name; the CAM of a trained network reads it so.
-    size, cell = 1024, 16
+    size, cell = 512, 8
     card = ModelCard(preprocessing=Preprocessing(input_size=size), tta="rot180", cam_alignment=alignment)
     network = create_model(card, drop_rate=0.0, drop_path_rate=0.0).eval()
     with torch.no_grad():
@@ -121,8 +124,8 @@ def test_the_card_places_the_two_view_cam_cells_where_the_paired_receptive_field
     image = torch.full((1, 3, size, size), 0.5, requires_grad=True)
     grid = card.cam_grid() or CamGrid.covering(size, size // 32)
 
-    upright = _receptive_centre(network.forward_features(image), image, cell)  # type: ignore[operator]
-    both = _receptive_centre(served_model(network, card).forward_features(image), image, cell)  # type: ignore[operator]
+    *upright, upright_spread = _receptive_field(network.forward_features(image), image, cell)  # type: ignore[operator]
+    *both, both_spread = _receptive_field(served_model(network, card).forward_features(image), image, cell)  # type: ignore[operator]
 
     # Symmetric padding: the upright view's cell k is centred on pixel 32 k, its turned view's on
     # pixel 32 (k + 1) - 1. The grid names edges (pixel i spans [i, i + 1)), so a cell's centre in
@@ -130,5 +133,8 @@ def test_the_card_places_the_two_view_cam_cells_where_the_paired_receptive_field
     assert upright == pytest.approx((32.0 * cell, 32.0 * cell), abs=1.0)
     expected = grid.origin + cell * grid.step - 0.5
     assert both == pytest.approx((expected, expected), abs=1.0)
+    # Two fields 1 px apart add 0.25 px^2 of variance to one field's; 31 px apart, 240.
+    apart = 1.0 if alignment == "receptive_field" else 31.0
+    assert both_spread - upright_spread == pytest.approx(apart**2 / 4, abs=5.0)
     if alignment == "receptive_field":
         assert expected == 32.0 * cell - 0.5
