@@ -207,6 +207,11 @@ class Geometry:
     def _grid(self, cells: int) -> CamGrid:
         return CamGrid.covering(self.size, cells) if self.cam is None else self.cam
 
+    def _centres(self, cells: int) -> NDArray[np.float64]:
+        """Model-input coordinates of the centres of ``cells`` cells along one axis."""
+        grid = self._grid(cells)
+        return grid.origin + grid.step * np.arange(cells, dtype=np.float64)
+
     def to_source(
         self, heatmap: NDArray[np.floating], source_shape: tuple[int, int] | None = None
     ) -> NDArray[np.float32]:
@@ -266,9 +271,7 @@ class Geometry:
         """Which cells of a heatmap over the model input have their centre on the photograph (not padding)."""
         h, w = heat_shape
         px0, py0, px1, py1 = self.placed
-        gx, gy = self._grid(w), self._grid(h)
-        xs = gx.origin + gx.step * np.arange(w)
-        ys = gy.origin + gy.step * np.arange(h)
+        xs, ys = self._centres(w), self._centres(h)
         return ((ys >= py0) & (ys < py1))[:, None] & ((xs >= px0) & (xs < px1))[None, :]
 
     def cell_centres(
@@ -289,9 +292,7 @@ class Geometry:
         x0, y0, x1, y1 = self.crop
         px0, py0, px1, py1 = self.placed
         scale_x, scale_y = (x1 - x0) / (px1 - px0), (y1 - y0) / (py1 - py0)
-        gx, gy = self._grid(heat_shape[1]), self._grid(heat_shape[0])
-        columns = gx.origin + gx.step * np.arange(heat_shape[1], dtype=np.float64)
-        rows = gy.origin + gy.step * np.arange(heat_shape[0], dtype=np.float64)
+        columns, rows = self._centres(heat_shape[1]), self._centres(heat_shape[0])
         # Cell centre on the model input -> crop -> photograph -> target scale (pixel centres at +0.5).
         xs = (columns - px0) * scale_x * sx + x0 * sx - 0.5
         ys = (rows - py0) * scale_y * sy + y0 * sy - 0.5

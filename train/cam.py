@@ -23,7 +23,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from retinagate.card import ModelCard
+from retinagate.card import CamGrid, ModelCard
 from retinagate.labels import DISEASE_LABELS, OTHER, OTHER_COLUMNS
 from retinagate.preprocess import prepare, prepare_with_geometry
 from train.augment import Normalizer
@@ -207,7 +207,7 @@ def pointing_targets(
             raise ValueError(f"label {name!r} is not among the card's labels")
         columns.append(card.labels.index(name))
     grid = card.cam_grid(two_views=two_views)
-    step = grid.step if grid is not None else card.input_size / cells[1]
+    step = (grid or CamGrid.covering(card.input_size, cells[1])).step
     reach_input = step / 2 if tolerance is None else tolerance
     images: list[int] = []
     pair_columns: list[int] = []

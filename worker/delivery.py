@@ -311,7 +311,7 @@ def pending_deliveries(
     return pending
 
 
-def hand_off(rows: Iterable[Delivery], lease_seconds: float, holder: str | None = None) -> None:
+def hand_off(rows: Iterable[Delivery], lease_seconds: float) -> None:
     """Puts a hand-off lease (:mod:`worker.lease`) on deliveries about to be queued after the commit,
     so that they are sent again within ``lease_seconds`` and a sweep if the ``deliver`` message is
     never sent (the worker died in between). A row a live sender holds is left to it.
@@ -319,8 +319,8 @@ def hand_off(rows: Iterable[Delivery], lease_seconds: float, holder: str | None 
     The cost: a ``deliver`` message still waiting in the queue when the lease runs out gets a second
     one from the sweep; whichever runs second finds the rows sent (or held) and does nothing.
     """
-    now = utcnow()
-    handoff, holder = handoff_owner(holder), holder or owner()
+    now, holder = utcnow(), owner()
+    handoff = handoff_owner(holder)
     for row in rows:
         if not held_by_another(row.lease_owner, row.lease_expires_at, holder, now):
             row.lease_owner, row.lease_expires_at = handoff, expiry(lease_seconds, now)

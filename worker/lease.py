@@ -57,9 +57,9 @@ def owner() -> str:
 HANDOFF = "handoff:"
 
 
-def handoff_owner(holder: str | None = None) -> str:
-    """The owner of a hand-off lease taken by ``holder`` (default: :func:`owner`)."""
-    return f"{HANDOFF}{holder or owner()}"[:128]
+def handoff_owner(holder: str) -> str:
+    """The owner of a hand-off lease taken by ``holder`` (an :func:`owner`)."""
+    return f"{HANDOFF}{holder}"[:128]
 
 
 def held_by_another(lease_owner: str | None, lease_expires_at: datetime | None, holder: str, now: datetime) -> bool:

@@ -52,7 +52,7 @@ from retinagate.models import (
 )
 from retinagate.storage import StorageError
 from worker.delivery import hand_off, pending_deliveries
-from worker.lease import expiry, owner, renewing
+from worker.lease import expiry, held_by_another, owner, renewing
 from worker.registry import register_model, served_model
 from worker.retention import FINISHED, PRUNED_REASON
 
@@ -235,11 +235,8 @@ def _claim(
         )
         for row in rows:
             done = row.status in (InstanceStatus.SCORED, InstanceStatus.UNGRADABLE)
-            held = (
-                row.status == InstanceStatus.SCORING
-                and row.lease_owner not in (None, holder)
-                and row.lease_expires_at is not None
-                and row.lease_expires_at > now
+            held = row.status == InstanceStatus.SCORING and held_by_another(
+                row.lease_owner, row.lease_expires_at, holder, now
             )
             if row.pruned_at is not None and not held:
                 skipped[row.id] = PRUNED_REASON
