@@ -94,6 +94,25 @@ class _RequestHandler(RequestHandler):
             gateway._finish(record, assoc)
 
 
+#: The audit reason of a connection that never asked for an association.
+_NO_REQUEST = "connection closed before an association request"
+
+
+def _on_conn_close(event: Any) -> None:
+    """Lets go at once of a connection closed before it asked for an association.
+
+    A TCP probe (a load balancer's health check, ``nc -z``) connects and closes without a word of
+    DICOM. pynetdicom's DUL sees the close (AA-5), but the acceptor's thread still waits
+    ``acse_timeout`` for an A-ASSOCIATE-RQ that cannot come, holding a thread and, at stop, the whole
+    grace period. ``None`` on the DUL's queue to the user is what that wait reads as "timed out": it
+    then ends the association as it would at the timeout (pynetdicom's maintainer suggested the same
+    for a failed connection, pydicom/pynetdicom#618).
+    """
+    assoc = event.assoc
+    if assoc.is_acceptor and assoc.requestor.primitive is None:
+        assoc.dul.to_user_queue.put(None)
+
+
 class _GatewayServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the TLS handshake moved out of the accept loop."""
 
@@ -247,6 +266,7 @@ class Gateway:
             logger.warning("finished or removed %d temporary file(s) of writes a killed process left", stale)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_CLOSE, _on_conn_close),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_PDU_RECV, self._on_pdu_received),
@@ -397,7 +417,9 @@ class Gateway:
             if known:
                 metrics.ACTIVE_ASSOCIATIONS.dec()
             if record.outcome == OPEN:
-                if assoc.is_released:
+                if assoc.requestor.primitive is None:  # a TCP probe: see _on_conn_close
+                    record.outcome, record.reason = ABORTED, _NO_REQUEST
+                elif assoc.is_released:
                     record.outcome = RELEASED
                 elif assoc.is_rejected:
                     primitive = assoc.acceptor.primitive
@@ -413,7 +435,7 @@ class Gateway:
                     record.outcome = ABORTED
                     record.reason = "aborted" if assoc.is_aborted else "connection closed without release"
         else:
-            record.outcome, record.reason = ABORTED, "connection closed before an association request"
+            record.outcome, record.reason = ABORTED, _NO_REQUEST
         self.audit.closed(record)
         metrics.ASSOCIATIONS.labels(outcome=record.outcome).inc()
         logger.info(

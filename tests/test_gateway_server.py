@@ -128,6 +128,27 @@ def test_stop_aborts_associations_still_open_after_the_grace_period(start_gatewa
     assert [a.outcome for a in _rows(gateway.settings, Association)] == ["aborted"]
 
 
+def test_a_connection_closed_before_asking_for_an_association_is_let_go_at_once(
+    start_gateway: Callable[..., Any],
+) -> None:
+    # A TCP probe (a load balancer's health check, `nc -z`, the demo's wait for the port) connects
+    # and closes without a word of DICOM. pynetdicom's acceptor waits its ACSE timeout for an
+    # A-ASSOCIATE-RQ all the same, so the connection stayed live and held up a stop for its grace.
+    gateway = start_gateway(gateway_acse_timeout=60)
+    host, port = gateway.address
+    socket.create_connection((host, port), timeout=5).close()
+    _associate(gateway).release()  # accepted after the probe, so the probe's connection is counted
+
+    started = time.monotonic()
+    gateway.stop(grace=30)
+
+    assert time.monotonic() - started < 10
+    assert sorted((a.outcome, a.reason) for a in _rows(gateway.settings, Association)) == [
+        ("aborted", "connection closed before an association request"),
+        ("released", None),
+    ]
+
+
 def test_metrics_are_served_when_a_port_is_set(
     start_gateway: Callable[..., Any], camera_files: Callable[..., list[Path]]
 ) -> None:
