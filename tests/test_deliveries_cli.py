@@ -15,6 +15,7 @@ from retinagate.cli import main
 from retinagate.db import make_engine, session_factory, session_scope
 from retinagate.models import Delivery, DeliveryStatus
 from retinagate.settings import Settings, load_settings
+from worker.lease import HANDOFF
 
 PACS = "PACS@127.0.0.1:104"
 
@@ -50,10 +51,17 @@ def failed(
 
 
 def _rows(settings: Settings) -> dict[int, tuple[str, int, bool]]:
+    return {output: row[:3] for output, row in _leased_rows(settings).items()}
+
+
+def _leased_rows(settings: Settings) -> dict[int, tuple[str, int, bool, str | None]]:
     engine = make_engine(settings)
     try:
         with session_scope(session_factory(engine)) as session:
-            return {d.output_id: (d.status.value, d.attempts, d.retryable) for d in session.scalars(select(Delivery))}
+            return {
+                d.output_id: (d.status.value, d.attempts, d.retryable, d.lease_owner)
+                for d in session.scalars(select(Delivery))
+            }
     finally:
         engine.dispose()
 
@@ -77,6 +85,8 @@ def test_retry_sends_again_what_ran_out_of_retries_and_refusals_only_when_asked(
     assert capsys.readouterr().out.strip() == f"{PACS}: 1 delivery(ies) sent again"
     rows = _rows(settings)
     assert rows[outputs["gave_up"]] == ("pending", 0, False)
+    # Queued after the commit: a hand-off lease has the sweeper send it should this process die first.
+    assert (_leased_rows(settings)[outputs["gave_up"]][3] or "").startswith(HANDOFF)
     assert rows[outputs["refused"]] == ("failed", 1, False) and rows[outputs["delivered"]][0] == "delivered"
     message = json.loads(queue.lindex("deliver", 0) or b"{}")
     assert message["headers"]["task"] == "retinagate.deliver" and queue.llen("deliver") == 1

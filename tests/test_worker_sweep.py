@@ -22,6 +22,7 @@ from retinagate.models import (
     utcnow,
 )
 from retinagate.settings import Settings
+from worker.lease import HANDOFF
 from worker.sweep import batches, sweep
 
 
@@ -361,6 +362,12 @@ def test_failed_deliveries_are_sent_again_when_their_destination_answers_and_ref
             False,
         )
         assert rows[refused].status == DeliveryStatus.FAILED
+        # Queued after the commit with a hand-off lease: were that message lost, it goes again once
+        # the lease runs out (lease_seconds 60), not after stuck_after.
+        assert (rows[gave_up].lease_owner or "").startswith(HANDOFF)
+    revived = now + timedelta(seconds=121)
+    assert _run(settings, sessions, revived + timedelta(seconds=59))[1].deliver == []
+    assert _run(settings, sessions, revived + timedelta(seconds=61))[1].deliver == [[gave_up]]
 
 
 def test_batches_split_and_refuse_a_zero_size() -> None:

@@ -127,7 +127,7 @@ def _retry(args: argparse.Namespace, settings: Settings) -> int:
             per_destination: dict[str, int] = {}
             for row in rows:
                 per_destination[row.destination] = per_destination.get(row.destination, 0) + 1
-            outputs = sorted(reopen(rows, utcnow()))
+            outputs = sorted(reopen(rows, utcnow(), settings.lease_seconds))
     finally:
         engine.dispose()
     queued = _queue_deliveries(settings, outputs)

@@ -326,16 +326,19 @@ def hand_off(rows: Iterable[Delivery], lease_seconds: float) -> None:
             row.lease_owner, row.lease_expires_at = handoff, expiry(lease_seconds, now)
 
 
-def reopen(rows: Iterable[Delivery], now: datetime) -> set[int]:
+def reopen(rows: Iterable[Delivery], now: datetime, lease_seconds: float) -> set[int]:
     """Gives failed deliveries a new round of retries (``pending``, attempts back to 0); returns
-    their outputs, to be queued for ``deliver``. The last error stays until the next try."""
+    their outputs, to be queued for ``deliver`` after the commit. Each carries a hand-off lease
+    (:func:`hand_off`: swept within ``lease_seconds`` if that message never goes). The last error
+    stays until the next try."""
+    handoff, expires = handoff_owner(owner()), expiry(lease_seconds, now)
     outputs: set[int] = set()
     for row in rows:
         row.status = DeliveryStatus.PENDING
         row.attempts = 0
         row.retryable = False
         row.updated_at = now
-        row.lease_owner = row.lease_expires_at = None
+        row.lease_owner, row.lease_expires_at = handoff, expires
         outputs.add(row.output_id)
     return outputs
 

@@ -166,7 +166,7 @@ def _revive(
                 for row in rows:
                     row.updated_at = now  # probed: the next probe waits for the interval
             elif rows:
-                outputs |= reopen(rows, now)
+                outputs |= reopen(rows, now, settings.lease_seconds)
                 outcome.revived[name] = len(rows)
     return sorted(outputs)
 
