@@ -149,6 +149,7 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
     except (ModelFileError, ProviderError, ValueError) as exc:
         raise CommandError(f"cannot load the model: {exc}", EXIT_FAILED) from None
 
+    _note_dicom_only(settings.outputs, inputs)
     # highdicom narrates every object it builds at INFO; a batch run wants its own lines only.
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     show_progress = any(p.is_dir() for p in args.paths)
@@ -212,6 +213,25 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
         own = f"{skipped} skipped (RetinaGate's own outputs), " if skipped else ""
         print(f"{scored} scored, {ungradable} not graded, {own}{failed} failed; outputs in {args.out}")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _note_dicom_only(kinds: Sequence[str], inputs: Sequence[Path]) -> None:
+    """Says on stderr, once, which chosen kinds the PNG and JPEG inputs will not get (a Parametric
+    Map references a DICOM source's geometry, which a plain file does not have)."""
+    from retinagate.decode import is_dicom_file
+    from retinagate.outputs import registry
+
+    dicom_only = [kind for kind in kinds if registry.kind_class(kind).dicom_only]
+    plain = sum(1 for path in inputs if path.is_file() and not is_dicom_file(path))
+    if not dicom_only or not plain:
+        return
+    rest = [kind for kind in registry.plan(kinds, references_source=False) if kind not in dicom_only]
+    inputs_word = "input gets" if plain == 1 else "inputs get"
+    print(
+        f"retinagate score: note: {', '.join(dicom_only)} is made for DICOM inputs only; "
+        f"{plain} PNG/JPEG {inputs_word} {', '.join(rest) or 'no outputs'}",
+        file=sys.stderr,
+    )
 
 
 def _print_table(rows: Sequence[tuple[str, str, str]]) -> None:

@@ -100,6 +100,22 @@ def test_all_scored_exits_zero_and_pm_is_written_on_request(
     capsys.readouterr()
 
 
+def test_a_png_input_with_pm_chosen_is_told_it_gets_no_parametric_map(
+    inputs: Path, random_onnx_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    both = [str(inputs / "photo.png"), str(inputs / "eye1.dcm")]
+
+    code = main(["score", *both, "--model", str(random_onnx_model_path), "--out", str(out), "--outputs", "sc,sr,pm"])
+
+    captured = capsys.readouterr()
+    assert code == EXIT_OK
+    assert "note: pm is made for DICOM inputs only; 1 PNG/JPEG input gets sc, sr" in captured.err
+    assert not list(out.glob("photo.pm.*")) and list(out.glob("eye1.pm.*"))
+    main(["score", both[1], "--model", str(random_onnx_model_path), "--out", str(out), "--outputs", "pm"])
+    assert "note:" not in capsys.readouterr().err  # DICOM only: nothing to say
+
+
 def test_a_missing_model_exits_three(inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["score", str(inputs), "--model", str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "out")])
 

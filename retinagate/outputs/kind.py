@@ -186,10 +186,13 @@ class OutputKind(Protocol):
         name: Its name in settings and SQL (at most 16 characters).
         display_resolution: Whether it draws the photograph, so the decoder must keep
             ``settings.display_long_side`` pixels rather than only the model's input size.
+        dicom_only: Whether it is made only for a DICOM source: a PNG or JPEG file has no
+            geometry or identity for it to reference, and gets none.
     """
 
     name: ClassVar[str]
     display_resolution: ClassVar[bool]
+    dicom_only: ClassVar[bool]
 
     def __init__(self, model: ModelIdentity, settings: Settings) -> None: ...
 

@@ -368,6 +368,7 @@ class PmOutput:
 
     name: ClassVar[str] = KIND
     display_resolution: ClassVar[bool] = False
+    dicom_only: ClassVar[bool] = True
 
     def __init__(self, model: ModelIdentity, settings: Settings) -> None:
         self.model = model

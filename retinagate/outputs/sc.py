@@ -423,6 +423,7 @@ class ScOutput:
 
     name: ClassVar[str] = KIND
     display_resolution: ClassVar[bool] = True
+    dicom_only: ClassVar[bool] = False
 
     def __init__(self, model: ModelIdentity, settings: Settings) -> None:
         self.model = model

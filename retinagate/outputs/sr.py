@@ -1007,6 +1007,7 @@ class SrOutput:
 
     name: ClassVar[str] = KIND
     display_resolution: ClassVar[bool] = False
+    dicom_only: ClassVar[bool] = False
 
     def __init__(self, model: ModelIdentity, settings: Settings) -> None:
         self.encoder = SrEncoder(model)
