@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,9 +40,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fails a CI run in which an interop (dcmtk, Orthanc, dciodvfy) or PostgreSQL test was skipped."""
-    import os
-
+    """Fails a CI run in which an interop (dcmtk, Orthanc, dciodvfy) or PostgreSQL test was skipped;
+    stops and removes the shared small model (:class:`_SmallModel`)."""
+    _SMALL_MODEL.stop()
     if os.environ.get("CI") and _SKIPPED_UNDER_CI and exitstatus == 0:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
@@ -678,55 +683,61 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``best.pt`` of a small model trained from random init on synthetic data (CPU, 128 px, minutes).
+class _SmallModel:
+    """The shared small model (tests/small_model.py), trained by a process of its own.
 
-    It trains on its own 1,500 easy-mode synthetic photographs (``retinagate.synth``, seed 1; 900 to train),
-    not on :func:`synth_dataset`: 144 training images teach a from-scratch EfficientNet-B0 to classify
-    but not where to look, while 900 with strong augmentation (rotations move each lesion around the
-    image) make its CAMs point at the lesions well above chance (tests/test_train_cam.py). Its card
-    holds 128 px preprocessing and thresholds calibrated on validation; the run folder around it
-    (``metrics.csv``, ``model_card.json``, plots) is the parent of the returned path. Read-only.
+    :func:`pytest_collection_finish` starts it when a collected test needs it, so its minutes of
+    training overlap the tests that run first; :func:`trained_checkpoint` waits for it, and the
+    session's end stops it and removes its folder.
     """
-    import torch
 
-    from retinagate.synth import SynthConfig, write_dataset
-    from train.loop import TrainConfig, train
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        self.root: Path | None = None
 
-    root = tmp_path_factory.mktemp("trained")
-    write_dataset(root / "data", SynthConfig(n=1500, width=256, height=192, seed=1, mode="easy"))
-    config = TrainConfig(
-        out=root / "run",
-        data=root / "data",
-        cache_dir=root / "cache",
-        img_size=128,
-        epochs=4,
-        batch_size=16,
-        lr=3e-3,
-        warmup_epochs=0.3,
-        aug="strong",
-        ema=False,
-        drop_rate=0.0,
-        drop_path_rate=0.0,
-        pretrained=False,
-        patience=0,
-        select_by="auroc",  # the quantisation tests below are calibrated on the epoch AUROC picks
-        tta="none",  # ... and on one view of each photograph
-        workers=0,
-        seed=0,
-    )
-    # One intra-op thread: when the two cores are shared, OpenMP's spinning threads slow training 2-4x.
-    # (Two threads on the idle machine take 20 s an epoch against 34 s, but give another model, whose
-    # int8 variant misses tests/test_export_quantize.py's SNR target: the quantisation tests are
-    # calibrated on this one.)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(config, progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return root / "run" / "best.pt"
+    def start(self) -> None:
+        if self.process is not None:
+            return
+        self.root = Path(tempfile.mkdtemp(prefix="retinagate-small-model-"))
+        script = Path(__file__).with_name("small_model.py")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with (self.root / "train.log").open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(script), str(self.root)], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+
+    def wait(self) -> Path:
+        self.start()
+        assert self.process is not None and self.root is not None
+        if self.process.wait() != 0:
+            log = (self.root / "train.log").read_text(errors="replace")
+            pytest.fail(f"training the shared small model failed ({self.process.returncode}):\n{log[-4000:]}")
+        return self.root / "run" / "best.pt"
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+_SMALL_MODEL = _SmallModel()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Starts training the shared small model if a collected test needs it."""
+    if any("trained_checkpoint" in getattr(item, "fixturenames", ()) for item in session.items):
+        _SMALL_MODEL.start()
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint() -> Path:
+    """``best.pt`` of a small model trained from random init on synthetic data (tests/small_model.py:
+    128 px, 900 easy-mode training photographs, 4 epochs; thresholds calibrated on validation). The
+    run folder around it (``metrics.csv``, ``model_card.json``, plots) is its parent. Read-only.
+    """
+    return _SMALL_MODEL.wait()
 
 
 # ONNX exports shared by the export, engine and worker tests. Appended by the export helper.
@@ -985,9 +996,6 @@ def nested_sequences() -> Callable[[int], bytes]:
 
 # The transcode fixture's encoders.
 
-import os  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
 
 import pydicom  # noqa: E402
 from pydicom import uid  # noqa: E402

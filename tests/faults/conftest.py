@@ -14,6 +14,7 @@ plumbing, not accuracy, and it takes seconds instead of minutes of training.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -412,18 +413,23 @@ class Deployment:
         return self.processes[name].poll() is None
 
     def stop(self) -> dict[str, int | None]:
-        """Stops every process (SIGTERM to its group, SIGKILL after 30 s); returns the exit codes."""
-        for name in ("gateway", *[n for n in self.processes if n != "gateway"]):
-            process = self.processes.get(name)
-            if process is not None and process.poll() is None:
-                try:
+        """Stops every process (SIGTERM to its group, SIGKILL after 30 s); returns the exit codes.
+
+        The gateway first, so nothing new comes in; then the others together (each a warm shutdown
+        of a second or two, which need not wait for one another)."""
+        gateway = [self.processes["gateway"]] if "gateway" in self.processes else []
+        others = [p for name, p in self.processes.items() if name != "gateway"]
+        for group in (gateway, others):
+            running = [p for p in group if p.poll() is None]
+            for process in running:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGTERM)
+            for process in running:
+                try:
                     process.wait(30)
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait(10)
-                except ProcessLookupError:
-                    pass
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
