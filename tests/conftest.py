@@ -726,7 +726,9 @@ _SMALL_MODEL = _SmallModel()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Starts training the shared small model if a collected test needs it."""
+    """Starts training the shared small model if a collected test needs it (and tests will run)."""
+    if session.config.option.collectonly:
+        return
     if any("trained_checkpoint" in getattr(item, "fixturenames", ()) for item in session.items):
         _SMALL_MODEL.start()
 
