@@ -311,7 +311,7 @@ def pending_deliveries(
     return pending
 
 
-def hand_off(rows: Iterable[Delivery], lease_seconds: float) -> None:
+def hand_off(rows: Iterable[Delivery], lease_seconds: float, now: datetime | None = None) -> None:
     """Puts a hand-off lease (:mod:`worker.lease`) on deliveries about to be queued after the commit,
     so that they are sent again within ``lease_seconds`` and a sweep if the ``deliver`` message is
     never sent (the worker died in between). A row a live sender holds is left to it.
@@ -319,27 +319,26 @@ def hand_off(rows: Iterable[Delivery], lease_seconds: float) -> None:
     The cost: a ``deliver`` message still waiting in the queue when the lease runs out gets a second
     one from the sweep; whichever runs second finds the rows sent (or held) and does nothing.
     """
-    now, holder = utcnow(), owner()
+    now, holder = now or utcnow(), owner()
     handoff = handoff_owner(holder)
     for row in rows:
         if not held_by_another(row.lease_owner, row.lease_expires_at, holder, now):
             row.lease_owner, row.lease_expires_at = handoff, expiry(lease_seconds, now)
 
 
-def reopen(rows: Iterable[Delivery], now: datetime, lease_seconds: float) -> set[int]:
+def reopen(rows: Sequence[Delivery], now: datetime, lease_seconds: float) -> set[int]:
     """Gives failed deliveries a new round of retries (``pending``, attempts back to 0); returns
     their outputs, to be queued for ``deliver`` after the commit. Each carries a hand-off lease
     (:func:`hand_off`: swept within ``lease_seconds`` if that message never goes). The last error
     stays until the next try."""
-    handoff, expires = handoff_owner(owner()), expiry(lease_seconds, now)
     outputs: set[int] = set()
     for row in rows:
         row.status = DeliveryStatus.PENDING
         row.attempts = 0
         row.retryable = False
         row.updated_at = now
-        row.lease_owner, row.lease_expires_at = handoff, expires
         outputs.add(row.output_id)
+    hand_off(rows, lease_seconds, now)
     return outputs
 
 
