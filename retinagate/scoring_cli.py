@@ -222,8 +222,10 @@ def _note_dicom_only(kinds: Sequence[str], inputs: Sequence[Path]) -> None:
     from retinagate.outputs import registry
 
     dicom_only = [kind for kind in kinds if registry.kind_class(kind).dicom_only]
+    if not dicom_only:
+        return  # the usual case: no input's header read twice
     plain = sum(1 for path in inputs if path.is_file() and not is_dicom_file(path))
-    if not dicom_only or not plain:
+    if not plain:
         return
     rest = [kind for kind in registry.plan(kinds, references_source=False) if kind not in dicom_only]
     inputs_word = "input gets" if plain == 1 else "inputs get"
