@@ -63,8 +63,6 @@ from typing import NoReturn  # noqa: E402
 
 def _postgres_unavailable(reason: str) -> NoReturn:
     """Skips, except under CI, where a missing PostgreSQL must fail the run instead of hiding tests."""
-    import os
-
     if os.environ.get("CI"):
         pytest.fail(f"{reason}; CI is set, so the PostgreSQL tests fail instead of being skipped")
     pytest.skip(reason)
@@ -72,8 +70,6 @@ def _postgres_unavailable(reason: str) -> NoReturn:
 
 def _postgres_bindir() -> Path | None:
     """The folder holding initdb, pg_ctl and postgres: PATH first, then /usr/lib/postgresql/<newest>."""
-    import shutil
-
     candidates = []
     on_path = shutil.which("pg_ctl")
     if on_path:
@@ -97,12 +93,8 @@ def postgres_server() -> Iterator[str]:
     ``nobody``) and its folder belongs to that user. Trust authentication on 127.0.0.1 only; fsync off,
     since the cluster is thrown away.
     """
-    import os
     import pwd
-    import shutil
     import socket
-    import subprocess
-    import tempfile
 
     bindir = _postgres_bindir()
     if bindir is None:
@@ -460,11 +452,7 @@ def redis_url() -> Iterator[str]:
 
     Skips when redis-server is not installed, except under CI, where that fails the run.
     """
-    import os
-    import shutil
     import socket
-    import subprocess
-    import tempfile
     import time
 
     binary = shutil.which("redis-server")
@@ -585,9 +573,6 @@ def dciodvfy(tmp_path: Path) -> Callable[[Any], list[str]]:
     Use it in tests marked ``interop`` (under CI a skipped interop test fails the run). Warnings are
     not returned: only lines starting with ``Error``.
     """
-    import shutil
-    import subprocess
-
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy (dicom3tools) is not installed")
 
@@ -606,9 +591,6 @@ def dcentvfy() -> Callable[[Sequence[Path]], list[str]]:
     """Returns ``check(paths) -> error lines`` from dcentvfy (dicom3tools), which checks that the
     patient, study, series and frame of reference attributes agree across files; skips when it is
     not installed. Use it in tests marked ``interop``. Warnings are not returned."""
-    import shutil
-    import subprocess
-
     if shutil.which("dcentvfy") is None:
         pytest.skip("dcentvfy (dicom3tools) is not installed")
 
@@ -624,9 +606,6 @@ def dsrdump() -> Callable[[Path], list[str]]:
     """Returns ``check(path) -> problems`` from dcmtk's dsrdump, which parses an SR document and its
     content tree: its error and warning lines, or its exit status when it fails; skips when it is
     not installed. Use it in tests marked ``interop``."""
-    import shutil
-    import subprocess
-
     if shutil.which("dsrdump") is None:
         pytest.skip("dsrdump (dcmtk) is not installed")
 
