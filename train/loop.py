@@ -360,16 +360,25 @@ def freeze_stages(model: nn.Module, stages: int) -> list[nn.Module]:
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """timm's split (no decay on biases and normalisation weights), with the decayed group first.
+
+    The order is the one this loop has always given AdamW, so a run started before resumes: an
+    optimizer state loads group by group.
+    """
+    from timm.optim import param_groups_weight_decay  # type: ignore[attr-defined]  # public, not in __all__
+
+    groups: list[dict[str, Any]] = param_groups_weight_decay(model, weight_decay)
+    return sorted(groups, key=lambda group: group["weight_decay"] == 0)
 
 
 def _schedule(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warmup from ``1 / warmup_steps``, then a cosine to ``min_ratio``, per optimizer step.
+
+    Not timm's ``CosineLRScheduler``: its warmup starts from a fixed learning rate and rises by a
+    different step, which would change the measured recipe, and it would change what a checkpoint's
+    scheduler state holds, so a run started before could not resume.
+    """
+
     def factor(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
             return (step + 1) / warmup_steps
