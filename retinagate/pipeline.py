@@ -256,22 +256,18 @@ class Pipeline:
         """Scores one small synthetic photograph, so that the first real one does not pay for set-up.
 
         The first image of a process otherwise waits for the runtime's first run and for the SC and
-        SR templates (built with highdicom once per kind of source, about a second). Nothing is kept
-        or written. Returns the seconds it took.
+        SR templates (built with highdicom once per kind of source, about a second). The photograph
+        is a 512 x 384 Ophthalmic Photography file shipped with the package (``retinagate/data/
+        warmup.dcm``, drawn once by the development generator under a synthetic identity), so the
+        serving path never loads the generator. Nothing is kept or written. Returns the seconds it took.
 
         Raises:
-            RuntimeError: If the synthetic photograph could not be scored (a broken model or setup).
+            RuntimeError: If the photograph could not be scored (a broken model or setup).
         """
-        import tempfile
-
-        from retinagate.synth import DicomIdentity, render_fundus, write_dicom
+        from importlib.resources import as_file, files
 
         started = time.perf_counter()
-        size = max(256, self.engine.card.input_size)
-        image = render_fundus(np.random.default_rng(0), size * 4 // 3, size).image
-        with tempfile.TemporaryDirectory(prefix="retinagate-warmup-") as folder:
-            path = Path(folder) / "warmup.dcm"
-            write_dicom(image, path, DicomIdentity.synthetic(0))
+        with as_file(files("retinagate") / "data" / "warmup.dcm") as path:
             (result,) = self.score_paths([path])
         if isinstance(result, ScoreFailure):
             raise RuntimeError(f"the warm-up photograph could not be scored: {result.error}")

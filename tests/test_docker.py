@@ -558,7 +558,8 @@ def test_dockerignore_keeps_the_context_to_the_sources() -> None:
 
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_every_copy_source_exists_and_reaches_the_build(name: str, dockerfiles: dict[str, list[Stage]]) -> None:
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = [pattern.rstrip("*") for pattern in found["include"]]
     copied: set[str] = set()
     for stage in dockerfiles[name]:
         for instruction in stage.all("COPY"):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -290,6 +292,22 @@ def test_warmup_scores_a_synthetic_photograph_and_writes_nothing(
     with Pipeline(Engine(random_onnx_model_path, providers="cpu"), settings) as pipeline:
         assert pipeline.warmup() > 0.0
     assert not settings.data_dir.exists() or not any(settings.data_dir.rglob("*.dcm"))
+
+
+def test_warmup_does_not_load_the_development_generator(random_onnx_model_path: Path, tmp_path: Path) -> None:
+    """The serving path stays free of development tools (the photograph ships as package data)."""
+    code = (
+        "import sys\n"
+        "from retinagate.engine import Engine\n"
+        "from retinagate.pipeline import Pipeline\n"
+        "from retinagate.settings import load_settings\n"
+        f"settings = load_settings(environ={{'RETINAGATE_DATA_DIR': {str(tmp_path)!r}}})\n"
+        f"with Pipeline(Engine({str(random_onnx_model_path)!r}, providers='cpu'), settings) as pipeline:\n"
+        "    pipeline.warmup()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('retinagate.synth') or m.startswith('retinagate.demo')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 # What is marked: findings at or over their calibrated threshold, heat on the retina only.
