@@ -104,7 +104,12 @@ def _config_show(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(data, indent=2, default=str))
     else:
         for key, value in data.items():
-            shown = ",".join(map(str, value)) if isinstance(value, list) else ("" if value is None else value)
+            if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+                shown = json.dumps(value)  # tables (destinations with settings of their own) only read as JSON
+            elif isinstance(value, list):
+                shown = ",".join(map(str, value))
+            else:
+                shown = "" if value is None else value
             print(f"RETINAGATE_{key.upper()}={shown}")
     return 0
 

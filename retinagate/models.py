@@ -303,7 +303,7 @@ class Delivery(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"), index=True)
-    destination: Mapped[str] = mapped_column(String(300))  # AE@host:port
+    destination: Mapped[str] = mapped_column(String(300))  # the destination's name: AE@host:port, a DICOMweb root
     status: Mapped[DeliveryStatus] = mapped_column(_enum(DeliveryStatus), default=DeliveryStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -8,6 +8,7 @@ in which study.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -24,7 +25,15 @@ from typing import Any, Protocol
 
 from retinagate.serve import stop_process
 
-__all__ = ["BuiltinReceiver", "Orthanc", "ReceivedInstance", "Receiver", "free_port", "start_receiver"]
+__all__ = [
+    "DICOMWEB_PLUGIN",
+    "BuiltinReceiver",
+    "Orthanc",
+    "ReceivedInstance",
+    "Receiver",
+    "free_port",
+    "start_receiver",
+]
 
 
 def free_port() -> int:
@@ -59,16 +68,39 @@ class Receiver(Protocol):
     def stop(self) -> None: ...
 
 
+#: Where Debian's ``orthanc-dicomweb`` package puts Orthanc's DICOMweb plugin.
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
 class Orthanc:
     """A private Orthanc server: DICOM on ``port``, REST on ``http_port``, data in ``workdir``.
+
+    Plain HTTP only: Debian 12's Orthanc serves HTTPS through civetweb 1.15, which calls
+    ``SSL_get_peer_certificate``, gone from OpenSSL 3, and dies on the first HTTPS request.
 
     Args:
         workdir: Folder for the configuration, index and storage (a temporary one when None).
         ae_title: The AE title Orthanc answers to.
         executable: The Orthanc binary (found on PATH or in /usr/sbin when None).
+        dicomweb: Load the DICOMweb plugin: STOW-RS, QIDO-RS and WADO-RS under :attr:`dicomweb_url`.
+        dicomweb_plugin: The plugin's shared library (:data:`DICOMWEB_PLUGIN` when None).
+        users: HTTP Basic users and their passwords; when given, every REST and DICOMweb request must
+            authenticate (this object's own requests use the first user).
+
+    Raises:
+        FileNotFoundError: When Orthanc, or with ``dicomweb`` its DICOMweb plugin, is not installed.
     """
 
-    def __init__(self, workdir: Path | None = None, ae_title: str = "ORTHANC", executable: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        ae_title: str = "ORTHANC",
+        executable: str | None = None,
+        *,
+        dicomweb: bool = False,
+        dicomweb_plugin: Path | None = None,
+        users: dict[str, str] | None = None,
+    ) -> None:
         found = executable or shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
         if found is None:
             raise FileNotFoundError("Orthanc is not installed (Debian package 'orthanc')")
@@ -78,10 +110,24 @@ class Orthanc:
         self.port = free_port()
         self.http_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.users = dict(users or {})
+        self.dicomweb_plugin: Path | None = None
+        if dicomweb:
+            plugin = Path(dicomweb_plugin) if dicomweb_plugin is not None else DICOMWEB_PLUGIN
+            if not plugin.is_file():
+                raise FileNotFoundError(
+                    f"Orthanc's DICOMweb plugin is not installed (Debian package 'orthanc-dicomweb'): no {plugin}"
+                )
+            self.dicomweb_plugin = plugin
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root (a STOW-RS destination); served when started with ``dicomweb``."""
+        return f"{self.url}/dicom-web"
 
     def start(self, timeout_s: float = 30.0) -> Orthanc:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +139,8 @@ class Orthanc:
             "DicomPort": self.port,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "DicomCheckCalledAet": True,
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,
@@ -101,6 +148,9 @@ class Orthanc:
             "Plugins": [],
             "StableAge": 1,
         }
+        if self.dicomweb_plugin is not None:
+            config["Plugins"] = [str(self.dicomweb_plugin)]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config, indent=2))
         log = (self.workdir / "orthanc.log").open("wb")
@@ -124,9 +174,18 @@ class Orthanc:
                     raise RuntimeError(f"Orthanc did not answer on {self.url} within {timeout_s:.0f} s") from None
                 time.sleep(0.2)
 
+    def _open(self, path: str, data: bytes | None = None, timeout: float = 10) -> bytes:
+        """The body of a REST request (POST with ``data``), as the first user when there are users."""
+        request = urllib.request.Request(self.url + path, data=data)  # noqa: S310 - loopback URL we built
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            body: bytes = response.read()
+            return body
+
     def _get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=10) as response:  # noqa: S310 - loopback URL we built
-            return json.loads(response.read())
+        return json.loads(self._open(path))
 
     def instances(self) -> list[ReceivedInstance]:
         out = []
@@ -144,22 +203,14 @@ class Orthanc:
         return out
 
     def _instance_id(self, sop_instance_uid: str) -> str:
-        request = urllib.request.Request(  # noqa: S310 - loopback URL we built
-            self.url + "/tools/find",
-            data=json.dumps({"Level": "Instance", "Query": {"SOPInstanceUID": sop_instance_uid}}).encode(),
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-            ids = json.loads(response.read())
+        query = {"Level": "Instance", "Query": {"SOPInstanceUID": sop_instance_uid}}
+        ids = json.loads(self._open("/tools/find", json.dumps(query).encode()))
         if not ids:
             raise KeyError(sop_instance_uid)
         return str(ids[0])
 
     def fetch(self, sop_instance_uid: str) -> bytes:
-        orthanc_id = self._instance_id(sop_instance_uid)
-        with urllib.request.urlopen(f"{self.url}/instances/{orthanc_id}/file", timeout=30) as response:  # noqa: S310
-            data: bytes = response.read()
-            return data
+        return self._open(f"/instances/{self._instance_id(sop_instance_uid)}/file", timeout=30)
 
     def preview(self, sop_instance_uid: str) -> bytes:
         """The PNG Orthanc renders of a stored image (``/instances/{id}/preview``), as a viewer would show it.
@@ -168,10 +219,7 @@ class Orthanc:
             KeyError: If Orthanc holds no such instance.
             urllib.error.HTTPError: If Orthanc cannot render it (415 for pixels it cannot decode).
         """
-        orthanc_id = self._instance_id(sop_instance_uid)
-        with urllib.request.urlopen(f"{self.url}/instances/{orthanc_id}/preview", timeout=30) as response:  # noqa: S310
-            data: bytes = response.read()
-            return data
+        return self._open(f"/instances/{self._instance_id(sop_instance_uid)}/preview", timeout=30)
 
     def stop(self) -> None:
         if self.process is not None:

@@ -9,13 +9,12 @@ builds the object once with :func:`load_settings` and passes it down; nothing de
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -30,48 +29,21 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-__all__ = ["Destination", "Settings", "SettingsError", "load_settings"]
+from retinagate.destinations import Destination, TlsFiles
+from retinagate.destinations import parse as parse_destination
+from retinagate.destinations.dimse import check_ae_title
 
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+__all__ = ["Settings", "SettingsError", "load_settings"]
 
 
 class SettingsError(ValueError):
     """Raised when the configuration is invalid; the message names every bad setting."""
 
 
-def _check_ae_title(value: str, field: str) -> str:
-    stripped = value.strip()
-    if not _AE_TITLE.match(stripped):
-        raise ValueError(f"{field}: {value!r} is not a DICOM AE title (1 to 16 printable characters)")
-    return stripped
-
-
 def _split_list(value: Any) -> Any:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
-
-
-class Destination(BaseModel):
-    """A DICOM node that receives RetinaGate's outputs, written ``AE@host:port``."""
-
-    model_config = ConfigDict(frozen=True)
-
-    ae_title: str
-    host: str
-    port: Annotated[int, Field(ge=1, le=65535)]
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        """Parses ``AE@host:port``; raises ``ValueError`` naming the expected form."""
-        match = re.fullmatch(r"\s*([^@]+)@([^:@\s]+|\[[0-9a-fA-F:]+\]):(\d+)\s*", text)
-        if match is None:
-            raise ValueError(f"destination {text!r} is not of the form AE@host:port")
-        ae, host, port = match.groups()
-        return cls(ae_title=_check_ae_title(ae, "destination AE title"), host=host.strip("[]"), port=int(port))
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class Settings(BaseSettings):
@@ -148,7 +120,10 @@ class Settings(BaseSettings):
         0.0, description="Deliver outputs only when some finding reaches this probability (0: always)."
     )
     destinations: Annotated[list[Destination], NoDecode] = Field(
-        [], description="Where outputs go, comma list of AE@host:port."
+        [],
+        description="Where outputs go, comma list of AE@host:port (C-STORE) and DICOMweb roots "
+        "http(s)://host/path (STOW-RS); or a list (TOML, JSON) whose entries may be tables: address, name, "
+        "tls, tls_ca, tls_cert, tls_key, and for STOW-RS username with password_file, or token_file.",
     )
     calling_ae_title: str = Field("RETINAGATE", description="AE title RetinaGate uses when it sends.")
     delivery_tls: bool = Field(
@@ -242,8 +217,8 @@ class Settings(BaseSettings):
     delivery_backoff_max: Annotated[float, Field(gt=0)] = Field(600.0, description="Longest delivery retry delay.")
     delivery_probe_interval: Annotated[int, Field(ge=5)] = Field(
         30,
-        description="Seconds between C-ECHO probes of a destination holding deliveries whose retries ran out; "
-        "when it answers, they are sent again.",
+        description="Seconds between probes (C-ECHO, QIDO-RS) of a destination holding deliveries whose retries "
+        "ran out; when it answers, they are sent again.",
     )
     rescore_cron: str = Field("0 2 * * *", description="When nightly rescoring runs (cron: min hour dom mon dow).")
     rescore_batch_size: Annotated[int, Field(ge=1, le=1024)] = Field(16, description="Instances per rescore task.")
@@ -286,9 +261,14 @@ class Settings(BaseSettings):
     @field_validator("destinations", mode="before")
     @classmethod
     def _parse_destinations(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lstrip().startswith("["):  # a JSON list, for tables in the environment
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list of destinations: {exc}") from None
         items = _split_list(value)
         if isinstance(items, list):
-            return [Destination.parse(i) if isinstance(i, str) else i for i in items]
+            return [parse_destination(i) if isinstance(i, str | dict) else i for i in items]
         return items
 
     @field_validator("gateway_allowed_ae_titles", "gateway_extra_sop_classes", mode="before")
@@ -310,12 +290,12 @@ class Settings(BaseSettings):
     @field_validator("gateway_ae_title", "calling_ae_title")
     @classmethod
     def _check_own_ae(cls, value: str) -> str:
-        return _check_ae_title(value, "AE title")
+        return check_ae_title(value, "AE title")
 
     @field_validator("gateway_allowed_ae_titles")
     @classmethod
     def _check_allowed(cls, value: list[str]) -> list[str]:
-        return [_check_ae_title(v, "allowed AE title") for v in value]
+        return [check_ae_title(v, "allowed AE title") for v in value]
 
     @field_validator("rescore_cron")
     @classmethod
@@ -336,6 +316,17 @@ class Settings(BaseSettings):
             p is not None for p in (self.delivery_tls_ca, self.delivery_tls_cert, self.delivery_tls_key)
         ):
             raise ValueError("delivery_tls_ca, _cert and _key take effect only with delivery_tls=true; set it")
+        for destination in self.destinations:
+            tls = self.tls_for(destination)
+            if tls is not None and destination.cleartext:
+                where = "delivery_tls" if tls.source == "delivery_tls" and destination.tls is None else "its tls"
+                raise ValueError(f"{where} is on, but {destination.name} would be sent in the clear; use https://")
+            if tls is None and (destination.tls_ca is not None or destination.tls_cert is not None):
+                raise ValueError(f"destination {destination.name}: tls = false, but tls_ca, _cert or _key is set")
+        names = [d.name for d in self.destinations]
+        if len(set(names)) < len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(f"destinations: {', '.join(twice)} named more than once")
         # Celery holds a retry's message unacknowledged until its countdown ends and the task has run:
         # Redis must not hand it to a second worker meanwhile.
         longest_hold = self.task_time_limit + max(self.score_backoff_max, self.delivery_backoff_max)
@@ -388,6 +379,34 @@ class Settings(BaseSettings):
         """Whether the gateway serves TLS."""
         return self.gateway_tls_cert is not None
 
+    def tls_for(self, destination: Destination) -> TlsFiles | None:
+        """The client TLS ``destination`` is reached with, None for none: each of its ``tls*``
+        settings left out follows the ``delivery_tls*`` setting of the same name, except that giving
+        it a CA or a certificate of its own turns its TLS on."""
+        own = destination.tls_ca is not None or destination.tls_cert is not None
+        if not (destination.tls if destination.tls is not None else own or self.delivery_tls):
+            return None
+        ca = destination.tls_ca if destination.tls_ca is not None else self.delivery_tls_ca
+        own_identity = destination.tls_cert is not None
+        cert = destination.tls_cert if own_identity else self.delivery_tls_cert
+        key = destination.tls_key if own_identity else self.delivery_tls_key
+        return TlsFiles(ca, cert, key, f"destination {destination.name} tls" if own else "delivery_tls")
+
+    def destination(self, name: str) -> Destination | None:
+        """The configured destination of that name (what the ``deliveries`` table stores), or None."""
+        return next((d for d in self.destinations if d.name == name), None)
+
+    def find_destination(self, text: str) -> Destination | None:
+        """The configured destination an operator means by ``text``: its name, or its address in
+        any spelling that parses to the same place (``PACS@[::1]:104``, a URL with a trailing ``/``)."""
+        if (named := self.destination(text.strip())) is not None:
+            return named
+        try:
+            address = parse_destination(text).address
+        except ValueError:
+            return None
+        return next((d for d in self.destinations if d.address == address), None)
+
     def masked(self) -> dict[str, Any]:
         """The effective settings as plain data, with secrets and URL passwords masked."""
         data = self.model_dump(mode="json")
@@ -395,7 +414,9 @@ class Settings(BaseSettings):
             data[key] = _mask_url(data[key])
         if data.get("database_password") is not None:
             data["database_password"] = "*****"  # noqa: S105 - the mask, not a password
-        data["destinations"] = [str(d) for d in self.destinations]
+        data["destinations"] = [
+            {"address": d.address, **d.options} if d.options else d.address for d in self.destinations
+        ]
         # Only settings, each of which an environment variable or TOML key sets; derived values such
         # as resolved_database_url would read as RETINAGATE_RESOLVED_* variables that do not exist.
         return data
@@ -460,5 +481,6 @@ def load_settings(
         for err in exc.errors():
             name = ".".join(str(p) for p in err["loc"]) or "settings"
             env_name = f"RETINAGATE_{name.split('.')[0].upper()}" if err["loc"] else "settings"
-            problems.append(f"{env_name}: {err['msg']} (got {err.get('input')!r})")
+            got = _mask_url(repr(err.get("input")))  # a URL's password stays out of the message
+            problems.append(f"{env_name}: {err['msg']} (got {got})")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None

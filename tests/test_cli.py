@@ -42,6 +42,19 @@ def test_config_show_prints_effective_settings_with_secrets_masked(
     assert "RESOLVED" not in text  # derived values are not settings an operator could set
 
 
+def test_config_show_prints_destinations_as_the_variable_reads_them_back(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from retinagate.settings import load_settings
+
+    for given in ("PACS@pacs:104,https://h/dicom-web", '["PACS@pacs:104", {"address": "https://h/dw", "name": "x"}]'):
+        monkeypatch.setenv("RETINAGATE_DESTINATIONS", given)
+        assert main(["config", "show"]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RETINAGATE_DESTINATIONS="))
+        shown = line.removeprefix("RETINAGATE_DESTINATIONS=")
+        assert load_settings(environ={"RETINAGATE_DESTINATIONS": shown}).destinations == load_settings().destinations
+
+
 def test_invalid_settings_exit_2_naming_the_setting(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

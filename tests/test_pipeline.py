@@ -624,9 +624,9 @@ def test_orthanc_stores_the_sc_and_every_map_and_previews_each_as_a_picture_that
 ) -> None:
     import shutil
 
+    from retinagate.destinations import Connection
+    from retinagate.destinations.dimse import DimseDestination
     from retinagate.pacs import Orthanc
-    from retinagate.settings import Destination
-    from worker.delivery import send_to
 
     if shutil.which("Orthanc") is None and shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin") is None:
         pytest.skip("Orthanc is not installed")
@@ -640,7 +640,8 @@ def test_orthanc_stores_the_sc_and_every_map_and_previews_each_as_a_picture_that
 
     orthanc = Orthanc(tmp_path / "orthanc").start()
     try:
-        sent = send_to(Destination.parse(f"{orthanc.ae_title}@127.0.0.1:{orthanc.port}"), files, calling_ae="RG")
+        pacs = DimseDestination(ae_title=orthanc.ae_title, host="127.0.0.1", port=orthanc.port)
+        sent = pacs.send(files, Connection("RG"))
         assert {r.verdict for r in sent.values()} == {"delivered"}, sent
         stored = {r.sop_instance_uid for r in orthanc.instances()}
         assert stored == {o.sop_instance_uid for o in result.built}

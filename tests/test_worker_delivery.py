@@ -12,13 +12,16 @@ import pytest
 from sqlalchemy import select
 
 from retinagate.db import make_engine, session_factory, session_scope
+from retinagate.destinations import Connection, Timeouts, classify_status
+from retinagate.destinations import parse as parse_destination
 from retinagate.models import Delivery, DeliveryStatus, Output, utcnow
-from retinagate.settings import Destination, Settings
+from retinagate.settings import Settings
 from retinagate.storage import Storage
-from worker.delivery import Timeouts, classify_status, deliver_outputs, retry_delay, send_to
+from worker.delivery import deliver_outputs, retry_delay
 from worker.lease import handoff_owner
 
 FAST = Timeouts(connect=2, acse=5, dimse=10, network=10)
+RG = Connection("RG", timeouts=FAST)
 
 
 def _deliveries(settings: Settings) -> list[Delivery]:
@@ -41,7 +44,11 @@ def _deliver(settings: Settings, output_ids: list[int]) -> Any:
     engine = make_engine(settings)
     try:
         return deliver_outputs(
-            settings, session_factory(engine), Storage(settings.resolved_storage_dir), output_ids, timeouts=FAST
+            settings,
+            session_factory(engine),
+            Storage(settings.resolved_storage_dir),
+            output_ids,
+            timeouts=FAST,
         )
     finally:
         engine.dispose()
@@ -235,8 +242,8 @@ def test_a_file_goes_as_encoded_when_its_syntax_is_taken_else_converted_or_faile
     everything = worker_receiver("ALL")
     implicit_only = worker_receiver("OLD", syntaxes=[ImplicitVRLittleEndian])
 
-    sent = send_to(Destination.parse(everything.destination), [(1, jpeg), (2, plain)], calling_ae="RG", timeouts=FAST)
-    old = send_to(Destination.parse(implicit_only.destination), [(1, jpeg), (2, plain)], calling_ae="RG", timeouts=FAST)
+    sent = parse_destination(everything.destination).send([(1, jpeg), (2, plain)], RG)
+    old = parse_destination(implicit_only.destination).send([(1, jpeg), (2, plain)], RG)
 
     assert {r.verdict for r in sent.values()} == {"delivered"}
     assert everything.datasets[plain_uid].PixelData == dcmread(plain).PixelData
@@ -290,26 +297,71 @@ def test_without_the_client_certificate_or_without_tls_nothing_is_delivered_and_
     assert _deliver(plain, outputs).retrying and secure.received == []
 
 
+def test_each_destination_has_its_own_tls_and_is_recorded_under_its_name(
+    make_settings: Callable[..., Settings],
+    worker_store_outputs: Callable[..., list[int]],
+    worker_receiver: Any,
+    pki: Any,
+) -> None:
+    import json
+
+    local = worker_receiver("LOCAL")  # a PACS on the trusted network, no TLS
+    remote = worker_receiver("REMOTE", tls=_server_tls(pki, require_client_cert=True))
+    tables = [
+        local.destination,
+        {"address": remote.destination, "name": "remote", "tls": True, "tls_ca": str(pki.ca),
+         "tls_cert": str(pki.client_cert), "tls_key": str(pki.client_key)},
+    ]  # fmt: skip
+    settings = make_settings(destinations=json.dumps(tables))  # delivery_tls off: only "remote" uses TLS
+    outputs = worker_store_outputs(settings, 2)
+
+    outcome = _deliver(settings, outputs)
+
+    assert len(outcome.delivered) == 4 and not outcome.retrying
+    assert set(local.received) == set(remote.received) == _uids(settings, outputs)
+    assert {row.destination for row in _deliveries(settings)} == {local.destination, "remote"}
+    # The same TLS destination under the global setting, without its own client certificate: refused.
+    no_identity = make_settings(
+        destinations=json.dumps([{"address": remote.destination, "name": "bare", "tls": True, "tls_ca": str(pki.ca)}]),
+        data_dir=settings.data_dir,
+    )
+    assert _deliver(no_identity, outputs).retrying and len(remote.received) == 2
+
+
 def test_delivery_tls_files_are_checked_and_named() -> None:
     from retinagate.settings import SettingsError, load_settings
-    from worker.delivery import client_tls_context
+    from worker.delivery import check_destinations, client_tls_context
 
     with pytest.raises(SettingsError, match="delivery_tls_cert and delivery_tls_key"):
         load_settings(environ={}, delivery_tls=True, delivery_tls_cert="/x.crt")
     with pytest.raises(SettingsError, match="delivery_tls=true"):
         load_settings(environ={}, delivery_tls_ca="/ca.pem")
     with pytest.raises(ValueError, match=r"delivery_tls_ca: cannot load /nowhere/ca\.pem"):
-        client_tls_context(load_settings(environ={}, delivery_tls=True, delivery_tls_ca="/nowhere/ca.pem"))
-    assert client_tls_context(load_settings(environ={})) is None
+        check_destinations(
+            load_settings(environ={}, delivery_tls=True, delivery_tls_ca="/nowhere/ca.pem", destinations="P@h:104")
+        )
+    with pytest.raises(ValueError, match=r"destination archive tls_ca: cannot load /nowhere/own\.pem"):
+        check_destinations(
+            load_settings(
+                environ={
+                    "RETINAGATE_DESTINATIONS": '[{"address": "P@h:104", "name": "archive", "tls": true, '
+                    '"tls_ca": "/nowhere/own.pem"}]'
+                }
+            )
+        )
+    plain = load_settings(environ={}, destinations="P@h:104")
+    assert client_tls_context(plain.tls_for(plain.destinations[0])) is None
 
 
-def test_send_to_reports_every_file_when_nothing_listens(tmp_path: Path, worker_receiver: Any) -> None:
-    down = worker_receiver(start=False)
-    missing = tmp_path / "missing.dcm"
-    results = send_to(
-        Destination.parse(down.destination), [(1, missing)], calling_ae="RETINAGATE", timeouts=FAST
-    )
+def test_a_send_reports_every_file_when_nothing_listens(
+    tmp_path: Path, worker_receiver: Any, camera_files: Callable[..., list[Path]]
+) -> None:
+    down = parse_destination(worker_receiver(start=False).destination)
+    (photo,) = camera_files(1)
+    results = down.send([(1, tmp_path / "missing.dcm"), (2, photo)], RG)
     assert results[1].verdict == "failed" and "missing" in (results[1].error or "")
+    assert results[2].verdict == "retry" and "no association" in (results[2].error or "")
+    assert down.echo(RG) is False
 
 
 @pytest.mark.parametrize(
@@ -352,4 +404,4 @@ def test_delivery_associations_have_nagles_algorithm_off(
     settings = make_settings(destinations=receiver.destination)
 
     assert len(_deliver(settings, worker_store_outputs(settings, 1)).delivered) == 1
-    assert seen == [(Destination.parse(receiver.destination).port, 1)]
+    assert seen == [(receiver.port, 1)]

@@ -169,7 +169,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     if "score" in args.queues:
         _start_serving(settings)
     if "deliver" in args.queues:
-        _check_delivery_tls(settings)
+        _check_destinations(settings)
     from worker.app import create_app
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -248,12 +248,12 @@ def _start_serving(settings: Settings) -> None:
         engine.dispose()
 
 
-def _check_delivery_tls(settings: Settings) -> None:
+def _check_destinations(settings: Settings) -> None:
     from retinagate.cli import EXIT_MISSING, CommandError
-    from worker.delivery import client_tls_context
+    from worker.delivery import check_destinations
 
     try:
-        client_tls_context(settings)
+        check_destinations(settings)
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_MISSING) from None
 

@@ -3,7 +3,8 @@
 The policy (README, "Reliability"): a transient failure is retried with backoff
 (``delivery_backoff`` doubling to ``delivery_backoff_max``, ``delivery_max_retries`` times); when the
 retries run out the delivery is ``failed`` but ``retryable``, and the sweep probes its destination
-with C-ECHO every ``delivery_probe_interval`` seconds and sends everything again once it answers.
+(C-ECHO, or a QIDO-RS query for a DICOMweb destination) every ``delivery_probe_interval`` seconds
+and sends everything again once it answers.
 A refusal (a DICOM failure status, an association rejected for good, a SOP class the destination
 does not take) is never re-sent by itself: fix the cause, then run ``retinagate deliveries retry
 --refused``.
@@ -39,7 +40,7 @@ def register(subparsers: Any) -> None:
     retry = actions.add_parser(
         "retry", help="send failed deliveries again (those whose retries ran out; --refused adds refusals)"
     )
-    retry.add_argument("--destination", metavar="AE@HOST:PORT", help="only this configured destination")
+    retry.add_argument("--destination", metavar="NAME", help="only this configured destination (AE@host:port or URL)")
     retry.add_argument(
         "--refused",
         action="store_true",
@@ -95,23 +96,19 @@ def _retry(args: argparse.Namespace, settings: Settings) -> int:
     from retinagate.cli import EXIT_USAGE, CommandError
     from retinagate.db import session_scope
     from retinagate.models import Delivery, DeliveryStatus, utcnow
-    from retinagate.settings import Destination
     from worker.cli import _queue_deliveries
     from worker.delivery import reopen
 
-    configured = [str(d) for d in settings.destinations]
+    configured = [d.name for d in settings.destinations]
     if args.destination is not None:
-        try:
-            wanted = str(Destination.parse(args.destination))
-        except ValueError as exc:
-            raise CommandError(f"--destination: {exc}", EXIT_USAGE) from None
-        if wanted not in configured:
+        wanted = settings.find_destination(args.destination)
+        if wanted is None:
             known = ", ".join(configured) or "none"
             raise CommandError(
-                f"--destination: {wanted} is not a configured destination (RETINAGATE_DESTINATIONS: {known})",
+                f"--destination: {args.destination} is not a configured destination (RETINAGATE_DESTINATIONS: {known})",
                 EXIT_USAGE,
             )
-        configured = [wanted]
+        configured = [wanted.name]
     if not configured:
         raise CommandError("no destinations configured (RETINAGATE_DESTINATIONS)", EXIT_USAGE)
 

@@ -1,16 +1,13 @@
-"""Delivery of produced outputs to PACS and viewers: C-STORE SCU, one association per destination.
+"""Delivery of produced outputs to PACS and viewers, one send per destination and call.
 
-Each destination's outcome is recorded per output in the ``deliveries`` table. A DICOM answer says
-whether trying again can help:
-
-- success (0x0000) and warnings (0xB000 coercion, 0xB006 elements discarded, 0xB007 data set does
-  not match SOP class, and the other warning codes) count as delivered;
-- transient: no connection (refused, timed out), an association rejected as transient, the
-  association aborted or a DIMSE timeout, out of resources (0xA7xx), resource limitation (0x0213),
-  processing failure (0x0110), cancel (0xFE00): retried with bounded exponential backoff;
-- permanent: an association rejected as permanent, a SOP class or transfer syntax the destination
-  does not accept (0x0122, no presentation context), a data set it cannot take (0xA9xx, 0xCxxx)
-  and every other failure: recorded as failed, not retried.
+Each destination's outcome is recorded per output in the ``deliveries`` table, under the
+destination's name; the destination itself is the typed value of the settings
+(:mod:`retinagate.destinations`: C-STORE or STOW-RS), looked up by that name. Its verdict for each
+file says whether trying again can help: delivered (success and warnings); retry (no connection, a
+transient rejection or status): retried with bounded exponential backoff, then ``failed`` and
+``retryable`` for the sweep's probe; failed (a permanent rejection, a SOP class or data set the
+destination does not take): recorded, not retried. Which answers are which is the protocol
+module's to say.
 """
 
 from __future__ import annotations
@@ -21,11 +18,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
 from retinagate.db import session_scope
+from retinagate.destinations import Connection, Destination, SendResult, Timeouts, TlsFiles
 from retinagate.models import Delivery, DeliveryStatus, Output, utcnow
 from worker.lease import expiry, handoff_owner, held_by_another, owner, renewing
 
@@ -34,236 +32,68 @@ if TYPE_CHECKING:
 
     from sqlalchemy.orm import Session, sessionmaker
 
-    from retinagate.settings import Destination, Settings
+    from retinagate.settings import Settings
     from retinagate.storage import Storage
 
 __all__ = [
     "DeliveryOutcome",
-    "SendResult",
-    "Timeouts",
-    "classify_status",
+    "check_destinations",
+    "client_tls_context",
+    "connection",
     "deliver_outputs",
     "echo",
     "hand_off",
     "pending_deliveries",
     "reopen",
     "retry_delay",
-    "send_to",
 ]
 
 logger = logging.getLogger(__name__)
 
-Verdict = Literal["delivered", "retry", "failed"]
-
-_TRANSIENT_FAILURES = frozenset({0x0110, 0x0213, 0xFE00})
-_MAX_CONTEXTS = 128  # presentation contexts one association may propose
-_JPEG_HINT = "; for a destination that takes no JPEG, set RETINAGATE_SC_COMPRESSION=none"
-
-
-def classify_status(status: int) -> Verdict:
-    """What a C-STORE response status means for the delivery: delivered, retry later, or failed."""
-    from pynetdicom.status import code_to_category
-
-    if status < 0:
-        raise ValueError(f"status: {status} is not a DIMSE status (0x0000-0xFFFF)")
-    category = code_to_category(status)
-    if category in ("Success", "Warning"):
-        return "delivered"
-    if 0xA700 <= status <= 0xA7FF or status in _TRANSIENT_FAILURES:
-        return "retry"
-    return "failed"
-
-
-@dataclass(frozen=True)
-class SendResult:
-    """The result of one C-STORE: the verdict, the DIMSE status when one came back, and why."""
-
-    verdict: Verdict
-    status: int | None = None
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds to wait for the TCP connection, association set-up, each DIMSE answer and the network."""
-
-    connect: float = 10.0
-    acse: float = 30.0
-    dimse: float = 60.0
-    network: float = 60.0
-
-
-def _contexts(sop_class: str, ts: str) -> list[tuple[str, tuple[str, ...]]]:
-    """Presentation contexts to propose for a file: its own transfer syntax alone, so that the file's
-    bytes go out as they are, and for uncompressed files a fallback the file can be converted to."""
-    from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-    uid = UID(ts)
-    exact: list[tuple[str, tuple[str, ...]]] = [(sop_class, (str(uid),))]
-    if uid.is_compressed or uid.is_deflated:
-        return exact  # pynetdicom cannot re-encode compressed pixel data: offer it as it is
-    return [*exact, (sop_class, (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)))]
-
-
-def _send_one(assoc: Any, path: Path, sop_class: str, ts: str) -> Any:
-    """C-STORE of one file: its bytes as they are when its own transfer syntax was accepted (no
-    decoding and re-encoding, which costs tens of milliseconds for an SR), else the decoded dataset,
-    which pynetdicom converts to an accepted uncompressed syntax."""
-    from pydicom import dcmread
-    from pynetdicom import _config
-
-    exact = any(cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == ts for cx in assoc.accepted_contexts)
-    if exact:
-        _config.STORE_SEND_CHUNKED_DATASET = True  # only this process's SCU sends; read per call
-        return assoc.send_c_store(path)
-    return assoc.send_c_store(dcmread(path))
-
-
-def send_to(
-    destination: Destination,
-    files: Sequence[tuple[int, Path]],
-    *,
-    calling_ae: str,
-    ssl_context: ssl.SSLContext | None = None,
-    timeouts: Timeouts = Timeouts(),
-) -> dict[int, SendResult]:
-    """Sends DICOM files to one destination over one association.
-
-    Args:
-        destination: Where to send.
-        files: ``(key, path)`` pairs; the key names each file in the result.
-        calling_ae: Our AE title.
-        ssl_context: A client TLS context; None sends in the clear.
-        timeouts: Network timeouts.
-
-    Returns:
-        A :class:`SendResult` for every key.
-    """
-    from pydicom.errors import InvalidDicomError
-    from pydicom.filereader import read_file_meta_info
-    from pydicom.uid import JPEGBaseline8Bit
-    from pynetdicom import AE, evt
-
-    from retinagate.dicomnet import on_connection_open
-
-    results: dict[int, SendResult] = {}
-    contexts: dict[tuple[str, tuple[str, ...]], None] = {}
-    sendable: list[tuple[int, Path, str, str]] = []
-    for key, path in files:
-        try:
-            meta = read_file_meta_info(path)
-            sop_class, ts = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
-        except FileNotFoundError:
-            results[key] = SendResult("failed", error="the output file is missing from storage")
-            continue
-        except (InvalidDicomError, AttributeError, OSError) as exc:
-            results[key] = SendResult("failed", error=f"the output file is unreadable: {exc}")
-            continue
-        contexts.update(dict.fromkeys(_contexts(sop_class, ts)))
-        sendable.append((key, path, sop_class, ts))
-    if not sendable:
-        return results
-
-    ae = AE(ae_title=calling_ae)
-    ae.connection_timeout = timeouts.connect
-    ae.acse_timeout = timeouts.acse
-    ae.dimse_timeout = timeouts.dimse
-    ae.network_timeout = timeouts.network
-    if len(contexts) > _MAX_CONTEXTS:
-        raise ValueError(
-            f"files: {len(contexts)} presentation contexts, more than one association takes ({_MAX_CONTEXTS})"
-        )
-    for sop_class, syntaxes in contexts:
-        ae.add_requested_context(sop_class, list(syntaxes))
-
-    tls_args = (ssl_context, destination.host) if ssl_context is not None else None
-    assoc = ae.associate(
-        destination.host,
-        destination.port,
-        ae_title=destination.ae_title,
-        tls_args=tls_args,
-        evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
-    )
-    if assoc.is_rejected:
-        primitive = assoc.acceptor.primitive
-        permanent = primitive is not None and primitive.result == 0x01
-        reason = (
-            f"association rejected ({primitive.result_str}; {primitive.source_str}; {primitive.reason_str})"
-            if primitive is not None
-            else "association rejected"
-        )
-        results.update({key: SendResult("failed" if permanent else "retry", error=reason) for key, *_ in sendable})
-        return results
-    accepted = assoc.acceptor.primitive
-    if not assoc.is_established and accepted is not None and accepted.result == 0x00:
-        # Accepted, then aborted by pynetdicom because no presentation context was: a configuration
-        # mismatch that retrying cannot fix.
-        unsupported = "the destination accepts none of the SOP classes or transfer syntaxes offered"
-        results.update({key: SendResult("failed", error=unsupported) for key, *_ in sendable})
-        return results
-    if not assoc.is_established:
-        refused = f"no association with {destination}: connection refused, timed out or aborted"
-        results.update({key: SendResult("retry", error=refused) for key, *_ in sendable})
-        return results
-
-    try:
-        for key, path, sop_class, ts in sendable:
-            if not assoc.is_established:
-                results[key] = SendResult("retry", error="the association ended before this file was sent")
-                continue
-            try:
-                answer = _send_one(assoc, path, sop_class, ts)
-            except ValueError as exc:  # no accepted presentation context for its SOP class or syntax
-                hint = _JPEG_HINT if ts == JPEGBaseline8Bit else ""  # the heatmap SC's syntax by default
-                results[key] = SendResult("failed", error=f"not accepted by the destination: {exc}{hint}")
-                continue
-            except (OSError, RuntimeError) as exc:
-                results[key] = SendResult("retry", error=f"sending failed: {exc}")
-                continue
-            if "Status" not in answer:
-                results[key] = SendResult("retry", error="no answer: DIMSE timeout or association aborted")
-                continue
-            status = int(answer.Status)
-            verdict = classify_status(status)
-            error = None if verdict == "delivered" else f"C-STORE answered 0x{status:04X}"
-            results[key] = SendResult(verdict, status, error)
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return results
-
-
 _TLS_CONTEXTS: dict[tuple[str, str, str], ssl.SSLContext] = {}
 
 
-def client_tls_context(settings: Settings) -> ssl.SSLContext | None:
-    """The client TLS context for delivery the settings describe (made once per process), or None.
+def client_tls_context(files: TlsFiles | None) -> ssl.SSLContext | None:
+    """The client TLS context for ``files`` (:meth:`retinagate.settings.Settings.tls_for`), made
+    once per process, or None without TLS.
 
-    TLS 1.2 is the minimum; destination certificates are verified (host name included) against
-    ``delivery_tls_ca``, or the system's trust store when it is not set; ``delivery_tls_cert`` and
-    ``_key`` are offered to destinations that ask for a client certificate.
+    TLS 1.2 is the minimum; destination certificates are verified (host name included) against the
+    CA file, or the system's trust store when there is none; the certificate and key are offered to
+    destinations that ask for a client certificate.
 
     Raises:
         ValueError: Naming the setting whose file is missing or unreadable.
     """
-    if not settings.delivery_tls:
+    if files is None:
         return None
-    key = (str(settings.delivery_tls_ca), str(settings.delivery_tls_cert), str(settings.delivery_tls_key))
+    key = (str(files.ca), str(files.cert), str(files.key))
     if key in _TLS_CONTEXTS:
         return _TLS_CONTEXTS[key]
     try:
         context = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH, cafile=None if settings.delivery_tls_ca is None else str(settings.delivery_tls_ca)
+            ssl.Purpose.SERVER_AUTH, cafile=None if files.ca is None else str(files.ca)
         )
     except (OSError, ssl.SSLError) as exc:
-        raise ValueError(f"delivery_tls_ca: cannot load {settings.delivery_tls_ca}: {exc}") from None
+        raise ValueError(f"{files.source}_ca: cannot load {files.ca}: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if settings.delivery_tls_cert is not None and settings.delivery_tls_key is not None:
+    if files.cert is not None and files.key is not None:
         from retinagate.tls import load_identity
 
-        load_identity(context, settings.delivery_tls_cert, settings.delivery_tls_key, "delivery_tls")
+        load_identity(context, files.cert, files.key, files.source)
     _TLS_CONTEXTS[key] = context
     return context
+
+
+def check_destinations(settings: Settings) -> None:
+    """Loads every destination's TLS files and reads its secret files, as sending will (a worker
+    checks them before it starts).
+
+    Raises:
+        ValueError: Naming the first setting whose file is missing or unreadable.
+    """
+    for destination in settings.destinations:
+        client_tls_context(settings.tls_for(destination))
+        destination.check_files()
 
 
 def retry_delay(settings: Settings, attempts: int) -> float:
@@ -344,14 +174,15 @@ def reopen(rows: Sequence[Delivery], now: datetime, lease_seconds: float) -> set
 
 def _plan(
     session: Session, settings: Settings, storage: Storage, output_ids: Sequence[int], holder: str
-) -> dict[str, list[tuple[int, Path]]]:
+) -> dict[Destination, list[tuple[int, Path]]]:
     """Delivery rows still to send, by destination, leased to ``holder``; adds rows for destinations
     configured since scoring. A row another live sender holds is left to it (a message delivered
     twice, or a sweep that re-sent it, must not send the same file twice at once)."""
     now = utcnow()
     outputs = session.scalars(select(Output).where(Output.id.in_(output_ids)).order_by(Output.id)).all()
-    pending = pending_deliveries(session, outputs, [str(d) for d in settings.destinations])
-    plan: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+    configured = {d.name: d for d in settings.destinations}
+    pending = pending_deliveries(session, outputs, list(configured))
+    plan: dict[Destination, list[tuple[int, Path]]] = defaultdict(list)
     held = 0
     for output, row in pending:
         if held_by_another(row.lease_owner, row.lease_expires_at, holder, now):
@@ -359,44 +190,35 @@ def _plan(
             continue
         row.lease_owner, row.lease_expires_at = holder, expiry(settings.lease_seconds, now)
         session.flush()  # the id of a row added now
-        plan[row.destination].append((row.id, storage.path(output.storage_key)))
+        plan[configured[row.destination]].append((row.id, storage.path(output.storage_key)))
     if held:
         logger.info("delivery: %d delivery(ies) held by another sender, left to it", held)
     return plan
 
 
+def connection(settings: Settings, destination: Destination, timeouts: Timeouts = Timeouts()) -> Connection:
+    """How this process reaches ``destination``: our AE title, its client TLS
+    (:meth:`retinagate.settings.Settings.tls_for`), ``timeouts``.
+
+    Raises:
+        ValueError: When its TLS files cannot be loaded (see :func:`client_tls_context`).
+    """
+    return Connection(settings.calling_ae_title, client_tls_context(settings.tls_for(destination)), timeouts)
+
+
 def echo(
     settings: Settings, destination: str, timeouts: Timeouts = Timeouts(connect=5.0, acse=10.0, dimse=10.0)
 ) -> bool:
-    """Whether ``destination`` (``AE@host:port``) answers C-ECHO now, with the delivery settings
-    (our calling AE title, TLS). Any failure (refused, timed out, rejected, unreadable TLS files) is
-    a no."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
-    from retinagate.settings import Destination
-
-    target = Destination.parse(destination)
+    """Whether the configured destination of that name answers now (C-ECHO, a QIDO-RS query), with
+    the delivery settings (our calling AE title, TLS). Any failure (refused, timed out, rejected,
+    unreadable TLS files, a destination no longer configured) is a no."""
+    target = settings.destination(destination)
+    if target is None:
+        return False
     try:
-        ssl_context = client_tls_context(settings)
+        return target.echo(connection(settings, target, timeouts))
     except ValueError:
         return False
-    ae = AE(ae_title=settings.calling_ae_title)
-    ae.connection_timeout = timeouts.connect
-    ae.acse_timeout = timeouts.acse
-    ae.dimse_timeout = timeouts.dimse
-    ae.network_timeout = timeouts.network
-    ae.add_requested_context(Verification)
-    tls_args = (ssl_context, target.host) if ssl_context is not None else None
-    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title, tls_args=tls_args)
-    if not assoc.is_established:
-        return False
-    try:
-        answer = assoc.send_c_echo()
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return "Status" in answer and int(answer.Status) == 0x0000
 
 
 def deliver_outputs(
@@ -405,7 +227,6 @@ def deliver_outputs(
     storage: Storage,
     output_ids: Sequence[int],
     *,
-    ssl_context: ssl.SSLContext | None = None,
     timeouts: Timeouts = Timeouts(),
 ) -> DeliveryOutcome:
     """Sends outputs to every configured destination that has not received them yet and records it.
@@ -414,16 +235,11 @@ def deliver_outputs(
     failure leaves the row ``retrying``, until it has been tried ``delivery_max_retries + 1`` times;
     then it is ``failed`` with its last error (``retryable``: the sweep's probe sends it again once
     the destination answers). The rows are leased to this process while they are sent, so the
-    sweeper re-sends them soon after a sender dies, and never while it lives. ``ssl_context``
-    defaults to the settings' (see :func:`client_tls_context`).
-
-    Raises:
-        ValueError: When the settings' TLS files cannot be loaded (see :func:`client_tls_context`).
+    sweeper re-sends them soon after a sender dies, and never while it lives. A destination whose
+    TLS files cannot be loaded (the worker checked them at start; one changed since) is tried again
+    like one that does not answer, with an error naming the setting; the probe sends its deliveries
+    again once the files load.
     """
-    from retinagate.settings import Destination
-
-    if ssl_context is None:
-        ssl_context = client_tls_context(settings)
     outcome = DeliveryOutcome()
     ids = list(dict.fromkeys(int(i) for i in output_ids))
     if not ids or not settings.destinations:
@@ -436,13 +252,12 @@ def deliver_outputs(
     leased = [key for files in plan.values() for key, _ in files]
     with renewing(sessions, Delivery, leased, settings.lease_seconds, holder):
         for destination, files in plan.items():
-            sent = send_to(
-                Destination.parse(destination),
-                files,
-                calling_ae=settings.calling_ae_title,
-                ssl_context=ssl_context,
-                timeouts=timeouts,
-            )
+            try:
+                via = connection(settings, destination, timeouts)
+            except ValueError as exc:
+                sent = {key: SendResult("retry", error=str(exc)) for key, _ in files}
+            else:
+                sent = destination.send(files, via)
             results.update(sent)
             counts = {v: sum(1 for r in sent.values() if r.verdict == v) for v in ("delivered", "retry", "failed")}
             logger.info(

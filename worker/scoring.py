@@ -430,7 +430,7 @@ def _record(
                 to_deliver.append(output)
     session.flush()  # ids of the new outputs
 
-    pending = pending_deliveries(session, to_deliver, [str(d) for d in settings.destinations]) if to_deliver else []
+    pending = pending_deliveries(session, to_deliver, [d.name for d in settings.destinations]) if to_deliver else []
     hand_off([row for _, row in pending], settings.lease_seconds)  # queued after the commit
     to_send = list(dict.fromkeys(output.id for output, _ in pending))  # an output once, whatever its destinations
 

@@ -286,7 +286,7 @@ def _write(
             )
             session.add(output)
             session.flush()
-            destinations = [str(d) for d in settings.destinations]
+            destinations = [d.name for d in settings.destinations]
             pending = pending_deliveries(session, [output], destinations) if destinations else []
             hand_off([row for _, row in pending], settings.lease_seconds)  # queued after the commit
             return report.id, (output.id if pending else None)

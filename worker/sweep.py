@@ -10,8 +10,9 @@ SQL is the source of truth and Redis only the transport (the outbox pattern). Ea
   died, or the worker that recorded it died before queuing it: a hand-off lease, see
   :mod:`worker.lease`), and one no sender has touched for ``stuck_after`` seconds (``retrying``: also
   the longest backoff);
-- probes (C-ECHO) each destination holding deliveries that failed after their retries ran out on
-  transient errors, at most every ``delivery_probe_interval`` seconds; a destination that answers
+- probes (C-ECHO, or QIDO-RS for DICOMweb) each destination holding deliveries that failed after
+  their retries ran out on transient errors, at most every ``delivery_probe_interval`` seconds; a
+  destination that answers
   gets them all again, with a new round of retries. Refusals (a DICOM failure status, an
   association rejected for good) are never re-sent by the sweep: ``retinagate deliveries retry``
   does that by hand, once the cause is fixed.
@@ -51,7 +52,7 @@ logger = logging.getLogger(__name__)
 SWEEP_LIMIT = 1000
 
 Enqueue = Callable[[list[int]], None]
-#: Whether a destination (``AE@host:port``) answers C-ECHO now.
+#: Whether a destination, by name (``AE@host:port``, a DICOMweb root), answers now.
 Probe = Callable[[str], bool]
 
 
@@ -109,7 +110,7 @@ def _stuck_deliveries(session: Session, settings: Settings, now: datetime) -> Se
     query = (
         select(Delivery)
         .where(
-            Delivery.destination.in_([str(d) for d in settings.destinations]),
+            Delivery.destination.in_([d.name for d in settings.destinations]),
             or_(
                 and_(Delivery.status.in_(open_statuses), Delivery.lease_expires_at < now),
                 and_(
@@ -133,7 +134,7 @@ def _probe_due(session: Session, settings: Settings, now: datetime) -> dict[str,
     query = (
         select(Delivery)
         .where(
-            Delivery.destination.in_([str(d) for d in settings.destinations]),
+            Delivery.destination.in_([d.name for d in settings.destinations]),
             Delivery.status == DeliveryStatus.FAILED,
             Delivery.retryable.is_(True),
             Delivery.updated_at < due,
@@ -191,7 +192,7 @@ def sweep(
         enqueue_score: Sends one ``score`` task for a list of instance ids.
         enqueue_deliver: Sends one ``deliver`` task for a list of output ids.
         now: The current time (tests pass one).
-        probe: Whether a destination answers now; default a C-ECHO with the delivery settings
+        probe: Whether a destination answers now; default its echo (C-ECHO, QIDO-RS) with the delivery settings
             (:func:`worker.delivery.echo`).
     """
     now = now or utcnow()

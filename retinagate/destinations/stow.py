@@ -1,0 +1,278 @@
+"""STOW-RS destinations (a DICOMweb root such as ``https://pacs.example.org/dicom-web``).
+
+dicomweb-client does the HTTP: one multipart POST per send carries every file, and the answer's
+Referenced and Failed SOP Sequences say, instance by instance, what the destination kept. A failed
+instance's FailureReason is a DICOM status, judged as a C-STORE status is
+(:func:`retinagate.destinations.base.classify_status`). When the whole request fails:
+
+- transient: no connection (refused, timed out, TLS handshake), 408, 429 and every 5xx: retried
+  with the same backoff as C-STORE;
+- permanent: every other 4xx (400, 401, 403 and 404 for a wrong root or missing rights, 409, 413,
+  415): recorded as failed, with the HTTP status in the error.
+
+dicomweb-client's own retries are off: the delivery loop owns retrying, and the sweep's probe (a
+QIDO-RS search for one study) says when a destination answers again. ``https`` roots are verified
+against the delivery TLS settings' CA (``delivery_tls_ca``) and offer their client certificate;
+without ``delivery_tls``, against the system's trust store. An ``http`` root is plain text and is
+refused while ``delivery_tls`` is on.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any, ClassVar, Self
+from urllib.parse import urlsplit
+
+from pydantic import model_validator
+
+from retinagate.destinations.base import Connection, Destination, SendResult, Verdict, classify_status, read_output
+
+__all__ = ["StowDestination"]
+
+_SCHEMES = ("http", "https")
+
+
+class StowDestination(Destination):
+    """A DICOMweb server that takes STOW-RS, written as its root URL (``https://host/dicom-web``)."""
+
+    protocol: ClassVar[str] = "STOW-RS"
+    form: ClassVar[str] = "http(s)://host[:port]/path (STOW-RS)"
+    address_fields: ClassVar[frozenset[str]] = frozenset({"url"})
+
+    url: str
+    #: HTTP Basic authentication: the user, and a file holding the password.
+    username: str | None = None
+    password_file: Path | None = None
+    #: Bearer authentication (``Authorization: Bearer <token>``): a file holding the token.
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> Self:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file must be set together")
+        if self.token_file is not None and self.username is not None:
+            raise ValueError("choose token_file or username and password_file, not both")
+        return self
+
+    def check_files(self) -> None:
+        self._authorization()
+
+    def _authorization(self) -> str | None:
+        """The ``Authorization`` header, its secret read from its file now (so a rotated token is
+        used at the next send), or None without authentication.
+
+        Raises:
+            ValueError: Naming the file when it cannot be read or is empty.
+        """
+        secret_file = self.token_file if self.token_file is not None else self.password_file
+        if secret_file is None:
+            return None
+        field = "token_file" if self.token_file is not None else "password_file"
+        try:
+            secret = secret_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(
+                f"destination {self.name}: {field} {secret_file} cannot be read: {exc.__class__.__name__}"
+            ) from None
+        if not secret:
+            raise ValueError(f"destination {self.name}: {field} {secret_file} is empty")
+        if self.token_file is not None:
+            return f"Bearer {secret}"
+        import base64
+
+        return "Basic " + base64.b64encode(f"{self.username}:{secret}".encode()).decode("ascii")
+
+    @classmethod
+    def parse(cls, text: str) -> Self | None:
+        """Parses a DICOMweb root URL; None for text without a scheme (another kind's form).
+
+        Raises:
+            ValueError: For a URL of another scheme, without a host, with credentials (which would
+                end up in logs and the database; the server should take the client certificate), or
+                with a query or fragment.
+        """
+        text = text.strip()
+        if "://" not in text:
+            return None
+        parts = urlsplit(text)
+        if parts.scheme.lower() not in _SCHEMES:
+            raise ValueError(f"destination {text!r}: a DICOMweb root is an http:// or https:// URL")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                f"destination {parts.scheme}://...@{parts.hostname}: credentials do not go in the URL "
+                "(they would be logged and stored); use a client certificate (delivery_tls_cert)"
+            )
+        if not parts.hostname:
+            raise ValueError(f"destination {text!r} names no host")
+        if parts.query or parts.fragment:
+            raise ValueError(f"destination {text!r}: a DICOMweb root has no query or fragment")
+        try:
+            parts.port  # noqa: B018 - validates the port
+        except ValueError as exc:
+            raise ValueError(f"destination {text!r}: {exc}") from None
+        return cls(url=f"{parts.scheme.lower()}://{parts.netloc}{parts.path.rstrip('/')}")
+
+    @property
+    def address(self) -> str:
+        return self.url
+
+    @property
+    def cleartext(self) -> bool:
+        return self.url.startswith("http://")
+
+    def _client(self, connection: Connection) -> Any:
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+
+        session = requests.Session()
+        authorization = self._authorization()
+        if authorization is not None:
+            session.headers["Authorization"] = authorization
+        if not self.cleartext:  # the system's trust store without delivery_tls, not requests' own bundle (certifi)
+            context = connection.ssl_context if connection.ssl_context is not None else ssl.create_default_context()
+            session.mount("https://", _adapter_class()(context))
+        timeouts = connection.timeouts
+        client = DICOMwebClient(self.url, session=session, timeout=(timeouts.connect, timeouts.network))
+        client.set_http_retry_params(retry=False)
+        return client
+
+    def send(self, files: Sequence[tuple[int, Path]], connection: Connection) -> dict[int, SendResult]:
+        """Sends the files in one STOW-RS request; a result per file from the server's answer."""
+        import requests
+        from pydicom import dcmread
+
+        results: dict[int, SendResult] = {}
+        datasets = []
+        keys: dict[str, list[int]] = {}
+        for key, path in files:
+            dataset = read_output(path, dcmread)
+            if isinstance(dataset, SendResult):
+                results[key] = dataset
+                continue
+            uid = str(dataset.get("SOPInstanceUID", ""))
+            if not uid:
+                results[key] = SendResult("failed", error="the output file is unreadable: no SOP Instance UID")
+                continue
+            if uid not in keys:
+                datasets.append(dataset)
+            keys.setdefault(uid, []).append(key)
+        if not datasets:
+            return results
+
+        try:
+            client = self._client(connection)
+        except ValueError as exc:  # its secret file cannot be read: tried again, and probed, until it can
+            results.update({key: SendResult("retry", error=str(exc)) for ks in keys.values() for key in ks})
+            return results
+        answer: Any = None
+        try:
+            answer = client.store_instances(datasets)
+        except requests.HTTPError as exc:
+            response = exc.response
+            status = response.status_code if response is not None else 0
+            answer = _answer_of(response)
+            if answer is None:  # no per-instance answer: the request's status decides for every file
+                verdict = _http_verdict(status)
+                error = f"STOW-RS answered HTTP {status}"
+                results.update({key: SendResult(verdict, error=error) for ks in keys.values() for key in ks})
+                return results
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            error = f"no answer from {self.url}: {type(exc).__name__}"
+            results.update({key: SendResult("retry", error=error) for ks in keys.values() for key in ks})
+            return results
+
+        results.update(_verdicts(answer, keys))
+        return results
+
+    def echo(self, connection: Connection) -> bool:
+        """Whether a QIDO-RS search for one study answers with success now."""
+        import requests
+
+        try:
+            self._client(connection).search_for_studies(limit=1)
+        except (requests.RequestException, ValueError):
+            return False
+        return True
+
+
+def _verdicts(answer: Any, keys: dict[str, list[int]]) -> dict[int, SendResult]:
+    """Each file's result from a STOW-RS answer. An answer with no body at all (a 200 some servers
+    give) means every instance was stored; otherwise an instance is delivered only where the answer
+    references it, and one it neither references nor lists as failed is tried again."""
+    referenced = {str(item.get("ReferencedSOPInstanceUID", "")) for item in answer.get("ReferencedSOPSequence", [])}
+    failed = {
+        str(item.get("ReferencedSOPInstanceUID", "")): int(item.get("FailureReason", 0x0110))
+        for item in answer.get("FailedSOPSequence", [])
+    }
+    bare = "ReferencedSOPSequence" not in answer and "FailedSOPSequence" not in answer
+    results: dict[int, SendResult] = {}
+    for uid, uid_keys in keys.items():
+        if uid in failed:
+            status = failed[uid]
+            result = SendResult(classify_status(status), status, f"STOW-RS failure reason 0x{status:04X}")
+        elif uid in referenced or bare:
+            result = SendResult("delivered")
+        else:
+            result = SendResult("retry", error="the STOW-RS answer neither references nor refuses this instance")
+        results.update(dict.fromkeys(uid_keys, result))
+    return results
+
+
+def _http_verdict(status: int) -> Verdict:
+    """Whether a failed STOW-RS request is worth another try, by its HTTP status."""
+    return "retry" if status in (408, 429) or status >= 500 or status == 0 else "failed"
+
+
+def _answer_of(response: Any) -> Any:
+    """The STOW-RS answer (a pydicom dataset) carried by an error response, None without one."""
+    import pydicom
+
+    if response is None or not response.content:
+        return None
+    if response.headers.get("Content-Type", "").split(";")[0].strip() not in (
+        "",  # Orthanc sends its 400 (some instances refused) without a Content-Type
+        "application/dicom+json",
+        "application/json",
+    ):
+        return None
+    try:
+        answer = pydicom.Dataset.from_json(response.json())
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return answer if "ReferencedSOPSequence" in answer or "FailedSOPSequence" in answer else None
+
+
+@cache
+def _adapter_class() -> type[Any]:
+    import requests.adapters
+
+    class ContextAdapter(requests.adapters.HTTPAdapter):
+        """An adapter that verifies, and presents the client certificate, with our own TLS context.
+
+        requests would otherwise load its CA bundle into the context (``cert_verify``) and so trust
+        more than ``delivery_tls_ca`` names.
+        """
+
+        def __init__(self, context: ssl.SSLContext) -> None:
+            self._context = context
+            super().__init__()
+
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["ssl_context"] = self._context
+            super().init_poolmanager(*args, **kwargs)
+
+        def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+            """Nothing to add: the context verifies the server and holds the client certificate."""
+
+        def build_connection_pool_key_attributes(self, request: Any, verify: Any, cert: Any = None) -> Any:
+            """requests' pool keys without a CA bundle: urllib3 would load the one ``verify`` names
+            (``REQUESTS_CA_BUNDLE``) into our context, for good (requests 2.32 and newer)."""
+            host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+            pool_kwargs.pop("ca_certs", None)
+            pool_kwargs.pop("ca_cert_dir", None)
+            return host_params, pool_kwargs
+
+    return ContextAdapter
