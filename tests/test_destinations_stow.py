@@ -343,6 +343,63 @@ def test_a_sender_refuses_to_start_when_a_destinations_secret_file_is_missing(
     assert "destination guarded: password_file /nowhere/pw cannot be read" in capsys.readouterr().err
 
 
+@pytest.fixture
+def odd_server() -> Iterator[tuple[str, list[dict[str, str]], list[tuple[int, str, bytes]]]]:
+    """A DICOMweb root on loopback that answers each request with the next (status, content type, body)
+    of a list the test fills, and records each request's headers: servers that are not Orthanc."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[dict[str, str]] = []
+    answers: list[tuple[int, str, bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen.append(dict(self.headers))
+            status, content_type, body = answers.pop(0)
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer  # noqa: N815 - the names http.server calls
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web", seen, answers
+    server.shutdown()
+
+
+def test_a_bearer_token_goes_in_the_header_and_an_answer_that_is_no_stow_answer_is_tried_again(
+    odd_server: tuple[str, list[dict[str, str]], list[tuple[int, str, bytes]]], tmp_path: Path
+) -> None:
+    root, seen, answers = odd_server
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    photo, uid = _dicom_file(tmp_path, "a")
+    destination = StowDestination(url=root, token_file=token)
+
+    answers.append((200, "application/dicom+json", b"not json"))
+    garbage = destination.send([(1, photo)], PLAIN)[1]
+    assert garbage.verdict == "retry" and "gave no STOW-RS answer" in (garbage.error or ""), garbage
+    assert seen[-1]["Authorization"] == "Bearer t0ken"
+
+    answers.append((200, "application/dicom+json", b"{}"))  # no sequences at all: a bare success
+    assert destination.send([(1, photo)], PLAIN)[1].verdict == "delivered"
+    silent = json.dumps({"00081199": {"vr": "SQ", "Value": []}}).encode()  # references nothing
+    answers.append((200, "application/dicom+json", silent))
+    assert destination.send([(1, photo)], PLAIN)[1].verdict == "retry"
+    answers.append((503, "text/plain", b"busy"))
+    assert destination.send([(1, photo)], PLAIN)[1] == SendResult("retry", error="STOW-RS answered HTTP 503")
+    answers.append((200, "application/dicom+json", b"[]"))
+    assert destination.echo(PLAIN) and seen[-1]["Authorization"] == "Bearer t0ken"
+    assert uid  # the file was a real instance throughout
+
+
 # --- HTTPS ---------------------------------------------------------------------------------------------
 
 

@@ -11,16 +11,19 @@ instance's FailureReason is a DICOM status, judged as a C-STORE status is
   415): recorded as failed, with the HTTP status in the error.
 
 dicomweb-client's own retries are off: the delivery loop owns retrying, and the sweep's probe (a
-QIDO-RS search for one study) says when a destination answers again. ``https`` roots are verified
-against the delivery TLS settings' CA (``delivery_tls_ca``) and offer their client certificate;
-without ``delivery_tls``, against the system's trust store. An ``http`` root is plain text and is
-refused while ``delivery_tls`` is on.
+QIDO-RS search for one study) says when a destination answers again. ``https`` is always verified,
+with our own TLS context: the destination's client TLS when it is on
+(:meth:`retinagate.settings.Settings.tls_for`: its CA, its client certificate), else the system's
+trust store; never requests' own CA bundle or ``REQUESTS_CA_BUNDLE``. An ``http`` root is plain text
+and is refused while TLS is on. HTTP Basic (``username``, ``password_file``) or a bearer token
+(``token_file``) authenticate; the secret is read from its file at each send.
 """
 
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -103,7 +106,7 @@ class StowDestination(Destination):
         if parts.username is not None or parts.password is not None:
             raise ValueError(
                 f"destination {parts.scheme}://...@{parts.hostname}: credentials do not go in the URL "
-                "(they would be logged and stored); use a client certificate (delivery_tls_cert)"
+                "(they would be logged and stored); use password_file, token_file or a client certificate"
             )
         if not parts.hostname:
             raise ValueError(f"destination {text!r} names no host")
@@ -113,7 +116,7 @@ class StowDestination(Destination):
             parts.port  # noqa: B018 - validates the port
         except ValueError as exc:
             raise ValueError(f"destination {text!r}: {exc}") from None
-        return cls(url=f"{parts.scheme.lower()}://{parts.netloc}{parts.path.rstrip('/')}")
+        return cls(url=f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}")
 
     @property
     def address(self) -> str:
@@ -123,21 +126,22 @@ class StowDestination(Destination):
     def cleartext(self) -> bool:
         return self.url.startswith("http://")
 
-    def _client(self, connection: Connection) -> Any:
+    @contextmanager
+    def _client(self, connection: Connection, authorization: str | None) -> Iterator[Any]:
+        """A dicomweb-client for one send or probe, on an HTTP session closed afterwards."""
         import requests
         from dicomweb_client.api import DICOMwebClient
 
-        session = requests.Session()
-        authorization = self._authorization()
-        if authorization is not None:
-            session.headers["Authorization"] = authorization
-        if not self.cleartext:  # the system's trust store without delivery_tls, not requests' own bundle (certifi)
-            context = connection.ssl_context if connection.ssl_context is not None else ssl.create_default_context()
-            session.mount("https://", _adapter_class()(context))
-        timeouts = connection.timeouts
-        client = DICOMwebClient(self.url, session=session, timeout=(timeouts.connect, timeouts.network))
-        client.set_http_retry_params(retry=False)
-        return client
+        with requests.Session() as session:
+            if authorization is not None:
+                session.headers["Authorization"] = authorization
+            if not self.cleartext:
+                context = connection.ssl_context if connection.ssl_context is not None else _system_trust()
+                session.mount("https://", _adapter_class()(context))
+            timeouts = connection.timeouts
+            client = DICOMwebClient(self.url, session=session, timeout=(timeouts.connect, timeouts.network))
+            client.set_http_retry_params(retry=False)
+            yield client
 
     def send(self, files: Sequence[tuple[int, Path]], connection: Connection) -> dict[int, SendResult]:
         """Sends the files in one STOW-RS request; a result per file from the server's answer."""
@@ -162,37 +166,40 @@ class StowDestination(Destination):
         if not datasets:
             return results
 
+        def every_file(verdict: Verdict, error: str) -> dict[int, SendResult]:
+            return {key: SendResult(verdict, error=error) for ks in keys.values() for key in ks}
+
         try:
-            client = self._client(connection)
+            authorization = self._authorization()
         except ValueError as exc:  # its secret file cannot be read: tried again, and probed, until it can
-            results.update({key: SendResult("retry", error=str(exc)) for ks in keys.values() for key in ks})
-            return results
+            return results | every_file("retry", str(exc))
         answer: Any = None
         try:
-            answer = client.store_instances(datasets)
+            with self._client(connection, authorization) as client:
+                answer = client.store_instances(datasets)
         except requests.HTTPError as exc:
             response = exc.response
             status = response.status_code if response is not None else 0
             answer = _answer_of(response)
             if answer is None:  # no per-instance answer: the request's status decides for every file
-                verdict = _http_verdict(status)
-                error = f"STOW-RS answered HTTP {status}"
-                results.update({key: SendResult(verdict, error=error) for ks in keys.values() for key in ks})
-                return results
+                return results | every_file(_http_verdict(status), f"STOW-RS answered HTTP {status}")
         except (requests.ConnectionError, requests.Timeout) as exc:
-            error = f"no answer from {self.url}: {type(exc).__name__}"
-            results.update({key: SendResult("retry", error=error) for ks in keys.values() for key in ks})
-            return results
+            return results | every_file("retry", f"no answer from {self.url}: {type(exc).__name__}")
+        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:  # a body that is no answer
+            return results | every_file("retry", f"{self.url} gave no STOW-RS answer: {type(exc).__name__}")
 
-        results.update(_verdicts(answer, keys))
-        return results
+        try:
+            return results | _verdicts(answer, keys)
+        except (ValueError, KeyError, TypeError) as exc:  # sequences whose items are not what STOW-RS writes
+            return results | every_file("retry", f"{self.url} gave no STOW-RS answer: {type(exc).__name__}")
 
     def echo(self, connection: Connection) -> bool:
         """Whether a QIDO-RS search for one study answers with success now."""
         import requests
 
         try:
-            self._client(connection).search_for_studies(limit=1)
+            with self._client(connection, self._authorization()) as client:
+                client.search_for_studies(limit=1)
         except (requests.RequestException, ValueError):
             return False
         return True
@@ -243,6 +250,14 @@ def _answer_of(response: Any) -> Any:
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
     return answer if "ReferencedSOPSequence" in answer or "FailedSOPSequence" in answer else None
+
+
+def _system_trust() -> ssl.SSLContext:
+    """The system's trust store, TLS 1.2 or newer. Made for each send (loading the CAs takes a few
+    milliseconds), so that it is the store as it is now (a CA bundle updated in place)."""
+    context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 @cache
