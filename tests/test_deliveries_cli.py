@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from sqlalchemy import select
 
 from retinagate.cli import main
 from retinagate.db import make_engine, session_factory, session_scope
-from retinagate.models import Delivery, DeliveryStatus
+from retinagate.models import Delivery, DeliveryStatus, utcnow
 from retinagate.settings import Settings, load_settings
 from worker.lease import HANDOFF
 
@@ -103,3 +104,36 @@ def test_retry_names_a_destination_that_is_not_configured(
     assert main(["deliveries", "retry", "--destination", "OTHER@127.0.0.1:11112"]) == 2
     error = capsys.readouterr().err
     assert "OTHER@127.0.0.1:11112 is not a configured destination" in error and PACS in error
+
+
+def test_a_renamed_destination_leaves_its_old_deliveries_listed_and_unsent(
+    failed: tuple[Settings, dict[str, int], Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker.sweep import sweep
+
+    settings, outputs, queue = failed
+    monkeypatch.setenv("RETINAGATE_DESTINATIONS", json.dumps([{"address": PACS, "name": "ward-pacs"}]))
+    renamed = load_settings()
+    assert main(["deliveries", "list", "--json"]) == 0
+    assert PACS in json.loads(capsys.readouterr().out)  # still listed under the old name
+    assert main(["deliveries", "retry", "--destination", PACS]) == 0  # the address finds the renamed one
+    assert "nothing to send again" in capsys.readouterr().out and queue.llen("deliver") == 0
+
+    def probed_by(config: Settings) -> list[str]:
+        """The destinations a sweep an hour from now (the failed row long due a probe) asks after."""
+        asked: list[str] = []
+
+        def probe(name: str) -> bool:
+            asked.append(name)
+            return False
+
+        engine = make_engine(config)
+        try:
+            sweep(config, session_factory(engine), lambda ids: None, lambda ids: None,
+                  now=utcnow() + timedelta(hours=1), probe=probe)  # fmt: skip
+        finally:
+            engine.dispose()
+        return asked
+
+    assert probed_by(renamed) == [] and probed_by(settings) == [PACS]  # under its old name it would be
+    assert _rows(renamed)[outputs["gave_up"]] == ("failed", 9, True)

@@ -21,7 +21,16 @@ from typing import Any, ClassVar, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["Connection", "Destination", "SendResult", "Timeouts", "TlsFiles", "Verdict", "classify_status"]
+__all__ = [
+    "Connection",
+    "Destination",
+    "SendResult",
+    "Timeouts",
+    "TlsFiles",
+    "Verdict",
+    "classify_status",
+    "read_output",
+]
 
 Verdict = Literal["delivered", "retry", "failed"]
 
