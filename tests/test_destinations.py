@@ -24,16 +24,16 @@ def test_a_stow_answer_gives_each_instance_its_verdict_and_an_unmentioned_one_is
     answer = Dataset()
     answer.ReferencedSOPSequence = [_item("1.1")]
     answer.FailedSOPSequence = [_item("1.2", 0xA700), _item("1.3", 0xC000)]
-    results = _verdicts(answer, {"1.1": [1, 5], "1.2": [2], "1.3": [3], "1.4": [4]})
-    assert {key: r.verdict for key, r in results.items()} == {
-        1: "delivered", 5: "delivered", 2: "retry", 3: "failed", 4: "retry"
+    results = _verdicts(answer, ["1.1", "1.2", "1.3", "1.4"])
+    assert {uid: r.verdict for uid, r in results.items()} == {
+        "1.1": "delivered", "1.2": "retry", "1.3": "failed", "1.4": "retry"
     }  # fmt: skip
-    assert results[3].status == 0xC000 and "0xC000" in (results[3].error or "")
-    assert "neither references nor refuses" in (results[4].error or "")
+    assert results["1.3"].status == 0xC000 and "0xC000" in (results["1.3"].error or "")
+    assert "neither references nor refuses" in (results["1.4"].error or "")
 
 
 def test_an_answer_without_a_body_means_every_instance_was_stored() -> None:
-    assert {r.verdict for r in _verdicts(Dataset(), {"1.1": [1], "1.2": [2]}).values()} == {"delivered"}
+    assert {r.verdict for r in _verdicts(Dataset(), ["1.1", "1.2"]).values()} == {"delivered"}
 
 
 @pytest.mark.parametrize(

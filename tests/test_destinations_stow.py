@@ -400,6 +400,41 @@ def test_a_bearer_token_goes_in_the_header_and_an_answer_that_is_no_stow_answer_
     assert uid  # the file was a real instance throughout
 
 
+def _stored(*uids: str) -> bytes:
+    """A STOW-RS answer that references ``uids``."""
+    answer = Dataset()
+    answer.ReferencedSOPSequence = []
+    for uid in uids:
+        item = Dataset()
+        item.ReferencedSOPInstanceUID = uid
+        answer.ReferencedSOPSequence.append(item)
+    return answer.to_json().encode()
+
+
+def test_files_go_in_bounded_requests_and_a_request_too_large_is_split_until_the_server_takes_it(
+    odd_server: tuple[str, list[dict[str, str]], list[tuple[int, str, bytes]]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import retinagate.destinations.stow as stow
+
+    root, seen, answers = odd_server
+    monkeypatch.setattr(stow, "REQUEST_INSTANCES", 2)
+    files = [_dicom_file(tmp_path, f"f{i}") for i in range(3)]
+    (_, a), (_, b), (_, c) = files
+    # Requests of at most two: [a, b] is too large for the server (413), then [a], [b], then [c].
+    answers += [(413, "text/html", b"too large"), (200, "application/dicom+json", _stored(a)),
+                (200, "application/dicom+json", _stored(b)), (200, "application/dicom+json", _stored(c))]  # fmt: skip
+
+    results = StowDestination(url=root).send([(n, path) for n, (path, _) in enumerate(files)], PLAIN)
+
+    assert {n: r.verdict for n, r in results.items()} == {0: "delivered", 1: "delivered", 2: "delivered"}
+    assert len(seen) == 4 and answers == []
+    answers.append((413, "text/html", b"too large"))  # one instance the server still finds too large: refused
+    lone = StowDestination(url=root).send([(0, files[0][0])], PLAIN)[0]
+    assert lone == SendResult("failed", error="STOW-RS answered HTTP 413")
+
+
 # --- HTTPS ---------------------------------------------------------------------------------------------
 
 

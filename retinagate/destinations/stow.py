@@ -1,7 +1,8 @@
 """STOW-RS destinations (a DICOMweb root such as ``https://pacs.example.org/dicom-web``).
 
-dicomweb-client does the HTTP: one multipart POST per send carries every file, and the answer's
-Referenced and Failed SOP Sequences say, instance by instance, what the destination kept. A failed
+dicomweb-client does the HTTP: a multipart POST carries the files (up to :data:`REQUEST_BYTES`, split
+further on 413), and each answer's Referenced and Failed SOP Sequences say, instance by instance,
+what the destination kept. A failed
 instance's FailureReason is a DICOM status, judged as a C-STORE status is
 (:func:`retinagate.destinations.base.classify_status`). When the whole request fails:
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -33,9 +35,13 @@ from pydantic import model_validator
 
 from retinagate.destinations.base import Connection, Destination, SendResult, Verdict, classify_status, read_output
 
-__all__ = ["StowDestination"]
+__all__ = ["REQUEST_BYTES", "REQUEST_INSTANCES", "StowDestination"]
 
 _SCHEMES = ("http", "https")
+#: The most file bytes, and instances, one STOW-RS request carries; a server that finds a request too
+#: large (413: nginx's default body limit is 1 MB) gets it split in two until it takes it.
+REQUEST_BYTES = 8_000_000
+REQUEST_INSTANCES = 64
 
 
 class StowDestination(Destination):
@@ -144,12 +150,11 @@ class StowDestination(Destination):
             yield client
 
     def send(self, files: Sequence[tuple[int, Path]], connection: Connection) -> dict[int, SendResult]:
-        """Sends the files in one STOW-RS request; a result per file from the server's answer."""
-        import requests
+        """Sends the files in as few STOW-RS requests as they fit; a result per file from the answers."""
         from pydicom import dcmread
 
         results: dict[int, SendResult] = {}
-        datasets = []
+        instances: list[_Instance] = []
         keys: dict[str, list[int]] = {}
         for key, path in files:
             dataset = read_output(path, dcmread)
@@ -161,37 +166,63 @@ class StowDestination(Destination):
                 results[key] = SendResult("failed", error="the output file is unreadable: no SOP Instance UID")
                 continue
             if uid not in keys:
-                datasets.append(dataset)
+                instances.append(_Instance(uid, dataset, path.stat().st_size))
             keys.setdefault(uid, []).append(key)
-        if not datasets:
+        if not instances:
             return results
-
-        def every_file(verdict: Verdict, error: str) -> dict[int, SendResult]:
-            return {key: SendResult(verdict, error=error) for ks in keys.values() for key in ks}
 
         try:
             authorization = self._authorization()
         except ValueError as exc:  # its secret file cannot be read: tried again, and probed, until it can
-            return results | every_file("retry", str(exc))
-        answer: Any = None
-        try:
+            by_uid = dict.fromkeys(keys, SendResult("retry", error=str(exc)))
+        else:
             with self._client(connection, authorization) as client:
-                answer = client.store_instances(datasets)
-        except requests.HTTPError as exc:
-            response = exc.response
-            status = response.status_code if response is not None else 0
-            answer = _answer_of(response)
-            if answer is None:  # no per-instance answer: the request's status decides for every file
-                return results | every_file(_http_verdict(status), f"STOW-RS answered HTTP {status}")
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            return results | every_file("retry", f"no answer from {self.url}: {type(exc).__name__}")
-        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:  # a body that is no answer
-            return results | every_file("retry", f"{self.url} gave no STOW-RS answer: {type(exc).__name__}")
+                by_uid = self._store(client, instances)
+        for uid, result in by_uid.items():
+            results.update(dict.fromkeys(keys[uid], result))
+        return results
 
-        try:
-            return results | _verdicts(answer, keys)
-        except (ValueError, KeyError, TypeError) as exc:  # sequences whose items are not what STOW-RS writes
-            return results | every_file("retry", f"{self.url} gave no STOW-RS answer: {type(exc).__name__}")
+    def _store(self, client: Any, instances: list[_Instance]) -> dict[str, SendResult]:
+        """Each instance's result, sent in requests of at most :data:`REQUEST_BYTES` (and
+        :data:`REQUEST_INSTANCES`); a request the server finds too large (413) is split in two until
+        it holds one instance. No answer at all ends the send: the rest is tried again later."""
+        import requests
+
+        results: dict[str, SendResult] = {}
+        pending = list(_chunks(instances))
+        while pending:
+            chunk = pending.pop(0)
+            uids = [instance.uid for instance in chunk]
+            try:
+                answer = client.store_instances([instance.dataset for instance in chunk])
+            except requests.HTTPError as exc:
+                response = exc.response
+                status = response.status_code if response is not None else 0
+                if status == 413 and len(chunk) > 1:
+                    half = len(chunk) // 2
+                    pending[:0] = [chunk[:half], chunk[half:]]
+                    continue
+                answer = _answer_of(response)
+                if answer is None:  # no per-instance answer: the request's status decides for every file
+                    results.update(
+                        dict.fromkeys(uids, SendResult(_http_verdict(status), error=f"STOW-RS answered HTTP {status}"))
+                    )
+                    continue
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                rest = [*uids, *(instance.uid for later in pending for instance in later)]
+                error = f"no answer from {self.url}: {type(exc).__name__}"
+                results.update(dict.fromkeys(rest, SendResult("retry", error=error)))
+                break
+            except (requests.RequestException, ValueError, KeyError, TypeError) as exc:  # a body that is no answer
+                error = f"{self.url} gave no STOW-RS answer: {type(exc).__name__}"
+                results.update(dict.fromkeys(uids, SendResult("retry", error=error)))
+                continue
+            try:
+                results.update(_verdicts(answer, uids))
+            except (ValueError, KeyError, TypeError) as exc:  # sequences whose items are not what STOW-RS writes
+                error = f"{self.url} gave no STOW-RS answer: {type(exc).__name__}"
+                results.update(dict.fromkeys(uids, SendResult("retry", error=error)))
+        return results
 
     def echo(self, connection: Connection) -> bool:
         """Whether a QIDO-RS search for one study answers with success now."""
@@ -205,8 +236,8 @@ class StowDestination(Destination):
         return True
 
 
-def _verdicts(answer: Any, keys: dict[str, list[int]]) -> dict[int, SendResult]:
-    """Each file's result from a STOW-RS answer. An answer with no body at all (a 200 some servers
+def _verdicts(answer: Any, uids: Sequence[str]) -> dict[str, SendResult]:
+    """Each instance's result from a STOW-RS answer. An answer with no body at all (a 200 some servers
     give) means every instance was stored; otherwise an instance is delivered only where the answer
     references it, and one it neither references nor lists as failed is tried again."""
     referenced = {str(item.get("ReferencedSOPInstanceUID", "")) for item in answer.get("ReferencedSOPSequence", [])}
@@ -215,17 +246,38 @@ def _verdicts(answer: Any, keys: dict[str, list[int]]) -> dict[int, SendResult]:
         for item in answer.get("FailedSOPSequence", [])
     }
     bare = "ReferencedSOPSequence" not in answer and "FailedSOPSequence" not in answer
-    results: dict[int, SendResult] = {}
-    for uid, uid_keys in keys.items():
+    results: dict[str, SendResult] = {}
+    for uid in uids:
         if uid in failed:
             status = failed[uid]
-            result = SendResult(classify_status(status), status, f"STOW-RS failure reason 0x{status:04X}")
+            results[uid] = SendResult(classify_status(status), status, f"STOW-RS failure reason 0x{status:04X}")
         elif uid in referenced or bare:
-            result = SendResult("delivered")
+            results[uid] = SendResult("delivered")
         else:
-            result = SendResult("retry", error="the STOW-RS answer neither references nor refuses this instance")
-        results.update(dict.fromkeys(uid_keys, result))
+            results[uid] = SendResult("retry", error="the STOW-RS answer neither references nor refuses this instance")
     return results
+
+
+@dataclass(frozen=True)
+class _Instance:
+    uid: str
+    dataset: Any
+    size: int
+
+
+def _chunks(instances: Sequence[_Instance]) -> Iterator[list[_Instance]]:
+    """The instances in order, in requests of at most REQUEST_BYTES (file sizes) and REQUEST_INSTANCES;
+    a larger instance goes alone."""
+    chunk: list[_Instance] = []
+    size = 0
+    for instance in instances:
+        if chunk and (size + instance.size > REQUEST_BYTES or len(chunk) >= REQUEST_INSTANCES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(instance)
+        size += instance.size
+    if chunk:
+        yield chunk
 
 
 def _http_verdict(status: int) -> Verdict:
