@@ -137,3 +137,27 @@ def test_a_renamed_destination_leaves_its_old_deliveries_listed_and_unsent(
 
     assert probed_by(renamed) == [] and probed_by(settings) == [PACS]  # under its old name it would be
     assert _rows(renamed)[outputs["gave_up"]] == ("failed", 9, True)
+
+
+def test_check_says_which_destinations_answer_with_their_protocol_and_tls(
+    tmp_path: Path, worker_receiver: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live, down = worker_receiver("LIVE"), worker_receiver("DOWN", start=False)
+    secret = {"address": "https://archive.example/dicom-web", "name": "archive", "token_file": "/nowhere/token"}
+    monkeypatch.setenv("RETINAGATE_DATA_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("RETINAGATE_DESTINATIONS", json.dumps([live.destination, down.destination, secret]))
+
+    assert main(["deliveries", "check", "--json"]) == 1
+    report = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert report[live.destination] == {
+        "name": live.destination, "protocol": "C-STORE", "address": live.destination, "tls": "off", "answers": True
+    }  # fmt: skip
+    assert report[down.destination]["answers"] is False and "problem" not in report[down.destination]
+    assert report["archive"]["protocol"] == "STOW-RS" and report["archive"]["answers"] is False
+    assert "token_file /nowhere/token cannot be read" in report["archive"]["problem"]
+
+    monkeypatch.setenv("RETINAGATE_DESTINATIONS", live.destination)
+    assert main(["deliveries", "check"]) == 0
+    assert capsys.readouterr().out.strip() == f"{live.destination}: C-STORE {live.destination}, TLS off: answers"
+    monkeypatch.setenv("RETINAGATE_DESTINATIONS", "")
+    assert main(["deliveries", "check"]) == 2

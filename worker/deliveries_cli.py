@@ -25,7 +25,7 @@ __all__ = ["register"]
 
 
 def register(subparsers: Any) -> None:
-    """Adds ``deliveries list`` and ``deliveries retry``."""
+    """Adds ``deliveries list``, ``deliveries retry`` and ``deliveries check``."""
     parser = subparsers.add_parser(
         "deliveries",
         help="list failed deliveries per destination, or send them again",
@@ -48,6 +48,14 @@ def register(subparsers: Any) -> None:
     )
     retry.add_argument("--json", action="store_true", help="print JSON")
     retry.set_defaults(handler=_retry)
+
+    check = actions.add_parser(
+        "check",
+        help="whether each configured destination answers now (C-ECHO, QIDO-RS), with its protocol and TLS; "
+        "exit status 1 when one does not",
+    )
+    check.add_argument("--json", action="store_true", help="print JSON")
+    check.set_defaults(handler=_check)
 
 
 def _sessions(settings: Settings) -> Any:
@@ -140,3 +148,38 @@ def _retry(args: argparse.Namespace, settings: Settings) -> int:
     if queued < len(outputs):
         print("the queue is unreachable: they stay pending, and the sweeper sends them when it is back")
     return 0
+
+
+def _check(args: argparse.Namespace, settings: Settings) -> int:
+    from retinagate.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError
+    from worker.delivery import check_destination, echo
+
+    if not settings.destinations:
+        raise CommandError("no destinations configured (RETINAGATE_DESTINATIONS)", EXIT_USAGE)
+    report: list[dict[str, Any]] = []
+    for destination in settings.destinations:
+        tls = settings.tls_for(destination)
+        row: dict[str, Any] = {
+            "name": destination.name,
+            "protocol": destination.protocol,
+            "address": destination.address,
+            "tls": "off" if tls is None else f"on ({tls.source}{', CA ' + str(tls.ca) if tls.ca else ''})",
+        }
+        try:
+            check_destination(settings, destination)
+        except ValueError as exc:
+            row["answers"], row["problem"] = False, str(exc)
+        else:
+            row["answers"] = echo(settings, destination.name)
+        report.append(row)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for row in report:
+            state = (
+                "answers"
+                if row["answers"]
+                else f"does not answer{': ' + str(row['problem']) if 'problem' in row else ''}"
+            )
+            print(f"{row['name']}: {row['protocol']} {row['address']}, TLS {row['tls']}: {state}")
+    return EXIT_OK if all(row["answers"] for row in report) else EXIT_FAILED

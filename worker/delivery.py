@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DeliveryOutcome",
+    "check_destination",
     "check_destinations",
     "client_tls_context",
     "connection",
@@ -92,8 +93,14 @@ def check_destinations(settings: Settings) -> None:
         ValueError: Naming the first setting whose file is missing or unreadable.
     """
     for destination in settings.destinations:
-        client_tls_context(settings.tls_for(destination))
-        destination.check_files()
+        check_destination(settings, destination)
+
+
+def check_destination(settings: Settings, destination: Destination) -> None:
+    """Loads one destination's TLS files and reads its secret files; raises ``ValueError`` naming
+    the setting whose file is missing or unreadable."""
+    client_tls_context(settings.tls_for(destination))
+    destination.check_files()
 
 
 def retry_delay(settings: Settings, attempts: int) -> float:
