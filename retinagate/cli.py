@@ -37,6 +37,7 @@ COMMAND_MODULES = (
     "worker.deliveries_cli",
     "worker.models_cli",
     "worker.storage_cli",
+    "worker.retrieve_cli",
 )
 
 

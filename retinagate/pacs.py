@@ -86,6 +86,7 @@ class Orthanc:
         dicomweb_plugin: The plugin's shared library (:data:`DICOMWEB_PLUGIN` when None).
         users: HTTP Basic users and their passwords; when given, every REST and DICOMweb request must
             authenticate (this object's own requests use the first user).
+        extra: More configuration, over the defaults (``DicomModalities``, ``DicomAlwaysAllowMove``).
 
     Raises:
         FileNotFoundError: When Orthanc, or with ``dicomweb`` its DICOMweb plugin, is not installed.
@@ -100,6 +101,7 @@ class Orthanc:
         dicomweb: bool = False,
         dicomweb_plugin: Path | None = None,
         users: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         found = executable or shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
         if found is None:
@@ -111,6 +113,7 @@ class Orthanc:
         self.http_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.users = dict(users or {})
+        self.config_extra = dict(extra or {})
         self.dicomweb_plugin: Path | None = None
         if dicomweb:
             plugin = Path(dicomweb_plugin) if dicomweb_plugin is not None else DICOMWEB_PLUGIN
@@ -151,6 +154,7 @@ class Orthanc:
         if self.dicomweb_plugin is not None:
             config["Plugins"] = [str(self.dicomweb_plugin)]
             config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        config.update(self.config_extra)
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config, indent=2))
         log = (self.workdir / "orthanc.log").open("wb")

@@ -12,7 +12,7 @@ for the status codes); besides those:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Self
 
@@ -63,27 +63,37 @@ class DimseDestination(Destination):
         host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address
         return f"{self.ae_title}@{host}:{self.port}"
 
-    def _ae(self, connection: Connection) -> Any:
-        from pynetdicom import AE
+    def associate(self, connection: Connection, contexts: Iterable[tuple[str, Sequence[str] | None]]) -> Any:
+        """A pynetdicom association with this node (established or not: the caller looks), proposing
+        ``contexts`` (abstract syntax, and its transfer syntaxes or None for pynetdicom's default),
+        with our AE title, TLS and timeouts, and Nagle's algorithm off on its socket."""
+        from pynetdicom import AE, evt
+
+        from retinagate.dicomnet import on_connection_open
 
         ae = AE(ae_title=connection.calling_ae)
         ae.connection_timeout = connection.timeouts.connect
         ae.acse_timeout = connection.timeouts.acse
         ae.dimse_timeout = connection.timeouts.dimse
         ae.network_timeout = connection.timeouts.network
-        return ae
-
-    def _tls_args(self, connection: Connection) -> tuple[Any, str] | None:
-        return (connection.ssl_context, self.host) if connection.ssl_context is not None else None
+        for abstract, syntaxes in contexts:
+            if syntaxes is None:
+                ae.add_requested_context(abstract)
+            else:
+                ae.add_requested_context(abstract, list(syntaxes))
+        return ae.associate(
+            self.host,
+            self.port,
+            ae_title=self.ae_title,
+            tls_args=(connection.ssl_context, self.host) if connection.ssl_context is not None else None,
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
+        )
 
     def send(self, files: Sequence[tuple[int, Path]], connection: Connection) -> dict[int, SendResult]:
         """Sends the files over one association, each file's bytes as they are where its own transfer
         syntax is accepted."""
         from pydicom.filereader import read_file_meta_info
         from pydicom.uid import JPEGBaseline8Bit
-        from pynetdicom import evt
-
-        from retinagate.dicomnet import on_connection_open
 
         results: dict[int, SendResult] = {}
         contexts: dict[tuple[str, tuple[str, ...]], None] = {}
@@ -103,16 +113,7 @@ class DimseDestination(Destination):
             raise ValueError(
                 f"files: {len(contexts)} presentation contexts, more than one association takes ({_MAX_CONTEXTS})"
             )
-        ae = self._ae(connection)
-        for sop_class, syntaxes in contexts:
-            ae.add_requested_context(sop_class, list(syntaxes))
-        assoc = ae.associate(
-            self.host,
-            self.port,
-            ae_title=self.ae_title,
-            tls_args=self._tls_args(connection),
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
-        )
+        assoc = self.associate(connection, contexts)
         if assoc.is_rejected:
             primitive = assoc.acceptor.primitive
             permanent = primitive is not None and primitive.result == 0x01
@@ -165,9 +166,7 @@ class DimseDestination(Destination):
         """Whether the node answers C-ECHO with success now."""
         from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-        ae = self._ae(connection)
-        ae.add_requested_context(Verification)
-        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, tls_args=self._tls_args(connection))
+        assoc = self.associate(connection, [(Verification, None)])
         if not assoc.is_established:
             return False
         try:
