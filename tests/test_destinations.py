@@ -69,3 +69,17 @@ def test_a_bearer_token_is_read_from_its_file_at_each_send(tmp_path: Path) -> No
     assert destination._authorization() == "Bearer rotated"
     basic = StowDestination(url="https://pacs.local/dicom-web", username="rg", password_file=token)
     assert basic._authorization() == "Basic cmc6cm90YXRlZA=="  # base64("rg:rotated")
+
+
+def test_validating_the_destinations_setting_loads_no_protocol_library() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom retinagate.settings import Settings\n"
+        "Settings(destinations='PACS@h:104,https://h/dicom-web')\n"
+        "print(sorted({'pynetdicom', 'requests', 'dicomweb_client'} & {m.split('.')[0] for m in sys.modules}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
