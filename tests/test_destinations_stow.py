@@ -214,6 +214,7 @@ def test_stow_rs_delivers_every_file_and_orthanc_keeps_exactly_those(orthanc: Or
     assert sorted(results) == [10, 11, 12]
     assert all(r.verdict == "delivered" and r.error is None for r in results.values()), results
     assert _held(orthanc) == sorted(uid for _, uid in files)
+    assert all(orthanc.fetch(uid) == path.read_bytes() for path, uid in files)  # the stored bytes, as they are
 
 
 def test_a_file_missing_from_storage_fails_and_the_others_are_delivered(orthanc: Orthanc, tmp_path: Path) -> None:
