@@ -17,7 +17,7 @@ patient attribute.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING, Any
@@ -186,8 +186,17 @@ def move_series(
             assoc.release()
 
 
-def _held(session: Session, series_uid: str) -> int:
-    return int(session.scalar(select(func.count(Instance.id)).where(Instance.series_uid == series_uid)) or 0)
+def _held(session: Session, series_uids: Sequence[str], chunk: int = 500) -> dict[str, int]:
+    """How many instances of each series the database holds (series it has none of are left out)."""
+    held: dict[str, int] = {}
+    for start in range(0, len(series_uids), chunk):
+        query = (
+            select(Instance.series_uid, func.count(Instance.id))
+            .where(Instance.series_uid.in_(series_uids[start : start + chunk]))
+            .group_by(Instance.series_uid)
+        )
+        held.update({uid: int(count) for uid, count in session.execute(query)})
+    return held
 
 
 def retrieve(
@@ -202,7 +211,6 @@ def retrieve(
     limit: int = 100,
     again: bool = False,
     dry_run: bool = False,
-    progress: Callable[[RemoteSeries, int, int], None] | None = None,
 ) -> RetrieveReport:
     """Finds the photographs' series (:func:`find_series`) and moves those the database lacks.
 
@@ -214,7 +222,6 @@ def retrieve(
         limit: The most studies one run moves; the rest are counted in ``left``.
         again: Move series already held too.
         dry_run: Find and count, move nothing.
-        progress: Called after each series moved with (series, sent, failed).
 
     Raises:
         RetrieveError: When the PACS cannot be queried, or refuses a move as a whole.
@@ -222,7 +229,8 @@ def retrieve(
     report = RetrieveReport()
     found = find_series(source, connection, since=since, until=until, modality=modality)
     with session_scope(sessions) as session:
-        missing = [s for s in found if again or s.instances is None or _held(session, s.series_uid) < s.instances]
+        held = _held(session, [s.series_uid for s in found])
+    missing = [s for s in found if again or s.instances is None or held.get(s.series_uid, 0) < s.instances]
     report.studies = len({s.study_uid for s in found})
     report.series = len(found)
     report.skipped = len(found) - len(missing)
@@ -238,6 +246,4 @@ def retrieve(
         if failed:
             report.failed_series.append(series.series_uid)
         logger.info("retrieve: series moved, %d instance(s) sent, %d failed", sent, failed)
-        if progress is not None:
-            progress(series, sent, failed)
     return report
