@@ -91,6 +91,10 @@ def test_photographs_come_in_by_series_and_a_second_run_moves_nothing(
 
     code, again = _retrieve(orthanc, capsys)
     assert code == 0 and (again["series"], again["skipped"], again["moved"]) == (4, 4, 0)
+    assert main(["retrieve", "--from", f"{orthanc.ae_title}@127.0.0.1:{orthanc.port}"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        "2 study(ies), 4 OP series; 4 already held; moved 0 series (0 instance(s) sent, 0 failed)"
+    )
 
 
 def test_from_takes_the_name_of_a_configured_destination_and_bad_arguments_are_named(
