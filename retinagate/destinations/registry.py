@@ -20,17 +20,17 @@ if TYPE_CHECKING:
 
 __all__ = ["kinds", "parse"]
 
-#: Protocol, module and class of each kind.
+#: Module and class of each kind (the class names its protocol).
 _KINDS: Final = (
-    ("C-STORE", "retinagate.destinations.dimse", "DimseDestination"),
-    ("STOW-RS", "retinagate.destinations.stow", "StowDestination"),
+    ("retinagate.destinations.dimse", "DimseDestination"),
+    ("retinagate.destinations.stow", "StowDestination"),
 )
 
 
 @cache
 def kinds() -> tuple[type[Destination], ...]:
     """Every destination class, in the order a setting's text is offered to them."""
-    return tuple(getattr(importlib.import_module(module), attribute) for _, module, attribute in _KINDS)
+    return tuple(getattr(importlib.import_module(module), attribute) for module, attribute in _KINDS)
 
 
 def parse(entry: str | Mapping[str, Any]) -> Destination:
