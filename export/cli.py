@@ -258,6 +258,7 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
             "output_stride": card.output_stride,
             "tta": card.tta,
             "cam_alignment": card.cam_alignment,
+            "localisation": card.localisation,
         },
         "ood": None
         if card.ood is None
@@ -284,7 +285,8 @@ def _print_summary(result: dict[str, Any]) -> None:
     print(
         f"{model['name']} {model['version']}: {model['labels']} labels, input {model['input_size']} px, "
         f"output stride {model['output_stride']}, test-time views {model['tta']}, "
-        f"CAM cells on the {model['cam_alignment'].replace('_', ' ')} grid"
+        f"CAM cells on the {model['cam_alignment'].replace('_', ' ')} grid, "
+        f"trained on {model['localisation'].replace('_', ' ')}"
     )
     print(f"ood_score: {result['ood_note']}")
     validation = result["validation"]

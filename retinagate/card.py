@@ -123,7 +123,17 @@ class ModelCard(BaseModel):
             "How a rot180 model pairs the two views' CAM cells. input: cell k with cell k, so the map is "
             "stretched over the input edge to edge (cards before 2026-12-06). receptive_field: the cells whose "
             "receptive fields are centred on the same place, which gives the map one cell more each way, "
-            "cell k centred output_stride * k pixels in. One-view maps are stretched either way."
+            "cell k centred output_stride * k pixels in. One-view maps are stretched, unless localisation says "
+            "otherwise."
+        ),
+    )
+    localisation: Literal["labels", "lesion_masks"] = Field(
+        "labels",
+        description=(
+            "What taught the CAM where to point. labels: the classification loss alone, so a one-view map's "
+            "cells sit wherever training put their effective centres, and it is read stretched. lesion_masks: "
+            "a loss on lesion masks (train.losses.lesion_loss) aimed each one-view cell at the cam grid's "
+            "centres (output_stride * k pixels in with receptive_field alignment), so the map is read there."
         ),
     )
     ood: OodStatistics | None = Field(None, description="Feature statistics behind the graph's ood_score output.")
@@ -179,14 +189,15 @@ class ModelCard(BaseModel):
         training moved each view's effective centre. A one-view map is stretched: a trained network's
         effective centres lie between the geometric centre and the middle of the cell (2 to 8 pixels
         from the former at stride 32, measured on two trained hard-mode models), and which is nearer is not
-        a constant of the architecture.
+        a constant of the architecture; unless the lesion loss trained each cell to look at its
+        geometric centre (``localisation`` ``lesion_masks``), which the two-view pairing above assumes.
 
         Args:
             two_views: Whether the map is the two-view average (default: as served, ``tta`` rot180);
                 training's per-epoch validation reads one view.
         """
         both = self.tta == "rot180" if two_views is None else two_views
-        if self.cam_alignment == "input" or not both:
+        if self.cam_alignment == "input" or not (both or self.localisation == "lesion_masks"):
             return None
         return CamGrid(origin=0.0, step=float(self.output_stride))
 

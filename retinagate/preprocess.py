@@ -267,6 +267,30 @@ class Geometry:
         out[ty0:ty1, tx0:tx1] = region
         return out
 
+    def to_input(self, plane: NDArray[np.bool_] | NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """Carries a plane over the photograph (a lesion mask) to the model input, as the photograph went.
+
+        The same crop and pad as :func:`prepare`; the crop is resized with area interpolation, so a
+        pixel of the result holds the share of it the plane covered (0 to 255), and a lesion smaller
+        than an input pixel survives as a faint pixel instead of vanishing.
+
+        Raises:
+            ValueError: If the plane does not have the photograph's ``(height, width)``.
+        """
+        if plane.shape != self.source_shape:
+            raise ValueError(f"plane has shape {plane.shape}; expected the photograph's {self.source_shape}")
+        x0, y0, x1, y1 = self.crop
+        px0, py0, px1, py1 = self.placed
+        region = np.asarray(plane[y0:y1, x0:x1], dtype=np.float32)
+        if plane.dtype == np.bool_:
+            region *= 255.0
+        shrinking = (px1 - px0) <= region.shape[1] and (py1 - py0) <= region.shape[0]
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        resized = cv2.resize(region, (px1 - px0, py1 - py0), interpolation=interpolation)
+        out = np.zeros((self.size, self.size), dtype=np.uint8)
+        out[py0:py1, px0:px1] = np.clip(np.rint(resized), 0, 255).astype(np.uint8)
+        return out
+
     def visible_cells(self, heat_shape: tuple[int, int]) -> NDArray[np.bool_]:
         """Which cells of a heatmap over the model input have their centre on the photograph (not padding)."""
         h, w = heat_shape

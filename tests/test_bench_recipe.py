@@ -29,7 +29,7 @@ def test_the_plain_baseline_has_none_of_the_default_recipes_extras(tmp_path: Pat
     bench = _bench_recipe()
     plain = bench.plain_config(tmp_path / "data", tmp_path / "out", tmp_path / "cache")
     assert (plain.img_size, plain.epochs, plain.aug, plain.loss) == (224, 8, "flip", "bce")
-    assert plain.contrast_sigma == 0 and plain.pos_weight == "none" and plain.peak_loss == 0
+    assert plain.contrast_sigma == 0 and plain.pos_weight == "none" and plain.peak_loss == plain.lesion_loss == 0
     assert not plain.ema and plain.min_lr_ratio == 1 and plain.warmup_epochs == 0 and plain.patience == 0
     assert not plain.pretrained and plain.output_stride == 32 and not plain.balanced_sampler
     assert plain.select_by == "auroc"

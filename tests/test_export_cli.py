@@ -57,6 +57,7 @@ def test_json_summary_names_the_file_its_hash_and_the_agreement_with_pytorch(
         "output_stride": 32,
         "tta": "none",
         "cam_alignment": "input",
+        "localisation": "labels",
     }
     assert summary["validation"] is None and fp32["auroc"] is None
 

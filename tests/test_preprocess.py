@@ -217,3 +217,20 @@ def test_visible_cells_leave_out_the_padding() -> None:
     visible = wide.visible_cells((7, 7))
 
     assert visible[1:6].all() and not visible[0].any() and not visible[6].any()
+
+
+def test_a_lesion_mask_goes_to_the_model_input_where_its_photograph_went() -> None:
+    f = fundus(seed=4, width=640, height=480)
+    photo = f.image.copy()
+    cx, cy = (int(v) for v in f.fov_centre)
+    photo[cy - 40 : cy - 30, cx + 50 : cx + 60] = (255, 255, 255)
+    mask = np.zeros(photo.shape[:2], np.bool_)
+    mask[cy - 40 : cy - 30, cx + 50 : cx + 60] = True
+    prepared, geometry = prepare_with_geometry(photo, PRE)
+    plane = geometry.to_input(mask)
+    assert plane.shape == (224, 224) and plane.dtype == np.uint8
+    white = prepared.min(axis=2) > 240
+    assert plane[white].mean() > 200 and plane[~white].max() < 255
+    assert geometry.to_input(np.zeros(photo.shape[:2], np.uint8)).max() == 0
+    with pytest.raises(ValueError, match="photograph's"):
+        geometry.to_input(mask[:-1])

@@ -136,3 +136,42 @@ def test_batch_augmenter_light_keeps_a_centred_disc_in_place() -> None:
     out = BatchAugmenter("light")(batch, 3)
     centre, corner = out[:, :, 28:36, 28:36].mean(), out[:, :, :8, :8].mean()
     assert centre > 150 and corner < 5
+
+
+def _spot(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A grey image with one bright spot off the centre, and its lesion plane."""
+    image = torch.full((3, size, size), 60, dtype=torch.uint8)
+    image[:, 10:16, 40:46] = 250
+    plane = torch.zeros(1, size, size, dtype=torch.uint8)
+    plane[0, 10:16, 40:46] = 255
+    return image, plane
+
+
+@pytest.mark.parametrize("level", ["flip", "light", "strong"])
+def test_lesion_planes_move_with_the_image_and_leave_its_pixels_as_without_them(level: str) -> None:
+    image, plane = _spot()
+    augment = Augmenter(level)
+    for seed in range(6):
+        moved_image, moved = augment.with_planes(image, plane, seed)
+        assert torch.equal(moved_image, augment(image, seed))
+        assert moved.shape == plane.shape and moved.dtype == torch.uint8 and type(moved) is torch.Tensor
+        grey = moved_image.float().mean(dim=0)
+        bright = grey > (grey.median() + grey.max()) / 2  # halfway to the spot, whatever the jitter did
+        covered = moved[0] > 127
+        assert int((bright & covered).sum()) >= 0.7 * int(covered.sum()) > 0
+
+
+def test_batch_augmenter_moves_lesion_planes_with_the_images_and_keeps_their_pixels() -> None:
+    from train.augment import BatchAugmenter
+
+    image, plane = _spot()
+    batch, planes = image.expand(6, -1, -1, -1).contiguous(), plane.expand(6, -1, -1, -1).contiguous()
+    augment = BatchAugmenter("strong")
+    moved_images, moved = augment.with_planes(batch, planes, 4)
+    assert torch.equal(moved_images, augment(batch, 4))
+    assert moved.shape == planes.shape and moved.dtype == torch.float32
+    grey = moved_images.mean(dim=1)
+    level = (grey.flatten(1).median(dim=1).values + grey.flatten(1).amax(dim=1)) / 2
+    bright, covered = grey > level[:, None, None], moved[:, 0] > 127
+    assert int((bright & covered).sum()) >= 0.7 * int(covered.sum()) > 0
+    assert torch.equal(BatchAugmenter("none").with_planes(batch, planes, 1)[1], planes.float())

@@ -91,6 +91,8 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
     assert straight.validation is not None
     reported = straight.validation.extra["pointing_game"]
     assert reported["rate"] == straight.history[straight.best_epoch - 1]["val_pointing"] and reported["total"] > 20
+    # The masks trained the maps too (the lesion loss, on by default), so one view is read on the card's grid.
+    assert straight.card is not None and straight.card.localisation == "lesion_masks"
 
     paused = train(
         _run(tmp_path / "paused", synth_dataset, small_cache, tta="none"), stop_after_epochs=1, progress=False

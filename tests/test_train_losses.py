@@ -114,3 +114,56 @@ def test_equivariance_loss_is_zero_for_maps_that_turn_with_the_photograph_and_no
     offset = torch.roll(blob, 1, dims=2)
     assert float(equivariance_loss(offset, offset)) > 0.9
     assert float(equivariance_loss(maps, torch.randn(3, 29, 9, 9))) == pytest.approx(1.0, abs=0.1)
+
+
+def test_cell_weights_share_each_pixel_between_the_cells_whose_span_it_lies_in() -> None:
+    from train.losses import cell_weights
+
+    stretched = cell_weights(64, 2, 16.0, 32.0)  # cells over [0, 32) and [32, 64)
+    torch.testing.assert_close(stretched.sum(dim=1), torch.ones(2))
+    assert float(stretched[0, :32].min()) == pytest.approx(1 / 32) and float(stretched[0, 32:].max()) == 0.0
+    geometric = cell_weights(64, 2, 0.0, 32.0)  # cells over [-16, 16) and [16, 48): the input's edge is outside
+    torch.testing.assert_close(geometric.sum(dim=1), torch.tensor([0.5, 1.0]))
+    assert float(geometric[:, 48:].sum()) == 0.0
+    half = cell_weights(10, 3, 1.5, 3.0)  # [0, 3), [3, 6), [6, 9): a grid off the pixel edges still adds up
+    torch.testing.assert_close(half.sum(dim=0)[:9], torch.full((9,), 1 / 3))
+    with pytest.raises(ValueError, match="positive"):
+        cell_weights(10, 0, 0.0, 3.0)
+
+
+def _one_lesion(size: int = 64, cells: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A lesion in the bottom-right cell of a 2 x 2 stretched grid, for label 3 of image 0."""
+    from train.losses import cell_weights
+
+    planes = torch.zeros(1, 2, size, size, dtype=torch.uint8)
+    planes[0, 0, 40:44, 50:54] = 255
+    columns = torch.tensor([[3, -1]])
+    weights = cell_weights(size, cells, size / cells / 2, size / cells)
+    return planes, columns, weights, weights
+
+
+def test_lesion_loss_is_lowest_when_the_labels_map_peaks_on_its_lesion() -> None:
+    from train.losses import lesion_loss
+
+    planes, columns, rows, cols = _one_lesion()
+    on, off = torch.zeros(1, 5, 2, 2), torch.zeros(1, 5, 2, 2)
+    on[0, 3, 1, 1], off[0, 3, 0, 0] = 6.0, 6.0
+    flat = torch.zeros(1, 5, 2, 2)
+    losses = [float(lesion_loss(m, planes, columns, rows, cols)) for m in (on, flat, off)]
+    assert losses[0] < losses[1] < losses[2]
+    assert losses[1] == pytest.approx(math.log(4))
+    elsewhere = flat.clone()
+    elsewhere[0, 2, 0, 0] = 50.0  # another label's map, and the padding's column -1, do not count
+    assert float(lesion_loss(elsewhere, planes, columns, rows, cols)) == pytest.approx(math.log(4))
+
+
+def test_lesion_loss_skips_pairs_whose_lesion_left_the_input_and_is_zero_without_pairs() -> None:
+    from train.losses import lesion_loss
+
+    planes, columns, rows, cols = _one_lesion()
+    maps = torch.randn(1, 5, 2, 2, requires_grad=True)
+    gone = torch.zeros_like(planes)
+    loss = lesion_loss(maps, gone, columns, rows, cols)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and maps.grad is not None and float(maps.grad.abs().sum()) == 0.0
+    assert float(lesion_loss(maps.detach(), planes, torch.full_like(columns, -1), rows, cols)) == 0.0

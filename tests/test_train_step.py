@@ -81,3 +81,29 @@ def test_the_equivariance_term_turns_the_first_images_into_the_last_places_and_c
                      device=torch.device("cpu"), channels_last=False, equivariance_weight=0.25,
                      equivariance_pairs=2)  # fmt: skip
     torch.testing.assert_close(step(images, targets), expected)
+
+
+def test_the_lesion_term_adds_the_lesion_loss_of_the_class_maps_on_the_steps_grid() -> None:
+    from train.losses import cell_weights, lesion_loss
+
+    model, normalizer, criterion, images, targets = _model_and_batch(4)
+    planes = torch.zeros(4, 2, 64, 64, dtype=torch.uint8)
+    planes[0, 0, 8:12, 40:44] = 255
+    planes[2, 0, 50:60, 5:9] = 128
+    columns = torch.tensor([[4, -1], [-1, -1], [7, -1], [-1, -1]])
+    model.train()
+    with torch.no_grad():
+        features = model.forward_features(normalizer(images))
+        maps = class_maps(features, model.get_classifier())
+        weights = cell_weights(64, 2, 0.0, 32.0)
+        expected = criterion(model.forward_head(features), targets.float()) + 0.5 * lesion_loss(
+            maps, planes, columns, weights, weights
+        )
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), criterion, normalizer,
+                     device=torch.device("cpu"), channels_last=False, lesion_weight=0.5,
+                     lesion_grid=(0.0, 32.0))  # fmt: skip
+    torch.testing.assert_close(step(images, targets, planes, columns), expected)
+    # Without planes (data without masks) the step is the classification loss alone.
+    with torch.no_grad():
+        plain = criterion(model(normalizer(images)), targets.float())
+    torch.testing.assert_close(step(images, targets), plain)

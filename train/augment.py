@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional name)
 from torch import nn
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 if TYPE_CHECKING:
@@ -126,6 +127,20 @@ class Augmenter:
             out: torch.Tensor = self._transform(image)
         return out
 
+    def with_planes(self, image: torch.Tensor, planes: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augments ``image`` as :meth:`__call__` does (the same pixels for the same seed), and moves
+        ``planes`` (``(K, S, S)`` uint8 lesion masks on the input) as the image moved.
+
+        The planes go through ``transforms.v2`` as a ``Mask``: the geometric steps move them with the
+        image (nearest neighbour), the photometric steps leave them alone.
+        """
+        if self._transform is None:
+            return image, planes
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out, moved = self._transform(image, tv_tensors.Mask(planes))
+        return out, moved.as_subclass(torch.Tensor)
+
 
 class BatchAugmenter(nn.Module):
     """The same augmentation recipe applied to a whole batch on its device, per-sample parameters.
@@ -151,10 +166,23 @@ class BatchAugmenter(nn.Module):
         self.recipe = _RECIPES.get(level)
 
     def forward(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        return self._augment(images, None, seed)[0]
+
+    def with_planes(self, images: torch.Tensor, planes: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augments ``images`` as :meth:`forward` does, and moves ``(N, K, S, S)`` lesion planes with
+        them (the same warp, bilinear; colour, blur and sharpening leave them alone). Planes come
+        back as float in [0, 255]."""
+        x, moved = self._augment(images, planes, seed)
+        assert moved is not None
+        return x, moved
+
+    def _augment(
+        self, images: torch.Tensor, planes: torch.Tensor | None, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = images.float()
         recipe = self.recipe
         if recipe is None:
-            return x
+            return x, None if planes is None else planes.float()
         n, device = x.shape[0], x.device
         gen = torch.Generator().manual_seed(seed)
 
@@ -179,7 +207,11 @@ class BatchAugmenter(nn.Module):
             dim=1,
         )
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        if planes is not None:  # one warp for both: the planes ride along as extra channels
+            x = torch.cat([x, planes.to(x.device, x.dtype)], dim=1)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        moved = None if planes is None else x[:, 3:]
+        x = x[:, :3]
 
         # Colour, as torchvision's ColorJitter defines each factor (in a fixed order).
         view = (n, 1, 1, 1)
@@ -206,7 +238,7 @@ class BatchAugmenter(nn.Module):
             soft = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), smooth, groups=3)
             sharp = (soft + recipe.sharpness * (x - soft)).clamp(0, 255)
             x = torch.where(chance(recipe.sharpen_p).view(view), sharp, x)
-        return x
+        return x, moved
 
 
 class Normalizer(nn.Module):

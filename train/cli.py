@@ -207,6 +207,15 @@ def register(subparsers: Any) -> None:
         help="with --equivariance: the last K images of each batch are replaced by the first K turned (default 4)",
     )
     optim.add_argument(
+        "--lesion-loss",
+        type=float,
+        default=_SUPPRESS,
+        metavar="W",
+        help="weight of the loss that asks each positive label's class map to put its mass on the label's "
+        "lesion, when the training photographs have lesion masks (<data>/masks/<folder>/<ID>_<COLUMN>.png); "
+        "training only (default 1; 0: off; no effect without masks)",
+    )
+    optim.add_argument(
         "--pos-weight",
         choices=("none", "auto"),
         default=_SUPPRESS,

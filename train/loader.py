@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,35 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Weight
 
 from train.augment import sample_seed
 
-__all__ = ["AugmentedImages", "epoch_loader"]
+__all__ = ["AugmentedImages", "LesionPlanes", "epoch_loader"]
 
 
-class AugmentedImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+@dataclass(frozen=True)
+class LesionPlanes:
+    """The lesion masks of one split's images, carried over to the model input (the localisation loss).
+
+    Attributes:
+        cache_file: ``.npy`` holding ``uint8 (P, S, S)``: pair ``p``'s share of each input pixel (0-255).
+        offsets: ``(N + 1,)``: image ``i``'s pairs are ``offsets[i]`` to ``offsets[i + 1]``.
+        columns: ``(P,)`` label column of each pair.
+        per_image: Pairs handed out per image (padded with column -1; further pairs are left out).
+    """
+
+    cache_file: Path
+    offsets: NDArray[np.intp]
+    columns: NDArray[np.intp]
+    per_image: int
+
+    def __len__(self) -> int:
+        return int(self.columns.shape[0])
+
+
+class AugmentedImages(Dataset[tuple[torch.Tensor, ...]]):
     """A cache file as a PyTorch dataset: augmented uint8 ``(3, S, S)`` images and uint8 labels.
+
+    With ``lesions``, each item also holds the image's lesion planes, moved as the image was, as
+    ``uint8 (K, S, S)``, and their ``(K,)`` label columns (-1 where the image has fewer than ``K``
+    pairs), ``K`` being :attr:`LesionPlanes.per_image`.
 
     The cache is memory-mapped lazily in each process (loader workers map it themselves instead of
     receiving a pickled copy). :meth:`set_epoch` selects the epoch whose random draws come next.
@@ -35,8 +60,10 @@ class AugmentedImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     Args:
         cache_file: ``.npy`` holding ``uint8 (N, S, S, 3)`` images (see :func:`train.datasets.cache_split`).
         labels: ``uint8 (N, C)`` labels.
-        augment: Called as ``augment(image, seed)``; ``None`` for no augmentation.
+        augment: Called as ``augment(image, seed)``; ``None`` for no augmentation. With ``lesions`` it
+            also needs ``augment.with_planes(image, planes, seed)`` (:class:`train.augment.Augmenter`).
         seed: The run seed.
+        lesions: The split's lesion planes, or ``None``.
     """
 
     def __init__(
@@ -45,13 +72,16 @@ class AugmentedImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         labels: NDArray[np.uint8],
         augment: Callable[[torch.Tensor, int], torch.Tensor] | None,
         seed: int,
+        lesions: LesionPlanes | None = None,
     ) -> None:
         self.cache_file = Path(cache_file)
         self.labels = np.ascontiguousarray(labels)
         self.augment = augment
         self.seed = seed
+        self.lesions = lesions
         self.epoch = 0
         self._images: NDArray[np.uint8] | None = None
+        self._planes: NDArray[np.uint8] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose augmentation draws the next iteration uses."""
@@ -63,15 +93,36 @@ class AugmentedImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_images"] = None
+        state["_planes"] = None
         return state
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         if self._images is None:
             self._images = np.load(self.cache_file, mmap_mode="r")
         image = torch.from_numpy(np.array(self._images[index])).permute(2, 0, 1)
+        labels = torch.from_numpy(self.labels[index])
+        seed = sample_seed(self.seed, self.epoch, index)
+        if self.lesions is None:
+            if self.augment is not None:
+                image = self.augment(image, seed)
+            return image, labels
+        planes, columns = self._lesions(index, image.shape[1], image.shape[2])
         if self.augment is not None:
-            image = self.augment(image, sample_seed(self.seed, self.epoch, index))
-        return image, torch.from_numpy(self.labels[index])
+            image, planes = self.augment.with_planes(image, planes, seed)  # type: ignore[attr-defined]
+        return image, labels, planes, columns
+
+    def _lesions(self, index: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lesions = self.lesions
+        assert lesions is not None
+        if self._planes is None:
+            self._planes = np.load(lesions.cache_file, mmap_mode="r")
+        start = int(lesions.offsets[index])
+        stop = min(int(lesions.offsets[index + 1]), start + lesions.per_image)
+        planes = np.zeros((lesions.per_image, height, width), np.uint8)
+        columns = np.full(lesions.per_image, -1, np.int64)
+        planes[: stop - start] = self._planes[start:stop]
+        columns[: stop - start] = lesions.columns[start:stop]
+        return torch.from_numpy(planes), torch.from_numpy(columns)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -91,7 +142,7 @@ def epoch_loader(
     sample_weights: torch.Tensor | None = None,
     pin_memory: bool = False,
     prefetch_factor: int = 4,
-) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
+) -> DataLoader[tuple[torch.Tensor, ...]]:
     """The shuffled (or weighted) training loader of one epoch.
 
     Workers are not persistent, so each epoch's workers start from that epoch's state. The last

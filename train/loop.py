@@ -39,13 +39,14 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from retinagate.card import ModelCard, Preprocessing
+from retinagate.card import CamGrid, ModelCard, Preprocessing
 from retinagate.labels import DISEASE_LABELS, LABELS
 from train.augment import AUG_LEVELS, Augmenter, BatchAugmenter, Normalizer, sample_seed
 from train.calibration import LabelThreshold, calibrate_thresholds
 from train.cam import PointingTargets, cam_cells, class_activation_maps, pointing_targets
 from train.datasets import CachedSplit, Split, SplitSource, cache_split, load_splits
-from train.loader import AugmentedImages, epoch_loader
+from train.lesions import lesion_planes
+from train.loader import AugmentedImages, LesionPlanes, epoch_loader
 from train.losses import LOSSES, auto_pos_weight, build_loss
 from train.metrics import Metrics, compute_metrics
 from train.model import (
@@ -137,6 +138,9 @@ class TrainConfig:
             off. Training only.
         equivariance_pairs: With it on, the last this many images of each batch are replaced by the
             first ones turned 180 degrees (the batch keeps its size and cost).
+        lesion_loss: Weight of :func:`train.losses.lesion_loss`, which asks each positive label's class
+            map to put its mass on the label's lesion, when the training split has lesion masks
+            (``<data>/masks``, :mod:`train.lesions`); 0 turns it off. Training only.
         pos_weight: ``none`` or ``auto`` (negatives/positives per label, capped); with ``auto`` the
             saved classifier bias has log(weight) taken back off, so scores stay log-odds.
         balanced_sampler: Draw images with weights that favour rare labels.
@@ -195,6 +199,7 @@ class TrainConfig:
     peak_sharpness: float = 5.0
     equivariance: float = 0.0
     equivariance_pairs: int = 4
+    lesion_loss: float = 1.0
     pos_weight: str = "none"
     balanced_sampler: bool = False
     aug: str = "light"
@@ -231,6 +236,7 @@ class TrainConfig:
         need(self.precision in PRECISIONS, f"precision is {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         need(self.workers >= -1, f"workers is {self.workers}; expected -1 (auto) or >= 0")
         need(self.peak_loss >= 0, f"peak_loss is {self.peak_loss}; expected >= 0 (0 turns it off)")
+        need(self.lesion_loss >= 0, f"lesion_loss is {self.lesion_loss}; expected >= 0 (0 turns it off)")
         need(self.equivariance >= 0, f"equivariance is {self.equivariance}; expected >= 0 (0 turns it off)")
         need(
             1 <= self.equivariance_pairs <= self.batch_size // 2,
@@ -261,7 +267,8 @@ class TrainConfig:
 
         Runs written before ``select_by`` existed chose their best epoch by AUROC alone, and keep doing
         so when resumed (their stored best score is an AUROC); runs written before ``tta`` existed
-        were evaluated on one view, and keep being so.
+        were evaluated on one view, and runs written before ``lesion_loss`` trained without it, and
+        keep being so.
         """
         paths = {"out", "data", "labels_csv", "images", "cache_dir", "weights"}
         known = {f.name for f in fields(cls)}
@@ -270,6 +277,7 @@ class TrainConfig:
         }
         values.setdefault("select_by", "auroc")
         values.setdefault("tta", "none")
+        values.setdefault("lesion_loss", 0.0)
         return cls(**values)
 
     @property
@@ -602,6 +610,24 @@ class _Run:
             skip=[c.resolved_cache_dir, c.out],
         )
 
+    def lesions(self, source: SplitSource) -> LesionPlanes | None:
+        """The training split's lesion masks on the input, when the lesion loss is on and there are any.
+
+        Finding them changes the card: its one-view maps are then trained to, and read at, the cam
+        grid's centres (``localisation`` ``lesion_masks``).
+        """
+        c = self.config
+        masks = c.data / "masks" if c.data is not None else None
+        if c.lesion_loss <= 0 or masks is None or not masks.is_dir():
+            return None
+        planes = lesion_planes(source, self.card.preprocessing, masks, c.resolved_cache_dir)
+        if planes is None:
+            logger.info("no lesion masks for the training photographs; the lesion loss is off")
+            return None
+        self.card = self.card.with_updates(localisation="lesion_masks")
+        logger.info("lesion loss on %d masks of the training photographs (weight %g)", len(planes), c.lesion_loss)
+        return planes
+
     def cache(self, sources: dict[Split, SplitSource]) -> dict[Split, CachedSplit]:
         """Decodes and preprocesses each split into the cache, or reuses the cached arrays."""
         cache_dir = self.config.resolved_cache_dir
@@ -682,6 +708,7 @@ def train(
     )
     splits = run.cache(sources)
     train_split, val_split = splits["train"], splits["val"]
+    lesions = run.lesions(train_split.source)
     labels_train = train_split.labels
     frozen = freeze_stages(model, config.freeze_stages)
     if fresh:
@@ -718,6 +745,8 @@ def train(
         peak_sharpness=config.peak_sharpness,
         equivariance_weight=config.equivariance,
         equivariance_pairs=config.equivariance_pairs,
+        lesion_weight=config.lesion_loss if lesions is not None else 0.0,
+        lesion_grid=_lesion_grid(run.card, model) if lesions is not None else (0.0, 1.0),
     )
 
     start_epoch, best_metric, bad_epochs, best_epoch = 0, -math.inf, 0, 0
@@ -742,7 +771,7 @@ def train(
     on_device = config.aug_on == "device" or (config.aug_on == "auto" and device.type == "cuda")
     batch_augment = BatchAugmenter(config.aug) if on_device and config.aug != "none" else None
     dataset = AugmentedImages(
-        train_split.cache_file, labels_train, None if on_device else Augmenter(config.aug), config.seed
+        train_split.cache_file, labels_train, None if on_device else Augmenter(config.aug), config.seed, lesions
     )
     workers = config.workers if config.workers >= 0 else auto_workers(device)
     sample_weights = _balanced_weights(labels_train) if config.balanced_sampler else None
@@ -769,11 +798,16 @@ def train(
         loss_sum = torch.zeros((), device=device)
         batches = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False, disable=not progress)
-        for images, targets in bar:
+        for images, targets, *placed in bar:
+            planes, columns = placed if placed else (None, None)
             if batch_augment is not None:
                 seed = sample_seed(config.seed, epoch, -2 - batches)  # negative: never a sample index
-                images = batch_augment(images.to(device, non_blocking=True), seed)
-            loss_sum += step(images, targets)
+                images = images.to(device, non_blocking=True)
+                if planes is None:
+                    images = batch_augment(images, seed)
+                else:
+                    images, planes = batch_augment.with_planes(images, planes.to(device, non_blocking=True), seed)
+            loss_sum += step(images, targets, planes, columns)
             batches += 1
             if progress and batches % 10 == 0:  # reading the loss waits for the device; not every step
                 bar.set_postfix(loss=f"{float(loss_sum) / batches:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
@@ -866,6 +900,12 @@ def train(
     _save(state, last_path)
     return RunResult(out, True, epochs_run, best_epoch, stopped_early, card, val_metrics, test_metrics,
                      time.perf_counter() - started, history)  # fmt: skip
+
+
+def _lesion_grid(card: ModelCard, model: nn.Module) -> tuple[float, float]:
+    """``(origin, step)`` of the one-view cell centres the lesion loss aims at: where the card reads them."""
+    grid = card.cam_grid(two_views=False) or CamGrid.covering(card.input_size, cam_cells(model, card.input_size)[1])
+    return grid.origin, grid.step
 
 
 def _selection_targets(

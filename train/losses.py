@@ -19,6 +19,10 @@ lesion's evidence over every cell of the map; the peak term asks the map itself 
 evidence is and stay low elsewhere (multiple-instance learning, as in Wang et al. 2017's ChestX-ray8
 LSE pooling). The served head stays average pooling plus a linear layer, so the exported CAM is still
 exactly Grad-CAM.
+
+:func:`lesion_loss` (``--lesion-loss``) uses lesion masks where the data has them: each positive
+label's class map is asked, through a softmax over its cells, to put its mass where the label's lesion
+lies. Training only, as above.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ __all__ = [
     "FocalLoss",
     "auto_pos_weight",
     "build_loss",
+    "cell_weights",
     "equivariance_loss",
+    "lesion_loss",
     "peak_logits",
 ]
 
@@ -152,6 +158,56 @@ def equivariance_loss(maps: torch.Tensor, turned: torch.Tensor) -> torch.Tensor:
     back = back - back.mean(dim=2, keepdim=True)
     cosine = F.cosine_similarity(here, back, dim=2, eps=1e-6)
     return (1.0 - cosine).mean()
+
+
+def cell_weights(size: int, cells: int, origin: float, step: float) -> torch.Tensor:
+    """``(cells, size)``: the share of cell ``k`` that input pixel ``i`` fills, along one axis.
+
+    Cell ``k`` spans ``origin + k * step +- step / 2`` input pixels (a :class:`retinagate.card.CamGrid`)
+    and pixel ``i`` spans ``[i, i + 1)``; ``R @ plane @ C.T`` with the rows' and the columns' weights is
+    then the share of each cell a plane covers, exactly, on any grid (a cell reaching past the input's
+    edge counts the outside as uncovered).
+    """
+    if size < 1 or cells < 1 or step <= 0:
+        raise ValueError(f"size {size}, cells {cells}, step {step}: expected positive values")
+    start = origin - step / 2 + step * torch.arange(cells, dtype=torch.float64)[:, None]
+    pixel = torch.arange(size, dtype=torch.float64)[None, :]
+    overlap = (torch.minimum(pixel + 1, start + step) - torch.maximum(pixel, start)).clamp(min=0)
+    return (overlap / step).float()
+
+
+def lesion_loss(
+    maps: torch.Tensor, planes: torch.Tensor, columns: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """Where each positive label's class map puts its mass, against where its lesion is.
+
+    For every (image, label) pair with a lesion, the label's class map (``W_c . A`` at each cell, what
+    the CAM shows) becomes a distribution over cells by a softmax, the lesion becomes one by the share
+    of each cell it covers, and the loss is their cross-entropy, averaged over pairs. A softmax cares
+    only where the map is high relative to elsewhere, so the logit, the map's mean under average
+    pooling, is left to the classification loss; and a lesion that covers a sliver of a cell asks
+    for that cell alone, as the pointing game does. Pairs whose lesion left the input (a rotation)
+    are skipped.
+
+    Args:
+        maps: ``(N, C, h, w)`` class maps.
+        planes: ``(N, K, S, S)`` lesion planes on the input, 0 to 255 (any dtype).
+        columns: ``(N, K)`` label column of each plane; -1 for padding.
+        rows: ``(h, S)`` cell weights along the height (:func:`cell_weights`).
+        cols: ``(w, S)`` cell weights along the width.
+
+    Returns:
+        The mean cross-entropy (a scalar); 0 when no pair is left.
+    """
+    n, k = columns.shape
+    h, w = maps.shape[2], maps.shape[3]
+    cover = torch.einsum("ha,nkab,wb->nkhw", rows, planes.float() / 255.0, cols).flatten(2)
+    mass = cover.sum(dim=2)
+    valid = (columns >= 0) & (mass > 1e-3)
+    chosen = maps.float().gather(1, columns.clamp(min=0)[:, :, None, None].expand(n, k, h, w)).flatten(2)
+    target = cover / mass.clamp(min=1e-3)[:, :, None]
+    entropy = -(target * F.log_softmax(chosen, dim=2)).sum(dim=2)
+    return (entropy * valid).sum() / valid.sum().clamp(min=1)
 
 
 def build_loss(name: str, pos_weight: torch.Tensor | None = None) -> nn.Module:

@@ -16,7 +16,7 @@ from typing import Any, Final
 import torch
 from torch import nn
 
-from train.losses import equivariance_loss, peak_logits
+from train.losses import cell_weights, equivariance_loss, lesion_loss, peak_logits
 from train.model import class_maps
 
 __all__ = ["AUTOCAST_DTYPES", "TrainStep"]
@@ -47,6 +47,10 @@ class TrainStep:
         equivariance_pairs: With it on, the last this many images of each batch are replaced by the
             first ones turned 180 degrees (the batch keeps its size and cost), and the class maps of
             each pair are asked to turn with the photograph.
+        lesion_weight: Weight of :func:`train.losses.lesion_loss` on batches that bring lesion
+            planes; 0 turns it off.
+        lesion_grid: ``(origin, step)`` in input pixels of the cell centres the lesion loss aims at
+            (:class:`retinagate.card.CamGrid`: what the card says a one-view map's cells are).
     """
 
     def __init__(
@@ -67,6 +71,8 @@ class TrainStep:
         peak_sharpness: float = 5.0,
         equivariance_weight: float = 0.0,
         equivariance_pairs: int = 4,
+        lesion_weight: float = 0.0,
+        lesion_grid: tuple[float, float] = (16.0, 32.0),
     ) -> None:
         if precision not in ("fp32", *AUTOCAST_DTYPES):
             raise ValueError(f"precision is {precision!r}; expected fp32, fp16 or bf16")
@@ -85,11 +91,27 @@ class TrainStep:
         self.peak_sharpness = peak_sharpness
         self.equivariance_weight = equivariance_weight
         self.equivariance_pairs = equivariance_pairs
+        self.lesion_weight = lesion_weight
+        self.lesion_grid = lesion_grid
+        self._cell_weights: dict[tuple[int, int], torch.Tensor] = {}
         self.steps = 0
         self._params = [p for p in model.parameters() if p.requires_grad]
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Trains on one batch: uint8 ``(N, 3, S, S)`` images and 0/1 ``(N, C)`` targets."""
+    def _weights(self, size: int, cells: int) -> torch.Tensor:
+        key = (size, cells)
+        if key not in self._cell_weights:
+            self._cell_weights[key] = cell_weights(size, cells, *self.lesion_grid).to(self.device)
+        return self._cell_weights[key]
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        planes: torch.Tensor | None = None,
+        columns: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Trains on one batch: uint8 ``(N, 3, S, S)`` images and 0/1 ``(N, C)`` targets, with
+        ``(N, K, S, S)`` lesion planes and their ``(N, K)`` label columns when the data has masks."""
         x = images.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -98,10 +120,14 @@ class TrainStep:
         if pairs:
             x = torch.cat([x[:-pairs], torch.flip(x[:pairs], dims=(2, 3))])
             y = torch.cat([y[:-pairs], y[:pairs]])
+            if planes is not None and columns is not None:
+                planes = torch.cat([planes[:-pairs], torch.flip(planes[:pairs], dims=(2, 3))])
+                columns = torch.cat([columns[:-pairs], columns[:pairs]])
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+        lesions = self.lesion_weight > 0 and planes is not None and columns is not None
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            if self.peak_weight > 0 or pairs:
+            if self.peak_weight > 0 or pairs or lesions:
                 features = self.model.forward_features(self.normalizer(x))  # type: ignore[operator]
                 logits = self.model.forward_head(features)  # type: ignore[operator]
             else:
@@ -113,6 +139,13 @@ class TrainStep:
         if pairs:
             maps = class_maps(features.float(), self.model.get_classifier())  # type: ignore[operator]
             loss = loss + self.equivariance_weight * equivariance_loss(maps[:pairs], maps[-pairs:])
+        if lesions:
+            assert planes is not None and columns is not None
+            maps = class_maps(features.float(), self.model.get_classifier())  # type: ignore[operator]
+            rows = self._weights(x.shape[2], maps.shape[2])
+            cols = self._weights(x.shape[3], maps.shape[3])
+            placed = planes.to(self.device, non_blocking=True)
+            loss = loss + self.lesion_weight * lesion_loss(maps, placed, columns.to(self.device), rows, cols)
         self.optimizer.zero_grad(set_to_none=True)
         scaled: torch.Tensor = self.scaler.scale(loss)
         torch.autograd.backward(scaled)

@@ -1,0 +1,96 @@
+"""Lesion masks as training targets: placed on the input once, cached, and read by the card's grid."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retinagate.card import CamGrid, ModelCard, Preprocessing
+from retinagate.labels import DISEASE_LABELS, LABELS
+from train.cam import lesion_mask
+from train.datasets import find_rfmid_splits, read_image
+from train.lesions import lesion_planes
+from train.loop import TrainConfig
+
+PRE = Preprocessing(input_size=64)
+
+
+def test_each_positive_label_with_a_mask_becomes_one_plane_on_the_input(synth_dataset: Path, tmp_path: Path) -> None:
+    source = find_rfmid_splits(synth_dataset)["train"]
+    masks = synth_dataset / "masks"
+    planes = lesion_planes(source, PRE, masks, tmp_path)
+    assert planes is not None
+    expected = [
+        (i, LABELS.index(name))
+        for i in range(len(source))
+        for name in DISEASE_LABELS
+        if source.labels[i, LABELS.index(name)] and lesion_mask(masks / "Training", source.ids[i], name) is not None
+    ]
+    pairs = [(i, int(c)) for i in range(len(source)) for c in planes.columns[planes.offsets[i] : planes.offsets[i + 1]]]
+    assert pairs == expected and len(planes) == len(expected) > 50
+    array = np.load(planes.cache_file)
+    assert array.shape == (len(expected), 64, 64) and array.dtype == np.uint8
+    assert (array.reshape(len(expected), -1).max(axis=1) > 0).all()
+    assert 1 <= planes.per_image <= 8
+
+
+def test_planes_are_reused_until_a_mask_changes(synth_dataset: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(synth_dataset, data, ignore=shutil.ignore_patterns("dicom"))
+    source = find_rfmid_splits(data)["val"]
+    first = lesion_planes(source, PRE, data / "masks", tmp_path / "cache")
+    assert first is not None
+    built = first.cache_file.stat().st_mtime_ns
+    again = lesion_planes(source, PRE, data / "masks", tmp_path / "cache")
+    assert again is not None and again.cache_file == first.cache_file
+    assert again.cache_file.stat().st_mtime_ns == built
+    changed = next((data / "masks" / "Evaluation").iterdir())
+    os.utime(changed, ns=(built + 10**9, built + 10**9))
+    rebuilt = lesion_planes(source, PRE, data / "masks", tmp_path / "cache")
+    assert rebuilt is not None and rebuilt.cache_file != first.cache_file
+    assert not list((tmp_path / "cache").glob(".*tmp*"))
+
+
+def test_no_planes_without_masks_for_the_split(synth_dataset: Path, tmp_path: Path) -> None:
+    source = find_rfmid_splits(synth_dataset)["test"]
+    (tmp_path / "masks").mkdir()
+    assert lesion_planes(source, PRE, tmp_path / "masks", tmp_path / "cache") is None
+
+
+def test_a_plane_lies_where_its_lesion_is_on_the_prepared_photograph(synth_dataset: Path, tmp_path: Path) -> None:
+    """Easy-mode lesions are flat colour discs: the plane's pixels are the photograph's lesion pixels."""
+    from retinagate.preprocess import prepare
+
+    source = find_rfmid_splits(synth_dataset)["train"]
+    planes = lesion_planes(source, Preprocessing(input_size=128), synth_dataset / "masks", tmp_path)
+    assert planes is not None
+    array = np.load(planes.cache_file)
+    i = int(np.argmax(np.diff(planes.offsets) > 0))
+    plane = array[planes.offsets[i]]
+    image = prepare(read_image(source.paths[i]), Preprocessing(input_size=128)).astype(np.float32)
+    inside, around = plane > 200, (plane == 0)
+    # The lesion differs from the retina around it in colour: inside pixels are closer to each other
+    # than to the rest of the input.
+    centre = image[inside].mean(axis=0)
+    assert np.linalg.norm(image[inside] - centre, axis=1).mean() < np.linalg.norm(image[around] - centre, axis=1).mean()
+
+
+def test_a_card_trained_on_lesion_masks_reads_one_view_on_the_geometric_grid() -> None:
+    card = ModelCard(preprocessing=Preprocessing(input_size=288), cam_alignment="receptive_field")
+    assert card.cam_grid(two_views=False) is None
+    assert card.cam_grid(two_views=True) == CamGrid(origin=0.0, step=32.0)
+    supervised = card.with_updates(localisation="lesion_masks")
+    assert supervised.cam_grid(two_views=False) == CamGrid(origin=0.0, step=32.0)
+    assert supervised.with_updates(cam_alignment="input").cam_grid(two_views=False) is None
+    assert ModelCard.model_validate({}).localisation == "labels"
+
+
+def test_the_lesion_weight_is_checked_and_runs_written_before_it_train_without_it(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="lesion_loss"):
+        TrainConfig(out=tmp_path, lesion_loss=-1.0)
+    assert TrainConfig(out=tmp_path).lesion_loss == 1.0
+    assert TrainConfig.from_dict({"out": str(tmp_path)}).lesion_loss == 0.0

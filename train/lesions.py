@@ -1,0 +1,158 @@
+"""Lesion masks as training targets: where on the CAM each positive label's evidence should sit.
+
+The classification loss says only whether a label is present; a network trained from it alone on a
+few hundred photographs learns to find a lesion's evidence, but not to keep it in the lesion's own
+cells (README, Model: the maps' peaks sat a cell or more from small lesions). Where the data has lesion
+masks (``retinagate synth`` writes them; public sets such as IDRiD, FGADR and DDR publish lesion
+segmentations of real photographs in the same one-file-per-lesion-type form),
+``--lesion-loss W`` asks each positive label's class map to put its mass on its lesion
+(:func:`train.losses.lesion_loss`). Masks shape training only: the served head is still average
+pooling and one linear layer, so the exported CAM stays exactly Grad-CAM, and a model trained without
+masks (real RFMiD has none) is trained exactly as before.
+
+:func:`lesion_planes` carries each training photograph's masks to the model input once, through the
+photograph's own crop and resize (:meth:`retinagate.preprocess.Geometry.to_input`), and stores them
+next to the image cache; the loader moves them with every augmentation of the photograph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+from retinagate.card import Preprocessing
+from retinagate.labels import DISEASE_LABELS, LABELS, OTHER, OTHER_COLUMNS
+from retinagate.preprocess import prepare_with_geometry
+from train.cam import lesion_mask
+from train.datasets import SplitSource, read_image
+from train.loader import LesionPlanes
+
+__all__ = ["MAX_PAIRS_PER_IMAGE", "lesion_planes"]
+
+logger = logging.getLogger(__name__)
+
+#: Lesion planes handed out per photograph; a photograph with more labelled lesion types (rare) trains
+#: on its first eight. Eight 288 px planes are 0.66 MB a photograph in a batch.
+MAX_PAIRS_PER_IMAGE: Final = 8
+
+_FORMAT: Final = 1
+
+
+def _mask_files(masks_dir: Path, image_id: str, label: str) -> list[Path]:
+    columns = OTHER_COLUMNS if label == OTHER else (label,)
+    return [path for column in columns if (path := masks_dir / f"{image_id}_{column}.png").is_file()]
+
+
+def lesion_planes(
+    source: SplitSource,
+    preprocessing: Preprocessing,
+    masks_root: Path,
+    cache_dir: Path,
+    *,
+    labels: Sequence[str] = DISEASE_LABELS,
+    workers: int = 0,
+) -> LesionPlanes | None:
+    """The split's lesion masks on the model input, built on first use and cached; ``None`` without any.
+
+    A pair is a positive (image, label) with a non-empty mask file (``masks_root/<image folder>/
+    <ID>_<COLUMN>.png``, as :func:`train.cam.lesion_mask` reads it). The planes are written under a
+    temporary name and renamed into place, with a key over the recipe and every mask file, so a
+    changed mask rebuilds them and an interrupted build leaves nothing a later run would trust.
+
+    Args:
+        source: The split (its photographs are decoded again, for their crop).
+        preprocessing: The model card's preprocessing recipe.
+        masks_root: Folder holding one mask folder per image folder (``<data>/masks``).
+        cache_dir: Where to keep the planes (the preprocessing cache folder).
+        labels: Labels whose lesions count (default: the 28 disease outputs).
+        workers: Decoding threads; 0 picks one per CPU core.
+    """
+    wanted = [(name, LABELS.index(name)) for name in labels]
+    found: list[list[tuple[int, Path]]] = []
+    key_files: list[list[object]] = []
+    for i in range(len(source)):
+        masks_dir = Path(masks_root) / source.paths[i].parent.name
+        pairs = []
+        for name, column in wanted:
+            files = _mask_files(masks_dir, source.ids[i], name) if source.labels[i, column] else []
+            if files:
+                pairs.append((column, masks_dir))
+                key_files.extend([str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files)
+        found.append(pairs)
+    if not key_files:
+        return None
+    images = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in source.paths]
+    recipe = preprocessing.model_dump(mode="json", exclude={"contrast_sigma", "contrast_gain"})
+    payload = {"format": _FORMAT, "preprocessing": recipe, "images": images, "masks": key_files}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    final = cache_dir / f"lesions-{source.split}-{key}.npy"
+    index_file = final.with_suffix(".json")
+    if final.is_file() and index_file.is_file():
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        logger.info("reusing lesion planes %s (%d pairs)", final.name, len(index["columns"]))
+        return _planes(final, index)
+
+    def work(i: int) -> list[tuple[int, NDArray[np.uint8]]]:
+        if not found[i]:
+            return []
+        _, geometry = prepare_with_geometry(read_image(source.paths[i]), preprocessing)
+        placed: list[tuple[int, NDArray[np.uint8]]] = []
+        for column, masks_dir in found[i]:
+            mask = lesion_mask(masks_dir, source.ids[i], LABELS[column])
+            if mask is None or mask.shape != geometry.source_shape:
+                logger.warning("a %s lesion mask does not match its photograph's size; left out", LABELS[column])
+                continue
+            plane = geometry.to_input(mask)
+            if plane.any():
+                placed.append((column, plane))
+        return placed
+
+    threads = workers if workers > 0 else (os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        per_image = list(pool.map(work, range(len(source))))
+    size = preprocessing.input_size
+    total = sum(len(pairs) for pairs in per_image)
+    if total == 0:
+        return None
+    tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp.npy")
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(total, size, size))
+        offsets, columns, row = [0], [], 0
+        for image_pairs in per_image:
+            for column, plane in image_pairs:
+                array[row] = plane
+                columns.append(column)
+                row += 1
+            offsets.append(row)
+        array.flush()
+        del array
+        index = {"offsets": offsets, "columns": columns}
+        index_file.write_text(json.dumps(index) + "\n", encoding="utf-8")
+        tmp.replace(final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    logger.info("placed %d lesion masks of %d %s images on the input", total, len(source), source.split)
+    return _planes(final, index)
+
+
+def _planes(cache_file: Path, index: dict[str, list[int]]) -> LesionPlanes:
+    offsets = np.asarray(index["offsets"], np.intp)
+    most = int(np.diff(offsets).max()) if offsets.size > 1 else 0
+    return LesionPlanes(
+        cache_file=cache_file,
+        offsets=offsets,
+        columns=np.asarray(index["columns"], np.intp),
+        per_image=max(1, min(MAX_PAIRS_PER_IMAGE, most)),
+    )
