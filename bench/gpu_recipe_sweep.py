@@ -50,6 +50,9 @@ from bench.bench_recipe import default_config, parse_variant, plain_config  # no
 VARIANTS = [
     "default",
     "plain",
+    "les0:lesion_loss=0",  # the default before lesion masks trained the maps (2026-12-06)
+    "les003:lesion_loss=0.03",
+    "les02:lesion_loss=0.2",
     "lr3e3:lr=0.003",
     "lr4e3:lr=0.004",
     "lr3s320:lr=0.003,img_size=320,epochs=15",  # (budget)

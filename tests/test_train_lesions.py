@@ -92,5 +92,5 @@ def test_a_card_trained_on_lesion_masks_reads_one_view_on_the_geometric_grid() -
 def test_the_lesion_weight_is_checked_and_runs_written_before_it_train_without_it(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lesion_loss"):
         TrainConfig(out=tmp_path, lesion_loss=-1.0)
-    assert TrainConfig(out=tmp_path).lesion_loss == 1.0
+    assert TrainConfig(out=tmp_path).lesion_loss == 0.01
     assert TrainConfig.from_dict({"out": str(tmp_path)}).lesion_loss == 0.0

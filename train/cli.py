@@ -213,7 +213,7 @@ def register(subparsers: Any) -> None:
         metavar="W",
         help="weight of the loss that asks each positive label's class map to put its mass on the label's "
         "lesion, when the training photographs have lesion masks (<data>/masks/<folder>/<ID>_<COLUMN>.png); "
-        "training only (default 1; 0: off; no effect without masks)",
+        "training only (default 0.01; 0: off; no effect without masks)",
     )
     optim.add_argument(
         "--pos-weight",
