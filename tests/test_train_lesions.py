@@ -94,3 +94,15 @@ def test_the_lesion_weight_is_checked_and_runs_written_before_it_train_without_i
         TrainConfig(out=tmp_path, lesion_loss=-1.0)
     assert TrainConfig(out=tmp_path).lesion_loss == 0.01
     assert TrainConfig.from_dict({"out": str(tmp_path)}).lesion_loss == 0.0
+
+
+def test_the_mask_folder_is_the_masks_option_or_the_data_folders_own_when_it_exists(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert TrainConfig(out=tmp_path, data=data).resolved_masks is None
+    (data / "masks").mkdir(parents=True)
+    assert TrainConfig(out=tmp_path, data=data).resolved_masks == data / "masks"
+    (tmp_path / "elsewhere").mkdir()
+    config = TrainConfig(out=tmp_path, data=data, masks=tmp_path / "elsewhere")
+    assert config.resolved_masks == tmp_path / "elsewhere"
+    assert TrainConfig.from_dict(config.to_dict()).masks == tmp_path / "elsewhere"
+    assert TrainConfig(out=tmp_path, data=data, masks=tmp_path / "absent").resolved_masks is None

@@ -72,11 +72,12 @@ def test_balanced_sampler_favours_images_with_rare_labels() -> None:
 
 
 def _run(out: Path, data: Path, cache: Path, **kwargs: Any) -> TrainConfig:
-    return TrainConfig(
+    settings: dict[str, Any] = dict(
         out=out, data=data, cache_dir=cache, img_size=48, epochs=2, batch_size=16, lr=2e-3,
         warmup_epochs=0.5, ema=True, ema_decay=0.9, aug="strong", pretrained=False, patience=0,
-        workers=0, seed=7, **kwargs,
+        workers=0, seed=7,
     )  # fmt: skip
+    return TrainConfig(**{**settings, **kwargs})
 
 
 @pytest.mark.slow
@@ -116,6 +117,26 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
 
     with pytest.raises(RuntimeError, match="already finished"):
         train(TrainConfig(out=tmp_path / "paused"), resume=True, progress=False)
+
+
+def test_lesion_masks_train_the_maps_when_augmenting_on_the_device_too(
+    synth_dataset: Path, small_cache: Path, tmp_path: Path
+) -> None:
+    """The batched augmenter (the path CUDA takes) warps the planes and the step adds the lesion term."""
+    plain, taught = (
+        train(
+            _run(
+                tmp_path / str(weight), synth_dataset, small_cache, epochs=1, tta="none", aug_on="device",
+                lesion_loss=weight, select_by="auroc",
+            ),
+            progress=False,
+        )
+        for weight in (0.0, 1.0)
+    )
+    assert plain.card is not None and plain.card.localisation == "labels"
+    assert taught.card is not None and taught.card.localisation == "lesion_masks"
+    # The cross-entropy over a map's cells starts near log(cells): the taught run's loss carries it.
+    assert taught.history[0]["train_loss"] > plain.history[0]["train_loss"] + 0.5
 
 
 def test_automatic_workers_load_inline_on_small_cpus_and_feed_gpus_generously() -> None:

@@ -43,6 +43,14 @@ def register(subparsers: Any) -> None:
     data.add_argument("--labels-csv", type=Path, default=_SUPPRESS, metavar="CSV", help="generic labels CSV")
     data.add_argument("--images", type=Path, default=_SUPPRESS, metavar="DIR", help="folder the CSV's paths start from")
     data.add_argument(
+        "--masks",
+        type=Path,
+        default=_SUPPRESS,
+        metavar="DIR",
+        help="lesion masks, <DIR>/<image folder>/<ID>_<COLUMN>.png, for the lesion loss, the epoch choice and the "
+        "report's pointing game (default <data>/masks, where retinagate synth writes them)",
+    )
+    data.add_argument(
         "--val-fraction",
         type=float,
         default=_SUPPRESS,
@@ -212,7 +220,7 @@ def register(subparsers: Any) -> None:
         default=_SUPPRESS,
         metavar="W",
         help="weight of the loss that asks each positive label's class map to put its mass on the label's "
-        "lesion, when the training photographs have lesion masks (<data>/masks/<folder>/<ID>_<COLUMN>.png); "
+        "lesion, when the training photographs have lesion masks (--masks); "
         "training only (default 0.01; 0: off; no effect without masks)",
     )
     optim.add_argument(

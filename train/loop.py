@@ -110,6 +110,8 @@ class TrainConfig:
         data: RFMiD-layout folder (or use ``labels_csv`` + ``images``).
         labels_csv: Generic CSV with a path column and label columns.
         images: Folder the generic CSV's paths start from.
+        masks: Lesion mask folder (``<masks>/<image folder>/<ID>_<COLUMN>.png``) for the lesion loss, the
+            pointing game that picks the epoch and the report's; default ``<data>/masks``.
         cache_dir: Preprocessing cache folder; default ``<out>/cache``.
         val_fraction: Validation share for a generic CSV without a ``split`` column.
         test_fraction: Test share for a generic CSV without a ``split`` column.
@@ -143,7 +145,7 @@ class TrainConfig:
             first ones turned 180 degrees (the batch keeps its size and cost).
         lesion_loss: Weight of :func:`train.losses.lesion_loss`, which asks each positive label's class
             map to put its mass on the label's lesion, when the training split has lesion masks
-            (``<data>/masks``, :mod:`train.lesions`); 0 turns it off. Training only.
+            (``masks``, :mod:`train.lesions`); 0 turns it off. Training only.
         pos_weight: ``none`` or ``auto`` (negatives/positives per label, capped); with ``auto`` the
             saved classifier bias has log(weight) taken back off, so scores stay log-odds.
         balanced_sampler: Draw images with weights that favour rare labels.
@@ -178,6 +180,7 @@ class TrainConfig:
     data: Path | None = None
     labels_csv: Path | None = None
     images: Path | None = None
+    masks: Path | None = None
     cache_dir: Path | None = None
     val_fraction: float = 0.2
     test_fraction: float = 0.0
@@ -273,7 +276,7 @@ class TrainConfig:
         were evaluated on one view, and runs written before ``lesion_loss`` trained without it, and
         keep being so.
         """
-        paths = {"out", "data", "labels_csv", "images", "cache_dir", "weights"}
+        paths = {"out", "data", "labels_csv", "images", "masks", "cache_dir", "weights"}
         known = {f.name for f in fields(cls)}
         values: dict[str, Any] = {
             k: (Path(v) if k in paths and v is not None else v) for k, v in data.items() if k in known
@@ -282,6 +285,12 @@ class TrainConfig:
         values.setdefault("tta", "none")
         values.setdefault("lesion_loss", 0.0)
         return cls(**values)
+
+    @property
+    def resolved_masks(self) -> Path | None:
+        """The lesion mask folder when it exists: ``masks``, or ``<data>/masks``."""
+        folder = self.masks if self.masks is not None else self.data / "masks" if self.data is not None else None
+        return folder if folder is not None and folder.is_dir() else None
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -620,8 +629,8 @@ class _Run:
         grid's centres (``localisation`` ``lesion_masks``).
         """
         c = self.config
-        masks = c.data / "masks" if c.data is not None else None
-        if c.lesion_loss <= 0 or masks is None or not masks.is_dir():
+        masks = c.resolved_masks
+        if c.lesion_loss <= 0 or masks is None:
             return None
         planes = lesion_planes(source, self.card.preprocessing, masks, c.resolved_cache_dir)
         if planes is None:
@@ -915,8 +924,8 @@ def _selection_targets(
     config: TrainConfig, card: ModelCard, model: nn.Module, source: SplitSource
 ) -> PointingTargets | None:
     """The validation pointing game that picks the best epoch, or ``None`` when AUROC alone does."""
-    masks = config.data / "masks" if config.data is not None else None
-    if config.select_by != "auroc+pointing" or masks is None or not masks.is_dir():
+    masks = config.resolved_masks
+    if config.select_by != "auroc+pointing" or masks is None:
         return None
     # The loop validates one view (the raw model), whatever the card serves.
     targets = pointing_targets(card, source, masks, cam_cells(model, card.input_size), two_views=False)
@@ -965,8 +974,8 @@ def _finish(
     # Where the maps point, on photographs the model did not train on: the report names it beside
     # AUROC, since a reader sees the heatmap as much as the score. The strongest cells come from the
     # same pass as the scores, scored as the loop scored them.
-    masks = config.data / "masks" if config.data is not None else None
-    pointing = masks is not None and masks.is_dir()
+    masks = config.resolved_masks
+    pointing = masks is not None
     cells = cam_cells(model, run.card.input_size)
 
     def evaluate(
@@ -1080,8 +1089,8 @@ def evaluate_checkpoint(
 
     The data location defaults to the one recorded in the checkpoint's training config. The pointing
     game of the model's CAMs against lesion masks (``<masks>/<image folder>/<ID>_<COLUMN>.png``;
-    ``masks`` defaults to ``<data>/masks``, where ``retinagate synth`` writes them) is added under
-    ``metrics.extra["pointing_game"]`` whenever the masks exist (``pointing_game=None``), always
+    ``masks`` defaults to the training run's, or ``<data>/masks``, where ``retinagate synth`` writes
+    them) is added under ``metrics.extra["pointing_game"]`` whenever the masks exist (``pointing_game=None``), always
     (``True``: missing masks are an error) or never (``False``); ``tolerance`` is the hit distance in
     model-input pixels, half a CAM cell by default (see :func:`train.cam.pointing_game`).
 
@@ -1099,6 +1108,7 @@ def evaluate_checkpoint(
     stored = TrainConfig.from_dict(raw.get("config") or {"out": str(Path(checkpoint).parent)})
     if data is None and labels_csv is None:
         data, labels_csv, images = stored.data, stored.labels_csv, stored.images
+        masks = masks if masks is not None else stored.masks
     if cache_dir is None:
         cache_dir = stored.resolved_cache_dir
     sources = load_splits(
