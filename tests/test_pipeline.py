@@ -193,15 +193,24 @@ def test_every_output_passes_dciodvfy(
 
 
 def _marker_centre(sc_png: Path, plain: NDArray[np.uint8]) -> tuple[int, int]:
-    """Centre ``(x, y)`` of the ring the SC draws at the shown finding's heatmap peak."""
+    """Centre ``(x, y)`` of the ring the SC draws at the shown finding's heatmap peak.
+
+    The marker is a white ring inside a black one: both are matched, so a pale patch of heat as wide
+    as the ring (white alone) does not pass for it.
+    """
     rendered = cv2.cvtColor(cv2.imread(str(sc_png)), cv2.COLOR_BGR2RGB)[: plain.shape[0]]
     white = ((rendered.min(axis=2) > 200) & (plain.min(axis=2) <= 200)).astype(np.float32)
+    black = ((rendered.max(axis=2) < 60) & (plain.max(axis=2) >= 60)).astype(np.float32)
     radius = max(6, plain.shape[1] // 90)  # the marker's radius in outputs.render
-    ring = np.zeros((2 * radius + 5, 2 * radius + 5), dtype=np.float32)
-    cv2.circle(ring, (radius + 2, radius + 2), radius, 1.0, 2)
-    score = cv2.matchTemplate(white, ring, cv2.TM_CCORR)
+    side, centre = 2 * radius + 9, (radius + 4, radius + 4)
+    ring = np.zeros((side, side), dtype=np.float32)
+    cv2.circle(ring, centre, radius, 1.0, 2)
+    halo = np.zeros_like(ring)
+    cv2.circle(halo, centre, radius, 1.0, 5)
+    halo[ring > 0] = 0.0
+    score = cv2.matchTemplate(white, ring, cv2.TM_CCORR) + cv2.matchTemplate(black, halo, cv2.TM_CCORR)
     y, x = np.unravel_index(int(np.argmax(score)), score.shape)
-    return int(x) + radius + 2, int(y) + radius + 2
+    return int(x) + centre[0], int(y) + centre[1]
 
 
 @pytest.mark.slow
@@ -232,6 +241,7 @@ def test_the_sc_heatmap_sits_over_the_planted_lesion(
         cv2.imwrite(str(png), cv2.cvtColor(result.outputs["sc"].pixel_array, cv2.COLOR_RGB2BGR))
         decoded = decode_instance(path, min_side=engine.card.input_size, min_long_side=1024, max_pixels=10**8)
         model_input, geometry = prepare_with_geometry(decoded.frames[0], engine.card.preprocessing)
+        geometry = geometry.with_cam(engine.card.cam_grid())  # where the served map's cells sit, as the SC reads them
         plain = render_heatmaps(decoded.frames[0], geometry, [], Legend("", ()))
         plain = plain[: round(mask.shape[0] * 1024 / mask.shape[1])]
         x, y = _marker_centre(png, plain)

@@ -12,10 +12,9 @@ benchmarks can run the real data pipeline on machines with a bare PyTorch instal
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,7 +23,18 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Weight
 
 from train.augment import sample_seed
 
-__all__ = ["AugmentedImages", "LesionPlanes", "epoch_loader"]
+__all__ = ["Augment", "AugmentedImages", "LesionPlanes", "epoch_loader"]
+
+
+class Augment(Protocol):
+    """What the dataset augments with (:class:`train.augment.Augmenter`): an image alone, or an image
+    and its lesion planes moved the same way, each under a seed."""
+
+    def __call__(self, image: torch.Tensor, seed: int) -> torch.Tensor: ...
+
+    def with_planes(
+        self, image: torch.Tensor, planes: torch.Tensor, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -60,8 +70,7 @@ class AugmentedImages(Dataset[tuple[torch.Tensor, ...]]):
     Args:
         cache_file: ``.npy`` holding ``uint8 (N, S, S, 3)`` images (see :func:`train.datasets.cache_split`).
         labels: ``uint8 (N, C)`` labels.
-        augment: Called as ``augment(image, seed)``; ``None`` for no augmentation. With ``lesions`` it
-            also needs ``augment.with_planes(image, planes, seed)`` (:class:`train.augment.Augmenter`).
+        augment: The augmentation (:class:`Augment`); ``None`` for none.
         seed: The run seed.
         lesions: The split's lesion planes, or ``None``.
     """
@@ -70,7 +79,7 @@ class AugmentedImages(Dataset[tuple[torch.Tensor, ...]]):
         self,
         cache_file: Path,
         labels: NDArray[np.uint8],
-        augment: Callable[[torch.Tensor, int], torch.Tensor] | None,
+        augment: Augment | None,
         seed: int,
         lesions: LesionPlanes | None = None,
     ) -> None:
@@ -108,7 +117,7 @@ class AugmentedImages(Dataset[tuple[torch.Tensor, ...]]):
             return image, labels
         planes, columns = self._lesions(index, image.shape[1], image.shape[2])
         if self.augment is not None:
-            image, planes = self.augment.with_planes(image, planes, seed)  # type: ignore[attr-defined]
+            image, planes = self.augment.with_planes(image, planes, seed)
         return image, labels, planes, columns
 
     def _lesions(self, index: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
