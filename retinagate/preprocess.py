@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import cv2
 import numpy as np
@@ -284,9 +285,7 @@ class Geometry:
         region = np.asarray(plane[y0:y1, x0:x1], dtype=np.float32)
         if plane.dtype == np.bool_:
             region *= 255.0
-        shrinking = (px1 - px0) <= region.shape[1] and (py1 - py0) <= region.shape[0]
-        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-        resized = cv2.resize(region, (px1 - px0, py1 - py0), interpolation=interpolation)
+        resized = _resize(region, px1 - px0, py1 - py0)
         out = np.zeros((self.size, self.size), dtype=np.uint8)
         out[py0:py1, px0:px1] = np.clip(np.rint(resized), 0, 255).astype(np.uint8)
         return out
@@ -375,6 +374,15 @@ def _align(start: int, end: int, multiple: int, limit: int) -> tuple[int, int]:
     return start, end - remainder
 
 
+def _resize(region: NDArray[Any], width: int, height: int) -> NDArray[Any]:
+    """Area interpolation when shrinking (it averages instead of skipping pixels, so small lesions
+    survive), bilinear when enlarging."""
+    shrinking = width <= region.shape[1] and height <= region.shape[0]
+    return np.asarray(
+        cv2.resize(region, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    )
+
+
 def _halvings(crop_w: int, crop_h: int, placed_w: int, placed_h: int) -> int:
     """How many exact 2x area reductions still leave at least the target size."""
     count = 0
@@ -409,11 +417,8 @@ def _prepare_into(
         if half_w < px1 - px0 or half_h < py1 - py0:
             break
         region = np.asarray(cv2.resize(region, (half_w, half_h), interpolation=cv2.INTER_AREA), dtype=np.uint8)
-    shrinking = (px1 - px0) <= region.shape[1] and (py1 - py0) <= region.shape[0]
     out[...] = 0
-    out[py0:py1, px0:px1] = cv2.resize(
-        region, (px1 - px0, py1 - py0), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    )
+    out[py0:py1, px0:px1] = _resize(region, px1 - px0, py1 - py0)
     return Geometry(source_shape=(height, width), crop=(x0, y0, x1, y1), placed=placed, size=size)
 
 

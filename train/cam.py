@@ -36,8 +36,10 @@ __all__ = [
     "cam_cells",
     "class_activation_maps",
     "lesion_mask",
+    "lesion_mask_files",
     "pointing_game",
     "pointing_targets",
+    "read_lesion_mask",
 ]
 
 
@@ -60,17 +62,25 @@ def class_activation_maps(model: nn.Module, images: torch.Tensor) -> tuple[torch
     return logits, cams
 
 
+def lesion_mask_files(masks_dir: Path, image_id: str, label: str) -> list[Path]:
+    """The mask files of one label in one image (``<ID>_<COLUMN>.png``); for ``OTHER``, those of the
+    18 rare RFMiD columns it stands for."""
+    columns = OTHER_COLUMNS if label == OTHER else (label,)
+    return [path for column in columns if (path := masks_dir / f"{image_id}_{column}.png").is_file()]
+
+
 def lesion_mask(masks_dir: Path, image_id: str, label: str) -> NDArray[np.bool_] | None:
     """The lesion mask of one label in one image, or ``None`` when there is none.
 
     ``OTHER`` is the union of the masks of the 18 rare RFMiD columns it stands for.
     """
-    columns = OTHER_COLUMNS if label == OTHER else (label,)
+    return read_lesion_mask(lesion_mask_files(masks_dir, image_id, label))
+
+
+def read_lesion_mask(files: Sequence[Path]) -> NDArray[np.bool_] | None:
+    """The union of mask files (non-zero pixels), or ``None`` when none can be read."""
     mask: NDArray[np.bool_] | None = None
-    for column in columns:
-        path = masks_dir / f"{image_id}_{column}.png"
-        if not path.is_file():
-            continue
+    for path in files:
         plane = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         if plane is None:
             continue

@@ -52,6 +52,7 @@ __all__ = [
     "DataSourceError",
     "MissingDataError",
     "SplitSource",
+    "cache_key",
     "cache_split",
     "find_rfmid_splits",
     "load_splits",
@@ -449,7 +450,8 @@ def read_image(path: Path) -> NDArray[np.uint8]:
     return np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8)
 
 
-def _cache_key(source: SplitSource, preprocessing: Preprocessing) -> str:
+def cache_key(source: SplitSource, preprocessing: Preprocessing) -> str:
+    """What decides a split's cached pixels: the cache format, the recipe and every file's size and mtime."""
     files = []
     for path in source.paths:
         stat = path.stat()
@@ -487,7 +489,7 @@ def cache_split(
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = _cache_key(source, preprocessing)
+    key = cache_key(source, preprocessing)
     final = cache_dir / f"{source.split}-{key[:24]}.npy"
     if final.is_file():
         images = np.load(final, mmap_mode="r")

@@ -30,10 +30,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from retinagate.card import Preprocessing
-from retinagate.labels import DISEASE_LABELS, LABELS, OTHER, OTHER_COLUMNS
+from retinagate.labels import DISEASE_LABELS, LABELS
 from retinagate.preprocess import prepare_with_geometry
-from train.cam import lesion_mask
-from train.datasets import SplitSource, read_image
+from train.cam import lesion_mask_files, read_lesion_mask
+from train.datasets import SplitSource, cache_key, read_image
 from train.loader import LesionPlanes
 
 __all__ = ["MAX_PAIRS_PER_IMAGE", "lesion_planes"]
@@ -45,11 +45,6 @@ logger = logging.getLogger(__name__)
 MAX_PAIRS_PER_IMAGE: Final = 8
 
 _FORMAT: Final = 1
-
-
-def _mask_files(masks_dir: Path, image_id: str, label: str) -> list[Path]:
-    columns = OTHER_COLUMNS if label == OTHER else (label,)
-    return [path for column in columns if (path := masks_dir / f"{image_id}_{column}.png").is_file()]
 
 
 def lesion_planes(
@@ -64,7 +59,7 @@ def lesion_planes(
     """The split's lesion masks on the model input, built on first use and cached; ``None`` without any.
 
     A pair is a positive (image, label) with a non-empty mask file (``masks_root/<image folder>/
-    <ID>_<COLUMN>.png``, as :func:`train.cam.lesion_mask` reads it). The planes are written under a
+    <ID>_<COLUMN>.png``, found and read as :func:`train.cam.lesion_mask` does). The planes are written under a
     temporary name and renamed into place, with a key over the recipe and every mask file, so a
     changed mask rebuilds them and an interrupted build leaves nothing a later run would trust.
 
@@ -77,22 +72,20 @@ def lesion_planes(
         workers: Decoding threads; 0 picks one per CPU core.
     """
     wanted = [(name, LABELS.index(name)) for name in labels]
-    found: list[list[tuple[int, Path]]] = []
+    found: list[list[tuple[int, list[Path]]]] = []
     key_files: list[list[object]] = []
     for i in range(len(source)):
         masks_dir = Path(masks_root) / source.paths[i].parent.name
         pairs = []
         for name, column in wanted:
-            files = _mask_files(masks_dir, source.ids[i], name) if source.labels[i, column] else []
+            files = lesion_mask_files(masks_dir, source.ids[i], name) if source.labels[i, column] else []
             if files:
-                pairs.append((column, masks_dir))
-                key_files.extend([str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files)
+                pairs.append((column, files))
+                key_files.extend([str(f), (stat := f.stat()).st_size, stat.st_mtime_ns] for f in files)
         found.append(pairs)
     if not key_files:
         return None
-    images = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in source.paths]
-    recipe = preprocessing.model_dump(mode="json", exclude={"contrast_sigma", "contrast_gain"})
-    payload = {"format": _FORMAT, "preprocessing": recipe, "images": images, "masks": key_files}
+    payload = {"format": _FORMAT, "images": cache_key(source, preprocessing), "masks": key_files}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -108,8 +101,8 @@ def lesion_planes(
             return []
         _, geometry = prepare_with_geometry(read_image(source.paths[i]), preprocessing)
         placed: list[tuple[int, NDArray[np.uint8]]] = []
-        for column, masks_dir in found[i]:
-            mask = lesion_mask(masks_dir, source.ids[i], LABELS[column])
+        for column, files in found[i]:
+            mask = read_lesion_mask(files)
             if mask is None or mask.shape != geometry.source_shape:
                 logger.warning("a %s lesion mask does not match its photograph's size; left out", LABELS[column])
                 continue
