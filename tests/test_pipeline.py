@@ -220,12 +220,13 @@ def test_the_sc_heatmap_sits_over_the_planted_lesion(
     from retinagate.decode import decode_instance
     from retinagate.outputs import Legend, render_heatmaps
     from retinagate.preprocess import prepare_with_geometry
-    from train.cam import lesion_mask
+    from train.masks import MaskIndex
 
     engine = Engine(onnx_model_path, providers="cpu")
     paths = sorted(p for p in (synth_dataset / "dicom").rglob("*.dcm") if not p.name.startswith("Training"))
 
     results = _score(engine, make_settings(top_findings=1), paths)
+    masks = MaskIndex.scan(synth_dataset / "masks")
 
     # Half a CAM cell around the lesion: the map is engine.cam_size cells across the model input.
     cell = engine.card.input_size / engine.cam_size[1]
@@ -234,7 +235,7 @@ def test_the_sc_heatmap_sits_over_the_planted_lesion(
         assert isinstance(result, ScoreResult)
         split, image_id = path.stem.split("_", 1)
         shown = [n for n in result.findings if n != DISEASE_RISK][:1]
-        mask = lesion_mask(synth_dataset / "masks" / split, image_id, shown[0]) if shown else None
+        mask = masks.mask(Path(split, f"{image_id}.png"), image_id, shown[0]) if shown else None
         if mask is None:
             continue  # the finding shown is not one planted in this photograph
         png = tmp_path / f"{path.stem}.png"

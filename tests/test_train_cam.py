@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
 
 from retinagate.card import ModelCard, Preprocessing
-from retinagate.labels import OTHER
-from train.cam import PointingTargets, cam_cells, class_activation_maps, lesion_mask, pointing_game
+from train.cam import PointingTargets, cam_cells, class_activation_maps, pointing_game
 from train.datasets import find_rfmid_splits
+from train.masks import MaskIndex
 from train.model import create_model, load_checkpoint
 
 
@@ -32,18 +31,6 @@ def test_cam_equals_autograd_grad_cam_on_the_pooled_feature_map() -> None:
         grad_cam = torch.relu((alpha * features).sum(dim=1))
         h, w = features.shape[2:]
         torch.testing.assert_close(cams[:, c] / (h * w), grad_cam.detach(), rtol=1e-4, atol=1e-6)
-
-
-def test_other_mask_is_the_union_of_the_rare_column_masks(tmp_path: Path) -> None:
-    first = np.zeros((10, 10), np.uint8)
-    first[1, 1] = 255
-    second = np.zeros((10, 10), np.uint8)
-    second[8, 8] = 255
-    cv2.imwrite(str(tmp_path / "4_CWS.png"), first)
-    cv2.imwrite(str(tmp_path / "4_HR.png"), second)
-    mask = lesion_mask(tmp_path, "4", OTHER)
-    assert mask is not None and mask.sum() == 2 and mask[1, 1] and mask[8, 8]
-    assert lesion_mask(tmp_path, "4", "DR") is None
 
 
 def test_pointing_targets_score_the_strongest_cell_of_each_pair() -> None:
@@ -86,7 +73,7 @@ def test_trained_model_cams_point_at_the_planted_lesions_well_above_chance(
     """
     model, card, _ = load_checkpoint(trained_checkpoint)
     games = [
-        pointing_game(model, card, split, synth_dataset / "masks")
+        pointing_game(model, card, split, MaskIndex.scan(synth_dataset / "masks"))
         for split in find_rfmid_splits(synth_dataset).values()
     ]
     hits, total = sum(g.hits for g in games), sum(g.total for g in games)

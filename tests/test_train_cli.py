@@ -89,7 +89,7 @@ def test_evaluate_json_reproduces_the_test_metrics_recorded_in_the_card(
 
 @pytest.mark.slow
 def test_evaluate_prints_a_table_with_every_label_and_the_pointing_game(
-    cli_run: tuple[Path, dict[str, Any]], synth_dataset: Path, capsys: pytest.CaptureFixture[str]
+    cli_run: tuple[Path, dict[str, Any]], synth_dataset: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     run, _ = cli_run
     args = ["evaluate", "--checkpoint", str(run / "best.pt"), "--split", "val", "--data", str(synth_dataset)]
@@ -98,6 +98,13 @@ def test_evaluate_prints_a_table_with_every_label_and_the_pointing_game(
     assert "RIADD score" in out and "pointing game" in out
     for label in LABELS:
         assert f"\n{label} " in out
+
+    # Asked for, against a folder whose files fit no mask layout: the error says what was expected.
+    (empty := tmp_path / "masks" / "Evaluation").mkdir(parents=True)
+    (empty / "1-drusen.png").write_bytes(b"")
+    assert main([*args, "--pointing-game", "--masks", str(tmp_path / "masks")]) != 0
+    err = capsys.readouterr().err
+    assert "no lesion mask files under" in err and "<folder>/<ID>_<COLUMN>.png" in err
 
 
 @pytest.mark.slow

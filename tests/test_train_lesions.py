@@ -11,24 +11,24 @@ import pytest
 
 from retinagate.card import CamGrid, ModelCard, Preprocessing
 from retinagate.labels import DISEASE_LABELS, LABELS
-from train.cam import lesion_mask
 from train.datasets import find_rfmid_splits, read_image
 from train.lesions import lesion_planes
 from train.loop import TrainConfig
+from train.masks import MaskIndex
 
 PRE = Preprocessing(input_size=64)
 
 
 def test_each_positive_label_with_a_mask_becomes_one_plane_on_the_input(synth_dataset: Path, tmp_path: Path) -> None:
     source = find_rfmid_splits(synth_dataset)["train"]
-    masks = synth_dataset / "masks"
+    masks = MaskIndex.scan(synth_dataset / "masks")
     planes = lesion_planes(source, PRE, masks, tmp_path)
     assert planes is not None
     expected = [
         (i, LABELS.index(name))
         for i in range(len(source))
         for name in DISEASE_LABELS
-        if source.labels[i, LABELS.index(name)] and lesion_mask(masks / "Training", source.ids[i], name) is not None
+        if source.labels[i, LABELS.index(name)] and masks.mask(source.paths[i], source.ids[i], name) is not None
     ]
     pairs = [(i, int(c)) for i in range(len(source)) for c in planes.columns[planes.offsets[i] : planes.offsets[i + 1]]]
     assert pairs == expected and len(planes) == len(expected) > 50
@@ -42,23 +42,26 @@ def test_planes_are_reused_until_a_mask_changes(synth_dataset: Path, tmp_path: P
     data = tmp_path / "data"
     shutil.copytree(synth_dataset, data, ignore=shutil.ignore_patterns("dicom"))
     source = find_rfmid_splits(data)["val"]
-    first = lesion_planes(source, PRE, data / "masks", tmp_path / "cache")
+    first = lesion_planes(source, PRE, MaskIndex.scan(data / "masks"), tmp_path / "cache")
     assert first is not None
     built = first.cache_file.stat().st_mtime_ns
-    again = lesion_planes(source, PRE, data / "masks", tmp_path / "cache")
+    again = lesion_planes(source, PRE, MaskIndex.scan(data / "masks"), tmp_path / "cache")
     assert again is not None and again.cache_file == first.cache_file
     assert again.cache_file.stat().st_mtime_ns == built
     changed = next((data / "masks" / "Evaluation").iterdir())
     os.utime(changed, ns=(built + 10**9, built + 10**9))
-    rebuilt = lesion_planes(source, PRE, data / "masks", tmp_path / "cache")
+    rebuilt = lesion_planes(source, PRE, MaskIndex.scan(data / "masks"), tmp_path / "cache")
     assert rebuilt is not None and rebuilt.cache_file != first.cache_file
     assert not list((tmp_path / "cache").glob(".*tmp*"))
 
 
 def test_no_planes_without_masks_for_the_split(synth_dataset: Path, tmp_path: Path) -> None:
     source = find_rfmid_splits(synth_dataset)["test"]
-    (tmp_path / "masks").mkdir()
-    assert lesion_planes(source, PRE, tmp_path / "masks", tmp_path / "cache") is None
+    (tmp_path / "masks" / "Test").mkdir(parents=True)
+    assert lesion_planes(source, PRE, MaskIndex.scan(tmp_path / "masks"), tmp_path / "cache") is None
+    others = MaskIndex.scan(synth_dataset / "masks")  # masks of the other splits only
+    others = MaskIndex(others.root, {key: files for key, files in others.files.items() if key[0] != ("Test",)})
+    assert others.files and lesion_planes(source, PRE, others, tmp_path / "cache") is None
 
 
 def test_a_plane_lies_where_its_lesion_is_on_the_prepared_photograph(synth_dataset: Path, tmp_path: Path) -> None:
@@ -66,7 +69,7 @@ def test_a_plane_lies_where_its_lesion_is_on_the_prepared_photograph(synth_datas
     from retinagate.preprocess import prepare
 
     source = find_rfmid_splits(synth_dataset)["train"]
-    planes = lesion_planes(source, Preprocessing(input_size=128), synth_dataset / "masks", tmp_path)
+    planes = lesion_planes(source, Preprocessing(input_size=128), MaskIndex.scan(synth_dataset / "masks"), tmp_path)
     assert planes is not None
     array = np.load(planes.cache_file)
     i = int(np.argmax(np.diff(planes.offsets) > 0))
@@ -106,3 +109,16 @@ def test_the_mask_folder_is_the_masks_option_or_the_data_folders_own_when_it_exi
     assert config.resolved_masks == tmp_path / "elsewhere"
     assert TrainConfig.from_dict(config.to_dict()).masks == tmp_path / "elsewhere"
     assert TrainConfig(out=tmp_path, data=data, masks=tmp_path / "absent").resolved_masks is None
+
+
+def test_a_mask_folder_with_nothing_in_a_known_layout_is_reported_and_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from train.loop import _Run
+
+    (tmp_path / "masks" / "Training").mkdir(parents=True)
+    (tmp_path / "masks" / "Training" / "1-drusen.png").write_bytes(b"")
+    run = _Run(TrainConfig(out=tmp_path / "run", data=tmp_path, device="cpu", pretrained=False), progress=False)
+    with caplog.at_level("WARNING", logger="train.loop"):
+        assert run.masks is None
+    assert "no lesion mask files under" in caplog.text and "<folder>/<ID>_<COLUMN>.png" in caplog.text

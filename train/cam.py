@@ -8,14 +8,14 @@ labels in one pass; the exported ONNX graph computes the same map.
 The pointing game checks where those maps point: for each positive (image, label) pair with a ground
 truth lesion mask, the centre of the CAM's strongest cell is mapped back onto the photograph (the
 inverse of the crop and resize serving uses) and counts as a hit when it lies within half a cell of the
-lesion. ``retinagate synth`` writes such masks (``masks/<Split>/<ID>_<COLUMN>.png``).
+lesion. ``retinagate synth`` writes such masks (``masks/<Split>/<ID>_<COLUMN>.png``; :mod:`train.masks`
+says which other layouts are read).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -24,10 +24,11 @@ from numpy.typing import NDArray
 from torch import nn
 
 from retinagate.card import CamGrid, ModelCard
-from retinagate.labels import DISEASE_LABELS, OTHER, OTHER_COLUMNS
+from retinagate.labels import DISEASE_LABELS
 from retinagate.preprocess import prepare, prepare_with_geometry
 from train.augment import Normalizer
 from train.datasets import SplitSource, read_image
+from train.masks import MaskIndex
 from train.model import TurnAveraged, class_maps
 
 __all__ = [
@@ -35,11 +36,8 @@ __all__ = [
     "PointingTargets",
     "cam_cells",
     "class_activation_maps",
-    "lesion_mask",
-    "lesion_mask_files",
     "pointing_game",
     "pointing_targets",
-    "read_lesion_mask",
 ]
 
 
@@ -60,32 +58,6 @@ def class_activation_maps(model: nn.Module, images: torch.Tensor) -> tuple[torch
     logits = model.forward_head(features)  # type: ignore[operator]
     cams = torch.relu(class_maps(features, model.get_classifier()))  # type: ignore[operator]
     return logits, cams
-
-
-def lesion_mask_files(masks_dir: Path, image_id: str, label: str) -> list[Path]:
-    """The mask files of one label in one image (``<ID>_<COLUMN>.png``); for ``OTHER``, those of the
-    18 rare RFMiD columns it stands for."""
-    columns = OTHER_COLUMNS if label == OTHER else (label,)
-    return [path for column in columns if (path := masks_dir / f"{image_id}_{column}.png").is_file()]
-
-
-def lesion_mask(masks_dir: Path, image_id: str, label: str) -> NDArray[np.bool_] | None:
-    """The lesion mask of one label in one image, or ``None`` when there is none.
-
-    ``OTHER`` is the union of the masks of the 18 rare RFMiD columns it stands for.
-    """
-    return read_lesion_mask(lesion_mask_files(masks_dir, image_id, label))
-
-
-def read_lesion_mask(files: Sequence[Path]) -> NDArray[np.bool_] | None:
-    """The union of mask files (non-zero pixels), or ``None`` when none can be read."""
-    mask: NDArray[np.bool_] | None = None
-    for path in files:
-        plane = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        if plane is None:
-            continue
-        mask = plane > 0 if mask is None else mask | (plane > 0)
-    return mask
 
 
 @dataclass(frozen=True)
@@ -187,7 +159,7 @@ def cam_cells(model: nn.Module, input_size: int) -> tuple[int, int]:
 def pointing_targets(
     card: ModelCard,
     source: SplitSource,
-    masks_root: Path,
+    masks: MaskIndex,
     cells: tuple[int, int],
     *,
     two_views: bool,
@@ -198,8 +170,8 @@ def pointing_targets(
 
     Args:
         card: The model's card (labels, preprocessing and where its CAM's cells sit).
-        source: The split; image ``<Folder>/<ID>.png`` has its masks in ``masks_root/<Folder>/``.
-        masks_root: Folder holding one mask folder per image folder (``<data>/masks``).
+        source: The split.
+        masks: Its lesion masks (:meth:`train.masks.MaskIndex.scan` of ``<data>/masks``).
         cells: ``(h, w)`` of the model's CAM (:func:`cam_cells`).
         two_views: Whether the maps scored are the two-view average (:class:`train.model.TurnAveraged`)
             or one view's (:meth:`retinagate.card.ModelCard.cam_grid`).
@@ -225,11 +197,10 @@ def pointing_targets(
     hit_cells: list[NDArray[np.bool_]] = []
     shares: list[float] = []
     for i in range(len(source)):
-        masks_dir = Path(masks_root) / source.paths[i].parent.name
         pairs = []
         for name, column in zip(labels, columns, strict=True):
             if source.labels[i, column]:
-                mask = lesion_mask(masks_dir, source.ids[i], name)
+                mask = masks.mask(source.paths[i], source.ids[i], name)
                 if mask is not None and mask.any():
                     pairs.append((name, column, mask))
         if not pairs:
@@ -266,7 +237,7 @@ def pointing_game(
     model: nn.Module,
     card: ModelCard,
     source: SplitSource,
-    masks_root: Path,
+    masks: MaskIndex,
     *,
     device: torch.device | str = "cpu",
     labels: Sequence[str] = DISEASE_LABELS,
@@ -287,8 +258,8 @@ def pointing_game(
     Args:
         model: A timm classifier (eval mode is set here).
         card: Its card (labels and preprocessing).
-        source: The split; image ``<Folder>/<ID>.png`` has its masks in ``masks_root/<Folder>/``.
-        masks_root: Folder holding one mask folder per image folder (``<data>/masks``).
+        source: The split.
+        masks: Its lesion masks (:meth:`train.masks.MaskIndex.scan` of ``<data>/masks``).
         device: Where to run the model.
         labels: Labels to score (default: the 28 disease outputs; ``Disease_Risk`` has no lesion).
         batch_size: Images per forward pass.
@@ -301,7 +272,7 @@ def pointing_game(
     model.eval().to(device)
     two_views = isinstance(model, TurnAveraged)
     cells = cam_cells(model, card.input_size)
-    targets = pointing_targets(card, source, masks_root, cells, two_views=two_views, labels=labels, tolerance=tolerance)
+    targets = pointing_targets(card, source, masks, cells, two_views=two_views, labels=labels, tolerance=tolerance)
     normalizer = Normalizer(card.preprocessing).to(device)
     rows = np.unique(targets.images)
     peaks = np.zeros((len(source), len(card.labels)), np.intp)

@@ -32,9 +32,9 @@ from numpy.typing import NDArray
 from retinagate.card import Preprocessing
 from retinagate.labels import DISEASE_LABELS, LABELS
 from retinagate.preprocess import prepare_with_geometry
-from train.cam import lesion_mask_files, read_lesion_mask
 from train.datasets import SplitSource, cache_key, read_image
 from train.loader import LesionPlanes
+from train.masks import MaskIndex, read_lesion_mask
 
 __all__ = ["MAX_PAIRS_PER_IMAGE", "lesion_planes"]
 
@@ -50,7 +50,7 @@ _FORMAT: Final = 1
 def lesion_planes(
     source: SplitSource,
     preprocessing: Preprocessing,
-    masks_root: Path,
+    masks: MaskIndex,
     cache_dir: Path,
     *,
     labels: Sequence[str] = DISEASE_LABELS,
@@ -58,15 +58,15 @@ def lesion_planes(
 ) -> LesionPlanes | None:
     """The split's lesion masks on the model input, built on first use and cached; ``None`` without any.
 
-    A pair is a positive (image, label) with a non-empty mask file (``masks_root/<image folder>/
-    <ID>_<COLUMN>.png``, found and read as :func:`train.cam.lesion_mask` does). The planes are written under a
+    A pair is a positive (image, label) with a non-empty mask (:meth:`train.masks.MaskIndex.lookup`,
+    read as the pointing game reads it). The planes are written under a
     temporary name and renamed into place, with a key over the recipe and every mask file, so a
     changed mask rebuilds them and an interrupted build leaves nothing a later run would trust.
 
     Args:
         source: The split (its photographs are decoded again, for their crop).
         preprocessing: The model card's preprocessing recipe.
-        masks_root: Folder holding one mask folder per image folder (``<data>/masks``).
+        masks: The lesion masks (:meth:`train.masks.MaskIndex.scan` of ``<data>/masks``).
         cache_dir: Where to keep the planes (the preprocessing cache folder).
         labels: Labels whose lesions count (default: the 28 disease outputs).
         workers: Decoding threads; 0 picks one per CPU core.
@@ -75,10 +75,9 @@ def lesion_planes(
     found: list[list[tuple[int, list[Path]]]] = []
     key_files: list[list[object]] = []
     for i in range(len(source)):
-        masks_dir = Path(masks_root) / source.paths[i].parent.name
         pairs = []
         for name, column in wanted:
-            files = lesion_mask_files(masks_dir, source.ids[i], name) if source.labels[i, column] else []
+            files = masks.lookup(source.paths[i], source.ids[i], name) if source.labels[i, column] else []
             if files:
                 pairs.append((column, files))
                 key_files.extend([str(f), (stat := f.stat()).st_size, stat.st_mtime_ns] for f in files)

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -48,6 +49,7 @@ from train.datasets import CachedSplit, Split, SplitSource, cache_split, load_sp
 from train.lesions import lesion_planes
 from train.loader import AugmentedImages, LesionPlanes, epoch_loader
 from train.losses import LOSSES, auto_pos_weight, build_loss
+from train.masks import MaskIndex
 from train.metrics import Metrics, compute_metrics
 from train.model import (
     CHECKPOINT_FORMAT,
@@ -110,8 +112,9 @@ class TrainConfig:
         data: RFMiD-layout folder (or use ``labels_csv`` + ``images``).
         labels_csv: Generic CSV with a path column and label columns.
         images: Folder the generic CSV's paths start from.
-        masks: Lesion mask folder (``<masks>/<image folder>/<ID>_<COLUMN>.png``) for the lesion loss, the
-            pointing game that picks the epoch and the report's; default ``<data>/masks``.
+        masks: Lesion mask folder (``<masks>/<image folder>/<ID>_<COLUMN>.png``, or another layout of
+            :mod:`train.masks`) for the lesion loss, the pointing game that picks the epoch and the
+            report's; default ``<data>/masks``.
         cache_dir: Preprocessing cache folder; default ``<out>/cache``.
         val_fraction: Validation share for a generic CSV without a ``split`` column.
         test_fraction: Test share for a generic CSV without a ``split`` column.
@@ -609,6 +612,23 @@ class _Run:
         self.card = _training_card(config)
         self.out = config.out
 
+    @cached_property
+    def masks(self) -> MaskIndex | None:
+        """The lesion masks (``config.resolved_masks``, scanned once), or ``None`` when there are none.
+
+        A mask folder with no file in a known layout is logged with what was found, since the lesion
+        loss, the epoch choice and the report's pointing game all quietly go without it.
+        """
+        folder = self.config.resolved_masks
+        if folder is None:
+            return None
+        index = MaskIndex.scan(folder)
+        if not index.files:
+            logger.warning("%s; training without them", index.describe())
+            return None
+        logger.info("%s", index.describe())
+        return index
+
     def find_data(self) -> dict[Split, SplitSource]:
         """Reads the label files and lists the images (cheap; nothing is decoded yet)."""
         c = self.config
@@ -629,10 +649,9 @@ class _Run:
         grid's centres (``localisation`` ``lesion_masks``).
         """
         c = self.config
-        masks = c.resolved_masks
-        if c.lesion_loss <= 0 or masks is None:
+        if c.lesion_loss <= 0 or self.masks is None:
             return None
-        planes = lesion_planes(source, self.card.preprocessing, masks, c.resolved_cache_dir)
+        planes = lesion_planes(source, self.card.preprocessing, self.masks, c.resolved_cache_dir)
         if planes is None:
             logger.info("no lesion masks for the training photographs; the lesion loss is off")
             return None
@@ -779,7 +798,7 @@ def train(
         _set_rng_state(checkpoint["rng"])
         logger.info("resuming %s after epoch %d", out, start_epoch)
 
-    pointing = _selection_targets(config, run.card, model, val_split.source)
+    pointing = _selection_targets(config, run.masks, run.card, model, val_split.source)
     on_device = config.aug_on == "device" or (config.aug_on == "auto" and device.type == "cuda")
     batch_augment = BatchAugmenter(config.aug) if on_device and config.aug != "none" else None
     dataset = AugmentedImages(
@@ -921,10 +940,9 @@ def _lesion_grid(card: ModelCard, model: nn.Module) -> tuple[float, float]:
 
 
 def _selection_targets(
-    config: TrainConfig, card: ModelCard, model: nn.Module, source: SplitSource
+    config: TrainConfig, masks: MaskIndex | None, card: ModelCard, model: nn.Module, source: SplitSource
 ) -> PointingTargets | None:
     """The validation pointing game that picks the best epoch, or ``None`` when AUROC alone does."""
-    masks = config.resolved_masks
     if config.select_by != "auroc+pointing" or masks is None:
         return None
     # The loop validates one view (the raw model), whatever the card serves.
@@ -974,7 +992,7 @@ def _finish(
     # Where the maps point, on photographs the model did not train on: the report names it beside
     # AUROC, since a reader sees the heatmap as much as the score. The strongest cells come from the
     # same pass as the scores, scored as the loop scored them.
-    masks = config.resolved_masks
+    masks = run.masks
     pointing = masks is not None
     cells = cam_cells(model, run.card.input_size)
 
@@ -1088,11 +1106,12 @@ def evaluate_checkpoint(
     """Evaluates a checkpoint on one split, with F1 at the card's thresholds.
 
     The data location defaults to the one recorded in the checkpoint's training config. The pointing
-    game of the model's CAMs against lesion masks (``<masks>/<image folder>/<ID>_<COLUMN>.png``;
-    ``masks`` defaults to the training run's, or ``<data>/masks``, where ``retinagate synth`` writes
-    them) is added under ``metrics.extra["pointing_game"]`` whenever the masks exist (``pointing_game=None``), always
-    (``True``: missing masks are an error) or never (``False``); ``tolerance`` is the hit distance in
-    model-input pixels, half a CAM cell by default (see :func:`train.cam.pointing_game`).
+    game of the model's CAMs against lesion masks (``<masks>/<image folder>/<ID>_<COLUMN>.png`` or
+    another layout of :mod:`train.masks`; ``masks`` defaults to the training run's, or ``<data>/masks``,
+    where ``retinagate synth`` writes them) is added under ``metrics.extra["pointing_game"]`` whenever
+    the masks exist (``pointing_game=None``), always (``True``: missing masks are an error) or never
+    (``False``); ``tolerance`` is the hit distance in model-input pixels, half a CAM cell by default
+    (see :func:`train.cam.pointing_game`).
 
     Raises:
         TrainingError: Unknown split, split missing from the data, unusable checkpoint.
@@ -1129,12 +1148,14 @@ def evaluate_checkpoint(
     )  # fmt: skip
     metrics = _with_f1(compute_metrics(cached.labels, probs, card.labels), cached.labels, probs, card.thresholds)
     mask_dir = Path(masks) if masks is not None else Path(data) / "masks" if data is not None else None
-    if mask_dir is None or not mask_dir.is_dir():
+    index = MaskIndex.scan(mask_dir) if mask_dir is not None and pointing_game is not False else None
+    if index is None or not index.files:
         if pointing_game:
-            raise TrainingError(f"pointing game: no lesion mask folder {mask_dir or ''}; give --masks DIR".strip())
-    elif pointing_game is not False:
+            found = index.describe() if index is not None else "no lesion mask folder"
+            raise TrainingError(f"pointing game: {found}; give --masks DIR")
+    else:
         from train.cam import pointing_game as play  # the argument of the same name hides the function
 
-        game = play(model, card, cached.source, mask_dir, device=target, batch_size=batch_size, tolerance=tolerance)
+        game = play(model, card, cached.source, index, device=target, batch_size=batch_size, tolerance=tolerance)
         metrics = replace(metrics, extra={**metrics.extra, "pointing_game": game.to_dict()})
     return metrics, card
