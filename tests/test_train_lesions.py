@@ -122,3 +122,18 @@ def test_a_mask_folder_with_nothing_in_a_known_layout_is_reported_and_left_out(
     with caplog.at_level("WARNING", logger="train.loop"):
         assert run.masks is None
     assert "no lesion mask files under" in caplog.text and "<folder>/<ID>_<COLUMN>.png" in caplog.text
+
+
+def test_masks_in_a_folder_per_photograph_give_the_same_planes(synth_dataset: Path, tmp_path: Path) -> None:
+    """The same masks moved to ``<folder>/<ID>/<COLUMN>.png`` place the same planes on the input."""
+    source = find_rfmid_splits(synth_dataset)["val"]
+    moved = tmp_path / "moved"
+    for path in (synth_dataset / "masks" / "Evaluation").glob("*.png"):
+        image_id, column = path.stem.split("_", 1)
+        (moved / "Evaluation" / image_id).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, moved / "Evaluation" / image_id / f"{column}.png")
+    original = lesion_planes(source, PRE, MaskIndex.scan(synth_dataset / "masks"), tmp_path / "a")
+    placed = lesion_planes(source, PRE, MaskIndex.scan(moved), tmp_path / "b")
+    assert original is not None and placed is not None
+    assert np.array_equal(placed.offsets, original.offsets) and np.array_equal(placed.columns, original.columns)
+    assert np.array_equal(np.load(placed.cache_file), np.load(original.cache_file))
