@@ -12,7 +12,15 @@ import torch
 
 from retinagate.card import ModelCard
 from retinagate.labels import LABELS
-from train.loop import TrainConfig, _balanced_weights, _schedule, freeze_stages, train
+from train.loop import (
+    POINTING_ENOUGH,
+    TrainConfig,
+    _balanced_weights,
+    _schedule,
+    freeze_stages,
+    selection_score,
+    train,
+)
 from train.model import create_model, state_dict_sha256
 
 
@@ -172,6 +180,16 @@ def test_a_run_written_before_select_by_keeps_choosing_by_auroc_when_resumed(tmp
     assert TrainConfig.from_dict(stored).select_by == "auroc"
     with pytest.raises(ValueError, match="select_by is 'pointing'; expected one of auroc, auroc\\+pointing"):
         TrainConfig(out=tmp_path, select_by="pointing")
+
+
+def test_the_pointing_game_counts_towards_the_epoch_choice_only_until_it_is_enough() -> None:
+    """Below POINTING_ENOUGH a better game can outweigh a little AUROC; above it, AUROC alone decides."""
+    low = POINTING_ENOUGH - 0.2
+    assert selection_score(0.70, low + 0.1, None) > selection_score(0.72, low, None)
+    assert selection_score(0.72, POINTING_ENOUGH, None) > selection_score(0.70, POINTING_ENOUGH + 0.1, None)
+    assert selection_score(0.71, 0.95, None) == selection_score(0.71, POINTING_ENOUGH, None)
+    assert selection_score(0.71, None, None) == 0.71  # no masks: AUROC
+    assert selection_score(None, None, 0.3) == -0.3  # no AUROC: the loss
 
 
 def test_a_run_written_before_tta_keeps_scoring_one_view_when_resumed(tmp_path: Path) -> None:

@@ -123,7 +123,7 @@ def register(subparsers: Any) -> None:
         choices=("auroc", "auroc+pointing"),
         default=_SUPPRESS,
         help="what picks best.pt and drives early stopping: validation macro AUROC, or its mean with the "
-        "validation pointing game when the data has lesion masks (default auroc+pointing)",
+        "validation pointing game (counted up to 0.8) when the data has lesion masks (default auroc+pointing)",
     )
     run.add_argument(
         "--channels-last",
