@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
     # The data has lesion masks, so the default picks the best epoch by AUROC and the pointing game
     # together, and the game played in the loop is the one the report plays again on best.pt (with
     # one view each: the loop validates on one, the report on the card's views).
-    scores = [(row["val_macro_auroc"] + row["val_pointing"]) / 2 for row in straight.history]
+    scores = [selection_score(row["val_macro_auroc"], row["val_pointing"], row["val_loss"]) for row in straight.history]
     assert straight.best_epoch == 1 + int(np.argmax(scores))
     assert straight.validation is not None
     reported = straight.validation.extra["pointing_game"]
@@ -107,6 +108,12 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
         _run(tmp_path / "paused", synth_dataset, small_cache, tta="none"), stop_after_epochs=1, progress=False
     )
     assert not paused.finished and paused.epochs_run == 1 and paused.card is None
+    # A run paused under another epoch-choice rule stored another score for best.pt's epoch; the resume
+    # scores that epoch again by today's rule. Stored too high, epoch 2 could never win; too low, it
+    # would always win: whichever the straight run shows wrong.
+    state = torch.load(tmp_path / "paused" / "last.pt", weights_only=True)
+    state["best_metric"] = 2.0 if straight.best_epoch == 2 else -math.inf
+    torch.save(state, tmp_path / "paused" / "last.pt")
     torch.manual_seed(12345)  # a resumed process starts from an unrelated global RNG state
     resumed = train(TrainConfig(out=tmp_path / "paused"), resume=True, progress=False)
     assert resumed.finished and resumed.epochs_run == 2
@@ -120,6 +127,7 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
     for row_a, row_b in zip(straight.history, resumed.history, strict=True):
         for key in ("train_loss", "val_loss", "val_macro_auroc", "val_pointing", "lr"):
             assert row_b[key] == pytest.approx(row_a[key], rel=1e-5), key
+    assert resumed.best_epoch == straight.best_epoch
     assert resumed.card is not None and straight.card is not None
     assert resumed.card.thresholds == pytest.approx(straight.card.thresholds, abs=1e-5)
 

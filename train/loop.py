@@ -800,11 +800,15 @@ def train(
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
         start_epoch = int(checkpoint["epoch"])
-        best_metric = float(checkpoint["best_metric"])
         bad_epochs = int(checkpoint["bad_epochs"])
         best_epoch = int(checkpoint["best_epoch"])
         step.steps = int(checkpoint["step"])
         history = list(checkpoint["history"])
+        # best.pt's epoch scored again by this version's rule (a run started before POINTING_ENOUGH
+        # stored an uncapped score), so the epochs after the resume compete with it on the same terms.
+        best_metric = next(
+            (_history_score(row) for row in history if row["epoch"] == best_epoch), float(checkpoint["best_metric"])
+        )
         _set_rng_state(checkpoint["rng"])
         logger.info("resuming %s after epoch %d", out, start_epoch)
 
@@ -863,8 +867,6 @@ def train(
         )  # fmt: skip
         metrics = compute_metrics(val_split.labels, probs, run.card.labels, loss=val_loss)
         game = pointing.score(peaks) if pointing is not None and peaks is not None else None
-        monitor = selection_score(metrics.macro_auroc, game.rate if game is not None else None, val_loss)
-        improved = monitor > best_metric + 1e-6
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "lr": scheduler.get_last_lr()[0],
@@ -879,6 +881,8 @@ def train(
             **{f"auroc_{n}": a for n, a in zip(metrics.labels, metrics.auroc, strict=True)},
         }
         history.append(row)
+        monitor = _history_score(row)
+        improved = monitor > best_metric + 1e-6
         if improved:
             best_metric, best_epoch, bad_epochs = monitor, epoch + 1, 0
             _save(
@@ -953,6 +957,11 @@ def selection_score(macro_auroc: float | None, pointing: float | None, val_loss:
     if pointing is None:
         return macro_auroc
     return (macro_auroc + min(pointing, POINTING_ENOUGH)) / 2
+
+
+def _history_score(row: dict[str, Any]) -> float:
+    """:func:`selection_score` of one epoch's row of the history (``metrics.csv``)."""
+    return selection_score(row["val_macro_auroc"], row["val_pointing"], row["val_loss"])
 
 
 def _lesion_grid(card: ModelCard, model: nn.Module) -> tuple[float, float]:
