@@ -109,6 +109,9 @@ def test_the_mask_folder_is_the_masks_option_or_the_data_folders_own_when_it_exi
     assert config.resolved_masks == tmp_path / "elsewhere"
     assert TrainConfig.from_dict(config.to_dict()).masks == tmp_path / "elsewhere"
     assert TrainConfig(out=tmp_path, data=data, masks=tmp_path / "absent").resolved_masks is None
+    (data / "masks").rmdir()
+    (data / "Masks").mkdir()  # any case
+    assert TrainConfig(out=tmp_path, data=data).resolved_masks == data / "Masks"
 
 
 def test_a_mask_folder_with_nothing_in_a_known_layout_is_reported_and_left_out(

@@ -49,7 +49,7 @@ from train.datasets import CachedSplit, Split, SplitSource, cache_split, load_sp
 from train.lesions import lesion_planes
 from train.loader import AugmentedImages, LesionPlanes, epoch_loader
 from train.losses import LOSSES, auto_pos_weight, build_loss
-from train.masks import MaskIndex
+from train.masks import MaskIndex, default_mask_folder
 from train.metrics import Metrics, compute_metrics
 from train.model import (
     CHECKPOINT_FORMAT,
@@ -301,8 +301,8 @@ class TrainConfig:
 
     @property
     def resolved_masks(self) -> Path | None:
-        """The lesion mask folder when it exists: ``masks``, or ``<data>/masks``."""
-        folder = self.masks if self.masks is not None else self.data / "masks" if self.data is not None else None
+        """The lesion mask folder when it exists: ``masks``, or the data folder's (:func:`default_mask_folder`)."""
+        folder = self.masks if self.masks is not None else default_mask_folder(self.data) if self.data else None
         return folder if folder is not None and folder.is_dir() else None
 
     @property
@@ -1178,7 +1178,7 @@ def evaluate_checkpoint(
         progress=progress, desc=f"evaluate {split}",
     )  # fmt: skip
     metrics = _with_f1(compute_metrics(cached.labels, probs, card.labels), cached.labels, probs, card.thresholds)
-    mask_dir = Path(masks) if masks is not None else Path(data) / "masks" if data is not None else None
+    mask_dir = Path(masks) if masks is not None else default_mask_folder(data) if data is not None else None
     index = MaskIndex.scan(mask_dir) if mask_dir is not None and pointing_game is not False else None
     if index is None or not index.files:
         if pointing_game:

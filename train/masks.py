@@ -1,10 +1,10 @@
 """Lesion mask files: which masks belong to which photograph and label.
 
 A lesion mask is a lossless single-channel image the size of its photograph, non-zero on the pixels of
-one lesion type (or one lesion of it). :meth:`MaskIndex.scan` reads a mask folder (``<data>/masks``
-by default, or ``--masks``) once and recognises these layouts, where ``<folder>`` is the name of the
-photograph's own folder, or its last few folders (``Training`` or ``Training_Set/Training`` for
-``Training_Set/Training/12.png``):
+one lesion type (or one lesion of it). :meth:`MaskIndex.scan` reads a mask folder (by default the data
+folder's ``masks``, in any case: :func:`default_mask_folder`; or ``--masks``) once and recognises these
+layouts, where ``<folder>`` is the name of the photograph's own folder, or its last few folders
+(``Training`` or ``Training_Set/Training`` for ``Training_Set/Training/12.png``):
 
 ==========================================  ===============================================
 ``<folder>/<ID>_<COLUMN>.png``              one file per lesion type (``retinagate synth``)
@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 
 from retinagate.labels import OTHER, OTHER_COLUMNS, RFMID_COLUMNS
 
-__all__ = ["LAYOUTS", "MASK_SUFFIXES", "MaskIndex", "read_lesion_mask"]
+__all__ = ["LAYOUTS", "MASK_SUFFIXES", "MaskIndex", "default_mask_folder", "read_lesion_mask"]
 
 #: File types read as masks (lossless only: a JPEG's ringing would grow every lesion).
 MASK_SUFFIXES: Final = frozenset({".png", ".bmp", ".tif", ".tiff"})
@@ -117,6 +117,13 @@ class MaskIndex:
             f"no lesion mask files under {self.root} ({self.ignored} image files fit none of the layouts "
             f"{', '.join(LAYOUTS)}; <folder> is the photographs' folder, COLUMN an RFMiD column)"
         )
+
+
+def default_mask_folder(data: Path) -> Path:
+    """A data folder's own mask folder: its ``masks`` folder, in any case (``<data>/masks`` when none)."""
+    data = Path(data)
+    found = sorted(p for p in data.iterdir() if p.name.lower() == "masks" and p.is_dir()) if data.is_dir() else []
+    return found[0] if found else data / "masks"
 
 
 def read_lesion_mask(files: Sequence[Path]) -> NDArray[np.bool_] | None:
