@@ -140,3 +140,18 @@ def test_masks_in_a_folder_per_photograph_give_the_same_planes(synth_dataset: Pa
     assert original is not None and placed is not None
     assert np.array_equal(placed.offsets, original.offsets) and np.array_equal(placed.columns, original.columns)
     assert np.array_equal(np.load(placed.cache_file), np.load(original.cache_file))
+
+
+def test_masks_that_belong_to_no_training_photograph_are_reported(
+    synth_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from train.loop import _Run
+
+    shutil.copytree(synth_dataset / "masks" / "Evaluation", tmp_path / "masks" / "Evaluation")
+    config = TrainConfig(out=tmp_path / "run", data=synth_dataset, masks=tmp_path / "masks", device="cpu")
+    run = _Run(config, progress=False)
+    assert run.masks is not None  # masks there are, for the validation photographs only
+    with caplog.at_level("WARNING", logger="train.loop"):
+        assert run.lesions(find_rfmid_splits(synth_dataset)["train"]) is None
+    assert "none for a positive label of a training photograph (folder 'Training')" in caplog.text
+    assert run.card.localisation == "labels"

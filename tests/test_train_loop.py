@@ -190,6 +190,13 @@ def test_a_run_written_before_select_by_keeps_choosing_by_auroc_when_resumed(tmp
         TrainConfig(out=tmp_path, select_by="pointing")
 
 
+def test_a_small_batch_is_refused_only_when_the_equivariance_pairs_it_cannot_hold_are_used(tmp_path: Path) -> None:
+    assert TrainConfig(out=tmp_path, batch_size=4).batch_size == 4  # equivariance off: its pairs are unused
+    with pytest.raises(ValueError, match=r"equivariance_pairs is 4; expected 1 to half the batch \(2\)"):
+        TrainConfig(out=tmp_path, batch_size=4, equivariance=0.1)
+    assert TrainConfig(out=tmp_path, batch_size=4, equivariance=0.1, equivariance_pairs=2).equivariance_pairs == 2
+
+
 def test_the_pointing_game_counts_towards_the_epoch_choice_only_until_it_is_enough() -> None:
     """Below POINTING_ENOUGH a better game can outweigh a little AUROC; above it, AUROC alone decides."""
     low = POINTING_ENOUGH - 0.2

@@ -258,7 +258,8 @@ class TrainConfig:
         need(self.lesion_loss >= 0, f"lesion_loss is {self.lesion_loss}; expected >= 0 (0 turns it off)")
         need(self.equivariance >= 0, f"equivariance is {self.equivariance}; expected >= 0 (0 turns it off)")
         need(
-            1 <= self.equivariance_pairs <= self.batch_size // 2,
+            self.equivariance_pairs >= 1
+            and (self.equivariance == 0 or self.equivariance_pairs <= self.batch_size // 2),  # unused when off
             f"equivariance_pairs is {self.equivariance_pairs}; expected 1 to half the batch ({self.batch_size // 2})",
         )
         need(self.peak_sharpness > 0, f"peak_sharpness is {self.peak_sharpness}; expected > 0")
@@ -663,7 +664,10 @@ class _Run:
             return None
         planes = lesion_planes(source, self.card.preprocessing, self.masks, c.resolved_cache_dir)
         if planes is None:
-            logger.info("no lesion masks for the training photographs; the lesion loss is off")
+            logger.warning(
+                "%s, but none for a positive label of a training photograph (folder %r); the lesion loss is off",
+                self.masks.describe(), source.paths[0].parent.name if len(source) else "",
+            )  # fmt: skip
             return None
         self.card = self.card.with_updates(localisation="lesion_masks")
         logger.info("lesion loss on %d masks of the training photographs (weight %g)", len(planes), c.lesion_loss)
