@@ -49,7 +49,7 @@ from train.datasets import CachedSplit, Split, SplitSource, cache_split, load_sp
 from train.lesions import lesion_planes
 from train.loader import AugmentedImages, LesionPlanes, epoch_loader
 from train.losses import LOSSES, auto_pos_weight, build_loss
-from train.masks import MaskIndex, default_mask_folder
+from train.masks import MaskIndex, mask_folder
 from train.metrics import Metrics, compute_metrics
 from train.model import (
     CHECKPOINT_FORMAT,
@@ -302,8 +302,8 @@ class TrainConfig:
 
     @property
     def resolved_masks(self) -> Path | None:
-        """The lesion mask folder when it exists: ``masks``, or the data folder's (:func:`default_mask_folder`)."""
-        folder = self.masks if self.masks is not None else default_mask_folder(self.data) if self.data else None
+        """The lesion mask folder when it exists: ``masks``, or the data folder's (:func:`train.masks.mask_folder`)."""
+        folder = mask_folder(self.masks, self.data)
         return folder if folder is not None and folder.is_dir() else None
 
     @property
@@ -1182,7 +1182,7 @@ def evaluate_checkpoint(
         progress=progress, desc=f"evaluate {split}",
     )  # fmt: skip
     metrics = _with_f1(compute_metrics(cached.labels, probs, card.labels), cached.labels, probs, card.thresholds)
-    mask_dir = Path(masks) if masks is not None else default_mask_folder(data) if data is not None else None
+    mask_dir = mask_folder(masks, data)
     index = MaskIndex.scan(mask_dir) if mask_dir is not None and pointing_game is not False else None
     if index is None or not index.files:
         if pointing_game:

@@ -2,7 +2,7 @@
 
 A lesion mask is a lossless single-channel image the size of its photograph, non-zero on the pixels of
 one lesion type (or one lesion of it). :meth:`MaskIndex.scan` reads a mask folder (by default the data
-folder's ``masks``, in any case: :func:`default_mask_folder`; or ``--masks``) once and recognises these
+folder's ``masks``, in any case, or ``--masks``: :func:`mask_folder`) once and recognises these
 layouts, where ``<folder>`` is the name of the photograph's own folder, or its last few folders
 (``Training`` or ``Training_Set/Training`` for ``Training_Set/Training/12.png``):
 
@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 
 from retinagate.labels import OTHER, OTHER_COLUMNS, RFMID_COLUMNS
 
-__all__ = ["LAYOUTS", "MASK_SUFFIXES", "MaskIndex", "default_mask_folder", "read_lesion_mask"]
+__all__ = ["LAYOUTS", "MASK_SUFFIXES", "MaskIndex", "mask_folder", "read_lesion_mask"]
 
 #: File types read as masks (lossless only: a JPEG's ringing would grow every lesion).
 MASK_SUFFIXES: Final = frozenset({".png", ".bmp", ".tif", ".tiff"})
@@ -119,8 +119,13 @@ class MaskIndex:
         )
 
 
-def default_mask_folder(data: Path) -> Path:
-    """A data folder's own mask folder: its ``masks`` folder, in any case (``<data>/masks`` when none)."""
+def mask_folder(masks: Path | None, data: Path | None) -> Path | None:
+    """The mask folder asked for: ``masks`` when given, else the data folder's own ``masks`` folder in
+    any case (``<data>/masks`` when it has none); ``None`` with neither. It need not exist."""
+    if masks is not None:
+        return Path(masks)
+    if data is None:
+        return None
     data = Path(data)
     found = sorted(p for p in data.iterdir() if p.name.lower() == "masks" and p.is_dir()) if data.is_dir() else []
     return found[0] if found else data / "masks"
