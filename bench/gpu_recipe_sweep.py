@@ -131,7 +131,7 @@ def _warm_cache(spec: str, data: Path, cache: Path, device: str) -> None:
 
     config = _recipe(spec, data, cache.parent / "warm", cache, device, None)
     run = _Run(config, progress=False)
-    run.cache(run.find_data())
+    run.cache(run.sources)
 
 
 def _mean(values: list[float | None]) -> float | None:

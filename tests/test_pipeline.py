@@ -220,13 +220,14 @@ def test_the_sc_heatmap_sits_over_the_planted_lesion(
     from retinagate.decode import decode_instance
     from retinagate.outputs import Legend, render_heatmaps
     from retinagate.preprocess import prepare_with_geometry
-    from train.masks import MaskIndex
+    from train.datasets import find_rfmid_splits
+    from train.masks import MaskIndex, photographs
 
     engine = Engine(onnx_model_path, providers="cpu")
     paths = sorted(p for p in (synth_dataset / "dicom").rglob("*.dcm") if not p.name.startswith("Training"))
 
     results = _score(engine, make_settings(top_findings=1), paths)
-    masks = MaskIndex.scan(synth_dataset / "masks")
+    masks = MaskIndex.scan(synth_dataset / "masks", photographs(find_rfmid_splits(synth_dataset).values()))
 
     # Half a CAM cell around the lesion: the map is engine.cam_size cells across the model input.
     cell = engine.card.input_size / engine.cam_size[1]
@@ -235,7 +236,7 @@ def test_the_sc_heatmap_sits_over_the_planted_lesion(
         assert isinstance(result, ScoreResult)
         split, image_id = path.stem.split("_", 1)
         shown = [n for n in result.findings if n != DISEASE_RISK][:1]
-        mask = masks.mask(Path(split, f"{image_id}.png"), image_id, shown[0]) if shown else None
+        mask = masks.mask((synth_dataset / split / f"{image_id}.png").resolve(), shown[0]) if shown else None
         if mask is None:
             continue  # the finding shown is not one planted in this photograph
         png = tmp_path / f"{path.stem}.png"

@@ -11,7 +11,7 @@ import torch
 from retinagate.card import ModelCard, Preprocessing
 from train.cam import PointingTargets, cam_cells, class_activation_maps, pointing_game
 from train.datasets import find_rfmid_splits
-from train.masks import MaskIndex
+from train.masks import MaskIndex, photographs
 from train.model import create_model, load_checkpoint
 
 
@@ -72,10 +72,9 @@ def test_trained_model_cams_point_at_the_planted_lesions_well_above_chance(
     (16 px) of the lesion, and chance is measured with the same reach (about 0.13).
     """
     model, card, _ = load_checkpoint(trained_checkpoint)
-    games = [
-        pointing_game(model, card, split, MaskIndex.scan(synth_dataset / "masks"))
-        for split in find_rfmid_splits(synth_dataset).values()
-    ]
+    splits = find_rfmid_splits(synth_dataset)
+    masks = MaskIndex.scan(synth_dataset / "masks", photographs(splits.values()))
+    games = [pointing_game(model, card, split, masks) for split in splits.values()]
     hits, total = sum(g.hits for g in games), sum(g.total for g in games)
     chance = sum(g.chance * g.total for g in games) / total
     assert total >= 250

@@ -104,7 +104,7 @@ def test_evaluate_prints_a_table_with_every_label_and_the_pointing_game(
     (empty / "1-drusen.png").write_bytes(b"")
     assert main([*args, "--pointing-game", "--masks", str(tmp_path / "masks")]) != 0
     err = capsys.readouterr().err
-    assert "no lesion mask files under" in err and "<folder>/<ID>_<COLUMN>.png" in err
+    assert "no lesion mask files of the photographs under" in err and "<folders>/<ID>_<COLUMN>.png" in err
 
 
 @pytest.mark.slow

@@ -10,25 +10,32 @@ import numpy as np
 import pytest
 
 from retinagate.card import CamGrid, ModelCard, Preprocessing
-from retinagate.labels import DISEASE_LABELS, LABELS
+from retinagate.labels import DISEASE_LABELS, LABELS, RFMID_COLUMNS
 from train.datasets import find_rfmid_splits, read_image
 from train.lesions import lesion_planes
 from train.loop import TrainConfig
-from train.masks import MaskIndex
+from train.masks import MaskIndex, find_masks, photographs
 
 PRE = Preprocessing(input_size=64)
 
 
+def _index(data: Path, masks: Path | None = None) -> MaskIndex:
+    """The masks of the data folder's photographs (its own ``masks``, or ``masks``)."""
+    index = find_masks(masks, data, photographs(find_rfmid_splits(data).values()))
+    assert index is not None
+    return index
+
+
 def test_each_positive_label_with_a_mask_becomes_one_plane_on_the_input(synth_dataset: Path, tmp_path: Path) -> None:
     source = find_rfmid_splits(synth_dataset)["train"]
-    masks = MaskIndex.scan(synth_dataset / "masks")
+    masks = _index(synth_dataset)
     planes = lesion_planes(source, PRE, masks, tmp_path)
     assert planes is not None
     expected = [
         (i, LABELS.index(name))
         for i in range(len(source))
         for name in DISEASE_LABELS
-        if source.labels[i, LABELS.index(name)] and masks.mask(source.paths[i], source.ids[i], name) is not None
+        if source.labels[i, LABELS.index(name)] and masks.mask(source.paths[i], name) is not None
     ]
     pairs = [(i, int(c)) for i in range(len(source)) for c in planes.columns[planes.offsets[i] : planes.offsets[i + 1]]]
     assert pairs == expected and len(planes) == len(expected) > 50
@@ -42,15 +49,15 @@ def test_planes_are_reused_until_a_mask_changes(synth_dataset: Path, tmp_path: P
     data = tmp_path / "data"
     shutil.copytree(synth_dataset, data, ignore=shutil.ignore_patterns("dicom"))
     source = find_rfmid_splits(data)["val"]
-    first = lesion_planes(source, PRE, MaskIndex.scan(data / "masks"), tmp_path / "cache")
+    first = lesion_planes(source, PRE, _index(data), tmp_path / "cache")
     assert first is not None
     built = first.cache_file.stat().st_mtime_ns
-    again = lesion_planes(source, PRE, MaskIndex.scan(data / "masks"), tmp_path / "cache")
+    again = lesion_planes(source, PRE, _index(data), tmp_path / "cache")
     assert again is not None and again.cache_file == first.cache_file
     assert again.cache_file.stat().st_mtime_ns == built
     changed = next((data / "masks" / "Evaluation").iterdir())
     os.utime(changed, ns=(built + 10**9, built + 10**9))
-    rebuilt = lesion_planes(source, PRE, MaskIndex.scan(data / "masks"), tmp_path / "cache")
+    rebuilt = lesion_planes(source, PRE, _index(data), tmp_path / "cache")
     assert rebuilt is not None and rebuilt.cache_file != first.cache_file
     assert not list((tmp_path / "cache").glob(".*tmp*"))
 
@@ -58,9 +65,9 @@ def test_planes_are_reused_until_a_mask_changes(synth_dataset: Path, tmp_path: P
 def test_no_planes_without_masks_for_the_split(synth_dataset: Path, tmp_path: Path) -> None:
     source = find_rfmid_splits(synth_dataset)["test"]
     (tmp_path / "masks" / "Test").mkdir(parents=True)
-    assert lesion_planes(source, PRE, MaskIndex.scan(tmp_path / "masks"), tmp_path / "cache") is None
-    others = MaskIndex.scan(synth_dataset / "masks")  # masks of the other splits only
-    others = MaskIndex(others.root, {key: files for key, files in others.files.items() if key[0] != ("Test",)})
+    assert lesion_planes(source, PRE, _index(synth_dataset, tmp_path / "masks"), tmp_path / "cache") is None
+    others = _index(synth_dataset)  # masks of the other splits only
+    others = MaskIndex(others.root, {key: files for key, files in others.files.items() if key[0].parent.name != "Test"})
     assert others.files and lesion_planes(source, PRE, others, tmp_path / "cache") is None
 
 
@@ -69,7 +76,7 @@ def test_a_plane_lies_where_its_lesion_is_on_the_prepared_photograph(synth_datas
     from retinagate.preprocess import prepare
 
     source = find_rfmid_splits(synth_dataset)["train"]
-    planes = lesion_planes(source, Preprocessing(input_size=128), MaskIndex.scan(synth_dataset / "masks"), tmp_path)
+    planes = lesion_planes(source, Preprocessing(input_size=128), _index(synth_dataset), tmp_path)
     assert planes is not None
     array = np.load(planes.cache_file)
     i = int(np.argmax(np.diff(planes.offsets) > 0))
@@ -99,32 +106,47 @@ def test_the_lesion_weight_is_checked_and_runs_written_before_it_train_without_i
     assert TrainConfig.from_dict({"out": str(tmp_path)}).lesion_loss == 0.0
 
 
-def test_the_mask_folder_is_the_masks_option_or_the_data_folders_own_when_it_exists(tmp_path: Path) -> None:
+def test_the_run_reads_the_masks_option_or_the_data_folders_folders_that_say_mask(
+    synth_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from train.loop import _Run
+
     data = tmp_path / "data"
-    assert TrainConfig(out=tmp_path, data=data).resolved_masks is None
-    (data / "masks").mkdir(parents=True)
-    assert TrainConfig(out=tmp_path, data=data).resolved_masks == data / "masks"
-    (tmp_path / "elsewhere").mkdir()
-    config = TrainConfig(out=tmp_path, data=data, masks=tmp_path / "elsewhere")
-    assert config.resolved_masks == tmp_path / "elsewhere"
-    assert TrainConfig.from_dict(config.to_dict()).masks == tmp_path / "elsewhere"
-    assert TrainConfig(out=tmp_path, data=data, masks=tmp_path / "absent").resolved_masks is None
-    (data / "masks").rmdir()
-    (data / "Masks").mkdir()  # any case
-    assert TrainConfig(out=tmp_path, data=data).resolved_masks == data / "Masks"
+    shutil.copytree(synth_dataset, data, ignore=shutil.ignore_patterns("dicom", "masks"))
+
+    def run_masks(**options: object) -> MaskIndex | None:
+        config = TrainConfig(out=tmp_path / "run", data=data, device="cpu", pretrained=False, **options)  # type: ignore[arg-type]
+        return _Run(config, progress=False).masks
+
+    with caplog.at_level("WARNING", logger="train.loop"):
+        assert run_masks() is None  # a set without masks: nothing to say
+    assert not caplog.text
+    count = len(_index(synth_dataset))
+    shutil.copytree(synth_dataset / "masks" / "Training", data / "Training" / "Masks")  # inside the split's folder
+    found = run_masks()
+    assert found is not None and len(found) == len(list((data / "Training" / "Masks").iterdir())) < count
+    elsewhere = run_masks(masks=synth_dataset / "masks")
+    assert elsewhere is not None and len(elsewhere) == count
+    config = TrainConfig(out=tmp_path, data=data, masks=synth_dataset / "masks")
+    assert TrainConfig.from_dict(config.to_dict()).masks == synth_dataset / "masks"
+    with caplog.at_level("WARNING", logger="train.loop"):
+        assert run_masks(masks=tmp_path / "absent") is None
+    assert f"no mask folder {tmp_path / 'absent'}" in caplog.text
 
 
 def test_a_mask_folder_with_nothing_in_a_known_layout_is_reported_and_left_out(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    synth_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from train.loop import _Run
 
     (tmp_path / "masks" / "Training").mkdir(parents=True)
     (tmp_path / "masks" / "Training" / "1-drusen.png").write_bytes(b"")
-    run = _Run(TrainConfig(out=tmp_path / "run", data=tmp_path, device="cpu", pretrained=False), progress=False)
+    config = TrainConfig(out=tmp_path / "run", data=synth_dataset, masks=tmp_path / "masks", device="cpu")
+    run = _Run(config, progress=False)
     with caplog.at_level("WARNING", logger="train.loop"):
         assert run.masks is None
-    assert "no lesion mask files under" in caplog.text and "<folder>/<ID>_<COLUMN>.png" in caplog.text
+    assert "no lesion mask files of the photographs under" in caplog.text
+    assert "<folders>/<ID>_<COLUMN>.png" in caplog.text
 
 
 def test_masks_in_a_folder_per_photograph_give_the_same_planes(synth_dataset: Path, tmp_path: Path) -> None:
@@ -135,8 +157,8 @@ def test_masks_in_a_folder_per_photograph_give_the_same_planes(synth_dataset: Pa
         image_id, column = path.stem.split("_", 1)
         (moved / "Evaluation" / image_id).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, moved / "Evaluation" / image_id / f"{column}.png")
-    original = lesion_planes(source, PRE, MaskIndex.scan(synth_dataset / "masks"), tmp_path / "a")
-    placed = lesion_planes(source, PRE, MaskIndex.scan(moved), tmp_path / "b")
+    original = lesion_planes(source, PRE, _index(synth_dataset), tmp_path / "a")
+    placed = lesion_planes(source, PRE, _index(synth_dataset, moved), tmp_path / "b")
     assert original is not None and placed is not None
     assert np.array_equal(placed.offsets, original.offsets) and np.array_equal(placed.columns, original.columns)
     assert np.array_equal(np.load(placed.cache_file), np.load(original.cache_file))
@@ -155,3 +177,24 @@ def test_masks_that_belong_to_no_training_photograph_are_reported(
         assert run.lesions(find_rfmid_splits(synth_dataset)["train"]) is None
     assert "none for a positive label of a training photograph (folder 'Training')" in caplog.text
     assert run.card.localisation == "labels"
+
+
+def test_a_generic_csv_reads_the_mask_folders_beside_it(synth_dataset: Path, tmp_path: Path) -> None:
+    """``--labels-csv`` without ``--masks``: the CSV's own folder is where mask folders are looked for."""
+    import csv
+
+    from train.loop import _Run
+
+    rows = [
+        [f"{folder}/{row['ID']}.png", *(row[c] for c in RFMID_COLUMNS), split]
+        for folder, name, split in (("Training", "Training", "train"), ("Evaluation", "Validation", "val"))
+        for row in csv.DictReader((synth_dataset / f"RFMiD_{name}_Labels.csv").open(encoding="utf-8"))
+    ]
+    labels_csv = tmp_path / "set" / "labels.csv"
+    labels_csv.parent.mkdir()
+    with labels_csv.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["path", *RFMID_COLUMNS, "split"], *rows])
+    shutil.copytree(synth_dataset / "masks" / "Training", tmp_path / "set" / "masks" / "Training")
+    config = TrainConfig(out=tmp_path / "run", labels_csv=labels_csv, images=synth_dataset, device="cpu")
+    found = _Run(config, progress=False).masks
+    assert found is not None and len(found) == len(list((synth_dataset / "masks" / "Training").iterdir()))

@@ -1,4 +1,4 @@
-"""Lesion mask files: the layouts found, the folder level that keeps the splits apart, and OTHER."""
+"""Lesion mask files: the layouts and places found, the folders that keep the splits apart, and OTHER."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from retinagate.labels import OTHER
-from train.masks import MaskIndex
+from train.masks import MaskIndex, find_masks
 
 
 def _write(path: Path, *points: tuple[int, int], shape: tuple[int, int] = (10, 10)) -> None:
@@ -20,71 +20,109 @@ def _write(path: Path, *points: tuple[int, int], shape: tuple[int, int] = (10, 1
     assert cv2.imwrite(str(path), plane)
 
 
+def _rfmid(data: Path, ids: range = range(1, 20)) -> list[tuple[Path, str]]:
+    """Photographs of the RFMiD layout, each split numbered from 1 (the files need not exist)."""
+    folders = ("Training_Set/Training", "Evaluation_Set/Validation", "Test_Set/Test")
+    return [(data / folder / f"{n}.png", str(n)) for folder in folders for n in ids]
+
+
+TRAINING_7 = Path("Training_Set/Training/7.png")
+
+
 @pytest.mark.parametrize(
     "layout",
     [
-        "Training/7_MH.png",
-        "Training/7_mh.tif",
-        "Training/7_MH_1.png",
-        "Training/7/MH.bmp",
-        "Training/7/MH_3.png",
-        "Training/MH/7.png",
-        "Training_Set/Training/7_MH.png",
+        "masks/Training/7_MH.png",
+        "masks/Training/7_mh.tif",
+        "masks/Training/7_MH_1.png",
+        "masks/Training/7/MH.bmp",
+        "masks/Training/7/MH_3.png",
+        "masks/Training/MH/7.png",
+        "masks/Training_Set/Training/7_MH.png",
+        "Masks/training/007_MH.png",
+        "Training_Set/masks/7_MH.png",
+        "Training_Set/Training/masks/7_MH.png",
+        "Training_Set/Training_Masks/7_MH.png",
+        "lesion_masks/Training/MH/7.png",
+        "Training_Masks/7/MH.png",
     ],
 )
-def test_each_layout_gives_the_mask_of_its_photograph_and_label(tmp_path: Path, layout: str) -> None:
-    _write(tmp_path / "masks" / layout, (2, 3))
-    masks = MaskIndex.scan(tmp_path / "masks")
-    image = tmp_path / "data" / "Training_Set" / "Training" / "7.png"
-    mask = masks.mask(image, "7", "MH")
+def test_each_layout_and_place_gives_the_mask_of_its_photograph_and_label(tmp_path: Path, layout: str) -> None:
+    _write(tmp_path / layout, (2, 3))
+    masks = find_masks(None, tmp_path, _rfmid(tmp_path))
+    assert masks is not None and len(masks) == 1, masks and masks.describe()
+    mask = masks.mask(tmp_path / TRAINING_7, "MH")
     assert mask is not None and mask.sum() == 1 and mask[2, 3]
-    assert masks.mask(image, "7", "MHL") is None
-    assert masks.mask(image.with_name("17.png"), "17", "MH") is None
+    assert masks.mask(tmp_path / TRAINING_7, "MHL") is None
+    assert masks.mask(tmp_path / "Test_Set" / "Test" / "7.png", "MH") is None
+    assert masks.mask(tmp_path / TRAINING_7.with_name("17.png"), "MH") is None
 
 
-def test_the_folder_keeps_photographs_of_the_same_id_in_different_splits_apart(tmp_path: Path) -> None:
+def test_the_folders_keep_photographs_of_the_same_id_in_different_splits_apart(tmp_path: Path) -> None:
     """RFMiD numbers every split from 1: Training/1 and Test/1 are different photographs."""
-    _write(tmp_path / "Training" / "1_DR.png", (1, 1))
-    _write(tmp_path / "Test" / "1_DR.png", (5, 5))
-    _write(tmp_path / "1_DR.png", (8, 8))  # no folder: could be either, so it is not used
-    masks = MaskIndex.scan(tmp_path)
-    train_mask = masks.mask(Path("data/Training/1.png"), "1", "DR")
-    test_mask = masks.mask(Path("data/Test/1.png"), "1", "DR")
+    _write(tmp_path / "masks" / "Training" / "1_DR.png", (1, 1))
+    _write(tmp_path / "masks" / "Test" / "1_DR.png", (5, 5))
+    _write(tmp_path / "masks" / "2_DR.png", (8, 8))  # no folder: any split's photograph 2, so not used
+    _write(tmp_path / "masks" / "Elsewhere" / "3_DR.png", (8, 8))  # no such folder of photographs
+    masks = find_masks(None, tmp_path, _rfmid(tmp_path))
+    assert masks is not None
+    train_mask = masks.mask(tmp_path / "Training_Set" / "Training" / "1.png", "DR")
+    test_mask = masks.mask(tmp_path / "Test_Set" / "Test" / "1.png", "DR")
     assert train_mask is not None and train_mask[1, 1] and train_mask.sum() == 1
     assert test_mask is not None and test_mask[5, 5] and test_mask.sum() == 1
-    assert masks.mask(Path("data/Evaluation/1.png"), "1", "DR") is None
-    assert len(masks) == 2 and masks.ignored == 1
+    assert masks.mask(tmp_path / "Evaluation_Set" / "Validation" / "1.png", "DR") is None
+    assert len(masks) == 2 and masks.ambiguous == 1 and masks.unmatched == 1
+    assert "1 fit photographs of more than one folder" in masks.describe()
+    assert "1 name no photograph" in masks.describe()
+
+
+def test_flat_masks_are_used_when_the_ids_tell_the_photographs_apart(tmp_path: Path) -> None:
+    """Numbered across the splits, a flat ``masks/<ID>_<COLUMN>.png`` can only be one photograph's."""
+    photographs = [(tmp_path / "train" / "1.png", "1"), (tmp_path / "val" / "401.png", "401")]
+    _write(tmp_path / "masks" / "401_ARMD.png", (4, 4))
+    masks = find_masks(None, tmp_path, photographs)
+    assert masks is not None and masks.mask(tmp_path / "val" / "401.png", "ARMD") is not None
+
+
+def test_photographs_are_not_taken_for_masks(tmp_path: Path) -> None:
+    """Without ``--masks`` only folders that say mask are read: a photograph named like a mask is not one."""
+    _write(tmp_path / "Training" / "7_MH.png", (0, 0))
+    assert find_masks(None, tmp_path, [(tmp_path / "Training" / "7.png", "7")]) is None
+    masks = find_masks(tmp_path / "Training", tmp_path, [(tmp_path / "Training" / "7.png", "7")])
+    assert masks is not None and masks.mask(tmp_path / "Training" / "7.png", "MH") is not None  # --masks: all
 
 
 def test_several_lesions_of_one_type_are_one_mask(tmp_path: Path) -> None:
     _write(tmp_path / "Training" / "3_DR_1.png", (1, 1))
     _write(tmp_path / "Training" / "3_DR_2.png", (4, 6))
-    mask = MaskIndex.scan(tmp_path).mask(Path("Training/3.png"), "3", "DR")
+    mask = MaskIndex.scan(tmp_path, [(Path("/d/Training/3.png"), "3")]).mask(Path("/d/Training/3.png"), "DR")
     assert mask is not None and mask.sum() == 2 and mask[1, 1] and mask[4, 6]
 
 
 def test_other_mask_is_the_union_of_the_rare_column_masks(tmp_path: Path) -> None:
     _write(tmp_path / "Training" / "4_CWS.png", (1, 1))
     _write(tmp_path / "Training" / "4_HR.png", (8, 8))
-    masks = MaskIndex.scan(tmp_path)
-    mask = masks.mask(Path("Training/4.png"), "4", OTHER)
+    image = Path("/d/Training/4.png")
+    masks = MaskIndex.scan(tmp_path, [(image, "4")])
+    mask = masks.mask(image, OTHER)
     assert mask is not None and mask.sum() == 2 and mask[1, 1] and mask[8, 8]
-    assert masks.mask(Path("Training/4.png"), "4", "DR") is None
+    assert masks.mask(image, "DR") is None
 
 
 def test_the_file_name_without_extension_is_tried_when_the_id_is_a_path(tmp_path: Path) -> None:
     """A generic CSV's ID is the photograph's path; its masks are named by the file name."""
     _write(tmp_path / "eyes" / "left-12_ARMD.png", (0, 0))
-    mask = MaskIndex.scan(tmp_path).mask(Path("images/eyes/left-12.jpg"), "eyes/left-12.jpg", "ARMD")
+    image = Path("/d/images/eyes/left-12.jpg")
+    mask = MaskIndex.scan(tmp_path, [(image, "eyes/left-12.jpg")]).mask(image, "ARMD")
     assert mask is not None and mask[0, 0]
 
 
 def test_a_folder_with_nothing_in_a_known_layout_says_what_it_expected(tmp_path: Path) -> None:
     _write(tmp_path / "Training" / "7-haemorrhage.png", (0, 0))
     _write(tmp_path / "Training" / "7_MH.jpg", (0, 0))  # lossy: not read as a mask
-    masks = MaskIndex.scan(tmp_path)
+    masks = MaskIndex.scan(tmp_path, [(Path("/d/Training/7.png"), "7")])
     assert not masks.files and len(masks) == 0
     message = masks.describe()
-    assert "no lesion mask files" in message and "1 image files fit none" in message
-    assert "<folder>/<ID>_<COLUMN>.png" in message
-    assert MaskIndex.scan(tmp_path / "absent").describe() == f"no mask folder {tmp_path / 'absent'}"
+    assert "no lesion mask files" in message and "1 fit none of the layouts" in message
+    assert "<folders>/<ID>_<COLUMN>.png" in message
+    assert MaskIndex.scan(tmp_path / "absent", []).describe() == f"no mask folder {tmp_path / 'absent'}"

@@ -171,7 +171,7 @@ def pointing_targets(
     Args:
         card: The model's card (labels, preprocessing and where its CAM's cells sit).
         source: The split.
-        masks: Its lesion masks (:meth:`train.masks.MaskIndex.scan` of ``<data>/masks``).
+        masks: Its lesion masks (:func:`train.masks.find_masks`).
         cells: ``(h, w)`` of the model's CAM (:func:`cam_cells`).
         two_views: Whether the maps scored are the two-view average (:class:`train.model.TurnAveraged`)
             or one view's (:meth:`retinagate.card.ModelCard.cam_grid`).
@@ -200,7 +200,7 @@ def pointing_targets(
         pairs = []
         for name, column in zip(labels, columns, strict=True):
             if source.labels[i, column]:
-                mask = masks.mask(source.paths[i], source.ids[i], name)
+                mask = masks.mask(source.paths[i], name)
                 if mask is not None and mask.any():
                     pairs.append((name, column, mask))
         if not pairs:
@@ -259,7 +259,7 @@ def pointing_game(
         model: A timm classifier (eval mode is set here).
         card: Its card (labels and preprocessing).
         source: The split.
-        masks: Its lesion masks (:meth:`train.masks.MaskIndex.scan` of ``<data>/masks``).
+        masks: Its lesion masks (:func:`train.masks.find_masks`).
         device: Where to run the model.
         labels: Labels to score (default: the 28 disease outputs; ``Disease_Risk`` has no lesion).
         batch_size: Images per forward pass.

@@ -47,9 +47,9 @@ def register(subparsers: Any) -> None:
         type=Path,
         default=_SUPPRESS,
         metavar="DIR",
-        help="lesion masks, <DIR>/<image folder>/<ID>_<COLUMN>.png (or <ID>_<COLUMN>_<n>.png, <ID>/<COLUMN>.png, "
+        help="lesion masks, <DIR>/<image folders>/<ID>_<COLUMN>.png (or <ID>_<COLUMN>_<n>.png, <ID>/<COLUMN>.png, "
         "<COLUMN>/<ID>.png; PNG, BMP or TIFF), for the lesion loss, the epoch choice and the report's pointing game "
-        "(default <data>/masks, where retinagate synth writes them)",
+        "(default: the data folder's folders that say mask, such as <data>/masks where retinagate synth writes them)",
     )
     data.add_argument(
         "--val-fraction",
@@ -282,8 +282,8 @@ def register(subparsers: Any) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="lesion mask folder for the pointing game, laid out as for train --masks (default <data>/masks, "
-        "where retinagate synth writes them)",
+        help="lesion mask folder for the pointing game, laid out as for train --masks (default: the data "
+        "folder's folders that say mask, such as <data>/masks)",
     )
     evaluate.add_argument(
         "--tolerance",

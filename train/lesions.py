@@ -66,7 +66,7 @@ def lesion_planes(
     Args:
         source: The split (its photographs are decoded again, for their crop).
         preprocessing: The model card's preprocessing recipe.
-        masks: The lesion masks (:meth:`train.masks.MaskIndex.scan` of ``<data>/masks``).
+        masks: The lesion masks (:func:`train.masks.find_masks`).
         cache_dir: Where to keep the planes (the preprocessing cache folder).
         labels: Labels whose lesions count (default: the 28 disease outputs).
         workers: Decoding threads; 0 picks one per CPU core.
@@ -77,7 +77,7 @@ def lesion_planes(
     for i in range(len(source)):
         pairs = []
         for name, column in wanted:
-            files = masks.lookup(source.paths[i], source.ids[i], name) if source.labels[i, column] else []
+            files = masks.lookup(source.paths[i], name) if source.labels[i, column] else []
             if files:
                 pairs.append((column, files))
                 key_files.extend([str(f), (stat := f.stat()).st_size, stat.st_mtime_ns] for f in files)

@@ -49,7 +49,7 @@ from train.datasets import CachedSplit, Split, SplitSource, cache_split, load_sp
 from train.lesions import lesion_planes
 from train.loader import AugmentedImages, LesionPlanes, epoch_loader
 from train.losses import LOSSES, auto_pos_weight, build_loss
-from train.masks import MaskIndex, mask_folder
+from train.masks import MaskIndex, find_masks, photographs
 from train.metrics import Metrics, compute_metrics
 from train.model import (
     CHECKPOINT_FORMAT,
@@ -123,7 +123,7 @@ class TrainConfig:
         images: Folder the generic CSV's paths start from.
         masks: Lesion mask folder (``<masks>/<image folder>/<ID>_<COLUMN>.png``, or another layout of
             :mod:`train.masks`) for the lesion loss, the pointing game that picks the epoch and the
-            report's; default ``<data>/masks``.
+            report's; default: the data folder's folders that say ``mask`` (:func:`train.masks.find_masks`).
         cache_dir: Preprocessing cache folder; default ``<out>/cache``.
         val_fraction: Validation share for a generic CSV without a ``split`` column.
         test_fraction: Test share for a generic CSV without a ``split`` column.
@@ -299,12 +299,6 @@ class TrainConfig:
         values.setdefault("tta", "none")
         values.setdefault("lesion_loss", 0.0)
         return cls(**values)
-
-    @property
-    def resolved_masks(self) -> Path | None:
-        """The lesion mask folder when it exists: ``masks``, or the data folder's (:func:`train.masks.mask_folder`)."""
-        folder = mask_folder(self.masks, self.data)
-        return folder if folder is not None and folder.is_dir() else None
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -624,24 +618,8 @@ class _Run:
         self.out = config.out
 
     @cached_property
-    def masks(self) -> MaskIndex | None:
-        """The lesion masks (``config.resolved_masks``, scanned once), or ``None`` when there are none.
-
-        A mask folder with no file in a known layout is logged with what was found, since the lesion
-        loss, the epoch choice and the report's pointing game all quietly go without it.
-        """
-        folder = self.config.resolved_masks
-        if folder is None:
-            return None
-        index = MaskIndex.scan(folder)
-        if not index.files:
-            logger.warning("%s; training without them", index.describe())
-            return None
-        logger.info("%s", index.describe())
-        return index
-
-    def find_data(self) -> dict[Split, SplitSource]:
-        """Reads the label files and lists the images (cheap; nothing is decoded yet)."""
+    def sources(self) -> dict[Split, SplitSource]:
+        """The label files read and the images listed (cheap; nothing is decoded yet)."""
         c = self.config
         return load_splits(
             data=c.data,
@@ -652,6 +630,23 @@ class _Run:
             test_fraction=c.test_fraction,
             skip=[c.resolved_cache_dir, c.out],
         )
+
+    @cached_property
+    def masks(self) -> MaskIndex | None:
+        """The lesion masks of the photographs (:func:`train.masks.find_masks`, scanned once), or ``None``.
+
+        Masks looked for and not found are logged with what was found, since the lesion loss, the epoch
+        choice and the report's pointing game all quietly go without them.
+        """
+        c = self.config
+        index = find_masks(c.masks, _data_folder(c.data, c.labels_csv), photographs(self.sources.values()))
+        if index is None:
+            return None
+        if not index.files:
+            logger.warning("%s; training without them", index.describe())
+            return None
+        logger.info("%s", index.describe())
+        return index
 
     def lesions(self, source: SplitSource) -> LesionPlanes | None:
         """The training split's lesion masks on the input, when the lesion loss is on and there are any.
@@ -736,7 +731,7 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    sources = run.find_data()
+    sources = run.sources
     if len(sources["train"]) < config.batch_size:
         raise TrainingError(
             f"the training split has {len(sources['train'])} images, fewer than --batch-size {config.batch_size}"
@@ -974,6 +969,11 @@ def _lesion_grid(card: ModelCard, model: nn.Module) -> tuple[float, float]:
     return grid.origin, grid.step
 
 
+def _data_folder(data: Path | None, labels_csv: Path | None) -> Path | None:
+    """The folder whose mask folders are read by default: the RFMiD folder, or the generic CSV's own."""
+    return data if data is not None else (Path(labels_csv).parent if labels_csv is not None else None)
+
+
 def _selection_targets(
     config: TrainConfig, masks: MaskIndex | None, card: ModelCard, model: nn.Module, source: SplitSource
 ) -> PointingTargets | None:
@@ -1142,11 +1142,11 @@ def evaluate_checkpoint(
 
     The data location defaults to the one recorded in the checkpoint's training config. The pointing
     game of the model's CAMs against lesion masks (``<masks>/<image folder>/<ID>_<COLUMN>.png`` or
-    another layout of :mod:`train.masks`; ``masks`` defaults to the training run's, or ``<data>/masks``,
-    where ``retinagate synth`` writes them) is added under ``metrics.extra["pointing_game"]`` whenever
-    the masks exist (``pointing_game=None``), always (``True``: missing masks are an error) or never
-    (``False``); ``tolerance`` is the hit distance in model-input pixels, half a CAM cell by default
-    (see :func:`train.cam.pointing_game`).
+    another layout of :mod:`train.masks`; ``masks`` defaults to the training run's, or the data folder's
+    folders that say ``mask``, such as ``masks`` where ``retinagate synth`` writes them) is added under
+    ``metrics.extra["pointing_game"]`` whenever the masks exist (``pointing_game=None``), always
+    (``True``: missing masks are an error) or never (``False``); ``tolerance`` is the hit distance in
+    model-input pixels, half a CAM cell by default (see :func:`train.cam.pointing_game`).
 
     Raises:
         TrainingError: Unknown split, split missing from the data, unusable checkpoint.
@@ -1182,11 +1182,11 @@ def evaluate_checkpoint(
         progress=progress, desc=f"evaluate {split}",
     )  # fmt: skip
     metrics = _with_f1(compute_metrics(cached.labels, probs, card.labels), cached.labels, probs, card.thresholds)
-    mask_dir = mask_folder(masks, data)
-    index = MaskIndex.scan(mask_dir) if mask_dir is not None and pointing_game is not False else None
+    folder = _data_folder(data, labels_csv)
+    index = find_masks(masks, folder, photographs(sources.values())) if pointing_game is not False else None
     if index is None or not index.files:
         if pointing_game:
-            found = index.describe() if index is not None else "no lesion mask folder"
+            found = index.describe() if index is not None else f"no folder that says 'mask' under {folder}"
             raise TrainingError(f"pointing game: {found}; give --masks DIR")
     else:
         from train.cam import pointing_game as play  # the argument of the same name hides the function

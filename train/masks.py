@@ -1,31 +1,39 @@
 """Lesion mask files: which masks belong to which photograph and label.
 
 A lesion mask is a lossless single-channel image the size of its photograph, non-zero on the pixels of
-one lesion type (or one lesion of it). :meth:`MaskIndex.scan` reads a mask folder (by default the data
-folder's ``masks``, in any case, or ``--masks``: :func:`mask_folder`) once and recognises these
-layouts, where ``<folder>`` is the name of the photograph's own folder, or its last few folders
-(``Training`` or ``Training_Set/Training`` for ``Training_Set/Training/12.png``):
+one lesion type (or one lesion of it). :meth:`MaskIndex.scan` reads the masks once and gives each file
+to the one photograph it names. Where it looks (:func:`find_masks`): ``--masks DIR``, every file under
+it; otherwise the data folder, every file under a folder whose name says ``mask`` (``masks/``,
+``Training_Set/Masks/``, ``Training/masks/``, ``Training_Masks/``, in any case). These layouts are
+recognised, where ``<folders>`` is any folder path, empty included:
 
 ==========================================  ===============================================
-``<folder>/<ID>_<COLUMN>.png``              one file per lesion type (``retinagate synth``)
-``<folder>/<ID>_<COLUMN>_<n>.png``          several files of one type, one per lesion
-``<folder>/<ID>/<COLUMN>[_<n>].png``        a folder per photograph
-``<folder>/<COLUMN>/<ID>.png``              a folder per lesion type
+``<folders>/<ID>_<COLUMN>.png``             one file per lesion type (``retinagate synth``)
+``<folders>/<ID>_<COLUMN>_<n>.png``         several files of one type, one per lesion
+``<folders>/<ID>/<COLUMN>[_<n>].png``       a folder per photograph
+``<folders>/<COLUMN>/<ID>.png``             a folder per lesion type
 ==========================================  ===============================================
 
-``ID`` is the photograph's RFMiD ID or its file name without the extension; ``COLUMN`` is an RFMiD
-column, in any case. PNG, BMP and TIFF files are read. The ``OTHER`` output's mask is the union of the
-masks of the 18 rare columns it stands for. The folder level is required: RFMiD numbers each split
-from 1, so a file named only by ID could belong to a photograph of any split.
+``ID`` is the photograph's RFMiD ID or its file name without the extension (leading zeros aside);
+``COLUMN`` is an RFMiD column, in any case. PNG, BMP and TIFF files are read. The ``OTHER`` output's
+mask is the union of the masks of the 18 rare columns it stands for.
+
+A file belongs to the photograph of that ID whose own folders (below the photographs' common folder)
+include ``<folders>`` in order, compared in any case, a folder that says ``mask`` counting by the rest
+of its name (``Training_Masks`` as ``Training``) or, failing that, not at all. RFMiD numbers every
+split from 1, so ``masks/Training/1_DR.png`` is Training's photograph 1 and a flat ``masks/1_DR.png``
+could be any split's: a file that fits more than one photograph is left out and counted, never guessed.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from os.path import commonpath
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import cv2
 import numpy as np
@@ -33,102 +41,119 @@ from numpy.typing import NDArray
 
 from retinagate.labels import OTHER, OTHER_COLUMNS, RFMID_COLUMNS
 
-__all__ = ["LAYOUTS", "MASK_SUFFIXES", "MaskIndex", "mask_folder", "read_lesion_mask"]
+if TYPE_CHECKING:
+    from train.datasets import SplitSource
+
+__all__ = ["LAYOUTS", "MASK_SUFFIXES", "MaskIndex", "find_masks", "photographs", "read_lesion_mask"]
 
 #: File types read as masks (lossless only: a JPEG's ringing would grow every lesion).
 MASK_SUFFIXES: Final = frozenset({".png", ".bmp", ".tif", ".tiff"})
 
 #: The layouts :meth:`MaskIndex.scan` recognises, for messages.
 LAYOUTS: Final = (
-    "<folder>/<ID>_<COLUMN>.png",
-    "<folder>/<ID>_<COLUMN>_<n>.png",
-    "<folder>/<ID>/<COLUMN>.png",
-    "<folder>/<COLUMN>/<ID>.png",
+    "<folders>/<ID>_<COLUMN>.png",
+    "<folders>/<ID>_<COLUMN>_<n>.png",
+    "<folders>/<ID>/<COLUMN>.png",
+    "<folders>/<COLUMN>/<ID>.png",
 )
 
 _COLUMNS: Final = {name.upper(): name for name in RFMID_COLUMNS}
+_MASK_WORD: Final = re.compile(r"[\s_.-]*masks?[\s_.-]*", re.IGNORECASE)
 
 _Key = tuple[tuple[str, ...], str, str]  # (folders under the root, image ID, RFMiD column)
 
 
 @dataclass(frozen=True)
 class MaskIndex:
-    """The lesion mask files under one folder, by photograph folder, image ID and RFMiD column.
+    """The lesion mask files of a set of photographs, by photograph and RFMiD column.
 
     Attributes:
         root: The folder scanned.
-        files: ``(folders under root, ID, column)`` to the mask files, sorted.
-        ignored: Files of a mask type under ``root`` that fit none of the layouts (for messages).
+        files: ``(photograph, column)`` to its mask files, sorted.
+        ignored: Files of a mask type that fit none of the layouts.
+        ambiguous: Mask files that fit more than one photograph (left out).
+        unmatched: Mask files that fit no photograph.
     """
 
     root: Path
-    files: Mapping[_Key, tuple[Path, ...]]
+    files: Mapping[tuple[Path, str], tuple[Path, ...]]
     ignored: int = 0
+    ambiguous: int = 0
+    unmatched: int = 0
 
     @classmethod
-    def scan(cls, root: Path) -> MaskIndex:
-        """Every mask file under ``root`` (none when it is not a folder)."""
+    def scan(cls, root: Path, photographs: Iterable[tuple[Path, str]], *, mask_folders_only: bool = False) -> MaskIndex:
+        """The mask files under ``root`` of ``photographs`` (``(path, ID)`` pairs); none when ``root`` is
+        not a folder. ``mask_folders_only``: only files under a folder whose name says ``mask`` (a data
+        folder, whose photographs must not be taken for masks)."""
         root = Path(root)
         found: dict[_Key, list[Path]] = defaultdict(list)
         ignored = 0
         for path in sorted(root.rglob("*")) if root.is_dir() else ():
             if path.suffix.lower() not in MASK_SUFFIXES or not path.is_file():
                 continue
-            key = _parse(path.relative_to(root).parts)
+            parts = path.relative_to(root).parts
+            if mask_folders_only and not any(_MASK_WORD.search(folder) for folder in parts[:-1]):
+                continue
+            key = _parse(parts)
             if key is None:
                 ignored += 1
             else:
                 found[key].append(path)
-        return cls(root, {key: tuple(paths) for key, paths in found.items()}, ignored)
+        files, ambiguous, unmatched = _assign(found, list(photographs))
+        return cls(root, files, ignored, ambiguous, unmatched)
 
     def __len__(self) -> int:
         return sum(len(paths) for paths in self.files.values())
 
-    def lookup(self, image: Path, image_id: str, label: str) -> list[Path]:
-        """The mask files of one label of one photograph (for ``OTHER``, those of its 18 rare columns).
-
-        Args:
-            image: The photograph's path (its folders pick the mask folder).
-            image_id: Its ID (RFMiD ``ID``); its file name without the extension is tried as well.
-            label: An RFMiD column or ``OTHER``.
-        """
+    def lookup(self, image: Path, label: str) -> list[Path]:
+        """The mask files of one label of one of the photographs scanned for (for ``OTHER``, those of its
+        18 rare columns)."""
         columns = OTHER_COLUMNS if label == OTHER else (label,)
-        folders = Path(image).parent.parts
-        ids = dict.fromkeys((image_id, Path(image).stem))
-        return [
-            path
-            for column in columns
-            for depth in range(1, len(folders) + 1)
-            for name in ids
-            for path in self.files.get((folders[-depth:], name, column), ())
-        ]
+        return [path for column in columns for path in self.files.get((Path(image), column), ())]
 
-    def mask(self, image: Path, image_id: str, label: str) -> NDArray[np.bool_] | None:
+    def mask(self, image: Path, label: str) -> NDArray[np.bool_] | None:
         """The union of :meth:`lookup`'s files, or ``None`` when there are none."""
-        return read_lesion_mask(self.lookup(image, image_id, label))
+        return read_lesion_mask(self.lookup(image, label))
 
     def describe(self) -> str:
         """What the scan found, for logs and errors: a count, or why nothing was found."""
         if not self.root.is_dir():
             return f"no mask folder {self.root}"
+        left_out = [
+            f"{count} {what}"
+            for count, what in (
+                (self.ambiguous, "fit photographs of more than one folder (name the split's folder)"),
+                (self.unmatched, "name no photograph"),
+                (self.ignored, "fit none of the layouts"),
+            )
+            if count
+        ]
+        note = f" ({'; '.join(left_out)})" if left_out else ""
         if self.files:
-            return f"{len(self)} lesion mask files under {self.root}"
+            photographs = len({image for image, _ in self.files})
+            return f"{len(self)} lesion mask files of {photographs} photographs under {self.root}{note}"
         return (
-            f"no lesion mask files under {self.root} ({self.ignored} image files fit none of the layouts "
-            f"{', '.join(LAYOUTS)}; <folder> is the photographs' folder, COLUMN an RFMiD column)"
+            f"no lesion mask files of the photographs under {self.root}{note}; the layouts are "
+            f"{', '.join(LAYOUTS)}, where <folders> are the photograph's folders and COLUMN an RFMiD column"
         )
 
 
-def mask_folder(masks: Path | None, data: Path | None) -> Path | None:
-    """The mask folder asked for: ``masks`` when given, else the data folder's own ``masks`` folder in
-    any case (``<data>/masks`` when it has none); ``None`` with neither. It need not exist."""
+def find_masks(masks: Path | None, data: Path | None, photographs: Iterable[tuple[Path, str]]) -> MaskIndex | None:
+    """The masks of ``photographs`` (``(path, ID)`` pairs): under ``masks`` when given (every file), else
+    under the data folder's folders that say ``mask``. ``None`` when there is nowhere to look: neither
+    folder given, or a data folder with no mask-type file under such a folder (a set without masks)."""
     if masks is not None:
-        return Path(masks)
+        return MaskIndex.scan(Path(masks), photographs)
     if data is None:
         return None
-    data = Path(data)
-    found = sorted(p for p in data.iterdir() if p.name.lower() == "masks" and p.is_dir()) if data.is_dir() else []
-    return found[0] if found else data / "masks"
+    index = MaskIndex.scan(Path(data), photographs, mask_folders_only=True)
+    return index if index.files or index.ignored or index.ambiguous or index.unmatched else None
+
+
+def photographs(sources: Iterable[SplitSource]) -> list[tuple[Path, str]]:
+    """Every ``(path, ID)`` of the splits: what :meth:`MaskIndex.scan` gives masks to."""
+    return [pair for source in sources for pair in zip(source.paths, source.ids, strict=True)]
 
 
 def read_lesion_mask(files: Sequence[Path]) -> NDArray[np.bool_] | None:
@@ -146,19 +171,19 @@ def _parse(parts: Sequence[str]) -> _Key | None:
     """``(folders, ID, column)`` of a mask file's path under the root, or ``None`` if no layout fits."""
     *folders, name = parts
     stem = Path(name).stem
-    # <folder>/<ID>_<COLUMN>[_<n>]: the last token that names a column, with only a number after it.
+    # <folders>/<ID>_<COLUMN>[_<n>]: the last token that names a column, with only a number after it.
     tokens = stem.split("_")
     for at in range(len(tokens) - 1, 0, -1):
         column = _COLUMNS.get(tokens[at].upper())
-        if column is not None and _instance(tokens[at + 1 :]) and folders:
+        if column is not None and _instance(tokens[at + 1 :]):
             return tuple(folders), "_".join(tokens[:at]), column
-    if len(folders) >= 2:
+    if folders:
         parent = folders[-1]
-        # <folder>/<ID>/<COLUMN>[_<n>]
+        # <folders>/<ID>/<COLUMN>[_<n>]
         column = _COLUMNS.get(tokens[0].upper())
         if column is not None and _instance(tokens[1:]):
             return tuple(folders[:-1]), parent, column
-        # <folder>/<COLUMN>/<ID>
+        # <folders>/<COLUMN>/<ID>
         column = _COLUMNS.get(parent.upper())
         if column is not None:
             return tuple(folders[:-1]), stem, column
@@ -169,3 +194,58 @@ def _instance(tokens: Iterable[str]) -> bool:
     """Whether what follows a column is empty or one lesion's number."""
     rest = list(tokens)
     return not rest or (len(rest) == 1 and rest[0].isdigit())
+
+
+def _name(text: str) -> str:
+    """An ID or file name as compared: any case, a number without its leading zeros."""
+    return str(int(text)) if text.isdigit() else text.casefold()
+
+
+def _assign(
+    found: Mapping[_Key, Sequence[Path]], photographs: Sequence[tuple[Path, str]]
+) -> tuple[dict[tuple[Path, str], tuple[Path, ...]], int, int]:
+    """Each mask key's files given to the one photograph it fits: ``(files, ambiguous, unmatched)``."""
+    by_name: dict[str, list[int]] = defaultdict(list)
+    for i, (path, image_id) in enumerate(photographs):
+        for name in {_name(image_id), _name(Path(path).stem)}:
+            by_name[name].append(i)
+    parents = [Path(path).parent for path, _ in photographs]
+    top = Path(commonpath(parents)).parent if parents else Path()
+    folders = [tuple(f.casefold() for f in _below(parent, top)) for parent in parents]
+    files: dict[tuple[Path, str], tuple[Path, ...]] = {}
+    ambiguous = unmatched = 0
+    for (key_folders, name, column), paths in found.items():
+        fits: set[int] = set()
+        for wanted in _readings(key_folders):
+            fits = {i for i in by_name.get(_name(name), ()) if _within(wanted, folders[i])}
+            if fits:
+                break
+        if len(fits) == 1:
+            image = Path(photographs[fits.pop()][0])
+            files[image, column] = tuple(sorted((*files.get((image, column), ()), *paths)))
+        elif fits:
+            ambiguous += len(paths)
+        else:
+            unmatched += len(paths)
+    return files, ambiguous, unmatched
+
+
+def _readings(folders: Sequence[str]) -> list[tuple[str, ...]]:
+    """The folder paths a mask's folders may name: a folder that says ``mask`` read as the rest of its
+    name, then without it."""
+    named = tuple(rest.casefold() for f in folders if (rest := _MASK_WORD.sub("", f)))
+    plain = tuple(f.casefold() for f in folders if not _MASK_WORD.search(f))
+    return [named] if named == plain else [named, plain]
+
+
+def _below(folder: Path, top: Path) -> tuple[str, ...]:
+    try:
+        return folder.relative_to(top).parts
+    except ValueError:
+        return folder.parts
+
+
+def _within(wanted: Sequence[str], folders: Sequence[str]) -> bool:
+    """Whether ``wanted`` appear in ``folders`` in order (not necessarily next to each other)."""
+    remaining = iter(folders)
+    return all(any(f == w for f in remaining) for w in wanted)
