@@ -126,3 +126,18 @@ def test_a_folder_with_nothing_in_a_known_layout_says_what_it_expected(tmp_path:
     assert "no lesion mask files" in message and "1 fit none of the layouts" in message
     assert "<folders>/<ID>_<COLUMN>.png" in message
     assert MaskIndex.scan(tmp_path / "absent", []).describe() == f"no mask folder {tmp_path / 'absent'}"
+
+
+def test_a_mask_of_another_size_is_scaled_onto_its_photograph_and_another_shape_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A half-size mask lands on the same place of the photograph; a mask of another aspect cannot."""
+    _write(tmp_path / "Training" / "5_DR.png", (2, 3), shape=(10, 10))
+    _write(tmp_path / "Training" / "6_DR.png", (2, 3), shape=(10, 15))
+    masks = MaskIndex.scan(tmp_path, [(Path("/d/Training/5.png"), "5"), (Path("/d/Training/6.png"), "6")])
+    scaled = masks.mask(Path("/d/Training/5.png"), "DR", (20, 20))
+    assert scaled is not None and scaled.shape == (20, 20)
+    assert scaled.sum() == 4 and scaled[4:6, 6:8].all()
+    with caplog.at_level("WARNING", logger="train.masks"):
+        assert masks.mask(Path("/d/Training/6.png"), "DR", (20, 20)) is None
+    assert "is 15x10, its photograph 20x20; left out" in caplog.text

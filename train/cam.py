@@ -28,7 +28,7 @@ from retinagate.labels import DISEASE_LABELS
 from retinagate.preprocess import prepare, prepare_with_geometry
 from train.augment import Normalizer
 from train.datasets import SplitSource, read_image
-from train.masks import MaskIndex
+from train.masks import MaskIndex, read_lesion_mask
 from train.model import TurnAveraged, class_maps
 
 __all__ = [
@@ -197,15 +197,19 @@ def pointing_targets(
     hit_cells: list[NDArray[np.bool_]] = []
     shares: list[float] = []
     for i in range(len(source)):
-        pairs = []
-        for name, column in zip(labels, columns, strict=True):
-            if source.labels[i, column]:
-                mask = masks.mask(source.paths[i], name)
-                if mask is not None and mask.any():
-                    pairs.append((name, column, mask))
-        if not pairs:
+        wanted = [
+            (name, column, files)
+            for name, column in zip(labels, columns, strict=True)
+            if source.labels[i, column] and (files := masks.lookup(source.paths[i], name))
+        ]
+        if not wanted:
             continue
         _, geometry = prepare_with_geometry(read_image(source.paths[i]), card.preprocessing)
+        pairs = [
+            (name, column, mask)
+            for name, column, files in wanted
+            if (mask := read_lesion_mask(files, geometry.source_shape)) is not None and mask.any()
+        ]
         geometry = geometry.with_cam(grid)
         x0, y0, x1, y1 = geometry.crop
         reach = reach_input * (x1 - x0) / (geometry.placed[2] - geometry.placed[0])  # photograph pixels

@@ -101,9 +101,8 @@ def lesion_planes(
         _, geometry = prepare_with_geometry(read_image(source.paths[i]), preprocessing)
         placed: list[tuple[int, NDArray[np.uint8]]] = []
         for column, files in found[i]:
-            mask = read_lesion_mask(files)
-            if mask is None or mask.shape != geometry.source_shape:
-                logger.warning("a %s lesion mask does not match its photograph's size; left out", LABELS[column])
+            mask = read_lesion_mask(files, geometry.source_shape)
+            if mask is None:
                 continue
             plane = geometry.to_input(mask)
             if plane.any():

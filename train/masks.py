@@ -27,6 +27,7 @@ could be any split's: a file that fits more than one photograph is left out and 
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -56,6 +57,8 @@ LAYOUTS: Final = (
     "<folders>/<ID>/<COLUMN>.png",
     "<folders>/<COLUMN>/<ID>.png",
 )
+
+logger = logging.getLogger(__name__)
 
 _COLUMNS: Final = {name.upper(): name for name in RFMID_COLUMNS}
 _MASK_WORD: Final = re.compile(r"[\s_.-]*masks?[\s_.-]*", re.IGNORECASE)
@@ -112,9 +115,10 @@ class MaskIndex:
         columns = OTHER_COLUMNS if label == OTHER else (label,)
         return [path for column in columns for path in self.files.get((Path(image), column), ())]
 
-    def mask(self, image: Path, label: str) -> NDArray[np.bool_] | None:
-        """The union of :meth:`lookup`'s files, or ``None`` when there are none."""
-        return read_lesion_mask(self.lookup(image, label))
+    def mask(self, image: Path, label: str, shape: tuple[int, int] | None = None) -> NDArray[np.bool_] | None:
+        """The union of :meth:`lookup`'s files on a photograph of ``shape`` (:func:`read_lesion_mask`), or
+        ``None`` when there are none."""
+        return read_lesion_mask(self.lookup(image, label), shape)
 
     def describe(self) -> str:
         """What the scan found, for logs and errors: a count, or why nothing was found."""
@@ -156,13 +160,29 @@ def photographs(sources: Iterable[SplitSource]) -> list[tuple[Path, str]]:
     return [pair for source in sources for pair in zip(source.paths, source.ids, strict=True)]
 
 
-def read_lesion_mask(files: Sequence[Path]) -> NDArray[np.bool_] | None:
-    """The union of mask files (non-zero pixels), or ``None`` when none can be read."""
+def read_lesion_mask(files: Sequence[Path], shape: tuple[int, int] | None = None) -> NDArray[np.bool_] | None:
+    """The union of mask files (non-zero pixels) on a photograph of ``shape`` (``(height, width)``; by
+    default the first file's), or ``None`` when none can be read.
+
+    A mask of another size with the photograph's aspect ratio (within 1%) is scaled onto it, a pixel
+    counting where any lesion pixel falls; one of another shape is left out with a warning.
+    """
     mask: NDArray[np.bool_] | None = None
     for path in files:
         plane = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         if plane is None:
+            logger.warning("lesion mask %s cannot be read; left out", path.name)
             continue
+        shape = shape or (int(plane.shape[0]), int(plane.shape[1]))
+        if plane.shape != shape:
+            height, width = plane.shape
+            if abs(width * shape[0] / (height * shape[1]) - 1) > 0.01:
+                logger.warning(
+                    "lesion mask %s is %dx%d, its photograph %dx%d; left out", path.name, width, height, *shape[::-1]
+                )
+                continue
+            area = cv2.resize((plane > 0).astype(np.float32), shape[::-1], interpolation=cv2.INTER_AREA)
+            plane = (area > 0).astype(np.uint8)
         mask = plane > 0 if mask is None else mask | (plane > 0)
     return mask
 
