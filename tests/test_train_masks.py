@@ -34,6 +34,7 @@ TRAINING_7 = Path("Training_Set/Training/7.png")
     [
         "masks/Training/7_MH.png",
         "masks/Training/7_mh.tif",
+        "masks/Training/7_MH.jpg",
         "masks/Training/7_MH_1.png",
         "masks/Training/7/MH.bmp",
         "masks/Training/7/MH_3.png",
@@ -119,7 +120,6 @@ def test_the_file_name_without_extension_is_tried_when_the_id_is_a_path(tmp_path
 
 def test_a_folder_with_nothing_in_a_known_layout_says_what_it_expected(tmp_path: Path) -> None:
     _write(tmp_path / "Training" / "7-haemorrhage.png", (0, 0))
-    _write(tmp_path / "Training" / "7_MH.jpg", (0, 0))  # lossy: not read as a mask
     masks = MaskIndex.scan(tmp_path, [(Path("/d/Training/7.png"), "7")])
     assert not masks.files and len(masks) == 0
     message = masks.describe()
@@ -141,3 +141,14 @@ def test_a_mask_of_another_size_is_scaled_onto_its_photograph_and_another_shape_
     with caplog.at_level("WARNING", logger="train.masks"):
         assert masks.mask(Path("/d/Training/6.png"), "DR", (20, 20)) is None
     assert "is 15x10, its photograph 20x20; left out" in caplog.text
+
+
+def test_a_jpeg_mask_is_read_above_half_range_so_its_ringing_does_not_grow_the_lesion(tmp_path: Path) -> None:
+    plane = np.zeros((32, 32), np.uint8)
+    cv2.circle(plane, (13, 17), 6, 255, -1)
+    (tmp_path / "Training").mkdir()
+    assert cv2.imwrite(str(tmp_path / "Training" / "2_DR.jpg"), plane, [cv2.IMWRITE_JPEG_QUALITY, 50])
+    assert (cv2.imread(str(tmp_path / "Training" / "2_DR.jpg"), cv2.IMREAD_GRAYSCALE)[plane == 0] > 0).any()
+    image = Path("/d/Training/2.png")
+    mask = MaskIndex.scan(tmp_path, [(image, "2")]).mask(image, "DR")
+    assert mask is not None and np.array_equal(mask, plane > 0)

@@ -1,7 +1,8 @@
 """Lesion mask files: which masks belong to which photograph and label.
 
-A lesion mask is a lossless single-channel image the size of its photograph, non-zero on the pixels of
-one lesion type (or one lesion of it). :meth:`MaskIndex.scan` reads the masks once and gives each file
+A lesion mask is a single-channel image the size of its photograph, non-zero on the pixels of one lesion
+type (or one lesion of it); in a JPEG, whose ringing leaves faint values around every edge, above half
+the range. :meth:`MaskIndex.scan` reads the masks once and gives each file
 to the one photograph it names. Where it looks (:func:`find_masks`): ``--masks DIR``, every file under
 it; otherwise the data folder, every file under a folder whose name says ``mask`` (``masks/``,
 ``Training_Set/Masks/``, ``Training/masks/``, ``Training_Masks/``, in any case). These layouts are
@@ -15,7 +16,7 @@ recognised, where ``<folders>`` is any folder path, empty included:
 ==========================================  ===============================================
 
 ``ID`` is the photograph's RFMiD ID or its file name without the extension (leading zeros aside);
-``COLUMN`` is an RFMiD column, in any case. PNG, BMP and TIFF files are read. The ``OTHER`` output's
+``COLUMN`` is an RFMiD column, in any case. PNG, BMP, TIFF and JPEG files are read. The ``OTHER`` output's
 mask is the union of the masks of the 18 rare columns it stands for.
 
 A file belongs to the photograph of that ID whose own folders (below the photographs' common folder)
@@ -47,8 +48,10 @@ if TYPE_CHECKING:
 
 __all__ = ["LAYOUTS", "MASK_SUFFIXES", "MaskIndex", "find_masks", "photographs", "read_lesion_mask"]
 
-#: File types read as masks (lossless only: a JPEG's ringing would grow every lesion).
-MASK_SUFFIXES: Final = frozenset({".png", ".bmp", ".tif", ".tiff"})
+#: File types read as masks.
+MASK_SUFFIXES: Final = frozenset({".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg"})
+#: Lossy types, whose ringing would grow every lesion if any non-zero pixel counted: read above half range.
+_LOSSY: Final = frozenset({".jpg", ".jpeg"})
 
 #: The layouts :meth:`MaskIndex.scan` recognises, for messages.
 LAYOUTS: Final = (
@@ -181,9 +184,10 @@ def read_lesion_mask(files: Sequence[Path], shape: tuple[int, int] | None = None
                     "lesion mask %s is %dx%d, its photograph %dx%d; left out", path.name, width, height, *shape[::-1]
                 )
                 continue
-            area = cv2.resize((plane > 0).astype(np.float32), shape[::-1], interpolation=cv2.INTER_AREA)
-            plane = (area > 0).astype(np.uint8)
-        mask = plane > 0 if mask is None else mask | (plane > 0)
+            area = cv2.resize(plane.astype(np.float32), shape[::-1], interpolation=cv2.INTER_AREA)
+            plane = np.where(area > 0, np.maximum(area, 1), 0).astype(np.uint8)
+        lesion = plane > (127 if path.suffix.lower() in _LOSSY else 0)
+        mask = lesion if mask is None else mask | lesion
     return mask
 
 
