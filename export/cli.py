@@ -33,7 +33,9 @@ def register(subparsers: Any) -> None:
             "and 'ood_score' (distance from the training photographs), with the model card in the file's "
             "metadata. The statistics behind ood_score are fitted on the training photographs named by the "
             "checkpoint's training config when the card has none and that data is on this machine; "
-            "otherwise the file has no ood_score (a warning says why). The export is checked with ONNX "
+            "otherwise the file has no ood_score (a warning says why). The same photographs fit the card's "
+            "gradability gate limits: a limit that would flag more than 1% of them is moved past them. "
+            "The export is checked with ONNX "
             "Runtime against PyTorch run in float64, within float32's rounding error for the model. "
             "--fp16 also writes OUT.fp16.onnx (for GPUs); --int8 also writes OUT.int8.onnx "
             "(for CPUs), calibrated on the photographs in --calibration DIR, and reports its AUROC change "
@@ -264,6 +266,8 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
         if card.ood is None
         else {"threshold": card.ood.threshold, "rank": card.ood.rank, "fitted_on": card.ood.fitted_on},
         "ood_note": exported.ood,
+        "gate": None if card.gate is None else card.gate.model_dump(mode="json"),
+        "gate_note": exported.gate,
         "exporter": args.exporter,
         "opset": args.opset,
         "validation": None if validation is None else {"origin": validation.origin, "images": len(validation.images)},
@@ -289,6 +293,7 @@ def _print_summary(result: dict[str, Any]) -> None:
         f"trained on {model['localisation'].replace('_', ' ')}"
     )
     print(f"ood_score: {result['ood_note']}")
+    print(f"gate limits: {result['gate_note']}")
     validation = result["validation"]
     if validation:
         print(f"validation: {validation['images']} images from {validation['origin']}")

@@ -269,12 +269,15 @@ class Exported:
         config: The training config stored in the checkpoint (empty if none).
         ood: How ``ood_score`` came about, one line for the user: fitted (on what), kept from the
             checkpoint's card, turned off, or why the graph has none.
+        gate: How the card's gradability limits came about, one line for the user: fitted (on what,
+            and which moved), kept from the checkpoint's card, or why they are the defaults.
     """
 
     cam_model: CamModel
     card: ModelCard
     config: dict[str, Any]
     ood: str
+    gate: str = "defaults"
 
 
 def _with_ood(
@@ -323,6 +326,34 @@ def _with_ood(
     return card.with_updates(ood=statistics.model_dump(mode="json")), note
 
 
+def _with_gate(card: ModelCard, config: dict[str, Any]) -> tuple[ModelCard, str]:
+    """The card with the gradability gate's limits fitted to the training photographs
+    (:func:`train.ood.gate_limits_from_config`), and one line saying what became of them."""
+    if card.gate is not None:
+        return card, "kept from the checkpoint's card"
+    from train.ood import gate_limits_from_config
+
+    try:
+        limits = gate_limits_from_config(card, config)
+    except ValueError as exc:
+        note = f"defaults: the training data named by the checkpoint is unusable ({exc})"
+        logger.warning("gate limits: %s", note)
+        return card, note
+    if limits is None:
+        note = "defaults: the training photographs named by the checkpoint are not on this machine"
+        logger.warning("gate limits: %s", note)
+        return card, note
+    fitted = limits.fitted_on
+    moved = ", ".join(f"{name} {m['default']:g} -> {m['fitted']:g}" for name, m in fitted["moved"].items())
+    note = (
+        f"fitted to {fitted['photographs']} training photographs ({fitted['flagged_by_defaults']} flagged by the "
+        f"defaults); {'moved ' + moved if moved else 'the defaults kept'}"
+    )
+    if moved:
+        logger.warning("gate limits moved to pass the training photographs: %s", moved)
+    return card.with_updates(gate=limits.model_dump(mode="json")), note
+
+
 def export_checkpoint(
     checkpoint: Path,
     out: Path,
@@ -346,6 +377,9 @@ def export_checkpoint(
             without ``ood_score`` and a warning says why. ``off``: never an ``ood_score`` output.
         progress: Show a progress bar on stderr while the OOD statistics are fitted.
 
+    The gradability gate's limits are fitted to the training photographs the config names when they
+    are on this machine and the card holds none (:func:`train.ood.gate_limits_from_config`).
+
     Raises:
         FileNotFoundError: If the checkpoint does not exist.
         ValueError: If it is not a RetinaGate checkpoint or cannot be exported.
@@ -358,9 +392,10 @@ def export_checkpoint(
     raw_config = raw.get("config")
     config = dict(raw_config) if isinstance(raw_config, dict) else {}
     card, note = _with_ood(model, card, config, ood, progress=progress)
+    card, gate_note = _with_gate(card, config)
     weights = state_dict_sha256(model.state_dict())
     written = export_model(model, card, out, opset=opset, exporter=exporter, weights_sha256=weights)
-    return Exported(CamModel(model, written).eval(), written, config, note)
+    return Exported(CamModel(model, written).eval(), written, config, note, gate_note)
 
 
 #: float32's unit roundoff ``u = 2**-24``: the relative error of one correctly rounded operation.

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from retinagate.labels import LABELS
 
-__all__ = ["CARD_METADATA_KEY", "CamGrid", "ModelCard", "OodStatistics", "Preprocessing"]
+__all__ = ["CARD_METADATA_KEY", "CamGrid", "GateLimits", "ModelCard", "OodStatistics", "Preprocessing"]
 
 CARD_METADATA_KEY = "retinagate.card"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -94,6 +94,29 @@ class OodStatistics(BaseModel):
         return self
 
 
+class GateLimits(BaseModel):
+    """The gradability gate's limits (:mod:`retinagate.gate`; its constants are the defaults).
+
+    Export fits them to the training photographs (:func:`retinagate.gate.fit_limits`): a limit that
+    would flag more than 1% of the photographs the model learned from is moved just past them, since
+    those are gradable by definition; the others keep their defaults.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fov_min_area: float = Field(ge=0, le=1, description="Least share of the image the field of view covers.")
+    fov_min_contained: float = Field(ge=0, le=1, description="Least share of the region inside its fitted circle.")
+    fov_min_filled: float = Field(ge=0, le=1, description="Least share of the fitted circle the region fills.")
+    fov_max_side_cut: float = Field(ge=0, le=1, description="Largest share of the circle's width cut off at the sides.")
+    fov_min_visible: float = Field(ge=0, le=1, description="Least share of the circle's area inside the image.")
+    min_chroma: float = Field(ge=0, le=1, description="Least chroma inside the field of view.")
+    min_red_over_green: float = Field(ge=0, description="Least mean red over mean green.")
+    min_sharpness: float = Field(ge=0, description="Least finest-octave over next-octave RMS of green.")
+    min_level: float = Field(ge=0, le=255, description="Least mean luma inside the field of view.")
+    max_level: float = Field(ge=0, le=255, description="Largest mean luma inside the field of view.")
+    fitted_on: dict[str, Any] = Field(default_factory=dict, description="Photographs measured and limits moved.")
+
+
 class ModelCard(BaseModel):
     """Identity, preprocessing, labels, thresholds and provenance of one model."""
 
@@ -137,6 +160,9 @@ class ModelCard(BaseModel):
         ),
     )
     ood: OodStatistics | None = Field(None, description="Feature statistics behind the graph's ood_score output.")
+    gate: GateLimits | None = Field(
+        None, description="The gradability gate's limits, fitted to the training photographs; none: the defaults."
+    )
     input_format: Literal["uint8_nhwc_rgb"] = "uint8_nhwc_rgb"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     training_data: dict[str, Any] = Field(default_factory=dict, description="What the model was trained on.")

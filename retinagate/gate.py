@@ -32,22 +32,28 @@ core, most of it the area reduction to the working size); check 5 needs the mode
 How the thresholds were chosen is written beside each constant: from measurements on the project's
 own synthetic photographs (``retinagate synth``), normal and degraded in each way, and from physical
 reasoning where the synthetic data cannot speak; the targets were at most 2 % of normal photographs
-flagged and at least 95 % of degraded ones.
+flagged and at least 95 % of degraded ones. They are defaults: ``retinagate export`` measures the
+training photographs and moves any limit that would flag more than 1 % of them just past them
+(:func:`fit_limits`, written to the card's ``gate``), so another camera's normal photographs are not
+called ungradable wholesale.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from retinagate.card import GateLimits
 from retinagate.preprocess import FieldOfView, find_fov
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "MIN_DECODE_SIDE",
     "NOT_COLOUR",
     "NO_FOV",
@@ -59,6 +65,7 @@ __all__ = [
     "Verdict",
     "assess",
     "distinct_numbers",
+    "fit_limits",
     "ood_reason",
     "reason_code",
     "with_ood",
@@ -189,6 +196,21 @@ MAX_LEVEL: Final = 200.0
 MAX_CLIPPED: Final = 0.25
 
 
+#: The limits above, as a model card holds them (:class:`retinagate.card.GateLimits`).
+DEFAULT_LIMITS: Final = GateLimits(
+    fov_min_area=FOV_MIN_AREA,
+    fov_min_contained=FOV_MIN_CONTAINED,
+    fov_min_filled=FOV_MIN_FILLED,
+    fov_max_side_cut=FOV_MAX_SIDE_CUT,
+    fov_min_visible=FOV_MIN_VISIBLE,
+    min_chroma=MIN_CHROMA,
+    min_red_over_green=MIN_RED_OVER_GREEN,
+    min_sharpness=MIN_SHARPNESS,
+    min_level=MIN_LEVEL,
+    max_level=MAX_LEVEL,
+)
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What the gate found for one photograph.
@@ -210,6 +232,81 @@ class Verdict:
     def status(self) -> Status:
         """``scored`` when gradable, else ``ungradable``."""
         return "scored" if self.gradable else "ungradable"
+
+
+# --- Fitting the limits to the training photographs ----------------------------------------------------
+
+#: Share of the training photographs a limit may flag before it is moved. The limits above were set on
+#: the project's own synthetic photographs; another camera (or another generator) can sit past one of
+#: them with every photograph, and a gate that calls a whole clinic's camera ungradable is worse than
+#: none. The photographs a model learned from are gradable by definition, so a limit that flags more
+#: than this share of them is moved to the share's quantile, and a margin (:data:`FIT_MARGIN`) beyond.
+#: A limit is only ever relaxed: a degraded copy of such a photograph still falls well past it (blur
+#: halves the focus ratio, greyscale zeroes the chroma, a crop cuts the circle).
+FIT_QUANTILE: Final = 0.01
+
+#: Relative margin beyond the quantile a moved limit is set at.
+FIT_MARGIN: Final = 0.1
+
+#: Each fitted limit: (card field, the measure it bounds, whether it is a least or a largest value).
+_FITTED: Final = (
+    ("fov_min_area", "fov_area", "least"),
+    ("fov_min_contained", "fov_contained", "least"),
+    ("fov_min_filled", "fov_filled", "least"),
+    ("fov_max_side_cut", "fov_side_cut", "largest"),
+    ("fov_min_visible", "fov_visible", "least"),
+    ("min_chroma", "chroma", "least"),
+    ("min_red_over_green", "red_over_green", "least"),
+    ("min_sharpness", "sharpness", "least"),
+    ("min_level", "level", "least"),
+    ("max_level", "level", "largest"),
+)
+
+
+def fit_limits(verdicts: Iterable[Verdict], defaults: GateLimits = DEFAULT_LIMITS) -> GateLimits:
+    """The gate's limits fitted to photographs known to be gradable (the training photographs).
+
+    Args:
+        verdicts: :func:`assess` of each photograph with ``defaults``.
+        defaults: The limits to start from.
+
+    Returns:
+        ``defaults`` with each limit that flags more than :data:`FIT_QUANTILE` of the photographs moved
+        past that quantile by :data:`FIT_MARGIN`; ``fitted_on`` says how many photographs were measured,
+        how many the defaults flagged (by reason), and which limits moved from what to what. A photograph
+        with no field of view has no other measures, so no limit but the area's moves for it.
+    """
+    verdicts = list(verdicts)
+    rows: list[Mapping[str, float]] = [verdict.measures for verdict in verdicts]
+    flagged: dict[str, int] = {}
+    for verdict in verdicts:
+        for reason in verdict.reasons:
+            flagged[reason] = flagged.get(reason, 0) + 1
+    limits: dict[str, Any] = defaults.model_dump()
+    moved: dict[str, dict[str, float]] = {}
+    for name, measure, side in _FITTED:
+        seen = np.array([row[measure] for row in rows if measure in row], dtype=np.float64)
+        if not len(seen):
+            continue
+        default = float(getattr(defaults, name))
+        if side == "least":
+            edge = float(np.quantile(seen, FIT_QUANTILE))
+            limit = edge * (1 - FIT_MARGIN) if edge < default else default
+        else:
+            edge = float(np.quantile(seen, 1 - FIT_QUANTILE))
+            bound = 255.0 if measure == "level" else 1.0
+            limit = min(bound, edge * (1 + FIT_MARGIN)) if edge > default else default
+        if limit != default:
+            limits[name] = round(limit, 6)
+            moved[name] = {"default": default, "fitted": round(limit, 6), "quantile": round(edge, 6)}
+    limits["fitted_on"] = {
+        "photographs": len(rows),
+        "flagged_by_defaults": sum(not verdict.gradable for verdict in verdicts),
+        "reasons": flagged,
+        "quantile": FIT_QUANTILE,
+        "moved": moved,
+    }
+    return GateLimits(**limits)
 
 
 def distinct_numbers(value: float, limit: float, digits: int = 1, most: int = 6) -> tuple[str, str]:
@@ -311,7 +408,7 @@ def _fit_circle(mask: NDArray[np.bool_]) -> _Circle | None:
     return _Circle(circle.cx, circle.cy, circle.r + 0.5)
 
 
-def _field_of_view(fov: FieldOfView) -> tuple[_Circle | None, dict[str, float], list[str]]:
+def _field_of_view(fov: FieldOfView, limits: GateLimits) -> tuple[_Circle | None, dict[str, float], list[str]]:
     """Check 1 on the thumbnail: the fitted circle (or None), the measures and the reasons."""
     mask = fov.mask
     assert mask is not None
@@ -335,11 +432,11 @@ def _field_of_view(fov: FieldOfView) -> tuple[_Circle | None, dict[str, float], 
         "fov_visible": min(1.0, visible),
     }
     ok = (
-        measures["fov_area"] >= FOV_MIN_AREA
-        and contained >= FOV_MIN_CONTAINED
-        and filled >= FOV_MIN_FILLED
-        and side_cut <= FOV_MAX_SIDE_CUT
-        and visible >= FOV_MIN_VISIBLE
+        measures["fov_area"] >= limits.fov_min_area
+        and contained >= limits.fov_min_contained
+        and filled >= limits.fov_min_filled
+        and side_cut <= limits.fov_max_side_cut
+        and visible >= limits.fov_min_visible
     )
     return circle, measures, ([] if ok else [NO_FOV])
 
@@ -397,39 +494,45 @@ def _working(image: NDArray[np.uint8], fov: FieldOfView, circle: _Circle) -> _Wo
     return _Work(red, green, blue, inside, inner)
 
 
-def _colour(work: _Work) -> tuple[dict[str, float], list[str]]:
+def _colour(work: _Work, limits: GateLimits) -> tuple[dict[str, float], list[str]]:
     top = np.maximum(np.maximum(work.red, work.green), work.blue)[work.inner]
     bottom = np.minimum(np.minimum(work.red, work.green), work.blue)[work.inner]
     chroma = float((top - bottom).mean() / max(1.0, float(top.mean())))
     red, green = float(work.red[work.inner].mean()), float(work.green[work.inner].mean())
     red_over_green = red / max(1.0, green)
-    ok = chroma >= MIN_CHROMA and red_over_green >= MIN_RED_OVER_GREEN
+    ok = chroma >= limits.min_chroma and red_over_green >= limits.min_red_over_green
     return {"chroma": chroma, "red_over_green": red_over_green}, ([] if ok else [NOT_COLOUR])
 
 
-def _focus(work: _Work) -> tuple[dict[str, float], list[str]]:
+def _focus(work: _Work, limits: GateLimits) -> tuple[dict[str, float], list[str]]:
     fine, middle, coarse = (cv2.GaussianBlur(work.green, (0, 0), sigma) for sigma in (1.0, 2.0, 4.0))
     fine_band = float(np.sqrt(np.mean(np.square((fine - middle)[work.inner]))))
     coarse_band = float(np.sqrt(np.mean(np.square((middle - coarse)[work.inner]))))
     sharpness = fine_band / coarse_band if coarse_band > 0 else 0.0
-    return {"sharpness": sharpness}, ([] if sharpness >= MIN_SHARPNESS else [OUT_OF_FOCUS])
+    return {"sharpness": sharpness}, ([] if sharpness >= limits.min_sharpness else [OUT_OF_FOCUS])
 
 
-def _exposure(work: _Work) -> tuple[dict[str, float], list[str]]:
+def _exposure(work: _Work, limits: GateLimits) -> tuple[dict[str, float], list[str]]:
     inside = work.inside
     luma = _LUMA[0] * work.red + _LUMA[1] * work.green + _LUMA[2] * work.blue
     level = float(luma[inside].mean())
     high = float(np.mean(work.green[inside] >= 250))
     low = float(np.mean(np.maximum(np.maximum(work.red, work.green), work.blue)[inside] <= 10))
     reasons = []
-    if level > MAX_LEVEL or high > MAX_CLIPPED:
+    if level > limits.max_level or high > MAX_CLIPPED:
         reasons.append(OVER_EXPOSED)
-    if level < MIN_LEVEL or low > MAX_CLIPPED:
+    if level < limits.min_level or low > MAX_CLIPPED:
         reasons.append(UNDER_EXPOSED)
     return {"level": level, "clipped_high": high, "clipped_low": low}, reasons
 
 
-def assess(image: NDArray[np.uint8], *, threshold: int = 20, fov: FieldOfView | None = None) -> Verdict:
+def assess(
+    image: NDArray[np.uint8],
+    *,
+    threshold: int = 20,
+    fov: FieldOfView | None = None,
+    limits: GateLimits | None = None,
+) -> Verdict:
     """Checks 1-4 on one decoded photograph (see the module docstring).
 
     Args:
@@ -438,6 +541,7 @@ def assess(image: NDArray[np.uint8], *, threshold: int = 20, fov: FieldOfView | 
         threshold: The model card's FOV threshold (``preprocessing.fov_threshold``).
         fov: :func:`retinagate.preprocess.find_fov` of this image with that threshold, when the
             caller already has it.
+        limits: The model card's limits (``card.gate``); ``None``: :data:`DEFAULT_LIMITS`.
 
     Returns:
         The :class:`Verdict`: reasons in check order (field of view first; colour, focus and exposure
@@ -446,6 +550,7 @@ def assess(image: NDArray[np.uint8], *, threshold: int = 20, fov: FieldOfView | 
     Raises:
         ValueError: If the image is not ``(H, W, 3)`` uint8 or the threshold is outside 0-255.
     """
+    limits = limits or DEFAULT_LIMITS
     if fov is None:
         fov = find_fov(image, threshold)
     if fov.mask is None:
@@ -453,20 +558,20 @@ def assess(image: NDArray[np.uint8], *, threshold: int = 20, fov: FieldOfView | 
         # darker than a gradable retina, it is under-exposed; otherwise it has no field of view.
         bright = float(np.percentile(fov.thumbnail.astype(np.float32) @ _LUMA, 90))
         measures = {"fov_area": 0.0, "level_p90": round(bright, 6)}
-        return Verdict((UNDER_EXPOSED,) if bright < MIN_LEVEL else (NO_FOV,), measures)
-    circle, measures, reasons = _field_of_view(fov)
+        return Verdict((UNDER_EXPOSED,) if bright < limits.min_level else (NO_FOV,), measures)
+    circle, measures, reasons = _field_of_view(fov, limits)
     if circle is None or reasons:
         # A dark photograph loses the edge of its field of view in the border: then the darkness is
         # the reason, not the shape.
         level = float((fov.thumbnail[fov.mask].astype(np.float32) @ _LUMA).mean())
         measures["level"] = level
-        if level < MIN_LEVEL:
+        if level < limits.min_level:
             reasons = [UNDER_EXPOSED]
         return Verdict(tuple(reasons), {k: round(v, 6) for k, v in measures.items()})
     work = _working(image, fov, circle)
     if np.count_nonzero(work.inner) < 64:
         return Verdict((NO_FOV,), measures)
-    colour, focus, exposure = _colour(work), _focus(work), _exposure(work)
+    colour, focus, exposure = _colour(work, limits), _focus(work, limits), _exposure(work, limits)
     for found, why in (colour, focus, exposure):
         measures |= found
         # Over-exposure washes the colour out: then it is the reason, not the colour.

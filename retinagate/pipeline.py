@@ -346,7 +346,9 @@ class Pipeline:
         preprocessing = self.engine.card.preprocessing
         fovs = [find_fov(frame, preprocessing.fov_threshold) for frame in decoded.frames]
         verdicts: list[gate.Verdict | None] = [
-            gate.assess(frame, threshold=preprocessing.fov_threshold, fov=fov) if self._gate else None
+            gate.assess(frame, threshold=preprocessing.fov_threshold, fov=fov, limits=self.engine.card.gate)
+            if self._gate
+            else None
             for frame, fov in zip(decoded.frames, fovs, strict=True)
         ]
         frames = [i for i, verdict in enumerate(verdicts) if verdict is None or verdict.gradable]

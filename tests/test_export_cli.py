@@ -143,6 +143,10 @@ def test_export_fits_ood_statistics_on_the_training_data_the_checkpoint_names(
     assert (fitted["train_images"], fitted["val_images"]) == (144, 48)  # the synthetic dataset's splits
     assert fitted["val_above_threshold"] <= 0.02 and fitted["origin"].endswith("RFMiD_Training_Labels.csv")
     assert summary["ood_note"].startswith("fitted on 144 training photographs")
+    # The same training photographs, decoded, fit the gradability gate's limits.
+    assert card.gate is not None and card.gate.fitted_on["photographs"] == 144
+    assert summary["gate"] == card.gate.model_dump(mode="json")
+    assert summary["gate_note"].startswith("fitted to 144 training photographs")
     check = summary["variants"][0]["vs_pytorch"]
     assert check["ood_score_max_relative_diff"] is not None
     assert check["ood_score_max_relative_diff"] <= check["tolerance"]
@@ -162,6 +166,8 @@ def test_export_without_the_training_data_here_says_so_and_writes_the_three_outp
     warnings = [r.getMessage() for r in caplog.records if "without ood_score" in r.getMessage()]
     assert warnings == [f"exporting without ood_score: {summary['ood_note']}"]
     assert "is not on this machine" in warnings[0] and str(tmp_path / "gone") in warnings[0]
+    assert summary["gate"] is None and Engine(out).card.gate is None  # the gate keeps its defaults
+    assert summary["gate_note"] == "defaults: the training photographs named by the checkpoint are not on this machine"
 
 
 def test_no_ood_leaves_the_score_out_even_when_the_training_data_is_here(

@@ -252,6 +252,45 @@ def test_each_reason_has_a_short_code() -> None:
 # Settings.
 
 
+def test_limits_fitted_to_a_softer_camera_pass_its_photographs_and_still_refuse_heavy_blur(
+    normal: list[Image],
+) -> None:
+    """A camera (or generator) softer than the synthetic one: the defaults flag a quarter or more of its
+    normal photographs; limits fitted to its training photographs pass its other normal photographs,
+    and a heavily blurred copy is still out of focus."""
+    soft_camera = [_blurred(image, 0.009) for image in normal]
+    verdicts = [gate.assess(image) for image in soft_camera]
+    limits = gate.fit_limits(verdicts)
+
+    assert sum(not v.gradable for v in verdicts) >= len(normal) // 4
+    assert limits.fitted_on["flagged_by_defaults"] == sum(not v.gradable for v in verdicts)
+    assert set(limits.fitted_on["moved"]) == {"min_sharpness"}
+    assert limits.min_sharpness < gate.MIN_SHARPNESS
+    assert limits.model_dump(exclude={"min_sharpness", "fitted_on"}) == gate.DEFAULT_LIMITS.model_dump(
+        exclude={"min_sharpness", "fitted_on"}
+    )
+    held_out = [_blurred(image, 0.009) for image in _photographs(20, seed=77)]
+    assert sum(not gate.assess(image, limits=limits).gradable for image in held_out) <= 1
+    heavy = [gate.assess(_blurred(image, 0.015), limits=limits).reasons for image in soft_camera[:8]]
+    assert heavy == [(gate.OUT_OF_FOCUS,)] * 8
+
+
+def test_limits_fitted_to_photographs_the_defaults_pass_are_the_defaults(normal: list[Image]) -> None:
+    limits = gate.fit_limits(gate.assess(image) for image in normal)
+    assert limits.fitted_on["moved"] == {} and limits.fitted_on["photographs"] == len(normal)
+    assert limits.model_dump(exclude={"fitted_on"}) == gate.DEFAULT_LIMITS.model_dump(exclude={"fitted_on"})
+
+
+def test_limits_fitted_to_a_darker_camera_still_refuse_an_under_exposed_copy(few: list[Image]) -> None:
+    dark_camera = [_scaled(image, 0.4) for image in few]
+    limits = gate.fit_limits(gate.assess(image) for image in dark_camera)
+
+    assert limits.min_level < gate.MIN_LEVEL and set(limits.fitted_on["moved"]) == {"min_level"}
+    assert all(gate.assess(image, limits=limits).gradable for image in dark_camera)
+    under = [gate.assess(_exposed(image, 10.0), limits=limits).reasons for image in dark_camera[:4]]
+    assert under == [(gate.UNDER_EXPOSED,)] * 4
+
+
 def test_the_gate_setting_is_on_by_default_and_anything_but_on_or_off_is_refused() -> None:
     assert load_settings(environ={}).gate == "on"
     assert load_settings(environ={"RETINAGATE_GATE": "off"}).gate == "off"
@@ -399,3 +438,29 @@ def test_a_multi_frame_instance_is_scored_on_its_gradable_frames_and_names_the_o
     graded, refused = _groups(result.outputs["sr"])
     assert any(item.ValueType == "NUM" for item in graded.ContentSequence)
     assert not any(item.ValueType == "NUM" for item in refused.ContentSequence)
+
+
+def test_the_pipeline_gates_with_the_limits_in_the_models_card(
+    random_onnx_model_path: Path, normal: list[Image], tmp_path: Path, score: Callable[..., list[Any]]
+) -> None:
+    """A photograph the default limits call out of focus is scored by a model whose card's limits were
+    fitted to photographs like it."""
+    import onnx
+
+    from export.onnx_export import embed_card
+
+    soft = [_blurred(image, 0.009) for image in normal]
+    limits = gate.fit_limits(gate.assess(image) for image in soft)
+    image = next(image for image in soft if gate.assess(image).reasons == (gate.OUT_OF_FOCUS,))
+    assert gate.assess(image, limits=limits).gradable
+    model = onnx.load(str(random_onnx_model_path))
+    fitted = Engine(random_onnx_model_path, providers="cpu").card.with_updates(gate=limits.model_dump(mode="json"))
+    embed_card(model, fitted)
+    onnx.save(model, str(tmp_path / "fitted.onnx"))
+    path = _dicom(image, tmp_path / "soft.dcm")
+
+    (default,) = score(Engine(random_onnx_model_path, providers="cpu"), [path], outputs=["sr"])
+    (scored,) = score(Engine(tmp_path / "fitted.onnx", providers="cpu"), [path], outputs=["sr"])
+
+    assert default.status == "ungradable" and default.reasons == [gate.OUT_OF_FOCUS]
+    assert scored.status == "scored" and scored.probabilities

@@ -22,7 +22,9 @@ small.
 
 :func:`fit_ood_statistics` fits ``mu``, ``C``, ``var`` and ``sigma2`` on training photographs and
 chooses the threshold on validation photographs; :func:`ood_images_from_config` finds both splits
-from a checkpoint's training config.
+from a checkpoint's training config. :func:`gate_limits_from_config` fits the other side of "like the
+training photographs", the gradability gate's image-quality limits (:func:`retinagate.gate.fit_limits`),
+on the same training photographs as they were decoded.
 """
 
 from __future__ import annotations
@@ -31,14 +33,17 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from retinagate.card import ModelCard, OodStatistics
+from retinagate.card import GateLimits, ModelCard, OodStatistics
+
+if TYPE_CHECKING:
+    from train.datasets import Split, SplitSource
 from train.augment import Normalizer
 from train.model import served_model
 
@@ -49,6 +54,7 @@ __all__ = [
     "OodImages",
     "OodScore",
     "fit_ood_statistics",
+    "gate_limits_from_config",
     "ood_images_from_config",
     "pooled_features",
 ]
@@ -287,15 +293,80 @@ def ood_images_from_config(
     """
     from retinagate.labels import LABELS
     from retinagate.preprocess import prepare
-    from train.datasets import Split, cache_split, load_splits, read_image
+    from train.datasets import cache_split, read_image
+
+    found = _splits_from_config(config)
+    if found is None:
+        return None
+    if card.labels != LABELS:
+        raise ValueError("the card's labels are not the 29-label RFMiD scheme the data readers map to")
+    splits, cache_dir = found
+    data = config.get("data") or config.get("labels_csv")
+    prepared: dict[str, NDArray[np.uint8]] = {}
+    wanted: tuple[tuple[Split, int], ...] = (("train", train_limit), ("val", val_limit))
+    for name, limit in wanted:
+        source = splits.get(name)
+        if source is None or len(source) == 0:
+            raise ValueError(f"the {name} split of {data} is empty")
+        picks = _evenly(len(source), limit)
+        if cache_dir is not None and cache_dir.is_dir():
+            cached = cache_split(source, card.preprocessing, cache_dir, progress=False)
+            prepared[name] = np.ascontiguousarray(cached.images[picks])
+        else:
+            prepared[name] = np.stack([prepare(read_image(source.paths[i]), card.preprocessing) for i in picks])
+    return OodImages(train=prepared["train"], val=prepared["val"], origin=splits["train"].origin)
+
+
+def gate_limits_from_config(
+    card: ModelCard, config: Mapping[str, Any], *, limit: int = 600, workers: int = 0
+) -> GateLimits | None:
+    """The gradability gate's limits fitted to the training photographs a checkpoint's config names.
+
+    At most ``limit`` photographs, evenly spaced over the training split, are decoded and assessed
+    with the default limits (:func:`retinagate.gate.assess`, the card's FOV threshold), on
+    ``workers`` threads (0: one per CPU core); :func:`retinagate.gate.fit_limits` fits the limits.
+
+    Returns:
+        The limits, or ``None`` when the config names no data or the data is not on this machine.
+
+    Raises:
+        ValueError: If the data is here but unusable, or the training split is empty.
+    """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from retinagate import gate
+    from train.datasets import read_image
+
+    found = _splits_from_config(config)
+    if found is None:
+        return None
+    source = found[0].get("train")
+    if source is None or len(source) == 0:
+        raise ValueError(f"the train split of {config.get('data') or config.get('labels_csv')} is empty")
+
+    def assess(i: int) -> gate.Verdict:
+        return gate.assess(read_image(source.paths[i]), threshold=card.preprocessing.fov_threshold)
+
+    with ThreadPoolExecutor(max_workers=workers if workers > 0 else (os.cpu_count() or 1)) as pool:
+        verdicts = list(pool.map(assess, _evenly(len(source), limit)))
+    return gate.fit_limits(verdicts)
+
+
+def _splits_from_config(config: Mapping[str, Any]) -> tuple[dict[Split, SplitSource], Path | None] | None:
+    """The splits a checkpoint's training config names, found as training found them, and the run's
+    cache folder; ``None`` when the config names no data or the data is not on this machine.
+
+    Raises:
+        ValueError: If the data is here but unusable (:class:`train.datasets.DataSourceError`).
+    """
+    from train.datasets import load_splits
 
     data, labels_csv, images = (config.get(key) for key in ("data", "labels_csv", "images"))
     if data is None and labels_csv is None:
         return None
     if not all(Path(p).exists() for p in (data, labels_csv, images) if p is not None):
         return None
-    if card.labels != LABELS:
-        raise ValueError("the card's labels are not the 29-label RFMiD scheme the data readers map to")
     cache_dir, skip = _run_folders(config)
     splits = load_splits(
         data=Path(data) if data is not None else None,
@@ -306,19 +377,7 @@ def ood_images_from_config(
         test_fraction=float(config.get("test_fraction", 0.0)),
         skip=skip,
     )
-    prepared: dict[str, NDArray[np.uint8]] = {}
-    wanted: tuple[tuple[Split, int], ...] = (("train", train_limit), ("val", val_limit))
-    for name, limit in wanted:
-        source = splits.get(name)
-        if source is None or len(source) == 0:
-            raise ValueError(f"the {name} split of {data or labels_csv} is empty")
-        picks = _evenly(len(source), limit)
-        if cache_dir is not None and cache_dir.is_dir():
-            cached = cache_split(source, card.preprocessing, cache_dir, progress=False)
-            prepared[name] = np.ascontiguousarray(cached.images[picks])
-        else:
-            prepared[name] = np.stack([prepare(read_image(source.paths[i]), card.preprocessing) for i in picks])
-    return OodImages(train=prepared["train"], val=prepared["val"], origin=splits["train"].origin)
+    return splits, cache_dir
 
 
 def _run_folders(config: Mapping[str, Any]) -> tuple[Path | None, list[Path]]:
