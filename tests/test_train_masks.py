@@ -123,7 +123,7 @@ def test_a_folder_with_nothing_in_a_known_layout_says_what_it_expected(tmp_path:
     masks = MaskIndex.scan(tmp_path, [(Path("/d/Training/7.png"), "7")])
     assert not masks.files and len(masks) == 0
     message = masks.describe()
-    assert "no lesion mask files" in message and "1 fit none of the layouts" in message
+    assert "no lesion mask files" in message and "1 name no photograph" in message
     assert "<folders>/<ID>_<COLUMN>.png" in message
     assert MaskIndex.scan(tmp_path / "absent", []).describe() == f"no mask folder {tmp_path / 'absent'}"
 
@@ -152,3 +152,20 @@ def test_a_jpeg_mask_is_read_above_half_range_so_its_ringing_does_not_grow_the_l
     image = Path("/d/Training/2.png")
     mask = MaskIndex.scan(tmp_path, [(image, "2")]).mask(image, "DR")
     assert mask is not None and np.array_equal(mask, plane > 0)
+
+
+def test_a_photographs_own_mask_file_serves_each_label_without_one_of_its_own(tmp_path: Path) -> None:
+    """``<folders>/<ID>.png`` holds every lesion of the photograph: one finding's mask, or all findings'."""
+    _write(tmp_path / "masks" / "Training" / "7.png", (1, 1), (6, 6))
+    _write(tmp_path / "masks" / "Training" / "7_MH.png", (2, 3))
+    _write(tmp_path / "masks" / "Test" / "7.png", (4, 4))
+    masks = find_masks(None, tmp_path, _rfmid(tmp_path))
+    assert masks is not None and len(masks) == 3
+    training, test = tmp_path / TRAINING_7, tmp_path / "Test_Set" / "Test" / "7.png"
+    own = masks.mask(training, "MH")
+    every = masks.mask(training, "DR")
+    assert own is not None and own.sum() == 1 and own[2, 3]  # a label's own file first
+    assert every is not None and every.sum() == 2 and every[1, 1] and every[6, 6]
+    other = masks.mask(test, OTHER)
+    assert other is not None and other.sum() == 1 and other[4, 4]
+    assert masks.mask(tmp_path / "Evaluation_Set" / "Validation" / "7.png", "DR") is None

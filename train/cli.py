@@ -48,9 +48,9 @@ def register(subparsers: Any) -> None:
         default=_SUPPRESS,
         metavar="DIR",
         help="lesion masks, <DIR>/<image folders>/<ID>_<COLUMN>.png (or <ID>_<COLUMN>_<n>.png, <ID>/<COLUMN>.png, "
-        "<COLUMN>/<ID>.png; PNG, BMP, TIFF or JPEG), for the lesion loss, the epoch choice and the report's "
-        "pointing game (default: the data folder's folders that say mask, such as <data>/masks where "
-        "retinagate synth writes them)",
+        "<COLUMN>/<ID>.png, <ID>.png for all of a photograph's lesions; PNG, BMP, TIFF or JPEG), for the lesion "
+        "loss, the epoch choice and the report's pointing game (default: the data folder's folders that say "
+        "mask, such as <data>/masks where retinagate synth writes them)",
     )
     data.add_argument(
         "--val-fraction",

@@ -13,11 +13,14 @@ recognised, where ``<folders>`` is any folder path, empty included:
 ``<folders>/<ID>_<COLUMN>_<n>.png``         several files of one type, one per lesion
 ``<folders>/<ID>/<COLUMN>[_<n>].png``       a folder per photograph
 ``<folders>/<COLUMN>/<ID>.png``             a folder per lesion type
+``<folders>/<ID>.png``                      one file per photograph, every lesion in it
 ==========================================  ===============================================
 
 ``ID`` is the photograph's RFMiD ID or its file name without the extension (leading zeros aside);
 ``COLUMN`` is an RFMiD column, in any case. PNG, BMP, TIFF and JPEG files are read. The ``OTHER`` output's
-mask is the union of the masks of the 18 rare columns it stands for.
+mask is the union of the masks of the 18 rare columns it stands for. A photograph's own file (the last
+layout) is the mask of each of its positive labels that has no file of its own: exact for a photograph
+with one finding, and for one with several each label's map is aimed at all of its lesions.
 
 A file belongs to the photograph of that ID whose own folders (below the photographs' common folder)
 include ``<folders>`` in order, compared in any case, a folder that says ``mask`` counting by the rest
@@ -59,7 +62,11 @@ LAYOUTS: Final = (
     "<folders>/<ID>_<COLUMN>_<n>.png",
     "<folders>/<ID>/<COLUMN>.png",
     "<folders>/<COLUMN>/<ID>.png",
+    "<folders>/<ID>.png",
 )
+
+#: The column key of a photograph's own file: the mask of every positive label without one of its own.
+_EVERY_LABEL: Final = "*"
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +83,12 @@ class MaskIndex:
     Attributes:
         root: The folder scanned.
         files: ``(photograph, column)`` to its mask files, sorted.
-        ignored: Files of a mask type that fit none of the layouts.
         ambiguous: Mask files that fit more than one photograph (left out).
         unmatched: Mask files that fit no photograph.
     """
 
     root: Path
     files: Mapping[tuple[Path, str], tuple[Path, ...]]
-    ignored: int = 0
     ambiguous: int = 0
     unmatched: int = 0
 
@@ -94,29 +99,27 @@ class MaskIndex:
         folder, whose photographs must not be taken for masks)."""
         root = Path(root)
         found: dict[_Key, list[Path]] = defaultdict(list)
-        ignored = 0
         for path in sorted(root.rglob("*")) if root.is_dir() else ():
             if path.suffix.lower() not in MASK_SUFFIXES or not path.is_file():
                 continue
             parts = path.relative_to(root).parts
             if mask_folders_only and not any(_MASK_WORD.search(folder) for folder in parts[:-1]):
                 continue
-            key = _parse(parts)
-            if key is None:
-                ignored += 1
-            else:
-                found[key].append(path)
+            found[_parse(parts)].append(path)
         files, ambiguous, unmatched = _assign(found, list(photographs))
-        return cls(root, files, ignored, ambiguous, unmatched)
+        return cls(root, files, ambiguous, unmatched)
 
     def __len__(self) -> int:
         return sum(len(paths) for paths in self.files.values())
 
     def lookup(self, image: Path, label: str) -> list[Path]:
         """The mask files of one label of one of the photographs scanned for (for ``OTHER``, those of its
-        18 rare columns)."""
+        18 rare columns), or else the photograph's own file of every lesion, if it has one. Asked only
+        for a label the photograph has."""
         columns = OTHER_COLUMNS if label == OTHER else (label,)
-        return [path for column in columns for path in self.files.get((Path(image), column), ())]
+        image = Path(image)
+        found = [path for column in columns for path in self.files.get((image, column), ())]
+        return found or list(self.files.get((image, _EVERY_LABEL), ()))
 
     def mask(self, image: Path, label: str, shape: tuple[int, int] | None = None) -> NDArray[np.bool_] | None:
         """The union of :meth:`lookup`'s files on a photograph of ``shape`` (:func:`read_lesion_mask`), or
@@ -132,7 +135,6 @@ class MaskIndex:
             for count, what in (
                 (self.ambiguous, "fit photographs of more than one folder (name the split's folder)"),
                 (self.unmatched, "name no photograph"),
-                (self.ignored, "fit none of the layouts"),
             )
             if count
         ]
@@ -155,7 +157,7 @@ def find_masks(masks: Path | None, data: Path | None, photographs: Iterable[tupl
     if data is None:
         return None
     index = MaskIndex.scan(Path(data), photographs, mask_folders_only=True)
-    return index if index.files or index.ignored or index.ambiguous or index.unmatched else None
+    return index if index.files or index.ambiguous or index.unmatched else None
 
 
 def photographs(sources: Iterable[SplitSource]) -> list[tuple[Path, str]]:
@@ -191,8 +193,8 @@ def read_lesion_mask(files: Sequence[Path], shape: tuple[int, int] | None = None
     return mask
 
 
-def _parse(parts: Sequence[str]) -> _Key | None:
-    """``(folders, ID, column)`` of a mask file's path under the root, or ``None`` if no layout fits."""
+def _parse(parts: Sequence[str]) -> _Key:
+    """``(folders, ID, column)`` of a mask file's path under the root (the last layout when no other fits)."""
     *folders, name = parts
     stem = Path(name).stem
     # <folders>/<ID>_<COLUMN>[_<n>]: the last token that names a column, with only a number after it.
@@ -211,7 +213,8 @@ def _parse(parts: Sequence[str]) -> _Key | None:
         column = _COLUMNS.get(parent.upper())
         if column is not None:
             return tuple(folders[:-1]), stem, column
-    return None
+    # <folders>/<ID>: every lesion of the photograph
+    return tuple(folders), stem, _EVERY_LABEL
 
 
 def _instance(tokens: Iterable[str]) -> bool:
