@@ -86,9 +86,12 @@ def test_flat_masks_are_used_when_the_ids_tell_the_photographs_apart(tmp_path: P
 
 
 def test_photographs_are_not_taken_for_masks(tmp_path: Path) -> None:
-    """Without ``--masks`` only folders that say mask are read: a photograph named like a mask is not one."""
+    """Without ``--masks`` only folders that say mask are read: a photograph named like a mask is not one,
+    and a photograph is never its own mask, whatever its folders are called."""
     _write(tmp_path / "Training" / "7_MH.png", (0, 0))
     assert find_masks(None, tmp_path, [(tmp_path / "Training" / "7.png", "7")]) is None
+    _write(tmp_path / "unmasked" / "Training" / "8.png", (0, 0))
+    assert find_masks(None, tmp_path, [(tmp_path / "unmasked" / "Training" / "8.png", "8")]) is None
     masks = find_masks(tmp_path / "Training", tmp_path, [(tmp_path / "Training" / "7.png", "7")])
     assert masks is not None and masks.mask(tmp_path / "Training" / "7.png", "MH") is not None  # --masks: all
 

@@ -97,16 +97,17 @@ class MaskIndex:
         """The mask files under ``root`` of ``photographs`` (``(path, ID)`` pairs); none when ``root`` is
         not a folder. ``mask_folders_only``: only files under a folder whose name says ``mask`` (a data
         folder, whose photographs must not be taken for masks)."""
-        root = Path(root)
+        root, photographs = Path(root), list(photographs)
+        themselves = {Path(path).resolve() for path, _ in photographs}
         found: dict[_Key, list[Path]] = defaultdict(list)
         for path in sorted(root.rglob("*")) if root.is_dir() else ():
-            if path.suffix.lower() not in MASK_SUFFIXES or not path.is_file():
+            if path.suffix.lower() not in MASK_SUFFIXES or not path.is_file() or path.resolve() in themselves:
                 continue
             parts = path.relative_to(root).parts
             if mask_folders_only and not any(_MASK_WORD.search(folder) for folder in parts[:-1]):
                 continue
             found[_parse(parts)].append(path)
-        files, ambiguous, unmatched = _assign(found, list(photographs))
+        files, ambiguous, unmatched = _assign(found, photographs)
         return cls(root, files, ambiguous, unmatched)
 
     def __len__(self) -> int:
@@ -166,8 +167,8 @@ def photographs(sources: Iterable[SplitSource]) -> list[tuple[Path, str]]:
 
 
 def read_lesion_mask(files: Sequence[Path], shape: tuple[int, int] | None = None) -> NDArray[np.bool_] | None:
-    """The union of mask files (non-zero pixels) on a photograph of ``shape`` (``(height, width)``; by
-    default the first file's), or ``None`` when none can be read.
+    """The union of mask files (non-zero pixels; a JPEG's above half range) on a photograph of ``shape``
+    (``(height, width)``; by default the first file's), or ``None`` when none can be read.
 
     A mask of another size with the photograph's aspect ratio (within 1%) is scaled onto it, a pixel
     counting where any lesion pixel falls; one of another shape is left out with a warning.
