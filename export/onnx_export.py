@@ -351,6 +351,13 @@ def _with_gate(card: ModelCard, config: dict[str, Any]) -> tuple[ModelCard, str]
     )
     if moved:
         logger.warning("gate limits moved to pass the training photographs: %s", moved)
+    if fitted.get("still_flagged"):
+        why = ", ".join(f"{reason} ({count})" for reason, count in sorted(fitted["still_reasons"].items()))
+        note += f"; {fitted['still_flagged']} still flagged: {why}"
+        logger.warning(
+            "%d of %d training photographs are ungradable even under the fitted gate limits: %s",
+            fitted["still_flagged"], fitted["photographs"], why,
+        )  # fmt: skip
     return card.with_updates(gate=limits.model_dump(mode="json")), note
 
 

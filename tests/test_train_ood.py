@@ -179,3 +179,32 @@ def test_the_splits_named_by_a_training_config_are_read_prepared_and_limited(
     assert not (tmp_path / "run").exists()  # no cache folder of the run here: nothing is written
     assert ood_images_from_config(CARD, {"data": str(tmp_path / "elsewhere")}) is None
     assert ood_images_from_config(CARD, {}) is None
+
+
+def test_gate_limits_are_fitted_to_the_training_photographs_and_say_what_fitting_cannot_cure(
+    synth_dataset: Path, tmp_path: Path
+) -> None:
+    """Two training photographs replaced by black frames: flagged by the defaults, and still flagged
+    (under-exposed) under the fitted limits, which the card's ``fitted_on`` says."""
+    import shutil
+
+    import cv2
+
+    from retinagate import gate
+    from train.ood import gate_limits_from_config
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dataset, data, ignore=shutil.ignore_patterns("dicom", "masks"))
+    for name in ("1.png", "2.png"):
+        photograph = data / "Training" / name
+        black = np.zeros_like(cv2.imread(str(photograph)))
+        assert cv2.imwrite(str(photograph), black)
+    config = {"data": str(data), "seed": 0, "out": str(tmp_path / "run")}
+
+    limits = gate_limits_from_config(CARD, config)
+
+    assert limits is not None
+    fitted = limits.fitted_on
+    assert fitted["photographs"] == 144 and fitted["flagged_by_defaults"] >= 2  # every training photograph
+    assert fitted["still_flagged"] >= 2 and fitted["still_reasons"].get(gate.UNDER_EXPOSED, 0) >= 2
+    assert gate_limits_from_config(CARD, {"data": str(tmp_path / "elsewhere")}) is None

@@ -324,7 +324,10 @@ def gate_limits_from_config(
 
     At most ``limit`` photographs, evenly spaced over the training split, are decoded and assessed
     with the default limits (:func:`retinagate.gate.assess`, the card's FOV threshold), on
-    ``workers`` threads (0: one per CPU core); :func:`retinagate.gate.fit_limits` fits the limits.
+    ``workers`` threads (0: one per CPU core); :func:`retinagate.gate.fit_limits` fits the limits. The
+    photographs the defaults flagged are assessed again under the fitted limits, and ``fitted_on``
+    adds how many are still flagged and why (``still_flagged``, ``still_reasons``): what fitting
+    cannot cure, such as a field of view the gate's rules do not find.
 
     Returns:
         The limits, or ``None`` when the config names no data or the data is not on this machine.
@@ -345,12 +348,23 @@ def gate_limits_from_config(
     if source is None or len(source) == 0:
         raise ValueError(f"the train split of {config.get('data') or config.get('labels_csv')} is empty")
 
-    def assess(i: int) -> gate.Verdict:
-        return gate.assess(read_image(source.paths[i]), threshold=card.preprocessing.fov_threshold)
+    def assess(i: int, limits: GateLimits | None = None) -> gate.Verdict:
+        return gate.assess(read_image(source.paths[i]), threshold=card.preprocessing.fov_threshold, limits=limits)
 
+    picks = _evenly(len(source), limit)
     with ThreadPoolExecutor(max_workers=workers if workers > 0 else (os.cpu_count() or 1)) as pool:
-        verdicts = list(pool.map(assess, _evenly(len(source), limit)))
-    return gate.fit_limits(verdicts)
+        verdicts = list(pool.map(assess, picks))
+        fitted = gate.fit_limits(verdicts)
+        # What fitting could not cure (no field of view the gate's rules find, say): those flagged
+        # by the defaults, assessed again under the fitted limits.
+        flagged = [int(i) for i, v in zip(picks, verdicts, strict=True) if not v.gradable]
+        again = list(pool.map(lambda i: assess(i, fitted), flagged))
+    still: dict[str, int] = {}
+    for verdict in again:
+        for reason in verdict.reasons:
+            still[reason] = still.get(reason, 0) + 1
+    fitted_on = {**fitted.fitted_on, "still_flagged": sum(not v.gradable for v in again), "still_reasons": still}
+    return fitted.model_copy(update={"fitted_on": fitted_on})
 
 
 def _splits_from_config(config: Mapping[str, Any]) -> tuple[dict[Split, SplitSource], Path | None] | None:
