@@ -273,8 +273,8 @@ def fit_limits(verdicts: Iterable[Verdict], defaults: GateLimits = DEFAULT_LIMIT
     Returns:
         ``defaults`` with each limit that flags more than :data:`FIT_QUANTILE` of the photographs moved
         past that quantile by :data:`FIT_MARGIN`; ``fitted_on`` says how many photographs were measured,
-        how many the defaults flagged (by reason), and which limits moved from what to what. A photograph
-        with no field of view has no other measures, so no limit but the area's moves for it.
+        how many the defaults flagged (by reason), and which limits moved from what to what. Only
+        photographs whose field of view has a fitted circle move a limit.
     """
     verdicts = list(verdicts)
     rows: list[Mapping[str, float]] = [verdict.measures for verdict in verdicts]
@@ -285,7 +285,9 @@ def fit_limits(verdicts: Iterable[Verdict], defaults: GateLimits = DEFAULT_LIMIT
     limits: dict[str, Any] = defaults.model_dump()
     moved: dict[str, dict[str, float]] = {}
     for name, measure, side in _FITTED:
-        seen = np.array([row[measure] for row in rows if measure in row], dtype=np.float64)
+        # Only photographs with a fitted circle move a limit: one without (a black frame, a scene) has
+        # an area of 0 and is refused whatever the area limit says, so it would only weaken the check.
+        seen = np.array([row[measure] for row in rows if measure in row and "fov_filled" in row], dtype=np.float64)
         if not len(seen):
             continue
         default = float(getattr(defaults, name))

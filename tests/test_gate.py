@@ -281,6 +281,14 @@ def test_limits_fitted_to_photographs_the_defaults_pass_are_the_defaults(normal:
     assert limits.model_dump(exclude={"fitted_on"}) == gate.DEFAULT_LIMITS.model_dump(exclude={"fitted_on"})
 
 
+def test_photographs_without_a_field_of_view_move_no_limit(few: list[Image]) -> None:
+    """Black frames among the training photographs are refused whatever the limits; fitted to, they
+    would only turn the area check off."""
+    black = [np.zeros_like(few[0])] * 4
+    limits = gate.fit_limits(gate.assess(image) for image in [*few, *black])
+    assert limits.fitted_on["flagged_by_defaults"] == 4 and limits.fitted_on["moved"] == {}
+
+
 def test_limits_fitted_to_a_darker_camera_still_refuse_an_under_exposed_copy(few: list[Image]) -> None:
     dark_camera = [_scaled(image, 0.4) for image in few]
     limits = gate.fit_limits(gate.assess(image) for image in dark_camera)

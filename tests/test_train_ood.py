@@ -207,4 +207,5 @@ def test_gate_limits_are_fitted_to_the_training_photographs_and_say_what_fitting
     fitted = limits.fitted_on
     assert fitted["photographs"] == 144 and fitted["flagged_by_defaults"] >= 2  # every training photograph
     assert fitted["still_flagged"] >= 2 and fitted["still_reasons"].get(gate.UNDER_EXPOSED, 0) >= 2
+    assert "fov_min_area" not in fitted["moved"]  # frames without a field of view move no limit
     assert gate_limits_from_config(CARD, {"data": str(tmp_path / "elsewhere")}) is None
