@@ -41,6 +41,7 @@ called ungradable wholesale.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -64,6 +65,7 @@ __all__ = [
     "Status",
     "Verdict",
     "assess",
+    "count_reasons",
     "distinct_numbers",
     "fit_limits",
     "ood_reason",
@@ -263,6 +265,11 @@ _FITTED: Final = (
 )
 
 
+def count_reasons(verdicts: Iterable[Verdict]) -> dict[str, int]:
+    """How many of the verdicts give each reason, in the order the reasons first appear."""
+    return dict(Counter(reason for verdict in verdicts for reason in verdict.reasons))
+
+
 def fit_limits(verdicts: Iterable[Verdict], defaults: GateLimits = DEFAULT_LIMITS) -> GateLimits:
     """The gate's limits fitted to photographs known to be gradable (the training photographs).
 
@@ -278,10 +285,6 @@ def fit_limits(verdicts: Iterable[Verdict], defaults: GateLimits = DEFAULT_LIMIT
     """
     verdicts = list(verdicts)
     rows: list[Mapping[str, float]] = [verdict.measures for verdict in verdicts]
-    flagged: dict[str, int] = {}
-    for verdict in verdicts:
-        for reason in verdict.reasons:
-            flagged[reason] = flagged.get(reason, 0) + 1
     limits: dict[str, Any] = defaults.model_dump()
     moved: dict[str, dict[str, float]] = {}
     for name, measure, side in _FITTED:
@@ -304,7 +307,7 @@ def fit_limits(verdicts: Iterable[Verdict], defaults: GateLimits = DEFAULT_LIMIT
     limits["fitted_on"] = {
         "photographs": len(rows),
         "flagged_by_defaults": sum(not verdict.gradable for verdict in verdicts),
-        "reasons": flagged,
+        "reasons": count_reasons(verdicts),
         "quantile": FIT_QUANTILE,
         "moved": moved,
     }

@@ -41,11 +41,11 @@ from numpy.typing import NDArray
 from torch import nn
 
 from retinagate.card import GateLimits, ModelCard, OodStatistics
+from train.augment import Normalizer
+from train.model import served_model
 
 if TYPE_CHECKING:
     from train.datasets import Split, SplitSource
-from train.augment import Normalizer
-from train.model import served_model
 
 __all__ = [
     "DEFAULT_MARGIN",
@@ -359,11 +359,11 @@ def gate_limits_from_config(
         # by the defaults, assessed again under the fitted limits.
         flagged = [int(i) for i, v in zip(picks, verdicts, strict=True) if not v.gradable]
         again = list(pool.map(lambda i: assess(i, fitted), flagged))
-    still: dict[str, int] = {}
-    for verdict in again:
-        for reason in verdict.reasons:
-            still[reason] = still.get(reason, 0) + 1
-    fitted_on = {**fitted.fitted_on, "still_flagged": sum(not v.gradable for v in again), "still_reasons": still}
+    fitted_on = {
+        **fitted.fitted_on,
+        "still_flagged": sum(not v.gradable for v in again),
+        "still_reasons": gate.count_reasons(again),
+    }
     return fitted.model_copy(update={"fitted_on": fitted_on})
 
 
