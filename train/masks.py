@@ -238,8 +238,8 @@ def _assign(
         for name in {_name(image_id), _name(Path(path).stem)}:
             by_name[name].append(i)
     parents = [Path(path).parent for path, _ in photographs]
-    top = Path(commonpath(parents)).parent if parents else Path()
-    folders = [tuple(f.casefold() for f in _below(parent, top)) for parent in parents]
+    top = Path(commonpath(parents)).parent if parents else Path()  # every parent lies under it
+    folders = [tuple(f.casefold() for f in parent.relative_to(top).parts) for parent in parents]
     files: dict[tuple[Path, str], tuple[Path, ...]] = {}
     ambiguous = unmatched = 0
     for (key_folders, name, column), paths in found.items():
@@ -264,13 +264,6 @@ def _readings(folders: Sequence[str]) -> list[tuple[str, ...]]:
     named = tuple(rest.casefold() for f in folders if (rest := _MASK_WORD.sub("", f)))
     plain = tuple(f.casefold() for f in folders if not _MASK_WORD.search(f))
     return [named] if named == plain else [named, plain]
-
-
-def _below(folder: Path, top: Path) -> tuple[str, ...]:
-    try:
-        return folder.relative_to(top).parts
-    except ValueError:
-        return folder.parts
 
 
 def _within(wanted: Sequence[str], folders: Sequence[str]) -> bool:
