@@ -14,7 +14,7 @@ heatmap computed on the model input maps back onto the photograph (:meth:`Geomet
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,7 +24,19 @@ from numpy.typing import NDArray
 
 from retinagate.card import CamGrid, Preprocessing
 
-__all__ = ["FieldOfView", "Geometry", "find_fov", "fov_box", "prepare", "prepare_batch", "prepare_with_geometry"]
+__all__ = [
+    "FOV_BORDER_MARGIN",
+    "FieldOfView",
+    "FovThresholdFit",
+    "Geometry",
+    "border_and_retina",
+    "find_fov",
+    "fit_fov_threshold",
+    "fov_box",
+    "prepare",
+    "prepare_batch",
+    "prepare_with_geometry",
+]
 
 #: Longest side of the thumbnail the FOV search runs on; enough to place the box within a pixel or two
 #: of the full image after scaling back, and cheap (about 0.1 ms for the connected components).
@@ -109,6 +121,25 @@ class FieldOfView:
         return np.asarray(out, dtype=np.float32)
 
 
+def _thumbnail(image: NDArray[np.uint8]) -> tuple[NDArray[np.uint8], int]:
+    """The area-averaged thumbnail the FOV search runs on, and photograph pixels per thumbnail pixel."""
+    height, width = image.shape[:2]
+    factor = max(1, math.ceil(max(height, width) / _FOV_SEARCH_SIDE))
+    if factor == 1:
+        return image, 1
+    small_w, small_h = max(1, width // factor), max(1, height // factor)
+    # Sample every (factor/2)-th pixel, then average 2 x 2: a quarter of the cost of averaging
+    # every pixel, and still enough averaging to keep border noise below the threshold.
+    stride = max(1, factor // 2)
+    sampled = image[: small_h * factor : stride, : small_w * factor : stride]
+    return np.asarray(cv2.resize(sampled, (small_w, small_h), interpolation=cv2.INTER_AREA), dtype=np.uint8), factor
+
+
+def _brightest(small: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """Each pixel's brightest channel (20x faster than ``max(axis=2)``)."""
+    return np.maximum(np.maximum(small[..., 0], small[..., 1]), small[..., 2])
+
+
 def find_fov(image: NDArray[np.uint8], threshold: int = 20) -> FieldOfView:
     """Finds the circular field of view: the largest bright region of an area-averaged thumbnail.
 
@@ -131,19 +162,10 @@ def find_fov(image: NDArray[np.uint8], threshold: int = 20) -> FieldOfView:
     if not 0 <= threshold <= 255:
         raise ValueError(f"threshold is {threshold}; expected 0-255")
     height, width = image.shape[:2]
-    factor = max(1, math.ceil(max(height, width) / _FOV_SEARCH_SIDE))
-    small_w, small_h = max(1, width // factor), max(1, height // factor)
-    if factor > 1:
-        # Sample every (factor/2)-th pixel, then average 2 x 2: a quarter of the cost of averaging
-        # every pixel, and still enough averaging to keep border noise below the threshold.
-        stride = max(1, factor // 2)
-        sampled = image[: small_h * factor : stride, : small_w * factor : stride]
-        small = np.asarray(cv2.resize(sampled, (small_w, small_h), interpolation=cv2.INTER_AREA), dtype=np.uint8)
-    else:
-        small = image
+    small, factor = _thumbnail(image)
+    small_h, small_w = small.shape[:2]
     whole = FieldOfView((0, 0, width, height), None, factor, small, (height, width))
-    brightest = np.maximum(np.maximum(small[..., 0], small[..., 1]), small[..., 2])  # 20x faster than max(axis=2)
-    mask = (brightest > threshold).astype(np.uint8)
+    mask = (_brightest(small) > threshold).astype(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if count < 2:
         return whole
@@ -178,6 +200,113 @@ def fov_box(image: NDArray[np.uint8], threshold: int = 20) -> Box:
         ValueError: If the image is not ``(H, W, 3)`` uint8 or the threshold is outside 0-255.
     """
     return find_fov(image, threshold).box
+
+
+#: An automatic FOV threshold sits this many levels above the brightest border of the training
+#: photographs (thumbnail levels are area averages, so the border's sensor noise has mostly gone).
+FOV_BORDER_MARGIN = 8
+
+#: The share of the thumbnail's shorter side that each corner sample spans, and the central disc's
+#: radius as a share of it; a circular field of view of any size from the sensor's height to its
+#: width leaves the corners dark and fills the central disc.
+_CORNER_SHARE, _CENTRE_SHARE = 0.06, 0.3
+
+
+def border_and_retina(image: NDArray[np.uint8]) -> tuple[float, float]:
+    """How bright a photograph's border and its retina are, on the FOV search's thumbnail.
+
+    The border is the second-darkest of the four corners (each corner's 90th percentile), so burned-in
+    text in up to two corners does not count; the retina is the 5th percentile of a central disc.
+    Both are levels of each pixel's brightest channel, as :func:`find_fov` thresholds them.
+    """
+    _check_image(image)
+    brightest = _brightest(_thumbnail(image)[0])
+    height, width = brightest.shape
+    k = max(2, round(_CORNER_SHARE * min(height, width)))
+    corners = sorted(
+        float(np.percentile(corner, 90))
+        for corner in (brightest[:k, :k], brightest[:k, -k:], brightest[-k:, :k], brightest[-k:, -k:])
+    )
+    ys, xs = np.ogrid[:height, :width]
+    disc = (ys - (height - 1) / 2) ** 2 + (xs - (width - 1) / 2) ** 2 <= (_CENTRE_SHARE * min(height, width)) ** 2
+    return corners[1], float(np.percentile(brightest[disc], 5))
+
+
+@dataclass(frozen=True)
+class FovThresholdFit:
+    """The FOV threshold chosen for a camera's photographs (:func:`fit_fov_threshold`).
+
+    Attributes:
+        threshold: The level to use (``card.preprocessing.fov_threshold``).
+        default: The level it started from.
+        measured: Photographs measured.
+        bordered: Of those, photographs whose corners are clearly darker than their retina (at most
+            half its level); photographs filled edge to edge by the retina say nothing of the border.
+        border: The brightest border among them (98th percentile), or ``None`` when none has one.
+        retina: Their darkest central retina (5th percentile), or ``None``.
+    """
+
+    threshold: int
+    default: int
+    measured: int
+    bordered: int
+    border: float | None
+    retina: float | None
+
+    @property
+    def moved(self) -> bool:
+        return self.threshold != self.default
+
+    def describe(self) -> str:
+        """One line for the training log."""
+        if self.border is None or self.retina is None:
+            return (
+                f"FOV threshold {self.threshold}: none of {self.measured} training photographs has a border "
+                "darker than its retina"
+            )
+        levels = (
+            f"borders of {self.bordered} of {self.measured} training photographs up to {self.border:.0f}, "
+            f"their central retina from {self.retina:.0f}"
+        )
+        if self.moved:
+            return f"FOV threshold raised from {self.default} to {self.threshold}: {levels}"
+        if self.border + FOV_BORDER_MARGIN >= self.retina:
+            return f"FOV threshold {self.threshold}, though no level parts border from retina: {levels}"
+        return f"FOV threshold {self.threshold}: {levels}"
+
+
+def fit_fov_threshold(images: Iterable[NDArray[np.uint8]], default: int = 20) -> FovThresholdFit:
+    """Chooses the FOV threshold for a camera from its photographs.
+
+    The default (20) separates a black border from the retina. A camera or generator whose border is
+    grey (a lifted black level, a lens flare, a dark-grey mask) would have its whole frame taken for
+    the field of view at 20: no crop, and every photograph "no circular field of view" at the gate.
+    Then the threshold is raised to :data:`FOV_BORDER_MARGIN` levels above the brightest border
+    (the 98th percentile over the photographs), the least that clears it, so the dim rim of the
+    retina stays in. It is never lowered. It stays at the default while the default clears the
+    brightest border by half the margin, when the border would reach the central retina (no level
+    parts them), and when no photograph has a border at all.
+
+    Args:
+        images: ``(H, W, 3)`` uint8 RGB photographs of the camera (a few dozen are plenty).
+        default: The threshold kept when nothing calls for another.
+    """
+    borders, retinas = [], []
+    measured = 0
+    for image in images:
+        measured += 1
+        border, retina = border_and_retina(image)
+        if border <= 0.5 * retina:
+            borders.append(border)
+            retinas.append(retina)
+    if not borders:
+        return FovThresholdFit(default, default, measured, 0, None, None)
+    border = float(np.percentile(borders, 98))
+    retina = float(np.percentile(retinas, 5))
+    needed = math.ceil(border + FOV_BORDER_MARGIN)
+    clears = border + FOV_BORDER_MARGIN / 2 <= default
+    threshold = default if clears or needed >= retina else needed
+    return FovThresholdFit(threshold, default, measured, len(borders), border, retina)
 
 
 @dataclass(frozen=True)

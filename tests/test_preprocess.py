@@ -234,3 +234,61 @@ def test_a_lesion_mask_goes_to_the_model_input_where_its_photograph_went() -> No
     assert geometry.to_input(np.zeros(photo.shape[:2], np.uint8)).max() == 0
     with pytest.raises(ValueError, match="photograph's"):
         geometry.to_input(mask[:-1])
+
+
+def grey_border(image: NDArray[np.uint8], level: float, seed: int = 0) -> NDArray[np.uint8]:
+    """The photograph with its black border lifted to ``level`` (plus sensor noise), as some cameras give."""
+    from retinagate.preprocess import find_fov
+
+    outside = 1.0 - find_fov(image, PRE.fov_threshold).coverage()[..., None]
+    noise = np.random.default_rng(seed).normal(0.0, 3.0, image.shape)
+    return np.clip(image + outside * (level + noise), 0, 255).astype(np.uint8)
+
+
+def test_a_grey_border_raises_the_fov_threshold_just_above_it_and_the_crop_finds_the_retina_again() -> None:
+    from retinagate.preprocess import FOV_BORDER_MARGIN, fit_fov_threshold
+
+    photographs = [fundus(seed) for seed in range(6)]
+    grey = [grey_border(f.image, 40, seed) for seed, f in enumerate(photographs)]
+    whole = (0, 0, grey[0].shape[1], grey[0].shape[0])
+    assert fov_box(grey[0], PRE.fov_threshold) == whole  # the default takes the grey border for retina
+
+    fit = fit_fov_threshold(grey)
+    assert fit.moved and fit.measured == fit.bordered == 6
+    assert fit.border is not None and fit.retina is not None
+    assert 40 <= fit.border < 46 and fit.threshold == math.ceil(fit.border + FOV_BORDER_MARGIN) < fit.retina
+    assert f"raised from 20 to {fit.threshold}" in fit.describe()
+    for f, image in zip(photographs, grey, strict=True):
+        found = fov_box(image, fit.threshold)
+        # The threshold also trims the retina's dimmest rim, by a few pixels.
+        assert max(abs(a - b) for a, b in zip(found, true_box(f), strict=True)) <= 12, (found, true_box(f))
+
+
+def test_black_borders_text_and_edge_to_edge_retinas_keep_the_default_fov_threshold() -> None:
+    from retinagate.preprocess import fit_fov_threshold
+
+    photographs = [fundus(seed).image.copy() for seed in range(4)]
+    for image in photographs[:2]:  # burned-in text in two corners
+        cv2.putText(image, "OD", (2, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 2)
+        cv2.putText(image, "45", (480, 380), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 2)
+    inside = [image[142:242, 206:306].copy() for image in photographs]  # retina from edge to edge
+    fit = fit_fov_threshold(photographs + inside)
+    assert not fit.moved and fit.threshold == 20
+    assert fit.measured == 8 and fit.bordered == 4 and fit.border is not None and fit.border < 4
+    assert fit.describe().startswith("FOV threshold 20: borders of 4 of 8 training photographs")
+
+    nothing = fit_fov_threshold(inside)
+    assert nothing.threshold == 20 and nothing.bordered == 0 and nothing.border is None
+    assert "none of 4 training photographs has a border" in nothing.describe()
+
+
+def test_borders_as_bright_as_some_retinas_keep_the_default_fov_threshold() -> None:
+    from retinagate.preprocess import fit_fov_threshold
+
+    # Grey borders on some photographs, dark retinas on others: no one level parts all borders from all retinas.
+    grey = [grey_border(fundus(seed).image, 40, seed) for seed in range(3)]
+    dark = [(fundus(seed).image * 0.4).astype(np.uint8) for seed in range(3, 6)]
+    fit = fit_fov_threshold(grey + dark)
+    assert fit.bordered == 6 and fit.border is not None and fit.retina is not None
+    assert fit.border + 8 >= fit.retina and fit.threshold == 20
+    assert "though no level parts border from retina" in fit.describe()

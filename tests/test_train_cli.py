@@ -173,9 +173,21 @@ def test_every_training_setting_has_a_flag_that_reaches_the_config(tmp_path: Pat
     # What the flags say is what the run is configured with (config.json is written before the data is
     # looked for, so a missing folder stops the run right after).
     given = ("--aug-on", "workers", "--peak-loss", "0.25", "--contrast-sigma", "0", "--no-ema", "--equivariance", "0.5",
-             "--lesion-loss", "0.1", "--masks", str(tmp_path / "lesions"))  # fmt: skip
+             "--lesion-loss", "0.1", "--masks", str(tmp_path / "lesions"), "--fov-threshold", "35")  # fmt: skip
     assert main(_train_args(tmp_path / "absent", tmp_path / "run", tmp_path / "cache", *given)) == EXIT_MISSING
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["aug_on"] == "workers" and config["peak_loss"] == 0.25 and config["equivariance"] == 0.5
     assert config["lesion_loss"] == 0.1 and config["masks"] == str(tmp_path / "lesions")
     assert config["contrast_sigma"] == 0.0 and config["ema"] is False and config["img_size"] == 48
+    assert config["fov_threshold"] == 35
+
+
+@pytest.mark.parametrize(("level", "message"), [("300", "300 is outside 0-255"), ("grey", "'grey' is not a level")])
+def test_a_fov_threshold_that_is_not_a_level_or_auto_is_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], level: str, message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(_train_args(tmp_path / "data", tmp_path / "run", tmp_path / "cache", "--fov-threshold", level))
+    assert exit_info.value.code == EXIT_USAGE
+    assert f"--fov-threshold: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -153,6 +154,41 @@ def test_lesion_masks_train_the_maps_when_augmenting_on_the_device_too(
     assert taught.card is not None and taught.card.localisation == "lesion_masks"
     # The cross-entropy over a map's cells starts near log(cells): the taught run's loss carries it.
     assert taught.history[0]["train_loss"] > plain.history[0]["train_loss"] + 0.5
+
+
+def test_a_camera_with_a_grey_border_gets_a_fov_threshold_above_it_that_the_card_and_the_gate_carry(
+    synth_dataset: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    import cv2
+
+    from retinagate import gate
+    from train.datasets import read_image
+
+    data = tmp_path / "grey"
+    shutil.copytree(synth_dataset, data, ignore=shutil.ignore_patterns("dicom", "masks"))
+    for path in sorted(data.glob("*/*.png")):
+        image = read_image(path)
+        outside = np.max(image, axis=2) <= 20  # the black border, which this camera lifts to grey
+        image[outside] = 40
+        cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    tests = [read_image(path) for path in sorted(data.glob("Test/*.png"))]
+    assert all(gate.assess(photograph, threshold=20).reasons == (gate.NO_FOV,) for photograph in tests)
+
+    fitted = train(_run(tmp_path / "fitted", data, tmp_path / "cache", epochs=1, tta="none"), progress=False)
+    config = json.loads((tmp_path / "fitted" / "config.json").read_text())
+    assert fitted.card is not None and 40 < fitted.card.preprocessing.fov_threshold == config["fov_threshold"] < 60
+    level = fitted.card.preprocessing.fov_threshold
+    assert all(gate.assess(photograph, threshold=level).reasons == () for photograph in tests)
+
+    given = train(
+        _run(tmp_path / "given", data, tmp_path / "cache", epochs=1, tta="none", fov_threshold=20), progress=False
+    )
+    assert given.card is not None and given.card.preprocessing.fov_threshold == 20
+    # A run written before the threshold was fitted used the card's default when resumed.
+    stored = {k: v for k, v in config.items() if k != "fov_threshold"}
+    assert TrainConfig.from_dict(stored).fov_threshold == 20
 
 
 def test_automatic_workers_load_inline_on_small_cpus_and_feed_gpus_generously() -> None:

@@ -84,6 +84,16 @@ def register(subparsers: Any) -> None:
     data.add_argument(
         "--contrast-gain", type=float, default=_SUPPRESS, metavar="G", help="gain on the local difference (default 4)"
     )
+    data.add_argument(
+        "--fov-threshold",
+        type=_fov_threshold,
+        default=_SUPPRESS,
+        metavar="LEVEL",
+        help=(
+            "brightest-channel level that parts the field of view from the border, 0-255, or auto (the default): "
+            "20, raised above the border when the training photographs' border is brighter"
+        ),
+    )
 
     run = train.add_argument_group("run")
     run.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run folder to write")
@@ -295,6 +305,19 @@ def register(subparsers: Any) -> None:
     )
     evaluate.add_argument("--json", action="store_true", help="print JSON on stdout")
     evaluate.set_defaults(handler=_evaluate)
+
+
+def _fov_threshold(text: str) -> int | None:
+    """``auto`` (fitted when training starts) or a level 0-255."""
+    if text == "auto":
+        return None
+    try:
+        level = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a level 0-255 or auto") from None
+    if not 0 <= level <= 255:
+        raise argparse.ArgumentTypeError(f"{level} is outside 0-255")
+    return level
 
 
 def _command_error(exc: BaseException) -> Exception:
