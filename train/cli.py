@@ -106,7 +106,7 @@ def register(subparsers: Any) -> None:
         help="run at most N epochs now, then exit; continue later with --resume",
     )
     run.add_argument("--epochs", type=int, default=_SUPPRESS, metavar="N", help="epochs (default 16)")
-    run.add_argument("--batch-size", type=int, default=_SUPPRESS, metavar="B", help="batch size (default 16)")
+    run.add_argument("--batch-size", type=int, default=_SUPPRESS, metavar="B", help="batch size (default 8)")
     run.add_argument("--device", default=_SUPPRESS, metavar="auto|cpu|cuda", help="where to train (default auto)")
     run.add_argument(
         "--precision",
