@@ -110,6 +110,7 @@ def calibration_images(
     import cv2
 
     from retinagate.preprocess import prepare
+    from train.datasets import evenly_spaced
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -117,9 +118,7 @@ def calibration_images(
     if limit < 1:
         raise ValueError(f"limit: {limit}; expected at least 1")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if len(files) > limit:
-        picks = np.linspace(0, len(files) - 1, limit).round().astype(int)
-        files = [files[i] for i in sorted(set(picks.tolist()))]
+    files = [files[i] for i in evenly_spaced(len(files), limit)]
     images: list[NDArray[np.uint8]] = []
     used: list[Path] = []
     for path in files:

@@ -54,6 +54,7 @@ __all__ = [
     "SplitSource",
     "cache_key",
     "cache_split",
+    "evenly_spaced",
     "find_rfmid_splits",
     "load_splits",
     "read_csv_splits",
@@ -436,6 +437,13 @@ def load_splits(
             raise DataSourceError("--labels-csv needs --images DIR (the folder the CSV's paths start from)")
         return read_csv_splits(labels_csv, images, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
     raise DataSourceError("no training data: give --data DIR (RFMiD layout) or --labels-csv CSV --images DIR")
+
+
+def evenly_spaced(count: int, limit: int) -> NDArray[np.intp]:
+    """Indices of an evenly spaced selection of at most ``limit`` of ``count`` items (all if fewer), ascending."""
+    if count <= limit:
+        return np.arange(count)
+    return np.unique(np.linspace(0, count - 1, limit).round().astype(np.intp))
 
 
 def read_image(path: Path) -> NDArray[np.uint8]:

@@ -46,7 +46,7 @@ from retinagate.preprocess import fit_fov_threshold
 from train.augment import AUG_LEVELS, Augmenter, BatchAugmenter, Normalizer, sample_seed
 from train.calibration import LabelThreshold, calibrate_thresholds
 from train.cam import PointingTargets, cam_cells, class_activation_maps, pointing_targets
-from train.datasets import CachedSplit, Split, SplitSource, cache_split, load_splits, read_image
+from train.datasets import CachedSplit, Split, SplitSource, cache_split, evenly_spaced, load_splits, read_image
 from train.lesions import lesion_planes
 from train.loader import AugmentedImages, LesionPlanes, epoch_loader
 from train.losses import LOSSES, auto_pos_weight, build_loss
@@ -702,8 +702,8 @@ class _Run:
         At most :data:`FOV_FIT_PHOTOGRAPHS` photographs, evenly spaced through the split, are decoded.
         """
         paths = self.sources["train"].paths
-        sample = paths[:: max(1, math.ceil(len(paths) / FOV_FIT_PHOTOGRAPHS))]
-        fit = fit_fov_threshold((read_image(path) for path in sample), default=Preprocessing().fov_threshold)
+        sample = evenly_spaced(len(paths), FOV_FIT_PHOTOGRAPHS)
+        fit = fit_fov_threshold((read_image(paths[i]) for i in sample), default=Preprocessing().fov_threshold)
         (logger.warning if fit.moved else logger.info)("%s", fit.describe())
         self.config = replace(self.config, fov_threshold=fit.threshold)
         self.card = _training_card(self.config)

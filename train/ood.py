@@ -260,13 +260,6 @@ class OodImages:
     origin: str  # where the splits came from, for the card
 
 
-def _evenly(count: int, limit: int) -> NDArray[np.intp]:
-    """Indices of an evenly spaced selection of at most ``limit`` of ``count`` items (all if fewer)."""
-    if count <= limit:
-        return np.arange(count)
-    return np.unique(np.linspace(0, count - 1, limit).round().astype(np.intp))
-
-
 def ood_images_from_config(
     card: ModelCard,
     config: Mapping[str, Any],
@@ -293,7 +286,7 @@ def ood_images_from_config(
     """
     from retinagate.labels import LABELS
     from retinagate.preprocess import prepare
-    from train.datasets import cache_split, read_image
+    from train.datasets import cache_split, evenly_spaced, read_image
 
     found = _splits_from_config(config)
     if found is None:
@@ -308,7 +301,7 @@ def ood_images_from_config(
         source = splits.get(name)
         if source is None or len(source) == 0:
             raise ValueError(f"the {name} split of {data} is empty")
-        picks = _evenly(len(source), limit)
+        picks = evenly_spaced(len(source), limit)
         if cache_dir is not None and cache_dir.is_dir():
             cached = cache_split(source, card.preprocessing, cache_dir, progress=False)
             prepared[name] = np.ascontiguousarray(cached.images[picks])
@@ -339,7 +332,7 @@ def gate_limits_from_config(
     from concurrent.futures import ThreadPoolExecutor
 
     from retinagate import gate
-    from train.datasets import read_image
+    from train.datasets import evenly_spaced, read_image
 
     found = _splits_from_config(config)
     if found is None:
@@ -351,7 +344,7 @@ def gate_limits_from_config(
     def assess(i: int, limits: GateLimits | None = None) -> gate.Verdict:
         return gate.assess(read_image(source.paths[i]), threshold=card.preprocessing.fov_threshold, limits=limits)
 
-    picks = _evenly(len(source), limit)
+    picks = evenly_spaced(len(source), limit)
     with ThreadPoolExecutor(max_workers=workers if workers > 0 else (os.cpu_count() or 1)) as pool:
         verdicts = list(pool.map(assess, picks))
         fitted = gate.fit_limits(verdicts)
