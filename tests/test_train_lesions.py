@@ -140,7 +140,7 @@ def test_a_mask_folder_with_nothing_in_a_known_layout_is_reported_and_left_out(
     from train.loop import _Run
 
     (tmp_path / "masks" / "Training").mkdir(parents=True)
-    (tmp_path / "masks" / "Training" / "1-drusen.png").write_bytes(b"")
+    (tmp_path / "masks" / "Training" / "scan-drusen.png").write_bytes(b"")
     config = TrainConfig(out=tmp_path / "run", data=synth_dataset, masks=tmp_path / "masks", device="cpu")
     run = _Run(config, progress=False)
     with caplog.at_level("WARNING", logger="train.loop"):

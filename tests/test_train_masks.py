@@ -46,6 +46,12 @@ TRAINING_7 = Path("Training_Set/Training/7.png")
         "Training_Set/Training_Masks/7_MH.png",
         "lesion_masks/Training/MH/7.png",
         "Training_Masks/7/MH.png",
+        "masks/Training/MH_7.png",
+        "masks/Training/mh-07.png",
+        "masks/Training/7-MH.png",
+        "masks/Training/7 MH.png",
+        "masks/Training/7_MH_mask.png",
+        "masks/Training/mask_7_MH_2.png",
     ],
 )
 def test_each_layout_and_place_gives_the_mask_of_its_photograph_and_label(tmp_path: Path, layout: str) -> None:
@@ -122,13 +128,42 @@ def test_the_file_name_without_extension_is_tried_when_the_id_is_a_path(tmp_path
 
 
 def test_a_folder_with_nothing_in_a_known_layout_says_what_it_expected(tmp_path: Path) -> None:
-    _write(tmp_path / "Training" / "7-haemorrhage.png", (0, 0))
+    _write(tmp_path / "Training" / "scan-haemorrhage.png", (0, 0))
+    _write(tmp_path / "Training" / "7_OD.png", (0, 0))  # the optic disc: a structure, not a lesion
     masks = MaskIndex.scan(tmp_path, [(Path("/d/Training/7.png"), "7")])
     assert not masks.files and len(masks) == 0
     message = masks.describe()
-    assert "no lesion mask files" in message and "1 name no photograph" in message
+    assert "no lesion mask files" in message and "2 name no photograph" in message
     assert "<folders>/<ID>_<COLUMN>.png" in message
     assert MaskIndex.scan(tmp_path / "absent", []).describe() == f"no mask folder {tmp_path / 'absent'}"
+
+
+def test_files_named_by_lesion_kind_are_every_lesion_of_their_photograph(tmp_path: Path) -> None:
+    """IDRiD-style ``<ID>_MA``, ``<ID>_HE``: a lesion type that names no RFMiD column is one of the
+    photograph's lesions, and serves each of its labels without a file of its own, as ``<ID>.png`` does;
+    the optic disc's file is left out."""
+    _write(tmp_path / "masks" / "Training" / "IDRiD_07_MA.tif", (1, 1))
+    _write(tmp_path / "masks" / "Training" / "IDRiD_07_HE.tif", (6, 6))
+    _write(tmp_path / "masks" / "Training" / "IDRiD_07_OD.tif", (9, 9))
+    _write(tmp_path / "masks" / "Training" / "IDRiD_07_ARMD.tif", (3, 3))
+    image = tmp_path / "Training_Set" / "Training" / "IDRiD_07.jpg"
+    masks = find_masks(None, tmp_path, [(image, "IDRiD_07")])
+    assert masks is not None and len(masks) == 3 and masks.unmatched == 1
+    every = masks.mask(image, "DR")
+    own = masks.mask(image, "ARMD")
+    assert every is not None and every.sum() == 2 and every[1, 1] and every[6, 6]
+    assert own is not None and own.sum() == 1 and own[3, 3]
+
+
+def test_a_lesion_number_and_a_photograph_id_are_told_apart_by_the_folders(tmp_path: Path) -> None:
+    """``7/MH_3`` is lesion 3 of photograph 7's MH; ``MH_3`` beside the photographs' folder is photograph 3's."""
+    _write(tmp_path / "masks" / "Training" / "7" / "MH_3.png", (1, 1))
+    _write(tmp_path / "masks" / "Training" / "MH_3.png", (5, 5))
+    masks = find_masks(None, tmp_path, _rfmid(tmp_path))
+    assert masks is not None and len(masks) == 2
+    seven, three = masks.mask(tmp_path / TRAINING_7, "MH"), masks.mask(tmp_path / TRAINING_7.with_name("3.png"), "MH")
+    assert seven is not None and seven.sum() == 1 and seven[1, 1]
+    assert three is not None and three.sum() == 1 and three[5, 5]
 
 
 def test_a_mask_of_another_size_is_scaled_onto_its_photograph_and_another_shape_left_out(

@@ -11,13 +11,19 @@ recognised, where ``<folders>`` is any folder path, empty included:
 ==========================================  ===============================================
 ``<folders>/<ID>_<COLUMN>.png``             one file per lesion type (``retinagate synth``)
 ``<folders>/<ID>_<COLUMN>_<n>.png``         several files of one type, one per lesion
+``<folders>/<COLUMN>_<ID>.png``             the lesion type first
 ``<folders>/<ID>/<COLUMN>[_<n>].png``       a folder per photograph
 ``<folders>/<COLUMN>/<ID>.png``             a folder per lesion type
 ``<folders>/<ID>.png``                      one file per photograph, every lesion in it
+``<folders>/<ID>_<kind>.png``               a lesion kind that names no column (IDRiD's ``_MA``,
+                                            ``_HE``): one of the photograph's lesions, as above
 ==========================================  ===============================================
 
 ``ID`` is the photograph's RFMiD ID or its file name without the extension (leading zeros aside);
-``COLUMN`` is an RFMiD column, in any case. PNG, BMP, TIFF and JPEG files are read. The ``OTHER`` output's
+``COLUMN`` is an RFMiD column, in any case. The words of a name may be parted by ``_``, ``-``, ``.`` or
+spaces, and a word that says ``mask`` is passed over (``7-MH_mask.png``). A file whose last word names
+a structure of the eye (``_OD``, ``_disc``, ``_vessels``, ``_fovea``) is not a lesion and is not read.
+PNG, BMP, TIFF and JPEG files are read. The ``OTHER`` output's
 mask is the union of the masks of the 18 rare columns it stands for. A photograph's own file (the last
 layout) is the mask of each of its positive labels that has no file of its own: exact for a photograph
 with one finding, and for one with several each label's map is aimed at all of its lesions.
@@ -60,9 +66,11 @@ _LOSSY: Final = frozenset({".jpg", ".jpeg"})
 LAYOUTS: Final = (
     "<folders>/<ID>_<COLUMN>.png",
     "<folders>/<ID>_<COLUMN>_<n>.png",
+    "<folders>/<COLUMN>_<ID>.png",
     "<folders>/<ID>/<COLUMN>.png",
     "<folders>/<COLUMN>/<ID>.png",
     "<folders>/<ID>.png",
+    "<folders>/<ID>_<kind>.png",
 )
 
 #: The column key of a photograph's own file: the mask of every positive label without one of its own.
@@ -72,6 +80,12 @@ logger = logging.getLogger(__name__)
 
 _COLUMNS: Final = {name.upper(): name for name in RFMID_COLUMNS}
 _MASK_WORD: Final = re.compile(r"[\s_.-]*masks?[\s_.-]*", re.IGNORECASE)
+#: A word of a mask file's name.
+_WORD: Final = re.compile(r"[^\s_.-]+")
+#: Words that name a structure of the eye rather than a lesion (IDRiD's ``_OD`` optic disc masks).
+_ANATOMY: Final = frozenset(
+    {"od", "disc", "disk", "optic", "cup", "vessel", "vessels", "fovea", "macula", "fov", "roi"}
+)
 
 _Key = tuple[tuple[str, ...], str, str]  # (folders under the root, image ID, RFMiD column)
 
@@ -99,7 +113,7 @@ class MaskIndex:
         folder, whose photographs must not be taken for masks)."""
         root, photographs = Path(root), list(photographs)
         themselves = {Path(path).resolve() for path, _ in photographs}
-        found: dict[_Key, list[Path]] = defaultdict(list)
+        found: dict[tuple[_Key, ...], list[Path]] = defaultdict(list)
         for path in sorted(root.rglob("*")) if root.is_dir() else ():
             if path.suffix.lower() not in MASK_SUFFIXES or not path.is_file() or path.resolve() in themselves:
                 continue
@@ -194,28 +208,48 @@ def read_lesion_mask(files: Sequence[Path], shape: tuple[int, int] | None = None
     return mask
 
 
-def _parse(parts: Sequence[str]) -> _Key:
-    """``(folders, ID, column)`` of a mask file's path under the root (the last layout when no other fits)."""
+def _parse(parts: Sequence[str]) -> tuple[_Key, ...]:
+    """The ``(folders, ID, column)`` readings of a mask file's path under the root, the likeliest first.
+
+    A name is read as words parted by ``_``, ``-``, ``.`` or spaces, a word that says ``mask`` left out;
+    an ID keeps its own separators (``left-12_ARMD``: ID ``left-12``). :func:`_assign` gives the file to
+    the first reading that fits a photograph: a per-photograph folder's ``MH_3`` (lesion 3 of MH) and a
+    lesion-type-first ``MH_7`` (photograph 7) read alike until the folders tell them apart.
+    """
     *folders, name = parts
     stem = Path(name).stem
-    # <folders>/<ID>_<COLUMN>[_<n>]: the last token that names a column, with only a number after it.
-    tokens = stem.split("_")
-    for at in range(len(tokens) - 1, 0, -1):
-        column = _COLUMNS.get(tokens[at].upper())
-        if column is not None and _instance(tokens[at + 1 :]):
-            return tuple(folders), "_".join(tokens[:at]), column
-    if folders:
-        parent = folders[-1]
-        # <folders>/<ID>/<COLUMN>[_<n>]
-        column = _COLUMNS.get(tokens[0].upper())
-        if column is not None and _instance(tokens[1:]):
-            return tuple(folders[:-1]), parent, column
-        # <folders>/<COLUMN>/<ID>
-        column = _COLUMNS.get(parent.upper())
-        if column is not None:
-            return tuple(folders[:-1]), stem, column
-    # <folders>/<ID>: every lesion of the photograph
-    return tuple(folders), stem, _EVERY_LABEL
+    words = [w for w in _WORD.finditer(stem) if not _MASK_WORD.fullmatch(w.group())]
+    if not words:
+        return ()
+    text = [w.group() for w in words]
+    columns = [_COLUMNS.get(w.upper()) for w in text]
+
+    def span(start: int, stop: int) -> str:
+        return stem[words[start].start() : words[stop - 1].end()]
+
+    here = tuple(folders)
+    readings: list[_Key] = []
+    # <folders>/<ID>_<COLUMN>[_<n>]: the last word that names a column, with at most a number after it.
+    for at in range(len(words) - 1, 0, -1):
+        if (column := columns[at]) is not None and _instance(text[at + 1 :]):
+            readings.append((here, span(0, at), column))
+            break
+    if (first := columns[0]) is not None:
+        if folders and _instance(text[1:]):
+            readings.append((here[:-1], folders[-1], first))  # <folders>/<ID>/<COLUMN>[_<n>]
+        if len(words) > 1:
+            readings.append((here, span(1, len(words)), first))  # <folders>/<COLUMN>_<ID>
+    if folders and (kind := _COLUMNS.get(folders[-1].upper())) is not None:
+        readings.append((here[:-1], span(0, len(words)), kind))  # <folders>/<COLUMN>/<ID>
+    # <folders>/<ID>[_<kind>...]: every lesion of the photograph, its lesion type in words that name no
+    # column (IDRiD's 7_MA, 7_HE); a file that names a structure rather than a lesion (7_OD) is none.
+    for stop in range(len(words), 0, -1):
+        readings.append((here, span(0, stop), _EVERY_LABEL))
+        if text[stop - 1].casefold() in _ANATOMY or columns[stop - 1] is not None:
+            break
+    if text[-1].casefold() in _ANATOMY:
+        readings = [r for r in readings if r[2] != _EVERY_LABEL]
+    return tuple(readings)
 
 
 def _instance(tokens: Iterable[str]) -> bool:
@@ -230,9 +264,10 @@ def _name(text: str) -> str:
 
 
 def _assign(
-    found: Mapping[_Key, Sequence[Path]], photographs: Sequence[tuple[Path, str]]
+    found: Mapping[tuple[_Key, ...], Sequence[Path]], photographs: Sequence[tuple[Path, str]]
 ) -> tuple[dict[tuple[Path, str], tuple[Path, ...]], int, int]:
-    """Each mask key's files given to the one photograph it fits: ``(files, ambiguous, unmatched)``."""
+    """Each file given by the first of its readings that fits a photograph, when it fits just one:
+    ``(files, ambiguous, unmatched)``."""
     by_name: dict[str, list[int]] = defaultdict(list)
     for i, (path, image_id) in enumerate(photographs):
         for name in {_name(image_id), _name(Path(path).stem)}:
@@ -240,13 +275,21 @@ def _assign(
     parents = [Path(path).parent for path, _ in photographs]
     top = Path(commonpath(parents)).parent if parents else Path()  # every parent lies under it
     folders = [tuple(f.casefold() for f in parent.relative_to(top).parts) for parent in parents]
+
+    def fitting(key_folders: Sequence[str], name: str) -> set[int]:
+        for wanted in _readings(key_folders):
+            if fits := {i for i in by_name.get(_name(name), ()) if _within(wanted, folders[i])}:
+                return fits
+        return set()
+
     files: dict[tuple[Path, str], tuple[Path, ...]] = {}
     ambiguous = unmatched = 0
-    for (key_folders, name, column), paths in found.items():
+    for readings, paths in found.items():
         fits: set[int] = set()
-        for wanted in _readings(key_folders):
-            fits = {i for i in by_name.get(_name(name), ()) if _within(wanted, folders[i])}
-            if fits:
+        column = ""
+        for key_folders, name, reading in readings:
+            if fits := fitting(key_folders, name):
+                column = reading
                 break
         if len(fits) == 1:
             image = Path(photographs[fits.pop()][0])
