@@ -149,14 +149,17 @@ def test_a_mask_folder_with_nothing_in_a_known_layout_is_reported_and_left_out(
     assert "<folders>/<ID>_<COLUMN>.png" in caplog.text
 
 
-def test_masks_in_a_folder_per_photograph_give_the_same_planes(synth_dataset: Path, tmp_path: Path) -> None:
-    """The same masks moved to ``<folder>/<ID>/<COLUMN>.png`` place the same planes on the input."""
+@pytest.mark.parametrize("renamed", ["{id}/{column}.png", "{column}-{id}_mask.png"])
+def test_masks_in_another_layout_give_the_same_planes(synth_dataset: Path, tmp_path: Path, renamed: str) -> None:
+    """The same masks moved to ``<folder>/<ID>/<COLUMN>.png``, or renamed ``<COLUMN>-<ID>_mask.png``,
+    place the same planes on the input."""
     source = find_rfmid_splits(synth_dataset)["val"]
     moved = tmp_path / "moved"
     for path in (synth_dataset / "masks" / "Evaluation").glob("*.png"):
         image_id, column = path.stem.split("_", 1)
-        (moved / "Evaluation" / image_id).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, moved / "Evaluation" / image_id / f"{column}.png")
+        target = moved / "Evaluation" / renamed.format(id=image_id, column=column)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
     original = lesion_planes(source, PRE, _index(synth_dataset), tmp_path / "a")
     placed = lesion_planes(source, PRE, _index(synth_dataset, moved), tmp_path / "b")
     assert original is not None and placed is not None
