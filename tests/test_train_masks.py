@@ -129,11 +129,12 @@ def test_the_file_name_without_extension_is_tried_when_the_id_is_a_path(tmp_path
 
 def test_a_folder_with_nothing_in_a_known_layout_says_what_it_expected(tmp_path: Path) -> None:
     _write(tmp_path / "Training" / "scan-haemorrhage.png", (0, 0))
-    _write(tmp_path / "Training" / "7_OD.png", (0, 0))  # the optic disc: a structure, not a lesion
+    for structure in ("7_OD", "7-optic-disc", "7_vessels", "7 fovea"):  # structures of the eye, not lesions
+        _write(tmp_path / "Training" / f"{structure}.png", (0, 0))
     masks = MaskIndex.scan(tmp_path, [(Path("/d/Training/7.png"), "7")])
     assert not masks.files and len(masks) == 0
     message = masks.describe()
-    assert "no lesion mask files" in message and "2 name no photograph" in message
+    assert "no lesion mask files" in message and "5 name no photograph" in message
     assert "<folders>/<ID>_<COLUMN>.png" in message
     assert MaskIndex.scan(tmp_path / "absent", []).describe() == f"no mask folder {tmp_path / 'absent'}"
 
