@@ -101,7 +101,7 @@ def test_evaluate_prints_a_table_with_every_label_and_the_pointing_game(
 
     # Asked for, against a folder whose files fit no mask layout: the error says what was expected.
     (empty := tmp_path / "masks" / "Evaluation").mkdir(parents=True)
-    (empty / "1-drusen.png").write_bytes(b"")
+    (empty / "scan-drusen.png").write_bytes(b"")
     assert main([*args, "--pointing-game", "--masks", str(tmp_path / "masks")]) != 0
     err = capsys.readouterr().err
     assert "no lesion mask files of the photographs under" in err and "<folders>/<ID>_<COLUMN>.png" in err
