@@ -243,12 +243,11 @@ def _parse(parts: Sequence[str]) -> tuple[_Key, ...]:
         readings.append((here[:-1], span(0, len(words)), kind))  # <folders>/<COLUMN>/<ID>
     # <folders>/<ID>[_<kind>...]: every lesion of the photograph, its lesion type in words that name no
     # column (IDRiD's 7_MA, 7_HE); a file that names a structure rather than a lesion (7_OD) is none.
-    for stop in range(len(words), 0, -1):
-        readings.append((here, span(0, stop), _EVERY_LABEL))
-        if text[stop - 1].casefold() in _ANATOMY or columns[stop - 1] is not None:
-            break
-    if text[-1].casefold() in _ANATOMY:
-        readings = [r for r in readings if r[2] != _EVERY_LABEL]
+    if text[-1].casefold() not in _ANATOMY:
+        for stop in range(len(words), 0, -1):
+            readings.append((here, span(0, stop), _EVERY_LABEL))
+            if text[stop - 1].casefold() in _ANATOMY or columns[stop - 1] is not None:
+                break
     return tuple(readings)
 
 
