@@ -56,6 +56,7 @@ def plain_config(data: Path, out: Path, cache: Path) -> TrainConfig:
         loss="bce",
         peak_loss=0.0,
         lesion_loss=0.0,
+        probe_loss=0.0,
         pos_weight="none",
         balanced_sampler=False,
         ema=False,

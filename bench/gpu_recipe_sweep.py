@@ -50,7 +50,10 @@ from bench.bench_recipe import default_config, parse_variant, plain_config  # no
 VARIANTS = [
     "default",
     "plain",
-    "les0:lesion_loss=0",  # the default before lesion masks trained the maps (2026-12-06)
+    "probe0:probe_loss=0",  # the default before the lesion probe (2026-12-06)
+    "probe03:probe_loss=0.3",
+    "probe003:probe_loss=0.03",
+    "les0:lesion_loss=0,probe_loss=0",  # the default before lesion masks trained the maps (2026-12-06)
     "les003:lesion_loss=0.03",
     "les02:lesion_loss=0.2",
     "lr3e3:lr=0.003",

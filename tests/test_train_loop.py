@@ -125,6 +125,10 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
         torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     for key, value in a["ema"].items():
         torch.testing.assert_close(b["ema"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # The lesion probe (on by default, and the data has masks) resumes with the network it reads.
+    assert a["probe"] is not None and set(a["probe"]) == {"head.weight", "head.bias"}
+    for key, value in a["probe"].items():
+        torch.testing.assert_close(b["probe"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     for row_a, row_b in zip(straight.history, resumed.history, strict=True):
         for key in ("train_loss", "val_loss", "val_macro_auroc", "val_pointing", "lr"):
             assert row_b[key] == pytest.approx(row_a[key], rel=1e-5), key
@@ -143,8 +147,14 @@ def test_lesion_masks_train_the_maps_when_augmenting_on_the_device_too(
     plain, taught = (
         train(
             _run(
-                tmp_path / str(weight), synth_dataset, small_cache, epochs=1, tta="none", aug_on="device",
-                lesion_loss=weight, select_by="auroc",
+                tmp_path / str(weight),
+                synth_dataset,
+                small_cache,
+                epochs=1,
+                tta="none",
+                aug_on="device",
+                lesion_loss=weight,
+                select_by="auroc",
             ),
             progress=False,
         )

@@ -167,3 +167,51 @@ def test_lesion_loss_skips_pairs_whose_lesion_left_the_input_and_is_zero_without
     loss.backward()
     assert float(loss.detach()) == 0.0 and maps.grad is not None and float(maps.grad.abs().sum()) == 0.0
     assert float(lesion_loss(maps.detach(), planes, torch.full_like(columns, -1), rows, cols)) == 0.0
+
+
+def _cover_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One 32 px photograph on a 2 x 2 grid of 16 px cells: label 3's lesion fills 4 x 4 pixels of the
+    bottom-right cell (6% of it), and the photograph has labels 3 and 4, label 4 with no plane."""
+    from train.losses import cell_weights
+
+    planes = torch.zeros(1, 2, 32, 32, dtype=torch.uint8)
+    planes[0, 0, 20:24, 24:28] = 255
+    columns = torch.tensor([[3, -1]])
+    labels = torch.zeros(1, 5)
+    labels[0, 3] = labels[0, 4] = 1
+    return planes, columns, labels, cell_weights(32, 2, 8.0, 16.0)
+
+
+def test_lesion_cover_loss_is_lowest_for_a_map_that_lights_only_the_lesions_cell() -> None:
+    from train.losses import lesion_cover_loss
+
+    planes, columns, labels, weights = _cover_case()
+    right = torch.full((1, 5, 2, 2), -10.0)
+    right[0, 3, 1, 1] = 10.0
+    wrong = torch.full((1, 5, 2, 2), -10.0)
+    wrong[0, 3, 0, 0] = 10.0
+    flat = torch.zeros(1, 5, 2, 2)
+    losses = [float(lesion_cover_loss(m, planes, columns, labels, weights, weights)) for m in (right, flat, wrong)]
+    # A cell 6% covered counts as all lesion, so the right map is all but perfect; a flat map is half
+    # right on either side (log 2 twice).
+    assert losses[0] < 1e-3 < losses[1] < losses[2]
+    assert losses[1] == pytest.approx(2 * math.log(2))
+
+
+def test_lesion_cover_loss_teaches_absent_labels_everywhere_and_positive_ones_only_where_a_plane_says() -> None:
+    from train.losses import lesion_cover_loss
+
+    planes, columns, labels, weights = _cover_case()
+    maps = torch.zeros(1, 5, 2, 2, requires_grad=True)
+    lesion_cover_loss(maps, planes, columns, labels, weights, weights).backward()
+    assert maps.grad is not None
+    grad = maps.grad[0]
+    assert bool((grad[[0, 1, 2]] > 0).all())  # labels the photograph lacks: pushed down in every cell
+    assert float(grad[4].abs().sum()) == 0.0  # label 4 is present but has no plane: nothing is known
+    assert float(grad[3, 1, 1]) < 0 and bool((grad[3].flatten()[:3] > 0).all())  # up on the lesion only
+    # A lesion that left the input (a rotation) teaches nothing about its label, and the absent
+    # labels still teach.
+    gone = torch.zeros_like(planes)
+    maps.grad = None
+    lesion_cover_loss(maps, gone, columns, labels, weights, weights).backward()
+    assert float(maps.grad[0, 3].abs().sum()) == 0.0 and bool((maps.grad[0, 0] > 0).all())

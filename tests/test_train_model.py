@@ -138,3 +138,31 @@ def test_the_card_places_the_two_view_cam_cells_where_the_paired_receptive_field
     assert both_spread - upright_spread == pytest.approx(apart**2 / 4, abs=5.0)
     if alignment == "receptive_field":
         assert expected == 32.0 * cell - 0.5
+
+
+def test_the_lesion_probe_reads_the_stride_16_stage_and_stays_out_of_the_model() -> None:
+    from train.model import LesionProbe
+
+    card = ModelCard(preprocessing=Preprocessing(input_size=64))
+    model = create_model(card, drop_rate=0.0, drop_path_rate=0.0).eval()
+    keys = set(model.state_dict())
+    probe = LesionProbe(model, 29)
+    assert probe.head.in_channels == 112  # EfficientNet-B0's blocks.4
+    with pytest.raises(RuntimeError, match="has not run"):
+        probe()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        stage = model.blocks[:5](model.bn1(model.conv_stem(images)))
+        logits = model(images)
+        maps = probe()
+        torch.testing.assert_close(maps, probe.head(stage))
+    assert maps.shape == (2, 29, 4, 4)
+    # The probe adds nothing to what is saved, exported or served.
+    assert set(model.state_dict()) == keys
+    probe.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), logits)
+    with pytest.raises(RuntimeError, match="has not run"):
+        probe()
+    with pytest.raises(ValueError, match="no stage at stride 64"):
+        LesionProbe(model, 29, reduction=64)

@@ -107,3 +107,35 @@ def test_the_lesion_term_adds_the_lesion_loss_of_the_class_maps_on_the_steps_gri
     with torch.no_grad():
         plain = criterion(model(normalizer(images)), targets.float())
     torch.testing.assert_close(step(images, targets), plain)
+
+
+def test_the_probe_term_adds_the_cover_loss_of_the_stride_16_stage_on_the_grid_at_half_the_step() -> None:
+    from train.losses import cell_weights, lesion_cover_loss
+    from train.model import LesionProbe
+
+    model, normalizer, criterion, images, targets = _model_and_batch(4)
+    probe = LesionProbe(model, 29)
+    planes = torch.zeros(4, 2, 64, 64, dtype=torch.uint8)
+    planes[0, 0, 8:12, 40:44] = 255
+    columns = torch.tensor([[4, -1], [-1, -1], [-1, -1], [-1, -1]])
+    targets[0, 4] = 1
+    model.train()
+    with torch.no_grad():
+        logits = model(normalizer(images))
+        weights = cell_weights(64, 4, 0.0, 16.0)  # the CAM's grid (0, 32) at stride 16
+        expected = criterion(logits, targets.float()) + 0.5 * lesion_cover_loss(
+            probe(), planes, columns, targets.float(), weights, weights
+        )
+    before = probe.head.weight.detach().clone()
+    optimizer = torch.optim.SGD([*model.parameters(), *probe.parameters()], lr=0.1)
+    step = TrainStep(model, optimizer, criterion, normalizer, device=torch.device("cpu"), channels_last=False,
+                     lesion_grid=(0.0, 32.0), probe=probe, probe_weight=0.5)  # fmt: skip
+    torch.testing.assert_close(step(images, targets, planes, columns), expected)
+    assert not torch.equal(probe.head.weight, before)  # the probe learns with the network
+    # Without planes (data without masks) the step is the classification loss alone, and the probe's
+    # reading of the batch is spent, not left for the next step.
+    with torch.no_grad():
+        plain = criterion(model(normalizer(images)), targets.float())
+    torch.testing.assert_close(step(images, targets, None, None), plain)
+    with pytest.raises(RuntimeError, match="has not run"):
+        probe()

@@ -236,6 +236,15 @@ def register(subparsers: Any) -> None:
         "training only (default 0.01; 0: off; no effect without masks)",
     )
     optim.add_argument(
+        "--probe-loss",
+        type=float,
+        default=_SUPPRESS,
+        metavar="W",
+        help="weight of the loss that asks a 1x1 probe on the stride-16 stage where each label's lesions "
+        "are and are not, when the training photographs have lesion masks; training only, the probe is not "
+        "exported (default 0.1; 0: off; no effect without masks)",
+    )
+    optim.add_argument(
         "--pos-weight",
         choices=("none", "auto"),
         default=_SUPPRESS,

@@ -54,6 +54,7 @@ from train.masks import MaskIndex, find_masks, photographs
 from train.metrics import Metrics, compute_metrics
 from train.model import (
     CHECKPOINT_FORMAT,
+    LesionProbe,
     TurnAveraged,
     create_model,
     load_checkpoint,
@@ -116,7 +117,10 @@ class TrainConfig:
     depth, the best epoch chosen by validation macro AUROC and the pointing game together, and, when the
     training photographs have lesion masks, a lesion loss of weight 0.01 that teaches each label's map
     where its lesion is (tuning seed 11: test pointing game 0.420 to 0.885 at the same validation macro
-    AUROC, 0.803 to 0.805; weights 0.03 to 1 pointed as well but slowed the classification). Light
+    AUROC, 0.803 to 0.805; weights 0.03 to 1 pointed as well but slowed the classification), and a
+    lesion probe on the stride-16 stage, weight 0.1, that those masks teach cell by cell where each
+    label's lesions are (tuning seeds 11-13: validation macro AUROC up by PROBE_VAL, test by PROBE_TEST;
+    see the README). Light
     augmentation against flips only was the one change that raised the pointing game on every tuning
     seed of a GPU sweep (``bench/gpu_recipe_sweep.py``, seeds 11-13: 0.377 to 0.475, macro AUROC 0.775
     to 0.799); the ``strong`` level with dropout and stochastic depth slowed learning instead
@@ -170,6 +174,10 @@ class TrainConfig:
         lesion_loss: Weight of :func:`train.losses.lesion_loss`, which asks each positive label's class
             map to put its mass on the label's lesion, when the training split has lesion masks
             (``masks``, :mod:`train.lesions`); 0 turns it off. Training only.
+        probe_loss: Weight of :func:`train.losses.lesion_cover_loss`, which asks a 1x1 probe on the
+            stride-16 stage (:class:`train.model.LesionProbe`) where each label's lesions are and are
+            not, when the training split has lesion masks; 0 turns it off. Training only: the probe
+            is saved in ``last.pt`` for a resume and is never part of the model.
         pos_weight: ``none`` or ``auto`` (negatives/positives per label, capped); with ``auto`` the
             saved classifier bias has log(weight) taken back off, so scores stay log-odds.
         balanced_sampler: Draw images with weights that favour rare labels.
@@ -232,6 +240,7 @@ class TrainConfig:
     equivariance: float = 0.0
     equivariance_pairs: int = 4
     lesion_loss: float = 0.01
+    probe_loss: float = 0.1
     pos_weight: str = "none"
     balanced_sampler: bool = False
     aug: str = "light"
@@ -269,6 +278,7 @@ class TrainConfig:
         need(self.workers >= -1, f"workers is {self.workers}; expected -1 (auto) or >= 0")
         need(self.peak_loss >= 0, f"peak_loss is {self.peak_loss}; expected >= 0 (0 turns it off)")
         need(self.lesion_loss >= 0, f"lesion_loss is {self.lesion_loss}; expected >= 0 (0 turns it off)")
+        need(self.probe_loss >= 0, f"probe_loss is {self.probe_loss}; expected >= 0 (0 turns it off)")
         need(self.equivariance >= 0, f"equivariance is {self.equivariance}; expected >= 0 (0 turns it off)")
         need(
             self.equivariance_pairs >= 1
@@ -315,6 +325,7 @@ class TrainConfig:
         values.setdefault("select_by", "auroc")
         values.setdefault("tta", "none")
         values.setdefault("lesion_loss", 0.0)
+        values.setdefault("probe_loss", 0.0)
         values.setdefault("fov_threshold", Preprocessing().fov_threshold)
         return cls(**values)
 
@@ -676,23 +687,27 @@ class _Run:
         return index
 
     def lesions(self, source: SplitSource) -> LesionPlanes | None:
-        """The training split's lesion masks on the input, when the lesion loss is on and there are any.
+        """The training split's lesion masks on the input, when a loss that reads them is on and there are any.
 
-        Finding them changes the card: its one-view maps are then trained to, and read at, the cam
-        grid's centres (``localisation`` ``lesion_masks``).
+        Finding them for the lesion loss changes the card: its one-view maps are then trained to, and
+        read at, the cam grid's centres (``localisation`` ``lesion_masks``).
         """
         c = self.config
-        if c.lesion_loss <= 0 or self.masks is None:
+        if (c.lesion_loss <= 0 and c.probe_loss <= 0) or self.masks is None:
             return None
         planes = lesion_planes(source, self.card.preprocessing, self.masks, c.resolved_cache_dir)
         if planes is None:
             logger.warning(
-                "%s, but none for a positive label of a training photograph (folder %r); the lesion loss is off",
+                "%s, but none for a positive label of a training photograph (folder %r); the lesion losses are off",
                 self.masks.describe(), source.paths[0].parent.name if len(source) else "",
             )  # fmt: skip
             return None
-        self.card = self.card.with_updates(localisation="lesion_masks")
-        logger.info("lesion loss on %d masks of the training photographs (weight %g)", len(planes), c.lesion_loss)
+        if c.lesion_loss > 0:
+            self.card = self.card.with_updates(localisation="lesion_masks")
+        logger.info(
+            "%d lesion masks of the training photographs: lesion loss weight %g, probe weight %g",
+            len(planes), c.lesion_loss, c.probe_loss,
+        )  # fmt: skip
         return planes
 
     def fit_fov_threshold(self) -> TrainConfig:
@@ -802,17 +817,25 @@ def train(
         model.to(memory_format=torch.channels_last)
     pos_weight = auto_pos_weight(labels_train) if config.pos_weight == "auto" else None
     criterion = build_loss(config.loss, pos_weight).to(device)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
-    steps_per_epoch = len(train_split) // config.batch_size
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, warmup_steps, config.min_lr_ratio))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ema = None
     if config.ema:
         from timm.utils.model_ema import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)
+    # After the EMA's copy of the model, which must not carry the probe's hook; its weights are
+    # trained with the network's, on the same schedule.
+    probe = None
+    if lesions is not None and config.probe_loss > 0:
+        probe = LesionProbe(model, len(run.card.labels)).to(device)
+    groups = _param_groups(model, config.weight_decay)
+    if probe is not None:
+        groups.append({"params": list(probe.parameters()), "weight_decay": config.weight_decay})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    steps_per_epoch = len(train_split) // config.batch_size
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, warmup_steps, config.min_lr_ratio))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step = TrainStep(
         model,
         optimizer,
@@ -831,6 +854,8 @@ def train(
         equivariance_pairs=config.equivariance_pairs,
         lesion_weight=config.lesion_loss if lesions is not None else 0.0,
         lesion_grid=_lesion_grid(run.card, model) if lesions is not None else (0.0, 1.0),
+        probe=probe,
+        probe_weight=config.probe_loss,
     )
 
     start_epoch, best_metric, bad_epochs, best_epoch = 0, -math.inf, 0, 0
@@ -842,6 +867,8 @@ def train(
         scaler.load_state_dict(checkpoint["scaler"])
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
+        if probe is not None:
+            probe.load_state_dict(checkpoint["probe"])
         start_epoch = int(checkpoint["epoch"])
         bad_epochs = int(checkpoint["bad_epochs"])
         best_epoch = int(checkpoint["best_epoch"])
@@ -955,6 +982,7 @@ def train(
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
+                "probe": probe.state_dict() if probe is not None else None,
                 "rng": _rng_state(device),
                 "best_metric": best_metric,
                 "best_epoch": best_epoch,

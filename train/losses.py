@@ -46,6 +46,7 @@ __all__ = [
     "build_loss",
     "cell_weights",
     "equivariance_loss",
+    "lesion_cover_loss",
     "lesion_loss",
     "peak_logits",
 ]
@@ -223,3 +224,50 @@ def build_loss(name: str, pos_weight: torch.Tensor | None = None) -> nn.Module:
     if name == "asl":
         return AsymmetricLoss(pos_weight=pos_weight)
     raise ValueError(f"loss is {name!r}; expected one of {', '.join(LOSSES)}")
+
+
+def lesion_cover_loss(
+    maps: torch.Tensor,
+    planes: torch.Tensor,
+    columns: torch.Tensor,
+    labels: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    full_cover: float = 0.05,
+) -> torch.Tensor:
+    """Per-cell cross-entropy of a lesion probe's maps against where each label's lesions are.
+
+    The probe (:class:`train.model.LesionProbe`) reads a stage finer than the CAM's, and each of its
+    cells says whether the label's lesion is there. Targets: for a label the photograph does not have,
+    no cell (known from the labels alone, so every photograph teaches it); for a positive label with a
+    lesion plane, the share of each cell the lesion covers, counted as whole from ``full_cover`` on (a
+    microaneurysm fills a few percent of a 16-pixel cell); a positive label without a plane, or whose
+    lesion left the input, teaches nothing. Lesion cells are rare, so the covered and the uncovered
+    cells each weigh half.
+
+    Args:
+        maps: ``(N, C, h, w)`` probe logits.
+        planes: ``(N, K, S, S)`` lesion planes on the input, 0 to 255.
+        columns: ``(N, K)`` label column of each plane; -1 for padding.
+        labels: ``(N, C)`` 0/1 labels.
+        rows: ``(h, S)`` cell weights along the height (:func:`cell_weights`).
+        cols: ``(w, S)`` cell weights along the width.
+        full_cover: Share of a cell from which it counts as all lesion.
+
+    Returns:
+        The loss (a scalar); 0 when no cell is known.
+    """
+    n, k = columns.shape
+    c, h, w = maps.shape[1:]
+    cover = torch.einsum("ha,nkab,wb->nkhw", rows, planes.float() / 255.0, cols)
+    placed = (columns >= 0) & (cover.flatten(2).sum(dim=2) > 1e-3)
+    index = columns.clamp(min=0)
+    hit = (cover / full_cover).clamp(max=1.0) * placed[:, :, None, None]
+    target = maps.new_zeros(n, c, h, w, dtype=torch.float32)
+    target.scatter_reduce_(1, index[:, :, None, None].expand(n, k, h, w), hit, reduce="amax")
+    has_plane = maps.new_zeros(n, c, dtype=torch.float32).scatter_reduce(1, index, placed.float(), reduce="amax")
+    known = ((labels < 0.5) | (has_plane > 0)).float()[:, :, None, None]
+    z = maps.float()
+    positive = (F.softplus(-z) * target * known).sum() / (target * known).sum().clamp(min=1e-6)
+    negative = (F.softplus(z) * (1 - target) * known).sum() / ((1 - target) * known).sum().clamp(min=1e-6)
+    return positive + negative

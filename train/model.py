@@ -25,6 +25,7 @@ from retinagate.card import ModelCard
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "LesionProbe",
     "PretrainedUnavailableError",
     "TurnAveraged",
     "class_maps",
@@ -109,6 +110,57 @@ def class_maps(features: torch.Tensor, classifier: nn.Linear, *, bias: bool = Fa
     if bias and classifier.bias is not None:
         maps = maps + classifier.bias.to(features.dtype)[None, :, None, None]
     return maps
+
+
+class LesionProbe(nn.Module):
+    """A 1x1 convolution reading one stage of a timm network: each label's lesion map, for training only.
+
+    The CAM is drawn from the last stage, 32 input pixels a cell, where a microaneurysm is a sliver of a
+    cell and a few hundred photographs say little about where it is. The probe watches the stage at
+    ``reduction`` (16: EfficientNet-B0's ``blocks.4``, 112 channels) through a forward hook and is
+    asked by :func:`train.losses.lesion_cover_loss` where the lesions are, so the stages beneath the
+    CAM learn to tell a lesion from its surroundings with dense targets (deep supervision). The probe
+    is not part of the model: its weights are not in the model's state dict, the exported graph never
+    sees it, and the CAM is still exactly Grad-CAM of what is served.
+
+    Args:
+        model: A timm network with ``feature_info``.
+        classes: Labels to map.
+        reduction: The stage's stride; the first stage at that stride is read.
+
+    Raises:
+        ValueError: If the network has no stage at that stride.
+    """
+
+    def __init__(self, model: nn.Module, classes: int, reduction: int = 16) -> None:
+        super().__init__()
+        stages = [info for info in getattr(model, "feature_info", []) if info["reduction"] == reduction]
+        if not stages:
+            raise ValueError(f"the network has no stage at stride {reduction} to probe")
+        self.reduction = reduction
+        self.head = nn.Conv2d(stages[0]["num_chs"], classes, kernel_size=1)
+        self._seen: torch.Tensor | None = None
+        # Not a submodule: the probe must not drag the network into its own state dict.
+        self._handle = model.get_submodule(stages[0]["module"]).register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self._seen = output
+
+    def forward(self) -> torch.Tensor:
+        """``(N, C, h, w)`` logits of the stage the network's last forward pass went through.
+
+        Raises:
+            RuntimeError: If the network has not run since the last call.
+        """
+        if self._seen is None:
+            raise RuntimeError("the probed network has not run since the probe last read it")
+        seen, self._seen = self._seen, None
+        maps: torch.Tensor = self.head(seen.float())
+        return maps
+
+    def detach(self) -> None:
+        """Stops watching the network."""
+        self._handle.remove()
 
 
 class TurnAveraged(nn.Module):

@@ -16,8 +16,8 @@ from typing import Any, Final
 import torch
 from torch import nn
 
-from train.losses import cell_weights, equivariance_loss, lesion_loss, peak_logits
-from train.model import class_maps
+from train.losses import cell_weights, equivariance_loss, lesion_cover_loss, lesion_loss, peak_logits
+from train.model import LesionProbe, class_maps
 
 __all__ = ["AUTOCAST_DTYPES", "TrainStep"]
 
@@ -51,6 +51,10 @@ class TrainStep:
             planes; 0 turns it off.
         lesion_grid: ``(origin, step)`` in input pixels of the cell centres the lesion loss aims at
             (:class:`retinagate.card.CamGrid`: what the card says a one-view map's cells are).
+        probe: A :class:`train.model.LesionProbe` on the model, trained with
+            :func:`train.losses.lesion_cover_loss` on batches that bring lesion planes (its weights
+            must be in the optimizer); its cells are centred on the same grid at its own stride.
+        probe_weight: Weight of that loss; 0 turns it off.
     """
 
     def __init__(
@@ -73,6 +77,8 @@ class TrainStep:
         equivariance_pairs: int = 4,
         lesion_weight: float = 0.0,
         lesion_grid: tuple[float, float] = (16.0, 32.0),
+        probe: LesionProbe | None = None,
+        probe_weight: float = 0.0,
     ) -> None:
         if precision not in ("fp32", *AUTOCAST_DTYPES):
             raise ValueError(f"precision is {precision!r}; expected fp32, fp16 or bf16")
@@ -93,14 +99,18 @@ class TrainStep:
         self.equivariance_pairs = equivariance_pairs
         self.lesion_weight = lesion_weight
         self.lesion_grid = lesion_grid
-        self._cell_weights: dict[tuple[int, int], torch.Tensor] = {}
+        self.probe = probe if probe_weight > 0 else None
+        self.probe_weight = probe_weight
+        self._cell_weights: dict[tuple[int, int, float, float], torch.Tensor] = {}
         self.steps = 0
         self._params = [p for p in model.parameters() if p.requires_grad]
 
-    def _weights(self, size: int, cells: int) -> torch.Tensor:
-        key = (size, cells)
+    def _weights(self, size: int, cells: int, stride: float | None = None) -> torch.Tensor:
+        """Cell weights of the CAM's map, or of a map at ``stride`` on the same grid scaled to it."""
+        scale = 1.0 if stride is None else stride / self.lesion_grid[1]
+        key = (size, cells, self.lesion_grid[0] * scale, self.lesion_grid[1] * scale)
         if key not in self._cell_weights:
-            self._cell_weights[key] = cell_weights(size, cells, *self.lesion_grid).to(self.device)
+            self._cell_weights[key] = cell_weights(size, cells, key[2], key[3]).to(self.device)
         return self._cell_weights[key]
 
     def __call__(
@@ -146,6 +156,15 @@ class TrainStep:
             cols = self._weights(x.shape[3], maps.shape[3])
             placed = planes.to(self.device, non_blocking=True)
             loss = loss + self.lesion_weight * lesion_loss(maps, placed, columns.to(self.device), rows, cols)
+        if self.probe is not None:
+            probed = self.probe()
+            if planes is not None and columns is not None:
+                stride = self.probe.reduction
+                rows = self._weights(x.shape[2], probed.shape[2], stride)
+                cols = self._weights(x.shape[3], probed.shape[3], stride)
+                placed = planes.to(self.device, non_blocking=True)
+                cover = lesion_cover_loss(probed, placed, columns.to(self.device), y, rows, cols)
+                loss = loss + self.probe_weight * cover
         self.optimizer.zero_grad(set_to_none=True)
         scaled: torch.Tensor = self.scaler.scale(loss)
         torch.autograd.backward(scaled)
