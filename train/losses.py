@@ -23,6 +23,10 @@ exactly Grad-CAM.
 :func:`lesion_loss` (``--lesion-loss``) uses lesion masks where the data has them: each positive
 label's class map is asked, through a softmax over its cells, to put its mass where the label's lesion
 lies. Training only, as above.
+
+:func:`lesion_cover_loss` (``--probe-loss``) uses the same masks finer and more directly: a probe on
+the stride-16 stage (:class:`train.model.LesionProbe`) is asked, cell by cell, where each label's
+lesions are and, for the labels a photograph lacks, that they are nowhere. Training only too.
 """
 
 from __future__ import annotations
