@@ -101,10 +101,7 @@ def storescu(port: int, called: str, files: Sequence[Path]) -> float:
     started = time.perf_counter()
     done = subprocess.run(
         ["storescu", "-aet", "BENCHCAM", "-aec", called, "-xy", "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+        capture_output=True, text=True, timeout=600, check=False,
     )
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
@@ -127,8 +124,7 @@ def run_bare(files: Sequence[Path], workdir: Path) -> float:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "pynetdicom", "storescp", str(port), "-od", str(out), "-q", "-pdu", str(MAX_PDU)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_port(port, process)
@@ -155,16 +151,12 @@ def run_gateway(files: Sequence[Path], workdir: Path, redis_url: str) -> float:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAGATE_")}
     env.update(
-        RETINAGATE_DATA_DIR=str(data),
-        RETINAGATE_BROKER_URL=redis_url,
-        RETINAGATE_LOG_LEVEL="WARNING",
+        RETINAGATE_DATA_DIR=str(data), RETINAGATE_BROKER_URL=redis_url, RETINAGATE_LOG_LEVEL="WARNING",
         RETINAGATE_GATEWAY_MAX_PDU=str(MAX_PDU),
     )
     process = subprocess.Popen(
         [*RETINAGATE, "gateway", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
     try:
         assert process.stdout is not None
@@ -202,21 +194,9 @@ def run_gateway(files: Sequence[Path], workdir: Path, redis_url: str) -> float:
 def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     wait_for_port(port, process)
     return process, f"redis://127.0.0.1:{port}/0"
@@ -264,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("retinagate gateway (fsync + SQL + Redis)", ours),
     ):
         print(
-            f"{name:46s} {seconds:8.2f} {args.count / seconds:8.1f} {megabytes / seconds:7.1f} {bare / seconds:7.2f}x"
+            f"{name:46s} {seconds:8.2f} {args.count / seconds:8.1f} {megabytes / seconds:7.1f} "
+            f"{bare / seconds:7.2f}x"
         )
     paired = statistics.median(b / g for b, g in zip(times["bare"], times["gateway"], strict=True))
     print(f"median of the per-round ratios (each pair run back to back): {paired:.2f}x")

@@ -234,15 +234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, wall, cpu in rows:
         print(f"{name:<62} {wall * 1000:12.1f} {1 / wall:8.1f} {cpu * 1000:11.1f} {cores / cpu:14.1f}")
     best_wall = min(ours[0], 1 / two[0])
-    print(
-        f"speed-up over the reference (goal >= 20x): wall {reference[0] / best_wall:.1f}x, "
-        f"CPU {reference[1] / min(ours[1], two[1]):.1f}x"
-    )
-    print(
-        f"throughput with both cores busy (goal >= 40 img/s): SC + SR {max(two[0], 1 / ours[0]):.1f} img/s "
-        f"(idle-machine estimate {cores / min(ours[1], two[1]):.1f}); scoring only {scoring[0]:.1f} img/s "
-        f"(idle-machine estimate {cores / scoring[1]:.1f})"
-    )
+    print(f"speed-up over the reference (goal >= 20x): wall {reference[0] / best_wall:.1f}x, "
+          f"CPU {reference[1] / min(ours[1], two[1]):.1f}x")
+    print(f"throughput with both cores busy (goal >= 40 img/s): SC + SR {max(two[0], 1 / ours[0]):.1f} img/s "
+          f"(idle-machine estimate {cores / min(ours[1], two[1]):.1f}); scoring only {scoring[0]:.1f} img/s "
+          f"(idle-machine estimate {cores / scoring[1]:.1f})")
     return 0
 
 

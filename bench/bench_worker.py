@@ -65,21 +65,9 @@ class Redis:
     def __init__(self, folder: Path) -> None:
         self.port = free_port()
         self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(folder),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 20
         while True:
@@ -143,16 +131,9 @@ def store_instances(settings: Any, photographs: list[bytes], count: int) -> list
             key = storage.new_key("in")
             sha256, size = storage.write_bytes(key, buffer.getvalue())
             row = Instance(
-                sop_instance_uid=uid,
-                study_id=study.id,
-                series_uid=str(ds.SeriesInstanceUID),
-                sop_class_uid=str(ds.SOPClassUID),
-                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                rows=int(ds.Rows),
-                columns=int(ds.Columns),
-                storage_key=key,
-                sha256=sha256,
-                size_bytes=size,
+                sop_instance_uid=uid, study_id=study.id, series_uid=str(ds.SeriesInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID), transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                rows=int(ds.Rows), columns=int(ds.Columns), storage_key=key, sha256=sha256, size_bytes=size,
                 status=InstanceStatus.QUEUED,
             )
             session.add(row)
@@ -194,15 +175,8 @@ def wait_all(sessions: Any, ids: list[int], worker: subprocess.Popen[bytes], log
         time.sleep(0.02)
 
 
-def run(
-    batch: int,
-    args: argparse.Namespace,
-    redis: Redis,
-    database: int,
-    photographs: list[bytes],
-    model: Path,
-    scratch: Path,
-) -> dict[str, Any]:
+def run(batch: int, args: argparse.Namespace, redis: Redis, database: int, photographs: list[bytes],
+        model: Path, scratch: Path) -> dict[str, Any]:
     from retinagate.db import make_engine, session_factory
     from retinagate.queue import enqueue_score
     from retinagate.settings import load_settings
@@ -226,27 +200,10 @@ def run(
     env = {**os.environ, **env_values}
     with log.open("wb") as out:
         worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
-                "--queues",
-                "score",
-                "--concurrency",
-                str(args.concurrency),
-                "--without-mingle",
-                "--without-gossip",
-                "--loglevel",
-                "WARNING",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--queues", "score",
+             "--concurrency", str(args.concurrency), "--without-mingle", "--without-gossip",
+             "--loglevel", "WARNING"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
         for instance in warmup:  # one task each, so every pool process loads the model
@@ -265,24 +222,14 @@ def run(
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
         engine.dispose()
-    return {
-        "batch": batch,
-        "tasks": -(-len(measured) // batch),
-        "images": len(measured),
-        "seconds": elapsed,
-        "rate": len(measured) / elapsed,
-        **means,
-    }
+    return {"batch": batch, "tasks": -(-len(measured) // batch), "images": len(measured), "seconds": elapsed,
+            "rate": len(measured) / elapsed, **means}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--images",
-        type=int,
-        default=64,
-        help="instances timed per batch size (default 64: whole batches for every process)",
-    )
+    parser.add_argument("--images", type=int, default=64,
+                        help="instances timed per batch size (default 64: whole batches for every process)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="instances per score task")
     parser.add_argument("--concurrency", type=int, default=2, help="worker pool processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per process (default 1)")
@@ -299,20 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="bench-worker-"))
     redis = Redis(scratch)
     try:
-        rows = [
-            run(batch, args, redis, database, photographs, model, scratch)
-            for database, batch in enumerate(args.batches, start=1)
-        ]
+        rows = [run(batch, args, redis, database, photographs, model, scratch)
+                for database, batch in enumerate(args.batches, start=1)]
     finally:
         redis.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 
     load = os.getloadavg()[0]
-    print(
-        f"\nworker throughput, {args.size[0]}x{args.size[1]} JPEG OP instances, {os.cpu_count()} CPU(s) "
-        f"(load average {load:.1f} at the end), {args.concurrency} pool process(es), {args.threads} ONNX "
-        f"thread(s) each, model {model.name}"
-    )
+    print(f"\nworker throughput, {args.size[0]}x{args.size[1]} JPEG OP instances, {os.cpu_count()} CPU(s) "
+          f"(load average {load:.1f} at the end), {args.concurrency} pool process(es), {args.threads} ONNX "
+          f"thread(s) each, model {model.name}")
     header = f"{'batch/task':>10} {'tasks':>6} {'images':>7} {'seconds':>8} {'images/s':>9}  " + " ".join(
         f"{s:>10}" for s in STAGES
     )
@@ -320,10 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     for row in rows:
         stages = " ".join(f"{row[s] * 1000:>8.1f}ms" for s in STAGES)
-        print(
-            f"{row['batch']:>10} {row['tasks']:>6} {row['images']:>7} {row['seconds']:>8.2f} {row['rate']:>9.2f}  "
-            f"{stages}"
-        )
+        print(f"{row['batch']:>10} {row['tasks']:>6} {row['images']:>7} {row['seconds']:>8.2f} {row['rate']:>9.2f}  "
+              f"{stages}")
     print("(stage columns: mean seconds per image inside the pipeline, from predictions.timings)")
     return 0
 

@@ -41,8 +41,7 @@ def test_the_plain_baseline_has_none_of_the_default_recipes_extras(tmp_path: Pat
 def test_a_variant_is_the_default_recipe_with_the_named_fields_changed() -> None:
     bench = _bench_recipe()
     assert bench.parse_variant("pw:pos_weight=none,epochs=3,ema=false") == (
-        "pw",
-        {"pos_weight": "none", "epochs": 3, "ema": False},
+        "pw", {"pos_weight": "none", "epochs": 3, "ema": False}
     )
     with pytest.raises(ValueError, match="'speed' is not a TrainConfig field"):
         bench.parse_variant("fast:speed=2")

@@ -43,5 +43,7 @@ def test_core_modules_do_not_import_torch() -> None:
 
 
 def test_cli_help_does_not_import_torch() -> None:
-    modules = _modules_after_import("from retinagate.cli import build_parser\nbuild_parser()\n")
+    modules = _modules_after_import(
+        "from retinagate.cli import build_parser\nbuild_parser()\n"
+    )
     assert "torch" not in modules

@@ -21,21 +21,8 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in (
-        "config",
-        "db",
-        "synth",
-        "train",
-        "evaluate",
-        "export",
-        "score",
-        "gateway",
-        "worker",
-        "rescore",
-        "models",
-        "deliveries",
-        "storage",
-    ):
+    for command in ("config", "db", "synth", "train", "evaluate", "export", "score", "gateway", "worker", "rescore",
+                    "models", "deliveries", "storage"):
         assert f"    {command}" in out, command
 
 

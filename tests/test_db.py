@@ -70,39 +70,23 @@ def test_a_study_round_trips_with_instances_predictions_outputs_and_deliveries(e
     factory = session_factory(engine)
     received = datetime(2025, 3, 14, 9, 26, 53, 589793, tzinfo=timezone(timedelta(hours=2)))
     with session_scope(factory) as session:
-        association = Association(
-            calling_ae="FUNDUS1",
-            called_ae="RETINAGATE",
-            peer_address="10.0.0.7",
-            peer_port=40001,
-            instances_accepted=2,
-            outcome="released",
-        )
+        association = Association(calling_ae="FUNDUS1", called_ae="RETINAGATE", peer_address="10.0.0.7",
+                                  peer_port=40001, instances_accepted=2, outcome="released")
         study = Study(study_uid="1.2.826.0.1.3680043.10.0", accession="ACC1")
-        left = _instance(study, 1, laterality="L", rows=1536, columns=2048, received_at=received, calling_ae="FUNDUS1")
+        left = _instance(study, 1, laterality="L", rows=1536, columns=2048, received_at=received,
+                         calling_ae="FUNDUS1")
         right = _instance(study, 2, laterality="R", status=InstanceStatus.SCORED, attempts=1)
         session.add_all([association, study, left, right])
         session.flush()
         left.association_id = association.id
         model = _model()
-        prediction = Prediction(
-            instance=left,
-            model=model,
-            probabilities={"Disease_Risk": 0.91, "DR": 0.75},
-            findings=["Disease_Risk", "DR"],
-            timings={"decode": 0.011, "total": 0.05},
-            duration_s=0.05,
-        )
+        prediction = Prediction(instance=left, model=model, probabilities={"Disease_Risk": 0.91, "DR": 0.75},
+                                findings=["Disease_Risk", "DR"], timings={"decode": 0.011, "total": 0.05},
+                                duration_s=0.05)
         sc = Output(prediction=prediction, kind="sc", sop_instance_uid="2.25.1", storage_key="out/1.dcm")
         sr = Output(prediction=prediction, kind="sr", sop_instance_uid="2.25.2", storage_key="out/2.dcm")
-        sc.deliveries.append(
-            Delivery(
-                destination="PACS@10.0.0.9:104",
-                status=DeliveryStatus.DELIVERED,
-                dimse_status=0,
-                delivered_at=received + timedelta(seconds=3),
-            )
-        )
+        sc.deliveries.append(Delivery(destination="PACS@10.0.0.9:104", status=DeliveryStatus.DELIVERED,
+                                      dimse_status=0, delivered_at=received + timedelta(seconds=3)))
         session.add_all([model, prediction, sc, sr])
 
     with Session(engine) as session:
@@ -170,9 +154,8 @@ def test_a_second_prediction_for_the_same_instance_and_model_is_refused(engine: 
         session.add(Prediction(instance=instance, model=model, probabilities={}, findings=[], duration_s=0.1))
 
     with pytest.raises(IntegrityError), session_scope(factory) as session:
-        session.add(
-            Prediction(instance_id=instance.id, model_id=model.id, probabilities={}, findings=[], duration_s=0.2)
-        )
+        session.add(Prediction(instance_id=instance.id, model_id=model.id, probabilities={}, findings=[],
+                               duration_s=0.2))
 
     with session_scope(factory) as session:  # the same instance under another model is a new prediction
         other = _model("cd" * 32)
@@ -198,13 +181,8 @@ def test_a_duplicate_sop_instance_uid_is_refused(engine: sa.Engine) -> None:
 def test_a_second_delivery_of_an_output_to_the_same_destination_is_refused(engine: sa.Engine) -> None:
     factory = session_factory(engine)
     with session_scope(factory) as session:
-        prediction = Prediction(
-            instance=_instance(Study(study_uid="1.2.3"), 1),
-            model=_model(),
-            probabilities={},
-            findings=[],
-            duration_s=0.1,
-        )
+        prediction = Prediction(instance=_instance(Study(study_uid="1.2.3"), 1), model=_model(),
+                                probabilities={}, findings=[], duration_s=0.1)
         output = Output(prediction=prediction, kind="sc", sop_instance_uid="2.25.7", storage_key="o")
         session.add_all([output, Delivery(output=output, destination="PACS@h:104")])
 
@@ -282,10 +260,8 @@ def test_sqlite_engine_makes_the_folder_on_connecting_and_sets_wal_busy_timeout_
         assert not (tmp_path / "a").exists()  # made when first connecting, not before
         with engine.connect() as connection:
             assert (tmp_path / "a" / "b").is_dir()
-            pragma = {
-                name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
-                for name in ("journal_mode", "busy_timeout", "foreign_keys", "synchronous")
-            }
+            pragma = {name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
+                      for name in ("journal_mode", "busy_timeout", "foreign_keys", "synchronous")}
     finally:
         engine.dispose()
 

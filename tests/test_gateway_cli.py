@@ -31,10 +31,7 @@ def _gateway_process(data_dir: Path, port: int, **env: str) -> subprocess.Popen[
     environ.update({"RETINAGATE_DATA_DIR": str(data_dir), "RETINAGATE_LOG_LEVEL": "INFO", **env})
     return subprocess.Popen(
         [*RETINAGATE, "gateway", "--host", "127.0.0.1", "--port", str(port)],
-        env=environ,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
@@ -109,10 +106,7 @@ def test_sigterm_lets_the_open_association_finish_and_exits_0(
 
 def test_help_explains_the_command() -> None:
     done = subprocess.run(
-        [*RETINAGATE, "gateway", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [*RETINAGATE, "gateway", "--help"], capture_output=True, text=True, timeout=60,
         check=False,
     )
     assert done.returncode == 0

@@ -108,9 +108,7 @@ def test_an_unknown_calling_ae_is_rejected_and_audited(start_gateway: Callable[.
     assert _rejection(assoc) == (1, 1, 3)
     rejected = _audit(gateway.settings, 2)[-1]
     assert (rejected.calling_ae, rejected.outcome, rejected.reason) == (
-        "INTRUDER",
-        "rejected",
-        "calling AE title not recognised",
+        "INTRUDER", "rejected", "calling AE title not recognised",
     )
 
 
@@ -148,8 +146,7 @@ def test_associations_over_the_limit_are_rejected_as_transient(start_gateway: Ca
     first.release()
     rows = _audit(gateway.settings, 2)
     assert sorted((r.outcome, r.reason) for r in rows) == [
-        ("rejected", "local limit exceeded"),
-        ("released", None),
+        ("rejected", "local limit exceeded"), ("released", None),
     ]
 
 
@@ -165,14 +162,14 @@ def _client_tls(pki: Any, cert: Path | None, key: Path | None) -> tuple[ssl.SSLC
 
 def _tls_gateway(start_gateway: Callable[..., Any], pki: Any, require: bool = True) -> Any:
     return start_gateway(
-        gateway_tls_cert=pki.server_cert,
-        gateway_tls_key=pki.server_key,
-        gateway_tls_ca=pki.ca,
+        gateway_tls_cert=pki.server_cert, gateway_tls_key=pki.server_key, gateway_tls_ca=pki.ca,
         gateway_tls_require_client_cert=require,
     )
 
 
-def test_a_tls_gateway_accepts_a_client_with_a_trusted_certificate(start_gateway: Callable[..., Any], pki: Any) -> None:
+def test_a_tls_gateway_accepts_a_client_with_a_trusted_certificate(
+    start_gateway: Callable[..., Any], pki: Any
+) -> None:
     gateway = _tls_gateway(start_gateway, pki)
 
     assoc = _associate(gateway, tls=_client_tls(pki, pki.client_cert, pki.client_key))
@@ -209,7 +206,9 @@ def test_a_tls_gateway_refuses_clients_without_a_trusted_certificate(
     assert not _associate(gateway, tls=_client_tls(pki, cert, key)).is_established
 
 
-def test_optional_client_certificates_let_a_client_without_one_in(start_gateway: Callable[..., Any], pki: Any) -> None:
+def test_optional_client_certificates_let_a_client_without_one_in(
+    start_gateway: Callable[..., Any], pki: Any
+) -> None:
     gateway = _tls_gateway(start_gateway, pki, require=False)
     assoc = _associate(gateway, tls=_client_tls(pki, None, None))
     assert assoc.is_established

@@ -185,10 +185,7 @@ def test_dcmtk_storescu_sends_a_folder_of_camera_files(
 
     done = subprocess.run(
         [storescu, "-aet", "DCMTKCAM", "-aec", "RETINAGATE", "-xy", "+sd", "+r", host, str(port), str(folder)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        capture_output=True, text=True, timeout=120, check=False,
     )
 
     assert done.returncode == 0, done.stderr
@@ -220,10 +217,7 @@ def test_dcmtk_storescu_is_refused_with_a_wrong_called_ae(
 
     done = subprocess.run(
         [storescu, "-aec", "SOMEONE", "-xy", host, str(port), str(camera_files(1)[0])],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        capture_output=True, text=True, timeout=60, check=False,
     )
 
     assert done.returncode != 0

@@ -147,14 +147,8 @@ def test_lesion_masks_train_the_maps_when_augmenting_on_the_device_too(
     plain, taught = (
         train(
             _run(
-                tmp_path / str(weight),
-                synth_dataset,
-                small_cache,
-                epochs=1,
-                tta="none",
-                aug_on="device",
-                lesion_loss=weight,
-                select_by="auroc",
+                tmp_path / str(weight), synth_dataset, small_cache, epochs=1, tta="none", aug_on="device",
+                lesion_loss=weight, select_by="auroc",
             ),
             progress=False,
         )

@@ -21,10 +21,7 @@ def test_the_app_acknowledges_late_prefetches_one_and_limits_tasks_below_the_vis
     make_settings: Callable[..., Settings],
 ) -> None:
     settings = make_settings(
-        broker_url="redis://127.0.0.1:1/3",
-        task_time_limit=120,
-        visibility_timeout=300,
-        score_backoff_max=100,
+        broker_url="redis://127.0.0.1:1/3", task_time_limit=120, visibility_timeout=300, score_backoff_max=100,
         delivery_backoff_max=100,
     )
     app = create_app(settings)
@@ -41,13 +38,8 @@ def test_the_app_acknowledges_late_prefetches_one_and_limits_tasks_below_the_vis
 
 def test_tasks_have_fixed_names_and_their_own_queues(make_settings: Callable[..., Settings]) -> None:
     app = create_app(make_settings())
-    expected = {
-        SCORE_TASK: "score",
-        DELIVER_TASK: "deliver",
-        SWEEP_TASK: "maintenance",
-        RESCORE_TASK: "score",
-        STUDY_REPORTS_TASK: "maintenance",
-    }
+    expected = {SCORE_TASK: "score", DELIVER_TASK: "deliver", SWEEP_TASK: "maintenance", RESCORE_TASK: "score",
+                STUDY_REPORTS_TASK: "maintenance"}
     for name, queue in expected.items():
         assert name in app.tasks
         assert app.amqp.router.route({}, name)["queue"].name == queue
@@ -91,9 +83,8 @@ def test_celery_finds_the_module_app_built_lazily_from_the_environment(tmp_path:
         "RETINAGATE_BROKER_URL": "redis://127.0.0.1:9/4",
         "RETINAGATE_TASK_TIME_LIMIT": "77",
     }
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["redis://127.0.0.1:9/4", "77"]
 
@@ -104,9 +95,8 @@ def test_the_worker_cli_module_imports_only_the_standard_library() -> None:
         "heavy = {'celery', 'kombu', 'sqlalchemy', 'onnxruntime', 'pydicom', 'pynetdicom', 'numpy', 'torch'}\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
-    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 

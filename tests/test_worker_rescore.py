@@ -42,11 +42,8 @@ def test_rescore_scores_everything_under_the_new_model_keeps_the_old_and_reports
 ) -> None:
     settings = make_settings(model_path=random_onnx_model_path, rescore_batch_size=3, study_quiet_seconds=0)
     upgrade(settings)
-    ids = [
-        worker_store_instance(settings, study=s, laterality=eye, columns=cols)
-        for s, cols in enumerate([(), ("DR",), ("ARMD",)])
-        for eye in ("R", "L")
-    ]
+    ids = [worker_store_instance(settings, study=s, laterality=eye, columns=cols)
+           for s, cols in enumerate([(), ("DR",), ("ARMD",)]) for eye in ("R", "L")]
     worker_store_instance(settings, study=9, status="queued")  # not scored yet: left to the worker
     engine = make_engine(settings)
     sessions = session_factory(engine)
@@ -114,27 +111,17 @@ def _add(session: Session, n: int, status: InstanceStatus = InstanceStatus.SCORE
     study = Study(study_uid=f"1.9.{n}")
     session.add(study)
     session.flush()
-    row = Instance(
-        sop_instance_uid=f"1.9.{n}.1",
-        study_id=study.id,
-        series_uid="1.9.0",
-        sop_class_uid="1.2",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        storage_key=f"in/{n}.dcm",
-        sha256="0" * 64,
-        size_bytes=1,
-        status=status,
-        received_at=T0 + timedelta(days=days),
-    )
+    row = Instance(sop_instance_uid=f"1.9.{n}.1", study_id=study.id, series_uid="1.9.0", sop_class_uid="1.2",
+                   transfer_syntax_uid="1.2.840.10008.1.2.1", storage_key=f"in/{n}.dcm", sha256="0" * 64,
+                   size_bytes=1, status=status, received_at=T0 + timedelta(days=days))
     session.add(row)
     session.flush()
     return row.id
 
 
 def _predict(session: Session, instance: int, model: Model, findings: list[str], probs: dict[str, float]) -> None:
-    session.add(
-        Prediction(instance_id=instance, model_id=model.id, findings=findings, probabilities=probs, duration_s=0.1)
-    )
+    session.add(Prediction(instance_id=instance, model_id=model.id, findings=findings, probabilities=probs,
+                           duration_s=0.1))
 
 
 def test_the_change_report_compares_findings_label_by_label_within_the_range(
@@ -167,12 +154,7 @@ def test_the_change_report_compares_findings_label_by_label_within_the_range(
     assert [c.instance_id for c in report.changed] == [gained, swapped]
     (dr,) = report.changed[0].labels
     assert (dr.label, dr.old_probability, dr.new_probability, dr.old_present, dr.new_present) == (
-        "DR",
-        0.4,
-        0.7,
-        False,
-        True,
-    )
+        "DR", 0.4, 0.7, False, True)
     labels = {label.label: label for label in report.changed[1].labels}
     assert set(labels) == {"MH", "ODC"}
     assert (labels["MH"].old_probability, labels["MH"].new_probability) == (0.9, 0.3)

@@ -35,91 +35,49 @@ def _populate(settings: Settings) -> dict[str, Any]:
     engine = make_engine(settings)
     with session_scope(session_factory(engine)) as s:
         old = Model(name="retina", version="1.0", sha256="1" * 64, card={}, active=False, activated_at=T0)
-        new = Model(
-            name="retina", version="2.0", sha256="2" * 64, card={}, active=True, activated_at=T0 + timedelta(hours=1)
-        )
+        new = Model(name="retina", version="2.0", sha256="2" * 64, card={}, active=True,
+                    activated_at=T0 + timedelta(hours=1))
         study = Study(study_uid="1.2.3", accession="ACC1")
         other = Study(study_uid="1.2.4")
         s.add_all([old, new, study, other])
         s.flush()
 
         def instance(uid: str, study_id: int, status: InstanceStatus, received: Any, **extra: Any) -> Instance:
-            row = Instance(
-                sop_instance_uid=uid,
-                study_id=study_id,
-                series_uid=uid + ".0",
-                sop_class_uid="1.2",
-                transfer_syntax_uid="1.2.840.10008.1.2.4.50",
-                storage_key=f"in/{uid}.dcm",
-                sha256="0" * 64,
-                size_bytes=1,
-                received_at=received,
-                status=status,
-                laterality="R",
-                **extra,
-            )
+            row = Instance(sop_instance_uid=uid, study_id=study_id, series_uid=uid + ".0", sop_class_uid="1.2",
+                           transfer_syntax_uid="1.2.840.10008.1.2.4.50", storage_key=f"in/{uid}.dcm",
+                           sha256="0" * 64, size_bytes=1, received_at=received, status=status, laterality="R",
+                           **extra)
             s.add(row)
             s.flush()
             return row
 
         right = instance("1.2.3.1", study.id, InstanceStatus.SCORED, T0)
-        left = instance(
-            "1.2.3.2",
-            study.id,
-            InstanceStatus.FAILED,
-            T0 + timedelta(seconds=5),
-            attempts=5,
-            last_error="InputError: Pixel Data is shorter than Rows x Columns",
-        )
+        left = instance("1.2.3.2", study.id, InstanceStatus.FAILED, T0 + timedelta(seconds=5), attempts=5,
+                        last_error="InputError: Pixel Data is shorter than Rows x Columns")
         later = instance("1.2.4.1", other.id, InstanceStatus.SCORED, T0 + timedelta(hours=5))
 
-        def prediction(
-            instance_id: int, model_id: int, findings: list[str], probabilities: dict[str, float], created: Any
-        ) -> Prediction:
-            row = Prediction(
-                instance_id=instance_id,
-                model_id=model_id,
-                findings=findings,
-                probabilities=probabilities,
-                duration_s=0.1,
-                created_at=created,
-            )
+        def prediction(instance_id: int, model_id: int, findings: list[str], probabilities: dict[str, float],
+                       created: Any) -> Prediction:
+            row = Prediction(instance_id=instance_id, model_id=model_id, findings=findings,
+                             probabilities=probabilities, duration_s=0.1, created_at=created)
             s.add(row)
             s.flush()
             return row
 
         prediction(right.id, old.id, ["ARMD"], {"DR": 0.2, "ARMD": 0.7}, T0 + timedelta(seconds=1))
-        current = prediction(
-            right.id,
-            new.id,
-            ["DR", "Disease_Risk"],
-            {"DR": 0.91, "Disease_Risk": 0.8, "ARMD": 0.1},
-            T0 + timedelta(seconds=2),
-        )
+        current = prediction(right.id, new.id, ["DR", "Disease_Risk"], {"DR": 0.91, "Disease_Risk": 0.8, "ARMD": 0.1},
+                             T0 + timedelta(seconds=2))
         prediction(later.id, new.id, [], {"DR": 0.05, "ARMD": 0.3}, T0 + timedelta(hours=5, seconds=1))
         for n, kind in enumerate(("sc", "sr")):
             output = Output(prediction_id=current.id, kind=kind, sop_instance_uid=f"9.{n}", storage_key=f"out/{n}")
             s.add(output)
             s.flush()
-            s.add(
-                Delivery(
-                    output_id=output.id,
-                    destination="PACS@10.0.0.1:104",
-                    status=DeliveryStatus.DELIVERED,
-                    attempts=1,
-                    delivered_at=T0 + timedelta(seconds=3 + n),
-                )
-            )
-            s.add(
-                Delivery(
-                    output_id=output.id,
-                    destination="VIEW@10.0.0.2:104",
-                    status=DeliveryStatus.DELIVERED if n == 0 else DeliveryStatus.RETRYING,
-                    attempts=1 + 2 * n,
-                    last_error=None if n == 0 else "C-STORE answered 0xA700",
-                    delivered_at=T0 + timedelta(seconds=3) if n == 0 else None,
-                )
-            )
+            s.add(Delivery(output_id=output.id, destination="PACS@10.0.0.1:104", status=DeliveryStatus.DELIVERED,
+                           attempts=1, delivered_at=T0 + timedelta(seconds=3 + n)))
+            s.add(Delivery(output_id=output.id, destination="VIEW@10.0.0.2:104",
+                           status=DeliveryStatus.DELIVERED if n == 0 else DeliveryStatus.RETRYING,
+                           attempts=1 + 2 * n, last_error=None if n == 0 else "C-STORE answered 0xA700",
+                           delivered_at=T0 + timedelta(seconds=3) if n == 0 else None))
     engine.dispose()
     return {"right": right.id, "left": left.id, "later": later.id}
 
@@ -276,9 +234,7 @@ def test_a_finding_just_over_its_threshold_is_never_printed_under_it(
 
 
 def test_the_results_command_prints_json_and_an_unknown_study_or_an_empty_range_is_an_answer(
-    make_settings: Callable[..., Settings],
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
     settings = make_settings()

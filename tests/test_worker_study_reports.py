@@ -86,7 +86,9 @@ class Site:
             session.execute(update(Study).values(last_received_at=utcnow()))
 
     def write(self, model: int = 0, after: timedelta = LATER) -> Any:
-        return write_study_reports(self.settings, self.sessions, self.storage, self.models[model], now=utcnow() + after)
+        return write_study_reports(
+            self.settings, self.sessions, self.storage, self.models[model], now=utcnow() + after
+        )
 
     def reports(self) -> list[tuple[int, int, int, str]]:
         with session_scope(self.sessions) as session:

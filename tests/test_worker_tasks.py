@@ -353,14 +353,8 @@ def test_deliveries_whose_retries_ran_out_are_sent_once_the_destination_answers_
     """The defect: a PACS down for longer than the retry budget lost its results for good. Now the
     sweep probes it (C-ECHO) and sends everything again once it answers."""
     pacs = worker_receiver("PACS", start=False)  # its port is reserved, nothing listens yet
-    settings, env = worker_env(
-        destinations=pacs.destination,
-        delivery_backoff=0.5,
-        delivery_backoff_max=1,
-        delivery_max_retries=1,
-        sweep_interval=5,
-        delivery_probe_interval=5,
-    )
+    settings, env = worker_env(destinations=pacs.destination, delivery_backoff=0.5, delivery_backoff_max=1,
+                               delivery_max_retries=1, sweep_interval=5, delivery_probe_interval=5)
     outputs = worker_store_outputs(settings, 2)
     db = Db(settings)
     worker = start_worker(env, "--queues", "deliver,maintenance", "--beat")

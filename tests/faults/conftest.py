@@ -220,12 +220,7 @@ class Camera:
         self._images: dict[tuple[int, int, int], Any] = {}
 
     def photographs(
-        self,
-        count: int,
-        *,
-        study: int,
-        size: tuple[int, int] = (256, 192),
-        transfer_syntax: str = "jpeg_baseline",
+        self, count: int, *, study: int, size: tuple[int, int] = (256, 192), transfer_syntax: str = "jpeg_baseline",
         distinct: int = 8,
     ) -> list[Path]:
         """``count`` photographs of one study (both eyes, several per eye), one patient per study.

@@ -35,16 +35,14 @@ def test_deliveries_outlast_a_pacs_outage_and_a_permanent_refusal_is_failed_once
     first = camera.photographs(PER_STUDY, study=1)
     assert camera.send(first, deployment.port).statuses == [0x0000] * PER_STUDY
     deployment.wait_until(
-        lambda: [d["status"] for d in to(main)].count("failed") == 2 * PER_STUDY,
-        60,
+        lambda: [d["status"] for d in to(main)].count("failed") == 2 * PER_STUDY, 60,
         "the first study's deliveries to the stopped PACS used up their retries",
     )
     assert all(d["attempts"] == 4 and d["retryable"] for d in to(main)), to(main)
     second = camera.photographs(PER_STUDY, study=2)
     assert camera.send(second, deployment.port).statuses == [0x0000] * PER_STUDY
     deployment.wait_until(
-        lambda: sum(d["status"] == "retrying" and d["attempts"] >= 2 for d in to(main)) == 2 * PER_STUDY,
-        60,
+        lambda: sum(d["status"] == "retrying" and d["attempts"] >= 2 for d in to(main)) == 2 * PER_STUDY, 60,
         "the second study's deliveries retrying with backoff",
     )
     time.sleep(max(0.0, 15 - (time.monotonic() - down_at)))
@@ -54,8 +52,7 @@ def test_deliveries_outlast_a_pacs_outage_and_a_permanent_refusal_is_failed_once
     expected = 2 * PER_STUDY
     try:
         took = deployment.wait_until(
-            lambda: [d["status"] for d in to(main)].count("delivered") == 2 * expected,
-            90,
+            lambda: [d["status"] for d in to(main)].count("delivered") == 2 * expected, 90,
             "every output delivered to the PACS once it was back",
         )
     except AssertionError:
