@@ -51,8 +51,9 @@ VARIANTS = [
     "default",
     "plain",
     "probe0:probe_loss=0",  # the default before the lesion probe (2026-12-06)
-    "probe01:probe_loss=0.1",  # the default from 2026-12-06 to probe 0.3 (2026-12-07)
-    "probe1:probe_loss=1",
+    "probe01:probe_loss=0.1",  # the default on 2026-12-06
+    "probe03:probe_loss=0.3",  # the default before probe weight 1 (2026-12-07)
+    "probe3:probe_loss=3",
     "probe003:probe_loss=0.03",
     "les0:lesion_loss=0,probe_loss=0",  # the default before lesion masks trained the maps (2026-12-06)
     "les003:lesion_loss=0.03",

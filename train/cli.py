@@ -242,7 +242,7 @@ def register(subparsers: Any) -> None:
         metavar="W",
         help="weight of the loss that asks a 1x1 probe on the stride-16 stage where each label's lesions "
         "are and are not, when the training photographs have lesion masks; training only, the probe is not "
-        "exported (default 0.3; 0: off; no effect without masks)",
+        "exported (default 1; 0: off; no effect without masks)",
     )
     optim.add_argument(
         "--pos-weight",

@@ -241,7 +241,7 @@ class TrainConfig:
     equivariance: float = 0.0
     equivariance_pairs: int = 4
     lesion_loss: float = 0.01
-    probe_loss: float = 0.3
+    probe_loss: float = 1.0
     pos_weight: str = "none"
     balanced_sampler: bool = False
     aug: str = "light"
