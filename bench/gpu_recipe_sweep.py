@@ -53,7 +53,7 @@ VARIANTS = [
     "probe0:probe_loss=0",  # the default before the lesion probe (2026-12-06)
     "probe01:probe_loss=0.1",  # the default on 2026-12-06
     "probe03:probe_loss=0.3",  # the default before probe weight 1 (2026-12-07)
-    "probe3:probe_loss=3",
+    "probe3:probe_loss=3",  # lost to weight 1 on fresh seed 20261222 (2026-12-07)
     "probe003:probe_loss=0.03",
     "les0:lesion_loss=0,probe_loss=0",  # the default before lesion masks trained the maps (2026-12-06)
     "les003:lesion_loss=0.03",
