@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,35 @@ def test_every_training_setting_has_a_flag_that_reaches_the_config(tmp_path: Pat
     assert config["lesion_loss"] == 0.1 and config["masks"] == str(tmp_path / "lesions")
     assert config["contrast_sigma"] == 0.0 and config["ema"] is False and config["img_size"] == 48
     assert config["fov_threshold"] == 35
+
+
+def test_every_default_a_flag_names_in_its_help_is_the_configs() -> None:
+    """The flags leave unset settings to TrainConfig (argparse.SUPPRESS), so their help repeats its defaults."""
+    from retinagate.cli import build_parser
+    from train.loop import TrainConfig
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    checked, wrong = [], []
+    for action in subcommands.choices["train"]._actions:
+        default = defaults.get(action.dest)
+        said = re.search(r"\(default:? ([^\s;)]+)", action.help or "")
+        if said is None or default is None or isinstance(default, dataclasses._MISSING_TYPE):
+            continue
+        word = said.group(1)
+        if isinstance(default, bool):
+            matches = word == ("on" if default else "off")
+        elif isinstance(default, (int, float)):
+            if not re.fullmatch(r"-?[0-9.]+(e-?[0-9]+)?", word):
+                continue  # a default told in words ("up to 8 on CUDA")
+            matches = float(word) == default
+        else:
+            matches = word == default
+        checked.append(action.dest)
+        if not matches:
+            wrong.append(f"{action.dest}: help says {word}, TrainConfig has {default!r}")
+    assert wrong == []
+    assert {"probe_loss", "lesion_loss", "img_size", "epochs", "lr", "ema", "tta", "select_by"} <= set(checked)
 
 
 @pytest.mark.parametrize(("level", "message"), [("300", "300 is outside 0-255"), ("grey", "'grey' is not a level")])
