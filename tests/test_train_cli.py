@@ -174,13 +174,14 @@ def test_every_training_setting_has_a_flag_that_reaches_the_config(tmp_path: Pat
     # What the flags say is what the run is configured with (config.json is written before the data is
     # looked for, so a missing folder stops the run right after).
     given = ("--aug-on", "workers", "--peak-loss", "0.25", "--contrast-sigma", "0", "--no-ema", "--equivariance", "0.5",
-             "--lesion-loss", "0.1", "--masks", str(tmp_path / "lesions"), "--fov-threshold", "35")  # fmt: skip
+             "--lesion-loss", "0.1", "--masks", str(tmp_path / "lesions"), "--fov-threshold", "35",
+             "--probe-stride", "8")  # fmt: skip
     assert main(_train_args(tmp_path / "absent", tmp_path / "run", tmp_path / "cache", *given)) == EXIT_MISSING
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["aug_on"] == "workers" and config["peak_loss"] == 0.25 and config["equivariance"] == 0.5
     assert config["lesion_loss"] == 0.1 and config["masks"] == str(tmp_path / "lesions")
     assert config["contrast_sigma"] == 0.0 and config["ema"] is False and config["img_size"] == 48
-    assert config["fov_threshold"] == 35
+    assert config["fov_threshold"] == 35 and config["probe_stride"] == 8
 
 
 def test_every_default_a_flag_names_in_its_help_is_the_configs() -> None:
@@ -209,7 +210,8 @@ def test_every_default_a_flag_names_in_its_help_is_the_configs() -> None:
         if not matches:
             wrong.append(f"{action.dest}: help says {word}, TrainConfig has {default!r}")
     assert wrong == []
-    assert {"probe_loss", "lesion_loss", "img_size", "epochs", "lr", "ema", "tta", "select_by"} <= set(checked)
+    key_flags = {"probe_loss", "probe_stride", "lesion_loss", "img_size", "epochs", "lr", "ema", "tta", "select_by"}
+    assert key_flags <= set(checked)
 
 
 @pytest.mark.parametrize(("level", "message"), [("300", "300 is outside 0-255"), ("grey", "'grey' is not a level")])

@@ -106,6 +106,14 @@ def test_the_lesion_weight_is_checked_and_runs_written_before_it_train_without_i
     assert TrainConfig.from_dict({"out": str(tmp_path)}).lesion_loss == 0.0
 
 
+def test_the_probe_reads_stride_16_unless_told_8_and_nothing_else() -> None:
+    assert TrainConfig(out=Path("run")).probe_stride == 16
+    assert TrainConfig.from_dict({"out": "run"}).probe_stride == 16  # runs written before the option
+    assert TrainConfig(out=Path("run"), probe_stride=8).probe_stride == 8
+    with pytest.raises(ValueError, match="probe_stride is 32; expected 8 or 16"):
+        TrainConfig(out=Path("run"), probe_stride=32)
+
+
 def test_the_run_reads_the_masks_option_or_the_data_folders_folders_that_say_mask(
     synth_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

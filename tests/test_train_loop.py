@@ -148,7 +148,7 @@ def test_lesion_masks_train_the_maps_when_augmenting_on_the_device_too(
         train(
             _run(
                 tmp_path / str(weight), synth_dataset, small_cache, epochs=1, tta="none", aug_on="device",
-                lesion_loss=weight, select_by="auroc",
+                lesion_loss=weight, select_by="auroc", probe_loss=weight, probe_stride=8,
             ),
             progress=False,
         )
@@ -158,6 +158,10 @@ def test_lesion_masks_train_the_maps_when_augmenting_on_the_device_too(
     assert taught.card is not None and taught.card.localisation == "lesion_masks"
     # The cross-entropy over a map's cells starts near log(cells): the taught run's loss carries it.
     assert taught.history[0]["train_loss"] > plain.history[0]["train_loss"] + 0.5
+    # The probe read the stage it was told to (stride 8: blocks.2, 40 channels); off, there is none.
+    assert torch.load(tmp_path / "0.0" / "last.pt", weights_only=True)["probe"] is None
+    probe = torch.load(tmp_path / "1.0" / "last.pt", weights_only=True)["probe"]
+    assert probe["head.weight"].shape == (29, 40, 1, 1)
 
 
 def test_a_camera_with_a_grey_border_gets_a_fov_threshold_above_it_that_the_card_and_the_gate_carry(
