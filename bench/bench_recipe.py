@@ -87,7 +87,8 @@ RECIPES = {"plain": plain_config, "default": default_config}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``NAME:field=value[,field=value...]``: the default recipe with some TrainConfig fields changed."""
+    """``NAME:field=value[,field=value...]``: the default recipe with some TrainConfig fields changed
+    (a tuple's items joined by ``+``)."""
     name, sep, body = text.partition(":")
     if not sep or not name or not body:
         raise ValueError(f"--variant {text!r}: expected NAME:field=value[,field=value...]")
@@ -98,7 +99,12 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
         if not eq or key not in types:
             raise ValueError(f"--variant {text!r}: {key!r} is not a TrainConfig field")
         kind = types[key]
-        changes[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        if kind is bool:
+            changes[key] = value.lower() in ("1", "true", "yes")
+        elif kind is tuple:  # probe_strides=8+16
+            changes[key] = tuple(int(part) for part in value.split("+"))
+        else:
+            changes[key] = kind(value)
     return name, changes
 
 

@@ -43,6 +43,7 @@ def test_a_variant_is_the_default_recipe_with_the_named_fields_changed() -> None
     assert bench.parse_variant("pw:pos_weight=none,epochs=3,ema=false") == (
         "pw", {"pos_weight": "none", "epochs": 3, "ema": False}
     )
+    assert bench.parse_variant("both:probe_strides=8+16") == ("both", {"probe_strides": (8, 16)})
     with pytest.raises(ValueError, match="'speed' is not a TrainConfig field"):
         bench.parse_variant("fast:speed=2")
 

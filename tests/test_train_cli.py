@@ -175,13 +175,13 @@ def test_every_training_setting_has_a_flag_that_reaches_the_config(tmp_path: Pat
     # looked for, so a missing folder stops the run right after).
     given = ("--aug-on", "workers", "--peak-loss", "0.25", "--contrast-sigma", "0", "--no-ema", "--equivariance", "0.5",
              "--lesion-loss", "0.1", "--masks", str(tmp_path / "lesions"), "--fov-threshold", "35",
-             "--probe-stride", "8")  # fmt: skip
+             "--probe-strides", "16", "8")  # fmt: skip
     assert main(_train_args(tmp_path / "absent", tmp_path / "run", tmp_path / "cache", *given)) == EXIT_MISSING
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["aug_on"] == "workers" and config["peak_loss"] == 0.25 and config["equivariance"] == 0.5
     assert config["lesion_loss"] == 0.1 and config["masks"] == str(tmp_path / "lesions")
     assert config["contrast_sigma"] == 0.0 and config["ema"] is False and config["img_size"] == 48
-    assert config["fov_threshold"] == 35 and config["probe_stride"] == 8
+    assert config["fov_threshold"] == 35 and config["probe_strides"] == [8, 16]
 
 
 def test_every_default_a_flag_names_in_its_help_is_the_configs() -> None:
@@ -200,6 +200,8 @@ def test_every_default_a_flag_names_in_its_help_is_the_configs() -> None:
         word = said.group(1)
         if isinstance(default, bool):
             matches = word == ("on" if default else "off")
+        elif isinstance(default, tuple):
+            matches = word == ",".join(map(str, default))
         elif isinstance(default, (int, float)):
             if not re.fullmatch(r"-?[0-9.]+(e-?[0-9]+)?", word):
                 continue  # a default told in words ("up to 8 on CUDA")
@@ -210,7 +212,7 @@ def test_every_default_a_flag_names_in_its_help_is_the_configs() -> None:
         if not matches:
             wrong.append(f"{action.dest}: help says {word}, TrainConfig has {default!r}")
     assert wrong == []
-    key_flags = {"probe_loss", "probe_stride", "lesion_loss", "img_size", "epochs", "lr", "ema", "tta", "select_by"}
+    key_flags = {"probe_loss", "probe_strides", "lesion_loss", "img_size", "epochs", "lr", "ema", "tta", "select_by"}
     assert key_flags <= set(checked)
 
 

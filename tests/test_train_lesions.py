@@ -106,12 +106,15 @@ def test_the_lesion_weight_is_checked_and_runs_written_before_it_train_without_i
     assert TrainConfig.from_dict({"out": str(tmp_path)}).lesion_loss == 0.0
 
 
-def test_the_probe_reads_stride_16_unless_told_8_and_nothing_else() -> None:
-    assert TrainConfig(out=Path("run")).probe_stride == 16
-    assert TrainConfig.from_dict({"out": "run"}).probe_stride == 16  # runs written before the option
-    assert TrainConfig(out=Path("run"), probe_stride=8).probe_stride == 8
-    with pytest.raises(ValueError, match="probe_stride is 32; expected 8 or 16"):
-        TrainConfig(out=Path("run"), probe_stride=32)
+def test_one_probe_reads_stride_16_unless_told_8_or_both_and_nothing_else() -> None:
+    assert TrainConfig(out=Path("run")).probe_strides == (16,)
+    assert TrainConfig.from_dict({"out": "run"}).probe_strides == (16,)  # runs written before the option
+    # From config.json or the command line: a list, in any order, read as the tuple it means.
+    assert TrainConfig.from_dict({"out": "run", "probe_strides": [16, 8]}).probe_strides == (8, 16)
+    assert TrainConfig(out=Path("run"), probe_strides=(8,)).probe_strides == (8,)
+    for wrong in ((32,), (), (8, 4)):
+        with pytest.raises(ValueError, match=r"probe_strides is .*; expected 8, 16 or both"):
+            TrainConfig(out=Path("run"), probe_strides=wrong)
 
 
 def test_the_run_reads_the_masks_option_or_the_data_folders_folders_that_say_mask(

@@ -114,6 +114,8 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
     # would always win: whichever the straight run shows wrong.
     state = torch.load(tmp_path / "paused" / "last.pt", weights_only=True)
     state["best_metric"] = 2.0 if straight.best_epoch == 2 else -math.inf
+    # And it was written before a run could have several probes: its one probe is under "probe".
+    state["probe"] = state.pop("probes")[0]
     torch.save(state, tmp_path / "paused" / "last.pt")
     torch.manual_seed(12345)  # a resumed process starts from an unrelated global RNG state
     resumed = train(TrainConfig(out=tmp_path / "paused"), resume=True, progress=False)
@@ -126,9 +128,9 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
     for key, value in a["ema"].items():
         torch.testing.assert_close(b["ema"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     # The lesion probe (on by default, and the data has masks) resumes with the network it reads.
-    assert a["probe"] is not None and set(a["probe"]) == {"head.weight", "head.bias"}
-    for key, value in a["probe"].items():
-        torch.testing.assert_close(b["probe"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert len(a["probes"]) == 1 and set(a["probes"][0]) == {"head.weight", "head.bias"}
+    for key, value in a["probes"][0].items():
+        torch.testing.assert_close(b["probes"][0][key], value, rtol=1e-5, atol=1e-6, msg=key)
     for row_a, row_b in zip(straight.history, resumed.history, strict=True):
         for key in ("train_loss", "val_loss", "val_macro_auroc", "val_pointing", "lr"):
             assert row_b[key] == pytest.approx(row_a[key], rel=1e-5), key
@@ -148,7 +150,7 @@ def test_lesion_masks_train_the_maps_when_augmenting_on_the_device_too(
         train(
             _run(
                 tmp_path / str(weight), synth_dataset, small_cache, epochs=1, tta="none", aug_on="device",
-                lesion_loss=weight, select_by="auroc", probe_loss=weight, probe_stride=8,
+                lesion_loss=weight, select_by="auroc", probe_loss=weight, probe_strides=(8, 16),
             ),
             progress=False,
         )
@@ -158,10 +160,10 @@ def test_lesion_masks_train_the_maps_when_augmenting_on_the_device_too(
     assert taught.card is not None and taught.card.localisation == "lesion_masks"
     # The cross-entropy over a map's cells starts near log(cells): the taught run's loss carries it.
     assert taught.history[0]["train_loss"] > plain.history[0]["train_loss"] + 0.5
-    # The probe read the stage it was told to (stride 8: blocks.2, 40 channels); off, there is none.
-    assert torch.load(tmp_path / "0.0" / "last.pt", weights_only=True)["probe"] is None
-    probe = torch.load(tmp_path / "1.0" / "last.pt", weights_only=True)["probe"]
-    assert probe["head.weight"].shape == (29, 40, 1, 1)
+    # A probe on each stage it was told to (stride 8: blocks.2, 40 channels; 16: blocks.4, 112); off, none.
+    assert torch.load(tmp_path / "0.0" / "last.pt", weights_only=True)["probes"] == []
+    probes = torch.load(tmp_path / "1.0" / "last.pt", weights_only=True)["probes"]
+    assert [probe["head.weight"].shape for probe in probes] == [(29, 40, 1, 1), (29, 112, 1, 1)]
 
 
 def test_a_camera_with_a_grey_border_gets_a_fov_threshold_above_it_that_the_card_and_the_gate_carry(

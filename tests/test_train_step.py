@@ -129,7 +129,7 @@ def test_the_probe_term_adds_the_cover_loss_of_the_stride_16_stage_on_the_grid_a
     before = probe.head.weight.detach().clone()
     optimizer = torch.optim.SGD([*model.parameters(), *probe.parameters()], lr=0.1)
     step = TrainStep(model, optimizer, criterion, normalizer, device=torch.device("cpu"), channels_last=False,
-                     lesion_grid=(0.0, 32.0), probe=probe, probe_weight=0.5)  # fmt: skip
+                     lesion_grid=(0.0, 32.0), probes=[probe], probe_weight=0.5)  # fmt: skip
     torch.testing.assert_close(step(images, targets, planes, columns), expected)
     assert not torch.equal(probe.head.weight, before)  # the probe learns with the network
     # Without planes (data without masks) the step is the classification loss alone, and the probe's
@@ -139,3 +139,27 @@ def test_the_probe_term_adds_the_cover_loss_of_the_stride_16_stage_on_the_grid_a
     torch.testing.assert_close(step(images, targets, None, None), plain)
     with pytest.raises(RuntimeError, match="has not run"):
         probe()
+
+
+def test_probes_on_two_stages_each_add_their_cover_loss_at_the_weight() -> None:
+    from train.losses import cell_weights, lesion_cover_loss
+    from train.model import LesionProbe
+
+    model, normalizer, criterion, images, targets = _model_and_batch(4)
+    probes = [LesionProbe(model, 29, reduction=8), LesionProbe(model, 29, reduction=16)]
+    planes = torch.zeros(4, 1, 64, 64, dtype=torch.uint8)
+    planes[1, 0, 30:33, 20:23] = 255  # a microaneurysm-sized lesion
+    columns = torch.tensor([[-1], [6], [-1], [-1]])
+    targets[1, 6] = 1
+    model.train()
+    with torch.no_grad():
+        logits = model(normalizer(images))
+        expected = criterion(logits, targets.float())
+        for probe in probes:
+            cells = 64 // probe.reduction
+            weights = cell_weights(64, cells, 0.0, float(probe.reduction))  # the CAM's grid (0, 32) at the stride
+            expected = expected + 0.5 * lesion_cover_loss(probe(), planes, columns, targets.float(), weights, weights)
+    optimizer = torch.optim.SGD([p for module in (model, *probes) for p in module.parameters()], lr=0.0)
+    step = TrainStep(model, optimizer, criterion, normalizer, device=torch.device("cpu"), channels_last=False,
+                     lesion_grid=(0.0, 32.0), probes=probes, probe_weight=0.5)  # fmt: skip
+    torch.testing.assert_close(step(images, targets, planes, columns), expected)

@@ -240,16 +240,18 @@ def register(subparsers: Any) -> None:
         type=float,
         default=_SUPPRESS,
         metavar="W",
-        help="weight of the loss that asks a 1x1 probe on one of the network's finer stages (--probe-stride) "
+        help="weight of the loss that asks a 1x1 probe on each of the network's finer stages (--probe-strides) "
         "where each label's lesions are and are not, when the training photographs have lesion masks; "
         "training only, the probe is not exported (default 1; 0: off; no effect without masks)",
     )
     optim.add_argument(
-        "--probe-stride",
+        "--probe-strides",
         type=int,
+        nargs="+",
         choices=(8, 16),
         default=_SUPPRESS,
-        help="input pixels per cell of the stage the lesion probe reads (default 16)",
+        metavar="S",
+        help="input pixels per cell of the stages the lesion probes read, one probe each: 8, 16 or both (default 16)",
     )
     optim.add_argument(
         "--pos-weight",

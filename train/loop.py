@@ -175,12 +175,13 @@ class TrainConfig:
         lesion_loss: Weight of :func:`train.losses.lesion_loss`, which asks each positive label's class
             map to put its mass on the label's lesion, when the training split has lesion masks
             (``masks``, :mod:`train.lesions`); 0 turns it off. Training only.
-        probe_loss: Weight of :func:`train.losses.lesion_cover_loss`, which asks a 1x1 probe on the
-            stage at ``probe_stride`` (:class:`train.model.LesionProbe`) where each label's lesions are
-            and are not, when the training split has lesion masks; 0 turns it off. Training only: the
-            probe is saved in ``last.pt`` for a resume and is never part of the model.
-        probe_stride: Input pixels per cell of the stage the probe reads: 16 (EfficientNet-B0's
-            ``blocks.4``, 112 channels) or 8 (``blocks.2``, 40 channels, four times the cells).
+        probe_loss: Weight of :func:`train.losses.lesion_cover_loss`, which asks a 1x1 probe on each
+            stage of ``probe_strides`` (:class:`train.model.LesionProbe`) where each label's lesions
+            are and are not, when the training split has lesion masks; 0 turns it off. Training only:
+            the probes are saved in ``last.pt`` for a resume and are never part of the model.
+        probe_strides: Input pixels per cell of the stages the probes read, one probe each: 16
+            (EfficientNet-B0's ``blocks.4``, 112 channels) and/or 8 (``blocks.2``, 40 channels, four
+            times the cells).
         pos_weight: ``none`` or ``auto`` (negatives/positives per label, capped); with ``auto`` the
             saved classifier bias has log(weight) taken back off, so scores stay log-odds.
         balanced_sampler: Draw images with weights that favour rare labels.
@@ -244,7 +245,7 @@ class TrainConfig:
     equivariance_pairs: int = 4
     lesion_loss: float = 0.01
     probe_loss: float = 1.0
-    probe_stride: int = 16
+    probe_strides: tuple[int, ...] = (16,)
     pos_weight: str = "none"
     balanced_sampler: bool = False
     aug: str = "light"
@@ -283,7 +284,12 @@ class TrainConfig:
         need(self.peak_loss >= 0, f"peak_loss is {self.peak_loss}; expected >= 0 (0 turns it off)")
         need(self.lesion_loss >= 0, f"lesion_loss is {self.lesion_loss}; expected >= 0 (0 turns it off)")
         need(self.probe_loss >= 0, f"probe_loss is {self.probe_loss}; expected >= 0 (0 turns it off)")
-        need(self.probe_stride in (8, 16), f"probe_stride is {self.probe_stride}; expected 8 or 16")
+        # Frozen, but a list (from JSON or the command line) is stored as the tuple it means.
+        object.__setattr__(self, "probe_strides", tuple(sorted(set(self.probe_strides))))
+        need(
+            bool(self.probe_strides) and set(self.probe_strides) <= {8, 16},
+            f"probe_strides is {self.probe_strides}; expected 8, 16 or both",
+        )
         need(self.equivariance >= 0, f"equivariance is {self.equivariance}; expected >= 0 (0 turns it off)")
         need(
             self.equivariance_pairs >= 1
@@ -829,12 +835,13 @@ def train(
         ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)
     # After the EMA's copy of the model, which must not carry the probe's hook; its weights are
     # trained with the network's, on the same schedule.
-    probe = None
+    probes = []
     if lesions is not None and config.probe_loss > 0:
-        probe = LesionProbe(model, len(run.card.labels), reduction=config.probe_stride).to(device)
+        probes = [LesionProbe(model, len(run.card.labels), reduction=s).to(device) for s in config.probe_strides]
     groups = _param_groups(model, config.weight_decay)
-    if probe is not None:
-        groups.append({"params": list(probe.parameters()), "weight_decay": config.weight_decay})
+    if probes:
+        weights = [p for probe in probes for p in probe.parameters()]
+        groups.append({"params": weights, "weight_decay": config.weight_decay})
     optimizer = torch.optim.AdamW(groups, lr=config.lr)
     steps_per_epoch = len(train_split) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
@@ -859,7 +866,7 @@ def train(
         equivariance_pairs=config.equivariance_pairs,
         lesion_weight=config.lesion_loss if lesions is not None else 0.0,
         lesion_grid=_lesion_grid(run.card, model) if lesions is not None else (0.0, 1.0),
-        probe=probe,
+        probes=probes,
         probe_weight=config.probe_loss,
     )
 
@@ -872,8 +879,10 @@ def train(
         scaler.load_state_dict(checkpoint["scaler"])
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
-        if probe is not None:
-            probe.load_state_dict(checkpoint["probe"])
+        # One probe's weights, or None, in runs written before there could be several.
+        saved = checkpoint["probes"] if "probes" in checkpoint else [checkpoint["probe"]] if probes else []
+        for probe, state in zip(probes, saved, strict=True):
+            probe.load_state_dict(state)
         start_epoch = int(checkpoint["epoch"])
         bad_epochs = int(checkpoint["bad_epochs"])
         best_epoch = int(checkpoint["best_epoch"])
@@ -987,7 +996,7 @@ def train(
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
-                "probe": probe.state_dict() if probe is not None else None,
+                "probes": [probe.state_dict() for probe in probes],
                 "rng": _rng_state(device),
                 "best_metric": best_metric,
                 "best_epoch": best_epoch,

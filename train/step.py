@@ -11,6 +11,7 @@ Like :mod:`train.loader`, this module needs only PyTorch, so the GPU benchmark t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Final
 
 import torch
@@ -51,10 +52,10 @@ class TrainStep:
             planes; 0 turns it off.
         lesion_grid: ``(origin, step)`` in input pixels of the cell centres the lesion loss aims at
             (:class:`retinagate.card.CamGrid`: what the card says a one-view map's cells are).
-        probe: A :class:`train.model.LesionProbe` on the model, trained with
-            :func:`train.losses.lesion_cover_loss` on batches that bring lesion planes (its weights
-            must be in the optimizer); its cells are centred on the same grid at its own stride.
-        probe_weight: Weight of that loss; 0 turns it off.
+        probes: :class:`train.model.LesionProbe` s on the model's stages, each trained with
+            :func:`train.losses.lesion_cover_loss` on batches that bring lesion planes (their weights
+            must be in the optimizer); a probe's cells are centred on the same grid at its own stride.
+        probe_weight: Weight of each probe's loss; 0 turns them off.
     """
 
     def __init__(
@@ -77,7 +78,7 @@ class TrainStep:
         equivariance_pairs: int = 4,
         lesion_weight: float = 0.0,
         lesion_grid: tuple[float, float] = (16.0, 32.0),
-        probe: LesionProbe | None = None,
+        probes: Sequence[LesionProbe] = (),
         probe_weight: float = 0.0,
     ) -> None:
         if precision not in ("fp32", *AUTOCAST_DTYPES):
@@ -99,7 +100,7 @@ class TrainStep:
         self.equivariance_pairs = equivariance_pairs
         self.lesion_weight = lesion_weight
         self.lesion_grid = lesion_grid
-        self.probe = probe if probe_weight > 0 else None
+        self.probes = tuple(probes) if probe_weight > 0 else ()
         self.probe_weight = probe_weight
         self._cell_weights: dict[tuple[int, int, float, float], torch.Tensor] = {}
         self.steps = 0
@@ -156,12 +157,11 @@ class TrainStep:
             cols = self._weights(x.shape[3], maps.shape[3])
             placed = planes.to(self.device, non_blocking=True)
             loss = loss + self.lesion_weight * lesion_loss(maps, placed, columns.to(self.device), rows, cols)
-        if self.probe is not None:
-            probed = self.probe()
+        for probe in self.probes:
+            probed = probe()  # read on every step, so that no batch's reading is left for the next
             if planes is not None and columns is not None:
-                stride = self.probe.reduction
-                rows = self._weights(x.shape[2], probed.shape[2], stride)
-                cols = self._weights(x.shape[3], probed.shape[3], stride)
+                rows = self._weights(x.shape[2], probed.shape[2], probe.reduction)
+                cols = self._weights(x.shape[3], probed.shape[3], probe.reduction)
                 placed = planes.to(self.device, non_blocking=True)
                 cover = lesion_cover_loss(probed, placed, columns.to(self.device), y, rows, cols)
                 loss = loss + self.probe_weight * cover
