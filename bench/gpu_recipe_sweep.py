@@ -55,6 +55,8 @@ VARIANTS = [
     "probe03:probe_loss=0.3",  # the default before probe weight 1 (2026-12-07)
     "probe3:probe_loss=3",  # lost to weight 1 on fresh seed 20261222 (2026-12-07)
     "probe003:probe_loss=0.03",
+    "pstride16:probe_strides=16",  # the default before the stride-8 probe (2026-12-07)
+    "pstride8:probe_strides=8",  # lost to stride 16 on the tuning seeds (2026-12-07)
     "les0:lesion_loss=0,probe_loss=0",  # the default before lesion masks trained the maps (2026-12-06)
     "les003:lesion_loss=0.03",
     "les02:lesion_loss=0.2",

@@ -200,8 +200,9 @@ def test_every_default_a_flag_names_in_its_help_is_the_configs() -> None:
         word = said.group(1)
         if isinstance(default, bool):
             matches = word == ("on" if default else "off")
-        elif isinstance(default, tuple):
-            matches = word == ",".join(map(str, default))
+        elif isinstance(default, tuple):  # "(default 8 16)"
+            listed = re.search(r"\(default:? ([0-9 ]+)\)", action.help or "")
+            matches = listed is not None and tuple(int(x) for x in listed.group(1).split()) == default
         elif isinstance(default, (int, float)):
             if not re.fullmatch(r"-?[0-9.]+(e-?[0-9]+)?", word):
                 continue  # a default told in words ("up to 8 on CUDA")

@@ -106,8 +106,8 @@ def test_the_lesion_weight_is_checked_and_runs_written_before_it_train_without_i
     assert TrainConfig.from_dict({"out": str(tmp_path)}).lesion_loss == 0.0
 
 
-def test_one_probe_reads_stride_16_unless_told_8_or_both_and_nothing_else() -> None:
-    assert TrainConfig(out=Path("run")).probe_strides == (16,)
+def test_probes_read_strides_8_and_16_unless_told_one_and_nothing_else() -> None:
+    assert TrainConfig(out=Path("run")).probe_strides == (8, 16)
     assert TrainConfig.from_dict({"out": "run"}).probe_strides == (16,)  # runs written before the option
     # From config.json or the command line: a list, in any order, read as the tuple it means.
     assert TrainConfig.from_dict({"out": "run", "probe_strides": [16, 8]}).probe_strides == (8, 16)

@@ -92,7 +92,9 @@ def _run(out: Path, data: Path, cache: Path, **kwargs: Any) -> TrainConfig:
 
 @pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cache: Path, tmp_path: Path) -> None:
-    straight = train(_run(tmp_path / "straight", synth_dataset, small_cache, tta="none"), progress=False)
+    straight = train(
+        _run(tmp_path / "straight", synth_dataset, small_cache, tta="none", probe_strides=(16,)), progress=False
+    )
     assert straight.finished and straight.epochs_run == 2
     # The data has lesion masks, so the default picks the best epoch by AUROC and the pointing game
     # together, and the game played in the loop is the one the report plays again on best.pt (with
@@ -106,7 +108,9 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
     assert straight.card is not None and straight.card.localisation == "lesion_masks"
 
     paused = train(
-        _run(tmp_path / "paused", synth_dataset, small_cache, tta="none"), stop_after_epochs=1, progress=False
+        _run(tmp_path / "paused", synth_dataset, small_cache, tta="none", probe_strides=(16,)),
+        stop_after_epochs=1,
+        progress=False,
     )
     assert not paused.finished and paused.epochs_run == 1 and paused.card is None
     # A run paused under another epoch-choice rule stored another score for best.pt's epoch; the resume
@@ -114,8 +118,10 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
     # would always win: whichever the straight run shows wrong.
     state = torch.load(tmp_path / "paused" / "last.pt", weights_only=True)
     state["best_metric"] = 2.0 if straight.best_epoch == 2 else -math.inf
-    # And it was written before a run could have several probes: its one probe is under "probe".
+    # And it was written before a run could have several probes: its one probe, on stride 16, is under
+    # "probe", and its config does not name the strides.
     state["probe"] = state.pop("probes")[0]
+    del state["config"]["probe_strides"]
     torch.save(state, tmp_path / "paused" / "last.pt")
     torch.manual_seed(12345)  # a resumed process starts from an unrelated global RNG state
     resumed = train(TrainConfig(out=tmp_path / "paused"), resume=True, progress=False)
@@ -127,7 +133,7 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
         torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     for key, value in a["ema"].items():
         torch.testing.assert_close(b["ema"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-    # The lesion probe (on by default, and the data has masks) resumes with the network it reads.
+    # The lesion probe (on, and the data has masks) resumes with the network it reads.
     assert len(a["probes"]) == 1 and set(a["probes"][0]) == {"head.weight", "head.bias"}
     for key, value in a["probes"][0].items():
         torch.testing.assert_close(b["probes"][0][key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -251,7 +251,7 @@ def register(subparsers: Any) -> None:
         choices=(8, 16),
         default=_SUPPRESS,
         metavar="S",
-        help="input pixels per cell of the stages the lesion probes read, one probe each: 8, 16 or both (default 16)",
+        help="input pixels per cell of the stages the lesion probes read, one probe each: 8, 16 or both (default 8 16)",
     )
     optim.add_argument(
         "--pos-weight",

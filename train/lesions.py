@@ -6,10 +6,11 @@ cells (README, Model: the maps' peaks sat a cell or more from small lesions). Wh
 masks (``retinagate synth`` writes them; public sets such as IDRiD, FGADR and DDR publish lesion
 segmentations of real photographs in the same one-file-per-lesion-type form),
 ``--lesion-loss W`` asks each positive label's class map to put its mass on its lesion
-(:func:`train.losses.lesion_loss`), and ``--probe-loss W`` teaches a probe on the stride-16 stage,
-cell by cell, where each label's lesions are (:class:`train.model.LesionProbe`). Masks shape training
-only: the served head is still average pooling and one linear layer, so the exported CAM stays exactly
-Grad-CAM, and a model trained without masks (real RFMiD has none) is trained exactly as before.
+(:func:`train.losses.lesion_loss`), and ``--probe-loss W`` teaches a probe on each stage of
+``--probe-strides``, cell by cell, where each label's lesions are (:class:`train.model.LesionProbe`).
+Masks shape training only: the served head is still average pooling and one linear layer, so the
+exported CAM stays exactly Grad-CAM, and a model trained without masks (real RFMiD has none) is trained
+exactly as before.
 
 :func:`lesion_planes` carries each training photograph's masks to the model input once, through the
 photograph's own crop and resize (:meth:`retinagate.preprocess.Geometry.to_input`), and stores them

@@ -118,10 +118,10 @@ class TrainConfig:
     training photographs have lesion masks, a lesion loss of weight 0.01 that teaches each label's map
     where its lesion is (tuning seed 11: test pointing game 0.420 to 0.885 at the same validation macro
     AUROC, 0.803 to 0.805; weights 0.03 to 1 pointed as well but slowed the classification), and a
-    lesion probe on the stride-16 stage, weight 1, that those masks teach cell by cell where each
-    label's lesions are (at weight 0.1, on tuning seeds 11-13: validation macro AUROC up by 0.026 to
-    0.066, test by 0.009 to 0.048; weights 0.3 and then 1 each won again on a fresh seed; see the
-    README). Light
+    lesion probe on each of the stride-8 and stride-16 stages, weight 1, that those masks teach cell by
+    cell where each label's lesions are (one probe at stride 16, weight 0.1, on tuning seeds 11-13:
+    validation macro AUROC up by 0.026 to 0.066, test by 0.009 to 0.048; weights 0.3 and then 1, and
+    then the second probe at stride 8, each won again on a fresh seed; see the README). Light
     augmentation against flips only was the one change that raised the pointing game on every tuning
     seed of a GPU sweep (``bench/gpu_recipe_sweep.py``, seeds 11-13: 0.377 to 0.475, macro AUROC 0.775
     to 0.799); the ``strong`` level with dropout and stochastic depth slowed learning instead
@@ -245,7 +245,7 @@ class TrainConfig:
     equivariance_pairs: int = 4
     lesion_loss: float = 0.01
     probe_loss: float = 1.0
-    probe_strides: tuple[int, ...] = (16,)
+    probe_strides: tuple[int, ...] = (8, 16)
     pos_weight: str = "none"
     balanced_sampler: bool = False
     aug: str = "light"
@@ -326,7 +326,7 @@ class TrainConfig:
         Runs written before ``select_by`` existed chose their best epoch by AUROC alone, and keep doing
         so when resumed (their stored best score is an AUROC); runs written before ``tta`` existed
         were evaluated on one view, and runs written before ``lesion_loss`` trained without it, and
-        keep being so.
+        keep being so; runs written before ``probe_strides`` probed stride 16 alone.
         """
         paths = {"out", "data", "labels_csv", "images", "masks", "cache_dir", "weights"}
         known = {f.name for f in fields(cls)}
@@ -337,6 +337,7 @@ class TrainConfig:
         values.setdefault("tta", "none")
         values.setdefault("lesion_loss", 0.0)
         values.setdefault("probe_loss", 0.0)
+        values.setdefault("probe_strides", (16,))
         values.setdefault("fov_threshold", Preprocessing().fov_threshold)
         return cls(**values)
 

@@ -25,8 +25,8 @@ label's class map is asked, through a softmax over its cells, to put its mass wh
 lies. Training only, as above.
 
 :func:`lesion_cover_loss` (``--probe-loss``) uses the same masks finer and more directly: a probe on
-the stride-16 stage (:class:`train.model.LesionProbe`) is asked, cell by cell, where each label's
-lesions are and, for the labels a photograph lacks, that they are nowhere. Training only too.
+each stage of ``--probe-strides`` (:class:`train.model.LesionProbe`) is asked, cell by cell, where each
+label's lesions are and, for the labels a photograph lacks, that they are nowhere. Training only too.
 """
 
 from __future__ import annotations
