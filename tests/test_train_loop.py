@@ -149,19 +149,21 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
 
 
 def test_lesion_masks_train_the_maps_when_augmenting_on_the_device_too(
-    synth_dataset: Path, small_cache: Path, tmp_path: Path
+    synth_dataset: Path, small_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The batched augmenter (the path CUDA takes) warps the planes and the step adds the lesion term."""
-    plain, taught = (
-        train(
-            _run(
-                tmp_path / str(weight), synth_dataset, small_cache, epochs=1, tta="none", aug_on="device",
-                lesion_loss=weight, select_by="auroc", probe_loss=weight, probe_strides=(8, 16),
-            ),
-            progress=False,
+    with caplog.at_level("INFO", logger="train.loop"):
+        plain, taught = (
+            train(
+                _run(
+                    tmp_path / str(weight), synth_dataset, small_cache, epochs=1, tta="none", aug_on="device",
+                    lesion_loss=weight, select_by="auroc", probe_loss=weight, probe_strides=(8, 16),
+                ),
+                progress=False,
+            )
+            for weight in (0.0, 1.0)
         )
-        for weight in (0.0, 1.0)
-    )
+    assert "lesion loss weight 1, probe weight 1 on strides 8 and 16" in caplog.text
     assert plain.card is not None and plain.card.localisation == "labels"
     assert taught.card is not None and taught.card.localisation == "lesion_masks"
     # The cross-entropy over a map's cells starts near log(cells): the taught run's loss carries it.

@@ -717,8 +717,9 @@ class _Run:
         if c.lesion_loss > 0:
             self.card = self.card.with_updates(localisation="lesion_masks")
         logger.info(
-            "%d lesion masks of the training photographs: lesion loss weight %g, probe weight %g on stride %s",
-            len(planes), c.lesion_loss, c.probe_loss, " and ".join(map(str, c.probe_strides)),
+            "%d lesion masks of the training photographs: lesion loss weight %g, probe weight %g on %s %s",
+            len(planes), c.lesion_loss, c.probe_loss, "strides" if len(c.probe_strides) > 1 else "stride",
+            " and ".join(map(str, c.probe_strides)),
         )  # fmt: skip
         return planes
 

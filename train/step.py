@@ -52,7 +52,7 @@ class TrainStep:
             planes; 0 turns it off.
         lesion_grid: ``(origin, step)`` in input pixels of the cell centres the lesion loss aims at
             (:class:`retinagate.card.CamGrid`: what the card says a one-view map's cells are).
-        probes: :class:`train.model.LesionProbe` s on the model's stages, each trained with
+        probes: Lesion probes (:class:`train.model.LesionProbe`) on the model's stages, each trained with
             :func:`train.losses.lesion_cover_loss` on batches that bring lesion planes (their weights
             must be in the optimizer); a probe's cells are centred on the same grid at its own stride.
         probe_weight: Weight of each probe's loss; 0 turns them off.
