@@ -112,6 +112,7 @@ def test_probes_read_strides_8_and_16_unless_told_one_and_nothing_else() -> None
     # From config.json or the command line: a list, in any order, read as the tuple it means.
     assert TrainConfig.from_dict({"out": "run", "probe_strides": [16, 8]}).probe_strides == (8, 16)
     assert TrainConfig(out=Path("run"), probe_strides=(8,)).probe_strides == (8,)
+    assert TrainConfig(out=Path("run"), probe_strides=8).probe_strides == (8,)  # type: ignore[arg-type]
     for wrong in ((32,), (), (8, 4)):
         with pytest.raises(ValueError, match=r"probe_strides is .*; expected 8, 16 or both"):
             TrainConfig(out=Path("run"), probe_strides=wrong)

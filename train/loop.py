@@ -284,8 +284,9 @@ class TrainConfig:
         need(self.peak_loss >= 0, f"peak_loss is {self.peak_loss}; expected >= 0 (0 turns it off)")
         need(self.lesion_loss >= 0, f"lesion_loss is {self.lesion_loss}; expected >= 0 (0 turns it off)")
         need(self.probe_loss >= 0, f"probe_loss is {self.probe_loss}; expected >= 0 (0 turns it off)")
-        # Frozen, but a list (from JSON or the command line) is stored as the tuple it means.
-        object.__setattr__(self, "probe_strides", tuple(sorted(set(self.probe_strides))))
+        # Frozen, but a list (from JSON or the command line) or one stride is stored as the tuple it means.
+        strides = [self.probe_strides] if isinstance(self.probe_strides, int) else self.probe_strides
+        object.__setattr__(self, "probe_strides", tuple(sorted(set(strides))))
         need(
             bool(self.probe_strides) and set(self.probe_strides) <= {8, 16},
             f"probe_strides is {self.probe_strides}; expected 8, 16 or both",
