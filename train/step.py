@@ -136,6 +136,10 @@ class TrainStep:
                 columns = torch.cat([columns[:-pairs], columns[:pairs]])
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+        if planes is not None and columns is not None and (self.lesion_weight > 0 or self.probes):
+            # Once a step, for the lesion loss and every probe alike.
+            planes = planes.to(self.device, non_blocking=True)
+            columns = columns.to(self.device, non_blocking=True)
         lesions = self.lesion_weight > 0 and planes is not None and columns is not None
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             if self.peak_weight > 0 or pairs or lesions:
@@ -155,15 +159,13 @@ class TrainStep:
             maps = class_maps(features.float(), self.model.get_classifier())  # type: ignore[operator]
             rows = self._weights(x.shape[2], maps.shape[2])
             cols = self._weights(x.shape[3], maps.shape[3])
-            placed = planes.to(self.device, non_blocking=True)
-            loss = loss + self.lesion_weight * lesion_loss(maps, placed, columns.to(self.device), rows, cols)
+            loss = loss + self.lesion_weight * lesion_loss(maps, planes, columns, rows, cols)
         for probe in self.probes:
             probed = probe()  # read on every step, so that no batch's reading is left for the next
             if planes is not None and columns is not None:
                 rows = self._weights(x.shape[2], probed.shape[2], probe.reduction)
                 cols = self._weights(x.shape[3], probed.shape[3], probe.reduction)
-                placed = planes.to(self.device, non_blocking=True)
-                cover = lesion_cover_loss(probed, placed, columns.to(self.device), y, rows, cols)
+                cover = lesion_cover_loss(probed, planes, columns, y, rows, cols)
                 loss = loss + self.probe_weight * cover
         self.optimizer.zero_grad(set_to_none=True)
         scaled: torch.Tensor = self.scaler.scale(loss)
