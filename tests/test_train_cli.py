@@ -107,6 +107,17 @@ def test_evaluate_prints_a_table_with_every_label_and_the_pointing_game(
     err = capsys.readouterr().err
     assert "no lesion mask files of the photographs under" in err and "<folders>/<ID>_<COLUMN>.png" in err
 
+    # Laid out right, but no file can be read: asked for, an error naming why; not asked for, "n/a".
+    (broken := tmp_path / "broken" / "Evaluation").mkdir(parents=True)
+    for mask in (synth_dataset / "masks" / "Evaluation").glob("*.png"):
+        (broken / mask.name).write_bytes(b"")
+    assert main([*args, "--pointing-game", "--masks", str(tmp_path / "broken")]) != 0
+    err = capsys.readouterr().err
+    assert "no positive finding of the val split has a readable lesion mask among" in err
+    assert "cannot be read" in err
+    assert main([*args, "--masks", str(tmp_path / "broken")]) == 0
+    assert "n/a (0/0, chance" in capsys.readouterr().out
+
 
 @pytest.mark.slow
 def test_a_second_train_into_the_same_folder_asks_for_resume(

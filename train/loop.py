@@ -82,6 +82,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PRECISIONS: Final = ("auto", "fp32", "fp16", "bf16")
+#: Strides of the stages a lesion probe may read (EfficientNet-B0's ``blocks.1``, ``blocks.2``, ``blocks.4``).
+PROBE_STRIDES: Final = (4, 8, 16)
 SELECT_BY: Final = ("auroc", "auroc+pointing")
 
 #: The validation pointing game at which ``auroc+pointing`` stops counting it: past this, the maps point
@@ -179,9 +181,9 @@ class TrainConfig:
             stage of ``probe_strides`` (:class:`train.model.LesionProbe`) where each label's lesions
             are and are not, when the training split has lesion masks; 0 turns it off. Training only:
             the probes are saved in ``last.pt`` for a resume and are never part of the model.
-        probe_strides: Input pixels per cell of the stages the probes read, one probe each: 16
-            (EfficientNet-B0's ``blocks.4``, 112 channels) and/or 8 (``blocks.2``, 40 channels, four
-            times the cells).
+        probe_strides: Input pixels per cell of the stages the probes read, one probe each, any of 16
+            (EfficientNet-B0's ``blocks.4``, 112 channels), 8 (``blocks.2``, 40 channels, four times
+            the cells) and 4 (``blocks.1``, 24 channels, sixteen times the cells).
         pos_weight: ``none`` or ``auto`` (negatives/positives per label, capped); with ``auto`` the
             saved classifier bias has log(weight) taken back off, so scores stay log-odds.
         balanced_sampler: Draw images with weights that favour rare labels.
@@ -288,8 +290,8 @@ class TrainConfig:
         strides = [self.probe_strides] if isinstance(self.probe_strides, int) else self.probe_strides
         object.__setattr__(self, "probe_strides", tuple(sorted(set(strides))))
         need(
-            bool(self.probe_strides) and set(self.probe_strides) <= {8, 16},
-            f"probe_strides is {self.probe_strides}; expected 8, 16 or both",
+            bool(self.probe_strides) and set(self.probe_strides) <= set(PROBE_STRIDES),
+            f"probe_strides is {self.probe_strides}; expected one or more of {', '.join(map(str, PROBE_STRIDES))}",
         )
         need(self.equivariance >= 0, f"equivariance is {self.equivariance}; expected >= 0 (0 turns it off)")
         need(
@@ -1234,7 +1236,8 @@ def evaluate_checkpoint(
     another layout of :mod:`train.masks`; ``masks`` defaults to the training run's, or the data folder's
     folders that say ``mask``, such as ``masks`` where ``retinagate synth`` writes them) is added under
     ``metrics.extra["pointing_game"]`` whenever the masks exist (``pointing_game=None``), always
-    (``True``: missing masks are an error) or never (``False``); ``tolerance`` is the hit distance in
+    (``True``: missing masks, or none a positive finding of the split can be scored on, are an error)
+    or never (``False``); ``tolerance`` is the hit distance in
     model-input pixels, half a CAM cell by default (see :func:`train.cam.pointing_game`).
 
     Raises:
@@ -1281,5 +1284,10 @@ def evaluate_checkpoint(
         from train.cam import pointing_game as play  # the argument of the same name hides the function
 
         game = play(model, card, cached.source, index, device=target, batch_size=batch_size, tolerance=tolerance)
+        if pointing_game and not game.total:  # asked for, and nothing to score: say so, not "n/a"
+            raise TrainingError(
+                f"pointing game: no positive finding of the {split} split has a readable lesion mask among "
+                f"{index.describe()} (unreadable files are named in the warnings above); give --masks DIR"
+            )
         metrics = replace(metrics, extra={**metrics.extra, "pointing_game": game.to_dict()})
     return metrics, card
