@@ -106,15 +106,16 @@ def test_the_lesion_weight_is_checked_and_runs_written_before_it_train_without_i
     assert TrainConfig.from_dict({"out": str(tmp_path)}).lesion_loss == 0.0
 
 
-def test_probes_read_strides_8_and_16_unless_told_one_and_nothing_else() -> None:
+def test_probes_read_strides_8_and_16_unless_told_others_and_nothing_else() -> None:
     assert TrainConfig(out=Path("run")).probe_strides == (8, 16)
     assert TrainConfig.from_dict({"out": "run"}).probe_strides == (16,)  # runs written before the option
     # From config.json or the command line: a list, in any order, read as the tuple it means.
     assert TrainConfig.from_dict({"out": "run", "probe_strides": [16, 8]}).probe_strides == (8, 16)
     assert TrainConfig(out=Path("run"), probe_strides=(8,)).probe_strides == (8,)
     assert TrainConfig(out=Path("run"), probe_strides=8).probe_strides == (8,)  # type: ignore[arg-type]
-    for wrong in ((32,), (), (8, 4)):
-        with pytest.raises(ValueError, match=r"probe_strides is .*; expected 8, 16 or both"):
+    assert TrainConfig(out=Path("run"), probe_strides=(16, 4, 8)).probe_strides == (4, 8, 16)
+    for wrong in ((32,), (), (8, 2)):
+        with pytest.raises(ValueError, match=r"probe_strides is .*; expected one or more of 4, 8, 16"):
             TrainConfig(out=Path("run"), probe_strides=wrong)
 
 

@@ -168,17 +168,18 @@ def test_the_lesion_probe_reads_the_stride_16_stage_and_stays_out_of_the_model()
         LesionProbe(model, 29, reduction=64)
 
 
-def test_a_probe_at_stride_8_reads_blocks_2_with_four_times_the_cells() -> None:
+@pytest.mark.parametrize(("stride", "blocks", "channels"), [(8, 3, 40), (4, 2, 24)])
+def test_a_probe_on_a_finer_stage_reads_its_block_with_more_cells(stride: int, blocks: int, channels: int) -> None:
     from train.model import LesionProbe
 
     card = ModelCard(preprocessing=Preprocessing(input_size=64))
     model = create_model(card, drop_rate=0.0, drop_path_rate=0.0).eval()
-    probe = LesionProbe(model, 29, reduction=8)
-    assert probe.head.in_channels == 40 and probe.reduction == 8
+    probe = LesionProbe(model, 29, reduction=stride)  # stride 8: blocks.2; stride 4: blocks.1
+    assert probe.head.in_channels == channels and probe.reduction == stride
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        stage = model.blocks[:3](model.bn1(model.conv_stem(images)))
+        stage = model.blocks[:blocks](model.bn1(model.conv_stem(images)))
         model(images)
         maps = probe()
         torch.testing.assert_close(maps, probe.head(stage))
-    assert maps.shape == (2, 29, 8, 8)
+    assert maps.shape == (2, 29, 64 // stride, 64 // stride)

@@ -248,10 +248,11 @@ def register(subparsers: Any) -> None:
         "--probe-strides",
         type=int,
         nargs="+",
-        choices=(8, 16),
+        choices=(4, 8, 16),
         default=_SUPPRESS,
         metavar="S",
-        help="input pixels per cell of the stages the lesion probes read, one probe each: 8, 16 or both (default 8 16)",
+        help="input pixels per cell of the stages the lesion probes read, one probe each: any of 4, 8 and 16 "
+        "(default 8 16)",
     )
     optim.add_argument(
         "--pos-weight",
