@@ -163,3 +163,52 @@ def test_probes_on_two_stages_each_add_their_cover_loss_at_the_weight() -> None:
     step = TrainStep(model, optimizer, criterion, normalizer, device=torch.device("cpu"), channels_last=False,
                      lesion_grid=(0.0, 32.0), probes=probes, probe_weight=0.5)  # fmt: skip
     torch.testing.assert_close(step(images, targets, planes, columns), expected)
+
+
+def test_the_risk_plane_is_every_lesion_of_a_photograph_that_is_positive_for_disease_risk() -> None:
+    from train.step import with_risk_plane
+
+    planes = torch.zeros(3, 2, 8, 8, dtype=torch.uint8)
+    planes[0, 0, 1, 1], planes[0, 1, 5, 6] = 255, 128  # two lesions of two labels
+    planes[1, 0, 2, 2] = 255  # a padding plane (column -1) holds nothing that counts
+    planes[2, 0, 3, 3] = 255  # a lesion, but the labels say Disease_Risk is negative
+    columns = torch.tensor([[3, 7], [-1, -1], [5, -1]])
+    targets = torch.zeros(3, 29)
+    targets[:, 0] = torch.tensor([1.0, 1.0, 0.0])
+    moved, labelled = with_risk_plane(planes, columns, targets, 0)
+    assert labelled.tolist() == [[3, 7, 0], [-1, -1, -1], [5, -1, -1]]
+    torch.testing.assert_close(moved[:, :2], planes)
+    union = torch.zeros(8, 8, dtype=torch.uint8)
+    union[1, 1], union[5, 6] = 255, 128
+    torch.testing.assert_close(moved[0, 2], union)
+
+
+def test_with_the_risk_column_the_step_aims_disease_risk_at_the_union_of_lesions() -> None:
+    from train.losses import cell_weights, lesion_cover_loss, lesion_loss
+    from train.model import LesionProbe
+    from train.step import with_risk_plane
+
+    model, normalizer, criterion, images, targets = _model_and_batch(4)
+    probe = LesionProbe(model, 29)
+    planes = torch.zeros(4, 1, 64, 64, dtype=torch.uint8)
+    planes[1, 0, 30:33, 20:23] = 255
+    columns = torch.tensor([[-1], [6], [-1], [-1]])
+    targets[1, 6] = targets[1, 0] = 1
+    model.train()
+    with torch.no_grad():
+        features = model.forward_features(normalizer(images))
+        logits = model.forward_head(features)
+        both, labelled = with_risk_plane(planes, columns, targets.float(), 0)
+        maps = class_maps(features, model.get_classifier())
+        cam = cell_weights(64, 2, 0.0, 32.0)
+        fine = cell_weights(64, 4, 0.0, 16.0)
+        expected = (
+            criterion(logits, targets.float())
+            + 0.5 * lesion_loss(maps, both, labelled, cam, cam)
+            + 0.5 * lesion_cover_loss(probe(), both, labelled, targets.float(), fine, fine)
+        )
+    optimizer = torch.optim.SGD([*model.parameters(), *probe.parameters()], lr=0.0)
+    step = TrainStep(model, optimizer, criterion, normalizer, device=torch.device("cpu"), channels_last=False,
+                     lesion_weight=0.5, lesion_grid=(0.0, 32.0), probes=[probe], probe_weight=0.5,
+                     risk_column=0)  # fmt: skip
+    torch.testing.assert_close(step(images, targets, planes, columns), expected)

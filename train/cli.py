@@ -255,6 +255,13 @@ def register(subparsers: Any) -> None:
         "(default 8 16)",
     )
     optim.add_argument(
+        "--risk-lesions",
+        action=argparse.BooleanOptionalAction,
+        default=_SUPPRESS,
+        help="with lesion masks: Disease_Risk's lesion is every lesion of the photograph, for the lesion loss and "
+        "the probes, so its map (shown when no finding is above threshold) points at them (default off)",
+    )
+    optim.add_argument(
         "--pos-weight",
         choices=("none", "auto"),
         default=_SUPPRESS,

@@ -41,7 +41,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from retinagate.card import CamGrid, ModelCard, Preprocessing
-from retinagate.labels import DISEASE_LABELS, LABELS
+from retinagate.labels import DISEASE_LABELS, DISEASE_RISK, LABELS
 from retinagate.preprocess import fit_fov_threshold
 from train.augment import AUG_LEVELS, Augmenter, BatchAugmenter, Normalizer, sample_seed
 from train.calibration import LabelThreshold, calibrate_thresholds
@@ -184,6 +184,9 @@ class TrainConfig:
         probe_strides: Input pixels per cell of the stages the probes read, one probe each, any of 16
             (EfficientNet-B0's ``blocks.4``, 112 channels), 8 (``blocks.2``, 40 channels, four times
             the cells) and 4 (``blocks.1``, 24 channels, sixteen times the cells).
+        risk_lesions: With lesion masks, Disease_Risk's lesion is the union of the photograph's lesions
+            (:func:`train.step.with_risk_plane`), for the lesion loss and the probes alike; without it,
+            Disease_Risk has no mask and its map and probe channel learn only where nothing is.
         pos_weight: ``none`` or ``auto`` (negatives/positives per label, capped); with ``auto`` the
             saved classifier bias has log(weight) taken back off, so scores stay log-odds.
         balanced_sampler: Draw images with weights that favour rare labels.
@@ -248,6 +251,7 @@ class TrainConfig:
     lesion_loss: float = 0.01
     probe_loss: float = 1.0
     probe_strides: tuple[int, ...] = (8, 16)
+    risk_lesions: bool = False
     pos_weight: str = "none"
     balanced_sampler: bool = False
     aug: str = "light"
@@ -853,6 +857,7 @@ def train(
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, warmup_steps, config.min_lr_ratio))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    labels = run.card.labels
     step = TrainStep(
         model,
         optimizer,
@@ -873,6 +878,7 @@ def train(
         lesion_grid=_lesion_grid(run.card, model) if lesions is not None else (0.0, 1.0),
         probes=probes,
         probe_weight=config.probe_loss,
+        risk_column=labels.index(DISEASE_RISK) if config.risk_lesions and DISEASE_RISK in labels else None,
     )
 
     start_epoch, best_metric, bad_epochs, best_epoch = 0, -math.inf, 0, 0

@@ -80,6 +80,7 @@ class TrainStep:
         lesion_grid: tuple[float, float] = (16.0, 32.0),
         probes: Sequence[LesionProbe] = (),
         probe_weight: float = 0.0,
+        risk_column: int | None = None,
     ) -> None:
         if precision not in ("fp32", *AUTOCAST_DTYPES):
             raise ValueError(f"precision is {precision!r}; expected fp32, fp16 or bf16")
@@ -102,6 +103,7 @@ class TrainStep:
         self.lesion_grid = lesion_grid
         self.probes = tuple(probes) if probe_weight > 0 else ()
         self.probe_weight = probe_weight
+        self.risk_column = risk_column
         self._cell_weights: dict[tuple[int, int, float, float], torch.Tensor] = {}
         self.steps = 0
         self._params = [p for p in model.parameters() if p.requires_grad]
@@ -140,6 +142,8 @@ class TrainStep:
             # Once a step, for the lesion loss and every probe alike.
             planes = planes.to(self.device, non_blocking=True)
             columns = columns.to(self.device, non_blocking=True)
+            if self.risk_column is not None:
+                planes, columns = with_risk_plane(planes, columns, y, self.risk_column)
         lesions = self.lesion_weight > 0 and planes is not None and columns is not None
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             if self.peak_weight > 0 or pairs or lesions:
@@ -181,3 +185,14 @@ class TrainStep:
         if self.ema is not None:
             self.ema.update(self.model, step=self.steps)
         return loss.detach()
+
+
+def with_risk_plane(
+    planes: torch.Tensor, columns: torch.Tensor, targets: torch.Tensor, risk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adds to each photograph a plane of all its lesions, labelled ``risk`` (Disease_Risk's column),
+    where the photograph is positive for it and has a lesion plane; ``-1`` (no plane) elsewhere."""
+    placed = columns >= 0
+    union = (planes * placed[:, :, None, None].to(planes.dtype)).amax(dim=1, keepdim=True)
+    column = torch.where(placed.any(dim=1) & (targets[:, risk] > 0.5), risk, -1).to(columns.dtype)
+    return torch.cat([planes, union], dim=1), torch.cat([columns, column[:, None]], dim=1)
