@@ -106,6 +106,11 @@ def test_the_lesion_weight_is_checked_and_runs_written_before_it_train_without_i
     assert TrainConfig.from_dict({"out": str(tmp_path)}).lesion_loss == 0.0
 
 
+def test_disease_risk_has_every_lesion_unless_the_run_was_written_before_the_option() -> None:
+    assert TrainConfig(out=Path("run")).risk_lesions is True
+    assert TrainConfig.from_dict({"out": "run"}).risk_lesions is False
+
+
 def test_probes_read_strides_8_and_16_unless_told_others_and_nothing_else() -> None:
     assert TrainConfig(out=Path("run")).probe_strides == (8, 16)
     assert TrainConfig.from_dict({"out": "run"}).probe_strides == (16,)  # runs written before the option

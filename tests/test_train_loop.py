@@ -93,7 +93,8 @@ def _run(out: Path, data: Path, cache: Path, **kwargs: Any) -> TrainConfig:
 @pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cache: Path, tmp_path: Path) -> None:
     straight = train(
-        _run(tmp_path / "straight", synth_dataset, small_cache, tta="none", probe_strides=(16,)), progress=False
+        _run(tmp_path / "straight", synth_dataset, small_cache, tta="none", probe_strides=(16,), risk_lesions=False),
+        progress=False,
     )
     assert straight.finished and straight.epochs_run == 2
     # The data has lesion masks, so the default picks the best epoch by AUROC and the pointing game
@@ -108,7 +109,7 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
     assert straight.card is not None and straight.card.localisation == "lesion_masks"
 
     paused = train(
-        _run(tmp_path / "paused", synth_dataset, small_cache, tta="none", probe_strides=(16,)),
+        _run(tmp_path / "paused", synth_dataset, small_cache, tta="none", probe_strides=(16,), risk_lesions=False),
         stop_after_epochs=1,
         progress=False,
     )
@@ -119,9 +120,9 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
     state = torch.load(tmp_path / "paused" / "last.pt", weights_only=True)
     state["best_metric"] = 2.0 if straight.best_epoch == 2 else -math.inf
     # And it was written before a run could have several probes: its one probe, on stride 16, is under
-    # "probe", and its config does not name the strides.
+    # "probe", and its config names neither the strides nor Disease_Risk's lesions.
     state["probe"] = state.pop("probes")[0]
-    del state["config"]["probe_strides"]
+    del state["config"]["probe_strides"], state["config"]["risk_lesions"]
     torch.save(state, tmp_path / "paused" / "last.pt")
     torch.manual_seed(12345)  # a resumed process starts from an unrelated global RNG state
     resumed = train(TrainConfig(out=tmp_path / "paused"), resume=True, progress=False)
@@ -163,7 +164,7 @@ def test_lesion_masks_train_the_maps_when_augmenting_on_the_device_too(
             )
             for weight in (0.0, 1.0)
         )
-    assert "lesion loss weight 1, probe weight 1 on strides 8 and 16" in caplog.text
+    assert "lesion loss weight 1, probe weight 1 on strides 8 and 16; Disease_Risk's lesion: all of them" in caplog.text
     assert plain.card is not None and plain.card.localisation == "labels"
     assert taught.card is not None and taught.card.localisation == "lesion_masks"
     # The cross-entropy over a map's cells starts near log(cells): the taught run's loss carries it.

@@ -259,7 +259,7 @@ def register(subparsers: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=_SUPPRESS,
         help="with lesion masks: Disease_Risk's lesion is every lesion of the photograph, for the lesion loss and "
-        "the probes, so its map (shown when no finding is above threshold) points at them (default off)",
+        "the probes, so its map (shown when no finding is above threshold) points at them (default on)",
     )
     optim.add_argument(
         "--pos-weight",

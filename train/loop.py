@@ -251,7 +251,7 @@ class TrainConfig:
     lesion_loss: float = 0.01
     probe_loss: float = 1.0
     probe_strides: tuple[int, ...] = (8, 16)
-    risk_lesions: bool = False
+    risk_lesions: bool = True
     pos_weight: str = "none"
     balanced_sampler: bool = False
     aug: str = "light"
@@ -333,7 +333,8 @@ class TrainConfig:
         Runs written before ``select_by`` existed chose their best epoch by AUROC alone, and keep doing
         so when resumed (their stored best score is an AUROC); runs written before ``tta`` existed
         were evaluated on one view, and runs written before ``lesion_loss`` trained without it, and
-        keep being so; runs written before ``probe_strides`` probed stride 16 alone.
+        keep being so; runs written before ``probe_strides`` probed stride 16 alone, and runs written
+        before ``risk_lesions`` gave Disease_Risk no lesion.
         """
         paths = {"out", "data", "labels_csv", "images", "masks", "cache_dir", "weights"}
         known = {f.name for f in fields(cls)}
@@ -345,6 +346,7 @@ class TrainConfig:
         values.setdefault("lesion_loss", 0.0)
         values.setdefault("probe_loss", 0.0)
         values.setdefault("probe_strides", (16,))
+        values.setdefault("risk_lesions", False)
         values.setdefault("fov_threshold", Preprocessing().fov_threshold)
         return cls(**values)
 
@@ -724,9 +726,9 @@ class _Run:
         if c.lesion_loss > 0:
             self.card = self.card.with_updates(localisation="lesion_masks")
         logger.info(
-            "%d lesion masks of the training photographs: lesion loss weight %g, probe weight %g on %s %s",
+            "%d lesion masks of the training photographs: lesion loss weight %g, probe weight %g on %s %s%s",
             len(planes), c.lesion_loss, c.probe_loss, "strides" if len(c.probe_strides) > 1 else "stride",
-            " and ".join(map(str, c.probe_strides)),
+            " and ".join(map(str, c.probe_strides)), "; Disease_Risk's lesion: all of them" if c.risk_lesions else "",
         )  # fmt: skip
         return planes
 
