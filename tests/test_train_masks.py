@@ -119,6 +119,16 @@ def test_other_mask_is_the_union_of_the_rare_column_masks(tmp_path: Path) -> Non
     assert masks.mask(image, "DR") is None
 
 
+def test_the_disease_risk_mask_is_the_union_of_every_lesion_of_the_photograph(tmp_path: Path) -> None:
+    _write(tmp_path / "Training" / "5_DR.png", (1, 1))
+    _write(tmp_path / "Training" / "5_CWS.png", (8, 8))  # a rare column of OTHER
+    _write(tmp_path / "Training" / "6_MH.png", (2, 2))  # another photograph's
+    image = Path("/d/Training/5.png")
+    masks = MaskIndex.scan(tmp_path, [(image, "5"), (Path("/d/Training/6.png"), "6")])
+    mask = masks.mask(image, "Disease_Risk")
+    assert mask is not None and mask.sum() == 2 and mask[1, 1] and mask[8, 8]
+
+
 def test_the_file_name_without_extension_is_tried_when_the_id_is_a_path(tmp_path: Path) -> None:
     """A generic CSV's ID is the photograph's path; its masks are named by the file name."""
     _write(tmp_path / "eyes" / "left-12_ARMD.png", (0, 0))

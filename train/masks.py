@@ -50,7 +50,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from retinagate.labels import OTHER, OTHER_COLUMNS, RFMID_COLUMNS
+from retinagate.labels import DISEASE_RISK, OTHER, OTHER_COLUMNS, RFMID_COLUMNS
 
 if TYPE_CHECKING:
     from train.datasets import SplitSource
@@ -129,9 +129,12 @@ class MaskIndex:
 
     def lookup(self, image: Path, label: str) -> list[Path]:
         """The mask files of one label of one of the photographs scanned for (for ``OTHER``, those of its
-        18 rare columns), or else the photograph's own file of every lesion, if it has one. Asked only
-        for a label the photograph has."""
-        columns = OTHER_COLUMNS if label == OTHER else (label,)
+        18 rare columns; for ``Disease_Risk``, any abnormality, all of them), or else the photograph's
+        own file of every lesion, if it has one. Asked only for a label the photograph has."""
+        if label == DISEASE_RISK:
+            columns: Sequence[str] = (*RFMID_COLUMNS, _EVERY_LABEL)
+        else:
+            columns = OTHER_COLUMNS if label == OTHER else (label,)
         image = Path(image)
         found = [path for column in columns for path in self.files.get((image, column), ())]
         return found or list(self.files.get((image, _EVERY_LABEL), ()))
