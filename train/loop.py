@@ -1245,8 +1245,8 @@ def evaluate_checkpoint(
     folders that say ``mask``, such as ``masks`` where ``retinagate synth`` writes them) is added under
     ``metrics.extra["pointing_game"]`` whenever the masks exist (``pointing_game=None``), always
     (``True``: missing masks, or none a positive finding of the split can be scored on, are an error)
-    or never (``False``); ``tolerance`` is the hit distance in
-    model-input pixels, half a CAM cell by default (see :func:`train.cam.pointing_game`).
+    or never (``False``); ``tolerance`` is the hit distance in model-input pixels, half a CAM cell by
+    default (see :func:`train.cam.pointing_game`).
 
     Raises:
         TrainingError: Unknown split, split missing from the data, unusable checkpoint.
