@@ -30,7 +30,7 @@ from typing import Any
 
 from retinagate.labels import DISEASE_RISK, LABELS
 from retinagate.synth import SynthConfig, write_dataset
-from train.loop import RunResult, TrainConfig, train
+from train.loop import RunResult, TrainConfig, evaluate_checkpoint, train
 
 #: Seed of the README's report set: never used while tuning the recipe (tuning used seeds 11, 12 and 13;
 #: 7301 and 20261205 to 20261224 were report seeds before, each retired once a recipe change had been
@@ -113,20 +113,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 def risk_map_pointing(run: Path, data: Path) -> dict[str, int]:
     """Disease_Risk's map, the one a reader sees when no finding is above threshold, against every lesion of
     each test photograph positive for it: the pointing game with the union of the photograph's masks."""
-    from train.cam import pointing_game
-    from train.datasets import load_splits
-    from train.masks import find_masks, photographs
-    from train.model import load_checkpoint
-
-    model, card, raw = load_checkpoint(run / "best.pt")
-    config = TrainConfig.from_dict(raw["config"])
-    sources = load_splits(data=data, seed=config.seed, val_fraction=config.val_fraction,
-                          test_fraction=config.test_fraction, skip=[config.resolved_cache_dir])  # fmt: skip
-    index = find_masks(config.masks, data, photographs(sources.values()))
-    if index is None or "test" not in sources:
-        return {"hits": 0, "total": 0}
-    game = pointing_game(model, card, sources["test"], index, labels=(DISEASE_RISK,))
-    return {"hits": game.hits, "total": game.total}
+    best = run / "best.pt"
+    metrics, _ = evaluate_checkpoint(best, "test", data=data, pointing_labels=(DISEASE_RISK,), progress=False)
+    game = metrics.extra.get("pointing_game") or {}
+    return {"hits": game.get("hits", 0), "total": game.get("total", 0)}
 
 
 def _row(name: str, result: RunResult, data: Path) -> dict[str, Any]:

@@ -120,6 +120,24 @@ def test_evaluate_prints_a_table_with_every_label_and_the_pointing_game(
 
 
 @pytest.mark.slow
+def test_evaluate_scores_disease_risks_map_against_every_lesion_when_asked(
+    cli_run: tuple[Path, dict[str, Any]], synth_dataset: Path
+) -> None:
+    from train.loop import evaluate_checkpoint
+
+    run, _ = cli_run
+    diseases, _ = evaluate_checkpoint(run / "best.pt", "val", data=synth_dataset, progress=False)
+    risk, _ = evaluate_checkpoint(
+        run / "best.pt", "val", data=synth_dataset, pointing_labels=("Disease_Risk",), progress=False
+    )
+    per_disease = diseases.extra["pointing_game"]["per_label"]
+    played = risk.extra["pointing_game"]
+    assert "Disease_Risk" not in per_disease and set(played["per_label"]) == {"Disease_Risk"}
+    # One pair per photograph with any lesion: at least as many as any one disease has, at most one each.
+    assert max(pair["total"] for pair in per_disease.values()) <= played["total"] <= risk.count
+
+
+@pytest.mark.slow
 def test_a_second_train_into_the_same_folder_asks_for_resume(
     cli_run: tuple[Path, dict[str, Any]], synth_dataset: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

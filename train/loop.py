@@ -1235,6 +1235,7 @@ def evaluate_checkpoint(
     pointing_game: bool | None = None,
     masks: Path | None = None,
     tolerance: float | None = None,
+    pointing_labels: Sequence[str] = DISEASE_LABELS,
     progress: bool = True,
 ) -> tuple[Metrics, ModelCard]:
     """Evaluates a checkpoint on one split, with F1 at the card's thresholds.
@@ -1246,7 +1247,8 @@ def evaluate_checkpoint(
     ``metrics.extra["pointing_game"]`` whenever the masks exist (``pointing_game=None``), always
     (``True``: missing masks, or none a positive finding of the split can be scored on, are an error)
     or never (``False``); ``tolerance`` is the hit distance in model-input pixels, half a CAM cell by
-    default (see :func:`train.cam.pointing_game`).
+    default (see :func:`train.cam.pointing_game`); ``pointing_labels`` are the labels it scores
+    (``Disease_Risk`` against every lesion of a photograph, :meth:`train.masks.MaskIndex.lookup`).
 
     Raises:
         TrainingError: Unknown split, split missing from the data, unusable checkpoint.
@@ -1291,7 +1293,8 @@ def evaluate_checkpoint(
     else:
         from train.cam import pointing_game as play  # the argument of the same name hides the function
 
-        game = play(model, card, cached.source, index, device=target, batch_size=batch_size, tolerance=tolerance)
+        game = play(model, card, cached.source, index, device=target, labels=pointing_labels, batch_size=batch_size,
+                    tolerance=tolerance)  # fmt: skip
         if pointing_game and not game.total:  # asked for, and nothing to score: say so, not "n/a"
             raise TrainingError(
                 f"pointing game: no positive finding of the {split} split has a readable lesion mask among "
