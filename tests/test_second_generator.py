@@ -1,0 +1,72 @@
+"""bench/second_generator.py: a set the training reader takes as it is, with masks that mark the lesions."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from retinagate.labels import LABELS, OTHER
+from train.datasets import find_rfmid_splits
+from train.masks import find_masks, photographs
+
+
+def _generator() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "bench" / "second_generator.py"
+    spec = importlib.util.spec_from_file_location("second_generator", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_its_folder_is_read_as_rfmid_with_every_masked_finding_given_to_its_photograph(tmp_path: Path) -> None:
+    generator = _generator()
+    generator.main(["--out", str(tmp_path), "--seed", "3", "--splits", "30", "12", "12"])
+    splits = find_rfmid_splits(tmp_path)
+    assert {split: len(source.ids) for split, source in splits.items()} == {"train": 30, "val": 12, "test": 12}
+    index = find_masks(None, tmp_path, photographs(splits.values()))
+    assert index is not None
+    masked = unmasked = 0
+    for source in splits.values():
+        for path, row in zip(source.paths, source.labels, strict=True):
+            for label, positive in zip(LABELS[1:], row[1:], strict=True):
+                if not positive:
+                    assert not index.lookup(path, label), (path, label)
+                    continue
+                if label in generator.UNMASKED:
+                    assert not index.lookup(path, label)
+                    unmasked += 1
+                    continue
+                mask = index.mask(path, label)
+                assert mask is not None and mask.any(), (path, label)  # OTHER's from its rare column's file
+                masked += 1
+            assert row[0] == row[1:].any()  # Disease_Risk: any finding
+    assert masked > 40 and unmasked > 0
+    assert any(row[LABELS.index(OTHER)] for source in splits.values() for row in source.labels)
+
+
+@pytest.mark.parametrize("column", ["DR", "MHL", "BRVO", "ST", "LS", "CWS", "EDN"])
+def test_a_findings_mask_covers_what_it_drew_and_only_that(column: str) -> None:
+    generator = _generator()
+    eye = generator.Eye(np.random.default_rng(8), 640, 480)
+    generator.anatomy(eye, tortuous=False, thin=False)
+    before = eye.image.copy()
+    generator.DRAW[column](eye, column)
+    change = np.abs(eye.image - before).max(axis=2)
+    mask = eye.masks[column].astype(bool)
+    assert mask.any()
+    assert np.median(change[mask]) > 0.05  # the lesion differs from the fundus where its mask says
+    assert change[~mask].max() < 0.25  # and outside its mask only its soft edge does
+
+
+def test_the_masks_stop_at_the_field_of_view() -> None:
+    generator = _generator()
+    image, masks = generator.draw(4, ["MNF", "LS", "AH"])
+    retina = image.max(axis=2) > 0
+    assert masks and all(not (mask.astype(bool) & ~retina).any() for mask in masks.values())
