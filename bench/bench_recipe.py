@@ -16,6 +16,8 @@ Examples::
     .venv/bin/python bench/bench_recipe.py --data DIR --json out.json
     .venv/bin/python bench/bench_recipe.py --recipes default --epochs 2   # a quick smoke run
     .venv/bin/python bench/bench_recipe.py --data DIR --variant bs8:batch_size=8 --recipes default,bs8
+    .venv/bin/python bench/second_generator.py --out DIR && .venv/bin/python bench/bench_recipe.py --data DIR
+                                                                # off its home ground: another generator's set
 """
 
 from __future__ import annotations
