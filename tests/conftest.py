@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -9,11 +10,28 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
 from retinagate.settings import Settings, load_settings
+
+
+@pytest.fixture
+def bench_module() -> Callable[[str], ModuleType]:
+    """Loads a script of ``bench/`` by name (they are scripts, not a package)."""
+
+    def load(name: str) -> ModuleType:
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses resolve a module's annotations through it
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture

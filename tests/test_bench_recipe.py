@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -12,21 +12,10 @@ import pytest
 from train.loop import TrainConfig
 
 
-def _bench(name: str) -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _bench_recipe() -> ModuleType:
-    return _bench("bench_recipe")
-
-
-def test_the_plain_baseline_has_none_of_the_default_recipes_extras(tmp_path: Path) -> None:
-    bench = _bench_recipe()
+def test_the_plain_baseline_has_none_of_the_default_recipes_extras(
+    tmp_path: Path, bench_module: Callable[[str], ModuleType]
+) -> None:
+    bench = bench_module("bench_recipe")
     plain = bench.plain_config(tmp_path / "data", tmp_path / "out", tmp_path / "cache")
     assert (plain.img_size, plain.epochs, plain.aug, plain.loss) == (224, 8, "flip", "bce")
     assert plain.contrast_sigma == 0 and plain.pos_weight == "none" and plain.peak_loss == plain.lesion_loss == 0
@@ -38,8 +27,10 @@ def test_the_plain_baseline_has_none_of_the_default_recipes_extras(tmp_path: Pat
                                   pretrained=False, device="cpu")  # fmt: skip
 
 
-def test_a_variant_is_the_default_recipe_with_the_named_fields_changed() -> None:
-    bench = _bench_recipe()
+def test_a_variant_is_the_default_recipe_with_the_named_fields_changed(
+    bench_module: Callable[[str], ModuleType]
+) -> None:
+    bench = bench_module("bench_recipe")
     assert bench.parse_variant("pw:pos_weight=none,epochs=3,ema=false") == (
         "pw", {"pos_weight": "none", "epochs": 3, "ema": False}
     )
@@ -48,12 +39,10 @@ def test_a_variant_is_the_default_recipe_with_the_named_fields_changed() -> None
         bench.parse_variant("fast:speed=2")
 
 
-def _sweep() -> ModuleType:
-    return _bench("gpu_recipe_sweep")
-
-
-def test_every_sweep_variant_is_a_valid_recipe_trained_in_fp32_on_the_named_device(tmp_path: Path) -> None:
-    sweep = _sweep()
+def test_every_sweep_variant_is_a_valid_recipe_trained_in_fp32_on_the_named_device(
+    tmp_path: Path, bench_module: Callable[[str], ModuleType]
+) -> None:
+    sweep = bench_module("gpu_recipe_sweep")
     configs = {
         spec.partition(":")[0]: sweep._recipe(spec, tmp_path, tmp_path / "out", tmp_path / "cache", "cuda", None)
         for spec in sweep.VARIANTS
@@ -65,8 +54,10 @@ def test_every_sweep_variant_is_a_valid_recipe_trained_in_fp32_on_the_named_devi
     assert flip == replace(default, aug="flip")
 
 
-def test_the_sweep_pairs_each_variant_with_the_default_on_the_same_seeds() -> None:
-    sweep = _sweep()
+def test_the_sweep_pairs_each_variant_with_the_default_on_the_same_seeds(
+    bench_module: Callable[[str], ModuleType]
+) -> None:
+    sweep = bench_module("gpu_recipe_sweep")
 
     def row(variant: str, seed: int, auroc: float, pointing: float) -> dict[str, object]:
         return {"variant": variant, "seed": seed, "seconds": 100.0, "test_auroc": auroc, "test_min": 0.3,

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -15,18 +14,10 @@ from train.datasets import find_rfmid_splits
 from train.masks import find_masks, photographs
 
 
-def _generator() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "bench" / "second_generator.py"
-    spec = importlib.util.spec_from_file_location("second_generator", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_its_folder_is_read_as_rfmid_with_every_masked_finding_given_to_its_photograph(tmp_path: Path) -> None:
-    generator = _generator()
+def test_its_folder_is_read_as_rfmid_with_every_masked_finding_given_to_its_photograph(
+    tmp_path: Path, bench_module: Callable[[str], ModuleType]
+) -> None:
+    generator = bench_module("second_generator")
     generator.main(["--out", str(tmp_path), "--seed", "3", "--splits", "30", "12", "12"])
     splits = find_rfmid_splits(tmp_path)
     assert {split: len(source.ids) for split, source in splits.items()} == {"train": 30, "val": 12, "test": 12}
@@ -52,8 +43,10 @@ def test_its_folder_is_read_as_rfmid_with_every_masked_finding_given_to_its_phot
 
 
 @pytest.mark.parametrize("column", ["DR", "MHL", "BRVO", "ST", "LS", "CWS", "EDN"])
-def test_a_findings_mask_covers_what_it_drew_and_only_that(column: str) -> None:
-    generator = _generator()
+def test_a_findings_mask_covers_what_it_drew_and_only_that(
+    column: str, bench_module: Callable[[str], ModuleType]
+) -> None:
+    generator = bench_module("second_generator")
     eye = generator.Eye(np.random.default_rng(8), 640, 480)
     generator.anatomy(eye, tortuous=False, thin=False)
     before = eye.image.copy()
@@ -65,8 +58,8 @@ def test_a_findings_mask_covers_what_it_drew_and_only_that(column: str) -> None:
     assert change[~mask].max() < 0.25  # and outside its mask only its soft edge does
 
 
-def test_the_masks_stop_at_the_field_of_view() -> None:
-    generator = _generator()
+def test_the_masks_stop_at_the_field_of_view(bench_module: Callable[[str], ModuleType]) -> None:
+    generator = bench_module("second_generator")
     image, masks = generator.draw(4, ["MNF", "LS", "AH"])
     retina = image.max(axis=2) > 0
     assert masks and all(not (mask.astype(bool) & ~retina).any() for mask in masks.values())
