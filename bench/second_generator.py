@@ -91,6 +91,14 @@ class Eye:
                 return p
         return around
 
+    def within(self, course: NDArray[np.float64]) -> NDArray[np.float64]:
+        """The points of a vessel's course that lie inside the field of view."""
+        return course[[self.inside(tuple(p)) for p in course]]
+
+    def temporal_veins(self) -> list[NDArray[np.float64]]:
+        """The veins that run away from the disc towards the fovea's side."""
+        return [v for v in self.veins if (v[-1][0] - self.disc[0]) * self.nasal < 0]
+
     def paint(
         self, column: str | None, alpha: NDArray[np.float32], colour: RGB, box: tuple[int, int, int, int]
     ) -> None:
@@ -211,7 +219,7 @@ def anatomy(eye: Eye, tortuous: bool, thin: bool) -> None:
                 course = walk(
                     rng, start, heading + rng.normal(0, 0.1), turn, 60, 0.12 * eye.dd, swing if temporal else (0.0, 1.0)
                 )
-                course = course[[eye.inside(tuple(p)) for p in course]]
+                course = eye.within(course)
                 if len(course) < 2:
                     continue
                 eye.line("TV" if tortuous and temporal else None, course, width * eye.dd * scale, colour, 0.85)
@@ -227,7 +235,7 @@ def anatomy(eye: Eye, tortuous: bool, thin: bool) -> None:
                         25,
                         0.1 * eye.dd,
                     )
-                    branch = branch[[eye.inside(tuple(p)) for p in branch]]
+                    branch = eye.within(branch)
                     if len(branch) >= 2:
                         eye.line(None, branch, 0.6 * width * eye.dd * scale, colour, 0.75)
 
@@ -295,7 +303,7 @@ def vein_haemorrhages(eye: Eye, column: str, veins: Sequence[NDArray[np.float64]
 
 
 def brvo(eye: Eye, column: str) -> None:
-    temporal = [v for v in eye.veins if (v[-1][0] - eye.disc[0]) * eye.nasal < 0]
+    temporal = eye.temporal_veins()
     vein = [temporal[int(eye.rng.integers(len(temporal)))]] if temporal else eye.veins[:1]
     vein_haemorrhages(eye, column, vein, (8, 18))
 
@@ -424,7 +432,7 @@ def telangiectasia(eye: Eye, column: str) -> None:
 
 def traction(eye: Eye, column: str) -> None:
     rng = eye.rng
-    temporal = [v for v in eye.veins if (v[-1][0] - eye.disc[0]) * eye.nasal < 0] or eye.veins
+    temporal = eye.temporal_veins() or eye.veins
     course = temporal[int(rng.integers(len(temporal)))] if temporal else np.array([eye.disc, eye.fovea])
     part = course[len(course) // 6 : max(2, len(course) // 2)]
     eye.line(column, part, rng.uniform(0.2, 0.35) * eye.dd, (0.9, 0.88, 0.8), 0.55)
