@@ -37,7 +37,8 @@ def cli_run(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
         patch.setenv("RETINAGATE_DATA_DIR", str(root / "var"))
-        extra = ("--json", "--aug-on", "device", "--aug", "strong", "--peak-loss", "0.5", "--peak-sharpness", "3")
+        extra = ("--json", "--aug-on", "device", "--aug", "strong", "--peak-loss", "0.5", "--peak-sharpness", "3",
+                 "--early-share", "0.5", "--early-size", "32")  # fmt: skip
         code = main(_train_args(synth_dataset, root / "run", root / "cache", *extra))
     assert code == 0
     return root / "run", json.loads(stdout.getvalue())
@@ -61,6 +62,7 @@ def test_train_writes_a_complete_run_folder(cli_run: tuple[Path, dict[str, Any]]
     with (run / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert [r["input_size"] for r in rows] == ["32", "48"]  # the first epoch scaled down (--early-share 0.5)
     assert {"val_macro_auroc", "val_riadd_score", "auroc_Disease_Risk", "auroc_OTHER"} <= set(rows[0])
 
     card = ModelCard.load(run / "model_card.json")

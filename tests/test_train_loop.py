@@ -38,6 +38,14 @@ def test_config_refuses_bad_values_naming_the_field(tmp_path: Path) -> None:
         TrainConfig(out=tmp_path, loss="hinge")
     with pytest.raises(ValueError, match="freeze_stages is 9; expected 0-7"):
         TrainConfig(out=tmp_path, freeze_stages=9)
+    with pytest.raises(ValueError, match=r"early_share is 1\.0; expected 0 <= share < 1"):
+        TrainConfig(out=tmp_path, early_share=1.0)
+    with pytest.raises(ValueError, match="early_size is 16; expected at least 32"):
+        TrainConfig(out=tmp_path, early_size=16)
+    # Progressive resizing: a share of the epochs, rounded down, and only below the input size.
+    assert TrainConfig(out=tmp_path, epochs=20, early_share=0.5).early_epochs == 10
+    assert TrainConfig(out=tmp_path, epochs=3, early_share=0.5).early_epochs == 1
+    assert TrainConfig(out=tmp_path, epochs=10, img_size=224, early_share=0.5).early_epochs == 0
     config = TrainConfig(out=tmp_path, data=tmp_path / "d", lr=3e-4)
     assert TrainConfig.from_dict(config.to_dict()) == config
 
@@ -92,11 +100,14 @@ def _run(out: Path, data: Path, cache: Path, **kwargs: Any) -> TrainConfig:
 
 @pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cache: Path, tmp_path: Path) -> None:
+    # The first of the two epochs at 32 px (progressive resizing), so the resume must go on at 48.
+    settings: dict[str, Any] = dict(tta="none", probe_strides=(16,), risk_lesions=False, early_share=0.5, early_size=32)
     straight = train(
-        _run(tmp_path / "straight", synth_dataset, small_cache, tta="none", probe_strides=(16,), risk_lesions=False),
+        _run(tmp_path / "straight", synth_dataset, small_cache, **settings),
         progress=False,
     )
     assert straight.finished and straight.epochs_run == 2
+    assert [row["input_size"] for row in straight.history] == [32, 48]  # progressive resizing, epoch by epoch
     # The data has lesion masks, so the default picks the best epoch by AUROC and the pointing game
     # together, and the game played in the loop is the one the report plays again on best.pt (with
     # one view each: the loop validates on one, the report on the card's views).
@@ -109,7 +120,7 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
     assert straight.card is not None and straight.card.localisation == "lesion_masks"
 
     paused = train(
-        _run(tmp_path / "paused", synth_dataset, small_cache, tta="none", probe_strides=(16,), risk_lesions=False),
+        _run(tmp_path / "paused", synth_dataset, small_cache, **settings),
         stop_after_epochs=1,
         progress=False,
     )
@@ -139,7 +150,7 @@ def test_resumed_run_matches_an_uninterrupted_run(synth_dataset: Path, small_cac
     for key, value in a["probes"][0].items():
         torch.testing.assert_close(b["probes"][0][key], value, rtol=1e-5, atol=1e-6, msg=key)
     for row_a, row_b in zip(straight.history, resumed.history, strict=True):
-        for key in ("train_loss", "val_loss", "val_macro_auroc", "val_pointing", "lr"):
+        for key in ("train_loss", "val_loss", "val_macro_auroc", "val_pointing", "lr", "input_size"):
             assert row_b[key] == pytest.approx(row_a[key], rel=1e-5), key
     assert resumed.best_epoch == straight.best_epoch
     assert resumed.card is not None and straight.card is not None

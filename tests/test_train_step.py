@@ -212,3 +212,35 @@ def test_with_the_risk_column_the_step_aims_disease_risk_at_the_union_of_lesions
                      lesion_weight=0.5, lesion_grid=(0.0, 32.0), probes=[probe], probe_weight=0.5,
                      risk_column=0)  # fmt: skip
     torch.testing.assert_close(step(images, targets, planes, columns), expected)
+
+
+def test_at_a_smaller_input_size_the_photographs_and_their_planes_are_scaled_down_together() -> None:
+    from train.losses import cell_weights, lesion_loss
+
+    model, normalizer, criterion, images, targets = _model_and_batch(4)
+    planes = torch.zeros(4, 1, 64, 64, dtype=torch.uint8)
+    planes[0, 0, 8:16, 40:48] = 255
+    columns = torch.tensor([[4], [-1], [-1], [-1]])
+    seen: list[tuple[int, ...]] = []
+    model.conv_stem.register_forward_hook(lambda _m, inputs, _out: seen.append(tuple(inputs[0].shape)))
+    model.train()
+    with torch.no_grad():
+        small = torch.nn.functional.interpolate(normalizer(images), size=(32, 32), mode="area")
+        features = model.forward_features(small)
+        maps = class_maps(features, model.get_classifier())
+        scaled = torch.nn.functional.interpolate(planes.float(), size=(32, 32), mode="area")
+        assert scaled[0, 0].sum() == pytest.approx(planes[0, 0].float().sum() / 4)  # the lesion keeps its share
+        weights = cell_weights(32, 1, 0.0, 32.0)
+        expected = criterion(model.forward_head(features), targets.float()) + 0.5 * lesion_loss(
+            maps, scaled, columns, weights, weights
+        )
+    seen.clear()
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), criterion, normalizer,
+                     device=torch.device("cpu"), channels_last=False, lesion_weight=0.5, lesion_grid=(0.0, 32.0),
+                     input_size=32)  # fmt: skip
+    torch.testing.assert_close(step(images, targets, planes, columns), expected)
+    assert seen == [(4, 3, 32, 32)]
+    # Back at the batch's own size (the loop's later epochs) the network sees it whole.
+    step.input_size = None
+    step(images, targets, planes, columns)
+    assert seen[-1] == (4, 3, 64, 64)

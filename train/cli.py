@@ -75,6 +75,20 @@ def register(subparsers: Any) -> None:
     )
     data.add_argument("--img-size", type=int, default=_SUPPRESS, metavar="PX", help="model input side (default 288)")
     data.add_argument(
+        "--early-size",
+        type=int,
+        default=_SUPPRESS,
+        metavar="PX",
+        help="input side of the early epochs (progressive resizing), when smaller than --img-size (default 224)",
+    )
+    data.add_argument(
+        "--early-share",
+        type=float,
+        default=_SUPPRESS,
+        metavar="F",
+        help="share of the epochs trained at --early-size before the rest at --img-size (default 0.5; 0: none)",
+    )
+    data.add_argument(
         "--contrast-sigma",
         type=float,
         default=_SUPPRESS,
@@ -105,7 +119,7 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="run at most N epochs now, then exit; continue later with --resume",
     )
-    run.add_argument("--epochs", type=int, default=_SUPPRESS, metavar="N", help="epochs (default 16)")
+    run.add_argument("--epochs", type=int, default=_SUPPRESS, metavar="N", help="epochs (default 20)")
     run.add_argument("--batch-size", type=int, default=_SUPPRESS, metavar="B", help="batch size (default 8)")
     run.add_argument("--device", default=_SUPPRESS, metavar="auto|cpu|cuda", help="where to train (default auto)")
     run.add_argument(

@@ -3,7 +3,7 @@
 :func:`train` runs a whole training job from a :class:`TrainConfig` and leaves a run folder::
 
     config.json        the resolved configuration
-    metrics.csv        one row per epoch (losses, learning rate, validation metrics, per-label AUROC)
+    metrics.csv        one row per epoch (losses, learning rate, input size, validation metrics, per-label AUROC)
     last.pt            everything needed to resume (model, optimizer, scheduler, grad scaler, EMA,
                        RNG states, epoch, best metric, early-stopping counter, history)
     best.pt            the weights of the best validation epoch (TrainConfig.select_by), with the final card
@@ -110,11 +110,13 @@ class TrainConfig:
     never tuned on, against the plain baseline of ``bench/bench_recipe.py``; see the README's Model
     section): 288 px (small lesions keep a few pixels), local contrast normalisation in the graph (the
     photograph minus its local mean over the field of view, sigma 4% of the side, times 4: what lifted
-    test macro AUROC most, 0.586 to 0.704 on the tuning seed), 16 epochs of AdamW at lr 2e-3 with
-    warmup and a cosine decay, batches of 8 (twice the steps of 16 in 3-5% more time; test macro AUROC
-    up on each of tuning seeds 11-13 by 0.021 to 0.040, and by 0.010 on the fresh report seed, where
-    the pointing game fell 0.047; see the README), an EMA of the
-    weights, light augmentation (flips, rotation up to 15 degrees, scale 0.95-1.05, mild
+    test macro AUROC most, 0.586 to 0.704 on the tuning seed), 20 epochs of AdamW at lr 2e-3 with
+    warmup and a cosine decay, the first 10 at 224 px (progressive resizing: more epochs in about the
+    time of 16 at 288 px; test macro AUROC up by 0.011 and 0.003 on tuning seeds 11 and 12, and by 0.013
+    on the fresh report seed 20261226, in 775 s against 786 s; see the README), batches of 8 (twice
+    the steps of 16 in 3-5% more time; test macro AUROC up on each of tuning seeds 11-13 by 0.021 to
+    0.040, and by 0.010 on the fresh report seed, where the pointing game fell 0.047; see the README),
+    an EMA of the weights, light augmentation (flips, rotation up to 15 degrees, scale 0.95-1.05, mild
     brightness/contrast/saturation jitter) and no dropout or stochastic
     depth, the best epoch chosen by validation macro AUROC and the pointing game together, and, when the
     training photographs have lesion masks, a lesion loss of weight 0.01 that teaches each label's map
@@ -127,9 +129,10 @@ class TrainConfig:
     augmentation against flips only was the one change that raised the pointing game on every tuning
     seed of a GPU sweep (``bench/gpu_recipe_sweep.py``, seeds 11-13: 0.377 to 0.475, macro AUROC 0.775
     to 0.799); the ``strong`` level with dropout and stochastic depth slowed learning instead
-    (validation macro AUROC 0.53 against 0.60 at epoch 8). On an idle 2-core machine an epoch over
-    400 photographs takes 45 to 55 s with light augmentation, so 16 epochs stay inside the 15-minute
-    budget (18 took 951 s on a slow day).
+    (validation macro AUROC 0.53 against 0.60 at epoch 8). On the 2-core machine an epoch over 400
+    photographs takes 35 to 49 s at 288 px and 28 to 35 s at 224 px, depending on the day, so the 20
+    epochs stay inside the 15-minute budget (775 to 795 s on a slow day; 16 at 288 px took 786 s
+    beside them, and 18 at 288 px once took 951 s).
 
     Attributes:
         out: Run folder.
@@ -144,6 +147,11 @@ class TrainConfig:
         test_fraction: Test share for a generic CSV without a ``split`` column.
         epochs: Epochs to train (early stopping may end sooner).
         img_size: Square input side; becomes ``card.preprocessing.input_size``.
+        early_size: Input side of the early epochs (progressive resizing: the photographs, normalised
+            at ``img_size``, and their lesion planes scaled down on the device before the network;
+            cheaper epochs first, the served size at the end); only when smaller than ``img_size``.
+        early_share: Share of the epochs (rounded down) trained at ``early_size`` first
+            (:attr:`early_epochs`); 0 trains every epoch at ``img_size``.
         contrast_sigma: Local contrast normalisation in the graph (:class:`train.augment.Normalizer`):
             sigma of the local mean as a share of ``img_size``; 0 turns it off.
         contrast_gain: Gain on the difference from the local mean.
@@ -226,8 +234,10 @@ class TrainConfig:
     cache_dir: Path | None = None
     val_fraction: float = 0.2
     test_fraction: float = 0.0
-    epochs: int = 16
+    epochs: int = 20
     img_size: int = 288
+    early_size: int = 224
+    early_share: float = 0.5
     contrast_sigma: float = 0.04
     contrast_gain: float = 4.0
     fov_threshold: int | None = None
@@ -276,6 +286,8 @@ class TrainConfig:
 
         need(self.epochs >= 1, f"epochs is {self.epochs}; expected at least 1")
         need(32 <= self.img_size <= 2048, f"img_size is {self.img_size}; expected 32-2048")
+        need(0 <= self.early_share < 1, f"early_share is {self.early_share}; expected 0 <= share < 1 (0: off)")
+        need(self.early_size >= 32, f"early_size is {self.early_size}; expected at least 32")
         need(0 <= self.contrast_sigma <= 0.25, f"contrast_sigma is {self.contrast_sigma}; expected 0-0.25 (0: off)")
         need(0 < self.contrast_gain <= 16, f"contrast_gain is {self.contrast_gain}; expected > 0 and <= 16")
         need(self.batch_size >= 2, f"batch_size is {self.batch_size}; expected at least 2 (batch norm)")
@@ -321,6 +333,12 @@ class TrainConfig:
         need(self.output_stride in (16, 32), f"output_stride is {self.output_stride}; expected 16 or 32")
         need(self.tta in ("none", "rot180"), f"tta is {self.tta!r}; expected none or rot180")
         need(0 <= self.drop_path_rate < 1, f"drop_path_rate is {self.drop_path_rate}; expected 0 <= rate < 1")
+
+    @property
+    def early_epochs(self) -> int:
+        """Epochs trained at ``early_size`` before the rest at ``img_size``: ``early_share`` of them,
+        rounded down, or none when ``early_size`` is not smaller (``--img-size 224`` runs at 224 throughout)."""
+        return math.floor(self.epochs * self.early_share + 1e-9) if self.early_size < self.img_size else 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (paths as strings)."""
@@ -643,7 +661,7 @@ def _write_config(out: Path, config: TrainConfig) -> None:
 def _write_metrics_csv(path: Path, history: Sequence[dict[str, Any]], labels: Sequence[str]) -> None:
     columns = [
         "epoch", "lr", "train_loss", "val_loss", "val_macro_auroc", "val_map", "val_disease_risk_auroc",
-        "val_riadd_score", "val_pointing", "seconds", *[f"auroc_{n}" for n in labels],
+        "val_riadd_score", "val_pointing", "input_size", "seconds", *[f"auroc_{n}" for n in labels],
     ]  # fmt: skip
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", newline="", encoding="utf-8") as handle:
@@ -925,6 +943,7 @@ def train(
         if stop_after_epochs is not None and epoch - start_epoch >= stop_after_epochs:
             break
         epoch_started = time.perf_counter()
+        step.input_size = config.early_size if epoch < config.early_epochs else None
         model.train()
         for module in frozen:
             module.eval()
@@ -974,6 +993,7 @@ def train(
             "val_disease_risk_auroc": metrics.disease_risk_auroc,
             "val_riadd_score": metrics.riadd_score,
             "val_pointing": game.rate if game is not None else None,
+            "input_size": step.input_size or config.img_size,
             "seconds": round(time.perf_counter() - epoch_started, 3),
             **{f"auroc_{n}": a for n, a in zip(metrics.labels, metrics.auroc, strict=True)},
         }
@@ -1021,8 +1041,9 @@ def train(
         )
         _write_metrics_csv(out / "metrics.csv", history, run.card.labels)
         logger.info(
-            "epoch %d/%d: train loss %.4f, val loss %.4f, val macro AUROC %s, RIADD %s%s (%.1f s)%s",
-            epoch + 1, config.epochs, row["train_loss"], val_loss or float("nan"),
+            "epoch %d/%d%s: train loss %.4f, val loss %.4f, val macro AUROC %s, RIADD %s%s (%.1f s)%s",
+            epoch + 1, config.epochs, f" at {step.input_size} px" if step.input_size else "", row["train_loss"],
+            val_loss or float("nan"),
             _fmt(metrics.macro_auroc), _fmt(metrics.riadd_score),
             f", pointing {game.rate:.3f}" if game is not None else "", row["seconds"], " *" if improved else "",
         )  # fmt: skip

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import torch
+import torch.nn.functional as F  # noqa: N812 (the conventional name)
 from torch import nn
 
 from train.losses import cell_weights, equivariance_loss, lesion_cover_loss, lesion_loss, peak_logits
@@ -56,6 +57,10 @@ class TrainStep:
             :func:`train.losses.lesion_cover_loss` on batches that bring lesion planes (their weights
             must be in the optimizer); a probe's cells are centred on the same grid at its own stride.
         probe_weight: Weight of each probe's loss; 0 turns them off.
+        input_size: Side the network sees, when smaller than the batch's: the normalised photographs
+            and their lesion planes are scaled down to it together (area interpolation, so a lesion
+            keeps its share of each cell), for the early epochs of progressive resizing; ``None``
+            trains at the batch's own size. An attribute, which the loop sets each epoch.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class TrainStep:
         probes: Sequence[LesionProbe] = (),
         probe_weight: float = 0.0,
         risk_column: int | None = None,
+        input_size: int | None = None,
     ) -> None:
         if precision not in ("fp32", *AUTOCAST_DTYPES):
             raise ValueError(f"precision is {precision!r}; expected fp32, fp16 or bf16")
@@ -104,6 +110,7 @@ class TrainStep:
         self.probes = tuple(probes) if probe_weight > 0 else ()
         self.probe_weight = probe_weight
         self.risk_column = risk_column
+        self.input_size = input_size
         self._cell_weights: dict[tuple[int, int, float, float], torch.Tensor] = {}
         self.steps = 0
         self._params = [p for p in model.parameters() if p.requires_grad]
@@ -145,12 +152,17 @@ class TrainStep:
             if self.risk_column is not None:
                 planes, columns = with_risk_plane(planes, columns, y, self.risk_column)
         lesions = self.lesion_weight > 0 and planes is not None and columns is not None
+        inputs = self.normalizer(x)
+        if self.input_size is not None and self.input_size != inputs.shape[-1]:
+            inputs = _scaled(inputs, self.input_size, self.channels_last)
+            if planes is not None:
+                planes = _scaled(planes.float(), self.input_size, False)
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             if self.peak_weight > 0 or pairs or lesions:
-                features = self.model.forward_features(self.normalizer(x))  # type: ignore[operator]
+                features = self.model.forward_features(inputs)  # type: ignore[operator]
                 logits = self.model.forward_head(features)  # type: ignore[operator]
             else:
-                logits = self.model(self.normalizer(x))
+                logits = self.model(inputs)
         loss: torch.Tensor = self.criterion(logits.float(), y)
         if self.peak_weight > 0:
             peaks = peak_logits(features, self.model.get_classifier(), self.peak_sharpness)  # type: ignore[operator]
@@ -161,14 +173,14 @@ class TrainStep:
         if lesions:
             assert planes is not None and columns is not None
             maps = class_maps(features.float(), self.model.get_classifier())  # type: ignore[operator]
-            rows = self._weights(x.shape[2], maps.shape[2])
-            cols = self._weights(x.shape[3], maps.shape[3])
+            rows = self._weights(inputs.shape[2], maps.shape[2])
+            cols = self._weights(inputs.shape[3], maps.shape[3])
             loss = loss + self.lesion_weight * lesion_loss(maps, planes, columns, rows, cols)
         for probe in self.probes:
             probed = probe()  # read on every step, so that no batch's reading is left for the next
             if planes is not None and columns is not None:
-                rows = self._weights(x.shape[2], probed.shape[2], probe.reduction)
-                cols = self._weights(x.shape[3], probed.shape[3], probe.reduction)
+                rows = self._weights(inputs.shape[2], probed.shape[2], probe.reduction)
+                cols = self._weights(inputs.shape[3], probed.shape[3], probe.reduction)
                 cover = lesion_cover_loss(probed, planes, columns, y, rows, cols)
                 loss = loss + self.probe_weight * cover
         self.optimizer.zero_grad(set_to_none=True)
@@ -185,6 +197,13 @@ class TrainStep:
         if self.ema is not None:
             self.ema.update(self.model, step=self.steps)
         return loss.detach()
+
+
+def _scaled(batch: torch.Tensor, size: int, channels_last: bool) -> torch.Tensor:
+    """An ``(N, C, S, S)`` float batch scaled to ``size x size`` by area interpolation (each output
+    pixel the mean of the input it covers; the photograph and its lesion planes alike)."""
+    scaled = F.interpolate(batch, size=(size, size), mode="area")
+    return scaled.contiguous(memory_format=torch.channels_last) if channels_last else scaled
 
 
 def with_risk_plane(
