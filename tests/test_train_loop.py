@@ -46,6 +46,7 @@ def test_config_refuses_bad_values_naming_the_field(tmp_path: Path) -> None:
     assert TrainConfig(out=tmp_path, epochs=20, early_share=0.5).early_epochs == 10
     assert TrainConfig(out=tmp_path, epochs=3, early_share=0.5).early_epochs == 1
     assert TrainConfig(out=tmp_path, epochs=10, img_size=224, early_share=0.5).early_epochs == 0
+    assert TrainConfig.from_dict({"out": str(tmp_path)}).early_epochs == 0  # a run written before the option
     config = TrainConfig(out=tmp_path, data=tmp_path / "d", lr=3e-4)
     assert TrainConfig.from_dict(config.to_dict()) == config
 

@@ -352,7 +352,8 @@ class TrainConfig:
         so when resumed (their stored best score is an AUROC); runs written before ``tta`` existed
         were evaluated on one view, and runs written before ``lesion_loss`` trained without it, and
         keep being so; runs written before ``probe_strides`` probed stride 16 alone, and runs written
-        before ``risk_lesions`` gave Disease_Risk no lesion.
+        before ``risk_lesions`` gave Disease_Risk no lesion; runs written before ``early_share`` trained every
+        epoch at ``img_size``, and a resumed one goes on so.
         """
         paths = {"out", "data", "labels_csv", "images", "masks", "cache_dir", "weights"}
         known = {f.name for f in fields(cls)}
@@ -365,6 +366,7 @@ class TrainConfig:
         values.setdefault("probe_loss", 0.0)
         values.setdefault("probe_strides", (16,))
         values.setdefault("risk_lesions", False)
+        values.setdefault("early_share", 0.0)
         values.setdefault("fov_threshold", Preprocessing().fov_threshold)
         return cls(**values)
 
