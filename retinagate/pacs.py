@@ -226,8 +226,23 @@ class Orthanc:
         return self._open(f"/instances/{self._instance_id(sop_instance_uid)}/preview", timeout=30)
 
     def stop(self) -> None:
+        """Stops the server the way Orthanc asks to be stopped (SIGTERM), waiting for it to exit.
+
+        Orthanc 1.10 takes about 3.4 s to close its HTTP and DICOM servers, however idle.
+        """
         if self.process is not None:
             stop_process(self.process, 15)
+        self.process = None
+
+    def kill(self) -> None:
+        """Stops the server at once (SIGKILL), for one whose data is thrown away with it.
+
+        A test PACS in a temporary folder gains nothing from :meth:`stop`'s wait; a PACS whose data is
+        kept (the demo's) is stopped with :meth:`stop`.
+        """
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
         self.process = None
 
 

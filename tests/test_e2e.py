@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,7 +43,7 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     _require("Orthanc")
     server = Orthanc(tmp_path / "orthanc").start()
     yield server
-    server.stop()
+    server.kill()  # its data goes with tmp_path: no need to wait for a graceful stop
 
 
 def test_the_demo_orthanc_runs_with_nagles_algorithm_off(orthanc: Orthanc) -> None:
@@ -51,6 +52,20 @@ def test_the_demo_orthanc_runs_with_nagles_algorithm_off(orthanc: Orthanc) -> No
     assert orthanc.process is not None
     environ = Path(f"/proc/{orthanc.process.pid}/environ").read_bytes().split(b"\0")
     assert b"TCP_NODELAY=1" in environ
+
+
+def test_a_killed_orthanc_is_gone_at_once_and_frees_its_ports(orthanc: Orthanc) -> None:
+    # The tests' throwaway PACS are killed rather than stopped: stop() waits about 3.4 s for Orthanc.
+    assert orthanc.process is not None
+    process = orthanc.process
+    orthanc.kill()
+    assert orthanc.process is None and process.returncode == -signal.SIGKILL
+    for port in (orthanc.port, orthanc.http_port):
+        with socket.socket() as listener:  # binds (SO_REUSEADDR, as servers do) only with no listener left
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", port))
+            listener.listen()
+    orthanc.kill()  # a second call does nothing
 
 
 class System:

@@ -663,4 +663,4 @@ def test_orthanc_stores_the_sc_and_every_map_and_previews_each_as_a_picture_that
                 png = cv2.imdecode(preview, cv2.IMREAD_UNCHANGED)
                 assert png is not None and png.max() > png.min(), f"{output.key}: blank preview"
     finally:
-        orthanc.stop()
+        orthanc.kill()

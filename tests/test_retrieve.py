@@ -67,7 +67,7 @@ def archive(
         monkeypatch.setenv("RETINAGATE_DATA_DIR", str(settings.data_dir))
         yield settings, orthanc, per_series
     finally:
-        orthanc.stop()
+        orthanc.kill()
 
 
 def _retrieve(orthanc: Orthanc, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, dict[str, Any]]:
@@ -161,7 +161,7 @@ def test_a_pacs_that_does_not_know_the_gateway_or_does_not_answer_is_named(
         assert main(["retrieve", "--from", f"ORTHANC@127.0.0.1:{orthanc.port}"]) == 1
         assert "sent nothing: does it know the move destination 'RETINAGATE'" in capsys.readouterr().err
     finally:
-        orthanc.stop()
+        orthanc.kill()
     assert main(["retrieve", "--from", f"ORTHANC@127.0.0.1:{free_port()}"]) == 3
     assert "no association with ORTHANC@127.0.0.1" in capsys.readouterr().err
     assert main(["retrieve", "--from", "https://pacs.example/dicom-web"]) == 2

@@ -595,7 +595,7 @@ def deployment(tmp_path: Path, random_onnx_model_path: Path) -> Iterator[Deploym
     finally:
         if system is not None:
             system.stop()
-        pacs.stop()
+        pacs.kill()  # thrown away with tmp_path: no need to wait for a graceful stop
         redis.stop()
 
 
@@ -642,7 +642,7 @@ def make_orthanc(tmp_path: Path) -> Iterator[Callable[..., ConfiguredOrthanc]]:
 
     yield make
     for server in started:
-        server.stop()
+        server.kill()
 
 
 @pytest.fixture
