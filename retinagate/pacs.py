@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -230,9 +231,7 @@ class Orthanc:
 
         Orthanc 1.10 takes about 3.4 s to close its HTTP and DICOM servers, however idle.
         """
-        if self.process is not None:
-            stop_process(self.process, 15)
-        self.process = None
+        self._end(signal.SIGTERM)
 
     def kill(self) -> None:
         """Stops the server at once (SIGKILL), for one whose data is thrown away with it.
@@ -240,9 +239,11 @@ class Orthanc:
         A test PACS in a temporary folder gains nothing from :meth:`stop`'s wait; a PACS whose data is
         kept (the demo's) is stopped with :meth:`stop`.
         """
+        self._end(signal.SIGKILL)
+
+    def _end(self, signum: signal.Signals) -> None:
         if self.process is not None:
-            self.process.kill()
-            self.process.wait()
+            stop_process(self.process, 15, signum)
         self.process = None
 
 
