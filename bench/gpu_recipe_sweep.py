@@ -59,6 +59,7 @@ VARIANTS = [
     "pstride8:probe_strides=8",  # lost to stride 16 on the tuning seeds (2026-12-07)
     "pstride4:probe_strides=4+8+16",  # a third probe on blocks.1: lost on tuning seed 11 (2026-12-07)
     "norisk:risk_lesions=false",  # the default before Disease_Risk's lesion was every lesion (2026-12-07)
+    "nodiffuse:diffuse_lesions=false",  # before unmasked haze and tessellation covered the retina (2026-12-07)
     "les0:lesion_loss=0,probe_loss=0",  # the default before lesion masks trained the maps (2026-12-06)
     "les003:lesion_loss=0.03",
     "les02:lesion_loss=0.2",

@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
+    "DIFFUSE_LABELS",
     "DISEASE_LABELS",
     "DISEASE_RISK",
     "LABELS",
@@ -33,6 +34,11 @@ NAMED_DISEASES: Final[tuple[str, ...]] = (
     "DR", "ARMD", "MH", "DN", "MYA", "BRVO", "TSLN", "ERM", "LS", "MS", "CSR", "ODC", "CRVO", "TV",
     "AH", "ODP", "ODE", "ST", "AION", "PT", "RT", "RS", "CRS", "EDN", "RPEC", "MHL", "RP",
 )  # fmt: skip
+
+#: Named conditions seen over the retina as a whole rather than in lesions: media haze veils the view,
+#: tessellation is a pattern of the choroid showing through. Sets annotated by lesion (IDRiD, FGADR, DDR)
+#: draw no mask for them; training takes a positive one without a mask to cover the field of view.
+DIFFUSE_LABELS: Final[tuple[str, ...]] = ("MH", "TSLN")
 
 #: The 18 rarer RFMiD conditions folded into ``OTHER``.
 OTHER_COLUMNS: Final[tuple[str, ...]] = (

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from retinagate.card import CamGrid, ModelCard, Preprocessing
-from retinagate.labels import DISEASE_LABELS, LABELS, RFMID_COLUMNS
+from retinagate.labels import DIFFUSE_LABELS, DISEASE_LABELS, LABELS, RFMID_COLUMNS
 from train.datasets import find_rfmid_splits, read_image
 from train.lesions import lesion_planes
 from train.loop import TrainConfig
@@ -71,6 +71,49 @@ def test_no_planes_without_masks_for_the_split(synth_dataset: Path, tmp_path: Pa
     assert others.files and lesion_planes(source, PRE, others, tmp_path / "cache") is None
 
 
+def test_a_diffuse_finding_without_a_mask_covers_the_field_of_view(synth_dataset: Path, tmp_path: Path) -> None:
+    """Media haze and tessellation unmasked, as a set annotated by lesion leaves them: each positive one
+    becomes a plane of the retina on the input, and only when asked for."""
+    from retinagate.preprocess import find_fov, prepare_with_geometry
+
+    source = find_rfmid_splits(synth_dataset)["train"]
+    masked = _index(synth_dataset)
+    unmasked = MaskIndex(masked.root, {key: f for key, f in masked.files.items() if key[1] not in DIFFUSE_LABELS})
+    columns = [LABELS.index(name) for name in DIFFUSE_LABELS]
+    positives = [i for i in range(len(source)) if source.labels[i, columns].any()]
+    assert positives
+
+    without = lesion_planes(source, PRE, unmasked, tmp_path / "a")
+    assert without is not None and not set(without.columns.tolist()) & set(columns)
+
+    planes = lesion_planes(source, PRE, unmasked, tmp_path / "b", diffuse=DIFFUSE_LABELS)
+    assert planes is not None and planes.cache_file != without.cache_file
+    array = np.load(planes.cache_file)
+    for i in positives:
+        image = read_image(source.paths[i])
+        fov = find_fov(image, PRE.fov_threshold)
+        _, geometry = prepare_with_geometry(image, PRE, fov=fov)
+        retina = geometry.to_input(fov.coverage() >= 0.5)
+        rows = range(planes.offsets[i], planes.offsets[i + 1])
+        mine = [r for r in rows if planes.columns[r] in columns]
+        assert len(mine) == int(source.labels[i, columns].sum())
+        for r in mine:
+            assert np.array_equal(array[r], retina)
+            assert 0.5 < (array[r] > 127).mean() < 0.9 and array[r][0, 0] == 0  # a disc: not the corners
+
+    # A masked diffuse finding keeps its own mask.
+    kept = lesion_planes(source, PRE, masked, tmp_path / "c", diffuse=DIFFUSE_LABELS)
+    plain = lesion_planes(source, PRE, masked, tmp_path / "d")
+    assert kept is not None and plain is not None
+    assert np.array_equal(np.load(kept.cache_file), np.load(plain.cache_file))
+
+
+def test_a_set_without_masks_gets_no_diffuse_planes_either(synth_dataset: Path, tmp_path: Path) -> None:
+    source = find_rfmid_splits(synth_dataset)["train"]
+    empty = MaskIndex(tmp_path, {})
+    assert lesion_planes(source, PRE, empty, tmp_path / "cache", diffuse=DIFFUSE_LABELS) is None
+
+
 def test_a_plane_lies_where_its_lesion_is_on_the_prepared_photograph(synth_dataset: Path, tmp_path: Path) -> None:
     """Easy-mode lesions are flat colour discs: the plane's pixels are the photograph's lesion pixels."""
     from retinagate.preprocess import prepare
@@ -109,6 +152,11 @@ def test_the_lesion_weight_is_checked_and_runs_written_before_it_train_without_i
 def test_disease_risk_has_every_lesion_unless_the_run_was_written_before_the_option() -> None:
     assert TrainConfig(out=Path("run")).risk_lesions is True
     assert TrainConfig.from_dict({"out": "run"}).risk_lesions is False
+
+
+def test_diffuse_findings_cover_the_retina_unless_the_run_was_written_before_the_option() -> None:
+    assert TrainConfig(out=Path("run")).diffuse_lesions is True
+    assert TrainConfig.from_dict({"out": "run"}).diffuse_lesions is False
 
 
 def test_probes_read_strides_8_and_16_unless_told_others_and_nothing_else() -> None:

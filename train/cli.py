@@ -276,6 +276,13 @@ def register(subparsers: Any) -> None:
         "the probes, so its map (shown when no finding is above threshold) points at them (default on)",
     )
     optim.add_argument(
+        "--diffuse-lesions",
+        action=argparse.BooleanOptionalAction,
+        default=_SUPPRESS,
+        help="with lesion masks: a positive media haze or tessellation without a mask of its own covers the field "
+        "of view, for the lesion loss and the probes (default on)",
+    )
+    optim.add_argument(
         "--pos-weight",
         choices=("none", "auto"),
         default=_SUPPRESS,

@@ -14,7 +14,11 @@ exactly as before.
 
 :func:`lesion_planes` carries each training photograph's masks to the model input once, through the
 photograph's own crop and resize (:meth:`retinagate.preprocess.Geometry.to_input`), and stores them
-next to the image cache; the loader moves them with every augmentation of the photograph.
+next to the image cache; the loader moves them with every augmentation of the photograph. A finding
+seen over the retina as a whole (media haze, tessellation: :data:`retinagate.labels.DIFFUSE_LABELS`) gets
+no mask in a set annotated by lesion; where such a set has masks for other findings, a positive diffuse
+finding without one is taken to cover the field of view, so the probes learn its texture cell by cell
+instead of nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
@@ -33,7 +37,7 @@ from numpy.typing import NDArray
 
 from retinagate.card import Preprocessing
 from retinagate.labels import DISEASE_LABELS, LABELS
-from retinagate.preprocess import prepare_with_geometry
+from retinagate.preprocess import find_fov, prepare_with_geometry
 from train.datasets import SplitSource, cache_key, read_image
 from train.loader import LesionPlanes
 from train.masks import MaskIndex, read_lesion_mask
@@ -56,6 +60,7 @@ def lesion_planes(
     cache_dir: Path,
     *,
     labels: Sequence[str] = DISEASE_LABELS,
+    diffuse: Collection[str] = (),
     workers: int = 0,
 ) -> LesionPlanes | None:
     """The split's lesion masks on the model input, built on first use and cached; ``None`` without any.
@@ -71,22 +76,33 @@ def lesion_planes(
         masks: The lesion masks (:func:`train.masks.find_masks`).
         cache_dir: Where to keep the planes (the preprocessing cache folder).
         labels: Labels whose lesions count (default: the 28 disease outputs).
+        diffuse: Labels whose finding covers the retina (:data:`retinagate.labels.DIFFUSE_LABELS`): a
+            positive one without a mask gets the field of view as its plane, once the split has a mask
+            for anything at all (a set without masks stays without planes).
         workers: Decoding threads; 0 picks one per CPU core.
     """
-    wanted = [(name, LABELS.index(name)) for name in labels]
+    wanted = [(name, LABELS.index(name), name in diffuse) for name in labels]
+    # Each positive pair's mask files; none for a diffuse finding without a mask (its plane is the retina).
     found: list[list[tuple[int, list[Path]]]] = []
     key_files: list[list[object]] = []
     for i in range(len(source)):
         pairs = []
-        for name, column in wanted:
+        for name, column, whole in wanted:
             files = masks.lookup(source.paths[i], name) if source.labels[i, column] else []
             if files:
                 pairs.append((column, files))
                 key_files.extend([str(f), (stat := f.stat()).st_size, stat.st_mtime_ns] for f in files)
+            elif whole and source.labels[i, column]:
+                pairs.append((column, []))
         found.append(pairs)
     if not key_files:
         return None
-    payload = {"format": _FORMAT, "images": cache_key(source, preprocessing), "masks": key_files}
+    payload = {
+        "format": _FORMAT,
+        "images": cache_key(source, preprocessing),
+        "masks": key_files,
+        "diffuse": sorted(diffuse),
+    }
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -100,10 +116,12 @@ def lesion_planes(
     def work(i: int) -> list[tuple[int, NDArray[np.uint8]]]:
         if not found[i]:
             return []
-        _, geometry = prepare_with_geometry(read_image(source.paths[i]), preprocessing)
+        image = read_image(source.paths[i])
+        fov = find_fov(image, preprocessing.fov_threshold)
+        _, geometry = prepare_with_geometry(image, preprocessing, fov=fov)
         placed: list[tuple[int, NDArray[np.uint8]]] = []
         for column, files in found[i]:
-            mask = read_lesion_mask(files, geometry.source_shape)
+            mask = read_lesion_mask(files, geometry.source_shape) if files else fov.coverage() >= 0.5
             if mask is None:
                 continue
             plane = geometry.to_input(mask)
@@ -136,7 +154,11 @@ def lesion_planes(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    logger.info("placed %d lesion masks of %d %s images on the input", total, len(source), source.split)
+    diffuse_pairs = sum(not files for pairs in found for _, files in pairs)
+    logger.info(
+        "placed %d lesion masks of %d %s images on the input (%d of them diffuse findings over the retina)",
+        total, len(source), source.split, diffuse_pairs,
+    )  # fmt: skip
     return _planes(final, index)
 
 

@@ -41,7 +41,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from retinagate.card import CamGrid, ModelCard, Preprocessing
-from retinagate.labels import DISEASE_LABELS, DISEASE_RISK, LABELS
+from retinagate.labels import DIFFUSE_LABELS, DISEASE_LABELS, DISEASE_RISK, LABELS
 from retinagate.preprocess import fit_fov_threshold
 from train.augment import AUG_LEVELS, Augmenter, BatchAugmenter, Normalizer, sample_seed
 from train.calibration import LabelThreshold, calibrate_thresholds
@@ -195,6 +195,9 @@ class TrainConfig:
         risk_lesions: With lesion masks, Disease_Risk's lesion is the union of the photograph's lesions
             (:func:`train.step.with_risk_plane`), for the lesion loss and the probes alike; without it,
             Disease_Risk has no mask and its map and probe channel learn only where nothing is.
+        diffuse_lesions: With lesion masks, a positive finding seen over the retina as a whole (media
+            haze, tessellation: :data:`retinagate.labels.DIFFUSE_LABELS`) that has no mask of its own
+            is taken to cover the field of view (:func:`train.lesions.lesion_planes`).
         pos_weight: ``none`` or ``auto`` (negatives/positives per label, capped); with ``auto`` the
             saved classifier bias has log(weight) taken back off, so scores stay log-odds.
         balanced_sampler: Draw images with weights that favour rare labels.
@@ -262,6 +265,7 @@ class TrainConfig:
     probe_loss: float = 1.0
     probe_strides: tuple[int, ...] = (8, 16)
     risk_lesions: bool = True
+    diffuse_lesions: bool = True
     pos_weight: str = "none"
     balanced_sampler: bool = False
     aug: str = "light"
@@ -352,7 +356,8 @@ class TrainConfig:
         so when resumed (their stored best score is an AUROC); runs written before ``tta`` existed
         were evaluated on one view, and runs written before ``lesion_loss`` trained without it, and
         keep being so; runs written before ``probe_strides`` probed stride 16 alone, and runs written
-        before ``risk_lesions`` gave Disease_Risk no lesion; runs written before ``early_share`` trained every
+        before ``risk_lesions`` gave Disease_Risk no lesion, and runs written before ``diffuse_lesions``
+        gave an unmasked diffuse finding none; runs written before ``early_share`` trained every
         epoch at ``img_size``, and a resumed one goes on so.
         """
         paths = {"out", "data", "labels_csv", "images", "masks", "cache_dir", "weights"}
@@ -366,6 +371,7 @@ class TrainConfig:
         values.setdefault("probe_loss", 0.0)
         values.setdefault("probe_strides", (16,))
         values.setdefault("risk_lesions", False)
+        values.setdefault("diffuse_lesions", False)
         values.setdefault("early_share", 0.0)
         values.setdefault("fov_threshold", Preprocessing().fov_threshold)
         return cls(**values)
@@ -736,7 +742,10 @@ class _Run:
         c = self.config
         if (c.lesion_loss <= 0 and c.probe_loss <= 0) or self.masks is None:
             return None
-        planes = lesion_planes(source, self.card.preprocessing, self.masks, c.resolved_cache_dir)
+        planes = lesion_planes(
+            source, self.card.preprocessing, self.masks, c.resolved_cache_dir,
+            diffuse=DIFFUSE_LABELS if c.diffuse_lesions else (),
+        )  # fmt: skip
         if planes is None:
             logger.warning(
                 "%s, but none for a positive label of a training photograph (folder %r); the lesion losses are off",
