@@ -183,6 +183,22 @@ def test_the_risk_plane_is_every_lesion_of_a_photograph_that_is_positive_for_dis
     torch.testing.assert_close(moved[0, 2], union)
 
 
+def test_a_diffuse_finding_joins_the_risk_plane_only_of_a_photograph_without_a_focal_lesion() -> None:
+    from train.step import with_risk_plane
+
+    planes = torch.zeros(2, 2, 8, 8, dtype=torch.uint8)
+    planes[0, 0, 1, 1] = 255  # a focal lesion (column 1) ...
+    planes[0, 1, 2:6, 2:6] = planes[1, 0, 2:6, 2:6] = 255  # ... and the retina of a diffuse finding (column 7)
+    columns = torch.tensor([[1, 7], [7, -1]])
+    targets = torch.ones(2, 29)
+    moved, labelled = with_risk_plane(planes, columns, targets, 0, diffuse=(3, 7))
+    assert labelled.tolist() == [[1, 7, 0], [7, -1, 0]]
+    torch.testing.assert_close(moved[0, 2], planes[0, 0])  # beside the lesion: the lesion alone
+    torch.testing.assert_close(moved[1, 2], planes[1, 0])  # alone: the retina
+    everything, _ = with_risk_plane(planes, columns, targets, 0)
+    torch.testing.assert_close(everything[0, 2], planes[0].amax(dim=0))
+
+
 def test_with_the_risk_column_the_step_aims_disease_risk_at_the_union_of_lesions() -> None:
     from train.losses import cell_weights, lesion_cover_loss, lesion_loss
     from train.model import LesionProbe

@@ -910,6 +910,7 @@ def train(
         probes=probes,
         probe_weight=config.probe_loss,
         risk_column=labels.index(DISEASE_RISK) if config.risk_lesions and DISEASE_RISK in labels else None,
+        diffuse_columns=[labels.index(n) for n in DIFFUSE_LABELS if n in labels] if config.diffuse_lesions else (),
     )
 
     start_epoch, best_metric, bad_epochs, best_epoch = 0, -math.inf, 0, 0

@@ -86,6 +86,7 @@ class TrainStep:
         probes: Sequence[LesionProbe] = (),
         probe_weight: float = 0.0,
         risk_column: int | None = None,
+        diffuse_columns: Sequence[int] = (),
         input_size: int | None = None,
     ) -> None:
         if precision not in ("fp32", *AUTOCAST_DTYPES):
@@ -110,6 +111,7 @@ class TrainStep:
         self.probes = tuple(probes) if probe_weight > 0 else ()
         self.probe_weight = probe_weight
         self.risk_column = risk_column
+        self.diffuse_columns = tuple(diffuse_columns)
         self.input_size = input_size
         self._cell_weights: dict[tuple[int, int, float, float], torch.Tensor] = {}
         self.steps = 0
@@ -150,7 +152,7 @@ class TrainStep:
             planes = planes.to(self.device, non_blocking=True)
             columns = columns.to(self.device, non_blocking=True)
             if self.risk_column is not None:
-                planes, columns = with_risk_plane(planes, columns, y, self.risk_column)
+                planes, columns = with_risk_plane(planes, columns, y, self.risk_column, self.diffuse_columns)
         lesions = self.lesion_weight > 0 and planes is not None and columns is not None
         inputs = self.normalizer(x)
         if self.input_size is not None and self.input_size != inputs.shape[-1]:
@@ -207,11 +209,18 @@ def _scaled(batch: torch.Tensor, size: int, channels_last: bool) -> torch.Tensor
 
 
 def with_risk_plane(
-    planes: torch.Tensor, columns: torch.Tensor, targets: torch.Tensor, risk: int
+    planes: torch.Tensor, columns: torch.Tensor, targets: torch.Tensor, risk: int, diffuse: Sequence[int] = ()
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adds to each photograph a plane of all its lesions, labelled ``risk`` (Disease_Risk's column),
-    where the photograph is positive for it and has a lesion plane; ``-1`` (no plane) elsewhere."""
+    where the photograph is positive for it and has a lesion plane; ``-1`` (no plane) elsewhere.
+
+    The planes of ``diffuse`` columns (findings over the retina as a whole) join the union only on a
+    photograph without any other lesion: beside a focal lesion they would spread its target over the
+    retina."""
     placed = columns >= 0
+    if diffuse:
+        focal = placed & ~torch.isin(columns, torch.as_tensor(diffuse, device=columns.device))
+        placed = torch.where(focal.any(dim=1, keepdim=True), focal, placed)
     union = (planes * placed[:, :, None, None].to(planes.dtype)).amax(dim=1, keepdim=True)
     column = torch.where(placed.any(dim=1) & (targets[:, risk] > 0.5), risk, -1).to(columns.dtype)
     return torch.cat([planes, union], dim=1), torch.cat([columns, column[:, None]], dim=1)
