@@ -754,10 +754,13 @@ class _Run:
             return None
         if c.lesion_loss > 0:
             self.card = self.card.with_updates(localisation="lesion_masks")
+        risk = ""
+        if c.risk_lesions:
+            risk = "; Disease_Risk's lesion: all of them" + (", a diffuse one only alone" if c.diffuse_lesions else "")
         logger.info(
             "%d lesion masks of the training photographs: lesion loss weight %g, probe weight %g on %s %s%s",
             len(planes), c.lesion_loss, c.probe_loss, "strides" if len(c.probe_strides) > 1 else "stride",
-            " and ".join(map(str, c.probe_strides)), "; Disease_Risk's lesion: all of them" if c.risk_lesions else "",
+            " and ".join(map(str, c.probe_strides)), risk,
         )  # fmt: skip
         return planes
 
