@@ -280,7 +280,8 @@ def register(subparsers: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=_SUPPRESS,
         help="with lesion masks: a positive media haze or tessellation without a mask of its own covers the field "
-        "of view, for the lesion loss and the probes (default on)",
+        "of view, for the lesion loss and the probes, and is Disease_Risk's lesion only on a photograph without "
+        "another (default on)",
     )
     optim.add_argument(
         "--pos-weight",

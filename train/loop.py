@@ -197,7 +197,8 @@ class TrainConfig:
             Disease_Risk has no mask and its map and probe channel learn only where nothing is.
         diffuse_lesions: With lesion masks, a positive finding seen over the retina as a whole (media
             haze, tessellation: :data:`retinagate.labels.DIFFUSE_LABELS`) that has no mask of its own
-            is taken to cover the field of view (:func:`train.lesions.lesion_planes`).
+            is taken to cover the field of view (:func:`train.lesions.lesion_planes`), and joins
+            Disease_Risk's lesion only on a photograph without another (:func:`train.step.with_risk_plane`).
         pos_weight: ``none`` or ``auto`` (negatives/positives per label, capped); with ``auto`` the
             saved classifier bias has log(weight) taken back off, so scores stay log-odds.
         balanced_sampler: Draw images with weights that favour rare labels.
