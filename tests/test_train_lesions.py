@@ -108,6 +108,20 @@ def test_a_diffuse_finding_without_a_mask_covers_the_field_of_view(synth_dataset
     assert np.array_equal(np.load(kept.cache_file), np.load(plain.cache_file))
 
 
+def test_the_pointing_game_asks_nothing_of_an_unmasked_diffuse_finding(synth_dataset: Path) -> None:
+    """Its plane is a training target only: the game's pairs come from mask files alone."""
+    from train.cam import pointing_targets
+
+    source = find_rfmid_splits(synth_dataset)["val"]
+    masked = _index(synth_dataset)
+    unmasked = MaskIndex(masked.root, {key: f for key, f in masked.files.items() if key[1] not in DIFFUSE_LABELS})
+    card = ModelCard(preprocessing=PRE)
+    before = pointing_targets(card, source, masked, (2, 2), two_views=False)
+    after = pointing_targets(card, source, unmasked, (2, 2), two_views=False)
+    assert set(before.names) & set(DIFFUSE_LABELS) and not set(after.names) & set(DIFFUSE_LABELS)
+    assert len(after.names) == sum(name not in DIFFUSE_LABELS for name in before.names)
+
+
 def test_a_set_without_masks_gets_no_diffuse_planes_either(synth_dataset: Path, tmp_path: Path) -> None:
     source = find_rfmid_splits(synth_dataset)["train"]
     empty = MaskIndex(tmp_path, {})
