@@ -88,11 +88,13 @@ def lesion_planes(
     for i in range(len(source)):
         pairs = []
         for name, column, whole in wanted:
-            files = masks.lookup(source.paths[i], name) if source.labels[i, column] else []
+            if not source.labels[i, column]:
+                continue
+            files = masks.lookup(source.paths[i], name)
             if files:
                 pairs.append((column, files))
                 key_files.extend([str(f), (stat := f.stat()).st_size, stat.st_mtime_ns] for f in files)
-            elif whole and source.labels[i, column]:
+            elif whole:
                 pairs.append((column, []))
         found.append(pairs)
     if not key_files:
