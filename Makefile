@@ -29,12 +29,16 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# One pytest-xdist worker per core (at most 4): many tests mostly wait on Redis, Orthanc and worker
+# processes. The fault tests stay in one group, run one after another (tests/faults/conftest.py).
 # The 20 slowest tests are listed last: the suite must stay under 15 minutes on a 2-core machine.
+PARALLEL := -n auto --maxprocesses 4 --dist loadgroup
+
 test: lint typecheck
-	$(BIN)/python -m pytest -q --durations=20
+	$(BIN)/python -m pytest -q $(PARALLEL) --durations=20
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow and not interop"
+	$(BIN)/python -m pytest -q $(PARALLEL) -m "not slow and not interop"
 
 demo: venv
 	$(BIN)/retinagate demo

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -48,18 +52,43 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
 _SKIPPED_UNDER_CI: list[str] = []
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    """Remembers skipped interop and database tests: under CI they must run, not be skipped."""
-    outcome = yield
-    report = outcome.get_result()
-    if report.skipped and any(any(item.iter_markers(name)) for name in ("interop", "postgres")):
-        _SKIPPED_UNDER_CI.append(item.nodeid)
+def _xdist_worker(config: pytest.Config) -> bool:
+    """Whether this process is a pytest-xdist worker (``make test`` runs the suite on several)."""
+    return hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Shares the machine's cores out among pytest-xdist workers, so that two workers' PyTorch and
+    OpenMP threads (and those of the processes a test starts) do not spin against each other; makes
+    the shared small model's folder in the process that removes it at the end (:class:`_SmallModel`).
+    """
+    if _xdist_worker(config):
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        _SMALL_MODEL.root = Path(config.workerinput["small_model_root"])  # type: ignore[attr-defined]
+    else:
+        _SMALL_MODEL.root = Path(tempfile.mkdtemp(prefix="retinagate-small-model-"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist, in its controller: every worker gets the one shared small model folder."""
+    node.workerinput["small_model_root"] = str(_SMALL_MODEL.root)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Remembers skipped interop and database tests: under CI they must run, not be skipped. (Under
+    pytest-xdist the controller gets every worker's reports here.)"""
+    if report.skipped and ("interop" in report.keywords or "postgres" in report.keywords):
+        _SKIPPED_UNDER_CI.append(report.nodeid)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fails a CI run in which an interop (dcmtk, Orthanc, dciodvfy) or PostgreSQL test was skipped;
-    stops and removes the shared small model (:class:`_SmallModel`)."""
+    stops and removes the shared small model (:class:`_SmallModel`). Both in the one process that
+    sees the whole run: the controller under pytest-xdist."""
+    if _xdist_worker(session.config):
+        return
     _SMALL_MODEL.stop()
     if os.environ.get("CI") and _SKIPPED_UNDER_CI and exitstatus == 0:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
@@ -684,39 +713,62 @@ class _SmallModel:
     """The shared small model (tests/small_model.py), trained by a process of its own.
 
     :func:`pytest_collection_finish` starts it when a collected test needs it, so its minutes of
-    training overlap the tests that run first; :func:`trained_checkpoint` waits for it, and the
-    session's end stops it and removes its folder.
+    training overlap the tests that run first; :func:`trained_checkpoint` waits for its ``status`` file.
+    Under pytest-xdist the workers share one folder: the first to get its lock starts the training,
+    the others wait on the same file, and the controller, which made the folder, stops the training
+    and removes the folder once every worker is done.
     """
 
     def __init__(self) -> None:
-        self.process: subprocess.Popen[bytes] | None = None
         self.root: Path | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        if self.process is not None:
-            return
-        self.root = Path(tempfile.mkdtemp(prefix="retinagate-small-model-"))
-        script = Path(__file__).with_name("small_model.py")
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        with (self.root / "train.log").open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, str(script), str(self.root)], stdout=log, stderr=subprocess.STDOUT, env=env
-            )
+        assert self.root is not None, "pytest_configure sets the folder"
+        with (self.root / "lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (self.root / "pid").exists():
+                return
+            script = Path(__file__).with_name("small_model.py")
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            with (self.root / "train.log").open("wb") as log:
+                self.process = subprocess.Popen(
+                    [sys.executable, str(script), str(self.root)], stdout=log, stderr=subprocess.STDOUT, env=env
+                )
+            (self.root / "pid").write_text(str(self.process.pid))
 
     def wait(self) -> Path:
         self.start()
-        assert self.process is not None and self.root is not None
-        if self.process.wait() != 0:
+        assert self.root is not None
+        status = self.root / "status"
+        while not status.exists() and self._training():
+            time.sleep(0.5)
+        if not status.exists() or status.read_text() != "ok":
             log = (self.root / "train.log").read_text(errors="replace")
-            pytest.fail(f"training the shared small model failed ({self.process.returncode}):\n{log[-4000:]}")
+            pytest.fail(f"training the shared small model failed:\n{log[-4000:]}")
         return self.root / "run" / "best.pt"
 
+    def _training(self) -> bool:
+        """Whether the training process still runs (another worker's child is seen through /proc)."""
+        if self.process is not None:
+            return self.process.poll() is None
+        assert self.root is not None
+        try:
+            stat = Path(f"/proc/{int((self.root / 'pid').read_text())}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # a zombie's parent has not reaped it yet
+
     def stop(self) -> None:
+        if self.root is None:
+            return
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
+        elif (self.root / "pid").exists() and self._training():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int((self.root / "pid").read_text()), signal.SIGKILL)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 _SMALL_MODEL = _SmallModel()

@@ -1,9 +1,10 @@
 """Trains the small model the tests share (``trained_checkpoint`` in conftest.py).
 
-``python tests/small_model.py ROOT`` writes ``ROOT/data`` (the synthetic photographs) and the run
-folder ``ROOT/run`` with ``best.pt``. conftest.py starts it as a process of its own when the session
-is collected, so it trains (at low priority, on one thread) while the first tests, which mostly wait
-on Redis, Orthanc and worker processes, run; the first test that needs the model waits for it.
+``python tests/small_model.py ROOT`` writes ``ROOT/data`` (the synthetic photographs), the run folder
+``ROOT/run`` with ``best.pt``, and last ``ROOT/status`` (``ok`` or ``failed``). conftest.py starts it as
+a process of its own when the session is collected, so it trains (at low priority, on one thread)
+while the first tests, which mostly wait on Redis, Orthanc and worker processes, run; the first test
+that needs the model waits for it.
 """
 
 from __future__ import annotations
@@ -61,4 +62,12 @@ def train_small_model(root: Path) -> Path:
 if __name__ == "__main__":
     # Below the tests in priority: the fault tests' time bounds are about the system, not this.
     os.nice(10)
-    train_small_model(Path(sys.argv[1]))
+    root = Path(sys.argv[1])
+    outcome = "failed"
+    try:
+        train_small_model(root)
+        outcome = "ok"
+    finally:
+        # What conftest.py waits for, written whole (a rename) so that no reader sees half of it.
+        (root / "status.part").write_text(outcome)
+        (root / "status.part").replace(root / "status")

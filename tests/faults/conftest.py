@@ -37,6 +37,16 @@ from retinagate.serve import stop_process
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Puts the fault tests in one pytest-xdist group (``make test`` runs ``--dist loadgroup``): one
+    worker runs them one after another, so no two deployments and their time bounds share the machine,
+    while the other workers take the rest of the suite."""
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(here):
+            item.add_marker(pytest.mark.xdist_group("faults"))
+
 #: Settings that make recovery fast enough for a test: sweeps every 5 s, work with no live message sent
 #: again after 30 s, short backoffs, destinations whose retries ran out probed every 10 s. The settings
 #: validate the relations between them. The worker-kill test runs on the defaults instead.
