@@ -58,22 +58,19 @@ def _xdist_worker(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Shares the machine's cores out among pytest-xdist workers, so that two workers' PyTorch and
-    OpenMP threads (and those of the processes a test starts) do not spin against each other; makes
-    the shared small model's folder in the process that removes it at the end (:class:`_SmallModel`).
-    """
+    """In a pytest-xdist worker: shares the machine's cores out among the workers, so that their
+    PyTorch and OpenMP threads (and those of the processes a test starts) do not spin against each
+    other, and takes the controller's folder for the shared small model (:class:`_SmallModel`)."""
     if _xdist_worker(config):
         workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
         _SMALL_MODEL.root = Path(config.workerinput["small_model_root"])  # type: ignore[attr-defined]
-    else:
-        _SMALL_MODEL.root = Path(tempfile.mkdtemp(prefix="retinagate-small-model-"))
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
     """pytest-xdist, in its controller: every worker gets the one shared small model folder."""
-    node.workerinput["small_model_root"] = str(_SMALL_MODEL.root)
+    node.workerinput["small_model_root"] = str(_SMALL_MODEL.folder())
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -723,38 +720,43 @@ class _SmallModel:
         self.root: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
 
+    def folder(self) -> Path:
+        """The folder it trains in; made on first use by the process that removes it at the end."""
+        if self.root is None:
+            self.root = Path(tempfile.mkdtemp(prefix="retinagate-small-model-"))
+        return self.root
+
     def start(self) -> None:
-        assert self.root is not None, "pytest_configure sets the folder"
-        with (self.root / "lock").open("w") as lock:
+        root = self.folder()
+        with (root / "lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if (self.root / "pid").exists():
+            if (root / "pid").exists():
                 return
             script = Path(__file__).with_name("small_model.py")
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            with (self.root / "train.log").open("wb") as log:
+            with (root / "train.log").open("wb") as log:
                 self.process = subprocess.Popen(
-                    [sys.executable, str(script), str(self.root)], stdout=log, stderr=subprocess.STDOUT, env=env
+                    [sys.executable, str(script), str(root)], stdout=log, stderr=subprocess.STDOUT, env=env
                 )
-            (self.root / "pid").write_text(str(self.process.pid))
+            (root / "pid").write_text(str(self.process.pid))
 
     def wait(self) -> Path:
         self.start()
-        assert self.root is not None
-        status = self.root / "status"
+        root = self.folder()
+        status = root / "status"
         while not status.exists() and self._training():
             time.sleep(0.5)
         if not status.exists() or status.read_text() != "ok":
-            log = (self.root / "train.log").read_text(errors="replace")
+            log = (root / "train.log").read_text(errors="replace")
             pytest.fail(f"training the shared small model failed:\n{log[-4000:]}")
-        return self.root / "run" / "best.pt"
+        return root / "run" / "best.pt"
 
     def _training(self) -> bool:
         """Whether the training process still runs (another worker's child is seen through /proc)."""
         if self.process is not None:
             return self.process.poll() is None
-        assert self.root is not None
         try:
-            stat = Path(f"/proc/{int((self.root / 'pid').read_text())}/stat").read_text()
+            stat = Path(f"/proc/{int((self.folder() / 'pid').read_text())}/stat").read_text()
         except FileNotFoundError:
             return False
         return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # a zombie's parent has not reaped it yet
