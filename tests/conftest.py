@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import logging
 import os
 import shutil
 import signal
@@ -12,13 +13,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
+from retinagate.logs import _StderrHandler
 from retinagate.settings import Settings, load_settings
 
 
@@ -47,6 +49,17 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
         return load_settings(environ={}, **overrides)
 
     return build
+
+
+@pytest.fixture(autouse=True)
+def _no_process_log_handler_left() -> Iterator[None]:
+    """Takes off, after each test, the stderr handler that a CLI ``main`` installs on the root logger
+    (``retinagate.logs.setup_logging``): left on, a later test's server thread that logs after its test
+    returned writes past pytest's capture, into the middle of the progress line."""
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(handler)
 
 
 _SKIPPED_UNDER_CI: list[str] = []
@@ -101,7 +114,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 # PostgreSQL: one throwaway cluster per test session, for the tests marked `postgres`.
 # This block is appended to the shared file, hence its imports here and inside the functions.
 
-from collections.abc import Iterator  # noqa: E402
 from typing import NoReturn  # noqa: E402
 
 
