@@ -60,6 +60,7 @@ VARIANTS = [
     "pstride4:probe_strides=4+8+16",  # a third probe on blocks.1: lost on tuning seed 11 (2026-12-07)
     "norisk:risk_lesions=false",  # the default before Disease_Risk's lesion was every lesion (2026-12-07)
     "nodiffuse:diffuse_lesions=false",  # before unmasked haze and tessellation covered the retina (2026-12-07)
+    "probecells:probe_balance=cells",  # before the probes weighed each finding alike (2026-12-08)
     "les0:lesion_loss=0,probe_loss=0",  # the default before lesion masks trained the maps (2026-12-06)
     "les003:lesion_loss=0.03",
     "les02:lesion_loss=0.2",

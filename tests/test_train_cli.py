@@ -206,14 +206,15 @@ def test_every_training_setting_has_a_flag_that_reaches_the_config(tmp_path: Pat
     # looked for, so a missing folder stops the run right after).
     given = ("--aug-on", "workers", "--peak-loss", "0.25", "--contrast-sigma", "0", "--no-ema", "--equivariance", "0.5",
              "--lesion-loss", "0.1", "--masks", str(tmp_path / "lesions"), "--fov-threshold", "35",
-             "--probe-strides", "16", "8", "--risk-lesions", "--no-diffuse-lesions")  # fmt: skip
+             "--probe-strides", "16", "8", "--risk-lesions", "--no-diffuse-lesions",
+             "--probe-balance", "cells")  # fmt: skip
     assert main(_train_args(tmp_path / "absent", tmp_path / "run", tmp_path / "cache", *given)) == EXIT_MISSING
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["aug_on"] == "workers" and config["peak_loss"] == 0.25 and config["equivariance"] == 0.5
     assert config["lesion_loss"] == 0.1 and config["masks"] == str(tmp_path / "lesions")
     assert config["contrast_sigma"] == 0.0 and config["ema"] is False and config["img_size"] == 48
     assert config["fov_threshold"] == 35 and config["probe_strides"] == [8, 16] and config["risk_lesions"] is True
-    assert config["diffuse_lesions"] is False
+    assert config["diffuse_lesions"] is False and config["probe_balance"] == "cells"
 
 
 def test_every_default_a_flag_names_in_its_help_is_the_configs() -> None:

@@ -178,6 +178,13 @@ def test_diffuse_findings_cover_the_retina_unless_the_run_was_written_before_the
     assert TrainConfig.from_dict({"out": "run"}).diffuse_lesions is False
 
 
+def test_probe_lesion_cells_are_balanced_by_pairs_unless_the_run_was_written_before_the_option() -> None:
+    assert TrainConfig(out=Path("run")).probe_balance == "pairs"
+    assert TrainConfig.from_dict({"out": "run"}).probe_balance == "cells"
+    with pytest.raises(ValueError, match="probe_balance"):
+        TrainConfig(out=Path("run"), probe_balance="area")
+
+
 def test_probes_read_strides_8_and_16_unless_told_others_and_nothing_else() -> None:
     assert TrainConfig(out=Path("run")).probe_strides == (8, 16)
     assert TrainConfig.from_dict({"out": "run"}).probe_strides == (16,)  # runs written before the option

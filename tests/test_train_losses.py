@@ -215,3 +215,27 @@ def test_lesion_cover_loss_teaches_absent_labels_everywhere_and_positive_ones_on
     maps.grad = None
     lesion_cover_loss(maps, gone, columns, labels, weights, weights).backward()
     assert float(maps.grad[0, 3].abs().sum()) == 0.0 and bool((maps.grad[0, 0] > 0).all())
+
+
+def test_balanced_by_pairs_a_retina_wide_plane_weighs_as_much_as_one_small_lesion() -> None:
+    from train.losses import cell_weights, lesion_cover_loss
+
+    # Label 1 covers the whole 4 x 4 grid (a diffuse finding over the retina), label 2 one cell.
+    planes = torch.zeros(1, 2, 32, 32, dtype=torch.uint8)
+    planes[0, 0] = 255
+    planes[0, 1, 0:8, 0:8] = 255
+    columns = torch.tensor([[1, 2]])
+    labels = torch.tensor([[0.0, 1.0, 1.0]])
+    weights = cell_weights(32, 4, 4.0, 8.0)
+    pull = {}
+    for balance in ("cells", "pairs"):
+        maps = torch.zeros(1, 3, 4, 4, requires_grad=True)
+        lesion_cover_loss(maps, planes, columns, labels, weights, weights, balance=balance).backward()
+        assert maps.grad is not None
+        pull[balance] = float(maps.grad[0, 2, 0, 0] / maps.grad[0, 1, 0, 0])  # small lesion's cell : one wide cell
+    # By cells every lesion cell pulls alike, so the 16 cells of the wide plane hold 16/17 of the
+    # lesion half; by pairs each finding holds half of it, and its one cell pulls 16 times as hard.
+    assert pull["cells"] == pytest.approx(1.0)
+    assert pull["pairs"] == pytest.approx(16.0)
+    with pytest.raises(ValueError, match="balance"):
+        lesion_cover_loss(maps, planes, columns, labels, weights, weights, balance="area")

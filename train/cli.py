@@ -269,6 +269,14 @@ def register(subparsers: Any) -> None:
         "(default 8 16)",
     )
     optim.add_argument(
+        "--probe-balance",
+        choices=("cells", "pairs"),
+        default=_SUPPRESS,
+        help="what weighs the same among the lesion cells of the probes' loss: each cell, or each positive "
+        "(photograph, label) pair, so that a retina-wide haze or tessellation does not outweigh the focal lesions "
+        "(default pairs)",
+    )
+    optim.add_argument(
         "--risk-lesions",
         action=argparse.BooleanOptionalAction,
         default=_SUPPRESS,

@@ -49,7 +49,7 @@ from train.cam import PointingTargets, cam_cells, class_activation_maps, pointin
 from train.datasets import CachedSplit, Split, SplitSource, cache_split, evenly_spaced, load_splits, read_image
 from train.lesions import lesion_planes
 from train.loader import AugmentedImages, LesionPlanes, epoch_loader
-from train.losses import LOSSES, auto_pos_weight, build_loss
+from train.losses import LOSSES, PROBE_BALANCES, auto_pos_weight, build_loss
 from train.masks import MaskIndex, find_masks, photographs
 from train.metrics import Metrics, compute_metrics
 from train.model import (
@@ -192,6 +192,9 @@ class TrainConfig:
         probe_strides: Input pixels per cell of the stages the probes read, one probe each, any of 16
             (EfficientNet-B0's ``blocks.4``, 112 channels), 8 (``blocks.2``, 40 channels, four times
             the cells) and 4 (``blocks.1``, 24 channels, sixteen times the cells).
+        probe_balance: What weighs the same among the lesion cells of the probes' loss: each cell
+            (``cells``), or each positive (photograph, label) pair (``pairs``), so that a retina-wide
+            diffuse finding weighs as much as one microaneurysm cluster, not as hundreds of them.
         risk_lesions: With lesion masks, Disease_Risk's lesion is the union of the photograph's lesions
             (:func:`train.step.with_risk_plane`), for the lesion loss and the probes alike; without it,
             Disease_Risk has no mask and its map and probe channel learn only where nothing is.
@@ -265,6 +268,7 @@ class TrainConfig:
     lesion_loss: float = 0.01
     probe_loss: float = 1.0
     probe_strides: tuple[int, ...] = (8, 16)
+    probe_balance: str = "pairs"
     risk_lesions: bool = True
     diffuse_lesions: bool = True
     pos_weight: str = "none"
@@ -314,6 +318,10 @@ class TrainConfig:
             bool(self.probe_strides) and set(self.probe_strides) <= set(PROBE_STRIDES),
             f"probe_strides is {self.probe_strides}; expected one or more of {', '.join(map(str, PROBE_STRIDES))}",
         )
+        need(
+            self.probe_balance in PROBE_BALANCES,
+            f"probe_balance is {self.probe_balance!r}; expected one of {', '.join(PROBE_BALANCES)}",
+        )
         need(self.equivariance >= 0, f"equivariance is {self.equivariance}; expected >= 0 (0 turns it off)")
         need(
             self.equivariance_pairs >= 1
@@ -358,7 +366,8 @@ class TrainConfig:
         were evaluated on one view, and runs written before ``lesion_loss`` trained without it, and
         keep being so; runs written before ``probe_strides`` probed stride 16 alone, and runs written
         before ``risk_lesions`` gave Disease_Risk no lesion, and runs written before ``diffuse_lesions``
-        gave an unmasked diffuse finding none; runs written before ``early_share`` trained every
+        gave an unmasked diffuse finding none, and runs written before ``probe_balance`` weighed the
+        probes' lesion cells each the same; runs written before ``early_share`` trained every
         epoch at ``img_size``, and a resumed one goes on so.
         """
         paths = {"out", "data", "labels_csv", "images", "masks", "cache_dir", "weights"}
@@ -373,6 +382,7 @@ class TrainConfig:
         values.setdefault("probe_strides", (16,))
         values.setdefault("risk_lesions", False)
         values.setdefault("diffuse_lesions", False)
+        values.setdefault("probe_balance", "cells")
         values.setdefault("early_share", 0.0)
         values.setdefault("fov_threshold", Preprocessing().fov_threshold)
         return cls(**values)
@@ -759,9 +769,10 @@ class _Run:
         if c.risk_lesions:
             risk = "; Disease_Risk's lesion: all of them" + (", a diffuse one only alone" if c.diffuse_lesions else "")
         logger.info(
-            "%d lesion masks of the training photographs: lesion loss weight %g, probe weight %g on %s %s%s",
+            "%d lesion masks of the training photographs: lesion loss weight %g, probe weight %g on %s %s, "
+            "lesion cells balanced by %s%s",
             len(planes), c.lesion_loss, c.probe_loss, "strides" if len(c.probe_strides) > 1 else "stride",
-            " and ".join(map(str, c.probe_strides)), risk,
+            " and ".join(map(str, c.probe_strides)), c.probe_balance, risk,
         )  # fmt: skip
         return planes
 
@@ -913,6 +924,7 @@ def train(
         lesion_grid=_lesion_grid(run.card, model) if lesions is not None else (0.0, 1.0),
         probes=probes,
         probe_weight=config.probe_loss,
+        probe_balance=config.probe_balance,
         risk_column=labels.index(DISEASE_RISK) if config.risk_lesions and DISEASE_RISK in labels else None,
         diffuse_columns=[labels.index(n) for n in DIFFUSE_LABELS if n in labels] if config.diffuse_lesions else (),
     )

@@ -44,6 +44,7 @@ from train.model import class_maps
 
 __all__ = [
     "LOSSES",
+    "PROBE_BALANCES",
     "AsymmetricLoss",
     "FocalLoss",
     "auto_pos_weight",
@@ -230,6 +231,10 @@ def build_loss(name: str, pos_weight: torch.Tensor | None = None) -> nn.Module:
     raise ValueError(f"loss is {name!r}; expected one of {', '.join(LOSSES)}")
 
 
+#: What weighs the same within the covered half of :func:`lesion_cover_loss` (``--probe-balance``).
+PROBE_BALANCES = ("cells", "pairs")
+
+
 def lesion_cover_loss(
     maps: torch.Tensor,
     planes: torch.Tensor,
@@ -238,6 +243,7 @@ def lesion_cover_loss(
     rows: torch.Tensor,
     cols: torch.Tensor,
     full_cover: float = 0.05,
+    balance: str = "cells",
 ) -> torch.Tensor:
     """Per-cell cross-entropy of a lesion probe's maps against where each label's lesions are.
 
@@ -247,7 +253,11 @@ def lesion_cover_loss(
     lesion plane, the share of each cell the lesion covers, counted as whole from ``full_cover`` on (a
     microaneurysm fills a few percent of a 16-pixel cell); a positive label without a plane, or whose
     lesion left the input, teaches nothing. Lesion cells are rare, so the covered and the uncovered
-    cells each weigh half.
+    cells each weigh half. Within the covered half, ``balance`` says what weighs the same: each cell
+    (``cells``: a finding weighs by its area), or each positive (photograph, label) pair (``pairs``: its
+    cells are averaged first). By area, one photograph's tessellation or media haze taken to cover
+    the retina (``--diffuse-lesions``) holds hundreds of cells and outweighs every focal lesion of the
+    batch together, microaneurysms and a branch occlusion's haemorrhages among them.
 
     Args:
         maps: ``(N, C, h, w)`` probe logits.
@@ -257,10 +267,16 @@ def lesion_cover_loss(
         rows: ``(h, S)`` cell weights along the height (:func:`cell_weights`).
         cols: ``(w, S)`` cell weights along the width.
         full_cover: Share of a cell from which it counts as all lesion.
+        balance: ``cells`` or ``pairs``, what weighs the same within the covered half.
 
     Returns:
         The loss (a scalar); 0 when no cell is known.
+
+    Raises:
+        ValueError: For an unknown ``balance``.
     """
+    if balance not in PROBE_BALANCES:
+        raise ValueError(f"balance is {balance!r}; expected one of {', '.join(PROBE_BALANCES)}")
     n, k = columns.shape
     c, h, w = maps.shape[1:]
     cover = torch.einsum("ha,nkab,wb->nkhw", rows, planes.float() / 255.0, cols)
@@ -272,6 +288,12 @@ def lesion_cover_loss(
     has_plane = maps.new_zeros(n, c, dtype=torch.float32).scatter_reduce(1, index, placed.float(), reduce="amax")
     known = ((labels < 0.5) | (has_plane > 0)).float()[:, :, None, None]
     z = maps.float()
-    positive = (F.softplus(-z) * target * known).sum() / (target * known).sum().clamp(min=1e-6)
+    if balance == "pairs":
+        weight = (target * known).sum(dim=(2, 3))
+        per_pair = (F.softplus(-z) * target * known).sum(dim=(2, 3)) / weight.clamp(min=1e-6)
+        counted = (weight > 1e-6).float()
+        positive = (per_pair * counted).sum() / counted.sum().clamp(min=1)
+    else:
+        positive = (F.softplus(-z) * target * known).sum() / (target * known).sum().clamp(min=1e-6)
     negative = (F.softplus(z) * (1 - target) * known).sum() / ((1 - target) * known).sum().clamp(min=1e-6)
     return positive + negative

@@ -57,6 +57,8 @@ class TrainStep:
             :func:`train.losses.lesion_cover_loss` on batches that bring lesion planes (their weights
             must be in the optimizer); a probe's cells are centred on the same grid at its own stride.
         probe_weight: Weight of each probe's loss; 0 turns them off.
+        probe_balance: What weighs the same among a probe's lesion cells (``balance`` of
+            :func:`train.losses.lesion_cover_loss`): ``cells`` or ``pairs``.
         input_size: Side the network sees, when smaller than the batch's: the normalised photographs
             and their lesion planes are scaled down to it together (area interpolation, so a lesion
             keeps its share of each cell), for the early epochs of progressive resizing; ``None``
@@ -85,6 +87,7 @@ class TrainStep:
         lesion_grid: tuple[float, float] = (16.0, 32.0),
         probes: Sequence[LesionProbe] = (),
         probe_weight: float = 0.0,
+        probe_balance: str = "cells",
         risk_column: int | None = None,
         diffuse_columns: Sequence[int] = (),
         input_size: int | None = None,
@@ -110,6 +113,7 @@ class TrainStep:
         self.lesion_grid = lesion_grid
         self.probes = tuple(probes) if probe_weight > 0 else ()
         self.probe_weight = probe_weight
+        self.probe_balance = probe_balance
         self.risk_column = risk_column
         self.diffuse_columns = tuple(diffuse_columns)
         self.input_size = input_size
@@ -183,7 +187,7 @@ class TrainStep:
             if planes is not None and columns is not None:
                 rows = self._weights(inputs.shape[2], probed.shape[2], probe.reduction)
                 cols = self._weights(inputs.shape[3], probed.shape[3], probe.reduction)
-                cover = lesion_cover_loss(probed, planes, columns, y, rows, cols)
+                cover = lesion_cover_loss(probed, planes, columns, y, rows, cols, balance=self.probe_balance)
                 loss = loss + self.probe_weight * cover
         self.optimizer.zero_grad(set_to_none=True)
         scaled: torch.Tensor = self.scaler.scale(loss)
