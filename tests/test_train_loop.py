@@ -176,7 +176,10 @@ def test_lesion_masks_train_the_maps_when_augmenting_on_the_device_too(
             )
             for weight in (0.0, 1.0)
         )
-    assert "lesion loss weight 1, probe weight 1 on strides 8 and 16; Disease_Risk's lesion: all of them" in caplog.text
+    assert (
+        "lesion loss weight 1, probe weight 1 on strides 8 and 16, lesion cells balanced by pairs; "
+        "Disease_Risk's lesion: all of them" in caplog.text
+    )
     assert plain.card is not None and plain.card.localisation == "labels"
     assert taught.card is not None and taught.card.localisation == "lesion_masks"
     # The cross-entropy over a map's cells starts near log(cells): the taught run's loss carries it.
