@@ -779,7 +779,7 @@ class _SmallModel:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        elif (self.root / "pid").exists() and self._training():
+        elif self._training():  # another worker's child: a missing pid file reads as not training
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int((self.root / "pid").read_text()), signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)

@@ -288,12 +288,12 @@ def lesion_cover_loss(
     has_plane = maps.new_zeros(n, c, dtype=torch.float32).scatter_reduce(1, index, placed.float(), reduce="amax")
     known = ((labels < 0.5) | (has_plane > 0)).float()[:, :, None, None]
     z = maps.float()
+    pulled = (F.softplus(-z) * target * known).sum(dim=(2, 3))  # per (photograph, label)
+    weight = (target * known).sum(dim=(2, 3))
     if balance == "pairs":
-        weight = (target * known).sum(dim=(2, 3))
-        per_pair = (F.softplus(-z) * target * known).sum(dim=(2, 3)) / weight.clamp(min=1e-6)
         counted = (weight > 1e-6).float()
-        positive = (per_pair * counted).sum() / counted.sum().clamp(min=1)
+        positive = (pulled / weight.clamp(min=1e-6) * counted).sum() / counted.sum().clamp(min=1)
     else:
-        positive = (F.softplus(-z) * target * known).sum() / (target * known).sum().clamp(min=1e-6)
+        positive = pulled.sum() / weight.sum().clamp(min=1e-6)
     negative = (F.softplus(z) * (1 - target) * known).sum() / ((1 - target) * known).sum().clamp(min=1e-6)
     return positive + negative

@@ -47,6 +47,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if item.path.is_relative_to(here):
             item.add_marker(pytest.mark.xdist_group("faults"))
 
+
 #: Settings that make recovery fast enough for a test: sweeps every 5 s, work with no live message sent
 #: again after 30 s, short backoffs, destinations whose retries ran out probed every 10 s. The settings
 #: validate the relations between them. The worker-kill test runs on the defaults instead.
