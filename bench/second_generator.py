@@ -9,6 +9,11 @@ IDs numbered from 1 in every split, all 46 label columns, and lesion masks in a 
 not write (``<Split>_Set/Masks/<COLUMN>/<ID>.png``, the rare findings under their own columns). Media
 haze and tessellation cover the whole fundus and get no mask, as a set annotated by lesion would.
 
+``--findings`` draws only some of the findings (the issue's independent set reported nine labels:
+Disease_Risk, ARMD, MYA, DR, ODC, CRS, OTHER, BRVO and MH), so each has more positives, and
+``--mh-hole`` draws the ``MH`` column as a macular hole with a mask, as that set's report reads it
+(RFMiD's ``MH`` is media haze and its macular hole ``MHL``).
+
 It is a check, not a tuning set: ``bench/bench_recipe.py --data DIR`` trains the plain baseline and the
 default on it in one run, and nothing is chosen on it.
 
@@ -76,6 +81,7 @@ class Eye:
     fovea: Point = (0.0, 0.0)
     nasal: float = 1.0  # +1: the disc lies right of the fovea
     veins: list[NDArray[np.float64]] = field(default_factory=list)
+    unmasked: frozenset[str] = UNMASKED
 
     def __post_init__(self) -> None:
         self.image = np.zeros((self.height, self.width, 3), np.float32)
@@ -107,7 +113,7 @@ class Eye:
         region = self.image[y0:y1, x0:x1]
         a = alpha[..., None]
         region[:] = region * (1 - a) + np.asarray(colour, np.float32) * a
-        if column is not None and column not in UNMASKED:
+        if column is not None and column not in self.unmasked:
             mask = self.masks.setdefault(column, np.zeros((self.height, self.width), np.uint8))
             mask[y0:y1, x0:x1] |= (alpha > 0.2).astype(np.uint8)
 
@@ -539,11 +545,17 @@ DRAW: dict[str, Callable[[Eye, str], None]] = {
 LAST = ("MH",)
 
 
-def plan_labels(rng: np.random.Generator, n: int) -> list[list[str]]:
-    """Each photograph's columns: a quarter healthy, the rest one finding (cycled, so every label has
-    positives in every split) and sometimes one or two more, at most one of the disc and one of the
-    macula."""
-    findings = [*NAMED_DISEASES, "OTHER"]
+#: What ``--findings`` chooses from: the named diseases and OTHER (one of :data:`RARE`).
+FINDINGS = (*NAMED_DISEASES, "OTHER")
+
+
+def plan_labels(
+    rng: np.random.Generator, n: int, findings: Sequence[str] = FINDINGS, *, hole_mh: bool = False
+) -> list[list[str]]:
+    """Each photograph's columns: a quarter healthy, the rest one of ``findings`` (cycled, so every label
+    has positives in every split) and sometimes one or two more, at most one of the disc and one of the
+    macula (``hole_mh``: MH is a macular finding)."""
+    findings = list(findings)
     order = list(rng.permutation(len(findings)))
     plans: list[list[str]] = []
     k = 0
@@ -555,7 +567,7 @@ def plan_labels(rng: np.random.Generator, n: int) -> list[list[str]]:
         k += 1
         for _ in range(int(rng.choice(3, p=(0.55, 0.3, 0.15)))):
             extra = findings[int(rng.integers(len(findings)))]
-            groups = (DISC_FINDINGS, MACULAR_FINDINGS)
+            groups = (DISC_FINDINGS, MACULAR_FINDINGS | {"MH"} if hole_mh else MACULAR_FINDINGS)
             clash = any(extra in g and any(c in g for c in chosen) for g in groups)
             if extra not in chosen and not clash:
                 chosen.append(extra)
@@ -586,23 +598,27 @@ def acquire(eye: Eye) -> NDArray[np.uint8]:
 
 
 def draw(
-    seed: int, columns: Sequence[str], width: int = 640, height: int = 480
+    seed: int, columns: Sequence[str], width: int = 640, height: int = 480, *, hole_mh: bool = False
 ) -> tuple[NDArray[np.uint8], dict[str, NDArray[np.uint8]]]:
-    """One photograph with ``columns`` planted, and each masked column's mask."""
-    eye = Eye(np.random.default_rng(seed), width, height)
+    """One photograph with ``columns`` planted, and each masked column's mask (``hole_mh``: ``MH`` drawn
+    as a macular hole, masked)."""
+    eye = Eye(np.random.default_rng(seed), width, height, unmasked=UNMASKED - {"MH"} if hole_mh else UNMASKED)
     anatomy(eye, tortuous="TV" in columns, thin="RP" in columns)
-    for column in sorted(columns, key=lambda c: c in LAST):
-        DRAW[column](eye, column)
+    for column in sorted(columns, key=lambda c: c in LAST and not hole_mh):
+        (macular_hole if hole_mh and column == "MH" else DRAW[column])(eye, column)
     image = acquire(eye)
     retina = image.max(axis=2) > 0
     masks = {c: m * retina for c, m in eye.masks.items() if c in columns}
     return image, {c: m for c, m in masks.items() if m.any()}
 
 
-def write(out: Path, seed: int, sizes: dict[str, int]) -> dict[str, int]:
-    """Writes photographs in the official RFMiD layout with masks, ``sizes`` by split."""
+def write(
+    out: Path, seed: int, sizes: dict[str, int], findings: Sequence[str] = FINDINGS, *, hole_mh: bool = False
+) -> dict[str, int]:
+    """Writes photographs in the official RFMiD layout with masks, ``sizes`` by split, drawing only
+    ``findings`` (``hole_mh``: ``MH`` as a macular hole)."""
     rng = np.random.default_rng(seed)
-    plans = plan_labels(rng, sum(sizes.values()))
+    plans = plan_labels(rng, sum(sizes.values()), findings, hole_mh=hole_mh)
     start = 0
     for split, count in sizes.items():
         set_folder, image_folder, csv_name = LAYOUT[split]
@@ -611,7 +627,7 @@ def write(out: Path, seed: int, sizes: dict[str, int]) -> dict[str, int]:
         rows = []
         for number in range(1, count + 1):
             columns = plans[start + number - 1]
-            image, masks = draw(int(rng.integers(2**31)), columns)
+            image, masks = draw(int(rng.integers(2**31)), columns, hole_mh=hole_mh)
             cv2.imwrite(str(images / f"{number}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             for column, mask in masks.items():
                 path = out / set_folder / "Masks" / column / f"{number}.png"
@@ -625,7 +641,9 @@ def write(out: Path, seed: int, sizes: dict[str, int]) -> dict[str, int]:
             writer = csv.DictWriter(handle, fieldnames=["ID", *RFMID_COLUMNS], lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
-    (out / "second_generator.json").write_text(json.dumps({"seed": seed, "splits": sizes}) + "\n")
+    mh = "macular hole" if hole_mh else "media haze"
+    about = {"seed": seed, "splits": sizes, "findings": list(findings), "mh": mh}
+    (out / "second_generator.json").write_text(json.dumps(about) + "\n")
     return sizes
 
 
@@ -641,10 +659,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar=("TRAIN", "VAL", "TEST"),
         help="photographs in each split (default: the independent set's 400 120 120)",
     )
+    parser.add_argument(
+        "--findings",
+        nargs="+",
+        default=FINDINGS,
+        metavar="COLUMN",
+        help="draw only these findings (named RFMiD diseases or OTHER; default: all)",
+    )
+    parser.add_argument(
+        "--mh-hole", action="store_true", help="draw MH as a macular hole with a mask (default: media haze, no mask)"
+    )
     args = parser.parse_args(argv)
     if min(args.splits) < 10:
         parser.error(f"--splits {' '.join(map(str, args.splits))}: each split needs at least 10 photographs")
-    print(json.dumps(write(args.out, args.seed, dict(zip(LAYOUT, args.splits, strict=True)))))
+    if unknown := sorted(set(args.findings) - set(FINDINGS)):
+        parser.error(f"--findings: {', '.join(unknown)} are not named RFMiD diseases or OTHER")
+    sizes = dict(zip(LAYOUT, args.splits, strict=True))
+    print(json.dumps(write(args.out, args.seed, sizes, args.findings, hole_mh=args.mh_hole)))
     return 0
 
 

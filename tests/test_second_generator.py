@@ -63,3 +63,34 @@ def test_the_masks_stop_at_the_field_of_view(bench_module: Callable[[str], Modul
     image, masks = generator.draw(4, ["MNF", "LS", "AH"])
     retina = image.max(axis=2) > 0
     assert masks and all(not (mask.astype(bool) & ~retina).any() for mask in masks.values())
+
+
+def test_findings_and_a_macular_hole_for_mh_draw_only_those_findings_with_mh_masked(
+    tmp_path: Path, bench_module: Callable[[str], ModuleType]
+) -> None:
+    generator = bench_module("second_generator")
+    chosen = ["MYA", "BRVO", "MH", "OTHER"]
+    splits_option = ["--splits", "24", "10", "10"]
+    generator.main(["--out", str(tmp_path), "--seed", "5", *splits_option, "--findings", *chosen, "--mh-hole"])
+    splits = find_rfmid_splits(tmp_path)
+    index = find_masks(None, tmp_path, photographs(splits.values()))
+    assert index is not None
+    drawn: set[str] = set()
+    for source in splits.values():
+        for path, row in zip(source.paths, source.labels, strict=True):
+            positive = {label for label, flag in zip(LABELS[1:], row[1:], strict=True) if flag}
+            drawn |= positive
+            for label in positive & {"MH"}:
+                mask = index.mask(path, label)
+                assert mask is not None and mask.any(), path  # the hole has its mask
+    assert drawn == set(chosen)
+
+
+def test_findings_that_name_no_disease_are_refused(
+    tmp_path: Path, bench_module: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    generator = bench_module("second_generator")
+    with pytest.raises(SystemExit):
+        generator.main(["--out", str(tmp_path), "--findings", "DR", "CWS", "Disease_Risk"])
+    assert "CWS, Disease_Risk are not named RFMiD diseases or OTHER" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
