@@ -210,9 +210,12 @@ def test_the_run_reads_the_masks_option_or_the_data_folders_folders_that_say_mas
         config = TrainConfig(out=tmp_path / "run", data=data, device="cpu", pretrained=False, **options)  # type: ignore[arg-type]
         return _Run(config, progress=False).masks
 
-    with caplog.at_level("WARNING", logger="train.loop"):
-        assert run_masks() is None  # a set without masks: nothing to say
-    assert not caplog.text
+    with caplog.at_level("INFO", logger="train.loop"):
+        assert run_masks() is None  # a set without masks: no warning, a line that says where it looked
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert f"no lesion masks: no folder under {data} says mask, lesion, segmentation" in caplog.text
+    assert "the maps learn from the labels alone (--masks DIR" in caplog.text
+    caplog.clear()
     count = len(_index(synth_dataset))
     shutil.copytree(synth_dataset / "masks" / "Training", data / "Training" / "Masks")  # inside the split's folder
     found = run_masks()

@@ -52,6 +52,13 @@ TRAINING_7 = Path("Training_Set/Training/7.png")
         "masks/Training/7 MH.png",
         "masks/Training/7_MH_mask.png",
         "masks/Training/mask_7_MH_2.png",
+        "Lesions/Training/MH/7.png",
+        "Training_Set/Segmentation/7_MH.png",
+        "annotations/training/7/MH.png",
+        "GT/Training/7_MH.png",
+        "Training_Set/ground_truth/MH/7.png",
+        "Training_Set/Training_Lesions/7_MH.png",
+        "masks/Training/7_MH_gt.png",
     ],
 )
 def test_each_layout_and_place_gives_the_mask_of_its_photograph_and_label(tmp_path: Path, layout: str) -> None:
@@ -81,6 +88,27 @@ def test_the_folders_keep_photographs_of_the_same_id_in_different_splits_apart(t
     assert len(masks) == 2 and masks.ambiguous == 1 and masks.unmatched == 1
     assert "1 fit photographs of more than one folder" in masks.describe()
     assert "1 name no photograph" in masks.describe()
+
+
+def test_a_flat_mask_goes_to_the_one_photograph_of_its_id_that_has_its_finding(tmp_path: Path) -> None:
+    """RFMiD's IDs repeat in every split; given the labels, ``masks/3_DR.png`` is the one photograph 3 with
+    DR. Where none or several have it, the file is still left out."""
+    photographs = _rfmid(tmp_path, range(1, 6))
+    train, val, test = (Path(path) for path, image_id in photographs if image_id == "3")
+    findings = {train: {"DR", "Disease_Risk"}, val: {"MYA", "Disease_Risk"}, test: {"OTHER", "Disease_Risk"}}
+    findings |= {Path(p): {"ARMD", "Disease_Risk"} for p, image_id in photographs if image_id == "4"}
+    _write(tmp_path / "masks" / "3_DR.png", (1, 1))
+    _write(tmp_path / "masks" / "3_CWS.png", (2, 2))  # a rare column: OTHER's
+    _write(tmp_path / "masks" / "3_BRVO.png", (3, 3))  # no photograph 3 has it
+    _write(tmp_path / "masks" / "4_ARMD.png", (4, 4))  # every photograph 4 has it
+    masks = find_masks(None, tmp_path, photographs, findings)
+    assert masks is not None and len(masks) == 2 and masks.ambiguous == 2
+    dr, other = masks.mask(train, "DR"), masks.mask(test, OTHER)
+    assert dr is not None and dr[1, 1] and dr.sum() == 1
+    assert other is not None and other[2, 2] and other.sum() == 1
+    assert masks.mask(val, "DR") is None and masks.mask(train, OTHER) is None
+    without = find_masks(None, tmp_path, photographs)
+    assert without is not None and len(without) == 0 and without.ambiguous == 4  # never guessed
 
 
 def test_flat_masks_are_used_when_the_ids_tell_the_photographs_apart(tmp_path: Path) -> None:

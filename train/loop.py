@@ -50,7 +50,7 @@ from train.datasets import CachedSplit, Split, SplitSource, cache_split, evenly_
 from train.lesions import lesion_planes
 from train.loader import AugmentedImages, LesionPlanes, epoch_loader
 from train.losses import LOSSES, PROBE_BALANCES, auto_pos_weight, build_loss
-from train.masks import MaskIndex, find_masks, photographs
+from train.masks import MASK_FOLDER_WORDS, MaskIndex, find_masks, photographs, positive_labels
 from train.metrics import Metrics, compute_metrics
 from train.model import (
     CHECKPOINT_FORMAT,
@@ -735,8 +735,14 @@ class _Run:
         choice and the report's pointing game all quietly go without them.
         """
         c = self.config
-        index = find_masks(c.masks, _data_folder(c.data, c.labels_csv), photographs(self.sources.values()))
+        folder, sources = _data_folder(c.data, c.labels_csv), self.sources.values()
+        index = find_masks(c.masks, folder, photographs(sources), positive_labels(sources))
         if index is None:
+            if folder is not None:
+                logger.info(
+                    "no lesion masks: no folder under %s says %s; the maps learn from the labels alone "
+                    "(--masks DIR reads them from another folder)", folder, MASK_FOLDER_WORDS,
+                )  # fmt: skip
             return None
         if not index.files:
             logger.warning("%s; training without them", index.describe())
@@ -1334,10 +1340,12 @@ def evaluate_checkpoint(
     )  # fmt: skip
     metrics = _with_f1(compute_metrics(cached.labels, probs, card.labels), cached.labels, probs, card.thresholds)
     folder = _data_folder(data, labels_csv)
-    index = find_masks(masks, folder, photographs(sources.values())) if pointing_game is not False else None
+    index = None
+    if pointing_game is not False:
+        index = find_masks(masks, folder, photographs(sources.values()), positive_labels(sources.values()))
     if index is None or not index.files:
         if pointing_game:
-            found = index.describe() if index is not None else f"no folder that says 'mask' under {folder}"
+            found = index.describe() if index is not None else f"no folder that says {MASK_FOLDER_WORDS} under {folder}"
             raise TrainingError(f"pointing game: {found}; give --masks DIR")
     else:
         from train.cam import pointing_game as play  # the argument of the same name hides the function

@@ -5,7 +5,9 @@ type (or one lesion of it); in a JPEG, whose ringing leaves faint values around 
 the range. :meth:`MaskIndex.scan` reads the masks once and gives each file
 to the one photograph it names. Where it looks (:func:`find_masks`): ``--masks DIR``, every file under
 it; otherwise the data folder, every file under a folder whose name says ``mask`` (``masks/``,
-``Training_Set/Masks/``, ``Training/masks/``, ``Training_Masks/``, in any case). These layouts are
+``Training_Set/Masks/``, ``Training/masks/``, ``Training_Masks/``, in any case) or has a word sets name
+their lesion annotations by (``Lesions/``, ``segmentation/``, ``Annotations/``, ``GT/``,
+``ground_truth/``). These layouts are
 recognised, where ``<folders>`` is any folder path, empty included:
 
 ==========================================  ===============================================
@@ -21,9 +23,10 @@ recognised, where ``<folders>`` is any folder path, empty included:
 
 ``ID`` is the photograph's RFMiD ID or its file name without the extension (leading zeros aside);
 ``COLUMN`` is an RFMiD column, in any case. The words of a name may be parted by ``_``, ``-``, ``.`` or
-spaces, and a word that says ``mask`` is passed over (``7-MH_mask.png``). A file whose last word names
-a structure of the eye (``_OD``, ``_disc``, ``_vessels``, ``_fovea``) is not a lesion and is not read.
-PNG, BMP, TIFF and JPEG files are read. The ``OTHER`` output's
+spaces, and a word that says ``mask`` (or ``gt``, ``lesion``, ``segmentation``) is passed over
+(``7-MH_mask.png``, ``7_MH_gt.png``). A file whose last word names a structure of the eye (``_OD``,
+``_disc``, ``_vessels``, ``_fovea``) is not a lesion and is not read. PNG, BMP, TIFF and JPEG files are
+read. The ``OTHER`` output's
 mask is the union of the masks of the 18 rare columns it stands for. A photograph's own file (the last
 layout) is the mask of each of its positive labels that has no file of its own: exact for a photograph
 with one finding, and for one with several each label's map is aimed at all of its lesions.
@@ -32,7 +35,9 @@ A file belongs to the photograph of that ID whose own folders (below the photogr
 include ``<folders>`` in order, compared in any case, a folder that says ``mask`` counting by the rest
 of its name (``Training_Masks`` as ``Training``) or, failing that, not at all. RFMiD numbers every
 split from 1, so ``masks/Training/1_DR.png`` is Training's photograph 1 and a flat ``masks/1_DR.png``
-could be any split's: a file that fits more than one photograph is left out and counted, never guessed.
+could be any split's. Such a file goes to the one of those photographs that has its finding (DR; for a
+photograph's own file, any finding; for a rare column, OTHER) when the labels are given; one that still
+fits more than one photograph is left out and counted, never guessed.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from os.path import commonpath
 from pathlib import Path
@@ -50,12 +55,21 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from retinagate.labels import DISEASE_RISK, OTHER, OTHER_COLUMNS, RFMID_COLUMNS
+from retinagate.labels import DISEASE_RISK, LABELS, OTHER, OTHER_COLUMNS, RFMID_COLUMNS
 
 if TYPE_CHECKING:
     from train.datasets import SplitSource
 
-__all__ = ["LAYOUTS", "MASK_SUFFIXES", "MaskIndex", "find_masks", "photographs", "read_lesion_mask"]
+__all__ = [
+    "LAYOUTS",
+    "MASK_FOLDER_WORDS",
+    "MASK_SUFFIXES",
+    "MaskIndex",
+    "find_masks",
+    "photographs",
+    "positive_labels",
+    "read_lesion_mask",
+]
 
 #: File types read as masks.
 MASK_SUFFIXES: Final = frozenset({".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg"})
@@ -73,13 +87,21 @@ LAYOUTS: Final = (
     "<folders>/<ID>_<kind>.png",
 )
 
+#: What the name of a folder :func:`find_masks` reads in a data folder says, for messages.
+MASK_FOLDER_WORDS: Final = "mask, lesion, segmentation, annotation, ground truth or GT"
+
 #: The column key of a photograph's own file: the mask of every positive label without one of its own.
 _EVERY_LABEL: Final = "*"
 
 logger = logging.getLogger(__name__)
 
 _COLUMNS: Final = {name.upper(): name for name in RFMID_COLUMNS}
-_MASK_WORD: Final = re.compile(r"[\s_.-]*masks?[\s_.-]*", re.IGNORECASE)
+#: A word that says a folder (or a word of a file's name) holds masks: ``mask`` anywhere in it, or a word
+#: sets name their lesion annotations by (``Lesions``, ``Segmentation``, ``Annotations``, ``GT``).
+_MASK_WORD: Final = re.compile(
+    r"[\s_.-]*(?:masks?|(?<![a-z])(?:lesions?|segmentations?|annotations?|gt|ground[\s_.-]?truths?)(?![a-z]))[\s_.-]*",
+    re.IGNORECASE,
+)
 #: A word of a mask file's name.
 _WORD: Final = re.compile(r"[^\s_.-]+")
 #: Words that name a structure of the eye rather than a lesion (IDRiD's ``_OD`` optic disc masks).
@@ -107,10 +129,19 @@ class MaskIndex:
     unmatched: int = 0
 
     @classmethod
-    def scan(cls, root: Path, photographs: Iterable[tuple[Path, str]], *, mask_folders_only: bool = False) -> MaskIndex:
+    def scan(
+        cls,
+        root: Path,
+        photographs: Iterable[tuple[Path, str]],
+        *,
+        mask_folders_only: bool = False,
+        findings: Mapping[Path, Collection[str]] | None = None,
+    ) -> MaskIndex:
         """The mask files under ``root`` of ``photographs`` (``(path, ID)`` pairs); none when ``root`` is
-        not a folder. ``mask_folders_only``: only files under a folder whose name says ``mask`` (a data
-        folder, whose photographs must not be taken for masks)."""
+        not a folder. ``mask_folders_only``: only files under a folder whose name says ``mask`` (or
+        lesion, segmentation, annotation, ground truth: a data folder, whose photographs must not be
+        taken for masks). ``findings``: each photograph's positive labels (:func:`positive_labels`); a
+        file that fits photographs of several folders goes to the one of them that has its finding."""
         root, photographs = Path(root), list(photographs)
         themselves = {Path(path).resolve() for path, _ in photographs}
         found: dict[tuple[_Key, ...], list[Path]] = defaultdict(list)
@@ -121,7 +152,7 @@ class MaskIndex:
             if mask_folders_only and not any(_MASK_WORD.search(folder) for folder in parts[:-1]):
                 continue
             found[_parse(parts)].append(path)
-        files, ambiguous, unmatched = _assign(found, photographs)
+        files, ambiguous, unmatched = _assign(found, photographs, findings)
         return cls(root, files, ambiguous, unmatched)
 
     def __len__(self) -> int:
@@ -166,21 +197,37 @@ class MaskIndex:
         )
 
 
-def find_masks(masks: Path | None, data: Path | None, photographs: Iterable[tuple[Path, str]]) -> MaskIndex | None:
-    """The masks of ``photographs`` (``(path, ID)`` pairs): under ``masks`` when given (every file), else
-    under the data folder's folders that say ``mask``. ``None`` when there is nowhere to look: neither
-    folder given, or a data folder with no mask-type file under such a folder (a set without masks)."""
+def find_masks(
+    masks: Path | None,
+    data: Path | None,
+    photographs: Iterable[tuple[Path, str]],
+    findings: Mapping[Path, Collection[str]] | None = None,
+) -> MaskIndex | None:
+    """The masks of ``photographs`` (``(path, ID)`` pairs, ``findings`` their positive labels, as
+    :meth:`MaskIndex.scan`): under ``masks`` when given (every file), else under the data folder's
+    folders that say ``mask`` (or lesion, segmentation, annotation, ground truth). ``None`` when there is
+    nowhere to look: neither folder given, or a data folder with no mask-type file under such a folder
+    (a set without masks)."""
     if masks is not None:
-        return MaskIndex.scan(Path(masks), photographs)
+        return MaskIndex.scan(Path(masks), photographs, findings=findings)
     if data is None:
         return None
-    index = MaskIndex.scan(Path(data), photographs, mask_folders_only=True)
+    index = MaskIndex.scan(Path(data), photographs, mask_folders_only=True, findings=findings)
     return index if index.files or index.ambiguous or index.unmatched else None
 
 
 def photographs(sources: Iterable[SplitSource]) -> list[tuple[Path, str]]:
     """Every ``(path, ID)`` of the splits: what :meth:`MaskIndex.scan` gives masks to."""
     return [pair for source in sources for pair in zip(source.paths, source.ids, strict=True)]
+
+
+def positive_labels(sources: Iterable[SplitSource]) -> dict[Path, frozenset[str]]:
+    """Each photograph of the splits with its positive labels (:data:`retinagate.labels.LABELS`)."""
+    return {
+        Path(path): frozenset(label for label, positive in zip(LABELS, row, strict=True) if positive)
+        for source in sources
+        for path, row in zip(source.paths, source.labels, strict=True)
+    }
 
 
 def read_lesion_mask(files: Sequence[Path], shape: tuple[int, int] | None = None) -> NDArray[np.bool_] | None:
@@ -266,10 +313,12 @@ def _name(text: str) -> str:
 
 
 def _assign(
-    found: Mapping[tuple[_Key, ...], Sequence[Path]], photographs: Sequence[tuple[Path, str]]
+    found: Mapping[tuple[_Key, ...], Sequence[Path]],
+    photographs: Sequence[tuple[Path, str]],
+    findings: Mapping[Path, Collection[str]] | None = None,
 ) -> tuple[dict[tuple[Path, str], tuple[Path, ...]], int, int]:
-    """Each file given by the first of its readings that fits a photograph, when it fits just one:
-    ``(files, ambiguous, unmatched)``."""
+    """Each file given by the first of its readings that fits a photograph, when it fits just one, or
+    just one of those with its finding (``findings``): ``(files, ambiguous, unmatched)``."""
     by_name: dict[str, list[int]] = defaultdict(list)
     for i, (path, image_id) in enumerate(photographs):
         for name in {_name(image_id), _name(Path(path).stem)}:
@@ -293,6 +342,9 @@ def _assign(
             if fits := fitting(key_folders, name):
                 column = reading
                 break
+        if len(fits) > 1 and findings is not None:
+            label = _label(column)
+            fits = {i for i in fits if label in findings.get(Path(photographs[i][0]), ())} or fits
         if len(fits) == 1:
             image = Path(photographs[fits.pop()][0])
             files[image, column] = tuple(sorted((*files.get((image, column), ()), *paths)))
@@ -301,6 +353,13 @@ def _assign(
         else:
             unmatched += len(paths)
     return files, ambiguous, unmatched
+
+
+def _label(column: str) -> str:
+    """The model's output a mask file's column is a finding of (a photograph's own file: any finding)."""
+    if column == _EVERY_LABEL:
+        return DISEASE_RISK
+    return OTHER if column in OTHER_COLUMNS else column
 
 
 def _readings(folders: Sequence[str]) -> list[tuple[str, ...]]:
