@@ -99,7 +99,8 @@ class GateLimits(BaseModel):
 
     Export fits them to the training photographs (:func:`retinagate.gate.fit_limits`): a limit that
     would flag more than 1% of the photographs the model learned from is moved just past them, since
-    those are gradable by definition; the others keep their defaults.
+    those are gradable by definition (focus no lower than 0.6 of their median sharpness); the others
+    keep their defaults.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

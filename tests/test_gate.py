@@ -275,6 +275,27 @@ def test_limits_fitted_to_a_softer_camera_pass_its_photographs_and_still_refuse_
     assert heavy == [(gate.OUT_OF_FOCUS,)] * 8
 
 
+def test_a_tail_of_soft_training_photographs_does_not_let_heavy_blur_through(normal: list[Image]) -> None:
+    """A camera (or generator) whose photographs are mostly sharp with a tail of soft ones: the 1 %
+    quantile sits in the tail, and 10 % below it blurred copies of its typical photographs would pass.
+    The focus limit stays at 0.6 of the median sharpness: its typical photographs pass, and copies
+    blurred by 1.2 % of the diameter are refused, some of which the quantile alone would have let through."""
+    camera = [_blurred(image, 0.013 if i < 4 else 0.004) for i, image in enumerate(normal)]
+    verdicts = [gate.assess(image) for image in camera]
+    sharpness = [v.measures["sharpness"] for v in verdicts]
+    limits = gate.fit_limits(verdicts)
+
+    moved = limits.fitted_on["moved"]["min_sharpness"]
+    quantile_alone = moved["quantile"] * (1 - gate.FIT_MARGIN)
+    floor = gate.FIT_FOCUS_FLOOR * np.median(sharpness)
+    assert limits.min_sharpness == moved["floor"] == pytest.approx(floor, abs=1e-6)
+    assert quantile_alone < limits.min_sharpness < gate.MIN_SHARPNESS
+    assert all(gate.assess(image, limits=limits).gradable for image in camera[4:])
+    heavy = [gate.assess(_blurred(image, 0.012), limits=limits) for image in camera[4:16]]
+    assert [v.reasons for v in heavy] == [(gate.OUT_OF_FOCUS,)] * 12
+    assert any(v.measures["sharpness"] >= quantile_alone for v in heavy)
+
+
 def test_limits_fitted_to_photographs_the_defaults_pass_are_the_defaults(normal: list[Image]) -> None:
     limits = gate.fit_limits(gate.assess(image) for image in normal)
     assert limits.fitted_on["moved"] == {} and limits.fitted_on["photographs"] == len(normal)
