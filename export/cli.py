@@ -34,7 +34,7 @@ def register(subparsers: Any) -> None:
             "metadata. The statistics behind ood_score are fitted on the training photographs named by the "
             "checkpoint's training config when the card has none and that data is on this machine; "
             "otherwise the file has no ood_score (a warning says why). The same photographs fit the card's "
-            "gradability gate limits: a limit that would flag more than 1% of them is moved past them. "
+            "gradability gate limits: a limit that would flag more than 1 in 400 of them is moved past them. "
             "The export is checked with ONNX "
             "Runtime against PyTorch run in float64, within float32's rounding error for the model. "
             "--fp16 also writes OUT.fp16.onnx (for GPUs); --int8 also writes OUT.int8.onnx "

@@ -98,7 +98,7 @@ class GateLimits(BaseModel):
     """The gradability gate's limits (:mod:`retinagate.gate`; its constants are the defaults).
 
     Export fits them to the training photographs (:func:`retinagate.gate.fit_limits`): a limit that
-    would flag more than 1% of the photographs the model learned from is moved just past them, since
+    would flag more than 1 in 400 of the photographs the model learned from is moved just past them, since
     those are gradable by definition (focus no lower than 0.6 of their median sharpness); the others
     keep their defaults.
     """
