@@ -567,7 +567,7 @@ def plan_labels(
         k += 1
         for _ in range(int(rng.choice(3, p=(0.55, 0.3, 0.15)))):
             extra = findings[int(rng.integers(len(findings)))]
-            groups = (DISC_FINDINGS, MACULAR_FINDINGS | {"MH"} if hole_mh else MACULAR_FINDINGS)
+            groups = (DISC_FINDINGS, (MACULAR_FINDINGS | {"MH"}) if hole_mh else MACULAR_FINDINGS)
             clash = any(extra in g and any(c in g for c in chosen) for g in groups)
             if extra not in chosen and not clash:
                 chosen.append(extra)
@@ -602,10 +602,11 @@ def draw(
 ) -> tuple[NDArray[np.uint8], dict[str, NDArray[np.uint8]]]:
     """One photograph with ``columns`` planted, and each masked column's mask (``hole_mh``: ``MH`` drawn
     as a macular hole, masked)."""
-    eye = Eye(np.random.default_rng(seed), width, height, unmasked=UNMASKED - {"MH"} if hole_mh else UNMASKED)
+    draws, last = ({**DRAW, "MH": macular_hole}, ()) if hole_mh else (DRAW, LAST)
+    eye = Eye(np.random.default_rng(seed), width, height, unmasked=(UNMASKED - {"MH"}) if hole_mh else UNMASKED)
     anatomy(eye, tortuous="TV" in columns, thin="RP" in columns)
-    for column in sorted(columns, key=lambda c: c in LAST and not hole_mh):
-        (macular_hole if hole_mh and column == "MH" else DRAW[column])(eye, column)
+    for column in sorted(columns, key=lambda c: c in last):
+        draws[column](eye, column)
     image = acquire(eye)
     retina = image.max(axis=2) > 0
     masks = {c: m * retina for c, m in eye.masks.items() if c in columns}
